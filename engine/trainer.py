@@ -1,0 +1,197 @@
+"""The training loop: micro-batches -> forward under autocast -> backward -> reduce -> clip -> step -> log.
+
+The loop knows nothing of news: a step function turns one batch into the summed loss of its training
+targets. Gradients are summed over ranks and divided by the global number of targets of the optimizer
+step, so every target weighs the same whatever rank and micro-batch it landed in, and ranks may hold
+different numbers of targets (dynamic batching) or none at all for a while (uneven shards).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from speedyrec.engine.distributed import DistInfo, all_reduce_sum, reduce_gradients
+
+log = logging.getLogger("speedyrec.train")
+
+
+@dataclass
+class StepOutput:
+    loss_sum: torch.Tensor | None  # summed loss of this rank's targets (None: nothing to learn from)
+    targets: int  # training targets behind loss_sum
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batches_done: int = 0  # micro-batches consumed in the current epoch
+    counters: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+
+def autocast_context(device: torch.device, amp: str):
+    """bf16 autocast on CUDA (amp=auto|bf16); CPUs train in fp32."""
+    if device.type == "cuda" and amp in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and amp == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: DistInfo, *,
+                 grad_accum: int = 1, grad_clip: float = 0.0, amp: str = "auto", max_steps: int = 0,
+                 warmup_steps: int = 0, log_every: int = 20, checkpoint_every: int = 0,
+                 checkpoint_fn: Callable[["Trainer"], None] | None = None,
+                 after_step: Callable[[int], None] | None = None,
+                 periodic: Callable[[int], float] | None = None, periodic_every: int = 0):
+        self.model = model
+        self.optimizer = optimizer
+        self.dist = dist
+        self.grad_accum = grad_accum
+        self.grad_clip = grad_clip
+        self.amp = amp
+        self.max_steps = max_steps
+        self.log_every = log_every
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_fn = checkpoint_fn
+        self.after_step = after_step  # e.g. refresh the embedding cache with this step's stamps
+        self.periodic = periodic  # e.g. evaluation; returns the seconds it took (excluded from wall time)
+        self.periodic_every = periodic_every
+        self.state = TrainState()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        base = [g["lr"] for g in optimizer.param_groups]
+        self._base_lr = base
+        self._warmup = warmup_steps
+        self._set_lr()
+
+    def _set_lr(self) -> None:
+        f = min(1.0, (self.state.step + 1) / self._warmup) if self._warmup else 1.0
+        for g, lr in zip(self.optimizer.param_groups, self._base_lr):
+            g["lr"] = lr * f
+
+    def count(self, counters: dict[str, float]) -> None:
+        c = self.state.counters
+        for k, v in counters.items():
+            c[k] = c.get(k, 0.0) + float(v)
+
+    def done(self) -> bool:
+        return bool(self.max_steps) and self.state.step >= self.max_steps
+
+    def fit(self, epochs: int, make_batches: Callable[[int, int], Iterator],
+            step_fn: Callable[[object | None], StepOutput]) -> TrainState:
+        """Train for ``epochs`` epochs (or until max_steps). ``make_batches(epoch, skip)`` yields this rank's
+        micro-batches of an epoch, skipping the first ``skip`` (resume). ``step_fn(None)`` is called when this
+        rank has run out of batches while another has not, so that collectives stay matched."""
+        st = self.state
+        device = self.dist.device
+        loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+        window_targets = 0.0
+        micro = 0
+        t_log, clicks_log, loss_log, n_log = time.perf_counter(), 0.0, 0.0, 0.0
+        while st.epoch < epochs and not self.done():
+            batches = make_batches(st.epoch, st.batches_done)
+            t0 = time.perf_counter()
+            excluded = 0.0
+            self.model.train()
+            while not self.done():
+                batch = next(batches, None)
+                flags = torch.tensor([1.0 if batch is not None else 0.0, 0.0], dtype=torch.float64, device=device)
+                with autocast_context(device, self.amp):
+                    out = step_fn(batch)
+                flags[1] = out.targets
+                all_reduce_sum(flags)
+                if flags[0] == 0:
+                    break  # every rank has finished the epoch
+                if batch is not None:
+                    st.batches_done += 1
+                if out.loss_sum is not None:
+                    out.loss_sum.float().backward()
+                    loss_acc += out.loss_sum.detach().double()
+                self.count(out.counters)
+                window_targets += float(flags[1])
+                micro += 1
+                if micro % self.grad_accum:
+                    continue
+                self._optimizer_step(window_targets)
+                loss_log += float(all_reduce_sum(loss_acc.clone()))
+                clicks_log += window_targets
+                n_log += window_targets
+                loss_acc.zero_()
+                window_targets = 0.0
+                if self.after_step is not None:
+                    self.after_step(st.step)
+                if self.log_every and st.step % self.log_every == 0 and self.dist.is_main:
+                    dt = time.perf_counter() - t_log
+                    log.info("step %d  epoch %d  loss %.4f  targets/s %.1f  lr %.2e", st.step, st.epoch,
+                             loss_log / max(n_log, 1.0), clicks_log / max(dt, 1e-9), self.optimizer.param_groups[0]["lr"])
+                    t_log, clicks_log, loss_log, n_log = time.perf_counter(), 0.0, 0.0, 0.0
+                if self.checkpoint_every and st.step % self.checkpoint_every == 0 and self.checkpoint_fn:
+                    tc = time.perf_counter()
+                    self.checkpoint_fn(self)
+                    excluded += time.perf_counter() - tc
+                if self.periodic_every and self.periodic and st.step % self.periodic_every == 0:
+                    excluded += self.periodic(st.step)
+                    self.model.train()
+            if micro % self.grad_accum:  # a partial accumulation window at the end of the epoch
+                self._optimizer_step(window_targets)
+                window_targets = 0.0
+                micro = 0
+                loss_acc.zero_()
+                if self.after_step is not None:
+                    self.after_step(st.step)
+            st.wall_seconds += time.perf_counter() - t0 - excluded
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+            if self.done():
+                break
+            st.epoch += 1
+            st.batches_done = 0
+        return st
+
+    def _optimizer_step(self, global_targets: float) -> None:
+        reduce_gradients(self.params, 1.0 / max(global_targets, 1.0))
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self._set_lr()
+
+
+def save_checkpoint(path: Path, trainer: Trainer, config: dict, extra: dict | None = None) -> None:
+    """A plain dict: model, optimizer, progress, config (written atomically)."""
+    st = trainer.state
+    ckpt = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(), "step": st.step,
+            "epoch": st.epoch, "batches_done": st.batches_done, "counters": dict(st.counters),
+            "wall_seconds": st.wall_seconds, "config": config, **(extra or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, trainer: Trainer) -> dict:
+    ckpt = torch.load(path, map_location=trainer.dist.device, weights_only=False)
+    trainer.model.load_state_dict(ckpt["model"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    st = trainer.state
+    st.step, st.epoch, st.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
+    st.counters = dict(ckpt.get("counters", {}))
+    st.wall_seconds = float(ckpt.get("wall_seconds", 0.0))
+    trainer._set_lr()
+    return ckpt
+
+
+def nan_guard(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")

@@ -1,0 +1,31 @@
+"""Self-attention over padded sequences on PyTorch SDPA (flash / memory-efficient kernels where available)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[N, T, H] -> [N, heads, T, H / heads]."""
+    n, t, h = x.shape
+    return x.view(n, t, heads, h // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[N, heads, T, d] -> [N, T, heads * d]."""
+    n, a, t, d = x.shape
+    return x.transpose(1, 2).reshape(n, t, a * d)
+
+
+def padded_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                          heads: int, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """Multi-head attention of q [N, T, H] over k, v [N, S, H]; key_mask [N, S] True on real keys.
+
+    Every row must have at least one real key. Returns [N, T, H].
+    """
+    qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+    mask = None
+    if key_mask is not None and not bool(key_mask.all()):
+        mask = key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return merge_heads(out)

@@ -1,0 +1,289 @@
+"""Run configuration: nested dataclasses, a YAML file, and dotted ``key=value`` overrides.
+
+Every key a user can set lives here. Unknown keys are an error that names the key and the
+nearest valid one; keys of features that do not exist yet are accepted by the parser but
+rejected by :func:`check_implemented` with "not implemented yet".
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("finetune", "posttrain", "distill_posttrain", "finetune_teachers", "distill_finetune", "pipeline", "newsbert")
+IMPLEMENTED_STAGES = ("finetune",)
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote is invalid; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # empty: the embedded synthetic default, generated on first use
+    format: str = "synthetic"  # mind | speedyrec | synthetic
+    strict: bool = False  # stop at the first bad row with file:line and the reason
+    cache_dir: str = ""  # tokenized stores; empty: $SPEEDYREC_CACHE or ~/.cache/speedyrec
+    title_tokens: int = 30  # maximum tokens per field, special tokens included; 0 = field unused
+    abstract_tokens: int = 0
+    body_tokens: int = 0
+    max_history: int = 50  # clicks the user encoder sees (typical truncation, speedyfeed chunk, evaluation)
+    dev_fraction: float = 0.1  # single-split layout: the last fraction of impressions by time is dev
+    max_line_bytes: int = 8 << 20  # longer lines are counted as overlong and skipped
+    synthetic_users: int = 2000
+    synthetic_seed: int = 0
+    synthetic_head_share: float = 0.6  # share of clicks on the most popular news ...
+    synthetic_head_fraction: float = 0.1  # ... this fraction of the news
+
+
+@dataclass
+class ModelConfig:
+    # HF hub name, local path, "auto" (the pretrained MiniLM when installed, else random BERT of its
+    # shape), "random[:hidden=H,layers=L,heads=A,intermediate=I]", or "package.module:Class".
+    encoder: str = "auto"
+    layers: int = 0  # keep the first N transformer layers; 0 = all
+    freeze_layers: int = 0  # freeze the embeddings and the first K layers
+    dim: int = 256  # news and user embedding size
+    attention_dim: int = 200  # hidden size of the additive attention poolings
+    vocab_size: int = 8000  # WordPiece vocabulary trained on the corpus for a random encoder
+
+
+@dataclass
+class TrainConfig:
+    workflow: str = "speedyfeed"  # typical | speedyfeed
+    epochs: int = 1
+    max_steps: int = 0  # stop after this many optimizer steps; 0 = no limit
+    seed: int = 0
+    batch_size: int = 32  # typical workflow: training instances (clicks) per step, over all ranks
+    negatives: int = 4  # typical workflow: impression negatives per click
+    lr: float = 1e-4  # attention poolings, projections, user encoder
+    encoder_lr: float = 5e-5  # the pretrained transformer
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    resume: str = ""  # checkpoint path, or "auto" for the newest in out_dir
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    log_every: int = 20
+
+
+@dataclass
+class EngineConfig:
+    dedup: bool = True
+    global_dedup: bool = False
+    dynamic_batching: bool = True
+    token_budget: int = 12000  # tokens per batch (news tokens encoded, padding included)
+    buckets: int = 2
+    cache: bool = True
+    cache_beta: float = 2e-3
+    cache_gamma: int = 20
+    autoregressive: bool = True
+    negatives: int = 1
+    buslm: bool = False
+    segments: list = field(default_factory=lambda: ["title", "abstract", "body"])
+    refine: bool = False
+    refine_topk: int = 32
+    prefetch: int = 4  # batches prepared ahead by the loader
+    workers: int = 1  # loader threads
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256  # news per encoder call when building the evaluation news table
+    max_impressions: int = 0  # 0 = all dev impressions
+    every: int = 0  # evaluate every N optimizer steps as well as at the end; 0 = only at the end
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/default"
+    stage: str = "finetune"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp) or tp
+    if isinstance(value, str) and tp is not str:
+        value = yaml.safe_load(value) if value != "" else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        return "" if value is None else str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return list(value)
+    raise AssertionError(f"no coercion for {tp}")
+
+
+def _set(cfg: Any, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise _unknown_key(dotted)
+        hints = typing.get_type_hints(type(obj))
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(hints[part]):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config key '{dotted}' is a section; set its keys, e.g. '{dotted}.<key>=...'")
+                for k, v in value.items():
+                    _set(cfg, f"{dotted}.{k}", v)
+            else:
+                setattr(obj, part, _coerce(dotted, value, hints[part]))
+        else:
+            obj = getattr(obj, part)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for k, v in d.items():
+        key = prefix + str(k)
+        if isinstance(v, dict) and key in {"data", "model", "train", "engine", "eval"}:
+            items += _flatten(v, key + ".")
+        else:
+            items.append((key, v))
+    return items
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from an optional YAML file and ``key=value`` overrides (later wins)."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(raw).__name__}")
+        for key, value in _flatten(raw):
+            _set(cfg, key, value)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value)
+    validate(cfg)
+    return cfg
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        near = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'{hint}")
+
+
+def validate(cfg: Config) -> None:
+    """Check values a user can get wrong; raise ConfigError naming the key."""
+    _choice("stage", cfg.stage, STAGES)
+    _choice("data.format", cfg.data.format, ("mind", "speedyrec", "synthetic"))
+    _choice("train.workflow", cfg.train.workflow, ("typical", "speedyfeed"))
+    _choice("train.amp", cfg.train.amp, ("auto", "bf16", "off"))
+    positive = {
+        "model.dim": cfg.model.dim,
+        "model.attention_dim": cfg.model.attention_dim,
+        "train.batch_size": cfg.train.batch_size,
+        "train.epochs": cfg.train.epochs,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.negatives": cfg.train.negatives,
+        "data.max_history": cfg.data.max_history,
+        "engine.token_budget": cfg.engine.token_budget,
+        "engine.buckets": cfg.engine.buckets,
+        "engine.negatives": cfg.engine.negatives,
+        "engine.refine_topk": cfg.engine.refine_topk,
+        "eval.batch_size": cfg.eval.batch_size,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {v}")
+    nonneg = {
+        "data.title_tokens": cfg.data.title_tokens,
+        "data.abstract_tokens": cfg.data.abstract_tokens,
+        "data.body_tokens": cfg.data.body_tokens,
+        "model.layers": cfg.model.layers,
+        "model.freeze_layers": cfg.model.freeze_layers,
+        "train.max_steps": cfg.train.max_steps,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "engine.cache_gamma": cfg.engine.cache_gamma,
+    }
+    for key, v in nonneg.items():
+        if v < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {v}")
+    for key in ("data.title_tokens", "data.abstract_tokens", "data.body_tokens"):
+        v = nonneg[key]
+        if 0 < v < 3:
+            raise ConfigError(f"config key '{key}' must be 0 (field unused) or at least 3 (two special tokens and one word)")
+    if not (cfg.data.title_tokens or cfg.data.abstract_tokens or cfg.data.body_tokens):
+        raise ConfigError("no text field is used: set data.title_tokens, data.abstract_tokens or data.body_tokens > 0")
+    if not 0.0 <= cfg.data.dev_fraction < 1.0:
+        raise ConfigError(f"config key 'data.dev_fraction' must be in [0, 1), got {cfg.data.dev_fraction}")
+    if cfg.engine.cache_beta < 0:
+        raise ConfigError(f"config key 'engine.cache_beta' must be >= 0, got {cfg.engine.cache_beta}")
+    for seg in cfg.engine.segments:
+        _choice("engine.segments", seg, ("title", "abstract", "body"))
+
+
+def check_implemented(cfg: Config, implemented: dict[str, bool]) -> None:
+    """Reject settings whose feature is not built yet, naming the key.
+
+    ``implemented`` maps a dotted key (or ``stage=<name>``) to whether it is available.
+    """
+    if cfg.stage not in IMPLEMENTED_STAGES:
+        raise ConfigError(f"stage '{cfg.stage}' is not implemented yet (implemented: {', '.join(IMPLEMENTED_STAGES)})")
+    flat = dict(_flatten(cfg.to_dict()))
+    for key, ok in implemented.items():
+        if not ok and flat.get(key):
+            raise ConfigError(f"config key '{key}' is not implemented yet")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

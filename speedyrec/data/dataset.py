@@ -1,0 +1,155 @@
+"""Find, read and split a data directory into the news table and train/dev impression logs."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from speedyrec.data.behaviors import Behaviors, read_mind_behaviors, read_speedyrec_test, read_speedyrec_train
+from speedyrec.data.faults import DataError, FaultLog
+from speedyrec.data.news import NewsTable, read_bodies, read_doc_features, read_mind_news
+
+log = logging.getLogger("speedyrec.data")
+
+TRAIN_DIRS = ("train", "MINDsmall_train", "MINDlarge_train", "MINDdemo_train")
+DEV_DIRS = ("dev", "valid", "MINDsmall_dev", "MINDlarge_dev", "MINDdemo_dev")
+
+
+@dataclass
+class Dataset:
+    news: NewsTable
+    train: Behaviors
+    dev: Behaviors
+    faults: FaultLog
+    root: Path
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SPEEDYREC_CACHE") or Path.home() / ".cache" / "speedyrec")
+
+
+def cache_dir_of(data_cfg) -> Path:
+    return Path(data_cfg.cache_dir) if data_cfg.cache_dir else default_cache_dir()
+
+
+def synthetic_dir(data_cfg) -> Path:
+    """Where the embedded default lives: ``data.dir`` if given, else a folder in the cache named by its settings."""
+    if data_cfg.dir:
+        return Path(data_cfg.dir)
+    name = (f"u{data_cfg.synthetic_users}-s{data_cfg.synthetic_seed}"
+            f"-h{data_cfg.synthetic_head_share:g}-f{data_cfg.synthetic_head_fraction:g}")
+    return cache_dir_of(data_cfg) / "synthetic" / name
+
+
+def ensure_synthetic(data_cfg) -> Path:
+    """Generate the synthetic data set unless it is complete already. Call on one process only."""
+    out = synthetic_dir(data_cfg)
+    if not (out / "COMPLETE").exists():
+        from speedyrec.data.synthetic import generate
+
+        log.info("generating the synthetic data set (%d users) into %s", data_cfg.synthetic_users, out)
+        generate(out, users=data_cfg.synthetic_users, seed=data_cfg.synthetic_seed,
+                 head_share=data_cfg.synthetic_head_share, head_fraction=data_cfg.synthetic_head_fraction)
+    return out
+
+
+def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
+    for n in names:
+        if (root / n).is_dir():
+            return root / n
+    return None
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"{what}: expected the file {path}")
+    return path
+
+
+def split_by_time(beh: Behaviors, dev_fraction: float) -> tuple[Behaviors, Behaviors]:
+    """The last ``dev_fraction`` of impressions by time become dev (rows are already time-sorted)."""
+    n = len(beh)
+    n_dev = int(round(n * dev_fraction))
+    order = np.argsort(beh.time, kind="stable")
+    return beh.take(order[: n - n_dev]), beh.take(order[n - n_dev :])
+
+
+def _read_mind_layout(root: Path, cfg, faults: FaultLog) -> tuple[NewsTable, Behaviors, Behaviors]:
+    news = NewsTable()
+    mlb = cfg.max_line_bytes
+    if (root / "behaviors.tsv").is_file():
+        read_mind_news(_require(root / "news.tsv", f"data.dir={root}"), news, faults, mlb)
+        if (root / "bodies.tsv").is_file():
+            read_bodies(root / "bodies.tsv", news, faults, mlb)
+        beh = read_mind_behaviors([root / "behaviors.tsv"], news, faults, mlb)
+        train, dev = split_by_time(beh, cfg.dev_fraction)
+        return news, train, dev
+    train_dir, dev_dir = _first_dir(root, TRAIN_DIRS), _first_dir(root, DEV_DIRS)
+    if train_dir is None:
+        raise DataError(f"data.dir={root}: expected news.tsv + behaviors.tsv, or a train/ folder "
+                        f"(one of {', '.join(TRAIN_DIRS)}) with an optional dev/ folder ({', '.join(DEV_DIRS)})")
+    split_dirs = [train_dir] + ([dev_dir] if dev_dir else [])
+    for d in split_dirs:
+        read_mind_news(_require(d / "news.tsv", f"data.dir={root}"), news, faults, mlb)
+    for d in split_dirs:
+        if (d / "bodies.tsv").is_file():
+            read_bodies(d / "bodies.tsv", news, faults, mlb)
+    train = read_mind_behaviors([_require(train_dir / "behaviors.tsv", f"data.dir={root}")], news, faults, mlb)
+    if dev_dir is not None:
+        dev = read_mind_behaviors([_require(dev_dir / "behaviors.tsv", f"data.dir={root}")], news, faults, mlb)
+    else:
+        train, dev = split_by_time(train, cfg.dev_fraction)
+    return news, train, dev
+
+
+def _read_speedyrec_layout(root: Path, cfg, faults: FaultLog) -> tuple[NewsTable, Behaviors, Behaviors]:
+    news = NewsTable()
+    mlb = cfg.max_line_bytes
+    train_dir, test_dir = root / "traindata", root / "testdata"
+    if not train_dir.is_dir():
+        raise DataError(f"data.dir={root} (data.format=speedyrec): expected traindata/ with DocFeatures.tsv and "
+                        "ProtoBuf_*.tsv, and optionally testdata/ with DocFeatures.tsv and impressions/ProtoBuf_*.tsv")
+    for d in (train_dir, test_dir):
+        if (d / "DocFeatures.tsv").is_file():
+            read_doc_features(d / "DocFeatures.tsv", news, faults, mlb)
+    if len(news) == 0:
+        raise DataError(f"data.dir={root}: no news read; expected {train_dir / 'DocFeatures.tsv'}")
+    train_files = sorted(train_dir.glob("ProtoBuf_*.tsv"), key=_shard_number)
+    if not train_files:
+        raise DataError(f"data.dir={root}: no training logs {train_dir}/ProtoBuf_*.tsv")
+    train = read_speedyrec_train(train_files, news, faults, mlb, history_cap=max(cfg.max_history, 1))
+    test_files = sorted((test_dir / "impressions").glob("ProtoBuf_*.tsv"), key=_shard_number)
+    if test_files:
+        dev = read_speedyrec_test(test_files, news, faults, mlb)
+    else:
+        train, dev = split_by_time(train, cfg.dev_fraction)
+    return news, train, dev
+
+
+def _shard_number(p: Path) -> tuple:
+    stem = p.stem.rsplit("_", 1)[-1]
+    return (int(stem), "") if stem.isdigit() else (1 << 30, p.name)
+
+
+def load_dataset(cfg, root: Path | None = None) -> Dataset:
+    """Read the data set described by the ``data`` config section (the synthetic one must exist already)."""
+    faults = FaultLog(strict=cfg.strict)
+    if root is None:
+        root = synthetic_dir(cfg) if cfg.format == "synthetic" else Path(cfg.dir)
+    if not cfg.dir and cfg.format != "synthetic":
+        raise DataError(f"data.format={cfg.format} needs data.dir")
+    if not root.is_dir():
+        raise DataError(f"data.dir={root} is not a directory")
+    if cfg.format == "speedyrec":
+        news, train, dev = _read_speedyrec_layout(root, cfg, faults)
+    else:
+        news, train, dev = _read_mind_layout(root, cfg, faults)
+    if len(news) == 0:
+        raise DataError(f"data.dir={root}: the news table is empty")
+    faults.counts["clicks_unknown_news"] = int(train.unknown_clicks.sum())
+    if len(train) == 0:
+        raise DataError(f"data.dir={root}: no training impressions could be read ({faults.summary() or 'no rows'})")
+    return Dataset(news, train, dev, faults, root)

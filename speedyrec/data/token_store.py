@@ -1,0 +1,180 @@
+"""Tokenize every news once into a compact, memory-mapped store.
+
+Layout per text field: one flat int32 array of content tokens (no special tokens, cut to the
+field's maximum minus the two specials) and int64 row offsets. A store is keyed by the field's
+content, the tokenizer and the maximum length, and is rebuilt whenever any of them changes.
+Batches are assembled from it with vectorised index arithmetic; there is no Python object per token.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from speedyrec.data.ragged import ragged_positions
+
+STORE_VERSION = 1
+_CHUNK = 4096
+
+
+def text_digest(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", errors="replace"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A stable fingerprint of a tokenizer's vocabulary and rules."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
+        h.update(str(getattr(tokenizer, name, None)).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class FieldTokens:
+    """Content tokens of one field for every news: row i is ``tokens[offsets[i]:offsets[i+1]]``."""
+
+    tokens: np.ndarray  # int32, memory-mapped
+    offsets: np.ndarray  # int64 [N + 1]
+    max_tokens: int  # the field's maximum length including [CLS] and [SEP]
+
+    def lengths(self, idx: np.ndarray) -> np.ndarray:
+        return self.offsets[idx + 1] - self.offsets[idx]
+
+
+def _tokenize_field(tokenizer, texts: list[str], max_content: int) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    chunks = []
+    for start in range(0, len(texts), _CHUNK):
+        # Each word yields at least one token, so cutting a text to 2*max_content words never changes
+        # the first max_content tokens and spares tokenizing the rest of long bodies.
+        part = [" ".join(t.split()[: 2 * max_content]) for t in texts[start : start + _CHUNK]]
+        enc = tokenizer(part, add_special_tokens=False, truncation=True, max_length=max_content)["input_ids"]
+        for j, ids in enumerate(enc):
+            lengths[start + j] = len(ids)
+        chunks.append(np.fromiter((t for ids in enc for t in ids), dtype=np.int32))
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    return tokens, offsets
+
+
+def build_or_load_field(cache_dir: Path, field: str, texts: list[str], tokenizer, max_tokens: int,
+                        tok_digest: str | None = None) -> tuple[FieldTokens, bool]:
+    """Return the field's tokens from the cache, building them first when the key has changed.
+
+    Returns (tokens, built) where ``built`` says whether the store was (re)built.
+    """
+    tok_digest = tok_digest or tokenizer_digest(tokenizer)
+    key_src = json.dumps({"v": STORE_VERSION, "field": field, "text": text_digest(texts), "tok": tok_digest,
+                          "max": max_tokens, "n": len(texts)})
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    d = Path(cache_dir) / "tokens" / f"{field}-{key}"
+    built = False
+    if not (d / "done").exists():
+        tokens, offsets = _tokenize_field(tokenizer, texts, max_tokens - 2)
+        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        np.save(tmp / "tokens.npy", tokens)
+        np.save(tmp / "offsets.npy", offsets)
+        (tmp / "key.json").write_text(key_src)
+        (tmp / "done").write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+        try:
+            os.replace(tmp, d)
+        except OSError:  # another process finished the same store first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        built = True
+    tokens = np.load(d / "tokens.npy", mmap_mode="r")
+    offsets = np.load(d / "offsets.npy", mmap_mode="r")
+    assert len(offsets) == len(texts) + 1
+    return FieldTokens(tokens, offsets, max_tokens), built
+
+
+@dataclass
+class TokenBatch:
+    """Padded token ids of N news; ``mask`` is True on real tokens."""
+
+    input_ids: np.ndarray  # int64 [N, T]
+    mask: np.ndarray  # bool [N, T]
+
+    @property
+    def valid_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+class TokenStore:
+    """All fields of all news, tokenized; assembles padded encoder inputs for any list of news."""
+
+    def __init__(self, fields: dict[str, FieldTokens], cls_id: int, sep_id: int, pad_id: int):
+        assert fields, "at least one text field"
+        self.fields = fields
+        self.cls_id, self.sep_id, self.pad_id = cls_id, sep_id, pad_id
+        n = {len(f.offsets) - 1 for f in fields.values()}
+        assert len(n) == 1
+        self.num_news = n.pop()
+
+    @property
+    def max_len(self) -> int:
+        """Length of the concatenated input of a news with every field full."""
+        return 1 + sum(f.max_tokens - 1 for f in self.fields.values())
+
+    def lengths(self, idx: np.ndarray) -> np.ndarray:
+        """Concatenated input length of each news, specials included (int64 [N])."""
+        idx = np.asarray(idx, dtype=np.int64)
+        total = np.ones(len(idx), dtype=np.int64)
+        for f in self.fields.values():
+            total += f.lengths(idx) + 1
+        return total
+
+    def concat(self, idx: np.ndarray, width: int | None = None) -> TokenBatch:
+        """``[CLS] field1 [SEP] field2 [SEP] ...`` for each news, padded to ``width`` (default: the longest).
+
+        A negative index is a padding slot: it gets ``[CLS] [SEP]`` so that it can run through an encoder
+        (dense baselines do), and it counts as padding, never as another news.
+        """
+        idx = np.asarray(idx, dtype=np.int64)
+        missing = idx < 0
+        if missing.any():
+            width = width if width is not None else int(self.lengths(idx[~missing]).max(initial=2))
+            out = np.full((len(idx), width), self.pad_id, dtype=np.int64)
+            out[:, 0], out[:, 1] = self.cls_id, self.sep_id
+            mask = np.zeros((len(idx), width), dtype=bool)
+            mask[:, :2] = True
+            real = self.concat(idx[~missing], width)
+            out[~missing], mask[~missing] = real.input_ids, real.mask
+            return TokenBatch(out, mask)
+        n = len(idx)
+        lengths = self.lengths(idx)
+        width = int(lengths.max(initial=1)) if width is None else width
+        assert (lengths <= width).all(), "width below the longest news"
+        out = np.full((n, width), self.pad_id, dtype=np.int64)
+        out[:, 0] = self.cls_id
+        col = np.ones(n, dtype=np.int64)
+        rows_all = np.arange(n)
+        for f in self.fields.values():
+            starts = f.offsets[idx]
+            ln = f.offsets[idx + 1] - starts
+            src = ragged_positions(starts, starts + ln)
+            rows = np.repeat(rows_all, ln)
+            within = src - np.repeat(starts, ln)
+            out[rows, col[rows] + within] = f.tokens[src]
+            col += ln
+            out[rows_all, col] = self.sep_id
+            col += 1
+        mask = np.arange(width)[None, :] < col[:, None]
+        return TokenBatch(out, mask)

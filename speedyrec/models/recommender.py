@@ -1,0 +1,75 @@
+"""The PLM news recommender (PLM-NR, as in Tiny-NewsRec): news encoder, user encoder, dot-product score."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from speedyrec.kernels.pooling import additive_attention_pool
+
+
+class AdditiveAttention(nn.Module):
+    """Learned-query attention pooling over the items of a sequence."""
+
+    def __init__(self, in_dim: int, attention_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, attention_dim)
+        self.query = nn.Parameter(torch.empty(attention_dim).uniform_(-1 / math.sqrt(attention_dim), 1 / math.sqrt(attention_dim)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, L, H], mask [B, L] -> [B, H]; all-masked rows give zeros."""
+        return additive_attention_pool(x, mask, self.proj.weight, self.proj.bias, self.query)
+
+
+class NewsEncoder(nn.Module):
+    """Backbone token states -> attention pooling -> linear layer to ``dim``."""
+
+    def __init__(self, backbone: nn.Module, dim: int, attention_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        h = backbone.hidden_size
+        self.pool = AdditiveAttention(h, attention_dim)
+        self.proj = nn.Linear(h, dim)
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, mask [N, T] -> news vectors [N, D]."""
+        states = self.backbone(input_ids, mask)
+        return self.proj(self.pool(states, mask))
+
+
+class UserEncoder(nn.Module):
+    """Attention pooling over the history's news vectors; a learned vector stands for an empty history."""
+
+    def __init__(self, dim: int, attention_dim: int):
+        super().__init__()
+        self.pool = AdditiveAttention(dim, attention_dim)
+        self.empty = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """history [B, L, D], mask [B, L] -> user vectors [B, D]."""
+        pooled = self.pool(history, mask)
+        empty = ~mask.any(dim=1, keepdim=True)
+        return torch.where(empty, self.empty.to(pooled.dtype).expand_as(pooled), pooled)
+
+
+class NewsRecommender(nn.Module):
+    def __init__(self, backbone: nn.Module, dim: int, attention_dim: int):
+        super().__init__()
+        self.news_encoder = NewsEncoder(backbone, dim, attention_dim)
+        self.user_encoder = UserEncoder(dim, attention_dim)
+
+    @staticmethod
+    def score(user: torch.Tensor, news: torch.Tensor) -> torch.Tensor:
+        """user [B, D], news [B, C, D] -> click scores [B, C]."""
+        return torch.einsum("bd,bcd->bc", user, news)
+
+    def param_groups(self, lr: float, encoder_lr: float, weight_decay: float) -> list[dict]:
+        """The transformer at ``encoder_lr``, everything else (poolings, projections, user encoder) at ``lr``."""
+        backbone = [p for p in self.news_encoder.backbone.parameters() if p.requires_grad]
+        ids = {id(p) for p in self.news_encoder.backbone.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
+        if backbone:
+            groups.append({"params": backbone, "lr": encoder_lr, "weight_decay": weight_decay})
+        return groups
