@@ -55,7 +55,7 @@ class EncoderParts:
 def build_tokenizer(cfg: Config, ds: Dataset, dist: DistInfo) -> EncoderParts:
     spec = parse_encoder_spec(cfg.model.encoder) if dist.is_main else _quiet_spec(cfg.model.encoder)
     if spec.kind == "custom":
-        backbone = build_backbone(spec, None, cfg.model.layers, cfg.model.freeze_layers, cfg.model)
+        backbone = build_backbone(spec, None, cfg.model)
         tok = getattr(backbone, "tokenizer", None)
         if tok is None:
             raise ValueError(f"model.encoder={spec.name}: the class must set a `tokenizer` attribute")
@@ -100,7 +100,7 @@ def build_token_store(cfg: Config, ds: Dataset, tokenizer, dist: DistInfo) -> To
 
 def build_model(cfg: Config, parts: EncoderParts, dist: DistInfo) -> NewsRecommender:
     torch.manual_seed(cfg.train.seed)
-    backbone = parts.backbone or build_backbone(parts.spec, parts.tokenizer, cfg.model.layers, cfg.model.freeze_layers)
+    backbone = parts.backbone or build_backbone(parts.spec, parts.tokenizer, cfg.model)
     model = NewsRecommender(backbone, cfg.model.dim, cfg.model.attention_dim).to(dist.device)
     if dist.active:  # every rank starts from rank 0's parameters
         for t in list(model.parameters()) + list(model.buffers()):

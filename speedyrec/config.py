@@ -51,6 +51,7 @@ class ModelConfig:
     dim: int = 256  # news and user embedding size
     attention_dim: int = 200  # hidden size of the additive attention poolings
     vocab_size: int = 8000  # WordPiece vocabulary trained on the corpus for a random encoder
+    dropout: float = -1.0  # dropout of the transformer (hidden and attention); -1 = the encoder's own
 
 
 @dataclass
@@ -266,6 +267,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("no text field is used: set data.title_tokens, data.abstract_tokens or data.body_tokens > 0")
     if not 0.0 <= cfg.data.dev_fraction < 1.0:
         raise ConfigError(f"config key 'data.dev_fraction' must be in [0, 1), got {cfg.data.dev_fraction}")
+    if not (cfg.model.dropout == -1.0 or 0.0 <= cfg.model.dropout < 1.0):
+        raise ConfigError(f"config key 'model.dropout' must be -1 (the encoder's own) or in [0, 1), got {cfg.model.dropout}")
     if cfg.engine.cache_beta < 0:
         raise ConfigError(f"config key 'engine.cache_beta' must be >= 0, got {cfg.engine.cache_beta}")
     for seg in cfg.engine.segments:

@@ -237,15 +237,22 @@ class HFForwardBackbone(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
 
 
-def load_hf_model(name: str, layers: int) -> nn.Module:
+def _dropout_kwargs(dropout: float) -> dict:
+    return {} if dropout < 0 else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+
+
+def load_hf_model(name: str, layers: int, dropout: float = -1.0) -> nn.Module:
     from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # weight-loading reports would bury our own log
 
     try:
         cfg = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.encoder={name!r}: cannot load its config ({e}). Give a local directory or, "
                          "with internet access, a hub model name.") from None
-    kwargs = {"attn_implementation": "sdpa"}
+    kwargs = {"attn_implementation": "sdpa", **_dropout_kwargs(dropout)}
     if layers > 0 and hasattr(cfg, "num_hidden_layers"):
         if layers > cfg.num_hidden_layers:
             raise ConfigError(f"model.layers={layers} but {name} has only {cfg.num_hidden_layers} layers")
@@ -257,25 +264,27 @@ def load_hf_model(name: str, layers: int) -> nn.Module:
     return model
 
 
-def random_bert(shape: dict, vocab_size: int, pad_id: int) -> nn.Module:
+def random_bert(shape: dict, vocab_size: int, pad_id: int, dropout: float = -1.0) -> nn.Module:
     from transformers import BertConfig, BertModel
 
     if shape["hidden"] % shape["heads"]:
         raise ConfigError(f"model.encoder random: hidden={shape['hidden']} is not a multiple of heads={shape['heads']}")
     cfg = BertConfig(vocab_size=vocab_size, hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
                      num_attention_heads=shape["heads"], intermediate_size=shape["intermediate"],
-                     pad_token_id=pad_id, max_position_embeddings=512, attn_implementation="sdpa")
+                     pad_token_id=pad_id, max_position_embeddings=512, attn_implementation="sdpa",
+                     **_dropout_kwargs(dropout))
     return BertModel(cfg, add_pooling_layer=False)
 
 
-def build_backbone(spec: EncoderSpec, tokenizer, layers: int, freeze_layers: int, model_config=None) -> nn.Module:
+def build_backbone(spec: EncoderSpec, tokenizer, model_config) -> nn.Module:
+    """The backbone ``model_config`` (a ModelConfig) asks for; ``tokenizer`` sizes a random encoder's vocabulary."""
+    layers, freeze_layers, dropout = model_config.layers, model_config.freeze_layers, model_config.dropout
     if spec.kind == "custom":
         return load_custom_class(spec.name)(model_config)
     if spec.kind == "random":
-        shape = dict(spec.shape)
-        hf = random_bert(shape, len(tokenizer), tokenizer.pad_token_id)
+        hf = random_bert(dict(spec.shape), len(tokenizer), tokenizer.pad_token_id, dropout)
     else:
-        hf = load_hf_model(spec.name, layers)
+        hf = load_hf_model(spec.name, layers, dropout)
     if BertFamilyBackbone.supports(hf):
         return BertFamilyBackbone(hf, layers, freeze_layers)
     if layers:

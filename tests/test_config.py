@@ -1,0 +1,84 @@
+import pytest
+
+from speedyrec.config import Config, ConfigError, check_implemented, dump_config, load_config
+
+
+def test_defaults_hold_the_design_keys():
+    cfg = load_config()
+    flat = cfg.to_dict()
+    for section, keys in {
+        "data": ["dir", "format", "strict"],
+        "model": ["encoder", "layers", "freeze_layers", "dim"],
+        "train": ["workflow", "max_steps", "epochs", "seed", "resume", "checkpoint_every"],
+        "engine": ["dedup", "global_dedup", "dynamic_batching", "token_budget", "buckets", "cache", "cache_beta",
+                   "cache_gamma", "autoregressive", "negatives", "buslm", "segments", "refine", "refine_topk"],
+    }.items():
+        for k in keys:
+            assert k in flat[section], f"{section}.{k}"
+    assert "out_dir" in flat and "stage" in flat
+    assert cfg.engine.cache_beta == 2e-3 and cfg.engine.cache_gamma == 20
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("out_dir: runs/x\ntrain:\n  workflow: typical\n  epochs: 3\nengine:\n  segments: [title, body]\n")
+    cfg = load_config(str(f), ["train.epochs=5", "engine.cache=false", "engine.cache_beta=0.01"])
+    assert cfg.out_dir == "runs/x"
+    assert cfg.train.workflow == "typical"
+    assert cfg.train.epochs == 5
+    assert cfg.engine.cache is False
+    assert cfg.engine.cache_beta == 0.01
+    assert cfg.engine.segments == ["title", "body"]
+
+
+def test_list_override_from_the_command_line():
+    assert load_config(None, ["engine.segments=title,abstract"]).engine.segments == ["title", "abstract"]
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch'.*'train.epochs'"):
+        load_config(None, ["train.epoch=2"])
+    with pytest.raises(ConfigError, match=r"'engine.cache_gama'.*'engine.cache_gamma'"):
+        load_config(None, ["engine.cache_gama=3"])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  dims: 64\n")
+    with pytest.raises(ConfigError, match=r"'model.dims'.*'model.dim'"):
+        load_config(str(f))
+
+
+def test_bad_values_name_the_key():
+    with pytest.raises(ConfigError, match="train.epochs.*integer"):
+        load_config(None, ["train.epochs=two"])
+    with pytest.raises(ConfigError, match="engine.cache.*true or false"):
+        load_config(None, ["engine.cache=maybe"])
+    with pytest.raises(ConfigError, match="train.workflow.*typical"):
+        load_config(None, ["train.workflow=typcal"])
+    with pytest.raises(ConfigError, match="model.dim.*positive"):
+        load_config(None, ["model.dim=0"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/c.yaml")
+
+
+def test_later_stages_are_rejected_as_not_implemented():
+    cfg = load_config(None, ["stage=posttrain"])
+    with pytest.raises(ConfigError, match="not implemented yet"):
+        check_implemented(cfg, {})
+    cfg = load_config(None, ["engine.refine=true"])
+    with pytest.raises(ConfigError, match="engine.refine.*not implemented yet"):
+        check_implemented(cfg, {"engine.refine": False})
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.epochs=4", "engine.segments=title,body"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = load_config(str(tmp_path / "config.yaml"))
+    assert again == cfg
+    assert isinstance(again, Config)

@@ -1,0 +1,207 @@
+"""Both readers on both real samples, and every kind of bad input on crafted files."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speedyrec.config import load_config
+from speedyrec.data.behaviors import parse_mind_time
+from speedyrec.data.dataset import load_dataset
+from speedyrec.data.faults import DataError
+
+
+def _data_cfg(*overrides):
+    return load_config(None, list(overrides)).data
+
+
+def _raw_mind_ids(path: Path):
+    """History and candidate ids per impression, straight from the file (a slow, obvious reference)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        _, user, time, hist, imps = line.split("\t")
+        rows.append((user, time, hist.split(), [t.rsplit("-", 1) for t in imps.split()]))
+    return rows
+
+
+def test_mind_sample_loads_and_never_aliases_unknown_ids(mind_sample):
+    ds = load_dataset(_data_cfg("data.format=mind", f"data.dir={mind_sample}"))
+    news_ids = {l.split("\t")[0] for l in (mind_sample / "news.tsv").read_text(encoding="utf-8").splitlines()}
+    assert len(ds.news) == len(news_ids) == 2000
+    assert len(ds.train) + len(ds.dev) == 5000
+    assert len(ds.dev) == 500  # the last 10% by time
+    assert ds.train.time.max() <= ds.dev.time.min()
+
+    raw = _raw_mind_ids(mind_sample / "behaviors.tsv")
+    unknown = sum(i not in news_ids for _, _, h, c in raw for i in h + [x for x, _ in c])
+    assert ds.faults.counts["unknown_news_ids"] == unknown
+    assert unknown > 300_000  # ~96% of the ids the slice mentions are not in its news file
+    clicks_unknown = sum(l == "1" and i not in news_ids for _, _, _, c in raw for i, l in c)
+
+    # Every kept id is the very id the file named, in order: known ids are kept, unknown ones dropped.
+    by_key = {}
+    for user, time, hist, cand in raw:
+        by_key[(user, parse_mind_time(time))] = ([i for i in hist if i in news_ids],
+                                                  [(i, int(l)) for i, l in cand if i in news_ids])
+    for part in (ds.train, ds.dev):
+        for r in range(len(part)):
+            key = (part.users[part.user[r]], int(part.time[r]))
+            hist, cand = by_key[key]
+            assert [ds.news.ids[i] for i in part.history.row(r)] == hist
+            got = list(zip([ds.news.ids[i] for i in part.candidates.row(r)],
+                           part.labels[part.candidates.offsets[r]:part.candidates.offsets[r + 1]].tolist()))
+            assert got == cand
+    assert int(ds.train.unknown_clicks.sum() + ds.dev.unknown_clicks.sum()) == clicks_unknown
+    assert ds.faults.counts["clicks_unknown_news"] == int(ds.train.unknown_clicks.sum())
+
+
+def test_speedyrec_sample_loads_and_splits_glued_ids(speedyrec_sample):
+    ds = load_dataset(_data_cfg("data.format=speedyrec", f"data.dir={speedyrec_sample}"))
+    assert len(ds.news) == 500
+    assert len(ds.train.users) == 2000  # one record per line; ids repeat across shard files
+    assert len(ds.dev) == 4000
+    glued = ds.faults.counts["glued_ids"]
+    assert glued > 5000
+    # A glued token like BBUasXoAAu2Zc2 becomes its two real ids, never a third news.
+    first = (speedyrec_sample / "traindata" / "ProtoBuf_0.tsv").read_text().splitlines()[0]
+    user, imps = first.split("\t")
+    pos, neg = imps.split("|")[0].split("&")
+    row = 0
+    cand = [ds.news.ids[i] for i in ds.train.candidates.row(row)]
+    labels = ds.train.labels[ds.train.candidates.offsets[0]:ds.train.candidates.offsets[1]].tolist()
+    assert cand == pos.split(";") + [neg[:7], neg[7:]]
+    assert labels == [1, 1, 0, 0]
+    # histories are the user's earlier clicks within the record
+    assert len(ds.train.history.row(0)) == 0
+    assert [ds.news.ids[i] for i in ds.train.history.row(1)] == pos.split(";")
+    assert ds.train.clicks() > 20000
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+NEWS = (
+    "N1\tsports\tnfl\tQuarterback throws four touchdowns\tAn abstract\turl\t[]\t[]\n"
+    "N2\tnews\tpolitics\tSenate passes the budget\t\turl\t[]\t[]\n"
+    "N3\tfinance\tmarkets\tStocks rally on earnings\tMore text\n"
+    "N4\tnews\tpolitics\t\tabstract without a title\turl\t[]\t[]\n"  # empty title
+    "N2\tnews\tpolitics\tA different news with the same id\t\turl\t[]\t[]\n"  # duplicate id
+    "N5\tonly three columns\n"  # malformed
+)
+
+
+def _bad_mind_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "bad"
+    _write(d / "news.tsv", b"\xef\xbb\xbf" + NEWS.encode())  # with a BOM
+    beh = (
+        "1\tU1\t11/11/2019 9:05:01 AM\tN1 N2\tN3-1 N2-0 N4-0\r\n"  # CRLF line end
+        "2\tU2\t11/11/2019 10:05:01 AM\tN1 N99\tN3-0 N2-1 N98-1\n"  # unknown ids N99 (history) and N98 (a click)
+        "3\tU3\t11/11/2019 11:05:01 AM\t\tN3-1 N2-0 N1-x Nbad\n"  # empty history, two bad tokens
+        "4\tU4\tnot a time\tN1\tN3-1\n"  # malformed time
+        "5\tU5\t11/12/2019 1:00:00 PM\tN1\n"  # wrong column count
+        "\n"
+        "6\tU6\t11/12/2019 2:00:00 PM\tN1 N3\tN2-1 N4-0\n"
+    ).encode() + b"7\tU7\t11/12/2019 3:00:00 PM\tN1\tN2-1 N3-0 \xff\xfe\n"  # invalid UTF-8
+    beh += b"8\tU8\t11/12/2019 4:00:00 PM\t" + b"N1 " * 400 + b"\tN2-1 N3-0\n"  # an overlong line
+    beh += b"9\tU9\t11/12/2019 5:00:00 PM\tN2\tN1-1 N3-0\n"
+    _write(d / "behaviors.tsv", beh)
+    _write(d / "bodies.tsv", "N1\tA body about football\nN77\tbody of an unknown news\nbroken row\n")
+    return d
+
+
+def test_bad_rows_are_counted_and_never_crash(tmp_path):
+    d = _bad_mind_dir(tmp_path)
+    ds = load_dataset(_data_cfg("data.format=mind", f"data.dir={d}", "data.dev_fraction=0", "data.max_line_bytes=1000"))
+    c = ds.faults.counts
+    assert len(ds.news) == 4  # N1..N4; the duplicate N2 and the 3-column row are not news
+    assert c["duplicate_news_ids"] == 1
+    assert c["empty_titles"] == 1
+    assert c["malformed_rows"] == 1 + 2 + 1  # news row; bad time, 4 columns; bodies row without a tab
+    assert c["bad_impression_tokens"] == 2 + 1  # N1-x, Nbad; the replaced invalid bytes of row 7
+    assert c["unknown_news_ids"] == 2 + 1  # N99, N98 in behaviors; N77 in bodies
+    assert c["clicks_unknown_news"] == 1
+    assert c["invalid_utf8_rows"] == 1
+    assert c["overlong_rows"] == 1
+    assert c["empty_histories"] == 1
+    assert len(ds.train) == 6  # impressions 1, 2, 3, 6, 7, 9
+    assert ds.news.text["body"][ds.news.index["N1"]] == "A body about football"
+    # impression 2: N98 (an unknown click) is gone, not aliased
+    r = [i for i in range(len(ds.train)) if ds.train.users[ds.train.user[i]] == "U2"][0]
+    assert [ds.news.ids[i] for i in ds.train.candidates.row(r)] == ["N3", "N2"]
+    assert [ds.news.ids[i] for i in ds.train.history.row(r)] == ["N1"]
+    # the invalid UTF-8 row keeps its good tokens; the bytes became an unparsable token
+    r = [i for i in range(len(ds.train)) if ds.train.users[ds.train.user[i]] == "U7"][0]
+    assert [ds.news.ids[i] for i in ds.train.candidates.row(r)] == ["N2", "N3"]
+    # one warning sums it up
+    text = ds.faults.summary()
+    assert "unknown_news_ids" in text and "malformed_rows" in text and "bad.tsv" not in text
+
+
+def test_strict_mode_stops_at_the_first_fault_with_file_and_line(tmp_path):
+    d = _bad_mind_dir(tmp_path)
+    with pytest.raises(DataError, match=r"news\.tsv:4: news N4 has an empty title"):
+        load_dataset(_data_cfg("data.format=mind", f"data.dir={d}", "data.strict=true"))
+    _write(d / "news.tsv", NEWS.replace("\t\tabstract without a title", "\tA title\tabstract"))
+    with pytest.raises(DataError, match=r"news\.tsv:5: news id N2 defined again"):
+        load_dataset(_data_cfg("data.format=mind", f"data.dir={d}", "data.strict=true"))
+    _write(d / "news.tsv", "N1\tsports\tnfl\tTitle\tAbstract\n")
+    with pytest.raises(DataError, match=r"bodies\.tsv:2: body for unknown news id 'N77'"):
+        load_dataset(_data_cfg("data.format=mind", f"data.dir={d}", "data.strict=true"))
+
+
+def test_layouts_train_dev_and_mind_folder_names(tmp_path):
+    for train_name, dev_name in (("train", "dev"), ("MINDsmall_train", "MINDsmall_dev")):
+        root = tmp_path / train_name
+        _write(root / train_name / "news.tsv", "N1\ta\tb\tTitle one\t\nN2\ta\tb\tTitle two\t\n")
+        _write(root / train_name / "behaviors.tsv", "1\tU1\t11/11/2019 9:05:01 AM\tN1\tN2-1 N1-0\n")
+        _write(root / dev_name / "news.tsv", "N2\ta\tb\tTitle two\t\nN3\ta\tb\tTitle three\t\n")
+        _write(root / dev_name / "behaviors.tsv", "1\tU1\t11/15/2019 9:05:01 AM\tN1 N2\tN3-1 N1-0\n")
+        ds = load_dataset(_data_cfg("data.format=mind", f"data.dir={root}"))
+        assert len(ds.news) == 3 and len(ds.train) == 1 and len(ds.dev) == 1
+        assert sum(ds.faults.counts.values()) == 0
+
+
+def test_missing_layout_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="expected news.tsv"):
+        load_dataset(_data_cfg("data.format=mind", f"data.dir={tmp_path / 'empty'}"))
+    with pytest.raises(DataError, match="not a directory"):
+        load_dataset(_data_cfg("data.format=mind", f"data.dir={tmp_path / 'nope'}"))
+    with pytest.raises(DataError, match="traindata"):
+        load_dataset(_data_cfg("data.format=speedyrec", f"data.dir={tmp_path / 'empty'}"))
+
+
+def test_speedyrec_malformed_impressions(tmp_path):
+    root = tmp_path / "sr"
+    _write(root / "traindata" / "DocFeatures.tsv",
+           "AAAAAAA\tc\ts\tTitle a\tAbs\tBody\nBBBBBBB\tc\ts\tTitle b\tAbs\tBody\nCCCCCCC\tc\ts\tTitle c\t\t\n"
+           "DDDDDDD\tc\ts\tonly five\tcolumns\n")
+    _write(root / "traindata" / "ProtoBuf_0.tsv",
+           "u1\tAAAAAAA&BBBBBBBCCCCCCC|BBBBBBB;ZZZZZZZ&AAAAAAA|no-ampersand|CCCCCCC&&AAAAAAA\n"
+           "u2\textra\tcolumn\n")
+    ds = load_dataset(_data_cfg("data.format=speedyrec", f"data.dir={root}", "data.dev_fraction=0"))
+    c = ds.faults.counts
+    assert c["malformed_rows"] == 2  # the 5-column doc, the 3-column log line
+    assert c["glued_ids"] == 1
+    assert c["unknown_news_ids"] == 1  # ZZZZZZZ
+    assert c["clicks_unknown_news"] == 1
+    assert c["bad_impression_tokens"] == 2
+    assert len(ds.train) == 2
+    assert [ds.news.ids[i] for i in ds.train.candidates.row(0)] == ["AAAAAAA", "BBBBBBB", "CCCCCCC"]
+    assert ds.train.labels[:3].tolist() == [1, 0, 0]
+
+
+def test_mind_time_parser_matches_datetime():
+    import datetime
+
+    for text in ("11/12/2019 2:14:46 PM", "1/1/2020 12:00:00 AM", "2/29/2020 12:59:59 PM", "12/31/1999 11:59:59 PM"):
+        ref = datetime.datetime.strptime(text, "%m/%d/%Y %I:%M:%S %p").replace(tzinfo=datetime.timezone.utc)
+        assert parse_mind_time(text) == int(ref.timestamp())
+    for bad in ("13/1/2019 1:00:00 PM", "1/1/2019 1:00:00", "yesterday"):
+        with pytest.raises(ValueError):
+            parse_mind_time(bad)
