@@ -181,3 +181,40 @@ class TokenStore:
             col += 1
         mask = np.arange(width)[None, :] < col[:, None]
         return TokenBatch(out, mask)
+
+    def segment_lengths(self, idx: np.ndarray, fields: list[str]) -> np.ndarray:
+        """Length of each segment ``[CLS] field [SEP]`` (int64 [N, S]); 0 for an empty field (segment absent)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.zeros((len(idx), len(fields)), dtype=np.int64)
+        for j, name in enumerate(fields):
+            n = self.fields[name].lengths(idx)
+            out[:, j] = np.where(n > 0, n + 2, 0)
+        return out
+
+    def segments(self, idx: np.ndarray, fields: list[str], width: int | None = None) -> TokenBatch:
+        """Each field of each news as its own segment ``[CLS] field [SEP]`` -> ids and mask [N, S, T].
+
+        An empty field gives an absent segment (all-False mask); a news with every field empty keeps its first
+        segment as ``[CLS] [SEP]``, so every news has at least one segment. ``width`` defaults to the longest.
+        """
+        idx = np.asarray(idx, dtype=np.int64)
+        n, s = len(idx), len(fields)
+        seg_len = self.segment_lengths(idx, fields)
+        blank = ~(seg_len > 0).any(axis=1)
+        seg_len[blank, 0] = 2
+        width = int(seg_len.max(initial=2)) if width is None else width
+        out = np.full((n, s, width), self.pad_id, dtype=np.int64)
+        for j, name in enumerate(fields):
+            f = self.fields[name]
+            starts = f.offsets[idx]
+            ln = f.offsets[idx + 1] - starts
+            present = ln > 0
+            out[present, j, 0] = self.cls_id
+            src = ragged_positions(starts, starts + ln)
+            rows = np.repeat(np.arange(n), ln)
+            within = src - np.repeat(starts, ln)
+            out[rows, j, 1 + within] = f.tokens[src]
+            out[np.flatnonzero(present), j, ln[present] + 1] = self.sep_id
+        out[blank, 0, 0], out[blank, 0, 1] = self.cls_id, self.sep_id
+        mask = np.arange(width)[None, None, :] < seg_len[:, :, None]
+        return TokenBatch(out, mask)

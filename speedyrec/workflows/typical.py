@@ -19,7 +19,7 @@ from speedyrec.data.ragged import Ragged
 from speedyrec.data.token_store import TokenStore
 from speedyrec.engine.prefetch import prefetch
 from speedyrec.engine.trainer import StepOutput
-from speedyrec.workflows.negatives import sample_negatives
+from speedyrec.engine.negatives import sample_negatives
 
 
 @dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from speedyrec.data.ragged import Ragged, ragged_positions
+from speedyrec.engine.ragged import Ragged, ragged_positions
 
 
 def sample_negatives(pools: Ragged, k: int, positives: np.ndarray, num_news: int,
