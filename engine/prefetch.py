@@ -12,11 +12,14 @@ _END = object()
 
 
 def _pin(batch):
+    """Pin the tensors of a (possibly nested) dataclass batch, in place."""
     if is_dataclass(batch):
         for f in fields(batch):
             v = getattr(batch, f.name)
             if isinstance(v, torch.Tensor):
                 setattr(batch, f.name, v.pin_memory())
+            elif is_dataclass(v):
+                _pin(v)
     return batch
 
 

@@ -101,7 +101,12 @@ def build_token_store(cfg: Config, ds: Dataset, tokenizer, dist: DistInfo) -> To
 def build_model(cfg: Config, parts: EncoderParts, dist: DistInfo) -> NewsRecommender:
     torch.manual_seed(cfg.train.seed)
     backbone = parts.backbone or build_backbone(parts.spec, parts.tokenizer, cfg.model)
-    model = NewsRecommender(backbone, cfg.model.dim, cfg.model.attention_dim).to(dist.device)
+    model = NewsRecommender(backbone, cfg.model.dim, cfg.model.attention_dim)
+    if cfg.train.workflow == "speedyfeed" and cfg.engine.buslm:
+        from speedyrec.models.buslm import BusLMNewsEncoder
+
+        model.news_encoder = BusLMNewsEncoder.from_news_encoder(model.news_encoder)
+    model = model.to(dist.device)
     if dist.active:  # every rank starts from rank 0's parameters
         for t in list(model.parameters()) + list(model.buffers()):
             torch_dist.broadcast(t.data, src=0)

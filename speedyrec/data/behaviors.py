@@ -31,6 +31,7 @@ class Behaviors:
     candidates: Ragged  # int32 news indices
     labels: np.ndarray  # int8, aligned with candidates.values
     unknown_clicks: np.ndarray  # int64 [I]
+    history_is_prefix: bool = False  # histories are the user's earlier clicks in this log (no separate history)
 
     def __len__(self) -> int:
         return len(self.user)
@@ -40,7 +41,7 @@ class Behaviors:
         cand = self.candidates.take(rows)
         label_rows = Ragged(self.candidates.offsets, self.labels).take(rows)
         return Behaviors(self.users, self.user[rows], self.time[rows], self.history.take(rows), cand,
-                         label_rows.values, self.unknown_clicks[rows])
+                         label_rows.values, self.unknown_clicks[rows], self.history_is_prefix)
 
     def clicks(self) -> int:
         return int(self.labels.sum())
@@ -247,7 +248,9 @@ def read_speedyrec_train(paths: list[Path], news: NewsTable, faults: FaultLog, m
                 b.add(user, k, hist, cand, labels, int((~pos_known).sum()), where)
                 clicked.append(pos[pos_known])
                 n_clicked += int(pos_known.sum())
-    return b.build()
+    beh = b.build()
+    beh.history_is_prefix = True
+    return beh
 
 
 def read_speedyrec_test(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int) -> Behaviors:

@@ -7,32 +7,31 @@ import numpy as np
 import torch
 
 from speedyrec.data.behaviors import Behaviors
-from speedyrec.data.token_store import TokenStore
+from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.engine.distributed import DistInfo, all_gather_rows, all_reduce_sum
 from speedyrec.engine.trainer import autocast_context
 from speedyrec.eval.metrics import impression_metrics, metric_sums, metrics_from_sums
 
 
 @torch.no_grad()
-def encode_news(model, store: TokenStore, news: np.ndarray, dist: DistInfo, batch_size: int, amp: str) -> torch.Tensor:
+def encode_news(model, inputs: NewsInputs, news: np.ndarray, dist: DistInfo, batch_size: int, amp: str) -> torch.Tensor:
     """Vectors of the given news [N, D] on every rank; each rank encodes a slice, in length-sorted batches."""
     share = np.array_split(np.arange(len(news)), dist.world)[dist.rank]
     mine = news[share]
-    order = np.argsort(store.lengths(mine), kind="stable")  # similar lengths together: little padding
+    order = np.argsort(inputs.lengths(mine), kind="stable")  # similar lengths together: little padding
     d = model.news_encoder.proj.out_features
     out = torch.zeros((len(mine), d), dtype=torch.float32, device=dist.device)
     for s in range(0, len(mine), batch_size):
         sel = order[s : s + batch_size]
-        tok = store.concat(mine[sel])
-        ids = torch.from_numpy(tok.input_ids).to(dist.device)
-        mask = torch.from_numpy(tok.mask).to(dist.device)
+        tokens = inputs.prepare(mine[sel]).to(dist.device)
         with autocast_context(dist.device, amp):
-            out[torch.from_numpy(sel).to(dist.device)] = model.news_encoder(ids, mask).float()
+            emb, _, _ = inputs.encode(model.news_encoder, tokens)
+        out[torch.from_numpy(sel).to(dist.device)] = emb.float()
     return torch.cat(all_gather_rows(out), dim=0)
 
 
 @torch.no_grad()
-def evaluate(model, store: TokenStore, dev: Behaviors, dist: DistInfo, *, max_history: int, batch_size: int = 256,
+def evaluate(model, inputs: NewsInputs, dev: Behaviors, dist: DistInfo, *, max_history: int, batch_size: int = 256,
              max_impressions: int = 0, amp: str = "auto") -> dict:
     """AUC, MRR, nDCG@5, nDCG@10 averaged over dev impressions with both clicked and non-clicked news."""
     t0 = time.perf_counter()
@@ -42,7 +41,7 @@ def evaluate(model, store: TokenStore, dev: Behaviors, dist: DistInfo, *, max_hi
         dev = dev.take(np.arange(min(max_impressions, len(dev))))
     hist_pad = dev.history.padded(max_history, fill=-1, keep="last")
     needed = np.unique(np.concatenate([hist_pad[hist_pad >= 0], dev.candidates.values]).astype(np.int64))
-    table = encode_news(model, store, needed, dist, batch_size, amp)  # [U, D]
+    table = encode_news(model, inputs, needed, dist, batch_size, amp)  # [U, D]
     slot = lambda idx: np.searchsorted(needed, idx)  # news index -> row of table
     share = np.array_split(np.arange(len(dev)), dist.world)[dist.rank]
     sums = np.zeros(6)

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from speedyrec.kernels.pooling import additive_attention_pool
+from speedyrec.kernels.pooling import additive_attention_pool, causal_additive_attention_pool
 
 
 class AdditiveAttention(nn.Module):
@@ -51,6 +51,16 @@ class UserEncoder(nn.Module):
         pooled = self.pool(history, mask)
         empty = ~mask.any(dim=1, keepdim=True)
         return torch.where(empty, self.empty.to(pooled.dtype).expand_as(pooled), pooled)
+
+    def prefix_states(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The user vector after every prefix, in one pass: history [B, L, D], mask [B, L] -> [B, L, D].
+
+        Position t equals ``forward(history[:, :t+1], mask[:, :t+1])``, so the last one is what evaluation uses.
+        """
+        p = self.pool
+        states = causal_additive_attention_pool(history, mask, p.proj.weight, p.proj.bias, p.query)
+        seen = mask.cumsum(dim=1) > 0
+        return torch.where(seen.unsqueeze(-1), states, self.empty.to(states.dtype).expand_as(states))
 
 
 class NewsRecommender(nn.Module):

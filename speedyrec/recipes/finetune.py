@@ -13,11 +13,12 @@ from speedyrec.config import Config, ConfigError, dump_config
 from speedyrec.engine.distributed import DistInfo, all_reduce_sum
 from speedyrec.engine.trainer import Trainer, load_checkpoint, save_checkpoint
 from speedyrec.eval.evaluate import evaluate
+from speedyrec.models.news_inputs import NewsInputs
 
 log = logging.getLogger("speedyrec")
 
 COUNTERS = ("clicks_trained", "news_encoded", "cache_lookups", "cache_hits", "stale_reads", "valid_tokens",
-            "padded_tokens", "sequences_dropped", "negatives_random")
+            "padded_tokens", "sequences_trained", "negatives_random")
 
 
 class FinetuneRecipe:
@@ -35,6 +36,7 @@ class FinetuneRecipe:
         parts = build_tokenizer(cfg, self.data, dist)
         self.store = build_token_store(cfg, self.data, parts.tokenizer, dist)
         self.model = build_model(cfg, parts, dist)
+        self.inputs = NewsInputs(self.store, self._segments())
         tc = cfg.train
         self.optimizer = torch.optim.AdamW(self.model.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay))
         self.workflow = self._make_workflow()
@@ -51,17 +53,24 @@ class FinetuneRecipe:
                          self.trainer.state.epoch, self.trainer.state.batches_done)
         self.setup_seconds = time.perf_counter() - t0
 
+    def _segments(self) -> list[str] | None:
+        """The BusLM segment layout when the engine uses it, else None (one concatenated sequence)."""
+        cfg = self.cfg
+        if cfg.train.workflow != "speedyfeed" or not cfg.engine.buslm:
+            return None
+        return list(cfg.engine.segments)
+
     def _make_workflow(self):
         cfg, dist = self.cfg, self.dist
         if cfg.train.workflow == "typical":
             from speedyrec.workflows.typical import TypicalWorkflow
 
-            return TypicalWorkflow(self.data.train, self.store, self.model, max_history=cfg.data.max_history,
+            return TypicalWorkflow(self.data.train, self.inputs, self.model, max_history=cfg.data.max_history,
                                    negatives=cfg.train.negatives, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                    rank=dist.rank, world=dist.world, device=dist.device)
         from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
-        return SpeedyFeedWorkflow(cfg, self.data, self.store, self.model, dist)
+        return SpeedyFeedWorkflow(cfg, self.data, self.inputs, self.model, dist)
 
     def _resume_path(self, resume: str) -> Path:
         path = self.out_dir / "checkpoints" / "latest.pt" if resume == "auto" else Path(resume)
@@ -80,7 +89,7 @@ class FinetuneRecipe:
         if len(self.data.dev) == 0:
             log.warning("no dev impressions: skipping evaluation")
             return {}
-        return evaluate(self.model, self.store, self.data.dev, self.dist, max_history=cfg.data.max_history,
+        return evaluate(self.model, self.inputs, self.data.dev, self.dist, max_history=cfg.data.max_history,
                         batch_size=cfg.eval.batch_size, max_impressions=cfg.eval.max_impressions, amp=cfg.train.amp)
 
     def _periodic_eval(self, step: int) -> float:
@@ -97,14 +106,17 @@ class FinetuneRecipe:
     def stats(self) -> dict:
         """Counters summed over ranks, plus the data's fault counters (read identically by every rank)."""
         st = self.trainer.state
-        vec = torch.tensor([float(st.counters.get(k, 0.0)) for k in COUNTERS], dtype=torch.float64, device=self.dist.device)
+        local = {k: float(st.counters.get(k, 0.0)) for k in COUNTERS}
+        local["sequences_dropped"] = float(getattr(self.workflow, "sequences_dropped", 0))
+        vec = torch.tensor(list(local.values()), dtype=torch.float64, device=self.dist.device)
         all_reduce_sum(vec)
         wall = torch.tensor([st.wall_seconds], dtype=torch.float64, device=self.dist.device)
         if self.dist.active:
             torch.distributed.all_reduce(wall, op=torch.distributed.ReduceOp.MAX)
-        stats = {k: int(v) for k, v in zip(COUNTERS, vec.tolist())}
+        stats = {k: int(v) for k, v in zip(local, vec.tolist())}
         epochs_run = self.cfg.train.epochs
         stats["clicks_in_data"] = int(self.workflow.clicks_in_data)
+        stats["sequences_in_data"] = int(getattr(self.workflow, "sequences_in_data", 0))
         stats.update(self.data.faults.as_dict())
         stats["clicks_unknown_news"] = int(self.data.faults.counts.get("clicks_unknown_news", 0))
         filtered = stats["clicks_unknown_news"]

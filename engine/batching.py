@@ -1,0 +1,220 @@
+"""Dynamic length-bucketed batching of user sequences under a token budget (SpeedyFeed section 4.2.2).
+
+A *unit* is what the loss trains on: with the autoregressive loss, a user sequence (cut into chunks
+of at most ``max_history`` clicks, every click a target); without it, one click with the window of at
+most ``max_history`` clicks before it (the click is the only target). Units are shuffled per epoch with
+the seed and dealt to ranks round-robin, so the global order does not depend on the number of ranks.
+
+Each unit is routed to a length bucket by the longest of its news (clicks and sampled negatives); a
+bucket pads to its current longest news, and is flushed when the distinct news it holds, times that
+length, reach the token budget. Nothing is dropped: units alone over the budget become batches of
+their own, and every bucket is flushed at the end of the epoch. Batches are prepared in a background
+thread, a bounded number ahead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from speedyrec.engine.hashing import hash64
+from speedyrec.engine.negatives import sample_negatives
+from speedyrec.engine.prefetch import prefetch
+from speedyrec.engine.ragged import Ragged, ragged_positions
+
+
+@dataclass
+class SequenceSet:
+    """Click sequences and where each click's negatives come from."""
+
+    clicks: Ragged  # per sequence, news ids in time order
+    click_pool: np.ndarray  # int64 [len(clicks.values)]: the click's row in ``pools``, -1 = no impression
+    pools: Ragged  # candidate negatives per impression (its non-clicked news)
+    num_news: int
+
+
+@dataclass
+class SequenceBatch:
+    news: np.ndarray  # int64 [U] news ids to embed, sorted by token length (distinct when dedup is on)
+    lengths: np.ndarray  # int64 [U] token length of each row of ``news``
+    clicks: torch.Tensor  # int64 [B, L]: rows of ``news``, -1 = padding (right-padded)
+    negatives: torch.Tensor  # int64 [B, L, K]: rows of ``news`` (-1 where clicks is -1)
+    targets: torch.Tensor  # bool [B, L]: positions whose click is a training target
+    tokens: object  # what ``prepare_tokens(news, width)`` returned (width None: pad to the longest)
+    width: int  # token width the batch was sized with
+    counters: dict = field(default_factory=dict)
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.targets.sum())
+
+
+@dataclass
+class Units:
+    start: np.ndarray  # int64: first click (index into clicks.values) of the unit's window
+    length: np.ndarray  # int64: clicks in the window
+    targets_from: np.ndarray  # int64: position in the window of the first target (0 = all are targets)
+
+
+def make_units(seqs: SequenceSet, max_history: int, autoregressive: bool) -> Units:
+    starts, lengths = seqs.clicks.offsets[:-1], seqs.clicks.lengths()
+    if autoregressive:
+        n_chunks = -(-lengths // max_history)
+        seq = np.repeat(np.arange(len(lengths)), n_chunks)
+        k = np.arange(len(seq)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
+        start = starts[seq] + k * max_history
+        length = np.minimum(max_history, lengths[seq] - k * max_history)
+        return Units(start, length, np.zeros(len(seq), dtype=np.int64))
+    # one unit per click: the click and the (at most) max_history clicks before it in its sequence
+    click = np.arange(int(seqs.clicks.offsets[-1]), dtype=np.int64)
+    seq = seqs.clicks.row_ids()
+    pos = click - starts[seq]
+    hist = np.minimum(pos, max_history)
+    return Units(click - hist, hist + 1, hist)
+
+
+class DynamicBatcher:
+    def __init__(self, seqs: SequenceSet, news_lengths: np.ndarray, prepare_tokens: Callable[[np.ndarray, int], object],
+                 *, token_budget: int, buckets: int, dynamic: bool, dedup: bool, autoregressive: bool,
+                 max_history: int, negatives: int, batch_size: int, fixed_width: int, seed: int, rank: int,
+                 world: int, prefetch_depth: int = 4, pin: bool = False):
+        self.seqs = seqs
+        self.news_lengths = np.asarray(news_lengths, dtype=np.int64)
+        self.prepare_tokens = prepare_tokens
+        self.token_budget, self.buckets, self.dynamic, self.dedup = token_budget, buckets, dynamic, dedup
+        self.negatives, self.batch_size, self.fixed_width = negatives, batch_size, fixed_width
+        self.seed, self.rank, self.world = seed, rank, world
+        self.prefetch_depth, self.pin = prefetch_depth, pin
+        self.units = make_units(seqs, max_history, autoregressive)
+        self.targets_per_epoch = int((self.units.length - self.units.targets_from).sum())
+        self.sequences_dropped = 0  # units of finished epochs that never reached a batch (must stay 0)
+
+    def __len__(self) -> int:
+        return len(self.units.start)
+
+    def shard(self, epoch: int) -> np.ndarray:
+        """This rank's units for the epoch, in training order."""
+        order = np.random.default_rng([self.seed, epoch, 11]).permutation(len(self))
+        return order[self.rank :: self.world]
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[SequenceBatch]:
+        gen = self._batches(epoch)
+        for _ in range(skip):
+            next(gen, None)
+        return prefetch(gen, depth=self.prefetch_depth, pin=self.pin)
+
+    # -- batch formation -------------------------------------------------------------------------------
+    def _unit_news(self, units: np.ndarray, epoch: int):
+        """For a block of units: their clicks (flat, unit by unit), which clicks are targets, the
+        negatives of the targets [T, K], each unit's length and longest news, and the random fills."""
+        u = self.units
+        starts, lengths = u.start[units], u.length[units]
+        click_idx = ragged_positions(starts, starts + lengths)  # global click indices, unit by unit
+        clicks = self.seqs.clicks.values[click_idx].astype(np.int64)
+        pos_in_unit = np.arange(len(click_idx)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        is_target = pos_in_unit >= np.repeat(u.targets_from[units], lengths)
+        t_idx = click_idx[is_target]
+        pool_rows = self.seqs.click_pool[t_idx]
+        pools = self.seqs.pools.take(np.maximum(pool_rows, 0))
+        if (pool_rows < 0).any():  # clicks from a history without impressions: random negatives only
+            lens = np.where(pool_rows < 0, 0, pools.lengths())
+            pools = Ragged.from_lengths(lens, pools.values[np.repeat(pool_rows >= 0, pools.lengths())])
+        negs, n_fill = sample_negatives(pools, self.negatives, clicks[is_target], self.seqs.num_news,
+                                        seed=int(hash64(self.seed, epoch)), row_keys=t_idx)
+        news_len = self.news_lengths[clicks].copy()
+        news_len[is_target] = np.maximum(news_len[is_target], self.news_lengths[negs].max(axis=1))
+        heads = np.cumsum(lengths) - lengths
+        longest = np.maximum.reduceat(news_len, heads) if len(units) else np.zeros(0, dtype=np.int64)
+        return clicks, is_target, negs, lengths, longest, n_fill
+
+    def _batches(self, epoch: int) -> Iterator[SequenceBatch]:
+        order = self.shard(epoch)
+        emitted = 0
+        for batch in self._form_batches(order, epoch):
+            emitted += batch.counters["sequences_trained"]
+            yield batch
+        self.sequences_dropped += len(order) - emitted
+
+    def _form_batches(self, order: np.ndarray, epoch: int) -> Iterator[SequenceBatch]:
+        block = 512
+        if not self.dynamic:
+            for s in range(0, len(order), self.batch_size):
+                yield self._assemble(order[s : s + self.batch_size], epoch, self.fixed_width)
+            return
+        # bucket boundaries: quantiles of the units' longest news over this rank's epoch
+        pending: list[list[int]] = [[] for _ in range(self.buckets)]
+        distinct = [0] * self.buckets
+        width = [0] * self.buckets
+        touched: list[list[np.ndarray]] = [[] for _ in range(self.buckets)]
+        bounds = None
+        seen = np.zeros((self.buckets, self.seqs.num_news), dtype=bool)  # distinct news held, per bucket
+        for s in range(0, len(order), block):
+            units = order[s : s + block]
+            clicks, is_target, negs, lengths, longest, _ = self._unit_news(units, epoch)
+            if bounds is None:
+                bounds = np.unique(np.quantile(longest, np.linspace(0, 1, self.buckets + 1)[1:-1])) if self.buckets > 1 else np.zeros(0)
+            bucket_of = np.searchsorted(bounds, longest, side="left")
+            ends = np.cumsum(lengths)
+            t_ends = np.cumsum(np.add.reduceat(is_target.astype(np.int64), ends - lengths)) if len(units) else ends
+            for j, unit in enumerate(units):
+                b = int(bucket_of[j])
+                lo, hi = (ends[j] - lengths[j]), ends[j]
+                t_lo = t_ends[j - 1] if j else 0
+                ids = np.concatenate([clicks[lo:hi], negs[t_lo : t_ends[j]].ravel()])
+                if self.dedup:
+                    ids = np.unique(ids)
+                    new = ids[~seen[b, ids]]
+                else:
+                    new = ids
+                w = max(width[b], int(longest[j]))
+                if pending[b] and (distinct[b] + len(new)) * w > self.token_budget:
+                    yield self._flush(pending, distinct, width, touched, seen, b, epoch)
+                    new, w = ids, int(longest[j])
+                pending[b].append(int(unit))
+                distinct[b] += len(new)
+                width[b] = w
+                if self.dedup:
+                    seen[b, new] = True
+                    touched[b].append(new)
+                if distinct[b] * width[b] >= self.token_budget:
+                    yield self._flush(pending, distinct, width, touched, seen, b, epoch)
+        for b in range(self.buckets):  # leftovers at the end of the epoch are trained too
+            if pending[b]:
+                yield self._flush(pending, distinct, width, touched, seen, b, epoch)
+
+    def _flush(self, pending, distinct, width, touched, seen, b, epoch) -> SequenceBatch:
+        units = np.asarray(pending[b], dtype=np.int64)
+        w = width[b]
+        for t in touched[b]:
+            seen[b, t] = False
+        pending[b], distinct[b], width[b], touched[b] = [], 0, 0, []
+        return self._assemble(units, epoch, w)
+
+    def _assemble(self, units: np.ndarray, epoch: int, width: int) -> SequenceBatch:
+        clicks, is_target, negs, lengths, _, n_fill = self._unit_news(units, epoch)
+        b, l, k = len(units), int(lengths.max(initial=1)), self.negatives
+        occ = np.concatenate([clicks, negs.ravel()])
+        if self.dedup:
+            news, inverse = np.unique(occ, return_inverse=True)
+        else:
+            news, inverse = occ, np.arange(len(occ))
+        order = np.argsort(self.news_lengths[news], kind="stable")  # by length, for chunked encoding
+        rank_of = np.empty(len(news), dtype=np.int64)
+        rank_of[order] = np.arange(len(news))
+        rows = rank_of[inverse]
+        news = news[order]
+        n = len(clicks)
+        row_in_unit = np.repeat(np.arange(b), lengths)
+        col = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        click_rows = np.full((b, l), -1, dtype=np.int64)
+        click_rows[row_in_unit, col] = rows[:n]
+        neg_rows = np.full((b, l, k), -1, dtype=np.int64)
+        neg_rows[row_in_unit[is_target], col[is_target]] = rows[n:].reshape(-1, k)
+        targets = np.zeros((b, l), dtype=bool)
+        targets[row_in_unit, col] = is_target
+        tokens = self.prepare_tokens(news, None if self.dynamic else width)
+        counters = {"sequences_trained": b, "negatives_random": n_fill}
+        return SequenceBatch(news, self.news_lengths[news], torch.from_numpy(click_rows), torch.from_numpy(neg_rows),
+                             torch.from_numpy(targets), tokens, width, counters)

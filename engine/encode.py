@@ -1,0 +1,148 @@
+"""Centralized news encoding (SpeedyFeed Algorithm 1, lines 2-9).
+
+All news of a batch (histories, positives, negatives) were gathered and deduplicated when the batch
+was formed; here each is either read from the cache (detached) or encoded (with gradients), in chunks
+of similar length, and the results form one table whose rows the loss dispatches by index.
+
+With ``global_dedup`` the ranks also deduplicate among themselves: every news missing from the cache
+anywhere in the global batch is encoded by exactly one rank that holds it, and the embeddings are
+exchanged with an autograd-aware all-gather, so a rank's loss gradient flows back to the rank that
+encoded the news and the encoder's gradient equals the single-process gradient of the global batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from speedyrec.engine.cache import EmbeddingCache
+from speedyrec.engine.distributed import DistInfo, all_gather_rows
+from speedyrec.engine.hashing import hash64
+
+# encode_rows(tokens, rows) -> (embeddings [len(rows), D], valid tokens, padded tokens)
+EncodeRows = Callable[[object, np.ndarray], tuple[torch.Tensor, int, int]]
+
+
+@dataclass
+class EncodedTable:
+    table: torch.Tensor  # [U, D], row i is the embedding of batch news i
+    counters: dict
+
+
+def length_chunks(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Split positions of ascending ``lengths`` into consecutive chunks whose padded size
+    (rows x longest) stays within ``max_tokens`` (a chunk holds at least one row)."""
+    chunks, start, n = [], 0, len(lengths)
+    while start < n:
+        # the longest of rows start..end-1 is lengths[end-1] (ascending), so the padded size is monotone
+        fits = (np.arange(start + 1, n + 1) - start) * lengths[start:n] <= max_tokens
+        end = start + max(1, int(np.flatnonzero(fits)[-1] + 1) if fits.any() else 1)
+        chunks.append(np.arange(start, end))
+        start = end
+    return chunks
+
+
+class CentralizedEncoder:
+    def __init__(self, encode_rows: EncodeRows, dim: int, dist_info: DistInfo, *, cache: EmbeddingCache | None,
+                 global_dedup: bool, chunk_tokens: int, seed: int = 0):
+        self.encode_rows = encode_rows
+        self.dim = dim
+        self.dist = dist_info
+        self.cache = cache
+        self.global_dedup = global_dedup and dist_info.world > 1
+        self.chunk_tokens = chunk_tokens
+        self.seed = seed
+
+    def _encode(self, tokens, rows: np.ndarray, lengths: np.ndarray, device) -> tuple[torch.Tensor, int, int]:
+        """Embeddings of the given rows, encoded in chunks of similar length ([len(rows), D])."""
+        if len(rows) == 0:
+            return torch.zeros((0, self.dim), device=device), 0, 0
+        order = np.argsort(lengths[rows], kind="stable")
+        parts, valid, padded = [], 0, 0
+        for chunk in length_chunks(lengths[rows][order], self.chunk_tokens):
+            emb, v, p = self.encode_rows(tokens, rows[order[chunk]])
+            parts.append(emb)
+            valid, padded = valid + v, padded + p
+        out = torch.cat(parts)
+        inv = torch.empty(len(rows), dtype=torch.long, device=out.device)
+        inv[torch.from_numpy(order).to(out.device)] = torch.arange(len(rows), device=out.device)
+        return out[inv], valid, padded
+
+    def __call__(self, news: np.ndarray, lengths: np.ndarray, tokens, step: int) -> EncodedTable:
+        """news [U] ids of the batch, lengths [U] their token lengths, tokens the prepared inputs."""
+        device = self.dist.device
+        u = len(news)
+        counters = {"cache_lookups": 0, "cache_hits": 0, "stale_reads": 0}
+        hit = np.zeros(u, dtype=bool)
+        hit_emb = None
+        if self.cache is not None:
+            look = self.cache.lookup(news, step)
+            hit, hit_emb = look.hit, look.emb
+            counters.update(cache_lookups=u, cache_hits=int(hit.sum()), stale_reads=look.stale_reads)
+        miss_rows = np.flatnonzero(~hit)
+        if self.global_dedup:
+            miss_emb, encoded, valid, padded, written = self._global_misses(news, miss_rows, lengths, tokens, step)
+        else:
+            miss_emb, valid, padded = self._encode(tokens, miss_rows, lengths, device)
+            encoded, written = len(miss_rows), None
+        counters.update(news_encoded=encoded, valid_tokens=valid, padded_tokens=padded)
+        table = torch.zeros((u, self.dim), dtype=miss_emb.dtype, device=device)
+        table = table.index_copy(0, torch.from_numpy(miss_rows).to(device), miss_emb)
+        if hit_emb is not None and hit.any():
+            table = table.index_copy(0, torch.from_numpy(np.flatnonzero(hit)).to(device), hit_emb.to(table.dtype))
+        if self.cache is not None:
+            if written is not None:
+                self.cache.write(written[0], written[1], step, everyone_has_all=True)
+            else:
+                self.cache.write(news[miss_rows], miss_emb, step)
+        return EncodedTable(table, counters)
+
+    def _global_misses(self, news, miss_rows, lengths, tokens, step):
+        """Encode each globally missing news on one rank that holds it; share embeddings with autograd."""
+        device = self.dist.device
+        world, rank = self.dist.world, self.dist.rank
+        my_ids = news[miss_rows]
+        all_ids = [t.cpu().numpy() for t in all_gather_rows(torch.from_numpy(my_ids).to(device))]
+        owner_of = assign_owners(all_ids, self.seed, step)
+        owned = owner_of[rank] == rank
+        emb_own, valid, padded = self._encode(tokens, miss_rows[owned], lengths, device)
+        sizes = [int((owner_of[r] == r).sum()) for r in range(world)]
+        width = max(sizes)
+        padded_own = torch.cat([emb_own, emb_own.new_zeros((width - len(emb_own), self.dim))]) if width > len(emb_own) else emb_own
+        if torch.is_grad_enabled() and not padded_own.requires_grad:
+            # a rank that encoded nothing must still record the gather, or its backward would skip the
+            # collective that the other ranks' backward waits in
+            padded_own = padded_own.detach().requires_grad_(True)
+        gathered = dist_fn.all_gather(padded_own)  # autograd: gradients return to the encoding rank
+        global_ids = np.concatenate([all_ids[r][owner_of[r] == r] for r in range(world)])
+        global_emb = torch.cat([g[:s] for g, s in zip(gathered, sizes)])
+        order = np.argsort(global_ids)
+        pos = order[np.searchsorted(global_ids[order], my_ids)]
+        mine = global_emb[torch.from_numpy(pos).to(device)]
+        return mine, len(emb_own), valid, padded, (global_ids, global_emb)
+
+
+def assign_owners(ids_per_rank: list[np.ndarray], seed: int, step: int) -> list[np.ndarray]:
+    """For every rank's (distinct) missing ids, the rank that will encode each: one of the ranks holding
+    the id, picked by hashing (seed, step, id), so all ranks compute the same assignment."""
+    world = len(ids_per_rank)
+    ids = np.concatenate(ids_per_rank) if world else np.zeros(0, dtype=np.int64)
+    ranks = np.concatenate([np.full(len(a), r) for r, a in enumerate(ids_per_rank)])
+    order = np.lexsort((ranks, ids))
+    ids_s, ranks_s = ids[order], ranks[order]
+    starts = np.flatnonzero(np.r_[True, ids_s[1:] != ids_s[:-1]]) if len(ids_s) else np.zeros(0, dtype=np.int64)
+    holders = np.diff(np.r_[starts, len(ids_s)])
+    pick = (hash64(seed, step, ids_s[starts]) % holders.astype(np.uint64)).astype(np.int64)
+    owner_group = ranks_s[starts + pick]
+    owner_sorted = np.repeat(owner_group, holders)
+    owner = np.empty_like(owner_sorted)
+    owner[order] = owner_sorted
+    out, off = [], 0
+    for a in ids_per_rank:
+        out.append(owner[off : off + len(a)])
+        off += len(a)
+    return out

@@ -1,0 +1,40 @@
+"""The autoregressive user loss (SpeedyFeed Eq. 5): every prefix of a history predicts its next click.
+
+Given the news table of a batch, the clicks of each sequence are dispatched by index (padding gets a
+zero dummy vector, never an encoding); the user encoder returns the user state after every prefix in
+one pass; the state before position t (the initial state for t = 0) scores click t against its
+negatives, and the cross-entropy of the click is summed over the target positions.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def dispatch(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """table [U, D], rows [...] (-1 = padding) -> [..., D] with zeros at padding."""
+    valid = rows >= 0
+    out = table[rows.clamp(min=0)]
+    return out * valid.unsqueeze(-1).to(out.dtype)
+
+
+def autoregressive_loss(table: torch.Tensor, clicks: torch.Tensor, negatives: torch.Tensor, targets: torch.Tensor,
+                        prefix_states: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        initial_state: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-click cross-entropy over the target positions.
+
+    table [U, D]; clicks [B, L] rows of table (-1 = padding, right-padded); negatives [B, L, K] rows;
+    targets [B, L] bool; ``prefix_states(x [B, L, D], mask [B, L]) -> [B, L, D]`` is the user state after
+    positions 0..t; ``initial_state`` [D] is the state of an empty history. Returns (loss sum, targets).
+    """
+    valid = clicks >= 0
+    click_vec = dispatch(table, clicks)  # [B, L, D]
+    states = prefix_states(click_vec, valid)
+    b, _, d = click_vec.shape
+    before = torch.cat([initial_state.to(states.dtype).expand(b, 1, d), states[:, :-1]], dim=1)
+    pos = (before * click_vec).sum(-1, keepdim=True)  # [B, L, 1]
+    neg = torch.einsum("bld,blkd->blk", before, dispatch(table, negatives))
+    logits = torch.cat([pos, neg], dim=-1).float()[targets]  # [T, 1 + K]
+    loss = torch.logsumexp(logits, dim=-1) - logits[:, 0]
+    return loss.sum(), int(targets.sum())

@@ -1,0 +1,153 @@
+"""BusLM news encoder (SpeedyFeed): the fields of a news encoded as separate segments joined by a bus.
+
+Each news arrives as S segments ``[CLS] field [SEP]`` of T padded positions (``TokenStore.segments``).
+The segments run through the transformer side by side, [N * S, T] rows, with positions restarting at 0
+in each. In every layer a segment attends to its own tokens plus the bus, i.e. the current [CLS] state
+of the other present segments of its news (keys and values only; see
+:mod:`speedyrec.kernels.bus_attention`). Attention costs O(S * T * (T + S)) per news instead of
+O((S * T)^2) for the concatenated text, and information still crosses segments through the bus.
+
+After the last layer, tokens are pooled into one vector per segment (``pool``, the same additive
+attention as :class:`~speedyrec.models.recommender.NewsEncoder`), segments into one vector per news
+(``segment_pool``), and ``proj`` maps it to the news dimension (SpeedyFeed appendix A, eqs. 11-16).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from speedyrec.config import ConfigError
+from speedyrec.kernels.bus_attention import bus_attention
+from speedyrec.models.recommender import AdditiveAttention
+
+
+class BusLMNewsEncoder(nn.Module):
+    """Segments [N, S, T] -> news vectors [N, D] through a bus-connected BERT-family backbone.
+
+    ``backbone`` must provide ``embed``, ``run_layer``, ``layers``, ``heads``, ``hidden_size`` and
+    ``freeze_layers`` (:class:`~speedyrec.models.backbone.BertFamilyBackbone` does). Its first
+    ``freeze_layers`` layers and its embeddings run without autograd and in eval mode; their output
+    [N, S, T, H] is :meth:`frozen_forward` and can be passed back as ``start_states``.
+    """
+
+    def __init__(self, backbone: nn.Module, dim: int, attention_dim: int):
+        super().__init__()
+        missing = [a for a in ("embed", "run_layer", "layers", "heads", "hidden_size", "freeze_layers")
+                   if not hasattr(backbone, a)]
+        if missing:
+            raise ConfigError(f"engine.buslm needs a BERT-family encoder run layer by layer; "
+                              f"{type(backbone).__name__} lacks {', '.join(missing)}")
+        self.backbone = backbone
+        h = backbone.hidden_size
+        self.pool = AdditiveAttention(h, attention_dim)
+        self.segment_pool = AdditiveAttention(h, attention_dim)
+        self.proj = nn.Linear(h, dim)
+
+    @classmethod
+    def from_news_encoder(cls, news_encoder: nn.Module) -> "BusLMNewsEncoder":
+        """A BusLM encoder sharing ``news_encoder``'s backbone, token pooling and projection (the same
+        module objects, hence the same parameters); only ``segment_pool`` is new (freshly initialised,
+        on the device and dtype of the shared projection)."""
+        proj, pool = news_encoder.proj, news_encoder.pool
+        enc = cls(news_encoder.backbone, proj.out_features, pool.proj.out_features)
+        enc.pool = pool
+        enc.proj = proj
+        enc.segment_pool.to(device=proj.weight.device, dtype=proj.weight.dtype)
+        return enc
+
+    # ------------------------------------------------------------------ transformer
+
+    def _attend(self, n: int, s: int, t: int, token_mask: torch.Tensor, present: torch.Tensor):
+        heads = self.backbone.heads
+
+        def attend(q, k, v, p):
+            h = q.shape[-1]
+            out = bus_attention(q.view(n, s, t, h), k.view(n, s, t, h), v.view(n, s, t, h),
+                                token_mask, present, heads, dropout_p=p)
+            return out.view(n * s, t, h)
+
+        return attend
+
+    def _embed(self, input_ids: torch.Tensor, extra_embeddings: torch.Tensor | None) -> torch.Tensor:
+        n, s, t = input_ids.shape
+        extra = None
+        if extra_embeddings is not None:
+            extra = extra_embeddings.reshape(n * s, t, extra_embeddings.shape[-1])
+        return self.backbone.embed(input_ids.reshape(n * s, t), extra=extra)  # positions restart per segment
+
+    def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor,
+                       extra_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings and the ``backbone.freeze_layers`` frozen layers, with the bus, without autograd and
+        in eval mode (the train/eval flags are restored afterwards) -> token states [N, S, T, H].
+
+        A pure function of the tokens (and ``extra_embeddings``), so it may be cached and passed back to
+        :meth:`forward` as ``start_states``. Gradients never reach ``extra_embeddings`` through it.
+        """
+        bb = self.backbone
+        n, s, t = input_ids.shape
+        token_mask = mask.bool()
+        present = token_mask.any(dim=-1)
+        modules = [m for m in (getattr(bb, "embeddings", None), *bb.layers[: bb.freeze_layers]) if m is not None]
+        modes = [(m, m.training) for mod in modules for m in mod.modules()]
+        try:
+            for mod in modules:
+                mod.eval()
+            with torch.no_grad():
+                h = self._embed(input_ids, extra_embeddings)
+                attend = self._attend(n, s, t, token_mask, present)
+                for i in range(bb.freeze_layers):
+                    h = bb.run_layer(i, h, attend)
+        finally:
+            for m, was in modes:
+                m.training = was
+        return h.view(n, s, t, h.shape[-1])
+
+    def token_states(self, input_ids: torch.Tensor, mask: torch.Tensor, extra_embeddings: torch.Tensor | None = None,
+                     start_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-layer token states [N, S, T, H] of the segments ``input_ids``/``mask`` [N, S, T].
+
+        ``extra_embeddings`` [N, S, T, H] are added to the token embeddings before their LayerNorm.
+        ``start_states`` [N, S, T, H] is :meth:`frozen_forward`'s output for the same input; it replaces
+        running the embeddings and frozen layers (``extra_embeddings`` is then unused: it is already in it).
+        Giving it without frozen layers is an error.
+        """
+        bb = self.backbone
+        if input_ids.dim() != 3 or mask.shape != input_ids.shape:
+            raise ValueError(f"BusLM expects input_ids and mask of one shape [N, S, T]; got {tuple(input_ids.shape)} "
+                             f"and {tuple(mask.shape)}")
+        n, s, t = input_ids.shape
+        hidden = bb.hidden_size
+        token_mask = mask.bool()
+        present = token_mask.any(dim=-1)
+        if bb.freeze_layers > 0:
+            if start_states is None:
+                start_states = self.frozen_forward(input_ids, token_mask, extra_embeddings)
+            elif tuple(start_states.shape) != (n, s, t, hidden):
+                raise ValueError(f"start_states must be [N, S, T, H] = {(n, s, t, hidden)}; got {tuple(start_states.shape)}")
+            h = start_states.reshape(n * s, t, hidden)
+        else:
+            if start_states is not None:
+                raise ValueError("start_states given but the backbone has no frozen layers (model.freeze_layers=0)")
+            h = self._embed(input_ids, extra_embeddings)
+        attend = self._attend(n, s, t, token_mask, present)
+        for i in range(bb.freeze_layers, len(bb.layers)):
+            h = bb.run_layer(i, h, attend)
+        return h.view(n, s, t, hidden)
+
+    # ------------------------------------------------------------------ pooling
+
+    def segment_vectors(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token states [N, S, T, H] -> one vector per segment [N, S, H] (zeros for absent segments)."""
+        n, s, t, h = states.shape
+        return self.pool(states.reshape(n * s, t, h), mask.reshape(n * s, t).bool()).view(n, s, h)
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, extra_embeddings: torch.Tensor | None = None,
+                start_states: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, mask [N, S, T] (every news with at least one present segment) -> news vectors [N, D].
+
+        See :meth:`token_states` for ``extra_embeddings`` and ``start_states``.
+        """
+        states = self.token_states(input_ids, mask, extra_embeddings, start_states)
+        segments = self.segment_vectors(states, mask)
+        news = self.segment_pool(segments, mask.bool().any(dim=-1))
+        return self.proj(news)

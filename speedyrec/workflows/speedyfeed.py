@@ -1,0 +1,127 @@
+"""The SpeedyFeed workflow: the engine's dynamic batches, centralized encoding with the global cache,
+and the autoregressive user loss, wired to our news recommender."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from speedyrec.data.behaviors import Behaviors
+from speedyrec.data.dataset import Dataset
+from speedyrec.engine.batching import DynamicBatcher, SequenceBatch, SequenceSet
+from speedyrec.engine.cache import EmbeddingCache
+from speedyrec.engine.distributed import DistInfo
+from speedyrec.engine.encode import CentralizedEncoder
+from speedyrec.engine.loss import autoregressive_loss
+from speedyrec.engine.ragged import Ragged
+from speedyrec.engine.trainer import StepOutput
+from speedyrec.models.news_inputs import NewsInputs, NewsTokens
+
+
+def build_sequences(train: Behaviors, num_news: int) -> SequenceSet:
+    """Each user's clicks in time order, with each impression's non-clicks kept as that click's negatives.
+
+    MIND-style logs: the user's history field (from their first impression) followed by the clicks of
+    their impressions in time order. Logs whose histories are the earlier clicks of the log itself
+    (SpeedyRec format) contribute their impression clicks only, so no click counts twice.
+    """
+    rows = np.arange(len(train))
+    cand_rows = train.candidates.row_ids()
+    clicked = train.labels == 1
+    # click elements: (user, row, position) for every clicked candidate; rows are time-sorted
+    c_user = train.user[cand_rows[clicked]]
+    c_key = cand_rows[clicked]
+    c_pos = np.flatnonzero(clicked) - train.candidates.offsets[cand_rows[clicked]]
+    c_news = train.candidates.values[clicked]
+    c_pool = c_key
+    parts_user, parts_key, parts_pos, parts_news, parts_pool = [c_user], [c_key], [c_pos], [c_news], [c_pool]
+    if not train.history_is_prefix and len(train):
+        order = np.lexsort((rows, train.user))  # by user, then time (rows are time-sorted)
+        first = order[np.r_[True, train.user[order][1:] != train.user[order][:-1]]]
+        hist = train.history.take(first)
+        h_rows = hist.row_ids()
+        parts_user.append(train.user[first][h_rows])
+        parts_key.append(np.full(len(h_rows), -1, dtype=np.int64))
+        parts_pos.append(np.arange(len(h_rows)) - hist.offsets[h_rows])
+        parts_news.append(hist.values)
+        parts_pool.append(np.full(len(h_rows), -1, dtype=np.int64))
+    user = np.concatenate(parts_user)
+    key = np.concatenate(parts_key)
+    pos = np.concatenate(parts_pos)
+    order = np.lexsort((pos, key, user))
+    user_sorted = user[order]
+    uniq, counts = np.unique(user_sorted, return_counts=True)
+    clicks = Ragged.from_lengths(counts, np.concatenate(parts_news)[order].astype(np.int32))
+    click_pool = np.concatenate(parts_pool)[order].astype(np.int64)
+    neg = ~clicked
+    pools = Ragged.from_lengths(np.bincount(cand_rows[neg], minlength=len(train)), train.candidates.values[neg])
+    return SequenceSet(clicks, click_pool, pools, num_news)
+
+
+class SpeedyFeedWorkflow:
+    def __init__(self, cfg, data: Dataset, inputs: NewsInputs, model, dist: DistInfo):
+        ec = cfg.engine
+        self.cfg = cfg
+        self.model = model
+        self.dist = dist
+        self.device = dist.device
+        self.step_no = 0
+        self.inputs = inputs
+        store = inputs.store
+        self.seqs = build_sequences(data.train, store.num_news)
+        news_lengths = self.inputs.lengths(np.arange(store.num_news))
+        fixed_width = int(news_lengths.max(initial=2))
+        self.batcher = DynamicBatcher(
+            self.seqs, news_lengths, self.inputs.prepare, token_budget=ec.token_budget, buckets=ec.buckets,
+            dynamic=ec.dynamic_batching, dedup=ec.dedup, autoregressive=ec.autoregressive,
+            max_history=cfg.data.max_history, negatives=ec.negatives, batch_size=cfg.train.batch_size,
+            fixed_width=fixed_width, seed=cfg.train.seed, rank=dist.rank, world=dist.world,
+            prefetch_depth=ec.prefetch, pin=self.device.type == "cuda")
+        cache = None
+        if ec.cache and ec.cache_gamma > 0:
+            cache = EmbeddingCache(store.num_news, cfg.model.dim, gamma=ec.cache_gamma, beta=ec.cache_beta,
+                                   seed=cfg.train.seed, dist=dist, device=self.device)
+        self.encoder = CentralizedEncoder(self._encode_rows, cfg.model.dim, dist, cache=cache,
+                                          global_dedup=ec.global_dedup, chunk_tokens=ec.token_budget,
+                                          seed=cfg.train.seed)
+        self.unknown_clicks = int(data.train.unknown_clicks.sum())
+
+    @property
+    def clicks_in_data(self) -> int:
+        """Training targets of one epoch: every click of every user sequence (history included), plus
+        clicks on unknown news, which cannot be trained (counted apart)."""
+        return self.batcher.targets_per_epoch + self.unknown_clicks
+
+    @property
+    def sequences_in_data(self) -> int:
+        """Units (sequence chunks, or single-click instances without the autoregressive loss) per epoch."""
+        return len(self.batcher)
+
+    @property
+    def sequences_dropped(self) -> int:
+        return self.batcher.sequences_dropped
+
+    def batches(self, epoch: int, skip: int = 0):
+        return self.batcher.epoch(epoch, skip)
+
+    def after_step(self, step: int) -> None:
+        self.step_no = step
+
+    def _encode_rows(self, tokens: NewsTokens, rows: np.ndarray):
+        return self.inputs.encode(self.model.news_encoder, tokens, rows)
+
+    def step(self, batch: SequenceBatch | None) -> StepOutput:
+        if batch is None:  # this rank is out of batches: still take part in the collectives
+            empty = np.zeros(0, dtype=np.int64)
+            enc = self.encoder(empty, empty, None, self.step_no)
+            loss = enc.table.sum() * 0.0 if enc.table.requires_grad else None
+            return StepOutput(loss, 0, {})
+        tokens = batch.tokens.to(self.device)
+        enc = self.encoder(batch.news, batch.lengths, tokens, self.step_no)
+        user = self.model.user_encoder
+        loss, _ = autoregressive_loss(enc.table, batch.clicks.to(self.device, non_blocking=True),
+                                      batch.negatives.to(self.device, non_blocking=True),
+                                      batch.targets.to(self.device, non_blocking=True),
+                                      user.prefix_states, user.empty)
+        n = batch.num_targets
+        counters = {"clicks_trained": n, **batch.counters, **enc.counters}
+        return StepOutput(loss, n, counters)

@@ -1,0 +1,79 @@
+"""The global embedding cache: freshness, the lookup schedule, and what a hit serves."""
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from speedyrec.engine.cache import EmbeddingCache
+from speedyrec.engine.distributed import DistInfo
+
+
+def _cache(n=50, dim=4, gamma=3, beta=1e9, seed=0):
+    return EmbeddingCache(n, dim, gamma=gamma, beta=beta, seed=seed, dist=DistInfo(), device=torch.device("cpu"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(gamma=st.integers(0, 6), beta=st.sampled_from([0.0, 0.05, 1.0, 1e9]),
+       schedule=st.lists(st.tuples(st.integers(0, 2), st.lists(st.integers(0, 29), min_size=0, max_size=12)),
+                         min_size=1, max_size=40))
+def test_never_serves_an_entry_older_than_gamma(gamma, beta, schedule):
+    """Random schedules of steps (advancing 0-2 at a time) that look up and then write random ids."""
+    cache = _cache(n=30, gamma=gamma, beta=beta)
+    written: dict[int, tuple[int, torch.Tensor]] = {}
+    step = 0
+    for advance, ids in schedule:
+        step += advance
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        look = cache.lookup(ids, step)
+        assert look.stale_reads == 0
+        served = ids[look.hit]
+        assert len(look.emb) == len(served)
+        for i, e in zip(served, look.emb):
+            stamp, value = written[int(i)]
+            assert step - stamp <= gamma  # freshness: computed at most gamma steps ago
+            assert torch.equal(e, value)  # the latest write of that news
+        if beta == 0.0:
+            assert not look.hit.any()  # p_0 = 0 and p_t = 0 for beta = 0
+        if beta >= 1e9 and step > 0:  # p_t = 1: every fresh entry is read
+            fresh = [i for i in ids if int(i) in written and step - written[int(i)][0] <= gamma]
+            assert sorted(served.tolist()) == sorted(int(i) for i in fresh)
+        misses = ids[~look.hit]
+        values = torch.randn(len(misses), 4)
+        cache.write(misses, values, step)
+        for i, v in zip(misses, values):
+            written[int(i)] = (step, v)
+
+
+def test_gamma_zero_never_hits_across_steps():
+    cache = _cache(gamma=0)
+    cache.write(np.arange(10), torch.randn(10, 4), 5)
+    assert not cache.lookup(np.arange(10), 6).hit.any()
+    assert cache.lookup(np.arange(10), 5).hit.all()  # same step (accumulation micro-batches): same parameters
+
+
+def test_lookup_rate_follows_the_schedule():
+    cache = _cache(n=20000, gamma=10**9, beta=2e-3)
+    ids = np.arange(20000)
+    cache.write(ids, torch.zeros(20000, 4), 0)
+    for step in (0, 100, 500, 2000):
+        rate = cache.lookup(ids, step).hit.mean()
+        p = 1 - np.exp(-2e-3 * step)
+        assert abs(rate - p) < 0.02, (step, rate, p)
+
+
+def test_decisions_are_a_function_of_news_and_step():
+    """Two ranks asking about the same news at the same step decide alike (no shared RNG state)."""
+    a, b = _cache(n=100, gamma=100, beta=5e-3), _cache(n=100, gamma=100, beta=5e-3)
+    for c in (a, b):
+        c.write(np.arange(100), torch.zeros(100, 4), 0)
+    ids = np.arange(100)
+    assert (a.lookup(ids, 50).hit == b.lookup(ids[::-1], 50).hit[::-1]).all()
+    assert (a.lookup(ids, 50).hit == a.lookup(ids, 50).hit).all()
+
+
+def test_hits_are_detached():
+    cache = _cache()
+    emb = torch.randn(3, 4, requires_grad=True)
+    cache.write(np.array([1, 2, 3]), emb * 2, 0)
+    look = cache.lookup(np.array([1, 2, 3]), 1)
+    assert look.hit.all() and not look.emb.requires_grad

@@ -1,0 +1,273 @@
+"""The SpeedyFeed engine: batching loses nothing, centralized encoding and the autoregressive loss equal
+slow references, and global dedup over 2 ranks gives the single-process gradient."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from speedyrec.engine.batching import DynamicBatcher, SequenceSet, make_units
+from speedyrec.engine.cache import EmbeddingCache
+from speedyrec.engine.distributed import DistInfo
+from speedyrec.engine.encode import CentralizedEncoder, assign_owners, length_chunks
+from speedyrec.engine.loss import autoregressive_loss
+from speedyrec.engine.ragged import Ragged
+from speedyrec.models.recommender import UserEncoder
+
+NUM_NEWS = 60
+
+
+def make_sequences(seed=0, users=25, max_len=70, huge=0) -> SequenceSet:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, max_len, users)
+    if huge:
+        lengths[0] = huge
+    clicks = Ragged.from_lengths(lengths, rng.integers(0, NUM_NEWS, int(lengths.sum())).astype(np.int32))
+    pool_len = rng.integers(0, 6, 40)
+    pools = Ragged.from_lengths(pool_len, rng.integers(0, NUM_NEWS, int(pool_len.sum())).astype(np.int32))
+    click_pool = np.where(rng.random(len(clicks.values)) < 0.6, rng.integers(0, 40, len(clicks.values)), -1)
+    return SequenceSet(clicks, click_pool.astype(np.int64), pools, NUM_NEWS)
+
+
+NEWS_LEN = np.random.default_rng(1).integers(3, 31, NUM_NEWS)
+
+
+def prepare(news, width):
+    return torch.as_tensor(news)
+
+
+def batcher(seqs, rank=0, world=1, **kw):
+    args = dict(token_budget=400, buckets=2, dynamic=True, dedup=True, autoregressive=True, max_history=20,
+                negatives=2, batch_size=4, fixed_width=30, seed=3, rank=rank, world=world, prefetch_depth=2)
+    args.update(kw)
+    return DynamicBatcher(seqs, NEWS_LEN, prepare, **args)
+
+
+def targets_of(batch):
+    """(news id of the target click, its negatives) for every target position of a batch."""
+    news = batch.news
+    rows = batch.clicks[batch.targets].numpy()
+    negs = batch.negatives[batch.targets].numpy()
+    return news[rows], news[negs]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("kw", [
+    dict(token_budget=1), dict(token_budget=400), dict(token_budget=10**9), dict(buckets=1), dict(buckets=4),
+    dict(dynamic=False), dict(dedup=False), dict(autoregressive=False), dict(autoregressive=False, token_budget=1),
+])
+def test_every_click_is_trained_once_per_epoch(world, kw):
+    seqs = make_sequences(huge=300)
+    trained = []
+    units = 0
+    for rank in range(world):
+        b = batcher(seqs, rank=rank, world=world, **kw)
+        for batch in b.epoch(0):
+            pos, negs = targets_of(batch)
+            trained.append(pos)
+            units += batch.counters["sequences_trained"]
+            assert (negs != pos[:, None]).all()  # a negative is never the clicked news
+            # a user state never sees more than max_history clicks
+            assert batch.clicks.shape[1] <= 20 + (0 if kw.get("autoregressive", True) else 1)
+        assert b.sequences_dropped == 0
+    assert units == len(make_units(seqs, 20, kw.get("autoregressive", True)).start)
+    got = np.sort(np.concatenate(trained))
+    assert np.array_equal(got, np.sort(seqs.clicks.values.astype(np.int64)))  # each click exactly once
+
+
+def test_the_same_clicks_get_the_same_negatives_whatever_the_world_size():
+    seqs = make_sequences()
+    def pairs(world):
+        out = []
+        for rank in range(world):
+            for batch in batcher(seqs, rank=rank, world=world).epoch(1):
+                pos, negs = targets_of(batch)
+                out += [(int(p), tuple(n)) for p, n in zip(pos, negs)]
+        return sorted(out)
+    assert pairs(1) == pairs(3)
+
+
+def test_budget_is_respected_unless_a_unit_alone_exceeds_it():
+    seqs = make_sequences(huge=400)
+    for batch in batcher(seqs, token_budget=300).epoch(0):
+        cost = len(batch.news) * batch.width
+        assert cost <= 300 or batch.counters["sequences_trained"] == 1
+
+
+def test_negatives_come_from_the_impression_first():
+    from speedyrec.engine.negatives import sample_negatives
+
+    pools = Ragged.from_lists([[5, 6, 7], [8], [], [4, 9]])
+    negs, fills = sample_negatives(pools, 2, np.array([1, 2, 3, 4]), NUM_NEWS, seed=0, row_keys=np.arange(4))
+    assert set(negs[0]) <= {5, 6, 7} and len(set(negs[0])) == 2  # without replacement
+    assert negs[1, 0] == 8 and negs[1, 1] != 2  # the pool, then a random news other than the click
+    assert negs[3, 0] == 9 and negs[3, 1] != 4  # the clicked news in its own pool is skipped
+    assert fills == 1 + 2 + 1
+
+
+def test_length_chunks_cover_everything_in_order():
+    lengths = np.sort(np.random.default_rng(0).integers(1, 50, 200))
+    chunks = length_chunks(lengths, 300)
+    assert np.array_equal(np.concatenate(chunks), np.arange(200))
+    for c in chunks:
+        assert len(c) == 1 or len(c) * lengths[c].max() <= 300
+
+
+def test_owner_assignment_picks_one_holder_per_id():
+    a, b, c = np.array([1, 2, 3, 9]), np.array([2, 3, 4]), np.array([3, 9])
+    owners = assign_owners([a, b, c], seed=0, step=5)
+    holders = {}
+    for r, (ids, own) in enumerate(zip([a, b, c], owners)):
+        for i, o in zip(ids, own):
+            holders.setdefault(int(i), set()).add(int(o))
+            assert o in {rr for rr, arr in enumerate([a, b, c]) if i in arr}
+    assert all(len(v) == 1 for v in holders.values())  # all ranks agree on one owner per id
+
+
+# ---------------------------------------------------------------------------------------------------
+class BagEncoder(torch.nn.Module):
+    """A deterministic stand-in news encoder: mean of learned token vectors."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(100, dim)
+
+    def forward(self, ids, mask):
+        e = self.emb(ids) * mask[..., None]
+        return e.sum(1) / mask.sum(1, keepdim=True)
+
+
+def token_table(news):
+    """Tokens of news n: n % 7 + 1 tokens with ids derived from n."""
+    lengths = news % 7 + 1
+    width = int(lengths.max(initial=1))
+    ids = (news[:, None] * 3 + np.arange(width)[None, :]) % 100
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    return torch.from_numpy(ids), torch.from_numpy(mask), lengths
+
+
+def make_encode_rows(model):
+    def encode_rows(tokens, rows):
+        ids, mask = tokens
+        r = torch.from_numpy(rows)
+        m = mask[r]
+        return model(ids[r], m), int(m.sum()), m.numel() - int(m.sum())
+    return encode_rows
+
+
+def reference_loss(model, user, news_of_clicks, news_of_negs, targets):
+    """Slow and obvious: encode every position separately, and pool every prefix separately."""
+    total = 0.0
+    for b in range(news_of_clicks.shape[0]):
+        for t in range(news_of_clicks.shape[1]):
+            if not targets[b, t]:
+                continue
+            hist = [int(n) for n in news_of_clicks[b, :t] if n >= 0]
+            if hist:
+                ids, mask, _ = token_table(np.array(hist))
+                h = model(ids, mask)[None]
+                u = user(h, torch.ones(1, len(hist), dtype=torch.bool))[0]
+            else:
+                u = user.empty
+            cand = np.concatenate([[news_of_clicks[b, t]], news_of_negs[b, t]])
+            ids, mask, _ = token_table(cand)
+            scores = model(ids, mask) @ u
+            total = total + torch.logsumexp(scores, 0) - scores[0]
+    return total
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_centralized_encoding_and_autoregressive_loss_equal_the_slow_reference(dedup):
+    seqs = make_sequences(users=6, max_len=9)
+    batch = next(iter(batcher(seqs, token_budget=10**9, dedup=dedup, max_history=8).epoch(0)))
+    model, user = BagEncoder(), UserEncoder(8, 4)
+    ids, mask, lengths = token_table(batch.news)
+    enc = CentralizedEncoder(make_encode_rows(model), 8, DistInfo(), cache=None, global_dedup=False, chunk_tokens=13)
+    table = enc(batch.news, lengths, (ids, mask), step=0).table
+    loss, n = autoregressive_loss(table, batch.clicks, batch.negatives, batch.targets, user.prefix_states, user.empty)
+    news = batch.news
+    clicks = np.where(batch.clicks.numpy() >= 0, news[np.maximum(batch.clicks.numpy(), 0)], -1)
+    negs = news[np.maximum(batch.negatives.numpy(), 0)]
+    ref = reference_loss(model, user, clicks, negs, batch.targets.numpy())
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert n == int(batch.targets.sum())
+    g = torch.autograd.grad(loss, list(model.parameters()) + list(user.parameters()))
+    g_ref = torch.autograd.grad(ref, list(model.parameters()) + list(user.parameters()))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fully_cached_batch_still_trains_the_user_side():
+    seqs = make_sequences(users=4, max_len=6)
+    batch = next(iter(batcher(seqs, token_budget=10**9).epoch(0)))
+    model, user = BagEncoder(), UserEncoder(8, 4)
+    ids, mask, lengths = token_table(batch.news)
+    cache = EmbeddingCache(NUM_NEWS, 8, gamma=5, beta=1e9, seed=0, dist=DistInfo(), device=torch.device("cpu"))
+    cache.write(np.arange(NUM_NEWS), torch.randn(NUM_NEWS, 8), 3)
+    enc = CentralizedEncoder(make_encode_rows(model), 8, DistInfo(), cache=cache, global_dedup=False, chunk_tokens=100)
+    out = enc(batch.news, lengths, (ids, mask), step=4)
+    assert out.counters["cache_hits"] == len(batch.news) and out.counters["news_encoded"] == 0
+    loss, n = autoregressive_loss(out.table, batch.clicks, batch.negatives, batch.targets, user.prefix_states, user.empty)
+    loss.backward()
+    assert n > 0 and user.pool.query.grad is not None and model.emb.weight.grad is None
+
+
+# ---------------------------------------------------------------------------------------------------
+def _global_dedup_worker(rank, world, init_file, batches, out_dir, global_dedup):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    info = DistInfo(rank, world, rank, torch.device("cpu"))
+    model, user = BagEncoder(), UserEncoder(8, 4)  # seeded: the same parameters as the parent's
+    enc = CentralizedEncoder(make_encode_rows(model), 8, info, cache=None, global_dedup=global_dedup, chunk_tokens=50)
+    news, clicks, negs, targets, global_targets = batches[rank]
+    ids, mask, lengths = token_table(news)
+    out = enc(news, lengths, (ids, mask), step=0)
+    loss, _ = autoregressive_loss(out.table, clicks, negs, targets, user.prefix_states, user.empty)
+    (loss / global_targets).backward()
+    from speedyrec.engine.distributed import reduce_gradients
+
+    reduce_gradients(list(model.parameters()) + list(user.parameters()), 1.0)
+    total = torch.tensor([out.counters["news_encoded"]])
+    dist.all_reduce(total)
+    if rank == 0:
+        torch.save({"enc": model.emb.weight.grad, "encoded": int(total)}, out_dir)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("global_dedup", [True, False])
+def test_two_ranks_global_dedup_match_one_rank(tmp_path, global_dedup):
+    """The same global batch, split over 2 gloo ranks, gives the single-process encoder gradient; with global
+    dedup every distinct news is encoded by exactly one rank."""
+    import torch.multiprocessing as mp
+
+    seqs = make_sequences(users=8, max_len=12)
+    full = next(iter(batcher(seqs, token_budget=10**9, max_history=12).epoch(0)))
+    n_targets = int(full.targets.sum())
+    # one process, whole batch
+    model, user = BagEncoder(), UserEncoder(8, 4)
+    ids, mask, lengths = token_table(full.news)
+    enc = CentralizedEncoder(make_encode_rows(model), 8, DistInfo(), cache=None, global_dedup=False, chunk_tokens=50)
+    loss, _ = autoregressive_loss(enc(full.news, lengths, (ids, mask), 0).table, full.clicks, full.negatives,
+                                  full.targets, user.prefix_states, user.empty)
+    (loss / n_targets).backward()
+    # the same sequences split in two halves, each re-indexed to its own distinct news
+    halves = []
+    for part in (slice(0, 4), slice(4, None)):
+        c, ng, t = full.clicks[part], full.negatives[part], full.targets[part]
+        used = np.unique(np.concatenate([c[c >= 0].numpy(), ng[ng >= 0].numpy()]))
+        remap = -np.ones(len(full.news), dtype=np.int64)
+        remap[used] = np.arange(len(used))
+        halves.append((full.news[used], torch.from_numpy(np.where(c >= 0, remap[c.clamp(min=0)], -1)),
+                       torch.from_numpy(np.where(ng >= 0, remap[ng.clamp(min=0)], -1)), t, n_targets))
+    out = tmp_path / "grad.pt"
+    mp.spawn(_global_dedup_worker, args=(2, str(tmp_path / "init"), halves, str(out), global_dedup), nprocs=2)
+    got = torch.load(out)
+    torch.testing.assert_close(got["enc"], model.emb.weight.grad, rtol=1e-5, atol=1e-6)
+    overlap = len(np.intersect1d(halves[0][0], halves[1][0]))
+    if global_dedup:
+        assert got["encoded"] == len(full.news)  # each distinct news of the global batch encoded once
+    else:
+        assert got["encoded"] == len(full.news) + overlap
