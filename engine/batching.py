@@ -79,7 +79,7 @@ class DynamicBatcher:
     def __init__(self, seqs: SequenceSet, news_lengths: np.ndarray, prepare_tokens: Callable[[np.ndarray, int], object],
                  *, token_budget: int, buckets: int, dynamic: bool, dedup: bool, autoregressive: bool,
                  max_history: int, negatives: int, batch_size: int, fixed_width: int, seed: int, rank: int,
-                 world: int, prefetch_depth: int = 4, pin: bool = False):
+                 world: int, prefetch_depth: int = 4, pin: bool = False, fill_cdf: np.ndarray | None = None):
         self.seqs = seqs
         self.news_lengths = np.asarray(news_lengths, dtype=np.int64)
         self.prepare_tokens = prepare_tokens
@@ -87,6 +87,7 @@ class DynamicBatcher:
         self.negatives, self.batch_size, self.fixed_width = negatives, batch_size, fixed_width
         self.seed, self.rank, self.world = seed, rank, world
         self.prefetch_depth, self.pin = prefetch_depth, pin
+        self.fill_cdf = fill_cdf
         self.units = make_units(seqs, max_history, autoregressive)
         self.targets_per_epoch = int((self.units.length - self.units.targets_from).sum())
         self.sequences_dropped = 0  # units of finished epochs that never reached a batch (must stay 0)
@@ -122,7 +123,7 @@ class DynamicBatcher:
             lens = np.where(pool_rows < 0, 0, pools.lengths())
             pools = Ragged.from_lengths(lens, pools.values[np.repeat(pool_rows >= 0, pools.lengths())])
         negs, n_fill = sample_negatives(pools, self.negatives, clicks[is_target], self.seqs.num_news,
-                                        seed=int(hash64(self.seed, epoch)), row_keys=t_idx)
+                                        seed=int(hash64(self.seed, epoch)), row_keys=t_idx, fill_cdf=self.fill_cdf)
         news_len = self.news_lengths[clicks].copy()
         news_len[is_target] = np.maximum(news_len[is_target], self.news_lengths[negs].max(axis=1))
         heads = np.cumsum(lengths) - lengths

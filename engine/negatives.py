@@ -12,7 +12,7 @@ from speedyrec.engine.ragged import Ragged, ragged_positions
 
 
 def sample_negatives(pools: Ragged, k: int, positives: np.ndarray, num_news: int, seed: int,
-                     row_keys: np.ndarray) -> tuple[np.ndarray, int]:
+                     row_keys: np.ndarray, fill_cdf: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """For each row, k negatives: a uniform subset of the row's pool (without replacement; entries equal to
     the row's positive are skipped) and, when the pool holds fewer than k, uniform random news of the
     corpus other than the row's positive.
@@ -44,12 +44,22 @@ def sample_negatives(pools: Ragged, k: int, positives: np.ndarray, num_news: int
         if num_news < 2:
             raise ValueError("negative sampling needs at least two news in the corpus")
         pos = positives[fill_rows]
+
+        def draw_news(rows, cols, attempt):
+            if fill_cdf is None:
+                return hash_below(num_news, seed, 2, row_keys[rows], cols, attempt)
+            u = hash_uniform(seed, 2, row_keys[rows], cols, attempt) * fill_cdf[-1]
+            return np.minimum(np.searchsorted(fill_cdf, u, side="right"), num_news - 1)
+
         attempt = 0
-        draw = hash_below(num_news, seed, 2, row_keys[fill_rows], fill_cols, attempt)
+        draw = draw_news(fill_rows, fill_cols, attempt)
         clash = draw == pos
         while clash.any():  # redraw the (rare) picks of the positive itself
             attempt += 1
-            draw[clash] = hash_below(num_news, seed, 2, row_keys[fill_rows[clash]], fill_cols[clash], attempt)
+            draw[clash] = draw_news(fill_rows[clash], fill_cols[clash], attempt)
             clash = draw == pos
+            if attempt > 1000:  # a distribution concentrated on the positive: fall back to uniform
+                draw[clash] = (pos[clash] + 1 + hash_below(num_news - 1, seed, 3, row_keys[fill_rows[clash]])) % num_news
+                break
         out[fill_rows, fill_cols] = draw
     return out, n_fill

@@ -79,8 +79,10 @@ class EngineConfig:
     dedup: bool = True
     global_dedup: bool = False
     dynamic_batching: bool = True
-    token_budget: int = 12000  # tokens per batch (news tokens encoded, padding included)
+    token_budget: int = 20000  # per batch: distinct news x the bucket's padded length
     buckets: int = 2
+    chunk_tokens: int = 2048  # encode a batch's news in length-sorted chunks of at most this many padded tokens
+    random_negatives: str = "uniform"  # when an impression has too few non-clicks: uniform | popularity
     cache: bool = True
     cache_beta: float = 2e-3
     cache_gamma: int = 20
@@ -238,6 +240,7 @@ def validate(cfg: Config) -> None:
         "train.negatives": cfg.train.negatives,
         "data.max_history": cfg.data.max_history,
         "engine.token_budget": cfg.engine.token_budget,
+        "engine.chunk_tokens": cfg.engine.chunk_tokens,
         "engine.buckets": cfg.engine.buckets,
         "engine.negatives": cfg.engine.negatives,
         "engine.refine_topk": cfg.engine.refine_topk,
@@ -271,6 +274,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.dropout' must be -1 (the encoder's own) or in [0, 1), got {cfg.model.dropout}")
     if cfg.engine.cache_beta < 0:
         raise ConfigError(f"config key 'engine.cache_beta' must be >= 0, got {cfg.engine.cache_beta}")
+    _choice("engine.random_negatives", cfg.engine.random_negatives, ("uniform", "popularity"))
+    if cfg.engine.global_dedup and not cfg.engine.dedup:
+        raise ConfigError("engine.global_dedup=true needs engine.dedup=true")
     for seg in cfg.engine.segments:
         _choice("engine.segments", seg, ("title", "abstract", "body"))
 

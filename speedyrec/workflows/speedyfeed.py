@@ -75,15 +75,22 @@ class SpeedyFeedWorkflow:
             dynamic=ec.dynamic_batching, dedup=ec.dedup, autoregressive=ec.autoregressive,
             max_history=cfg.data.max_history, negatives=ec.negatives, batch_size=cfg.train.batch_size,
             fixed_width=fixed_width, seed=cfg.train.seed, rank=dist.rank, world=dist.world,
-            prefetch_depth=ec.prefetch, pin=self.device.type == "cuda")
+            prefetch_depth=ec.prefetch, pin=self.device.type == "cuda", fill_cdf=self._fill_cdf(ec, store.num_news))
         cache = None
         if ec.cache and ec.cache_gamma > 0:
             cache = EmbeddingCache(store.num_news, cfg.model.dim, gamma=ec.cache_gamma, beta=ec.cache_beta,
                                    seed=cfg.train.seed, dist=dist, device=self.device)
         self.encoder = CentralizedEncoder(self._encode_rows, cfg.model.dim, dist, cache=cache,
-                                          global_dedup=ec.global_dedup, chunk_tokens=ec.token_budget,
+                                          global_dedup=ec.global_dedup, chunk_tokens=ec.chunk_tokens,
                                           seed=cfg.train.seed)
         self.unknown_clicks = int(data.train.unknown_clicks.sum())
+
+    def _fill_cdf(self, ec, num_news: int) -> np.ndarray | None:
+        """Random negatives' distribution: uniform, or click popularity^0.75 (word2vec's smoothing)."""
+        if ec.random_negatives == "uniform":
+            return None
+        counts = np.bincount(self.seqs.clicks.values, minlength=num_news).astype(np.float64)
+        return np.cumsum((counts + 1.0) ** 0.75)
 
     @property
     def clicks_in_data(self) -> int:

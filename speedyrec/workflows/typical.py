@@ -48,7 +48,7 @@ class TypicalWorkflow:
         labels = train.labels
         self.click_pos = np.flatnonzero(labels == 1)  # instance -> position in candidates.values
         self.click_row = np.searchsorted(train.candidates.offsets, self.click_pos, side="right") - 1
-        self.width = store.max_len
+        self.width = self.store.max_len
 
     @property
     def clicks_in_data(self) -> int:
