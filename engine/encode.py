@@ -48,7 +48,9 @@ def length_chunks(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
 
 class CentralizedEncoder:
     def __init__(self, encode_rows: EncodeRows, dim: int, dist_info: DistInfo, *, cache: EmbeddingCache | None,
-                 global_dedup: bool, chunk_tokens: int, seed: int = 0):
+                 global_dedup: bool, chunk_tokens: int | None, seed: int = 0):
+        """``chunk_tokens``: encode misses sorted by length in chunks of at most this many padded tokens;
+        None encodes them in one call, in batch order (the fixed-padding ablation)."""
         self.encode_rows = encode_rows
         self.dim = dim
         self.dist = dist_info
@@ -61,6 +63,8 @@ class CentralizedEncoder:
         """Embeddings of the given rows, encoded in chunks of similar length ([len(rows), D])."""
         if len(rows) == 0:
             return torch.zeros((0, self.dim), device=device), 0, 0
+        if self.chunk_tokens is None:
+            return self.encode_rows(tokens, rows)
         order = np.argsort(lengths[rows], kind="stable")
         parts, valid, padded = [], 0, 0
         for chunk in length_chunks(lengths[rows][order], self.chunk_tokens):

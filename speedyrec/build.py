@@ -9,10 +9,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from speedyrec.config import Config
+from speedyrec.config import Config, ConfigError
 from speedyrec.data.dataset import Dataset, cache_dir_of, ensure_synthetic, load_dataset
 from speedyrec.data.token_store import TokenStore, build_or_load_field, text_digest, tokenizer_digest
 from speedyrec.engine.distributed import DistInfo, barrier
@@ -76,18 +77,30 @@ def _quiet_spec(text: str) -> EncoderSpec:
         logging.disable(logging.NOTSET)
 
 
+def training_news_mask(ds: Dataset) -> np.ndarray:
+    """The news that occur in the training log (histories and candidates): the corpus content refinement's
+    IDF is fitted on; dev-only news are refined with it unchanged."""
+    used = np.zeros(len(ds.news), dtype=bool)
+    used[ds.train.history.values] = True
+    used[ds.train.candidates.values] = True
+    return used
+
+
 def build_token_store(cfg: Config, ds: Dataset, tokenizer, dist: DistInfo) -> TokenStore:
     lengths = {"title": cfg.data.title_tokens, "abstract": cfg.data.abstract_tokens, "body": cfg.data.body_tokens}
     cache = cache_dir_of(cfg.data)
     digest = tokenizer_digest(tokenizer)
+    refine = {"topk": cfg.engine.refine_topk, "fit": training_news_mask(ds)} if cfg.engine.refine else None
 
     def build():
         fields = {}
         for name, max_tokens in lengths.items():
             if max_tokens > 0:
-                fields[name], built = build_or_load_field(cache, name, ds.news.text[name], tokenizer, max_tokens, digest)
+                fields[name], built = build_or_load_field(cache, name, ds.news.text[name], tokenizer, max_tokens,
+                                                          digest, refine)
                 if built and dist.is_main:
-                    log.info("tokenized field %s of %d news (max %d tokens)", name, len(ds.news), max_tokens)
+                    log.info("tokenized field %s of %d news (max %d tokens%s)", name, len(ds.news), max_tokens,
+                             f", refined to the top {cfg.engine.refine_topk} BM25 words" if refine else "")
         return fields
 
     fields = rank0_first(dist, build)
@@ -101,7 +114,10 @@ def build_token_store(cfg: Config, ds: Dataset, tokenizer, dist: DistInfo) -> To
 def build_model(cfg: Config, parts: EncoderParts, dist: DistInfo) -> NewsRecommender:
     torch.manual_seed(cfg.train.seed)
     backbone = parts.backbone or build_backbone(parts.spec, parts.tokenizer, cfg.model)
-    model = NewsRecommender(backbone, cfg.model.dim, cfg.model.attention_dim)
+    if cfg.engine.refine and not hasattr(backbone, "embed"):
+        raise ConfigError("engine.refine adds a frequency embedding to the token embeddings and needs a BERT-family "
+                          f"encoder run layer by layer; {type(backbone).__name__} is not one")
+    model = NewsRecommender(backbone, cfg.model.dim, cfg.model.attention_dim, frequency_embedding=cfg.engine.refine)
     if cfg.train.workflow == "speedyfeed" and cfg.engine.buslm:
         from speedyrec.models.buslm import BusLMNewsEncoder
 

@@ -47,7 +47,9 @@ class ModelConfig:
     # shape), "random[:hidden=H,layers=L,heads=A,intermediate=I]", or "package.module:Class".
     encoder: str = "auto"
     layers: int = 0  # keep the first N transformer layers; 0 = all
-    freeze_layers: int = 0  # freeze the embeddings and the first K layers
+    # freeze the embeddings and the first K layers; -1 = all but the top 2 of a pretrained encoder (Tiny-NewsRec's
+    # finetuning), nothing of a random one
+    freeze_layers: int = -1
     dim: int = 256  # news and user embedding size
     attention_dim: int = 200  # hidden size of the additive attention poolings
     vocab_size: int = 8000  # WordPiece vocabulary trained on the corpus for a random encoder
@@ -254,7 +256,6 @@ def validate(cfg: Config) -> None:
         "data.abstract_tokens": cfg.data.abstract_tokens,
         "data.body_tokens": cfg.data.body_tokens,
         "model.layers": cfg.model.layers,
-        "model.freeze_layers": cfg.model.freeze_layers,
         "train.max_steps": cfg.train.max_steps,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "engine.cache_gamma": cfg.engine.cache_gamma,
@@ -270,11 +271,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError("no text field is used: set data.title_tokens, data.abstract_tokens or data.body_tokens > 0")
     if not 0.0 <= cfg.data.dev_fraction < 1.0:
         raise ConfigError(f"config key 'data.dev_fraction' must be in [0, 1), got {cfg.data.dev_fraction}")
+    if cfg.model.freeze_layers < -1:
+        raise ConfigError(f"config key 'model.freeze_layers' must be >= 0, or -1 for the default; got {cfg.model.freeze_layers}")
     if not (cfg.model.dropout == -1.0 or 0.0 <= cfg.model.dropout < 1.0):
         raise ConfigError(f"config key 'model.dropout' must be -1 (the encoder's own) or in [0, 1), got {cfg.model.dropout}")
     if cfg.engine.cache_beta < 0:
         raise ConfigError(f"config key 'engine.cache_beta' must be >= 0, got {cfg.engine.cache_beta}")
     _choice("engine.random_negatives", cfg.engine.random_negatives, ("uniform", "popularity"))
+    if cfg.train.workflow == "typical":
+        for key in ("buslm", "refine"):
+            if getattr(cfg.engine, key):
+                raise ConfigError(f"engine.{key} changes how news are encoded and belongs to train.workflow=speedyfeed; "
+                                  "the typical workflow is the plain baseline")
     if cfg.engine.global_dedup and not cfg.engine.dedup:
         raise ConfigError("engine.global_dedup=true needs engine.dedup=true")
     for seg in cfg.engine.segments:

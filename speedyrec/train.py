@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = recipe.evaluate()
         stats = recipe.stats()
         recipe.write_outputs(metrics, stats)
+        recipe.cleanup()
         if dist.is_main:
             if metrics:
                 print(f"final dev metrics: {format_metrics(metrics)}  ({metrics['impressions']} impressions)", flush=True)

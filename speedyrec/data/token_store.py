@@ -53,6 +53,7 @@ class FieldTokens:
     tokens: np.ndarray  # int32, memory-mapped
     offsets: np.ndarray  # int64 [N + 1]
     max_tokens: int  # the field's maximum length including [CLS] and [SEP]
+    counts: np.ndarray | None = None  # refined fields: per token, its word's count in the raw text (>= 1)
 
     def lengths(self, idx: np.ndarray) -> np.ndarray:
         return self.offsets[idx + 1] - self.offsets[idx]
@@ -76,23 +77,39 @@ def _tokenize_field(tokenizer, texts: list[str], max_content: int) -> tuple[np.n
 
 
 def build_or_load_field(cache_dir: Path, field: str, texts: list[str], tokenizer, max_tokens: int,
-                        tok_digest: str | None = None) -> tuple[FieldTokens, bool]:
+                        tok_digest: str | None = None, refine: dict | None = None) -> tuple[FieldTokens, bool]:
     """Return the field's tokens from the cache, building them first when the key has changed.
 
+    ``refine``: content refinement instead of the raw text, ``{"topk": k, "fit": bool mask of the news whose
+    texts fit the BM25 IDF (the training news)}``; the store then also holds each token's word count.
     Returns (tokens, built) where ``built`` says whether the store was (re)built.
     """
     tok_digest = tok_digest or tokenizer_digest(tokenizer)
-    key_src = json.dumps({"v": STORE_VERSION, "field": field, "text": text_digest(texts), "tok": tok_digest,
-                          "max": max_tokens, "n": len(texts)})
+    key_parts = {"v": STORE_VERSION, "field": field, "text": text_digest(texts), "tok": tok_digest,
+                 "max": max_tokens, "n": len(texts)}
+    if refine is not None:
+        fit = np.asarray(refine["fit"], dtype=bool)
+        key_parts["refine"] = {"topk": refine["topk"], "fit": hashlib.sha256(np.packbits(fit).tobytes()).hexdigest()}
+    key_src = json.dumps(key_parts)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
-    d = Path(cache_dir) / "tokens" / f"{field}-{key}"
+    d = Path(cache_dir) / "tokens" / (f"{field}-{key}" if refine is None else f"{field}-refined-{key}")
     built = False
     if not (d / "done").exists():
-        tokens, offsets = _tokenize_field(tokenizer, texts, max_tokens - 2)
+        counts = None
+        if refine is None:
+            tokens, offsets = _tokenize_field(tokenizer, texts, max_tokens - 2)
+        else:
+            from speedyrec.data.refine import BM25Refiner, tokenize_refined
+
+            refiner = BM25Refiner().fit([t for t, f in zip(texts, fit) if f])
+            bags = refiner.refine_many(texts, refine["topk"])
+            tokens, counts, offsets = tokenize_refined(tokenizer, bags, max_tokens - 2)
         tmp = d.with_name(d.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        np.save(tmp / "tokens.npy", tokens)
+        np.save(tmp / "tokens.npy", tokens.astype(np.int32))
         np.save(tmp / "offsets.npy", offsets)
+        if counts is not None:
+            np.save(tmp / "counts.npy", counts.astype(np.int8))
         (tmp / "key.json").write_text(key_src)
         (tmp / "done").write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
         try:
@@ -104,16 +121,18 @@ def build_or_load_field(cache_dir: Path, field: str, texts: list[str], tokenizer
         built = True
     tokens = np.load(d / "tokens.npy", mmap_mode="r")
     offsets = np.load(d / "offsets.npy", mmap_mode="r")
+    counts = np.load(d / "counts.npy", mmap_mode="r") if (d / "counts.npy").exists() else None
     assert len(offsets) == len(texts) + 1
-    return FieldTokens(tokens, offsets, max_tokens), built
+    return FieldTokens(tokens, offsets, max_tokens, counts), built
 
 
 @dataclass
 class TokenBatch:
     """Padded token ids of N news; ``mask`` is True on real tokens."""
 
-    input_ids: np.ndarray  # int64 [N, T]
-    mask: np.ndarray  # bool [N, T]
+    input_ids: np.ndarray  # int64 [N, T] (or [N, S, T] for segments)
+    mask: np.ndarray  # bool, same shape
+    counts: np.ndarray | None = None  # int64, same shape: word counts of refined tokens (0 = special or padding)
 
     @property
     def valid_tokens(self) -> int:
@@ -160,12 +179,17 @@ class TokenStore:
             mask[:, :2] = True
             real = self.concat(idx[~missing], width)
             out[~missing], mask[~missing] = real.input_ids, real.mask
-            return TokenBatch(out, mask)
+            counts = None
+            if real.counts is not None:
+                counts = np.zeros((len(idx), width), dtype=np.int64)
+                counts[~missing] = real.counts
+            return TokenBatch(out, mask, counts)
         n = len(idx)
         lengths = self.lengths(idx)
         width = int(lengths.max(initial=1)) if width is None else width
         assert (lengths <= width).all(), "width below the longest news"
         out = np.full((n, width), self.pad_id, dtype=np.int64)
+        counts = np.zeros((n, width), dtype=np.int64) if self.has_counts else None
         out[:, 0] = self.cls_id
         col = np.ones(n, dtype=np.int64)
         rows_all = np.arange(n)
@@ -176,11 +200,17 @@ class TokenStore:
             rows = np.repeat(rows_all, ln)
             within = src - np.repeat(starts, ln)
             out[rows, col[rows] + within] = f.tokens[src]
+            if counts is not None and f.counts is not None:
+                counts[rows, col[rows] + within] = f.counts[src]
             col += ln
             out[rows_all, col] = self.sep_id
             col += 1
         mask = np.arange(width)[None, :] < col[:, None]
-        return TokenBatch(out, mask)
+        return TokenBatch(out, mask, counts)
+
+    @property
+    def has_counts(self) -> bool:
+        return any(f.counts is not None for f in self.fields.values())
 
     def segment_lengths(self, idx: np.ndarray, fields: list[str]) -> np.ndarray:
         """Length of each segment ``[CLS] field [SEP]`` (int64 [N, S]); 0 for an empty field (segment absent)."""
@@ -204,6 +234,7 @@ class TokenStore:
         seg_len[blank, 0] = 2
         width = int(seg_len.max(initial=2)) if width is None else width
         out = np.full((n, s, width), self.pad_id, dtype=np.int64)
+        counts = np.zeros((n, s, width), dtype=np.int64) if self.has_counts else None
         for j, name in enumerate(fields):
             f = self.fields[name]
             starts = f.offsets[idx]
@@ -214,7 +245,9 @@ class TokenStore:
             rows = np.repeat(np.arange(n), ln)
             within = src - np.repeat(starts, ln)
             out[rows, j, 1 + within] = f.tokens[src]
+            if counts is not None and f.counts is not None:
+                counts[rows, j, 1 + within] = f.counts[src]
             out[np.flatnonzero(present), j, ln[present] + 1] = self.sep_id
         out[blank, 0, 0], out[blank, 0, 1] = self.cls_id, self.sep_id
         mask = np.arange(width)[None, None, :] < seg_len[:, :, None]
-        return TokenBatch(out, mask)
+        return TokenBatch(out, mask, counts)

@@ -25,7 +25,7 @@ def encode_news(model, inputs: NewsInputs, news: np.ndarray, dist: DistInfo, bat
         sel = order[s : s + batch_size]
         tokens = inputs.prepare(mine[sel]).to(dist.device)
         with autocast_context(dist.device, amp):
-            emb, _, _ = inputs.encode(model.news_encoder, tokens)
+            emb, _, _ = inputs.encode(model, tokens)
         out[torch.from_numpy(sel).to(dist.device)] = emb.float()
     return torch.cat(all_gather_rows(out), dim=0)
 

@@ -187,14 +187,14 @@ class BertFamilyBackbone(nn.Module):
         h = layer.attention.output(ctx, h)
         return layer.output(layer.intermediate(h), h)
 
-    def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings and the frozen layers, without autograd and in eval mode -> [N, T, H]."""
         with torch.no_grad():
             was = self.training
             self.embeddings.eval()
             for layer in self.layers[: self.freeze_layers]:
                 layer.eval()
-            h = self.embed(input_ids)
+            h = self.embed(input_ids, extra=extra)
             for i in range(self.freeze_layers):
                 h = self.run_layer(i, h, self._plain_attention(mask))
             if was:
@@ -211,12 +211,14 @@ class BertFamilyBackbone(nn.Module):
 
         return attend
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, start_states: torch.Tensor | None = None) -> torch.Tensor:
-        """Token states [N, T, H]. ``start_states`` are the frozen layers' output, when already known."""
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, start_states: torch.Tensor | None = None,
+                extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Token states [N, T, H]. ``start_states`` are the frozen layers' output, when already known;
+        ``extra`` [N, T, H] is added to the token embeddings (unused when start_states is given)."""
         if self.freeze_layers > 0:
-            h = start_states if start_states is not None else self.frozen_forward(input_ids, mask)
+            h = start_states if start_states is not None else self.frozen_forward(input_ids, mask, extra)
         else:
-            h = self.embed(input_ids)
+            h = self.embed(input_ids, extra=extra)
         attend = self._plain_attention(mask)
         for i in range(self.freeze_layers, len(self.layers)):
             h = self.run_layer(i, h, attend)
@@ -276,15 +278,28 @@ def random_bert(shape: dict, vocab_size: int, pad_id: int, dropout: float = -1.0
     return BertModel(cfg, add_pooling_layer=False)
 
 
+TRAINABLE_TOP_LAYERS = 2  # model.freeze_layers=-1: finetune the top 2 layers, as Tiny-NewsRec does
+
+
 def build_backbone(spec: EncoderSpec, tokenizer, model_config) -> nn.Module:
-    """The backbone ``model_config`` (a ModelConfig) asks for; ``tokenizer`` sizes a random encoder's vocabulary."""
+    """The backbone ``model_config`` (a ModelConfig) asks for; ``tokenizer`` sizes a random encoder's vocabulary.
+
+    ``model.freeze_layers=-1`` is resolved here (and written back to ``model_config``): a pretrained encoder
+    keeps its top 2 layers trainable and freezes the rest; a randomly initialised one freezes nothing.
+    """
     layers, freeze_layers, dropout = model_config.layers, model_config.freeze_layers, model_config.dropout
     if spec.kind == "custom":
+        model_config.freeze_layers = max(freeze_layers, 0)
         return load_custom_class(spec.name)(model_config)
     if spec.kind == "random":
         hf = random_bert(dict(spec.shape), len(tokenizer), tokenizer.pad_token_id, dropout)
     else:
         hf = load_hf_model(spec.name, layers, dropout)
+    if freeze_layers < 0:
+        kept = len(hf.encoder.layer) if hasattr(getattr(hf, "encoder", None), "layer") else 0
+        kept = min(kept, layers) if layers > 0 else kept
+        freeze_layers = max(kept - TRAINABLE_TOP_LAYERS, 0) if spec.kind == "hf" and BertFamilyBackbone.supports(hf) else 0
+        model_config.freeze_layers = freeze_layers
     if BertFamilyBackbone.supports(hf):
         return BertFamilyBackbone(hf, layers, freeze_layers)
     if layers:

@@ -1,4 +1,5 @@
-"""How news reach the encoder: token layout (one concatenated sequence, or BusLM segments) and the call.
+"""How news reach the encoder: token layout (one concatenated sequence, or BusLM segments), the frequency
+embedding of refined text, the frozen-prefix cache, and the call itself.
 
 Every workflow and the evaluation go through :class:`NewsInputs`, so that training and evaluation
 always feed a news the same way.
@@ -11,56 +12,81 @@ import numpy as np
 import torch
 
 from speedyrec.data.token_store import TokenStore
+from speedyrec.models.frozen_prefix import FrozenPrefixCache
 
 
 @dataclass
 class NewsTokens:
     """Padded encoder inputs of U news: [U, T] (concatenated) or [U, S, T] (segments)."""
 
+    news: np.ndarray  # int64 [U] news ids of the rows
     input_ids: torch.Tensor
     mask: torch.Tensor
+    counts: torch.Tensor | None = None  # word counts of refined tokens (0 = special or padding)
 
     def to(self, device: torch.device) -> "NewsTokens":
-        return NewsTokens(self.input_ids.to(device, non_blocking=True), self.mask.to(device, non_blocking=True))
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return NewsTokens(self.news, move(self.input_ids), move(self.mask), move(self.counts))
 
 
 class NewsInputs:
     def __init__(self, store: TokenStore, segments: list[str] | None = None):
         self.store = store
         self.segments = segments  # None: one concatenated sequence per news
+        self.frozen: FrozenPrefixCache | None = None
 
     def lengths(self, news: np.ndarray) -> np.ndarray:
-        """Tokens a news costs in its layout (specials included), for batching and chunking."""
+        """Real tokens of each news in its layout (specials included), for batching and chunking."""
         if self.segments is None:
             return self.store.lengths(news)
-        seg = self.store.segment_lengths(news, self.segments)
-        return np.maximum(seg, 0).sum(axis=1).clip(min=2)
+        return self.store.segment_lengths(news, self.segments).sum(axis=1).clip(min=2)
+
+    @property
+    def max_len(self) -> int:
+        """Tokens of a news padded to the fixed maximum of its fields (the typical workflow's padding)."""
+        if self.segments is None:
+            return self.store.max_len
+        return len(self.segments) * max(self.store.fields[f].max_tokens for f in self.segments)
 
     def prepare(self, news: np.ndarray, width: int | None = None) -> NewsTokens:
         """Token tensors (on CPU) for the given news ids, padded to ``width`` or to the longest."""
+        news = np.asarray(news, dtype=np.int64)
         if self.segments is None:
             tb = self.store.concat(news, width)
         else:
-            tb = self.store.segments(news, self.segments, None if width is None else self._segment_width())
-        return NewsTokens(torch.from_numpy(tb.input_ids), torch.from_numpy(tb.mask))
+            seg_width = None if width is None else max(self.store.fields[f].max_tokens for f in self.segments)
+            tb = self.store.segments(news, self.segments, seg_width)
+        counts = None if tb.counts is None else torch.from_numpy(tb.counts)
+        return NewsTokens(news, torch.from_numpy(tb.input_ids), torch.from_numpy(tb.mask), counts)
 
-    def _segment_width(self) -> int:
-        return max(self.store.fields[f].max_tokens for f in self.segments)
+    def enable_frozen_prefix(self, hidden: int, path) -> None:
+        self.frozen = FrozenPrefixCache(self.lengths(np.arange(self.store.num_news)), hidden, path)
 
-    def encode(self, news_encoder, tokens: NewsTokens, rows: np.ndarray | torch.Tensor | None = None):
-        """Embed the given rows of ``tokens`` (all rows when None), trimmed to their longest.
+    def encode(self, model, tokens: NewsTokens, rows: np.ndarray | None = None, trim: bool = True):
+        """Embed the given rows of ``tokens`` (all when None), trimmed to their longest unless ``trim`` is off
+        (then at the width ``tokens`` were prepared with).
 
-        Returns (embeddings [R, D], valid tokens, padded tokens) where the counts are of the encoder input.
+        Returns (embeddings [R, D], real tokens, padding tokens) of the encoder input.
         """
-        ids, mask = tokens.input_ids, tokens.mask
+        ids, mask, counts, news = tokens.input_ids, tokens.mask, tokens.counts, tokens.news
         if rows is not None:
             r = torch.as_tensor(rows, device=ids.device)
             ids, mask = ids.index_select(0, r), mask.index_select(0, r)
-        if self.segments is None:
-            width = int(mask.sum(-1).max()) if mask.numel() else 1
-            ids, mask = ids[:, :width], mask[:, :width]
-        else:
+            counts = None if counts is None else counts.index_select(0, r)
+            news = news[rows]
+        if trim:
             width = int(mask.sum(-1).max()) if mask.numel() else 1
             ids, mask = ids[..., :width], mask[..., :width]
+            counts = None if counts is None else counts[..., :width]
+        extra = None
+        if counts is not None and getattr(model, "frequency", None) is not None:
+            extra = model.frequency(counts.clamp(max=model.frequency.num_embeddings - 1))
+        encoder = model.news_encoder
+        start = None
+        if self.frozen is not None and getattr(encoder.backbone, "freeze_layers", 0) > 0:
+            def compute(sel):
+                s = torch.as_tensor(sel, device=ids.device)
+                return encoder.frozen_forward(ids[s], mask[s], None if extra is None else extra[s])
+            start = self.frozen.start_states(news, mask, compute)
         valid = int(mask.sum())
-        return news_encoder(ids, mask), valid, mask.numel() - valid
+        return encoder(ids, mask, extra_embeddings=extra, start_states=start), valid, mask.numel() - valid

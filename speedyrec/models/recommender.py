@@ -32,9 +32,22 @@ class NewsEncoder(nn.Module):
         self.pool = AdditiveAttention(h, attention_dim)
         self.proj = nn.Linear(h, dim)
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, mask [N, T] -> news vectors [N, D]."""
-        states = self.backbone(input_ids, mask)
+    def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor,
+                       extra_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen layers' output [N, T, H] (see BertFamilyBackbone.frozen_forward)."""
+        return self.backbone.frozen_forward(input_ids, mask, extra_embeddings)
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, extra_embeddings: torch.Tensor | None = None,
+                start_states: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, mask [N, T] -> news vectors [N, D].
+
+        ``extra_embeddings`` [N, T, H] are added to the token embeddings (the frequency embedding of refined
+        text); ``start_states`` [N, T, H] is the frozen layers' output when it is known already.
+        """
+        if extra_embeddings is None and start_states is None:
+            states = self.backbone(input_ids, mask)
+        else:
+            states = self.backbone(input_ids, mask, start_states=start_states, extra=extra_embeddings)
         return self.proj(self.pool(states, mask))
 
 
@@ -63,11 +76,18 @@ class UserEncoder(nn.Module):
         return torch.where(seen.unsqueeze(-1), states, self.empty.to(states.dtype).expand_as(states))
 
 
+MAX_WORD_COUNT = 15  # frequency embedding: counts 1..15 (capped), 0 for specials and padding
+
+
 class NewsRecommender(nn.Module):
-    def __init__(self, backbone: nn.Module, dim: int, attention_dim: int):
+    def __init__(self, backbone: nn.Module, dim: int, attention_dim: int, frequency_embedding: bool = False):
         super().__init__()
         self.news_encoder = NewsEncoder(backbone, dim, attention_dim)
         self.user_encoder = UserEncoder(dim, attention_dim)
+        self.frequency = None
+        if frequency_embedding:  # SpeedyFeed's refined text: a word's count, added to its tokens' embeddings
+            self.frequency = nn.Embedding(MAX_WORD_COUNT + 1, backbone.hidden_size, padding_idx=0)
+            nn.init.zeros_(self.frequency.weight)  # starts as the pretrained encoder
 
     @staticmethod
     def score(user: torch.Tensor, news: torch.Tensor) -> torch.Tensor:

@@ -30,13 +30,16 @@ class FinetuneRecipe:
         cfg, dist = self.cfg, self.dist
         t0 = time.perf_counter()
         self.out_dir = make_out_dir(cfg)
-        if dist.is_main:
-            dump_config(cfg, self.out_dir / "config.yaml")
         self.data = build_dataset(cfg, dist)
         parts = build_tokenizer(cfg, self.data, dist)
         self.store = build_token_store(cfg, self.data, parts.tokenizer, dist)
-        self.model = build_model(cfg, parts, dist)
+        self.model = build_model(cfg, parts, dist)  # resolves model.freeze_layers=-1
+        if dist.is_main:
+            dump_config(cfg, self.out_dir / "config.yaml")
         self.inputs = NewsInputs(self.store, self._segments())
+        if cfg.model.freeze_layers > 0 and cfg.train.workflow == "speedyfeed":
+            self.inputs.enable_frozen_prefix(self.model.news_encoder.backbone.hidden_size,
+                                             self.out_dir / f"frozen_prefix_rank{dist.rank}.npy")
         tc = cfg.train
         self.optimizer = torch.optim.AdamW(self.model.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay))
         self.workflow = self._make_workflow()
@@ -102,6 +105,10 @@ class FinetuneRecipe:
         wf = self.workflow
         self.trainer.fit(self.cfg.train.epochs, wf.batches, wf.step)
         self.save_checkpoint(self.trainer)
+
+    def cleanup(self) -> None:
+        if self.inputs.frozen is not None:
+            self.inputs.frozen.close()
 
     def stats(self) -> dict:
         """Counters summed over ranks, plus the data's fault counters (read identically by every rank)."""

@@ -69,7 +69,7 @@ class SpeedyFeedWorkflow:
         store = inputs.store
         self.seqs = build_sequences(data.train, store.num_news)
         news_lengths = self.inputs.lengths(np.arange(store.num_news))
-        fixed_width = int(news_lengths.max(initial=2))
+        fixed_width = inputs.max_len
         self.batcher = DynamicBatcher(
             self.seqs, news_lengths, self.inputs.prepare, token_budget=ec.token_budget, buckets=ec.buckets,
             dynamic=ec.dynamic_batching, dedup=ec.dedup, autoregressive=ec.autoregressive,
@@ -81,7 +81,8 @@ class SpeedyFeedWorkflow:
             cache = EmbeddingCache(store.num_news, cfg.model.dim, gamma=ec.cache_gamma, beta=ec.cache_beta,
                                    seed=cfg.train.seed, dist=dist, device=self.device)
         self.encoder = CentralizedEncoder(self._encode_rows, cfg.model.dim, dist, cache=cache,
-                                          global_dedup=ec.global_dedup, chunk_tokens=ec.chunk_tokens,
+                                          global_dedup=ec.global_dedup,
+                                          chunk_tokens=ec.chunk_tokens if ec.dynamic_batching else None,
                                           seed=cfg.train.seed)
         self.unknown_clicks = int(data.train.unknown_clicks.sum())
 
@@ -114,7 +115,8 @@ class SpeedyFeedWorkflow:
         self.step_no = step
 
     def _encode_rows(self, tokens: NewsTokens, rows: np.ndarray):
-        return self.inputs.encode(self.model.news_encoder, tokens, rows)
+        # without dynamic batching every news keeps the fixed padded width, as in the typical workflow
+        return self.inputs.encode(self.model, tokens, rows, trim=self.cfg.engine.dynamic_batching)
 
     def step(self, batch: SequenceBatch | None) -> StepOutput:
         if batch is None:  # this rank is out of batches: still take part in the collectives
