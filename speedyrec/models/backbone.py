@@ -247,7 +247,8 @@ def load_hf_model(name: str, layers: int, dropout: float = -1.0) -> nn.Module:
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # weight-loading reports would bury our own log
+    hf_logging.set_verbosity_error()  # weight-loading reports and progress bars would bury our own log
+    hf_logging.disable_progress_bar()
 
     try:
         cfg = AutoConfig.from_pretrained(name)
