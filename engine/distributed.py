@@ -37,8 +37,9 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-        # Processes on one machine share its cores; oversubscribing them slows every rank down.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Processes on one machine share its cores; oversubscribing them slows every rank down.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return DistInfo(rank, world, local_rank, device)

@@ -50,6 +50,7 @@ def autocast_context(device: torch.device, amp: str):
 class Trainer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: DistInfo, *,
                  grad_accum: int = 1, grad_clip: float = 0.0, amp: str = "auto", max_steps: int = 0,
+                 max_seconds: float = 0.0,
                  warmup_steps: int = 0, log_every: int = 20, checkpoint_every: int = 0,
                  checkpoint_fn: Callable[["Trainer"], None] | None = None,
                  after_step: Callable[[int], None] | None = None,
@@ -61,6 +62,9 @@ class Trainer:
         self.grad_clip = grad_clip
         self.amp = amp
         self.max_steps = max_steps
+        self.max_seconds = max_seconds
+        self._loop_start: float | None = None
+        self._excluded = 0.0
         self.log_every = log_every
         self.checkpoint_every = checkpoint_every
         self.checkpoint_fn = checkpoint_fn
@@ -85,7 +89,16 @@ class Trainer:
             c[k] = c.get(k, 0.0) + float(v)
 
     def done(self) -> bool:
-        return bool(self.max_steps) and self.state.step >= self.max_steps
+        if self.max_steps and self.state.step >= self.max_steps:
+            return True
+        if self.max_seconds and self._loop_start is not None:
+            # all ranks must stop at the same step: rank 0's clock decides
+            over = torch.tensor([float(self.state.wall_seconds + time.perf_counter() - self._loop_start
+                                       - self._excluded >= self.max_seconds)], device=self.dist.device)
+            if self.dist.active:
+                torch.distributed.broadcast(over, src=0)
+            return bool(over.item())
+        return False
 
     def fit(self, epochs: int, make_batches: Callable[[int, int], Iterator],
             step_fn: Callable[[object | None], StepOutput]) -> TrainState:
@@ -100,8 +113,8 @@ class Trainer:
         t_log, clicks_log, loss_log, n_log = time.perf_counter(), 0.0, 0.0, 0.0
         while st.epoch < epochs and not self.done():
             batches = make_batches(st.epoch, st.batches_done)
-            t0 = time.perf_counter()
-            excluded = 0.0
+            t0 = self._loop_start = time.perf_counter()
+            self._excluded = excluded = 0.0
             self.model.train()
             while not self.done():
                 batch = next(batches, None)
@@ -142,6 +155,7 @@ class Trainer:
                 if self.periodic_every and self.periodic and st.step % self.periodic_every == 0:
                     excluded += self.periodic(st.step)
                     self.model.train()
+                self._excluded = excluded
             if micro % self.grad_accum:  # a partial accumulation window at the end of the epoch
                 self._optimizer_step(window_targets)
                 window_targets = 0.0
@@ -150,6 +164,7 @@ class Trainer:
                 if self.after_step is not None:
                     self.after_step(st.step)
             st.wall_seconds += time.perf_counter() - t0 - excluded
+            self._loop_start = None
             close = getattr(batches, "close", None)
             if close is not None:
                 close()

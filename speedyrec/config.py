@@ -61,6 +61,7 @@ class TrainConfig:
     workflow: str = "speedyfeed"  # typical | speedyfeed
     epochs: int = 1
     max_steps: int = 0  # stop after this many optimizer steps; 0 = no limit
+    max_seconds: float = 0.0  # stop once the training loop has run this long (quality at equal time); 0 = no limit
     seed: int = 0
     batch_size: int = 32  # typical workflow: training instances (clicks) per step, over all ranks
     negatives: int = 4  # typical workflow: impression negatives per click
@@ -273,6 +274,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.dev_fraction' must be in [0, 1), got {cfg.data.dev_fraction}")
     if cfg.model.freeze_layers < -1:
         raise ConfigError(f"config key 'model.freeze_layers' must be >= 0, or -1 for the default; got {cfg.model.freeze_layers}")
+    if cfg.train.max_seconds < 0:
+        raise ConfigError(f"config key 'train.max_seconds' must be >= 0, got {cfg.train.max_seconds}")
     if not (cfg.model.dropout == -1.0 or 0.0 <= cfg.model.dropout < 1.0):
         raise ConfigError(f"config key 'model.dropout' must be -1 (the encoder's own) or in [0, 1), got {cfg.model.dropout}")
     if cfg.engine.cache_beta < 0:

@@ -44,7 +44,8 @@ class FinetuneRecipe:
         self.optimizer = torch.optim.AdamW(self.model.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay))
         self.workflow = self._make_workflow()
         self.trainer = Trainer(self.model, self.optimizer, dist, grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
-                               amp=tc.amp, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
+                               amp=tc.amp, max_steps=tc.max_steps, max_seconds=tc.max_seconds,
+                               warmup_steps=tc.warmup_steps,
                                log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
                                checkpoint_fn=self.save_checkpoint, after_step=getattr(self.workflow, "after_step", None),
                                periodic=self._periodic_eval if cfg.eval.every else None, periodic_every=cfg.eval.every)

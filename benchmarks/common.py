@@ -1,0 +1,66 @@
+"""Shared pieces of the benchmarks: run a training job in a fresh process, collect what it wrote, write results."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    else:
+        info["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    try:
+        info["load_average_before"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, timeout: int = 3600) -> dict:
+    """Run ``speedyrec.train`` with the overrides in a fresh process; return its stats, metrics and timing."""
+    out_dir = out_root / name
+    cmd = [sys.executable, "-m", "speedyrec.train", f"out_dir={out_dir}", "train.log_every=0", *overrides]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "speedyrec.train", *cmd[3:]]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    stats = json.loads((out_dir / "stats.json").read_text())
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    return {"name": name, "command": " ".join(cmd[1:]), "stats": stats, "metrics": metrics, "process_seconds": elapsed}
+
+
+def write_results(name: str, payload: dict, markdown: str, plot=None) -> None:
+    """benchmarks/results/NAME.{json,md[,png]}; ``plot(path)`` draws the figure when given."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    if plot is not None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            plot(RESULTS / f"{name}.png")
+        except ImportError:
+            print("matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
