@@ -47,6 +47,9 @@ def init_distributed() -> DistInfo:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        # Every rank finishes its last collective before any tears the group down; otherwise a gloo worker
+        # thread can still hold finished work while its interpreter exits, which aborts the process.
+        dist.barrier()
         dist.destroy_process_group()
 
 

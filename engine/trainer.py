@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +206,3 @@ def load_checkpoint(path: Path, trainer: Trainer) -> dict:
     trainer._set_lr()
     return ckpt
 
-
-def nan_guard(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")

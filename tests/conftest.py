@@ -1,7 +1,10 @@
 import os
 from pathlib import Path
 
-import pytest
+# Tiny models gain nothing from a second thread, and OpenMP threads stall badly when the machine is busy.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

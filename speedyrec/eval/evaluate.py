@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from speedyrec.data.behaviors import Behaviors
+from speedyrec.data.ragged import Ragged
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.engine.distributed import DistInfo, all_gather_rows, all_reduce_sum
 from speedyrec.engine.trainer import autocast_context
@@ -68,6 +69,4 @@ def evaluate(model, inputs: NewsInputs, dev: Behaviors, dist: DistInfo, *, max_h
 
 
 def _labels_of(beh: Behaviors, rows: np.ndarray) -> np.ndarray:
-    from speedyrec.data.ragged import Ragged
-
     return Ragged(beh.candidates.offsets, beh.labels).take(rows).values

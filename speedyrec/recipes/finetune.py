@@ -52,6 +52,8 @@ class FinetuneRecipe:
         if tc.resume:
             path = self._resume_path(tc.resume)
             load_checkpoint(path, self.trainer)
+            if hasattr(self.workflow, "after_step"):  # cache stamps continue from the resumed step
+                self.workflow.after_step(self.trainer.state.step)
             if dist.is_main:
                 log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.trainer.state.step,
                          self.trainer.state.epoch, self.trainer.state.batches_done)
@@ -126,11 +128,11 @@ class FinetuneRecipe:
         stats["clicks_in_data"] = int(self.workflow.clicks_in_data)
         stats["sequences_in_data"] = int(getattr(self.workflow, "sequences_in_data", 0))
         stats.update(self.data.faults.as_dict())
-        stats["clicks_unknown_news"] = int(self.data.faults.counts.get("clicks_unknown_news", 0))
-        filtered = stats["clicks_unknown_news"]
-        expected = epochs_run * (stats["clicks_in_data"] - filtered)
-        stats["clicks_not_reached"] = max(0, expected - stats["clicks_trained"])
+        # clicks on unknown news cannot be trained: they are counted once per epoch, like the clicks trained
+        stats["clicks_unknown_news"] = epochs_run * int(self.data.faults.counts.get("clicks_unknown_news", 0))
+        expected = epochs_run * stats["clicks_in_data"] - stats["clicks_unknown_news"]
         assert stats["clicks_trained"] <= expected, "trained more clicks than the data holds"
+        stats["clicks_not_reached"] = expected - stats["clicks_trained"]  # a run stopped by max_steps/max_seconds
         stats["epochs"] = epochs_run
         stats["steps"] = st.step
         stats["workflow"] = self.cfg.train.workflow
@@ -146,5 +148,7 @@ class FinetuneRecipe:
     def write_outputs(self, metrics: dict, stats: dict) -> None:
         if not self.dist.is_main:
             return
-        (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        # NaN (no impression with both clicked and non-clicked news) is not JSON: write null
+        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
+        (self.out_dir / "metrics.json").write_text(json.dumps(clean, indent=2) + "\n")
         (self.out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")

@@ -1,0 +1,488 @@
+"""End-to-end training jobs with a tiny random encoder: exit codes, output files, stats.json counters and
+the invariants of DESIGN.md, on the synthetic data set, the two real samples, 2 gloo ranks, resume,
+determinism and user errors.
+
+Jobs run in-process through ``speedyrec.train.main`` (it returns the exit code), except the 2-rank runs,
+which go through ``torchrun``. Every job is kept small (max_steps, eval.max_impressions, short fields).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from speedyrec.config import load_config
+from speedyrec.train import main
+
+# stats.json counters DESIGN.md promises
+DESIGN_COUNTERS = ("clicks_in_data", "clicks_trained", "sequences_dropped", "news_encoded", "cache_lookups",
+                   "cache_hits", "stale_reads", "valid_tokens", "padded_tokens", "data_efficiency", "malformed_rows",
+                   "unknown_news_ids", "wall_seconds", "clicks_per_second")
+# the README's split of clicks_in_data
+SPLIT_COUNTERS = ("clicks_unknown_news", "clicks_not_reached", "epochs")
+METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
+EVAL_IMPRESSIONS = 40
+TORCHRUN_TIMEOUT = 300
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+def synthetic_args(out_dir: Path, cache_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+    return tiny_overrides(out_dir, cache_dir, "data.format=synthetic", f"data.dir={data_dir}",
+                          f"eval.max_impressions={EVAL_IMPRESSIONS}", *extra)
+
+
+def read_json(path: Path) -> dict:
+    assert path.is_file(), f"{path} was not written"
+    return json.loads(path.read_text())
+
+
+def run_job(argv: list[str], out_dir: Path) -> tuple[dict, dict]:
+    rc = main(argv)
+    assert rc == 0, f"speedyrec.train {' '.join(argv)} exited with {rc}"
+    return read_json(out_dir / "stats.json"), read_json(out_dir / "metrics.json")
+
+
+def check_metrics(metrics: dict, max_impressions: int | None = EVAL_IMPRESSIONS) -> None:
+    for k in METRICS:
+        v = metrics[k]
+        assert isinstance(v, float) and math.isfinite(v) and 0.0 <= v <= 1.0, (k, v)
+    # MRR and nDCG of a ranking with at least one click among non-clicks are > 0
+    assert metrics["mrr"] > 0 and metrics["ndcg10"] > 0
+    if max_impressions is not None:
+        assert 0 < metrics["impressions"] <= max_impressions
+
+
+def check_stats(stats: dict, *, full_epoch: bool) -> None:
+    """The invariants every run keeps, whatever the workflow and ablation."""
+    missing = [k for k in DESIGN_COUNTERS + SPLIT_COUNTERS if k not in stats]
+    assert not missing, f"stats.json lacks {missing}"
+    for k in DESIGN_COUNTERS:
+        assert isinstance(stats[k], (int, float)) and math.isfinite(stats[k]) and stats[k] >= 0, (k, stats[k])
+    # nothing is lost silently
+    assert (stats["clicks_trained"] + stats["clicks_unknown_news"] + stats["clicks_not_reached"]
+            == stats["epochs"] * stats["clicks_in_data"]), stats
+    assert stats["clicks_trained"] > 0
+    if full_epoch:
+        assert stats["clicks_not_reached"] == 0, stats
+    assert stats["sequences_dropped"] == 0
+    assert stats["stale_reads"] == 0
+    assert stats["cache_hits"] <= stats["cache_lookups"]
+    assert stats["news_encoded"] > 0 and stats["valid_tokens"] > 0
+    tokens = stats["valid_tokens"] + stats["padded_tokens"]
+    assert stats["data_efficiency"] == pytest.approx(stats["valid_tokens"] / tokens, rel=1e-9)
+    assert 0.0 < stats["data_efficiency"] <= 1.0
+    assert stats["wall_seconds"] > 0
+    assert stats["clicks_per_second"] == pytest.approx(stats["clicks_trained"] / stats["wall_seconds"], rel=1e-6)
+
+
+def without_timing(d: dict) -> dict:
+    return {k: v for k, v in d.items() if "second" not in k}
+
+
+# -- shared runs (one each per module) -----------------------------------------------------------------------
+TYPICAL_EXTRA = ("train.workflow=typical", "data.title_tokens=16", "data.max_history=10", "train.negatives=2",
+                 "train.batch_size=64")
+SPEEDYFEED_EXTRA = ()  # the defaults: title_tokens=30, token_budget=20000
+
+
+@pytest.fixture(scope="module")
+def typical_run(tmp_path_factory, cache_dir, synthetic_small):
+    out = tmp_path_factory.mktemp("typical")
+    argv = synthetic_args(out, cache_dir, synthetic_small, *TYPICAL_EXTRA)
+    stats, metrics = run_job(argv, out)
+    return argv, out, stats, metrics
+
+
+@pytest.fixture(scope="module")
+def speedyfeed_run(tmp_path_factory, cache_dir, synthetic_small):
+    out = tmp_path_factory.mktemp("speedyfeed")
+    argv = synthetic_args(out, cache_dir, synthetic_small, *SPEEDYFEED_EXTRA)
+    stats, metrics = run_job(argv, out)
+    return argv, out, stats, metrics
+
+
+# -- 1. the typical workflow -------------------------------------------------------------------------------
+def test_typical_workflow_writes_outputs_and_keeps_invariants(typical_run):
+    argv, out, stats, metrics = typical_run
+    # config.yaml is the resolved config and loads back
+    saved = load_config(str(out / "config.yaml"))
+    expected = load_config(None, argv)
+    assert expected.model.freeze_layers == -1
+    expected.model.freeze_layers = 0  # -1 resolves to "nothing frozen" for a random encoder
+    assert saved == expected
+    assert saved.train.workflow == "typical" and saved.out_dir == str(out)
+
+    check_metrics(metrics)
+    check_stats(stats, full_epoch=True)
+    assert stats["workflow"] == "typical" and stats["world_size"] == 1
+    # typical: one target per click of the training impressions, all trained in one epoch
+    assert stats["clicks_trained"] == stats["clicks_in_data"]
+    assert stats["steps"] == -(-stats["clicks_in_data"] // 64)
+    # every instance encodes max_history + 1 + negatives news, without dedup and without the cache
+    assert stats["news_encoded"] == stats["clicks_trained"] * (10 + 1 + 2)
+    assert stats["cache_lookups"] == 0 and stats["cache_hits"] == 0
+    # fixed padding to the field's maximum: every encoded news occupies title_tokens slots
+    assert stats["valid_tokens"] + stats["padded_tokens"] == stats["news_encoded"] * 16
+    assert stats["malformed_rows"] == 0 and stats["unknown_news_ids"] == 0
+    assert (out / "train.log").is_file()
+    assert (out / "checkpoints" / "latest.pt").is_file()
+
+
+# -- 2. the SpeedyFeed workflow -----------------------------------------------------------------------------
+def test_speedyfeed_full_epoch_trains_every_click_once(speedyfeed_run, typical_run):
+    _, out, stats, metrics = speedyfeed_run
+    check_metrics(metrics)
+    check_stats(stats, full_epoch=True)
+    assert stats["workflow"] == "speedyfeed"
+    assert stats["sequences_dropped"] == 0
+    assert stats["stale_reads"] == 0
+    # no unknown news in the synthetic data: every click of every sequence is a trained target
+    assert stats["clicks_unknown_news"] == 0
+    assert stats["clicks_trained"] == stats["clicks_in_data"]
+    assert stats["sequences_trained"] == stats["sequences_in_data"] > 0
+    assert stats["steps"] > 1  # the token budget splits the epoch into several batches
+    assert stats["cache_lookups"] >= stats["cache_hits"]
+    # one process, no global dedup: every distinct news of a batch is either read from the cache or encoded
+    assert stats["news_encoded"] + stats["cache_hits"] == stats["cache_lookups"]
+    assert stats["news_encoded"] < stats["clicks_trained"]  # dedup at work
+    # histories are clicks too: the autoregressive epoch holds more targets than the impressions' clicks
+    assert stats["clicks_in_data"] > typical_run[2]["clicks_in_data"]
+    # dynamic batching pads far less than fixed padding
+    assert stats["data_efficiency"] > typical_run[2]["data_efficiency"]
+
+
+def test_speedyfeed_cache_hits_without_stale_reads(tmp_path, cache_dir, synthetic_small):
+    out = tmp_path / "run"
+    stats, metrics = run_job(synthetic_args(out, cache_dir, synthetic_small, "data.title_tokens=16",
+                                            "engine.cache_beta=1.0", "engine.token_budget=2000"), out)
+    check_metrics(metrics)
+    check_stats(stats, full_epoch=True)
+    assert stats["cache_hits"] > 0
+    assert stats["stale_reads"] == 0
+    assert stats["news_encoded"] + stats["cache_hits"] == stats["cache_lookups"]
+    assert stats["clicks_trained"] == stats["clicks_in_data"]
+
+
+# -- 3. ablations -------------------------------------------------------------------------------------------
+ABLATIONS = {
+    "no_autoregressive": ("engine.autoregressive=false",),
+    "fixed_padding": ("engine.dynamic_batching=false",),
+    "no_dedup": ("engine.dedup=false",),
+    "no_cache": ("engine.cache=false",),
+    "buslm": ("engine.buslm=true", "data.abstract_tokens=24", "data.body_tokens=32"),
+    "refine": ("engine.refine=true", "data.body_tokens=32"),
+    "frozen_prefix": ("model.freeze_layers=1",),
+    "grad_accum": ("train.grad_accum=2",),
+}
+ABLATION_STEPS = 3
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_ablation_keeps_the_invariants(name, tmp_path, cache_dir, synthetic_small, speedyfeed_run):
+    out = tmp_path / name
+    extra = ABLATIONS[name]
+    stats, metrics = run_job(synthetic_args(out, cache_dir, synthetic_small, "data.title_tokens=16",
+                                            "engine.token_budget=2000", f"train.max_steps={ABLATION_STEPS}",
+                                            *extra), out)
+    check_metrics(metrics)
+    check_stats(stats, full_epoch=False)
+    assert stats["steps"] == ABLATION_STEPS
+    assert 0 < stats["clicks_trained"] < stats["clicks_in_data"]
+    # the ablations change how targets are batched and encoded, never what an epoch holds
+    assert stats["clicks_in_data"] == speedyfeed_run[2]["clicks_in_data"]
+    assert stats["clicks_unknown_news"] == 0
+    saved = load_config(str(out / "config.yaml"))
+    if name == "no_autoregressive":
+        # one unit per click: every unit trains exactly one target
+        assert stats["sequences_in_data"] == stats["clicks_in_data"]
+        assert stats["sequences_trained"] == stats["clicks_trained"]
+    if name == "fixed_padding":
+        # every news is padded to the field's maximum
+        assert stats["valid_tokens"] + stats["padded_tokens"] == stats["news_encoded"] * 16
+        assert stats["sequences_trained"] == ABLATION_STEPS * saved.train.batch_size
+    if name == "no_dedup":
+        assert stats["news_encoded"] + stats["cache_hits"] == stats["cache_lookups"]
+    if name == "no_cache":
+        assert stats["cache_lookups"] == 0 and stats["cache_hits"] == 0
+    if name == "buslm":
+        assert saved.engine.buslm and saved.data.body_tokens == 32
+    if name == "frozen_prefix":
+        assert saved.model.freeze_layers == 1
+    if name == "grad_accum":
+        assert saved.train.grad_accum == 2
+
+
+def test_no_dedup_encodes_more_than_dedup(tmp_path, cache_dir, synthetic_small):
+    """The same first steps with and without dedup: same targets, more encoding without it."""
+    common = ("data.title_tokens=16", "engine.token_budget=2000", "train.max_steps=2", "engine.cache=false")
+    runs = {}
+    for dedup in ("true", "false"):
+        out = tmp_path / f"dedup_{dedup}"
+        runs[dedup], _ = run_job(synthetic_args(out, cache_dir, synthetic_small, *common, f"engine.dedup={dedup}"), out)
+    assert runs["false"]["news_encoded"] > runs["true"]["news_encoded"]
+    for s in runs.values():
+        check_stats(s, full_epoch=False)
+
+
+def test_grad_accum_full_epoch(tmp_path, cache_dir, synthetic_small, speedyfeed_run):
+    """Accumulating 2 micro-batches per optimizer step trains the same epoch in half the steps."""
+    out = tmp_path / "accum"
+    stats, metrics = run_job(synthetic_args(out, cache_dir, synthetic_small, *SPEEDYFEED_EXTRA,
+                                            "train.grad_accum=2", "engine.cache=false"), out)
+    check_metrics(metrics)
+    check_stats(stats, full_epoch=True)
+    assert stats["clicks_trained"] == stats["clicks_in_data"] == speedyfeed_run[2]["clicks_in_data"]
+    assert stats["steps"] == -(-speedyfeed_run[2]["steps"] // 2)
+
+
+# -- 4. the real samples ------------------------------------------------------------------------------------
+def test_mind_sample_typical(tmp_path, cache_dir, mind_sample):
+    out = tmp_path / "mind"
+    stats, metrics = run_job(tiny_overrides(out, cache_dir, "train.workflow=typical", "data.format=mind",
+                                            f"data.dir={mind_sample}", "data.title_tokens=16", "data.max_history=10",
+                                            "train.negatives=2", f"eval.max_impressions={EVAL_IMPRESSIONS}"), out)
+    check_stats(stats, full_epoch=True)
+    # ~96% of the slice's ids are not in its news file: counted, never aliased
+    assert stats["unknown_news_ids"] > 300_000
+    assert stats["clicks_unknown_news"] > 0
+    assert stats["clicks_trained"] + stats["clicks_unknown_news"] == stats["clicks_in_data"]
+    check_metrics(metrics)
+
+
+def test_mind_sample_two_epochs_keep_the_click_invariant(tmp_path, cache_dir, mind_sample):
+    """DESIGN.md: clicks_trained + clicks_unknown_news + clicks_not_reached == epochs * clicks_in_data."""
+    out = tmp_path / "mind2"
+    stats, _ = run_job(tiny_overrides(out, cache_dir, "train.workflow=typical", "data.format=mind",
+                                      f"data.dir={mind_sample}", "data.title_tokens=16", "data.max_history=10",
+                                      "train.negatives=2", "train.epochs=2", f"eval.max_impressions={EVAL_IMPRESSIONS}"), out)
+    assert stats["epochs"] == 2 and stats["clicks_unknown_news"] > 0
+    assert stats["clicks_not_reached"] == 0  # both epochs ran to the end
+    assert stats["clicks_trained"] > 0 and stats["clicks_trained"] % 2 == 0  # the same known clicks, twice
+    accounted = stats["clicks_trained"] + stats["clicks_unknown_news"] + stats["clicks_not_reached"]
+    assert accounted == 2 * stats["clicks_in_data"], (
+        f"clicks_trained {stats['clicks_trained']} + clicks_unknown_news {stats['clicks_unknown_news']} + "
+        f"clicks_not_reached {stats['clicks_not_reached']} = {accounted} != epochs 2 * clicks_in_data "
+        f"{stats['clicks_in_data']}")
+    check_stats(stats, full_epoch=True)
+
+
+def test_speedyrec_sample_speedyfeed(tmp_path, cache_dir, speedyrec_sample):
+    out = tmp_path / "speedyrec"
+    stats, metrics = run_job(tiny_overrides(out, cache_dir, "data.format=speedyrec", f"data.dir={speedyrec_sample}",
+                                            "data.title_tokens=16", f"eval.max_impressions={EVAL_IMPRESSIONS}"), out)
+    check_stats(stats, full_epoch=True)
+    assert stats["glued_ids"] > 0  # the real missing-separator fault, split into known ids
+    assert stats["clicks_trained"] + stats["clicks_unknown_news"] == stats["clicks_in_data"]
+    check_metrics(metrics)
+
+
+# -- 5. two gloo ranks ---------------------------------------------------------------------------------------
+def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 -m speedyrec.train ARGS`` on gloo; prints its output on failure."""
+    exe = Path(sys.executable).parent / "torchrun"
+    launcher = [str(exe)] if exe.exists() else ([shutil.which("torchrun")] if shutil.which("torchrun")
+                                                 else [sys.executable, "-m", "torch.distributed.run"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [*launcher, "--standalone", "--nproc_per_node=2", "-m", "speedyrec.train", *args]
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun timed out after {TORCHRUN_TIMEOUT} s\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
+    if proc.returncode != 0:
+        print(f"$ {' '.join(cmd)}\nexit code {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, cache_dir, synthetic_small, speedyfeed_run):
+    """The 1-process speedyfeed job again, on 2 gloo ranks, without and with global dedup.
+
+    The exit codes are checked by the tests, so that each reports its own run."""
+    assert speedyfeed_run  # run first: it also fills the token and vocabulary cache the ranks read
+    runs = {}
+    for name, extra in (("local_dedup", ()), ("global_dedup", ("engine.global_dedup=true",))):
+        out = tmp_path_factory.mktemp(f"ddp_{name}")
+        runs[name] = (out, torchrun(synthetic_args(out, cache_dir, synthetic_small, *SPEEDYFEED_EXTRA, *extra), cwd=out))
+    return runs
+
+
+def assert_exit_zero(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (f"torchrun exited with {proc.returncode}\n--- stdout (tail):\n{proc.stdout[-3000:]}"
+                                  f"\n--- stderr (tail):\n{proc.stderr[-3000:]}")
+
+
+@pytest.mark.parametrize("name", ["local_dedup", "global_dedup"])
+def test_two_ranks_train_the_whole_epoch(name, two_rank_runs, speedyfeed_run):
+    out, proc = two_rank_runs[name]
+    assert_exit_zero(proc)
+    assert "final dev metrics" in proc.stdout
+    # rank 0 wrote the outputs
+    for f in ("config.yaml", "metrics.json", "stats.json", "train.log", "checkpoints/latest.pt"):
+        assert (out / f).is_file(), f
+    assert load_config(str(out / "config.yaml")).engine.global_dedup is (name == "global_dedup")
+    stats, metrics = read_json(out / "stats.json"), read_json(out / "metrics.json")
+    check_metrics(metrics)
+    check_stats(stats, full_epoch=True)
+    assert stats["world_size"] == 2
+    assert stats["sequences_dropped"] == 0
+    # summed over ranks, a full epoch trains every click once, as one process does
+    assert stats["clicks_trained"] == stats["clicks_in_data"]
+    one = speedyfeed_run[2]
+    assert one["world_size"] == 1
+    assert stats["clicks_in_data"] == one["clicks_in_data"]
+    assert stats["clicks_trained"] == one["clicks_trained"]
+    assert stats["sequences_in_data"] == stats["sequences_trained"] == one["sequences_trained"]
+    if name == "local_dedup":  # each rank encodes what it did not read from the cache
+        assert stats["news_encoded"] + stats["cache_hits"] == stats["cache_lookups"]
+
+
+def test_global_dedup_encodes_fewer_news(two_rank_runs):
+    local = read_json(two_rank_runs["local_dedup"][0] / "stats.json")
+    glob = read_json(two_rank_runs["global_dedup"][0] / "stats.json")
+    # the same batches and cache decisions; news held by both ranks are encoded once instead of twice
+    assert glob["cache_lookups"] == local["cache_lookups"]
+    assert glob["cache_hits"] == local["cache_hits"]
+    assert glob["news_encoded"] < local["news_encoded"]
+    assert glob["clicks_trained"] == local["clicks_trained"]
+
+
+# -- 6. determinism -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workflow", ["typical", "speedyfeed"])
+def test_same_seed_same_metrics_other_seed_differs(workflow, tmp_path, cache_dir, synthetic_small):
+    extra = (TYPICAL_EXTRA if workflow == "typical" else ("data.title_tokens=16", "engine.token_budget=2000",
+                                                           "engine.cache_beta=0.5"))
+    results = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out = tmp_path / name
+        results[name] = run_job(synthetic_args(out, cache_dir, synthetic_small, *extra, "model.dropout=0",
+                                               "train.max_steps=4", f"train.seed={seed}"), out)
+    (sa, ma), (sb, mb), (sc, mc) = results["a"], results["b"], results["c"]
+    check_metrics(ma)
+    assert {k: ma[k] for k in METRICS} == {k: mb[k] for k in METRICS}
+    assert without_timing(sa) == without_timing(sb)
+    assert {k: ma[k] for k in METRICS} != {k: mc[k] for k in METRICS}
+
+
+# -- 7. resume ----------------------------------------------------------------------------------------------
+def test_resume_continues_from_the_checkpoint(tmp_path, cache_dir, synthetic_small, capsys):
+    common = ("data.title_tokens=16", "engine.token_budget=2000")
+    out = tmp_path / "resumed"
+    first, _ = run_job(synthetic_args(out, cache_dir, synthetic_small, *common, "train.max_steps=3",
+                                      "train.checkpoint_every=1"), out)
+    assert first["steps"] == 3
+    assert {p.name for p in (out / "checkpoints").glob("step_*.pt")} == {"step_1.pt", "step_2.pt", "step_3.pt"}
+    capsys.readouterr()
+    second, metrics = run_job(synthetic_args(out, cache_dir, synthetic_small, *common, "train.resume=auto",
+                                             "train.max_steps=6"), out)
+    log = capsys.readouterr().out
+    assert "resumed from" in log and "at step 3" in log
+    assert second["steps"] == 6
+    assert (out / "checkpoints" / "step_6.pt").is_file()
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["step"] == 6
+    check_metrics(metrics)
+    check_stats(second, full_epoch=False)
+    # the counters carry over: 6 steps of targets, the same ones an uninterrupted 6-step run trains
+    assert second["clicks_trained"] > first["clicks_trained"]
+    straight_out = tmp_path / "straight"
+    straight, _ = run_job(synthetic_args(straight_out, cache_dir, synthetic_small, *common, "train.max_steps=6"),
+                          straight_out)
+    assert second["clicks_trained"] == straight["clicks_trained"]
+    assert second["sequences_trained"] == straight["sequences_trained"]
+
+
+def test_resume_from_a_missing_checkpoint_is_a_user_error(tmp_path, cache_dir, synthetic_small, capsys):
+    out = tmp_path / "bad_resume"
+    missing = tmp_path / "nowhere" / "step_3.pt"
+    rc = main(synthetic_args(out, cache_dir, synthetic_small, "data.title_tokens=16", f"train.resume={missing}"))
+    assert rc == 2
+    assert_one_line_error(capsys, "train.resume", str(missing))
+    assert not (out / "stats.json").exists()
+
+
+# -- 8. user errors -----------------------------------------------------------------------------------------
+def write_mind_dir(root: Path, bad_line: int | None) -> Path:
+    """A tiny MIND-format split; ``bad_line`` (1-based) of behaviors.tsv gets 3 columns instead of 5."""
+    root.mkdir(parents=True)
+    words = ["storm", "market", "team", "vote", "film", "cup", "rates", "star", "coach", "tax", "rain", "song"]
+    news = []
+    for i in range(12):
+        title = " ".join(words[(i + j) % len(words)] for j in range(5))
+        news.append(f"N{i}\tcat{i % 3}\tsub\t{title}\tan abstract about {words[i]}\thttp://x/{i}\t[]\t[]")
+    (root / "news.tsv").write_text("\n".join(news) + "\n")
+    rows = []
+    for i in range(20):
+        hist = " ".join(f"N{(i + k) % 12}" for k in range(3))
+        imp = " ".join(f"N{(i + k) % 12}-{int(k == 3)}" for k in range(3, 7))
+        rows.append(f"{i + 1}\tU{i % 5}\t11/{10 + i // 10}/2019 {1 + i % 12}:00:00 AM\t{hist}\t{imp}")
+    if bad_line is not None:
+        rows[bad_line - 1] = f"{bad_line}\tU0\tnot enough columns"
+    (root / "behaviors.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def assert_one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected a one-line message on stderr, got:\n{err}"
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def test_unknown_key_names_the_nearest(tmp_path, cache_dir, capsys):
+    rc = main(tiny_overrides(tmp_path / "o", cache_dir, "train.epoch=2"))
+    assert rc == 2
+    assert_one_line_error(capsys, "train.epoch", "train.epochs")
+    assert not (tmp_path / "o").exists()  # rejected before anything is written
+
+
+def test_bad_value_names_the_key(tmp_path, cache_dir, capsys):
+    rc = main(tiny_overrides(tmp_path / "o", cache_dir, "train.max_steps=many"))
+    assert rc == 2
+    assert_one_line_error(capsys, "train.max_steps")
+
+
+def test_missing_data_dir(tmp_path, cache_dir, capsys):
+    missing = tmp_path / "no_such_dir"
+    rc = main(tiny_overrides(tmp_path / "o", cache_dir, "data.format=mind", f"data.dir={missing}"))
+    assert rc == 2
+    assert_one_line_error(capsys, str(missing))
+
+
+def test_strict_stops_at_the_bad_row_with_file_and_line(tmp_path, cache_dir, capsys):
+    data = write_mind_dir(tmp_path / "mind", bad_line=7)
+    rc = main(tiny_overrides(tmp_path / "o", cache_dir, "data.format=mind", f"data.dir={data}", "data.strict=true"))
+    assert rc == 2
+    assert_one_line_error(capsys, f"{data / 'behaviors.tsv'}:7", "column")
+
+
+def test_lenient_counts_the_bad_row_and_trains(tmp_path, cache_dir):
+    data = write_mind_dir(tmp_path / "mind", bad_line=7)
+    out = tmp_path / "o"
+    stats, _ = run_job(tiny_overrides(out, cache_dir, "train.workflow=typical", "data.format=mind",
+                                      f"data.dir={data}", "data.dev_fraction=0.2", "train.batch_size=4"), out)
+    assert stats["malformed_rows"] == 1
+    check_stats(stats, full_epoch=True)
+    assert stats["clicks_trained"] == stats["clicks_in_data"] == 15  # 19 good rows, the last 4 (20%) are dev
+
+
+def test_unimplemented_stage(tmp_path, cache_dir, capsys):
+    rc = main(tiny_overrides(tmp_path / "o", cache_dir, "stage=posttrain"))
+    assert rc == 2
+    assert_one_line_error(capsys, "posttrain", "not implemented yet")
+
+
+def test_refine_is_rejected_in_the_typical_workflow(tmp_path, cache_dir, capsys):
+    rc = main(tiny_overrides(tmp_path / "o", cache_dir, "engine.refine=true", "train.workflow=typical"))
+    assert rc == 2
+    assert_one_line_error(capsys, "engine.refine", "typical")
