@@ -25,6 +25,11 @@ def machine() -> dict:
         info["load_average_before"] = os.getloadavg()
     except OSError:
         pass
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
     return info
 
 

@@ -144,7 +144,7 @@ class DynamicBatcher:
             for s in range(0, len(order), self.batch_size):
                 yield self._assemble(order[s : s + self.batch_size], epoch, self.fixed_width)
             return
-        # bucket boundaries: quantiles of the units' longest news over this rank's epoch
+        # bucket boundaries: quantiles of the longest news of the first block of units (a random sample)
         pending: list[list[int]] = [[] for _ in range(self.buckets)]
         distinct = [0] * self.buckets
         width = [0] * self.buckets

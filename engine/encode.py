@@ -34,13 +34,19 @@ class EncodedTable:
 
 
 def length_chunks(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
-    """Split positions of ascending ``lengths`` into consecutive chunks whose padded size
-    (rows x longest) stays within ``max_tokens`` (a chunk holds at least one row)."""
+    """Split positions of ascending ``lengths`` into consecutive chunks, each padded to its longest row.
+
+    A chunk closes before the row that would take its padded size (rows x longest) over ``max_tokens``,
+    or, once it is half full, before a row longer than the ones it holds: chunk edges then fall where the
+    length changes, which keeps padding low without many tiny chunks. A chunk holds at least one row.
+    """
     chunks, start, n = [], 0, len(lengths)
     while start < n:
-        # the longest of rows start..end-1 is lengths[end-1] (ascending), so the padded size is monotone
-        fits = (np.arange(start + 1, n + 1) - start) * lengths[start:n] <= max_tokens
-        end = start + max(1, int(np.flatnonzero(fits)[-1] + 1) if fits.any() else 1)
+        nxt = np.arange(start + 1, n)
+        over = (nxt + 1 - start) * lengths[nxt] > max_tokens
+        step_up = (lengths[nxt] > lengths[nxt - 1]) & ((nxt - start) * lengths[nxt - 1] >= max_tokens // 2)
+        stops = np.flatnonzero(over | step_up)
+        end = int(nxt[stops[0]]) if len(stops) else n
         chunks.append(np.arange(start, end))
         start = end
     return chunks

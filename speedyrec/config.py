@@ -92,11 +92,11 @@ class EngineConfig:
     autoregressive: bool = True
     negatives: int = 1
     buslm: bool = False
+    # one BusLM segment per entry; a field named k times is cut into k consecutive segments (long bodies)
     segments: list = field(default_factory=lambda: ["title", "abstract", "body"])
     refine: bool = False
     refine_topk: int = 32
-    prefetch: int = 4  # batches prepared ahead by the loader
-    workers: int = 1  # loader threads
+    prefetch: int = 4  # batches prepared ahead by the loader thread
 
 
 @dataclass
@@ -290,6 +290,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("engine.global_dedup=true needs engine.dedup=true")
     for seg in cfg.engine.segments:
         _choice("engine.segments", seg, ("title", "abstract", "body"))
+    if cfg.engine.buslm:
+        unused = [f for f in dict.fromkeys(cfg.engine.segments) if getattr(cfg.data, f"{f}_tokens") == 0]
+        if unused:
+            raise ConfigError(f"engine.segments lists {', '.join(unused)} but data.{unused[0]}_tokens is 0: "
+                              f"give the field a maximum length or drop it from the segments")
 
 
 def check_implemented(cfg: Config, implemented: dict[str, bool]) -> None:

@@ -113,3 +113,28 @@ def test_a_million_news_load_in_seconds(tmp_path):
     store = TokenStore({"title": field}, 1, 2, 0)
     batch = store.concat(np.arange(0, n, 997))
     assert batch.input_ids.shape[0] == len(range(0, n, 997))
+
+
+def test_a_field_named_twice_fills_two_segments(tmp_path, tokenizer):
+    """A long body split into consecutive parts, each its own [CLS] part [SEP] segment; nothing is lost
+    or repeated, and no part takes another field's length."""
+    body = build_or_load_field(tmp_path, "body", TEXTS, tokenizer, 14)[0]  # 12 content tokens -> 2 parts of 6
+    title = build_or_load_field(tmp_path, "title", TEXTS, tokenizer, 5)[0]
+    store = TokenStore({"title": title, "body": body}, tokenizer.cls_token_id, tokenizer.sep_token_id,
+                       tokenizer.pad_token_id)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    idx = np.arange(len(TEXTS))
+    seg = store.segments(idx, ["title", "body", "body"])
+    assert seg.input_ids.shape[1] == 3
+    assert store.segment_width(["title", "body", "body"]) == 8
+    for i in idx:
+        content = body.tokens[body.offsets[i]:body.offsets[i + 1]].tolist()
+        parts = []
+        for j in (1, 2):
+            row = seg.input_ids[i, j][seg.mask[i, j]].tolist()
+            if row:
+                assert row[0] == cls and row[-1] == sep and len(row) <= 8
+                parts += row[1:-1]
+        assert parts == content  # the two parts are the body, in order, once
+        t = seg.input_ids[i, 0][seg.mask[i, 0]].tolist()
+        assert t[1:-1] == title.tokens[title.offsets[i]:title.offsets[i + 1]].tolist() and len(t) <= 5

@@ -212,17 +212,39 @@ class TokenStore:
     def has_counts(self) -> bool:
         return any(f.counts is not None for f in self.fields.values())
 
+    def _segment_spans(self, idx: np.ndarray, fields: list[str]) -> list[tuple[FieldTokens, np.ndarray, np.ndarray]]:
+        """For each segment: (field, first content token, content length) per news.
+
+        A field named k times is cut into k consecutive parts of ceil((max_tokens - 2) / k) content tokens,
+        so a long body can fill several segments; a part beyond the end of the text is empty (absent).
+        """
+        spans = []
+        seen: dict[str, int] = {}
+        for name in fields:
+            f = self.fields[name]
+            k, i = fields.count(name), seen.get(name, 0)
+            seen[name] = i + 1
+            part = -(-(f.max_tokens - 2) // k)
+            starts, ends = f.offsets[idx], f.offsets[idx + 1]
+            lo = np.minimum(starts + i * part, ends)
+            spans.append((f, lo, np.minimum(ends, lo + part) - lo))
+        return spans
+
+    def segment_width(self, fields: list[str]) -> int:
+        """The widest a segment of this layout can be, specials included."""
+        return max(-(-(self.fields[f].max_tokens - 2) // fields.count(f)) + 2 for f in fields)
+
     def segment_lengths(self, idx: np.ndarray, fields: list[str]) -> np.ndarray:
-        """Length of each segment ``[CLS] field [SEP]`` (int64 [N, S]); 0 for an empty field (segment absent)."""
+        """Length of each segment ``[CLS] part [SEP]`` (int64 [N, S]); 0 for an empty part (segment absent)."""
         idx = np.asarray(idx, dtype=np.int64)
         out = np.zeros((len(idx), len(fields)), dtype=np.int64)
-        for j, name in enumerate(fields):
-            n = self.fields[name].lengths(idx)
-            out[:, j] = np.where(n > 0, n + 2, 0)
+        for j, (_, _, ln) in enumerate(self._segment_spans(idx, fields)):
+            out[:, j] = np.where(ln > 0, ln + 2, 0)
         return out
 
     def segments(self, idx: np.ndarray, fields: list[str], width: int | None = None) -> TokenBatch:
-        """Each field of each news as its own segment ``[CLS] field [SEP]`` -> ids and mask [N, S, T].
+        """Each field of each news as its own segment ``[CLS] field [SEP]`` -> ids and mask [N, S, T]; a field
+        listed k times is cut into k consecutive segments (see :meth:`_segment_spans`).
 
         An empty field gives an absent segment (all-False mask); a news with every field empty keeps its first
         segment as ``[CLS] [SEP]``, so every news has at least one segment. ``width`` defaults to the longest.
@@ -235,10 +257,7 @@ class TokenStore:
         width = int(seg_len.max(initial=2)) if width is None else width
         out = np.full((n, s, width), self.pad_id, dtype=np.int64)
         counts = np.zeros((n, s, width), dtype=np.int64) if self.has_counts else None
-        for j, name in enumerate(fields):
-            f = self.fields[name]
-            starts = f.offsets[idx]
-            ln = f.offsets[idx + 1] - starts
+        for j, (f, starts, ln) in enumerate(self._segment_spans(idx, fields)):
             present = ln > 0
             out[present, j, 0] = self.cls_id
             src = ragged_positions(starts, starts + ln)

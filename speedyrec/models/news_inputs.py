@@ -46,7 +46,7 @@ class NewsInputs:
         """Tokens of a news padded to the fixed maximum of its fields (the typical workflow's padding)."""
         if self.segments is None:
             return self.store.max_len
-        return len(self.segments) * max(self.store.fields[f].max_tokens for f in self.segments)
+        return len(self.segments) * self.store.segment_width(self.segments)
 
     def prepare(self, news: np.ndarray, width: int | None = None) -> NewsTokens:
         """Token tensors (on CPU) for the given news ids, padded to ``width`` or to the longest."""
@@ -54,7 +54,7 @@ class NewsInputs:
         if self.segments is None:
             tb = self.store.concat(news, width)
         else:
-            seg_width = None if width is None else max(self.store.fields[f].max_tokens for f in self.segments)
+            seg_width = None if width is None else self.store.segment_width(self.segments)
             tb = self.store.segments(news, self.segments, seg_width)
         counts = None if tb.counts is None else torch.from_numpy(tb.counts)
         return NewsTokens(news, torch.from_numpy(tb.input_ids), torch.from_numpy(tb.mask), counts)
