@@ -84,7 +84,8 @@ def check_stats(stats: dict, *, full_epoch: bool) -> None:
 
 
 def without_timing(d: dict) -> dict:
-    return {k: v for k, v in d.items() if "second" not in k}
+    """What a run computed, without what the machine measured (times, memory)."""
+    return {k: v for k, v in d.items() if "second" not in k and "rss" not in k}
 
 
 # -- shared runs (one each per module) -----------------------------------------------------------------------
@@ -93,20 +94,21 @@ TYPICAL_EXTRA = ("train.workflow=typical", "data.title_tokens=16", "data.max_his
 SPEEDYFEED_EXTRA = ()  # the defaults: title_tokens=30, token_budget=20000
 
 
-@pytest.fixture(scope="module")
-def typical_run(tmp_path_factory, cache_dir, synthetic_small):
-    out = tmp_path_factory.mktemp("typical")
-    argv = synthetic_args(out, cache_dir, synthetic_small, *TYPICAL_EXTRA)
+def _shared_run(tmp_path_factory, cache_dir, synthetic_small, name: str, extra: tuple) -> tuple:
+    out = tmp_path_factory.mktemp(name)
+    argv = synthetic_args(out, cache_dir, synthetic_small, *extra)
     stats, metrics = run_job(argv, out)
     return argv, out, stats, metrics
+
+
+@pytest.fixture(scope="module")
+def typical_run(tmp_path_factory, cache_dir, synthetic_small):
+    return _shared_run(tmp_path_factory, cache_dir, synthetic_small, "typical", TYPICAL_EXTRA)
 
 
 @pytest.fixture(scope="module")
 def speedyfeed_run(tmp_path_factory, cache_dir, synthetic_small):
-    out = tmp_path_factory.mktemp("speedyfeed")
-    argv = synthetic_args(out, cache_dir, synthetic_small, *SPEEDYFEED_EXTRA)
-    stats, metrics = run_job(argv, out)
-    return argv, out, stats, metrics
+    return _shared_run(tmp_path_factory, cache_dir, synthetic_small, "speedyfeed", SPEEDYFEED_EXTRA)
 
 
 # -- 1. the typical workflow -------------------------------------------------------------------------------

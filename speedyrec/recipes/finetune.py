@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from speedyrec.build import build_dataset, build_model, build_token_store, build_tokenizer, make_out_dir
@@ -120,9 +121,12 @@ class FinetuneRecipe:
         local["sequences_dropped"] = float(getattr(self.workflow, "sequences_dropped", 0))
         vec = torch.tensor(list(local.values()), dtype=torch.float64, device=self.dist.device)
         all_reduce_sum(vec)
-        wall = torch.tensor([st.wall_seconds], dtype=torch.float64, device=self.dist.device)
+        # the slowest rank's loop time, and the largest resident memory of any rank
+        peaks = torch.tensor([st.wall_seconds, psutil.Process().memory_info().rss / 2**20], dtype=torch.float64,
+                             device=self.dist.device)
         if self.dist.active:
-            torch.distributed.all_reduce(wall, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+        wall = peaks[0]
         stats = {k: int(v) for k, v in zip(local, vec.tolist())}
         epochs_run = self.cfg.train.epochs
         stats["clicks_in_data"] = int(self.workflow.clicks_in_data)
@@ -143,6 +147,7 @@ class FinetuneRecipe:
         stats["wall_seconds"] = float(wall.item())
         stats["clicks_per_second"] = stats["clicks_trained"] / stats["wall_seconds"] if stats["wall_seconds"] > 0 else 0.0
         stats["setup_seconds"] = self.setup_seconds
+        stats["max_rank_rss_mb"] = round(float(peaks[1]), 1)
         return stats
 
     def write_outputs(self, metrics: dict, stats: dict) -> None:

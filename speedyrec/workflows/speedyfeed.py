@@ -57,6 +57,19 @@ def build_sequences(train: Behaviors, num_news: int) -> SequenceSet:
     return SequenceSet(clicks, click_pool, pools, num_news)
 
 
+def cache_replica_budget(device: torch.device) -> int:
+    """Bytes a full replica of the embedding cache may take before the cache is sharded across ranks:
+    a tenth of the free GPU memory, or a quarter of the available RAM shared by this machine's ranks."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * 0.1)
+    import os
+
+    import psutil
+
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return int(psutil.virtual_memory().available * 0.25 / max(local_ranks, 1))
+
+
 class SpeedyFeedWorkflow:
     def __init__(self, cfg, data: Dataset, inputs: NewsInputs, model, dist: DistInfo):
         ec = cfg.engine
@@ -79,7 +92,8 @@ class SpeedyFeedWorkflow:
         cache = None
         if ec.cache and ec.cache_gamma > 0:
             cache = EmbeddingCache(store.num_news, cfg.model.dim, gamma=ec.cache_gamma, beta=ec.cache_beta,
-                                   seed=cfg.train.seed, dist=dist, device=self.device)
+                                   seed=cfg.train.seed, dist=dist, device=self.device,
+                                   max_bytes=cache_replica_budget(self.device))
         self.encoder = CentralizedEncoder(self._encode_rows, cfg.model.dim, dist, cache=cache,
                                           global_dedup=ec.global_dedup,
                                           chunk_tokens=ec.chunk_tokens if ec.dynamic_batching else None,
