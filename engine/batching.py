@@ -109,7 +109,7 @@ class DynamicBatcher:
     # -- batch formation -------------------------------------------------------------------------------
     def _unit_news(self, units: np.ndarray, epoch: int):
         """For a block of units: their clicks (flat, unit by unit), which clicks are targets, the
-        negatives of the targets [T, K], each unit's length and longest news, and the random fills."""
+        negatives of the targets [T, K], each unit's length and longest news, and the random fills per target."""
         u = self.units
         starts, lengths = u.start[units], u.length[units]
         click_idx = ragged_positions(starts, starts + lengths)  # global click indices, unit by unit
@@ -122,13 +122,13 @@ class DynamicBatcher:
         if (pool_rows < 0).any():  # clicks from a history without impressions: random negatives only
             lens = np.where(pool_rows < 0, 0, pools.lengths())
             pools = Ragged.from_lengths(lens, pools.values[np.repeat(pool_rows >= 0, pools.lengths())])
-        negs, n_fill = sample_negatives(pools, self.negatives, clicks[is_target], self.seqs.num_news,
+        negs, fills = sample_negatives(pools, self.negatives, clicks[is_target], self.seqs.num_news,
                                         seed=int(hash64(self.seed, epoch)), row_keys=t_idx, fill_cdf=self.fill_cdf)
         news_len = self.news_lengths[clicks].copy()
         news_len[is_target] = np.maximum(news_len[is_target], self.news_lengths[negs].max(axis=1))
         heads = np.cumsum(lengths) - lengths
         longest = np.maximum.reduceat(news_len, heads) if len(units) else np.zeros(0, dtype=np.int64)
-        return clicks, is_target, negs, lengths, longest, n_fill
+        return clicks, is_target, negs, lengths, longest, fills
 
     def _batches(self, epoch: int) -> Iterator[SequenceBatch]:
         order = self.shard(epoch)
@@ -142,19 +142,33 @@ class DynamicBatcher:
         block = 512
         if not self.dynamic:
             for s in range(0, len(order), self.batch_size):
-                yield self._assemble(order[s : s + self.batch_size], epoch, self.fixed_width)
+                units = order[s : s + self.batch_size]
+                clicks, is_target, negs, lengths, _, fills = self._unit_news(units, epoch)
+                yield self._assemble(units, clicks, is_target, negs, lengths, int(fills.sum()), self.fixed_width)
             return
-        # bucket boundaries: quantiles of the longest news of the first block of units (a random sample)
-        pending: list[list[int]] = [[] for _ in range(self.buckets)]
+        # A bucket holds its units' clicks, target flags, negatives and fills (slices of the block they came
+        # from), so flushing it reuses the negatives sampled here.
+        pending: list[list[tuple]] = [[] for _ in range(self.buckets)]
         distinct = [0] * self.buckets
         width = [0] * self.buckets
         touched: list[list[np.ndarray]] = [[] for _ in range(self.buckets)]
         bounds = None
         seen = np.zeros((self.buckets, self.seqs.num_news), dtype=bool)  # distinct news held, per bucket
+
+        def flush(b: int) -> SequenceBatch:
+            for t in touched[b]:
+                seen[b, t] = False
+            parts = pending[b]
+            batch = self._assemble(np.array([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                                   np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]),
+                                   np.array([len(p[1]) for p in parts]), sum(p[4] for p in parts), width[b])
+            pending[b], distinct[b], width[b], touched[b] = [], 0, 0, []
+            return batch
+
         for s in range(0, len(order), block):
             units = order[s : s + block]
-            clicks, is_target, negs, lengths, longest, _ = self._unit_news(units, epoch)
-            if bounds is None:
+            clicks, is_target, negs, lengths, longest, fills = self._unit_news(units, epoch)
+            if bounds is None:  # bucket edges: quantiles of the longest news of the first block (a random sample)
                 bounds = np.unique(np.quantile(longest, np.linspace(0, 1, self.buckets + 1)[1:-1])) if self.buckets > 1 else np.zeros(0)
             bucket_of = np.searchsorted(bounds, longest, side="left")
             ends = np.cumsum(lengths)
@@ -162,8 +176,8 @@ class DynamicBatcher:
             for j, unit in enumerate(units):
                 b = int(bucket_of[j])
                 lo, hi = (ends[j] - lengths[j]), ends[j]
-                t_lo = t_ends[j - 1] if j else 0
-                ids = np.concatenate([clicks[lo:hi], negs[t_lo : t_ends[j]].ravel()])
+                t_lo, t_hi = (t_ends[j - 1] if j else 0), t_ends[j]
+                ids = np.concatenate([clicks[lo:hi], negs[t_lo:t_hi].ravel()])
                 if self.dedup:
                     ids = np.unique(ids)
                     new = ids[~seen[b, ids]]
@@ -171,30 +185,23 @@ class DynamicBatcher:
                     new = ids
                 w = max(width[b], int(longest[j]))
                 if pending[b] and (distinct[b] + len(new)) * w > self.token_budget:
-                    yield self._flush(pending, distinct, width, touched, seen, b, epoch)
+                    yield flush(b)
                     new, w = ids, int(longest[j])
-                pending[b].append(int(unit))
+                pending[b].append((int(unit), clicks[lo:hi], is_target[lo:hi], negs[t_lo:t_hi], int(fills[t_lo:t_hi].sum())))
                 distinct[b] += len(new)
                 width[b] = w
                 if self.dedup:
                     seen[b, new] = True
                     touched[b].append(new)
                 if distinct[b] * width[b] >= self.token_budget:
-                    yield self._flush(pending, distinct, width, touched, seen, b, epoch)
+                    yield flush(b)
         for b in range(self.buckets):  # leftovers at the end of the epoch are trained too
             if pending[b]:
-                yield self._flush(pending, distinct, width, touched, seen, b, epoch)
+                yield flush(b)
 
-    def _flush(self, pending, distinct, width, touched, seen, b, epoch) -> SequenceBatch:
-        units = np.asarray(pending[b], dtype=np.int64)
-        w = width[b]
-        for t in touched[b]:
-            seen[b, t] = False
-        pending[b], distinct[b], width[b], touched[b] = [], 0, 0, []
-        return self._assemble(units, epoch, w)
-
-    def _assemble(self, units: np.ndarray, epoch: int, width: int) -> SequenceBatch:
-        clicks, is_target, negs, lengths, _, n_fill = self._unit_news(units, epoch)
+    def _assemble(self, units: np.ndarray, clicks: np.ndarray, is_target: np.ndarray, negs: np.ndarray,
+                  lengths: np.ndarray, n_fill: int, width: int) -> SequenceBatch:
+        """The batch of the given units from their clicks (flat), target flags, target negatives [T, K] and lengths."""
         b, l, k = len(units), int(lengths.max(initial=1)), self.negatives
         occ = np.concatenate([clicks, negs.ravel()])
         if self.dedup:

@@ -19,7 +19,7 @@ def sample_negatives(pools: Ragged, k: int, positives: np.ndarray, num_news: int
 
     pools: R rows of candidate negatives; positives [R]; row_keys [R] distinct integers naming the rows
     (e.g. a global click index) so that the draw is a pure function of (seed, row key).
-    Returns (negatives int64 [R, k], number of random fills).
+    Returns (negatives int64 [R, k], random fills per row int64 [R]).
     """
     r = len(pools)
     row_keys = np.asarray(row_keys, dtype=np.int64)
@@ -39,8 +39,7 @@ def sample_negatives(pools: Ragged, k: int, positives: np.ndarray, num_news: int
         cols = ragged_positions(np.zeros(r, dtype=np.int64), take)
         out[np.repeat(np.arange(r), take), cols] = pools.values[chosen]
     fill_rows, fill_cols = np.nonzero(np.arange(k)[None, :] >= take[:, None])
-    n_fill = len(fill_rows)
-    if n_fill:
+    if len(fill_rows):
         if num_news < 2:
             raise ValueError("negative sampling needs at least two news in the corpus")
         pos = positives[fill_rows]
@@ -62,4 +61,4 @@ def sample_negatives(pools: Ragged, k: int, positives: np.ndarray, num_news: int
                 draw[clash] = (pos[clash] + 1 + hash_below(num_news - 1, seed, 3, row_keys[fill_rows[clash]])) % num_news
                 break
         out[fill_rows, fill_cols] = draw
-    return out, n_fill
+    return out, k - take

@@ -298,21 +298,7 @@ def metrics_from_sums(vec: np.ndarray) -> dict:
 
 
 def summarize(per_impression: dict[str, np.ndarray]) -> dict:
-    """Mean metrics over the valid impressions.
-
-    Parameters
-    ----------
-    per_impression : dict
-        Output of :func:`impression_metrics` (arrays of shape [I]).
-
-    Returns
-    -------
-    dict
-        ``{"auc", "mrr", "ndcg5", "ndcg10"}``: float means over valid
-        impressions (single-class/empty impressions are excluded, so the
-        means contain no NaN unless there is *no* valid impression, in which
-        case every mean is NaN); ``"impressions"``: number of valid
-        impressions; ``"impressions_single_class"``: number excluded.
-        Identical to ``metrics_from_sums(metric_sums(per_impression))``.
-    """
+    """Mean metrics over the valid impressions of :func:`impression_metrics`' output: the dict of
+    :func:`metrics_from_sums` (single-class and empty impressions excluded and counted; every mean is NaN
+    only when no impression is valid)."""
     return metrics_from_sums(metric_sums(per_impression))

@@ -67,8 +67,8 @@ class TypicalWorkflow:
         lab = Ragged(cand_off, labels).take(rows).values
         pools = Ragged.from_lengths(np.bincount(imp.row_ids()[lab == 0], minlength=len(rows)), imp.values[lab == 0])
         positives = values[pos].astype(np.int64)
-        negs, _ = sample_negatives(pools, self.negatives, positives, self.store.num_news,
-                                   seed=int(hash64(self.seed, epoch)), row_keys=pos)
+        negs, fills = sample_negatives(pools, self.negatives, positives, self.store.num_news,
+                                       seed=int(hash64(self.seed, epoch)), row_keys=pos)
         # this rank's share of the global batch (sampling above is independent of the world size)
         share = np.array_split(np.arange(len(inst)), self.world)[self.rank]
         hist = self.train.history.take(rows[share]).padded(self.max_history, fill=-1, keep="last").astype(np.int64)
@@ -79,7 +79,7 @@ class TypicalWorkflow:
         valid = int(tok.mask[real].sum())
         counters = {"clicks_trained": len(share), "news_encoded": len(news), "valid_tokens": valid,
                     "padded_tokens": tok.mask.size - valid,
-                    "negatives_random": int(np.maximum(self.negatives - pools.lengths()[share], 0).sum())}
+                    "negatives_random": int(fills[share].sum())}
         return TypicalBatch(torch.from_numpy(hist), torch.from_numpy(cand), torch.from_numpy(tok.input_ids),
                             torch.from_numpy(tok.mask), counters)
 
