@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
                      f"{s['clicks_per_second'] / s_typ['clicks_per_second']:.1f}x", f"{s['data_efficiency']:.1%}",
                      f"{s['news_encoded']:,}", s["cache_hits"], s["stale_reads"], s["sequences_dropped"],
                      f"{m['auc']:.4f}", f"{m['ndcg10']:.4f}"])
-    md = [f"# Speedup: speedyfeed vs typical workflow\n",
+    md = ["# Speedup: speedyfeed vs typical workflow\n",
           f"Device: {info['device']}, torch {info['torch']}, {info['threads']} threads, one process. "
           f"Data: synthetic default, {users} users. Model: {' '.join(model)}. "
           f"SpeedyFeed trains one epoch; the typical workflow trains for the same wall time; both are evaluated on "

@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 from speedyrec.engine.cache import EmbeddingCache

@@ -59,7 +59,7 @@ def build_tokenizer(cfg: Config, ds: Dataset, dist: DistInfo) -> EncoderParts:
         backbone = build_backbone(spec, None, cfg.model)
         tok = getattr(backbone, "tokenizer", None)
         if tok is None:
-            raise ValueError(f"model.encoder={spec.name}: the class must set a `tokenizer` attribute")
+            raise ConfigError(f"model.encoder={spec.name}: the class must set a `tokenizer` attribute")
         return EncoderParts(spec, tok, backbone)
     if spec.kind == "hf":
         return EncoderParts(spec, load_hf_tokenizer(spec.name), None)

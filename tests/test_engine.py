@@ -1,6 +1,5 @@
 """The SpeedyFeed engine: batching loses nothing, centralized encoding and the autoregressive loss equal
 slow references, and global dedup over 2 ranks gives the single-process gradient."""
-import os
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Both readers on both real samples, and every kind of bad input on crafted files."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from speedyrec.config import load_config

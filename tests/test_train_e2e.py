@@ -368,7 +368,7 @@ def test_same_seed_same_metrics_other_seed_differs(workflow, tmp_path, cache_dir
         out = tmp_path / name
         results[name] = run_job(synthetic_args(out, cache_dir, synthetic_small, *extra, "model.dropout=0",
                                                "train.max_steps=4", f"train.seed={seed}"), out)
-    (sa, ma), (sb, mb), (sc, mc) = results["a"], results["b"], results["c"]
+    (sa, ma), (sb, mb), (_, mc) = results["a"], results["b"], results["c"]
     check_metrics(ma)
     assert {k: ma[k] for k in METRICS} == {k: mb[k] for k in METRICS}
     assert without_timing(sa) == without_timing(sb)

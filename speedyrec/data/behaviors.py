@@ -46,6 +46,12 @@ class Behaviors:
     def clicks(self) -> int:
         return int(self.labels.sum())
 
+    def non_clicked(self) -> Ragged:
+        """Per impression, its non-clicked candidates (the pool negatives are drawn from first)."""
+        neg = self.labels == 0
+        return Ragged.from_lengths(np.bincount(self.candidates.row_ids()[neg], minlength=len(self)),
+                                   self.candidates.values[neg])
+
 
 @dataclass
 class _Builder:

@@ -72,7 +72,7 @@ class FinetuneRecipe:
         if cfg.train.workflow == "typical":
             from speedyrec.workflows.typical import TypicalWorkflow
 
-            return TypicalWorkflow(self.data.train, self.inputs, self.model, max_history=cfg.data.max_history,
+            return TypicalWorkflow(self.data.train, self.store, self.model, max_history=cfg.data.max_history,
                                    negatives=cfg.train.negatives, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                    rank=dist.rank, world=dist.world, device=dist.device)
         from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow

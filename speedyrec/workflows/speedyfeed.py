@@ -2,7 +2,10 @@
 and the autoregressive user loss, wired to our news recommender."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import psutil
 import torch
 
 from speedyrec.data.behaviors import Behaviors
@@ -49,12 +52,10 @@ def build_sequences(train: Behaviors, num_news: int) -> SequenceSet:
     pos = np.concatenate(parts_pos)
     order = np.lexsort((pos, key, user))
     user_sorted = user[order]
-    uniq, counts = np.unique(user_sorted, return_counts=True)
+    _, counts = np.unique(user_sorted, return_counts=True)
     clicks = Ragged.from_lengths(counts, np.concatenate(parts_news)[order].astype(np.int32))
     click_pool = np.concatenate(parts_pool)[order].astype(np.int64)
-    neg = ~clicked
-    pools = Ragged.from_lengths(np.bincount(cand_rows[neg], minlength=len(train)), train.candidates.values[neg])
-    return SequenceSet(clicks, click_pool, pools, num_news)
+    return SequenceSet(clicks, click_pool, train.non_clicked(), num_news)
 
 
 def cache_replica_budget(device: torch.device) -> int:
@@ -62,10 +63,6 @@ def cache_replica_budget(device: torch.device) -> int:
     a tenth of the free GPU memory, or a quarter of the available RAM shared by this machine's ranks."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] * 0.1)
-    import os
-
-    import psutil
-
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return int(psutil.virtual_memory().available * 0.25 / max(local_ranks, 1))
 

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from speedyrec.data.behaviors import Behaviors
-from speedyrec.data.ragged import Ragged
-from speedyrec.models.news_inputs import NewsInputs
+from speedyrec.data.token_store import TokenStore
 from speedyrec.engine.prefetch import prefetch
 from speedyrec.engine.trainer import StepOutput
 from speedyrec.engine.hashing import hash64
@@ -33,11 +32,11 @@ class TypicalBatch:
 
 
 class TypicalWorkflow:
-    def __init__(self, train: Behaviors, inputs: NewsInputs, model, *, max_history: int, negatives: int,
+    def __init__(self, train: Behaviors, store: TokenStore, model, *, max_history: int, negatives: int,
                  batch_size: int, seed: int, rank: int, world: int, device: torch.device):
         self.train = train
-        self.inputs = inputs
-        self.store = inputs.store
+        self.store = store
+        self.pools = train.non_clicked()  # per impression: its non-clicks, the negatives' pool
         self.model = model
         self.max_history = max_history
         self.negatives = negatives
@@ -61,13 +60,8 @@ class TypicalWorkflow:
     def _global_batch(self, epoch: int, b: int, order: np.ndarray) -> TypicalBatch:
         inst = order[b * self.batch_size : (b + 1) * self.batch_size]
         rows, pos = self.click_row[inst], self.click_pos[inst]
-        cand_off, labels, values = self.train.candidates.offsets, self.train.labels, self.train.candidates.values
-        # negatives: the impression's non-clicked candidates
-        imp = self.train.candidates.take(rows)
-        lab = Ragged(cand_off, labels).take(rows).values
-        pools = Ragged.from_lengths(np.bincount(imp.row_ids()[lab == 0], minlength=len(rows)), imp.values[lab == 0])
-        positives = values[pos].astype(np.int64)
-        negs, fills = sample_negatives(pools, self.negatives, positives, self.store.num_news,
+        positives = self.train.candidates.values[pos].astype(np.int64)
+        negs, fills = sample_negatives(self.pools.take(rows), self.negatives, positives, self.store.num_news,
                                        seed=int(hash64(self.seed, epoch)), row_keys=pos)
         # this rank's share of the global batch (sampling above is independent of the world size)
         share = np.array_split(np.arange(len(inst)), self.world)[self.rank]
