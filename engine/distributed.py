@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 
 
 @dataclass
@@ -80,6 +81,21 @@ def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded)
     return [o[:s] for o, s in zip(out, sizes)]
+
+
+def all_gather_with_grad(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's rows t [sizes[rank], ...] concatenated in rank order, with autograd: the gradient of a
+    row returns to the rank that produced it. ``sizes`` (rows per rank) must be known to every rank."""
+    if not dist.is_initialized():
+        return t
+    width = max(sizes)
+    padded = torch.cat([t, t.new_zeros((width - len(t),) + tuple(t.shape[1:]))]) if width > len(t) else t
+    if torch.is_grad_enabled() and not padded.requires_grad:
+        # a rank that contributes nothing trainable must still record the gather, or its backward would skip
+        # the collective that the other ranks' backward waits in
+        padded = padded.detach().requires_grad_(True)
+    gathered = dist_fn.all_gather(padded)
+    return torch.cat([g[:s] for g, s in zip(gathered, sizes)])
 
 
 def reduce_gradients(params: list[torch.nn.Parameter], scale: float) -> None:

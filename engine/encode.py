@@ -16,10 +16,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed.nn.functional as dist_fn
 
 from speedyrec.engine.cache import EmbeddingCache
-from speedyrec.engine.distributed import DistInfo, all_gather_rows
+from speedyrec.engine.distributed import DistInfo, all_gather_rows, all_gather_with_grad
 from speedyrec.engine.hashing import hash64
 
 # encode_rows(tokens, rows) -> (embeddings [len(rows), D], valid tokens, padded tokens)
@@ -120,15 +119,8 @@ class CentralizedEncoder:
         owned = owner_of[rank] == rank
         emb_own, valid, padded = self._encode(tokens, miss_rows[owned], lengths, device)
         sizes = [int((owner_of[r] == r).sum()) for r in range(world)]
-        width = max(sizes)
-        padded_own = torch.cat([emb_own, emb_own.new_zeros((width - len(emb_own), self.dim))]) if width > len(emb_own) else emb_own
-        if torch.is_grad_enabled() and not padded_own.requires_grad:
-            # a rank that encoded nothing must still record the gather, or its backward would skip the
-            # collective that the other ranks' backward waits in
-            padded_own = padded_own.detach().requires_grad_(True)
-        gathered = dist_fn.all_gather(padded_own)  # autograd: gradients return to the encoding rank
+        global_emb = all_gather_with_grad(emb_own, sizes)  # gradients return to the encoding rank
         global_ids = np.concatenate([all_ids[r][owner_of[r] == r] for r in range(world)])
-        global_emb = torch.cat([g[:s] for g, s in zip(gathered, sizes)])
         order = np.argsort(global_ids)
         pos = order[np.searchsorted(global_ids[order], my_ids)]
         mine = global_emb[torch.from_numpy(pos).to(device)]

@@ -7,6 +7,7 @@ negatives, and the cross-entropy of the click is summed over the target position
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,22 +20,44 @@ def dispatch(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return out * valid.unsqueeze(-1).to(out.dtype)
 
 
-def autoregressive_loss(table: torch.Tensor, clicks: torch.Tensor, negatives: torch.Tensor, targets: torch.Tensor,
-                        prefix_states: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                        initial_state: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-click cross-entropy over the target positions.
+@dataclass
+class TargetScores:
+    """What one model says about each training target of a batch (T targets, C = 1 + K candidates)."""
+
+    logits: torch.Tensor  # [T, C] float32: the clicked news first, then its negatives
+    user: torch.Tensor  # [T, D]: the user state that scored the target (before its click)
+    candidates: torch.Tensor  # [T, C, D]: the candidates' news vectors
+
+
+def target_scores(table: torch.Tensor, clicks: torch.Tensor, negatives: torch.Tensor, targets: torch.Tensor,
+                  prefix_states: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  initial_state: torch.Tensor) -> TargetScores:
+    """Scores of every target position against its negatives.
 
     table [U, D]; clicks [B, L] rows of table (-1 = padding, right-padded); negatives [B, L, K] rows;
     targets [B, L] bool; ``prefix_states(x [B, L, D], mask [B, L]) -> [B, L, D]`` is the user state after
-    positions 0..t; ``initial_state`` [D] is the state of an empty history. Returns (loss sum, targets).
+    positions 0..t; ``initial_state`` [D] is the state of an empty history.
     """
     valid = clicks >= 0
     click_vec = dispatch(table, clicks)  # [B, L, D]
     states = prefix_states(click_vec, valid)
     b, _, d = click_vec.shape
     before = torch.cat([initial_state.to(states.dtype).expand(b, 1, d), states[:, :-1]], dim=1)
-    pos = (before * click_vec).sum(-1, keepdim=True)  # [B, L, 1]
-    neg = torch.einsum("bld,blkd->blk", before, dispatch(table, negatives))
-    logits = torch.cat([pos, neg], dim=-1).float()[targets]  # [T, 1 + K]
-    loss = torch.logsumexp(logits, dim=-1) - logits[:, 0]
-    return loss.sum(), int(targets.sum())
+    cand = torch.cat([click_vec.unsqueeze(2), dispatch(table, negatives)], dim=2)[targets]  # [T, C, D]
+    user = before[targets]  # [T, D]
+    logits = torch.einsum("td,tcd->tc", user, cand).float()
+    return TargetScores(logits, user, cand)
+
+
+def click_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """logits [T, C] with the clicked news in column 0 -> per-target cross-entropy [T]."""
+    return torch.logsumexp(logits, dim=-1) - logits[:, 0]
+
+
+def autoregressive_loss(table: torch.Tensor, clicks: torch.Tensor, negatives: torch.Tensor, targets: torch.Tensor,
+                        prefix_states: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        initial_state: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-click cross-entropy over the target positions (arguments as :func:`target_scores`).
+    Returns (loss sum, targets)."""
+    scores = target_scores(table, clicks, negatives, targets, prefix_states, initial_state)
+    return click_cross_entropy(scores.logits).sum(), int(targets.sum())

@@ -53,7 +53,9 @@ class Trainer:
                  warmup_steps: int = 0, log_every: int = 20, checkpoint_every: int = 0,
                  checkpoint_fn: Callable[["Trainer"], None] | None = None,
                  after_step: Callable[[int], None] | None = None,
-                 periodic: Callable[[int], float] | None = None, periodic_every: int = 0):
+                 periodic: Callable[[int], float] | None = None, periodic_every: int = 0,
+                 clip_groups: list[list[torch.nn.Parameter]] | None = None,
+                 grad_hook: Callable[[], None] | None = None):
         self.model = model
         self.optimizer = optimizer
         self.dist = dist
@@ -72,6 +74,9 @@ class Trainer:
         self.periodic_every = periodic_every
         self.state = TrainState()
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # models trained side by side (teachers) are clipped each on its own, as if trained alone
+        self.clip_groups = clip_groups or [self.params]
+        self.grad_hook = grad_hook  # runs on the reduced gradients before clipping (NewsBERT's momentum)
         base = [g["lr"] for g in optimizer.param_groups]
         self._base_lr = base
         self._warmup = warmup_steps
@@ -175,8 +180,11 @@ class Trainer:
 
     def _optimizer_step(self, global_targets: float) -> None:
         reduce_gradients(self.params, 1.0 / max(global_targets, 1.0))
+        if self.grad_hook is not None:
+            self.grad_hook()
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            for group in self.clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 STAGES = ("finetune", "posttrain", "distill_posttrain", "finetune_teachers", "distill_finetune", "pipeline", "newsbert")
-IMPLEMENTED_STAGES = ("finetune",)
+IMPLEMENTED_STAGES = STAGES
 
 
 class ConfigError(ValueError):
@@ -107,6 +107,70 @@ class EvalConfig:
 
 
 @dataclass
+class PosttrainConfig:
+    """Tiny-NewsRec's domain-specific post-training of the teacher PLM: InfoNCE, a news body as anchor, its
+    title as positive and in-batch titles of other news as negatives. Stage I distillation reads the same
+    data settings."""
+
+    teachers: int = 4  # M: snapshots kept
+    train_layers: int = 3  # the top layers trained (paper: 3 of 12; here 3 of MiniLM's 6)
+    # paper: 24 and 512 tokens. A body costs its length in every trained layer at every step; 2 CPU cores
+    # afford 64 (8x less than 512), and a news body states its topic in its first sentences.
+    title_tokens: int = 24
+    body_tokens: int = 64
+    negatives: int = 9  # N other titles per body, drawn from the batch (no extra encoding)
+    batch_size: int = 32
+    lr: float = 1e-4  # attention pooling and projection
+    encoder_lr: float = 3e-5  # the trained transformer layers (paper: 1e-6 over ~10k steps of UniLM)
+    snapshot_after: int = 150  # steps before the first snapshot (the loss has flattened by then)
+    snapshot_every: int = 40  # K: steps between snapshots (paper: 500)
+    holdout: int = 500  # news kept out of training, for the title-retrieval accuracy of every snapshot
+
+
+@dataclass
+class DistillConfig:
+    """Tiny-NewsRec's two distillation stages (I: post-training, II: finetuning)."""
+
+    student_layers: int = 2  # N: the student is the first N layers of the PLM (paper: 1, 2 or 4)
+    from_dir: str = ""  # where earlier stages wrote their outputs (out_dir/<stage>/); empty = out_dir
+    stage1_teachers: int = 0  # teachers in Stage I: 0 = all M snapshots; 1 = the last one (the earlier paper)
+    stage1_epochs: int = 2  # Stage I passes over the post-training news
+    stage1_lr: float = 1e-4  # Stage I: pooling, projection and the teacher projections
+    stage1_encoder_lr: float = 5e-5  # Stage I: the student's transformer
+    temperature: float = 1.0  # T_DP
+    temperature_ft: float = 1.0  # T_FT
+    ce_weight_dp: float = 1.0  # weight of the student's own InfoNCE in Stage I (the earlier paper's beta_1)
+    ce_weight_ft: float = 1.0  # weight of the student's own click CE in Stage II (the earlier paper's beta_2 = 0.1)
+    emb_weight: float = 1.0  # weight of the embedding (projected-MSE) losses
+    learn_omega: bool = False  # the earlier paper: teacher weights softmax(-omega * CE) with a learned omega > 0
+    student_init: str = "stage1"  # stage1 (Stage I's student) | plm (the first model.layers layers of the PLM)
+
+
+@dataclass
+class TeachersConfig:
+    """``finetune_teachers``: the post-trained teachers finetuned on clicks, together, on the engine."""
+
+    finetune_layers: int = 2  # the top layers trained (paper: 2)
+    plain: bool = False  # also finetune the PLM without post-training (the paper's PLM-NR (FT))
+    seeds: bool = False  # the earlier paper: the last snapshot finetuned with M seeds, instead of M snapshots
+
+
+@dataclass
+class NewsBertConfig:
+    """NewsBERT: teacher and student trained jointly, sharing pooling, projection and user encoder."""
+
+    momentum: float = 0.15  # beta: g_s <- (1 - beta) g_s + beta * mean gradient of the teacher block
+    teacher_layers: int = 0  # the teacher's layers (0 = all); a multiple of the student's model.layers
+    teacher_init: str = "auto"  # auto (the last post-training snapshot if out_dir has one, else the PLM) | plm | posttrain
+    hidden_weight: float = 1.0  # weight of the hidden-state and embedding MSE losses
+
+
+@dataclass
+class PipelineConfig:
+    baselines: bool = False  # also train the plain teacher, the plain student and NewsBERT's student
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/default"
     stage: str = "finetune"
@@ -115,6 +179,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    newsbert: NewsBertConfig = field(default_factory=NewsBertConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,11 +259,14 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
     items = []
     for k, v in d.items():
         key = prefix + str(k)
-        if isinstance(v, dict) and key in {"data", "model", "train", "engine", "eval"}:
+        if isinstance(v, dict) and key in SECTIONS:
             items += _flatten(v, key + ".")
         else:
             items.append((key, v))
     return items
+
+
+SECTIONS = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)}
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
@@ -288,6 +360,7 @@ def validate(cfg: Config) -> None:
                                   "the typical workflow is the plain baseline")
     if cfg.engine.global_dedup and not cfg.engine.dedup:
         raise ConfigError("engine.global_dedup=true needs engine.dedup=true")
+    _validate_distillation(cfg)
     for seg in cfg.engine.segments:
         _choice("engine.segments", seg, ("title", "abstract", "body"))
     if cfg.engine.buslm:
@@ -295,6 +368,57 @@ def validate(cfg: Config) -> None:
         if unused:
             raise ConfigError(f"engine.segments lists {', '.join(unused)} but data.{unused[0]}_tokens is 0: "
                               f"give the field a maximum length or drop it from the segments")
+
+
+def _validate_distillation(cfg: Config) -> None:
+    pt, di, nb = cfg.posttrain, cfg.distill, cfg.newsbert
+    positive = {"posttrain.teachers": pt.teachers, "posttrain.train_layers": pt.train_layers,
+                "posttrain.negatives": pt.negatives, "posttrain.snapshot_after": pt.snapshot_after,
+                "posttrain.snapshot_every": pt.snapshot_every, "distill.stage1_epochs": di.stage1_epochs,
+                "teachers.finetune_layers": cfg.teachers.finetune_layers}
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {v}")
+    for key, v in {"posttrain.lr": pt.lr, "posttrain.encoder_lr": pt.encoder_lr, "distill.stage1_lr": di.stage1_lr,
+                   "distill.stage1_encoder_lr": di.stage1_encoder_lr, "distill.temperature": di.temperature,
+                   "distill.temperature_ft": di.temperature_ft}.items():
+        if not v > 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {v}")
+    for key, v in {"distill.ce_weight_dp": di.ce_weight_dp, "distill.ce_weight_ft": di.ce_weight_ft,
+                   "distill.emb_weight": di.emb_weight, "newsbert.hidden_weight": nb.hidden_weight,
+                   "distill.stage1_teachers": di.stage1_teachers, "posttrain.holdout": pt.holdout,
+                   "newsbert.teacher_layers": nb.teacher_layers}.items():
+        if v < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {v}")
+    for key in ("posttrain.title_tokens", "posttrain.body_tokens"):
+        if getattr(pt, key.split(".")[1]) < 3:
+            raise ConfigError(f"config key '{key}' must be at least 3 (two special tokens and one word)")
+    if pt.batch_size <= pt.negatives:
+        raise ConfigError(f"posttrain.batch_size={pt.batch_size} must exceed posttrain.negatives={pt.negatives}: "
+                          "the negatives are the titles of other news of the batch")
+    if pt.holdout == 1:
+        raise ConfigError("posttrain.holdout=1: retrieval needs at least 2 held-out news (or 0 for none)")
+    if not 0.0 <= nb.momentum < 1.0:
+        raise ConfigError(f"config key 'newsbert.momentum' must be in [0, 1), got {nb.momentum}")
+    _choice("distill.student_init", di.student_init, ("stage1", "plm"))
+    _choice("newsbert.teacher_init", nb.teacher_init, ("auto", "plm", "posttrain"))
+    if cfg.distill.student_layers <= 0:
+        raise ConfigError(f"config key 'distill.student_layers' must be positive, got {cfg.distill.student_layers}")
+    if cfg.stage != "finetune":
+        if cfg.model.layers:
+            raise ConfigError(f"model.layers is the model of stage=finetune; with stage={cfg.stage} teachers keep every "
+                              "layer of model.encoder and the student's layers are distill.student_layers")
+        if cfg.train.workflow != "speedyfeed":
+            raise ConfigError(f"stage={cfg.stage} trains on the SpeedyFeed engine; train.workflow=typical is the "
+                              "baseline of stage=finetune only")
+        for key in ("buslm", "refine"):
+            if getattr(cfg.engine, key):
+                raise ConfigError(f"engine.{key} is not supported by stage={cfg.stage} yet: teachers, banks and "
+                                  "students encode news as one concatenated sequence; use it with stage=finetune")
+        for key, value in (("train.resume", cfg.train.resume), ("train.checkpoint_every", cfg.train.checkpoint_every),
+                           ("eval.every", cfg.eval.every)):
+            if value:
+                raise ConfigError(f"{key} is supported by stage=finetune only (yet); stage={cfg.stage} runs without it")
 
 
 def check_implemented(cfg: Config, implemented: dict[str, bool]) -> None:

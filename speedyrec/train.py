@@ -52,31 +52,54 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from speedyrec.engine.distributed import init_distributed, shutdown
-    from speedyrec.recipes.finetune import FinetuneRecipe
+    from speedyrec.recipes.common import build_context, save_config
 
     dist = init_distributed()
     setup_logging(dist.is_main, Path(cfg.out_dir))
     t0 = time.perf_counter()
     try:
-        recipe = FinetuneRecipe(cfg, dist)
-        recipe.setup()
-        recipe.train()
-        metrics = recipe.evaluate()
-        stats = recipe.stats()
-        recipe.write_outputs(metrics, stats)
-        recipe.cleanup()
+        ctx = build_context(cfg, dist)
+        save_config(ctx)
+        result = recipe_class(cfg.stage)(ctx).run()
         if dist.is_main:
-            if metrics:
-                print(f"final dev metrics: {format_metrics(metrics)}  ({metrics['impressions']} impressions)", flush=True)
-            print(f"trained {stats['clicks_trained']:,} clicks in {stats['wall_seconds']:.1f} s "
-                  f"({stats['clicks_per_second']:.1f} clicks/s), data efficiency {stats['data_efficiency']:.1%}; "
-                  f"total {time.perf_counter() - t0:.0f} s; outputs in {cfg.out_dir}", flush=True)
+            print_summary(cfg, result, time.perf_counter() - t0)
     except (DataError, ConfigError) as e:
         print(f"speedyrec: {e}", file=sys.stderr)
         return 2
     finally:
         shutdown()
     return 0
+
+
+def recipe_class(stage: str):
+    from speedyrec.recipes.distill_finetune import DistillFinetuneRecipe
+    from speedyrec.recipes.distill_posttrain import DistillPosttrainRecipe
+    from speedyrec.recipes.finetune import FinetuneRecipe
+    from speedyrec.recipes.finetune_teachers import FinetuneTeachersRecipe
+    from speedyrec.recipes.newsbert import NewsBertRecipe
+    from speedyrec.recipes.pipeline import PipelineRecipe
+    from speedyrec.recipes.posttrain import PosttrainRecipe
+
+    recipes = (FinetuneRecipe, PosttrainRecipe, DistillPosttrainRecipe, FinetuneTeachersRecipe, DistillFinetuneRecipe,
+               NewsBertRecipe, PipelineRecipe)
+    return {r.stage: r for r in recipes}[stage]
+
+
+def print_summary(cfg, result: dict, total: float) -> None:
+    metrics, stats = result["metrics"], result["stats"]
+    if cfg.stage == "finetune":
+        if metrics:
+            print(f"final dev metrics: {format_metrics(metrics)}  ({metrics['impressions']} impressions)", flush=True)
+        print(f"trained {stats['clicks_trained']:,} clicks in {stats['wall_seconds']:.1f} s "
+              f"({stats['clicks_per_second']:.1f} clicks/s), data efficiency {stats['data_efficiency']:.1%}; "
+              f"total {total:.0f} s; outputs in {cfg.out_dir}", flush=True)
+        return
+    if cfg.stage in ("finetune_teachers", "distill_finetune", "newsbert"):
+        for name, m in metrics.items():
+            if m.get("auc") is not None:
+                print(f"{name}: {format_metrics(m)}", flush=True)
+    print(f"stage {cfg.stage} done in {total:.0f} s; outputs in {cfg.out_dir}/{cfg.stage if cfg.stage != 'pipeline' else ''}",
+          flush=True)
 
 
 if __name__ == "__main__":

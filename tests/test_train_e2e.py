@@ -478,10 +478,10 @@ def test_lenient_counts_the_bad_row_and_trains(tmp_path, cache_dir):
     assert stats["clicks_trained"] == stats["clicks_in_data"] == 15  # 19 good rows, the last 4 (20%) are dev
 
 
-def test_unimplemented_stage(tmp_path, cache_dir, capsys):
-    rc = main(tiny_overrides(tmp_path / "o", cache_dir, "stage=posttrain"))
+def test_posttraining_more_layers_than_the_encoder_has(tmp_path, cache_dir, capsys):
+    rc = main(tiny_overrides(tmp_path / "o", cache_dir, "stage=posttrain", "posttrain.train_layers=3"))
     assert rc == 2
-    assert_one_line_error(capsys, "posttrain", "not implemented yet")
+    assert_one_line_error(capsys, "posttrain.train_layers=3", "has 2 layers")
 
 
 def test_refine_is_rejected_in_the_typical_workflow(tmp_path, cache_dir, capsys):

@@ -150,6 +150,18 @@ class TokenStore:
         assert len(n) == 1
         self.num_news = n.pop()
 
+    def digest(self) -> str:
+        """A fingerprint of every token of every news and of the special ids (keys derived stores: teacher banks)."""
+        h = hashlib.sha256(f"{self.cls_id}|{self.sep_id}|{self.pad_id}".encode())
+        for name in sorted(self.fields):
+            f = self.fields[name]
+            h.update(f"|{name}|{f.max_tokens}|".encode())
+            h.update(np.ascontiguousarray(f.offsets).tobytes())
+            h.update(np.ascontiguousarray(f.tokens).tobytes())
+            if f.counts is not None:
+                h.update(np.ascontiguousarray(f.counts).tobytes())
+        return h.hexdigest()
+
     @property
     def max_len(self) -> int:
         """Length of the concatenated input of a news with every field full."""

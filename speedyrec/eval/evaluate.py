@@ -15,34 +15,77 @@ from speedyrec.eval.metrics import impression_metrics, metric_sums, metrics_from
 
 
 @torch.no_grad()
-def encode_news(model, inputs: NewsInputs, news: np.ndarray, dist: DistInfo, batch_size: int, amp: str) -> torch.Tensor:
-    """Vectors of the given news [N, D] on every rank; each rank encodes a slice, in length-sorted batches."""
+def encode_news(model, inputs: NewsInputs, news: np.ndarray, dist: DistInfo, batch_size: int, amp: str,
+                encode_fn=None) -> torch.Tensor:
+    """Vectors of the given news [N, W] on every rank; each rank encodes a slice, in length-sorted batches.
+
+    ``encode_fn(tokens) -> [R, W]`` replaces the model's own news encoder (e.g. M stacked teachers)."""
+    if encode_fn is None:
+        encode_fn = lambda tokens: inputs.encode(model, tokens)[0]
     share = np.array_split(np.arange(len(news)), dist.world)[dist.rank]
     mine = news[share]
     order = np.argsort(inputs.lengths(mine), kind="stable")  # similar lengths together: little padding
-    d = model.news_encoder.proj.out_features
-    out = torch.zeros((len(mine), d), dtype=torch.float32, device=dist.device)
+    parts = []
     for s in range(0, len(mine), batch_size):
-        sel = order[s : s + batch_size]
-        tokens = inputs.prepare(mine[sel]).to(dist.device)
+        tokens = inputs.prepare(mine[order[s : s + batch_size]]).to(dist.device)
         with autocast_context(dist.device, amp):
-            emb, _, _ = inputs.encode(model, tokens)
-        out[torch.from_numpy(sel).to(dist.device)] = emb.float()
+            parts.append(encode_fn(tokens).float())
+    width = parts[0].shape[1] if parts else _encoded_width(model, encode_fn, inputs, news, dist, amp)
+    out = torch.zeros((len(mine), width), dtype=torch.float32, device=dist.device)
+    if parts:
+        out[torch.from_numpy(order).to(dist.device)] = torch.cat(parts)
     return torch.cat(all_gather_rows(out), dim=0)
+
+
+def _encoded_width(model, encode_fn, inputs: NewsInputs, news: np.ndarray, dist: DistInfo, amp: str) -> int:
+    """The output width, for a rank whose share is empty (it still takes part in the gather)."""
+    if model is not None and hasattr(model, "news_encoder"):
+        return model.news_encoder.proj.out_features
+    with autocast_context(dist.device, amp):
+        return encode_fn(inputs.prepare(news[:1]).to(dist.device)).shape[1]
 
 
 @torch.no_grad()
 def evaluate(model, inputs: NewsInputs, dev: Behaviors, dist: DistInfo, *, max_history: int, batch_size: int = 256,
              max_impressions: int = 0, amp: str = "auto") -> dict:
     """AUC, MRR, nDCG@5, nDCG@10 averaged over dev impressions with both clicked and non-clicked news."""
+    return evaluate_models([model], inputs, dev, dist, max_history=max_history, batch_size=batch_size,
+                           max_impressions=max_impressions, amp=amp)[0]
+
+
+@torch.no_grad()
+def evaluate_models(models: list, inputs: NewsInputs, dev: Behaviors, dist: DistInfo, *, max_history: int,
+                    batch_size: int = 256, max_impressions: int = 0, amp: str = "auto", encode_fn=None) -> list[dict]:
+    """:func:`evaluate` for M models; with ``encode_fn(tokens) -> [R, M * D]`` (a stack of their news
+    encoders), every dev news is encoded once for all of them."""
     t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
+    flags = [(m, m.training) for m in models]
+    for m in models:
+        m.eval()
     if max_impressions:
         dev = dev.take(np.arange(min(max_impressions, len(dev))))
     hist_pad = dev.history.padded(max_history, fill=-1, keep="last")
     needed = np.unique(np.concatenate([hist_pad[hist_pad >= 0], dev.candidates.values]).astype(np.int64))
-    table = encode_news(model, inputs, needed, dist, batch_size, amp)  # [U, D]
+    if encode_fn is None:
+        tables = [encode_news(m, inputs, needed, dist, batch_size, amp) for m in models]  # [U, D] each
+    else:
+        stacked = encode_news(None, inputs, needed, dist, batch_size, amp, encode_fn)
+        tables = list(stacked.view(len(needed), len(models), -1).unbind(1))
+    encode_seconds = time.perf_counter() - t0
+    results = []
+    for m, table in zip(models, tables):
+        t1 = time.perf_counter()
+        result = _score(m.user_encoder, table, needed, hist_pad, dev, dist, amp)
+        result["news_encoded"] = len(needed)
+        result["seconds"] = encode_seconds / len(models) + time.perf_counter() - t1
+        results.append(result)
+    for m, was in flags:
+        m.train(was)
+    return results
+
+
+def _score(user_encoder, table: torch.Tensor, needed: np.ndarray, hist_pad: np.ndarray, dev: Behaviors,
+           dist: DistInfo, amp: str) -> dict:
     slot = lambda idx: np.searchsorted(needed, idx)  # news index -> row of table
     share = np.array_split(np.arange(len(dev)), dist.world)[dist.rank]
     sums = np.zeros(6)
@@ -52,7 +95,7 @@ def evaluate(model, inputs: NewsInputs, dev: Behaviors, dist: DistInfo, *, max_h
         mask = torch.from_numpy(h >= 0).to(dist.device)
         hv = table[torch.from_numpy(slot(np.maximum(h, 0))).to(dist.device)]
         with autocast_context(dist.device, amp):
-            users = model.user_encoder(hv, mask).float()  # [R, D]
+            users = user_encoder(hv, mask).float()  # [R, D]
         sub = dev.candidates.take(rows)
         lab = _labels_of(dev, rows)
         cv = table[torch.from_numpy(slot(sub.values.astype(np.int64))).to(dist.device)]
@@ -61,11 +104,7 @@ def evaluate(model, inputs: NewsInputs, dev: Behaviors, dist: DistInfo, *, max_h
         sums += metric_sums(impression_metrics(scores, lab, sub.offsets))
     total = torch.from_numpy(sums).to(dist.device)
     all_reduce_sum(total)
-    result = metrics_from_sums(total.cpu().numpy())
-    result["news_encoded"] = len(needed)
-    result["seconds"] = time.perf_counter() - t0
-    model.train(was_training)
-    return result
+    return metrics_from_sums(total.cpu().numpy())
 
 
 def _labels_of(beh: Behaviors, rows: np.ndarray) -> np.ndarray:

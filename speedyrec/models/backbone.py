@@ -12,6 +12,7 @@ forward.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -117,6 +118,19 @@ def train_wordpiece_tokenizer(texts: list[str], vocab_size: int, cache_file: Pat
     return PreTrainedTokenizerFast(tokenizer_file=str(cache_file), **special)
 
 
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module):
+    """Run the modules (and their children) in eval mode, restoring each one's flag afterwards."""
+    flags = [(m, m.training) for mod in modules for m in mod.modules()]
+    try:
+        for mod in modules:
+            mod.eval()
+        yield
+    finally:
+        for m, was in flags:
+            m.training = was
+
+
 class BertFamilyBackbone(nn.Module):
     """Runs a HF BERT-family model's embeddings and layers with SDPA attention.
 
@@ -187,21 +201,35 @@ class BertFamilyBackbone(nn.Module):
         h = layer.attention.output(ctx, h)
         return layer.output(layer.intermediate(h), h)
 
+    def frozen_embed(self, input_ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The embeddings without autograd and in eval mode -> [N, T, H]."""
+        with torch.no_grad(), eval_mode(self.embeddings):
+            return self.embed(input_ids, extra=extra)
+
+    def frozen_layers(self, h: torch.Tensor, mask: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Layers start..end-1 (all frozen) on states h [N, T, H], without autograd and in eval mode."""
+        assert end <= self.freeze_layers, "only frozen layers run without autograd"
+        with torch.no_grad(), eval_mode(*self.layers[start:end]):
+            attend = self._plain_attention(mask)
+            for i in range(start, end):
+                h = self.run_layer(i, h, attend)
+        return h
+
     def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings and the frozen layers, without autograd and in eval mode -> [N, T, H]."""
-        with torch.no_grad():
-            was = self.training
-            self.embeddings.eval()
-            for layer in self.layers[: self.freeze_layers]:
-                layer.eval()
-            h = self.embed(input_ids, extra=extra)
-            for i in range(self.freeze_layers):
-                h = self.run_layer(i, h, self._plain_attention(mask))
-            if was:
-                self.embeddings.train()
-                for layer in self.layers[: self.freeze_layers]:
-                    layer.train()
-        return h
+        return self.frozen_layers(self.frozen_embed(input_ids, extra), mask, 0, self.freeze_layers)
+
+    def hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """The embeddings' output and every layer's output, [N, T, H] each (L + 1 tensors), with autograd
+        where the layers train (what layer-to-layer distillation compares)."""
+        states = [self.frozen_embed(input_ids) if self.freeze_layers > 0 else self.embed(input_ids)]
+        attend = self._plain_attention(mask)
+        for i in range(len(self.layers)):
+            if i < self.freeze_layers:
+                states.append(self.frozen_layers(states[-1], mask, i, i + 1))
+            else:
+                states.append(self.run_layer(i, states[-1], attend))
+        return states
 
     def _plain_attention(self, mask: torch.Tensor):
         heads = self.heads

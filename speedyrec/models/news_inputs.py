@@ -62,12 +62,9 @@ class NewsInputs:
     def enable_frozen_prefix(self, hidden: int, path) -> None:
         self.frozen = FrozenPrefixCache(self.lengths(np.arange(self.store.num_news)), hidden, path)
 
-    def encode(self, model, tokens: NewsTokens, rows: np.ndarray | None = None, trim: bool = True):
-        """Embed the given rows of ``tokens`` (all when None), trimmed to their longest unless ``trim`` is off
-        (then at the width ``tokens`` were prepared with).
-
-        Returns (embeddings [R, D], real tokens, padding tokens) of the encoder input.
-        """
+    @staticmethod
+    def select(tokens: NewsTokens, rows: np.ndarray | None = None, trim: bool = True) -> NewsTokens:
+        """The given rows of ``tokens`` (all when None), trimmed to their longest unless ``trim`` is off."""
         ids, mask, counts, news = tokens.input_ids, tokens.mask, tokens.counts, tokens.news
         if rows is not None:
             r = torch.as_tensor(rows, device=ids.device)
@@ -78,6 +75,16 @@ class NewsInputs:
             width = int(mask.sum(-1).max()) if mask.numel() else 1
             ids, mask = ids[..., :width], mask[..., :width]
             counts = None if counts is None else counts[..., :width]
+        return NewsTokens(news, ids, mask, counts)
+
+    def encode(self, model, tokens: NewsTokens, rows: np.ndarray | None = None, trim: bool = True):
+        """Embed the given rows of ``tokens`` (all when None), trimmed to their longest unless ``trim`` is off
+        (then at the width ``tokens`` were prepared with).
+
+        Returns (embeddings [R, D], real tokens, padding tokens) of the encoder input.
+        """
+        sel = self.select(tokens, rows, trim)
+        ids, mask, counts, news = sel.input_ids, sel.mask, sel.counts, sel.news
         extra = None
         if counts is not None and getattr(model, "frequency", None) is not None:
             extra = model.frequency(counts.clamp(max=model.frequency.num_embeddings - 1))

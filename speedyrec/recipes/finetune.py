@@ -1,42 +1,45 @@
 """Recipe ``stage=finetune``: train the news recommender on clicks, evaluate on dev, write the outputs."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
-from speedyrec.build import build_dataset, build_model, build_token_store, build_tokenizer, make_out_dir
-from speedyrec.config import Config, ConfigError, dump_config
-from speedyrec.engine.distributed import DistInfo, all_reduce_sum
+from speedyrec.build import build_model
+from speedyrec.config import ConfigError
 from speedyrec.engine.trainer import Trainer, load_checkpoint, save_checkpoint
 from speedyrec.eval.evaluate import evaluate
 from speedyrec.models.news_inputs import NewsInputs
+from speedyrec.recipes.common import Context, Timer, engine_stats, save_config, write_json
 
 log = logging.getLogger("speedyrec")
 
-COUNTERS = ("clicks_trained", "news_encoded", "cache_lookups", "cache_hits", "stale_reads", "valid_tokens",
-            "padded_tokens", "sequences_trained", "negatives_random")
-
 
 class FinetuneRecipe:
-    def __init__(self, cfg: Config, dist: DistInfo):
-        self.cfg = cfg
-        self.dist = dist
+    stage = "finetune"
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
+
+    def run(self) -> dict:
+        timer = Timer()
+        self.setup()
+        self.train()
+        metrics = self.evaluate()
+        stats = self.stats()
+        self.write_outputs(metrics, stats)
+        self.cleanup()
+        return {"seconds": timer(), "metrics": metrics, "stats": stats}
 
     def setup(self) -> None:
-        cfg, dist = self.cfg, self.dist
+        ctx, cfg, dist = self.ctx, self.cfg, self.dist
         t0 = time.perf_counter()
-        self.out_dir = make_out_dir(cfg)
-        self.data = build_dataset(cfg, dist)
-        parts = build_tokenizer(cfg, self.data, dist)
-        self.store = build_token_store(cfg, self.data, parts.tokenizer, dist)
-        self.model = build_model(cfg, parts, dist)  # resolves model.freeze_layers=-1
-        if dist.is_main:
-            dump_config(cfg, self.out_dir / "config.yaml")
+        self.out_dir = ctx.root
+        self.data, self.store = ctx.data, ctx.store
+        self.model = build_model(cfg, ctx.parts, dist)  # resolves model.freeze_layers=-1
+        save_config(ctx)
         self.inputs = NewsInputs(self.store, self._segments())
         if cfg.model.freeze_layers > 0 and cfg.train.workflow == "speedyfeed":
             self.inputs.enable_frozen_prefix(self.model.news_encoder.backbone.hidden_size,
@@ -116,44 +119,9 @@ class FinetuneRecipe:
 
     def stats(self) -> dict:
         """Counters summed over ranks, plus the data's fault counters (read identically by every rank)."""
-        st = self.trainer.state
-        local = {k: float(st.counters.get(k, 0.0)) for k in COUNTERS}
-        local["sequences_dropped"] = float(getattr(self.workflow, "sequences_dropped", 0))
-        vec = torch.tensor(list(local.values()), dtype=torch.float64, device=self.dist.device)
-        all_reduce_sum(vec)
-        # the slowest rank's loop time, and the largest resident memory of any rank
-        peaks = torch.tensor([st.wall_seconds, psutil.Process().memory_info().rss / 2**20], dtype=torch.float64,
-                             device=self.dist.device)
-        if self.dist.active:
-            torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
-        wall = peaks[0]
-        stats = {k: int(v) for k, v in zip(local, vec.tolist())}
-        epochs_run = self.cfg.train.epochs
-        stats["clicks_in_data"] = int(self.workflow.clicks_in_data)
-        stats["sequences_in_data"] = int(getattr(self.workflow, "sequences_in_data", 0))
-        stats.update(self.data.faults.as_dict())
-        # clicks on unknown news cannot be trained: they are counted once per epoch, like the clicks trained
-        stats["clicks_unknown_news"] = epochs_run * int(self.data.faults.counts.get("clicks_unknown_news", 0))
-        expected = epochs_run * stats["clicks_in_data"] - stats["clicks_unknown_news"]
-        assert stats["clicks_trained"] <= expected, "trained more clicks than the data holds"
-        stats["clicks_not_reached"] = expected - stats["clicks_trained"]  # a run stopped by max_steps/max_seconds
-        stats["epochs"] = epochs_run
-        stats["steps"] = st.step
-        stats["workflow"] = self.cfg.train.workflow
-        stats["world_size"] = self.dist.world
-        stats["device"] = str(self.dist.device.type)
-        tokens = stats["valid_tokens"] + stats["padded_tokens"]
-        stats["data_efficiency"] = stats["valid_tokens"] / tokens if tokens else 0.0
-        stats["wall_seconds"] = float(wall.item())
-        stats["clicks_per_second"] = stats["clicks_trained"] / stats["wall_seconds"] if stats["wall_seconds"] > 0 else 0.0
-        stats["setup_seconds"] = self.setup_seconds
-        stats["max_rank_rss_mb"] = round(float(peaks[1]), 1)
-        return stats
+        return engine_stats(self.cfg, self.dist, self.trainer, self.workflow, self.data, self.setup_seconds)
 
     def write_outputs(self, metrics: dict, stats: dict) -> None:
-        if not self.dist.is_main:
-            return
-        # NaN (no impression with both clicked and non-clicked news) is not JSON: write null
-        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
-        (self.out_dir / "metrics.json").write_text(json.dumps(clean, indent=2) + "\n")
-        (self.out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        if self.dist.is_main:
+            write_json(self.out_dir / "metrics.json", metrics)
+            write_json(self.out_dir / "stats.json", stats)

@@ -3,6 +3,7 @@ and the autoregressive user loss, wired to our news recommender."""
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 import psutil
@@ -13,7 +14,7 @@ from speedyrec.data.dataset import Dataset
 from speedyrec.engine.batching import DynamicBatcher, SequenceBatch, SequenceSet
 from speedyrec.engine.cache import EmbeddingCache
 from speedyrec.engine.distributed import DistInfo
-from speedyrec.engine.encode import CentralizedEncoder
+from speedyrec.engine.encode import CentralizedEncoder, EncodeRows
 from speedyrec.engine.loss import autoregressive_loss
 from speedyrec.engine.ragged import Ragged
 from speedyrec.engine.trainer import StepOutput
@@ -67,8 +68,20 @@ def cache_replica_budget(device: torch.device) -> int:
     return int(psutil.virtual_memory().available * 0.25 / max(local_ranks, 1))
 
 
+# objective(table [U, W], news [U], clicks [B, L], negatives [B, L, K], targets [B, L]) -> (loss sum, counters)
+Objective = Callable[[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
 class SpeedyFeedWorkflow:
-    def __init__(self, cfg, data: Dataset, inputs: NewsInputs, model, dist: DistInfo):
+    """Batches, centralized encoding with the cache, and a loss on the batch's news table.
+
+    By default the table holds ``model``'s news vectors and the loss is its autoregressive click loss. A
+    recipe may encode rows its own way (``encode_rows(tokens, rows) -> (vectors [R, dim], valid, padded)``,
+    e.g. M teachers at once, dim = M * D) and supply its own ``objective`` on the table.
+    """
+
+    def __init__(self, cfg, data: Dataset, inputs: NewsInputs, model, dist: DistInfo, *,
+                 encode_rows: EncodeRows | None = None, dim: int | None = None, objective: Objective | None = None):
         ec = cfg.engine
         self.cfg = cfg
         self.model = model
@@ -88,10 +101,11 @@ class SpeedyFeedWorkflow:
             prefetch_depth=ec.prefetch, pin=self.device.type == "cuda", fill_cdf=self._fill_cdf(ec, store.num_news))
         cache = None
         if ec.cache and ec.cache_gamma > 0:
-            cache = EmbeddingCache(store.num_news, cfg.model.dim, gamma=ec.cache_gamma, beta=ec.cache_beta,
+            cache = EmbeddingCache(store.num_news, dim or cfg.model.dim, gamma=ec.cache_gamma, beta=ec.cache_beta,
                                    seed=cfg.train.seed, dist=dist, device=self.device,
                                    max_bytes=cache_replica_budget(self.device))
-        self.encoder = CentralizedEncoder(self._encode_rows, cfg.model.dim, dist, cache=cache,
+        self.objective = objective or self.click_loss
+        self.encoder = CentralizedEncoder(encode_rows or self._encode_rows, dim or cfg.model.dim, dist, cache=cache,
                                           global_dedup=ec.global_dedup,
                                           chunk_tokens=ec.chunk_tokens if ec.dynamic_batching else None,
                                           seed=cfg.train.seed)
@@ -137,11 +151,15 @@ class SpeedyFeedWorkflow:
             return StepOutput(loss, 0, {})
         tokens = batch.tokens.to(self.device)
         enc = self.encoder(batch.news, batch.lengths, tokens, self.step_no)
-        user = self.model.user_encoder
-        loss, _ = autoregressive_loss(enc.table, batch.clicks.to(self.device, non_blocking=True),
-                                      batch.negatives.to(self.device, non_blocking=True),
-                                      batch.targets.to(self.device, non_blocking=True),
-                                      user.prefix_states, user.empty)
+        clicks, negatives, targets = (t.to(self.device, non_blocking=True)
+                                      for t in (batch.clicks, batch.negatives, batch.targets))
+        loss, extra = self.objective(enc.table, batch.news, clicks, negatives, targets)
         n = batch.num_targets
-        counters = {"clicks_trained": n, **batch.counters, **enc.counters}
+        counters = {"clicks_trained": n, **batch.counters, **enc.counters, **extra}
         return StepOutput(loss, n, counters)
+
+    def click_loss(self, table, news, clicks, negatives, targets) -> tuple[torch.Tensor, dict]:
+        """The model's autoregressive click loss, summed over the targets."""
+        user = self.model.user_encoder
+        loss, _ = autoregressive_loss(table, clicks, negatives, targets, user.prefix_states, user.empty)
+        return loss, {}

@@ -1,0 +1,81 @@
+"""Model files of the distillation stages: what changed from the base PLM, and the checksum of the whole.
+
+A snapshot holds only the tensors that differ from the pretrained encoder it started from (the trained
+top layers, pooling, projection, user encoder), so M teachers cost M x a few layers on disk, plus the
+sha256 of the model's complete state. Loading rebuilds the base PLM, applies the delta and recomputes
+the checksum: a teacher that does not hold exactly the weights it was saved with (a delta that did not
+load, another base encoder, a changed tokenizer vocabulary) is an error, never a silent fresh start.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from speedyrec.config import ConfigError
+from speedyrec.models.checksum import weights_checksum
+
+FORMAT = "speedyrec-snapshot/1"
+
+
+class SnapshotError(ConfigError):
+    """A model file is missing, is not a snapshot, or does not reproduce the weights it was saved with."""
+
+
+def save_snapshot(path: Path, module: nn.Module, changed: set[str], meta: dict) -> str:
+    """Write ``module``'s tensors named in ``changed`` (state-dict names) and its full checksum; returns it."""
+    state = module.state_dict()
+    unknown = sorted(changed - state.keys())
+    assert not unknown, f"not in the module: {unknown[:3]}"
+    checksum = weights_checksum(state)
+    payload = {"format": FORMAT, "delta": {k: state[k].detach().cpu().clone() for k in sorted(changed)},
+               "checksum": checksum, "meta": meta}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return checksum
+
+
+def read_snapshot(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SnapshotError(f"no model file at {path}")
+    snap = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(snap, dict) or snap.get("format") != FORMAT:
+        raise SnapshotError(f"{path} is not a speedyrec snapshot (expected format {FORMAT})")
+    return snap
+
+
+def apply_delta(module: nn.Module, snap: dict, path: Path) -> None:
+    """Copy the snapshot's tensors into ``module`` (built from the base PLM), by name and shape."""
+    state = module.state_dict()
+    for name, t in snap["delta"].items():
+        if name not in state:
+            raise SnapshotError(f"{path}: tensor {name} has no place in the model built from "
+                                f"{snap['meta'].get('encoder', 'the configured encoder')}")
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise SnapshotError(f"{path}: tensor {name} is {tuple(t.shape)} in the file but {tuple(state[name].shape)} "
+                                "in the model (another encoder, model.dim or vocabulary?)")
+    module.load_state_dict(snap["delta"], strict=False)
+
+
+def verify_checksum(module: nn.Module, snap: dict, path: Path, what: str) -> str:
+    """Raise unless ``module`` holds exactly the weights the snapshot was saved with; returns the checksum."""
+    got = weights_checksum(module)
+    if got != snap["checksum"]:
+        raise SnapshotError(
+            f"{what} does not hold the weights of {path}: checksum {got[:12]} after loading, {snap['checksum'][:12]} "
+            f"when saved. The model would silently start from other weights. Was it built from another encoder "
+            f"(saved with model.encoder={snap['meta'].get('encoder', '?')}), model.dim or tokenizer?")
+    return got
+
+
+def load_snapshot(module: nn.Module, path: Path, what: str) -> dict:
+    """Apply the snapshot at ``path`` to ``module`` and verify the checksum; returns the snapshot."""
+    snap = read_snapshot(path)
+    apply_delta(module, snap, path)
+    verify_checksum(module, snap, path, what)
+    return snap

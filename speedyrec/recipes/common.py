@@ -1,0 +1,226 @@
+"""What the recipes share: the run context (data, tokenizer, tokenized news), model builders for teachers and
+students, the engine counters of stats.json, and output files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from speedyrec.build import (EncoderParts, build_dataset, build_token_store, build_tokenizer, make_out_dir,
+                             rank0_first)
+from speedyrec.config import Config, ConfigError, dump_config
+from speedyrec.data.dataset import Dataset, cache_dir_of
+from speedyrec.data.token_store import TokenStore, build_or_load_field, tokenizer_digest
+from speedyrec.engine.distributed import DistInfo, all_reduce_sum
+from speedyrec.engine.trainer import Trainer
+from speedyrec.eval.evaluate import evaluate_models
+from speedyrec.models.backbone import build_backbone
+from speedyrec.models.news_inputs import NewsInputs
+from speedyrec.models.recommender import NewsEncoder, NewsRecommender
+
+log = logging.getLogger("speedyrec")
+
+ENGINE_COUNTERS = ("clicks_trained", "news_encoded", "cache_lookups", "cache_hits", "stale_reads", "valid_tokens",
+                   "padded_tokens", "sequences_trained", "negatives_random")
+
+
+@dataclass
+class Context:
+    """What every recipe of a run reads; a pipeline builds it once for all its stages."""
+
+    cfg: Config
+    dist: DistInfo
+    root: Path  # out_dir
+    data: Dataset
+    parts: EncoderParts
+    store: TokenStore  # the clicks stages' fields (data.title_tokens, ...)
+
+    def stage_dir(self, stage: str) -> Path:
+        d = self.root / stage
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def from_dir(self, stage: str) -> Path:
+        """Where an earlier stage's outputs are read: ``distill.from_dir`` (default out_dir) / stage."""
+        base = Path(self.cfg.distill.from_dir) if self.cfg.distill.from_dir else self.root
+        return base / stage
+
+    def field_store(self, field: str, max_tokens: int) -> TokenStore:
+        """A store of one text field cut to ``max_tokens`` (post-training's titles and bodies)."""
+        cache, dist = cache_dir_of(self.cfg.data), self.dist
+        tok = self.parts.tokenizer
+        digest = tokenizer_digest(tok)
+        ft = rank0_first(dist, lambda: build_or_load_field(cache, field, self.data.news.text[field], tok, max_tokens,
+                                                           digest)[0])
+        return TokenStore({field: ft}, self.store.cls_id, self.store.sep_id, self.store.pad_id)
+
+
+def build_context(cfg: Config, dist: DistInfo) -> Context:
+    root = make_out_dir(cfg)
+    data = build_dataset(cfg, dist)
+    parts = build_tokenizer(cfg, data, dist)
+    store = build_token_store(cfg, data, parts.tokenizer, dist)
+    return Context(cfg, dist, root, data, parts, store)
+
+
+def save_config(ctx: Context) -> None:
+    if ctx.dist.is_main:
+        dump_config(ctx.cfg, ctx.root / "config.yaml")
+
+
+# -- teachers and students -------------------------------------------------------------------------------
+def build_plm_backbone(ctx: Context, layers: int, freeze_layers: int) -> torch.nn.Module:
+    """The configured PLM with its first ``layers`` layers (0 = all), the first ``freeze_layers`` frozen.
+
+    The seed is reset first, so a randomly initialised encoder is the same base in every stage of a run, and a
+    student's N layers are the teachers' first N."""
+    if ctx.parts.spec.kind == "custom":
+        raise ConfigError(f"stage={ctx.cfg.stage} needs a BERT-family encoder run layer by layer (teachers share "
+                          f"and cache their frozen layers); model.encoder={ctx.cfg.model.encoder} is a custom class")
+    mc = dataclasses.replace(ctx.cfg.model, layers=layers, freeze_layers=freeze_layers)
+    torch.manual_seed(ctx.cfg.train.seed)
+    bb = build_backbone(ctx.parts.spec, ctx.parts.tokenizer, mc)
+    if not hasattr(bb, "frozen_layers"):
+        raise ConfigError(f"stage={ctx.cfg.stage} needs a BERT-family encoder run layer by layer; "
+                          f"{ctx.cfg.model.encoder} is run through its own forward")
+    return bb
+
+
+def plm_layers(ctx: Context) -> int:
+    """Transformer layers of the configured PLM (a teacher has them all)."""
+    spec = ctx.parts.spec
+    if spec.kind == "random":
+        return int(spec.shape["layers"])
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(spec.name).num_hidden_layers)
+
+
+def build_news_encoder(ctx: Context, layers: int, freeze_layers: int) -> NewsEncoder:
+    mc = ctx.cfg.model
+    return NewsEncoder(build_plm_backbone(ctx, layers, freeze_layers), mc.dim, mc.attention_dim)
+
+
+def build_recommender(ctx: Context, layers: int, freeze_layers: int, seed: int) -> NewsRecommender:
+    """A news recommender on the PLM; ``seed`` initialises its pooling, projection and user encoder."""
+    mc = ctx.cfg.model
+    backbone = build_plm_backbone(ctx, layers, freeze_layers)
+    torch.manual_seed(seed)
+    return NewsRecommender(backbone, mc.dim, mc.attention_dim)
+
+
+def student_freeze_layers(cfg: Config) -> int:
+    """Students train every layer unless model.freeze_layers says otherwise."""
+    return max(cfg.model.freeze_layers, 0)
+
+
+def trainable_names(module: torch.nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+def non_backbone_names(module: torch.nn.Module) -> set[str]:
+    """State-dict names outside any PLM backbone (pooling, projection, user encoder): never in the base PLM."""
+    return {n for n in module.state_dict() if ".backbone." not in f".{n}" and not n.startswith("backbone.")}
+
+
+# -- outputs ---------------------------------------------------------------------------------------------
+def write_json(path: Path, obj) -> None:
+    """JSON with NaN written as null (NaN is not JSON)."""
+    def clean(v):
+        if isinstance(v, float) and v != v:
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.generic):
+            return v.item()
+        return v
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean(obj), indent=2) + "\n")
+
+
+def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, setup_seconds: float) -> dict:
+    """stats.json of a run trained on clicks: counters summed over ranks, the data's fault counters, and the
+    split of clicks_in_data (trained + unknown news + not reached)."""
+    st = trainer.state
+    local = {k: float(st.counters.get(k, 0.0)) for k in ENGINE_COUNTERS}
+    local["sequences_dropped"] = float(getattr(workflow, "sequences_dropped", 0))
+    vec = torch.tensor(list(local.values()), dtype=torch.float64, device=dist.device)
+    all_reduce_sum(vec)
+    # the slowest rank's loop time, and the largest resident memory of any rank
+    peaks = torch.tensor([st.wall_seconds, psutil.Process().memory_info().rss / 2**20], dtype=torch.float64,
+                         device=dist.device)
+    if dist.active:
+        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+    stats = {k: int(v) for k, v in zip(local, vec.tolist())}
+    epochs_run = cfg.train.epochs
+    stats["clicks_in_data"] = int(workflow.clicks_in_data)
+    stats["sequences_in_data"] = int(getattr(workflow, "sequences_in_data", 0))
+    stats.update(data.faults.as_dict())
+    # clicks on unknown news cannot be trained: they are counted once per epoch, like the clicks trained
+    stats["clicks_unknown_news"] = epochs_run * int(data.faults.counts.get("clicks_unknown_news", 0))
+    expected = epochs_run * stats["clicks_in_data"] - stats["clicks_unknown_news"]
+    assert stats["clicks_trained"] <= expected, "trained more clicks than the data holds"
+    stats["clicks_not_reached"] = expected - stats["clicks_trained"]  # a run stopped by max_steps/max_seconds
+    stats["epochs"] = epochs_run
+    stats["steps"] = st.step
+    stats["workflow"] = cfg.train.workflow
+    stats["world_size"] = dist.world
+    stats["device"] = str(dist.device.type)
+    tokens = stats["valid_tokens"] + stats["padded_tokens"]
+    stats["data_efficiency"] = stats["valid_tokens"] / tokens if tokens else 0.0
+    stats["wall_seconds"] = float(peaks[0].item())
+    stats["clicks_per_second"] = stats["clicks_trained"] / stats["wall_seconds"] if stats["wall_seconds"] > 0 else 0.0
+    stats["setup_seconds"] = setup_seconds
+    stats["max_rank_rss_mb"] = round(float(peaks[1]), 1)
+    return stats
+
+
+def engine_trainer(ctx: Context, model: torch.nn.Module, optimizer, workflow, **kw) -> Trainer:
+    """A trainer for the click stages with the train.* settings; the workflow's cache follows its steps."""
+    tc = ctx.cfg.train
+    return Trainer(model, optimizer, ctx.dist, grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, amp=tc.amp,
+                   max_steps=tc.max_steps, max_seconds=tc.max_seconds, warmup_steps=tc.warmup_steps,
+                   log_every=tc.log_every, after_step=getattr(workflow, "after_step", None), **kw)
+
+
+def evaluate_on_dev(ctx: Context, models: list, inputs: NewsInputs, encode_fn=None) -> list[dict]:
+    """Dev metrics of each model ([] without dev impressions); see evaluate_models for ``encode_fn``."""
+    cfg = ctx.cfg
+    if len(ctx.data.dev) == 0:
+        log.warning("no dev impressions: skipping evaluation")
+        return [{} for _ in models]
+    return evaluate_models(models, inputs, ctx.data.dev, ctx.dist, max_history=cfg.data.max_history,
+                           batch_size=cfg.eval.batch_size, max_impressions=cfg.eval.max_impressions, amp=cfg.train.amp,
+                           encode_fn=encode_fn)
+
+
+def loop_stats(trainer, setup_seconds: float, per: str) -> dict:
+    """stats.json of a run outside the click engine: steps, loop time, summed counters, and the mean of every
+    ``loss_*`` counter per ``per`` (the counter of training samples)."""
+    st = trainer.state
+    c = dict(st.counters)
+    stats = {"steps": st.step, "wall_seconds": st.wall_seconds, "setup_seconds": setup_seconds}
+    n = max(c.get(per, 0.0), 1.0)
+    for k, v in c.items():
+        stats[k] = v / n if k.startswith("loss_") else int(v)
+    tokens = c.get("valid_tokens", 0) + c.get("padded_tokens", 0)
+    stats["data_efficiency"] = c.get("valid_tokens", 0) / tokens if tokens else 0.0
+    return stats
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0

@@ -1,0 +1,136 @@
+"""Recipe ``stage=distill_finetune``: Tiny-NewsRec's Stage II, the Stage I student finetuned on clicks with the
+M finetuned teachers.
+
+The teachers are frozen: their news vectors come from the teacher bank (built once, in bulk, sharing their
+common frozen layers), and only their small user encoders run at a step, on the bank's vectors. With the
+autoregressive loss every prefix of a user's history is a target, and every target has teacher scores. Per
+target: beta_i = softmax_i(-omega CE_i); loss = T_FT^2 CE(sum_i beta_i y_i / T_FT, y_s / T_FT)
++ emb_weight * sum_i beta_i [MSE(W_n,i n_i + b, n_s) + MSE(W_u,i u_i + b, u_s)] + ce_weight_ft * CE(y_s, y),
+the news MSE over the target's candidates. Writes ``out_dir/distill_finetune/{metrics.json, stats.json,
+student.pt}``.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from speedyrec.data.dataset import cache_dir_of
+from speedyrec.distill.bank import TeacherBank
+from speedyrec.distill.losses import (TeacherProjections, distillation_loss, embedding_loss, projected_mse,
+                                      teacher_weights)
+from speedyrec.distill.snapshots import load_snapshot, save_snapshot
+from speedyrec.distill.teachers import load_finetuned_recommender, model_files
+from speedyrec.engine.loss import click_cross_entropy, target_scores
+from speedyrec.models.news_inputs import NewsInputs
+from speedyrec.models.shared_prefix import SharedPrefixStack
+from speedyrec.recipes.common import (Context, Timer, build_recommender, engine_stats, engine_trainer,
+                                      evaluate_on_dev, non_backbone_names, student_freeze_layers, trainable_names,
+                                      write_json)
+from speedyrec.recipes.distill_posttrain import omega_of, omega_parameter
+from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
+
+log = logging.getLogger("speedyrec")
+
+
+class DistillModel(nn.Module):
+    """What Stage II trains: the student, the per-teacher projections of news and user vectors, omega."""
+
+    def __init__(self, student: nn.Module, teachers: int, teacher_dim: int, learn_omega: bool):
+        super().__init__()
+        self.student = student
+        d = student.news_encoder.proj.out_features
+        self.news_proj = TeacherProjections(teachers, teacher_dim, d)
+        self.user_proj = TeacherProjections(teachers, teacher_dim, d)
+        self.log_omega = omega_parameter(learn_omega)
+
+
+def build_student(ctx: Context, stage_dir) -> tuple[nn.Module, set[str]]:
+    """The student recommender (distill.student_layers of the PLM) and the state names that differ from the PLM,
+    starting from Stage I's student unless distill.student_init=plm."""
+    cfg = ctx.cfg
+    student = build_recommender(ctx, cfg.distill.student_layers, student_freeze_layers(cfg), cfg.train.seed)
+    changed = set()
+    if cfg.distill.student_init == "stage1":
+        snap = load_snapshot(student.news_encoder, stage_dir, "the Stage I student")
+        changed = {f"news_encoder.{k}" for k in snap["delta"]}
+    return student, changed
+
+
+class DistillFinetuneRecipe:
+    stage = "distill_finetune"
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
+        self.out = ctx.stage_dir(self.stage)
+
+    def run(self) -> dict:
+        ctx, cfg, dist, tc, di = self.ctx, self.cfg, self.dist, self.cfg.train, self.cfg.distill
+        timer = Timer()
+        files = [f for f in model_files(ctx.from_dir("finetune_teachers") / "teachers", "finetuned teachers",
+                                        "finetune_teachers") if f.stem != "plain"]  # the plain teacher is a baseline
+        teachers, checksums = [], []
+        for f in files:
+            model, _, checksum = load_finetuned_recommender(ctx, f)
+            teachers.append(model.to(dist.device))
+            checksums.append(checksum)
+        inputs = NewsInputs(ctx.store)
+        stack = SharedPrefixStack([t.news_encoder for t in teachers])
+        # random negatives may be any news: the bank holds every news of the corpus
+        self.bank, build = TeacherBank.open_or_build(stack, checksums, inputs, np.arange(ctx.store.num_news),
+                                                     cache_dir_of(cfg.data) / "banks", dist,
+                                                     chunk_tokens=cfg.engine.chunk_tokens, amp=tc.amp)
+        del stack
+        self.teacher_users = [t.user_encoder for t in teachers]  # the teachers' PLMs are not needed any more
+        student, changed = build_student(ctx, ctx.from_dir("distill_posttrain") / "student.pt")
+        self.model = model = DistillModel(student, len(files), self.bank.dim, di.learn_omega).to(dist.device)
+        if student.news_encoder.backbone.freeze_layers:
+            inputs.enable_frozen_prefix(student.news_encoder.backbone.hidden_size,
+                                        self.out / f"frozen_prefix_rank{dist.rank}.npy")
+        workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, student, dist, objective=self.objective)
+        extra = [p for n, p in model.named_parameters() if not n.startswith("student.")]
+        groups = student.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay) + [{"params": extra, "lr": tc.lr}]
+        trainer = engine_trainer(ctx, model, torch.optim.AdamW(groups), workflow)
+        setup = timer()
+        trainer.fit(tc.epochs, workflow.batches, workflow.step)
+        result = evaluate_on_dev(ctx, [student], inputs)[0]
+        if inputs.frozen is not None:
+            inputs.frozen.close()
+        path = self.out / "student.pt"
+        meta = {"encoder": cfg.model.encoder, "stage": self.stage, "layers": di.student_layers,
+                "teachers": [str(f) for f in files], "student_init": di.student_init, "metrics": result}
+        changed |= trainable_names(student) | non_backbone_names(student)
+        checksum = save_snapshot(path, student, changed, meta) if dist.is_main else ""
+        stats = engine_stats(cfg, dist, trainer, workflow, ctx.data, setup)
+        n = max(stats["clicks_trained"], 1)
+        stats.update({"teachers": len(files), "bank_seconds": build.seconds, "bank_news_encoded": build.news_encoded,
+                      "bank_padded_tokens": build.padded_tokens,
+                      **{k: v / n for k, v in trainer.state.counters.items() if k.startswith("loss_")}})
+        if model.log_omega is not None:
+            stats["omega"] = float(model.log_omega.detach().exp())
+        metrics = {"student": {**result, "path": str(path), "checksum": checksum}}
+        if dist.is_main:
+            write_json(self.out / "metrics.json", metrics)
+            write_json(self.out / "stats.json", stats)
+        return {"seconds": timer(), "metrics": metrics, "stats": stats}
+
+    def objective(self, table, news, clicks, negatives, targets):
+        di, dev = self.cfg.distill, table.device
+        model = self.model
+        su = model.student.user_encoder
+        s = target_scores(table, clicks, negatives, targets, su.prefix_states, su.empty)
+        bank = self.bank.read(news, dev)  # [U, M, D]
+        with torch.no_grad():
+            ts = [target_scores(bank[:, i], clicks, negatives, targets, u.prefix_states, u.empty)
+                  for i, u in enumerate(self.teacher_users)]
+        t_logits = torch.stack([t.logits for t in ts])  # [M, T, C]
+        w = teacher_weights(t_logits, omega_of(model.log_omega))
+        distill = distillation_loss(s.logits, t_logits, w, di.temperature_ft)
+        emb = embedding_loss(w, projected_mse(s.candidates, torch.stack([t.candidates for t in ts]), model.news_proj),
+                             projected_mse(s.user, torch.stack([t.user for t in ts]), model.user_proj))
+        ce = click_cross_entropy(s.logits)
+        loss = distill + di.emb_weight * emb + di.ce_weight_ft * ce
+        return loss.sum(), {"loss_distill": float(distill.detach().sum()), "loss_emb": float(emb.detach().sum()),
+                            "loss_ce": float(ce.detach().sum())}

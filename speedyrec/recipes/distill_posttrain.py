@@ -1,0 +1,145 @@
+"""Recipe ``stage=distill_posttrain``: Tiny-NewsRec's Stage I, the student learns title-body matching from the
+M post-trained teachers.
+
+The teachers are frozen, so their title and body vectors come from the teacher bank (computed once, in bulk;
+their shared frozen layers once for all of them) and a student step never runs a teacher's PLM. Per body:
+teacher weights alpha_i = softmax_i(-CE_i); loss = T^2 CE(sum_i alpha_i y_i / T, y_s / T)
++ emb_weight * sum_i alpha_i [MSE(W_i h_title_i + b_i, h_title_s) + MSE(W_i h_body_i + b_i, h_body_s)]
++ ce_weight_dp * InfoNCE of the student. Writes ``out_dir/distill_posttrain/{metrics.json, stats.json, student.pt}``.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from speedyrec.data.dataset import cache_dir_of
+from speedyrec.distill.bank import TeacherBank
+from speedyrec.distill.losses import (TeacherProjections, candidate_cross_entropy, distillation_loss, embedding_loss,
+                                      projected_mse, teacher_weights)
+from speedyrec.distill.snapshots import save_snapshot
+from speedyrec.distill.teachers import freeze, load_posttrained_encoder, model_files
+from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_data, encode_pairs, model_retrieval,
+                                          retrieval_accuracy)
+from speedyrec.engine.trainer import StepOutput, Trainer
+from speedyrec.models.checksum import weights_checksum
+from speedyrec.models.shared_prefix import SharedPrefixStack
+from speedyrec.recipes.common import (Context, Timer, build_news_encoder, loop_stats, non_backbone_names, plm_layers,
+                                      student_freeze_layers, trainable_names, write_json)
+from speedyrec.recipes.posttrain import NewsEncoderModel, encoder_param_groups
+
+log = logging.getLogger("speedyrec")
+
+
+def omega_parameter(learn: bool) -> nn.Parameter | None:
+    """log(omega) for the earlier paper's learned scale of the teachers' CE (omega = 1 at the start)."""
+    return nn.Parameter(torch.zeros(())) if learn else None
+
+
+def omega_of(log_omega: nn.Parameter | None) -> torch.Tensor | float:
+    return 1.0 if log_omega is None else log_omega.exp()
+
+
+class DistillPosttrainRecipe:
+    stage = "distill_posttrain"
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
+        self.out = ctx.stage_dir(self.stage)
+
+    def run(self) -> dict:
+        ctx, cfg, dist, pt, di = self.ctx, self.cfg, self.dist, self.cfg.posttrain, self.cfg.distill
+        timer = Timer()
+        self.data = data = build_title_body_data(ctx)
+        files = model_files(ctx.from_dir("posttrain") / "snapshots", "post-training snapshots", "posttrain")
+        if di.stage1_teachers:
+            files = files[-di.stage1_teachers:]  # the last (most post-trained) ones; 1 = the earlier paper
+        layers = plm_layers(ctx)
+        teachers = [freeze(load_posttrained_encoder(ctx, f, layers)[0]).to(dist.device) for f in files]
+        checksums = [weights_checksum(t) for t in teachers]
+        stack = SharedPrefixStack(teachers)
+        news = np.concatenate([data.train_news, data.holdout])
+        banks_root = cache_dir_of(cfg.data) / "banks"
+        self.title_bank, tb = TeacherBank.open_or_build(stack, checksums, data.titles, news, banks_root, dist,
+                                                        chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
+        self.body_bank, bb = TeacherBank.open_or_build(stack, checksums, data.bodies, news, banks_root, dist,
+                                                       chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
+        del stack, teachers
+        bank_seconds = tb.seconds + bb.seconds
+        teacher_metrics = self._teacher_retrieval(files)
+
+        student = build_news_encoder(ctx, di.student_layers, student_freeze_layers(cfg))
+        m = len(files)
+        self.model = model = NewsEncoderModel(student, projections=TeacherProjections(m, self.title_bank.dim, cfg.model.dim),
+                                              log_omega=omega_parameter(di.learn_omega)).to(dist.device)
+        if student.backbone.freeze_layers:
+            for name, inputs in (("title", data.titles), ("body", data.bodies)):
+                inputs.enable_frozen_prefix(student.backbone.hidden_size, self.out / f"frozen_{name}_rank{dist.rank}.npy")
+        optimizer = torch.optim.AdamW(encoder_param_groups(model, student.backbone, di.stage1_lr, di.stage1_encoder_lr),
+                                      weight_decay=cfg.train.weight_decay)
+        batches = TitleBodyBatches(data.train_news, data, pt.batch_size, pt.negatives, cfg.train.seed, dist,
+                                   pin=dist.device.type == "cuda")
+        initial = self._student_retrieval()
+        trainer = Trainer(model, optimizer, dist, grad_clip=cfg.train.grad_clip, amp=cfg.train.amp,
+                          max_steps=cfg.train.max_steps, max_seconds=cfg.train.max_seconds,
+                          warmup_steps=cfg.train.warmup_steps, log_every=cfg.train.log_every)
+        setup = timer()
+        trainer.fit(di.stage1_epochs, batches.epoch, self.step)
+        for inputs in (data.titles, data.bodies):
+            if inputs.frozen is not None:
+                inputs.frozen.close()
+                inputs.frozen = None
+        final = self._student_retrieval()
+        path = self.out / "student.pt"
+        meta = {"encoder": cfg.model.encoder, "stage": self.stage, "layers": di.student_layers,
+                "teachers": [str(f) for f in files], "retrieval": final}
+        checksum = save_snapshot(path, student, trainable_names(student) | non_backbone_names(student), meta) \
+            if dist.is_main else ""
+        stats = {"teachers": m, **loop_stats(trainer, setup, per="news_trained"), "bank_seconds": bank_seconds,
+                 "bank_news_encoded": tb.news_encoded + bb.news_encoded,
+                 "bank_padded_tokens": tb.padded_tokens + bb.padded_tokens}
+        metrics = {"student": {"initial": initial, "final": final, "checksum": checksum, "path": str(path)},
+                   "teachers": teacher_metrics}
+        if dist.is_main:
+            write_json(self.out / "metrics.json", metrics)
+            write_json(self.out / "stats.json", stats)
+            log.info("Stage I: student held-out retrieval %.3f (before %.3f); teachers %s", final.get("retrieval_acc", 0),
+                     initial.get("retrieval_acc", 0), ", ".join(f"{v['retrieval_acc']:.3f}" for v in teacher_metrics.values()))
+        return {"seconds": timer(), "metrics": metrics, "stats": stats}
+
+    def step(self, batch) -> StepOutput:
+        if batch is None:
+            return StepOutput(None, 0)
+        cfg, di, dev = self.cfg, self.cfg.distill, self.dist.device
+        model = self.model
+        s = encode_pairs(model, self.data, batch, dev)
+        cand = batch.candidates.to(dev)
+        t_title_all = self.title_bank.read(batch.news, dev)  # [B, M, D]
+        t_body = self.body_bank.read(batch.news[batch.mine], dev)  # [b, M, D]
+        t_logits = torch.einsum("bmd,bcmd->mbc", t_body, t_title_all[cand])  # [M, b, 1 + N]
+        w = teacher_weights(t_logits, omega_of(model.log_omega))
+        distill = distillation_loss(s.logits, t_logits, w, di.temperature)
+        mine = torch.as_tensor(batch.mine, device=dev)
+        emb = embedding_loss(w, projected_mse(s.titles, t_title_all[mine].transpose(0, 1), model.projections),
+                             projected_mse(s.bodies, t_body.transpose(0, 1), model.projections))
+        ce = candidate_cross_entropy(s.logits)
+        loss = distill + di.emb_weight * emb + di.ce_weight_dp * ce
+        counters = {**s.counters, "loss_distill": float(distill.detach().sum()), "loss_emb": float(emb.detach().sum()),
+                    "loss_ce": float(ce.detach().sum())}
+        return StepOutput(loss.sum(), len(ce), counters)
+
+    def _student_retrieval(self) -> dict:
+        cfg = self.cfg
+        return model_retrieval(self.model, self.data, self.dist, cfg.posttrain.negatives, cfg.eval.batch_size,
+                               cfg.train.amp)
+
+    def _teacher_retrieval(self, files) -> dict:
+        """Each teacher's held-out retrieval, read from the bank (no encoding)."""
+        h = self.data.holdout
+        if len(h) < 2:
+            return {}
+        t = self.title_bank.read(h, torch.device("cpu"))
+        b = self.body_bank.read(h, torch.device("cpu"))
+        return {f.stem: retrieval_accuracy(t[:, i], b[:, i], self.cfg.posttrain.negatives) for i, f in enumerate(files)}

@@ -1,0 +1,124 @@
+"""Recipe ``stage=finetune_teachers``: the M post-trained teachers finetuned on clicks, together, on the engine.
+
+Every teacher starts from its own post-training snapshot, checked by checksum. The teachers are one
+:class:`SharedPrefixStack`: the layers that post-training left untouched are the same weights in all of
+them, so their output is computed once per news for all M; each teacher's post-trained but now frozen
+layer is cached per teacher; a step runs only each teacher's trainable top layers. One pass of the engine
+reads, batches, deduplicates and caches each batch once for all M (the cache rows hold the M vectors side
+by side), and each teacher is trained on its own loss, clipped on its own, as if trained alone (the data
+order is shared). Writes ``out_dir/finetune_teachers/{metrics.json, stats.json, teachers/<name>.pt}``.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from speedyrec.config import ConfigError
+from speedyrec.distill.snapshots import save_snapshot
+from speedyrec.distill.teachers import load_posttrained_recommender, model_files
+from speedyrec.engine.loss import autoregressive_loss
+from speedyrec.models.news_inputs import NewsInputs
+from speedyrec.models.shared_prefix import SharedPrefixStack
+from speedyrec.recipes.common import (Context, Timer, engine_stats, engine_trainer, evaluate_on_dev,
+                                      non_backbone_names, plm_layers, trainable_names, write_json)
+from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
+
+log = logging.getLogger("speedyrec")
+
+
+def teacher_plan(ctx: Context) -> list[tuple[str, object, int]]:
+    """(name, post-training snapshot or None for the plain PLM, seed) of every teacher to finetune."""
+    cfg = ctx.cfg
+    files = model_files(ctx.from_dir("posttrain") / "snapshots", "post-training snapshots", "posttrain")
+    seed = cfg.train.seed
+    if cfg.teachers.seeds:  # the earlier paper: the final snapshot, finetuned with M seeds
+        plan = [(f"teacher_{i + 1}", files[-1], seed + i) for i in range(len(files))]
+    else:
+        plan = [(f.stem, f, seed + i) for i, f in enumerate(files)]
+    if cfg.teachers.plain:
+        plan.append(("plain", None, seed + len(plan)))
+    return plan
+
+
+class FinetuneTeachersRecipe:
+    stage = "finetune_teachers"
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
+        self.out = ctx.stage_dir(self.stage)
+
+    def run(self) -> dict:
+        ctx, cfg, dist, tc = self.ctx, self.cfg, self.dist, self.cfg.train
+        timer = Timer()
+        layers = plm_layers(ctx)
+        if cfg.teachers.finetune_layers > layers:
+            raise ConfigError(f"teachers.finetune_layers={cfg.teachers.finetune_layers} but model.encoder has {layers} layers")
+        plan = teacher_plan(ctx)
+        self.names = [name for name, _, _ in plan]
+        self.models, snaps = [], []
+        for name, path, seed in plan:
+            model, snap = load_posttrained_recommender(ctx, path, layers - cfg.teachers.finetune_layers, seed, name)
+            self.models.append(model.to(dist.device))
+            snaps.append(snap)
+        team = nn.ModuleList(self.models)
+        self.stack = SharedPrefixStack([m.news_encoder for m in self.models])
+        inputs = NewsInputs(ctx.store)
+        self.stack.enable_caches(inputs.lengths(np.arange(ctx.store.num_news)), self.out / f"frozen_rank{dist.rank}")
+        self.dim = cfg.model.dim
+        workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, None, dist, encode_rows=self._encode_rows,
+                                      dim=len(self.models) * self.dim, objective=self.objective)
+        self.trim = cfg.engine.dynamic_batching
+        groups = [g for m in self.models for g in m.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay)]
+        trainer = engine_trainer(ctx, team, torch.optim.AdamW(groups), workflow,
+                                 clip_groups=[[p for p in m.parameters() if p.requires_grad] for m in self.models])
+        setup = timer()
+        if dist.is_main:
+            log.info("finetuning %d teachers (%s) together; shared frozen layers: %s", len(plan), ", ".join(self.names),
+                     self.stack.shared_depth)
+        trainer.fit(tc.epochs, workflow.batches, workflow.step)
+        results = evaluate_on_dev(ctx, self.models, inputs, encode_fn=self._encode_dev)
+        self.stack.close_caches()
+        metrics = {}
+        for (name, path, _), model, snap, result in zip(plan, self.models, snaps, results):
+            changed = trainable_names(model) | non_backbone_names(model)
+            if snap is not None:
+                changed |= {f"news_encoder.{k}" for k in snap["delta"]}
+            meta = {"encoder": cfg.model.encoder, "stage": self.stage, "name": name, "layers": layers,
+                    "from": str(path) if path else "plm", "posttrain_checksum": snap["checksum"] if snap else None,
+                    "finetune_layers": cfg.teachers.finetune_layers, "metrics": result}
+            file = self.out / "teachers" / f"{name}.pt"
+            checksum = save_snapshot(file, model, changed, meta) if dist.is_main else ""
+            metrics[name] = {**result, "path": str(file), "checksum": checksum, "from": meta["from"]}
+        stats = engine_stats(cfg, dist, trainer, workflow, ctx.data, setup)
+        stats["teachers"] = len(plan)
+        stats["shared_frozen_layers"] = self.stack.shared_depth
+        n = max(stats["clicks_trained"], 1)
+        for name in self.names:
+            stats[f"loss_{name}"] = trainer.state.counters.get(f"loss_{name}", 0.0) / n
+        if dist.is_main:
+            write_json(self.out / "metrics.json", metrics)
+            write_json(self.out / "stats.json", stats)
+        return {"seconds": timer(), "metrics": metrics, "stats": stats}
+
+    def _encode_rows(self, tokens, rows):
+        sel = NewsInputs.select(tokens, rows, self.trim)
+        vec = self.stack(sel.input_ids, sel.mask, sel.news)  # [R, M, D]
+        valid = int(sel.mask.sum())
+        return vec.flatten(1), valid, sel.mask.numel() - valid
+
+    def _encode_dev(self, tokens):
+        return self.stack(tokens.input_ids, tokens.mask, tokens.news).flatten(1)
+
+    def objective(self, table, news, clicks, negatives, targets):
+        """The sum of the teachers' own autoregressive click losses (their parameters are disjoint)."""
+        table = table.view(len(table), len(self.models), self.dim)
+        total, counters = 0.0, {}
+        for i, (name, model) in enumerate(zip(self.names, self.models)):
+            user = model.user_encoder
+            loss, _ = autoregressive_loss(table[:, i], clicks, negatives, targets, user.prefix_states, user.empty)
+            total = total + loss
+            counters[f"loss_{name}"] = float(loss.detach())
+        return total, counters

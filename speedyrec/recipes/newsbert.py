@@ -1,0 +1,147 @@
+"""Recipe ``stage=newsbert``: NewsBERT (Wu et al.), the teacher and the student trained jointly on clicks.
+
+The teacher (the PLM, or its post-trained snapshot) and the student (its first N layers) have their own
+transformers and share the attention pooling, the projection ("dense") and the user encoder. The teacher
+learns from its click loss alone. The student learns from its click loss, the distillation of the
+teacher's click scores, and MSE losses: its embeddings' and each layer's output against the teacher's
+(student layer i stands for teacher block i, K = teacher layers / N consecutive layers), its news vectors
+and its user vectors against the teacher's. Momentum distillation then mixes each student layer's
+gradient with the mean gradient of its teacher block: g_s <- (1 - beta) g_s + beta * mean(g_block).
+Both run on the engine: one batch, each news encoded by both (the cache rows hold both vectors).
+Writes ``out_dir/newsbert/{metrics.json, stats.json, student.pt, teacher.pt}``.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from speedyrec.config import ConfigError
+from speedyrec.distill.losses import distillation_loss, momentum_gradients, newsbert_hidden_loss
+from speedyrec.distill.snapshots import load_snapshot, save_snapshot
+from speedyrec.distill.teachers import model_files
+from speedyrec.engine.loss import click_cross_entropy, target_scores
+from speedyrec.models.news_inputs import NewsInputs
+from speedyrec.recipes.common import (Context, Timer, build_recommender, engine_stats, engine_trainer,
+                                      evaluate_on_dev, non_backbone_names, plm_layers, write_json)
+from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
+
+log = logging.getLogger("speedyrec")
+
+
+class NewsBertModel(nn.Module):
+    """Teacher and student recommenders whose pooling, projection and user encoder are the same modules."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module):
+        super().__init__()
+        student.news_encoder.pool = teacher.news_encoder.pool
+        student.news_encoder.proj = teacher.news_encoder.proj
+        student.user_encoder = teacher.user_encoder
+        self.teacher, self.student = teacher, student
+
+
+class NewsBertRecipe:
+    stage = "newsbert"
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
+        self.out = ctx.stage_dir(self.stage)
+
+    def _teacher_snapshot(self):
+        """The post-training snapshot the teacher starts from, or None for the plain PLM."""
+        init = self.cfg.newsbert.teacher_init
+        folder = self.ctx.from_dir("posttrain") / "snapshots"
+        if init == "plm" or (init == "auto" and not any(folder.glob("*.pt"))):
+            return None
+        return model_files(folder, "post-training snapshots", "posttrain")[-1]
+
+    def run(self) -> dict:
+        ctx, cfg, dist, tc, nb = self.ctx, self.cfg, self.dist, self.cfg.train, self.cfg.newsbert
+        timer = Timer()
+        n = cfg.distill.student_layers
+        t_layers = nb.teacher_layers or plm_layers(ctx)
+        if t_layers % n:
+            raise ConfigError(f"newsbert: the teacher's {t_layers} layers are not a multiple of the student's {n} "
+                              "(distill.student_layers); set newsbert.teacher_layers to a multiple")
+        snap_path = self._teacher_snapshot()
+        teacher = build_recommender(ctx, t_layers, 0, tc.seed)
+        changed = set()
+        if snap_path is not None:
+            if t_layers != plm_layers(ctx):
+                raise ConfigError("newsbert.teacher_init=posttrain: a post-training snapshot holds every layer of the "
+                                  "PLM; leave newsbert.teacher_layers at 0")
+            snap = load_snapshot(teacher.news_encoder, snap_path, f"the NewsBERT teacher ({snap_path.stem})")
+            changed = {f"news_encoder.{k}" for k in snap["delta"]}
+        student = build_recommender(ctx, n, 0, tc.seed)
+        self.model = model = NewsBertModel(teacher, student).to(dist.device)
+        self.dim = cfg.model.dim
+        inputs = NewsInputs(ctx.store)
+        self.trim = cfg.engine.dynamic_batching
+        self.hidden_sum, self.hidden_news = [], 0
+        workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, None, dist, encode_rows=self._encode_rows,
+                                      dim=2 * self.dim, objective=self.objective)
+        t_bb, s_bb = teacher.news_encoder.backbone, student.news_encoder.backbone
+        groups = [{"params": [p for p in t_bb.parameters()] + [p for p in s_bb.parameters()], "lr": tc.encoder_lr},
+                  {"params": [p for name, p in model.named_parameters() if ".backbone." not in name], "lr": tc.lr}]
+        hook = (lambda: momentum_gradients(list(s_bb.layers), list(t_bb.layers), nb.momentum)) if nb.momentum else None
+        trainer = engine_trainer(ctx, model, torch.optim.AdamW(groups, weight_decay=tc.weight_decay), workflow,
+                                 grad_hook=hook)
+        setup = timer()
+        trainer.fit(tc.epochs, workflow.batches, workflow.step)
+        results = evaluate_on_dev(ctx, [student, teacher], inputs)
+        metrics = {"student": results[0], "teacher": results[1]}
+        if dist.is_main:
+            for name, m in (("student", student), ("teacher", teacher)):
+                layers = n if name == "student" else t_layers
+                meta = {"encoder": cfg.model.encoder, "stage": self.stage, "name": name, "layers": layers,
+                        "teacher_from": str(snap_path) if snap_path else "plm", "metrics": metrics[name]}
+                everything = {k for k in m.state_dict()} if name == "student" else changed | {
+                    k for k, p in m.named_parameters() if p.requires_grad} | non_backbone_names(m)
+                metrics[name]["checksum"] = save_snapshot(self.out / f"{name}.pt", m, everything, meta)
+        stats = engine_stats(cfg, dist, trainer, workflow, ctx.data, setup)
+        cnt = max(stats["clicks_trained"], 1)
+        stats.update({k: v / cnt for k, v in trainer.state.counters.items() if k.startswith("loss_")})
+        stats["teacher_layers"], stats["student_layers"], stats["momentum"] = t_layers, n, nb.momentum
+        if dist.is_main:
+            write_json(self.out / "metrics.json", metrics)
+            write_json(self.out / "stats.json", stats)
+        return {"seconds": timer(), "metrics": metrics, "stats": stats}
+
+    def _encode_rows(self, tokens, rows):
+        """Both encoders on the same rows: [R, 2D] (teacher | student); the student's hidden-state losses
+        against the teacher are kept for the step's objective."""
+        sel = NewsInputs.select(tokens, rows, self.trim)
+        ids, mask = sel.input_ids, sel.mask
+        t_enc, s_enc = self.model.teacher.news_encoder, self.model.student.news_encoder
+        t_states = t_enc.backbone.hidden_states(ids, mask)
+        s_states = s_enc.backbone.hidden_states(ids, mask)
+        t_vec = t_enc.proj(t_enc.pool(t_states[-1], mask))
+        s_vec = s_enc.proj(s_enc.pool(s_states[-1], mask))
+        hidden = newsbert_hidden_loss(s_states, t_states, mask)
+        hidden = hidden + (s_vec.float() - t_vec.detach().float()).pow(2).mean(-1)  # the pooled news vectors
+        self.hidden_sum.append(hidden.sum())
+        self.hidden_news += len(hidden)
+        valid = int(mask.sum())
+        return torch.cat([t_vec, s_vec], dim=-1), valid, mask.numel() - valid
+
+    def objective(self, table, news, clicks, negatives, targets):
+        cfg, d = self.cfg, self.dim
+        user = self.model.teacher.user_encoder  # shared
+        t = target_scores(table[:, :d], clicks, negatives, targets, user.prefix_states, user.empty)
+        s = target_scores(table[:, d:], clicks, negatives, targets, user.prefix_states, user.empty)
+        n_targets = len(t.logits)
+        teacher_ce = click_cross_entropy(t.logits)
+        student_ce = click_cross_entropy(s.logits)
+        ones = torch.ones((n_targets, 1), device=table.device)
+        distill = distillation_loss(s.logits, t.logits.unsqueeze(0), ones, cfg.distill.temperature_ft)
+        user_mse = (s.user.float() - t.user.detach().float()).pow(2).mean(-1)
+        # per-news hidden losses of the news this step encoded, as their mean per target
+        hidden = torch.stack(self.hidden_sum).sum() * (n_targets / max(self.hidden_news, 1)) if self.hidden_sum \
+            else table.new_zeros(())
+        self.hidden_sum, self.hidden_news = [], 0
+        w = cfg.newsbert.hidden_weight
+        loss = teacher_ce.sum() + student_ce.sum() + distill.sum() + w * (user_mse.sum() + hidden)
+        return loss, {"loss_teacher_ce": float(teacher_ce.detach().sum()), "loss_ce": float(student_ce.detach().sum()),
+                      "loss_distill": float(distill.detach().sum()), "loss_hidden": float(hidden.detach()),
+                      "loss_user_mse": float(user_mse.detach().sum())}

@@ -1,0 +1,138 @@
+"""Recipe ``stage=posttrain``: Tiny-NewsRec's domain-specific post-training of the teacher PLM.
+
+Only the top ``posttrain.train_layers`` layers (with pooling and projection) train; the frozen layers'
+output is computed once per news (the frozen-prefix cache). After ``posttrain.snapshot_after`` steps a
+snapshot is kept every ``posttrain.snapshot_every`` steps until ``posttrain.teachers`` are kept; each is
+scored by its held-out title retrieval. Writes ``out_dir/posttrain/{metrics.json, stats.json,
+snapshots/teacher_<k>.pt}``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from speedyrec.config import ConfigError
+from speedyrec.distill.losses import candidate_cross_entropy
+from speedyrec.distill.snapshots import save_snapshot
+from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_data, encode_pairs, model_retrieval)
+from speedyrec.engine.trainer import StepOutput, Trainer
+from speedyrec.recipes.common import (Context, Timer, build_news_encoder, loop_stats, non_backbone_names,
+                                      plm_layers, trainable_names, write_json)
+
+log = logging.getLogger("speedyrec")
+
+
+class NewsEncoderModel(nn.Module):
+    """A bare news encoder where a recipe expects a model with ``news_encoder`` (and extra trained parts)."""
+
+    def __init__(self, news_encoder: nn.Module, **extra: nn.Module):
+        super().__init__()
+        self.news_encoder = news_encoder
+        for name, module in extra.items():
+            setattr(self, name, module)
+
+
+def encoder_param_groups(model: nn.Module, backbone: nn.Module, lr: float, encoder_lr: float) -> list[dict]:
+    """The backbone's trainable parameters at ``encoder_lr``, every other trainable parameter at ``lr``."""
+    in_backbone = {id(p) for p in backbone.parameters()}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in in_backbone], "lr": lr},
+              {"params": [p for p in backbone.parameters() if p.requires_grad], "lr": encoder_lr}]
+    return [g for g in groups if g["params"]]
+
+
+def snapshot_steps(pt) -> list[int]:
+    return [pt.snapshot_after + k * pt.snapshot_every for k in range(pt.teachers)]
+
+
+class PosttrainRecipe:
+    stage = "posttrain"
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
+        self.out = ctx.stage_dir(self.stage)
+
+    def run(self) -> dict:
+        ctx, cfg, dist, pt = self.ctx, self.cfg, self.dist, self.cfg.posttrain
+        timer = Timer()
+        self.data = data = build_title_body_data(ctx)
+        layers = plm_layers(ctx)
+        if pt.train_layers > layers:
+            raise ConfigError(f"posttrain.train_layers={pt.train_layers} but model.encoder has {layers} layers")
+        encoder = build_news_encoder(ctx, 0, layers - pt.train_layers)
+        self.model = model = NewsEncoderModel(encoder).to(dist.device)
+        hidden = encoder.backbone.hidden_size
+        for name, inputs in (("title", data.titles), ("body", data.bodies)):
+            inputs.enable_frozen_prefix(hidden, self.out / f"frozen_{name}_rank{dist.rank}.npy")
+        optimizer = torch.optim.AdamW(encoder_param_groups(model, encoder.backbone, pt.lr, pt.encoder_lr),
+                                      weight_decay=cfg.train.weight_decay)
+        self.batches = TitleBodyBatches(data.train_news, data, pt.batch_size, pt.negatives, cfg.train.seed, dist,
+                                        pin=dist.device.type == "cuda")
+        self.steps = snapshot_steps(pt)
+        self.changed = trainable_names(encoder) | non_backbone_names(encoder)
+        self.snapshots: list[dict] = []
+        self.losses: list[float] = []
+        initial = self._retrieval()
+        trainer = Trainer(model, optimizer, dist, grad_clip=cfg.train.grad_clip, amp=cfg.train.amp,
+                          max_steps=self.steps[-1], warmup_steps=cfg.train.warmup_steps, log_every=cfg.train.log_every,
+                          periodic=self._periodic, periodic_every=1)
+        epochs = math.ceil(self.steps[-1] / self.batches.steps_per_epoch())
+        setup = timer()
+        trainer.fit(epochs, self.batches.epoch, self.step)
+        for inputs in (data.titles, data.bodies):
+            inputs.frozen.close()
+        stats = {**loop_stats(trainer, setup, per="news_trained"), "news_in_data": len(data.train_news),
+                 "holdout_news": len(data.holdout), "news_without_title_or_body": data.news_without_body}
+        metrics = {"initial": initial, "snapshots": self.snapshots, "loss_curve": self._curve()}
+        if dist.is_main:
+            write_json(self.out / "metrics.json", metrics)
+            write_json(self.out / "stats.json", stats)
+            for s in self.snapshots:
+                log.info("posttrain snapshot %s: step %d, loss %.4f, held-out retrieval %.3f (initial %.3f)",
+                         s["name"], s["step"], s["loss"], s.get("retrieval_acc", float("nan")),
+                         initial.get("retrieval_acc", float("nan")))
+        return {"seconds": timer(), "metrics": metrics, "stats": stats}
+
+    def step(self, batch) -> StepOutput:
+        if batch is None:
+            return StepOutput(None, 0)
+        enc = encode_pairs(self.model, self.data, batch, self.dist.device)
+        ce = candidate_cross_entropy(enc.logits)
+        self.losses.append(float(ce.detach().mean()))
+        return StepOutput(ce.sum(), len(ce), enc.counters)
+
+    def _retrieval(self) -> dict:
+        cfg = self.cfg
+        return model_retrieval(self.model, self.data, self.dist, cfg.posttrain.negatives, cfg.eval.batch_size,
+                               cfg.train.amp)
+
+    def _periodic(self, step: int) -> float:
+        """Keep a snapshot at the snapshot steps (time excluded from the training loop's)."""
+        if step not in self.steps:
+            return 0.0
+        timer = Timer()
+        k = self.steps.index(step) + 1
+        name = f"teacher_{k}"
+        recent = self.losses[-self.cfg.posttrain.snapshot_every:]
+        entry = {"name": name, "step": step, "loss": float(np.mean(recent)) if recent else float("nan"),
+                 **self._retrieval()}
+        path = self.out / "snapshots" / f"{name}.pt"
+        if self.dist.is_main:
+            meta = {"encoder": self.cfg.model.encoder, "stage": self.stage, "name": name, "step": step,
+                    "layers": len(self.model.news_encoder.backbone.layers),
+                    "train_layers": self.cfg.posttrain.train_layers, "retrieval": entry}
+            entry["checksum"] = save_snapshot(path, self.model.news_encoder, self.changed, meta)
+        entry["path"] = str(path)
+        self.snapshots.append(entry)
+        return timer()
+
+    def _curve(self, every: int = 10) -> list[list[float]]:
+        """Mean loss of each run of ``every`` steps: [last step, loss] (this rank's batches)."""
+        out = []
+        for s in range(0, len(self.losses), every):
+            part = self.losses[s : s + every]
+            out.append([s + len(part), float(np.mean(part))])
+        return out

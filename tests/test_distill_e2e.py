@@ -1,0 +1,201 @@
+"""Tiny-NewsRec and NewsBERT stages end to end on a tiny random encoder: the pipeline's files and table, each
+stage alone, the earlier paper's options, the checksum guard, NewsBERT's shared layers, 2 gloo ranks."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_overrides
+from speedyrec.train import main
+
+METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
+ENCODER4 = "model.encoder=random:hidden=32,layers=4,heads=2,intermediate=64"
+# small everything: 2 teachers, a few steps per stage
+SMALL = ("posttrain.teachers=2", "posttrain.snapshot_after=3", "posttrain.snapshot_every=2", "posttrain.holdout=40",
+         "posttrain.title_tokens=12", "posttrain.body_tokens=20", "posttrain.batch_size=16", "data.title_tokens=14",
+         "distill.stage1_epochs=1", "train.max_steps=3", "eval.max_impressions=30", "model.dropout=0")
+
+
+def args(out: Path, cache: Path, data: Path, *extra: str) -> list[str]:
+    return tiny_overrides(out, cache, "data.format=synthetic", f"data.dir={data}", ENCODER4, *SMALL, *extra)
+
+
+def read(path: Path) -> dict:
+    assert path.is_file(), f"{path} was not written"
+    return json.loads(path.read_text())
+
+
+def check_click_metrics(m: dict) -> None:
+    for k in METRICS:
+        assert isinstance(m[k], float) and math.isfinite(m[k]) and 0 <= m[k] <= 1, (k, m)
+
+
+def check_engine_stats(s: dict) -> None:
+    assert s["clicks_trained"] + s["clicks_unknown_news"] + s["clicks_not_reached"] == s["epochs"] * s["clicks_in_data"]
+    assert s["clicks_trained"] > 0 and s["sequences_dropped"] == 0
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, cache_dir, synthetic_small):
+    out = tmp_path_factory.mktemp("pipeline")
+    rc = main(args(out, cache_dir, synthetic_small, "stage=pipeline", "pipeline.baselines=true"))
+    assert rc == 0
+    return out
+
+
+def test_pipeline_writes_every_stage_and_the_table(pipeline_run):
+    out = pipeline_run
+    for f in ("posttrain/snapshots/teacher_1.pt", "posttrain/snapshots/teacher_2.pt", "distill_posttrain/student.pt",
+              "finetune_teachers/teachers/teacher_1.pt", "finetune_teachers/teachers/teacher_2.pt",
+              "finetune_teachers/teachers/plain.pt", "distill_finetune/student.pt", "newsbert/student.pt",
+              "student_plain/metrics.json", "pipeline.md", "config.yaml"):
+        assert (out / f).is_file(), f
+    summary = read(out / "metrics.json")
+    assert set(summary["models"]) == {"teacher_1", "teacher_2", "plain", "student", "student_plain", "newsbert_student"}
+    for m in summary["models"].values():
+        check_click_metrics(m)
+    assert summary["models"]["student"]["layers"] == 2 and summary["models"]["teacher_1"]["layers"] == 4
+    assert set(summary["seconds"]) == {"posttrain", "distill_posttrain", "finetune_teachers", "distill_finetune",
+                                       "student_plain", "newsbert"}
+    table = (out / "pipeline.md").read_text()
+    assert "| student | Tiny-NewsRec student | 2 |" in table and "| total |" in table
+
+
+def test_pipeline_stage_outputs(pipeline_run):
+    out = pipeline_run
+    post = read(out / "posttrain/metrics.json")
+    assert [s["step"] for s in post["snapshots"]] == [3, 5]
+    assert all(0 <= s["retrieval_acc"] <= 1 and "retrieval_acc_10" in s for s in post["snapshots"])
+    assert post["snapshots"][0]["checksum"] != post["snapshots"][1]["checksum"]
+    stage1 = read(out / "distill_posttrain/metrics.json")
+    assert set(stage1["teachers"]) == {"teacher_1", "teacher_2"}
+    s1 = read(out / "distill_posttrain/stats.json")
+    assert s1["teachers"] == 2 and s1["bank_padded_tokens"] == 0 and s1["news_trained"] > 0
+    teachers = read(out / "finetune_teachers/stats.json")
+    check_engine_stats(teachers)
+    assert teachers["teachers"] == 3 and teachers["shared_frozen_layers"] == 1  # 4 layers: 3 post-trained, 2 finetuned
+    stage2 = read(out / "distill_finetune/stats.json")
+    check_engine_stats(stage2)
+    assert stage2["teachers"] == 2 and stage2["bank_padded_tokens"] == 0
+    assert all(stage2[k] > 0 for k in ("loss_distill", "loss_emb", "loss_ce"))
+    nb = read(out / "newsbert/stats.json")
+    check_engine_stats(nb)
+    assert nb["teacher_layers"] == 4 and nb["student_layers"] == 2 and nb["loss_hidden"] > 0
+
+
+def test_each_finetuned_teacher_starts_from_its_own_snapshot(pipeline_run):
+    out = pipeline_run
+    post = {s["name"]: s["checksum"] for s in read(out / "posttrain/metrics.json")["snapshots"]}
+    for name, m in read(out / "finetune_teachers/metrics.json").items():
+        meta = torch.load(m["path"], weights_only=False)["meta"]
+        if name == "plain":
+            assert meta["from"] == "plm" and meta["posttrain_checksum"] is None
+        else:
+            assert meta["posttrain_checksum"] == post[name]
+
+
+def test_stages_one_at_a_time_with_the_earlier_papers_options(tmp_path, cache_dir, synthetic_small, pipeline_run):
+    """Stage I with one teacher, teachers finetuned with seeds, a learned omega and beta_2 = 0.1, in bf16 autocast,
+    reading the pipeline's post-training snapshots."""
+    out = tmp_path / "early"
+    common = args(out, cache_dir, synthetic_small, f"distill.from_dir={pipeline_run}", "train.amp=bf16")
+    assert main([*common, "stage=distill_posttrain", "distill.stage1_teachers=1"]) == 0
+    assert read(out / "distill_posttrain/stats.json")["teachers"] == 1
+    assert main([*common, "stage=finetune_teachers", "teachers.seeds=true"]) == 0
+    teachers = read(out / "finetune_teachers/stats.json")
+    assert teachers["teachers"] == 2 and teachers["shared_frozen_layers"] == 2  # one snapshot: every frozen layer shared
+    early = [*common[:-1], f"distill.from_dir={out}", "train.amp=bf16"]
+    assert main([*early, "stage=distill_finetune", "distill.learn_omega=true", "distill.ce_weight_ft=0.1"]) == 0
+    stats = read(out / "distill_finetune/stats.json")
+    assert stats["omega"] > 0 and stats["omega"] != 1.0
+    check_click_metrics(read(out / "distill_finetune/metrics.json")["student"])
+
+
+def test_a_tampered_snapshot_is_refused(tmp_path, cache_dir, synthetic_small, pipeline_run, capsys):
+    import shutil
+
+    src = pipeline_run / "posttrain"
+    dst = tmp_path / "runs" / "posttrain"
+    shutil.copytree(src / "snapshots", dst / "snapshots")
+    path = dst / "snapshots" / "teacher_2.pt"
+    snap = torch.load(path, weights_only=False)
+    name = next(k for k in snap["delta"] if "layers" in k and k.endswith("weight"))
+    snap["delta"][name] = snap["delta"][name] + 0.01  # another model's weights under this teacher's checksum
+    torch.save(snap, path)
+    rc = main(args(tmp_path / "o", cache_dir, synthetic_small, "stage=finetune_teachers",
+                   f"distill.from_dir={tmp_path / 'runs'}"))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "teacher teacher_2 does not hold the weights of" in err and "checksum" in err
+
+
+def test_a_stage_without_its_inputs_says_what_to_run(tmp_path, cache_dir, synthetic_small, capsys):
+    rc = main(args(tmp_path / "o", cache_dir, synthetic_small, "stage=distill_posttrain"))
+    assert rc == 2
+    assert "run stage=posttrain first" in capsys.readouterr().err
+
+
+def test_newsbert_trains_the_shared_layers_and_both_encoders(tmp_path, cache_dir, synthetic_small):
+    from speedyrec.config import load_config
+    from speedyrec.engine.distributed import DistInfo
+    from speedyrec.recipes.common import build_context, build_recommender
+    from speedyrec.recipes.newsbert import NewsBertModel
+
+    out = tmp_path / "nb"
+    argv = args(out, cache_dir, synthetic_small, "stage=newsbert", "newsbert.teacher_init=plm")
+    assert main(argv) == 0
+    cfg = load_config(None, argv)
+    ctx = build_context(cfg, DistInfo())
+    initial = NewsBertModel(build_recommender(ctx, 4, 0, cfg.train.seed), build_recommender(ctx, 2, 0, cfg.train.seed))
+    trained = torch.load(out / "newsbert/student.pt", weights_only=False)["delta"]
+    start = initial.student.state_dict()
+    for prefix in ("news_encoder.pool.", "news_encoder.proj.", "user_encoder.", "news_encoder.backbone.layers.1."):
+        names = [k for k in trained if k.startswith(prefix)]
+        assert names and any(not torch.equal(trained[k], start[k]) for k in names), prefix
+    teacher = torch.load(out / "newsbert/teacher.pt", weights_only=False)["delta"]
+    assert any(k.startswith("news_encoder.backbone.layers.3.") for k in teacher)
+    for k in ("news_encoder.pool.query", "news_encoder.proj.weight", "user_encoder.empty"):
+        assert torch.equal(teacher[k], trained[k])  # one module, shared
+
+
+def test_newsbert_student_layers_must_divide_the_teachers(tmp_path, cache_dir, synthetic_small, capsys):
+    rc = main(args(tmp_path / "o", cache_dir, synthetic_small, "stage=newsbert", "distill.student_layers=3"))
+    assert rc == 2
+    assert "not a multiple" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, needle", [("train.resume=auto", "train.resume is supported by stage=finetune only"),
+                                         ("model.layers=2", "distill.student_layers"),
+                                         ("posttrain.batch_size=9", "must exceed posttrain.negatives")])
+def test_distillation_config_errors(tmp_path, cache_dir, synthetic_small, capsys, bad, needle):
+    rc = main(args(tmp_path / "o", cache_dir, synthetic_small, "stage=pipeline", bad))
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_two_gloo_ranks_post_train_like_one(tmp_path, cache_dir, synthetic_small):
+    """Titles are gathered across ranks with autograd, so 2 ranks see the global batch's negatives and compute the
+    single process's gradients: the snapshots agree. Then the rest of the pipeline runs on 2 ranks."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = args(one, cache_dir, synthetic_small, "stage=posttrain", "posttrain.batch_size=15")
+    assert main(base) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "speedyrec.train",
+           *[a.replace(str(one), str(two)) for a in base[:-0 or None]]]
+    cmd = [c for c in cmd if c != "stage=posttrain"] + ["stage=pipeline"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for k in (1, 2):
+        a = torch.load(one / f"posttrain/snapshots/teacher_{k}.pt", weights_only=False)["delta"]
+        b = torch.load(two / f"posttrain/snapshots/teacher_{k}.pt", weights_only=False)["delta"]
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=2e-4, rtol=1e-3, msg=name)
+    for m in read(two / "metrics.json")["models"].values():
+        check_click_metrics(m)
