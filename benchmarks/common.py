@@ -33,8 +33,10 @@ def machine() -> dict:
     return info
 
 
-def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, timeout: int = 3600) -> dict:
-    """Run ``speedyrec.train`` with the overrides in a fresh process; return its stats, metrics and timing."""
+def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, timeout: int = 3600,
+            stage: str = "") -> dict:
+    """Run ``speedyrec.train`` with the overrides in a fresh process; return its stats, metrics and timing
+    (read from ``out_dir/<stage>/`` for a distillation stage)."""
     out_dir = out_root / name
     cmd = [sys.executable, "-m", "speedyrec.train", f"out_dir={out_dir}", "train.log_every=0", *overrides]
     if nproc > 1:
@@ -45,8 +47,9 @@ def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, tim
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    stats = json.loads((out_dir / "stats.json").read_text())
-    metrics = json.loads((out_dir / "metrics.json").read_text())
+    results = out_dir / stage if stage else out_dir
+    stats = json.loads((results / "stats.json").read_text()) if (results / "stats.json").exists() else {}
+    metrics = json.loads((results / "metrics.json").read_text())
     return {"name": name, "command": " ".join(cmd[1:]), "stats": stats, "metrics": metrics, "process_seconds": elapsed}
 
 

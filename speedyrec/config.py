@@ -97,6 +97,8 @@ class EngineConfig:
     refine: bool = False
     refine_topk: int = 32
     prefetch: int = 4  # batches prepared ahead by the loader thread
+    # frozen layers' output computed once per news and reused (false: recomputed at every step, the conventional way)
+    frozen_cache: bool = True
 
 
 @dataclass
@@ -122,7 +124,7 @@ class PosttrainConfig:
     batch_size: int = 32
     lr: float = 1e-4  # attention pooling and projection
     encoder_lr: float = 3e-5  # the trained transformer layers (paper: 1e-6 over ~10k steps of UniLM)
-    snapshot_after: int = 150  # steps before the first snapshot (the loss has flattened by then)
+    snapshot_after: int = 120  # steps before the first snapshot (the loss has flattened by then)
     snapshot_every: int = 40  # K: steps between snapshots (paper: 500)
     holdout: int = 500  # news kept out of training, for the title-retrieval accuracy of every snapshot
 
@@ -140,6 +142,8 @@ class DistillConfig:
     temperature: float = 1.0  # T_DP
     temperature_ft: float = 1.0  # T_FT
     ce_weight_dp: float = 1.0  # weight of the student's own InfoNCE in Stage I (the earlier paper's beta_1)
+    bank_dir: str = ""  # where teacher banks are kept, by teacher checksum; empty = <data.cache_dir>/banks
+    bank: bool = True  # Stage II reads the teachers' news vectors from the bank (false: teachers run online, naively)
     ce_weight_ft: float = 1.0  # weight of the student's own click CE in Stage II (the earlier paper's beta_2 = 0.1)
     emb_weight: float = 1.0  # weight of the embedding (projected-MSE) losses
     learn_omega: bool = False  # the earlier paper: teacher weights softmax(-omega * CE) with a learned omega > 0

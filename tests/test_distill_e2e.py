@@ -199,3 +199,26 @@ def test_two_gloo_ranks_post_train_like_one(tmp_path, cache_dir, synthetic_small
             torch.testing.assert_close(a[name], b[name], atol=2e-4, rtol=1e-3, msg=name)
     for m in read(two / "metrics.json")["models"].values():
         check_click_metrics(m)
+
+
+@pytest.mark.parametrize("stage, switch, losses", [
+    ("distill_finetune", "distill.bank=false", ("loss_distill", "loss_emb", "loss_ce")),
+    ("finetune_teachers", "engine.frozen_cache=false", ("loss_teacher_1", "loss_teacher_2")),
+])
+def test_the_fast_paths_change_the_cost_not_the_result(tmp_path, cache_dir, synthetic_small, pipeline_run, stage,
+                                                       switch, losses):
+    """The teacher bank against teachers run online in every step, and the shared frozen-layer caches against
+    recomputing the frozen layers: the same losses and metrics."""
+    runs = {}
+    for name, extra in (("fast", []), ("naive", [switch])):
+        out = tmp_path / name
+        assert main(args(out, cache_dir, synthetic_small, f"stage={stage}", f"distill.from_dir={pipeline_run}",
+                         "engine.cache=false", *extra)) == 0
+        runs[name] = (read(out / stage / "stats.json"), read(out / stage / "metrics.json"))
+    (fast, fm), (naive, nm) = runs["fast"], runs["naive"]
+    for k in losses:
+        assert fast[k] == pytest.approx(naive[k], rel=1e-4), k
+    assert fast["clicks_trained"] == naive["clicks_trained"]
+    for model in fm:
+        for k in METRICS:
+            assert fm[model][k] == pytest.approx(nm[model][k], abs=2e-3), (model, k)

@@ -7,7 +7,6 @@ trainer can divide by the global number of samples.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 

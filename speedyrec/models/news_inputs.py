@@ -62,6 +62,11 @@ class NewsInputs:
     def enable_frozen_prefix(self, hidden: int, path) -> None:
         self.frozen = FrozenPrefixCache(self.lengths(np.arange(self.store.num_news)), hidden, path)
 
+    def close_frozen_prefix(self) -> None:
+        if self.frozen is not None:
+            self.frozen.close()
+            self.frozen = None
+
     @staticmethod
     def select(tokens: NewsTokens, rows: np.ndarray | None = None, trim: bool = True) -> NewsTokens:
         """The given rows of ``tokens`` (all when None), trimmed to their longest unless ``trim`` is off."""

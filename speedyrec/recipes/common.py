@@ -52,6 +52,9 @@ class Context:
         base = Path(self.cfg.distill.from_dir) if self.cfg.distill.from_dir else self.root
         return base / stage
 
+    def bank_dir(self) -> Path:
+        return Path(self.cfg.distill.bank_dir) if self.cfg.distill.bank_dir else cache_dir_of(self.cfg.data) / "banks"
+
     def field_store(self, field: str, max_tokens: int) -> TokenStore:
         """A store of one text field cut to ``max_tokens`` (post-training's titles and bodies)."""
         cache, dist = cache_dir_of(self.cfg.data), self.dist
@@ -68,6 +71,17 @@ def build_context(cfg: Config, dist: DistInfo) -> Context:
     parts = build_tokenizer(cfg, data, dist)
     store = build_token_store(cfg, data, parts.tokenizer, dist)
     return Context(cfg, dist, root, data, parts, store)
+
+
+class StageRecipe:
+    """A recipe of one stage: it reads the run context and writes out_dir/<stage>/; ``run()`` returns
+    {"seconds", "metrics", "stats"}."""
+
+    stage = ""
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
+        self.out = ctx.stage_dir(self.stage)
 
 
 def save_config(ctx: Context) -> None:

@@ -17,16 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from speedyrec.data.dataset import cache_dir_of
-from speedyrec.distill.bank import TeacherBank
+from speedyrec.distill.bank import BankBuild, TeacherBank
 from speedyrec.distill.losses import (TeacherProjections, distillation_loss, embedding_loss, projected_mse,
                                       teacher_weights)
 from speedyrec.distill.snapshots import load_snapshot, save_snapshot
 from speedyrec.distill.teachers import load_finetuned_recommender, model_files
+from speedyrec.engine.encode import length_chunks
 from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
-from speedyrec.recipes.common import (Context, Timer, build_recommender, engine_stats, engine_trainer,
+from speedyrec.recipes.common import (Context, StageRecipe, Timer, build_recommender, engine_stats, engine_trainer,
                                       evaluate_on_dev, non_backbone_names, student_freeze_layers, trainable_names,
                                       write_json)
 from speedyrec.recipes.distill_posttrain import omega_of, omega_parameter
@@ -59,12 +59,8 @@ def build_student(ctx: Context, stage_dir) -> tuple[nn.Module, set[str]]:
     return student, changed
 
 
-class DistillFinetuneRecipe:
+class DistillFinetuneRecipe(StageRecipe):
     stage = "distill_finetune"
-
-    def __init__(self, ctx: Context):
-        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
-        self.out = ctx.stage_dir(self.stage)
 
     def run(self) -> dict:
         ctx, cfg, dist, tc, di = self.ctx, self.cfg, self.dist, self.cfg.train, self.cfg.distill
@@ -76,17 +72,22 @@ class DistillFinetuneRecipe:
             model, _, checksum = load_finetuned_recommender(ctx, f)
             teachers.append(model.to(dist.device))
             checksums.append(checksum)
-        inputs = NewsInputs(ctx.store)
-        stack = SharedPrefixStack([t.news_encoder for t in teachers])
-        # random negatives may be any news: the bank holds every news of the corpus
-        self.bank, build = TeacherBank.open_or_build(stack, checksums, inputs, np.arange(ctx.store.num_news),
-                                                     cache_dir_of(cfg.data) / "banks", dist,
-                                                     chunk_tokens=cfg.engine.chunk_tokens, amp=tc.amp)
-        del stack
-        self.teacher_users = [t.user_encoder for t in teachers]  # the teachers' PLMs are not needed any more
+        self.inputs = inputs = NewsInputs(ctx.store)
+        self.bank, build, self.online = None, BankBuild(), []
+        if di.bank:
+            stack = SharedPrefixStack([t.news_encoder for t in teachers])
+            # random negatives may be any news: the bank holds every news of the corpus
+            self.bank, build = TeacherBank.open_or_build(stack, checksums, inputs, np.arange(ctx.store.num_news),
+                                                         ctx.bank_dir(), dist,
+                                                         chunk_tokens=cfg.engine.chunk_tokens, amp=tc.amp)
+            del stack  # the teachers' PLMs are not needed any more
+        else:  # the naive way, for comparison: every teacher's whole PLM runs in every student step
+            self.online = [t.news_encoder for t in teachers]
+        self.teacher_users = [t.user_encoder for t in teachers]
         student, changed = build_student(ctx, ctx.from_dir("distill_posttrain") / "student.pt")
-        self.model = model = DistillModel(student, len(files), self.bank.dim, di.learn_omega).to(dist.device)
-        if student.news_encoder.backbone.freeze_layers:
+        self.bank_dim = teachers[0].news_encoder.proj.out_features
+        self.model = model = DistillModel(student, len(files), self.bank_dim, di.learn_omega).to(dist.device)
+        if student.news_encoder.backbone.freeze_layers and cfg.engine.frozen_cache:
             inputs.enable_frozen_prefix(student.news_encoder.backbone.hidden_size,
                                         self.out / f"frozen_prefix_rank{dist.rank}.npy")
         workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, student, dist, objective=self.objective)
@@ -96,8 +97,7 @@ class DistillFinetuneRecipe:
         setup = timer()
         trainer.fit(tc.epochs, workflow.batches, workflow.step)
         result = evaluate_on_dev(ctx, [student], inputs)[0]
-        if inputs.frozen is not None:
-            inputs.frozen.close()
+        inputs.close_frozen_prefix()
         path = self.out / "student.pt"
         meta = {"encoder": cfg.model.encoder, "stage": self.stage, "layers": di.student_layers,
                 "teachers": [str(f) for f in files], "student_init": di.student_init, "metrics": result}
@@ -121,7 +121,7 @@ class DistillFinetuneRecipe:
         model = self.model
         su = model.student.user_encoder
         s = target_scores(table, clicks, negatives, targets, su.prefix_states, su.empty)
-        bank = self.bank.read(news, dev)  # [U, M, D]
+        bank = self.bank.read(news, dev) if self.bank is not None else self._online_teachers(news, dev)  # [U, M, D]
         with torch.no_grad():
             ts = [target_scores(bank[:, i], clicks, negatives, targets, u.prefix_states, u.empty)
                   for i, u in enumerate(self.teacher_users)]
@@ -134,3 +134,18 @@ class DistillFinetuneRecipe:
         loss = distill + di.emb_weight * emb + di.ce_weight_ft * ce
         return loss.sum(), {"loss_distill": float(distill.detach().sum()), "loss_emb": float(emb.detach().sum()),
                             "loss_ce": float(ce.detach().sum())}
+
+    @torch.no_grad()
+    def _online_teachers(self, news: np.ndarray, dev) -> torch.Tensor:
+        """The teachers' vectors of the batch's news computed now, each teacher on its own: [U, M, D]."""
+        tokens = self.inputs.prepare(news).to(dev)
+        lengths = tokens.mask.sum(-1).cpu().numpy()
+        order = np.argsort(lengths, kind="stable")
+        out = torch.zeros((len(news), len(self.online), self.bank_dim), device=dev)
+        for chunk in length_chunks(lengths[order], self.cfg.engine.chunk_tokens):
+            rows = order[chunk]
+            sel = NewsInputs.select(tokens, rows)
+            r = torch.as_tensor(rows, device=dev)
+            for i, enc in enumerate(self.online):
+                out[r, i] = enc(sel.input_ids, sel.mask).float()
+        return out

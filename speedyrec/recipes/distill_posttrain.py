@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from speedyrec.data.dataset import cache_dir_of
 from speedyrec.distill.bank import TeacherBank
 from speedyrec.distill.losses import (TeacherProjections, candidate_cross_entropy, distillation_loss, embedding_loss,
                                       projected_mse, teacher_weights)
@@ -26,7 +25,7 @@ from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_dat
 from speedyrec.engine.trainer import StepOutput, Trainer
 from speedyrec.models.checksum import weights_checksum
 from speedyrec.models.shared_prefix import SharedPrefixStack
-from speedyrec.recipes.common import (Context, Timer, build_news_encoder, loop_stats, non_backbone_names, plm_layers,
+from speedyrec.recipes.common import (StageRecipe, Timer, build_news_encoder, loop_stats, non_backbone_names, plm_layers,
                                       student_freeze_layers, trainable_names, write_json)
 from speedyrec.recipes.posttrain import NewsEncoderModel, encoder_param_groups
 
@@ -42,12 +41,8 @@ def omega_of(log_omega: nn.Parameter | None) -> torch.Tensor | float:
     return 1.0 if log_omega is None else log_omega.exp()
 
 
-class DistillPosttrainRecipe:
+class DistillPosttrainRecipe(StageRecipe):
     stage = "distill_posttrain"
-
-    def __init__(self, ctx: Context):
-        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
-        self.out = ctx.stage_dir(self.stage)
 
     def run(self) -> dict:
         ctx, cfg, dist, pt, di = self.ctx, self.cfg, self.dist, self.cfg.posttrain, self.cfg.distill
@@ -61,7 +56,7 @@ class DistillPosttrainRecipe:
         checksums = [weights_checksum(t) for t in teachers]
         stack = SharedPrefixStack(teachers)
         news = np.concatenate([data.train_news, data.holdout])
-        banks_root = cache_dir_of(cfg.data) / "banks"
+        banks_root = ctx.bank_dir()
         self.title_bank, tb = TeacherBank.open_or_build(stack, checksums, data.titles, news, banks_root, dist,
                                                         chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
         self.body_bank, bb = TeacherBank.open_or_build(stack, checksums, data.bodies, news, banks_root, dist,
@@ -74,7 +69,7 @@ class DistillPosttrainRecipe:
         m = len(files)
         self.model = model = NewsEncoderModel(student, projections=TeacherProjections(m, self.title_bank.dim, cfg.model.dim),
                                               log_omega=omega_parameter(di.learn_omega)).to(dist.device)
-        if student.backbone.freeze_layers:
+        if student.backbone.freeze_layers and cfg.engine.frozen_cache:
             for name, inputs in (("title", data.titles), ("body", data.bodies)):
                 inputs.enable_frozen_prefix(student.backbone.hidden_size, self.out / f"frozen_{name}_rank{dist.rank}.npy")
         optimizer = torch.optim.AdamW(encoder_param_groups(model, student.backbone, di.stage1_lr, di.stage1_encoder_lr),
@@ -88,9 +83,7 @@ class DistillPosttrainRecipe:
         setup = timer()
         trainer.fit(di.stage1_epochs, batches.epoch, self.step)
         for inputs in (data.titles, data.bodies):
-            if inputs.frozen is not None:
-                inputs.frozen.close()
-                inputs.frozen = None
+            inputs.close_frozen_prefix()
         final = self._student_retrieval()
         path = self.out / "student.pt"
         meta = {"encoder": cfg.model.encoder, "stage": self.stage, "layers": di.student_layers,
@@ -112,7 +105,7 @@ class DistillPosttrainRecipe:
     def step(self, batch) -> StepOutput:
         if batch is None:
             return StepOutput(None, 0)
-        cfg, di, dev = self.cfg, self.cfg.distill, self.dist.device
+        di, dev = self.cfg.distill, self.dist.device
         model = self.model
         s = encode_pairs(model, self.data, batch, dev)
         cand = batch.candidates.to(dev)

@@ -41,7 +41,7 @@ class FinetuneRecipe:
         self.model = build_model(cfg, ctx.parts, dist)  # resolves model.freeze_layers=-1
         save_config(ctx)
         self.inputs = NewsInputs(self.store, self._segments())
-        if cfg.model.freeze_layers > 0 and cfg.train.workflow == "speedyfeed":
+        if cfg.model.freeze_layers > 0 and cfg.train.workflow == "speedyfeed" and cfg.engine.frozen_cache:
             self.inputs.enable_frozen_prefix(self.model.news_encoder.backbone.hidden_size,
                                              self.out_dir / f"frozen_prefix_rank{dist.rank}.npy")
         tc = cfg.train
@@ -114,8 +114,7 @@ class FinetuneRecipe:
         self.save_checkpoint(self.trainer)
 
     def cleanup(self) -> None:
-        if self.inputs.frozen is not None:
-            self.inputs.frozen.close()
+        self.inputs.close_frozen_prefix()
 
     def stats(self) -> dict:
         """Counters summed over ranks, plus the data's fault counters (read identically by every rank)."""

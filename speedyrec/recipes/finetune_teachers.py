@@ -22,7 +22,7 @@ from speedyrec.distill.teachers import load_posttrained_recommender, model_files
 from speedyrec.engine.loss import autoregressive_loss
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
-from speedyrec.recipes.common import (Context, Timer, engine_stats, engine_trainer, evaluate_on_dev,
+from speedyrec.recipes.common import (Context, StageRecipe, Timer, engine_stats, engine_trainer, evaluate_on_dev,
                                       non_backbone_names, plm_layers, trainable_names, write_json)
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
@@ -43,12 +43,8 @@ def teacher_plan(ctx: Context) -> list[tuple[str, object, int]]:
     return plan
 
 
-class FinetuneTeachersRecipe:
+class FinetuneTeachersRecipe(StageRecipe):
     stage = "finetune_teachers"
-
-    def __init__(self, ctx: Context):
-        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
-        self.out = ctx.stage_dir(self.stage)
 
     def run(self) -> dict:
         ctx, cfg, dist, tc = self.ctx, self.cfg, self.dist, self.cfg.train
@@ -66,7 +62,8 @@ class FinetuneTeachersRecipe:
         team = nn.ModuleList(self.models)
         self.stack = SharedPrefixStack([m.news_encoder for m in self.models])
         inputs = NewsInputs(ctx.store)
-        self.stack.enable_caches(inputs.lengths(np.arange(ctx.store.num_news)), self.out / f"frozen_rank{dist.rank}")
+        if cfg.engine.frozen_cache:
+            self.stack.enable_caches(inputs.lengths(np.arange(ctx.store.num_news)), self.out / f"frozen_rank{dist.rank}")
         self.dim = cfg.model.dim
         workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, None, dist, encode_rows=self._encode_rows,
                                       dim=len(self.models) * self.dim, objective=self.objective)

@@ -23,7 +23,7 @@ from speedyrec.distill.snapshots import load_snapshot, save_snapshot
 from speedyrec.distill.teachers import model_files
 from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.models.news_inputs import NewsInputs
-from speedyrec.recipes.common import (Context, Timer, build_recommender, engine_stats, engine_trainer,
+from speedyrec.recipes.common import (StageRecipe, Timer, build_recommender, engine_stats, engine_trainer,
                                       evaluate_on_dev, non_backbone_names, plm_layers, write_json)
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
@@ -41,12 +41,8 @@ class NewsBertModel(nn.Module):
         self.teacher, self.student = teacher, student
 
 
-class NewsBertRecipe:
+class NewsBertRecipe(StageRecipe):
     stage = "newsbert"
-
-    def __init__(self, ctx: Context):
-        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
-        self.out = ctx.stage_dir(self.stage)
 
     def _teacher_snapshot(self):
         """The post-training snapshot the teacher starts from, or None for the plain PLM."""

@@ -20,7 +20,7 @@ from speedyrec.distill.losses import candidate_cross_entropy
 from speedyrec.distill.snapshots import save_snapshot
 from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_data, encode_pairs, model_retrieval)
 from speedyrec.engine.trainer import StepOutput, Trainer
-from speedyrec.recipes.common import (Context, Timer, build_news_encoder, loop_stats, non_backbone_names,
+from speedyrec.recipes.common import (StageRecipe, Timer, build_news_encoder, loop_stats, non_backbone_names,
                                       plm_layers, trainable_names, write_json)
 
 log = logging.getLogger("speedyrec")
@@ -48,12 +48,8 @@ def snapshot_steps(pt) -> list[int]:
     return [pt.snapshot_after + k * pt.snapshot_every for k in range(pt.teachers)]
 
 
-class PosttrainRecipe:
+class PosttrainRecipe(StageRecipe):
     stage = "posttrain"
-
-    def __init__(self, ctx: Context):
-        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
-        self.out = ctx.stage_dir(self.stage)
 
     def run(self) -> dict:
         ctx, cfg, dist, pt = self.ctx, self.cfg, self.dist, self.cfg.posttrain
@@ -65,8 +61,9 @@ class PosttrainRecipe:
         encoder = build_news_encoder(ctx, 0, layers - pt.train_layers)
         self.model = model = NewsEncoderModel(encoder).to(dist.device)
         hidden = encoder.backbone.hidden_size
-        for name, inputs in (("title", data.titles), ("body", data.bodies)):
-            inputs.enable_frozen_prefix(hidden, self.out / f"frozen_{name}_rank{dist.rank}.npy")
+        if cfg.engine.frozen_cache:
+            for name, inputs in (("title", data.titles), ("body", data.bodies)):
+                inputs.enable_frozen_prefix(hidden, self.out / f"frozen_{name}_rank{dist.rank}.npy")
         optimizer = torch.optim.AdamW(encoder_param_groups(model, encoder.backbone, pt.lr, pt.encoder_lr),
                                       weight_decay=cfg.train.weight_decay)
         self.batches = TitleBodyBatches(data.train_news, data, pt.batch_size, pt.negatives, cfg.train.seed, dist,
@@ -83,7 +80,7 @@ class PosttrainRecipe:
         setup = timer()
         trainer.fit(epochs, self.batches.epoch, self.step)
         for inputs in (data.titles, data.bodies):
-            inputs.frozen.close()
+            inputs.close_frozen_prefix()
         stats = {**loop_stats(trainer, setup, per="news_trained"), "news_in_data": len(data.train_news),
                  "holdout_news": len(data.holdout), "news_without_title_or_body": data.news_without_body}
         metrics = {"initial": initial, "snapshots": self.snapshots, "loss_curve": self._curve()}
