@@ -81,9 +81,11 @@ def test_pipeline_stage_outputs(pipeline_run):
     teachers = read(out / "finetune_teachers/stats.json")
     check_engine_stats(teachers)
     assert teachers["teachers"] == 3 and teachers["shared_frozen_layers"] == 1  # 4 layers: 3 post-trained, 2 finetuned
+    # the teachers' stage leaves their news vectors in the bank; Stage II finds them there
+    assert teachers["bank_news_encoded"] > 0 and teachers["bank_padded_tokens"] == 0
     stage2 = read(out / "distill_finetune/stats.json")
     check_engine_stats(stage2)
-    assert stage2["teachers"] == 2 and stage2["bank_padded_tokens"] == 0
+    assert stage2["teachers"] == 2 and stage2["bank_news_encoded"] == 0
     assert all(stage2[k] > 0 for k in ("loss_distill", "loss_emb", "loss_ce"))
     nb = read(out / "newsbert/stats.json")
     check_engine_stats(nb)

@@ -107,7 +107,7 @@ def _encode_share(stack: SharedPrefixStack, inputs: NewsInputs, news: np.ndarray
     with torch.no_grad(), eval_mode(stack), autocast_context(dist.device, amp):
         for rows in chunks:
             tokens = inputs.prepare(news[rows]).to(dist.device)
-            parts.append(stack(tokens.input_ids, tokens.mask).float())
+            parts.append(stack(tokens.input_ids, tokens.mask, news[rows]).float())  # the stack's caches, if on
             v = int(tokens.mask.sum())
             valid, padded = valid + v, padded + tokens.mask.numel() - v
             ids.append(news[rows])

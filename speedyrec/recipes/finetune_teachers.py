@@ -6,7 +6,9 @@ them, so their output is computed once per news for all M; each teacher's post-t
 layer is cached per teacher; a step runs only each teacher's trainable top layers. One pass of the engine
 reads, batches, deduplicates and caches each batch once for all M (the cache rows hold the M vectors side
 by side), and each teacher is trained on its own loss, clipped on its own, as if trained alone (the data
-order is shared). Writes ``out_dir/finetune_teachers/{metrics.json, stats.json, teachers/<name>.pt}``.
+order is shared). At the end every teacher's news vectors go into the teacher bank that Stage II reads (and this stage's
+evaluation too): the caches hold every news's frozen layers by then, so only each teacher's top layers run.
+Writes ``out_dir/finetune_teachers/{metrics.json, stats.json, teachers/<name>.pt}``.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from torch import nn
 
 from speedyrec.config import ConfigError
 from speedyrec.distill.snapshots import save_snapshot
+from speedyrec.distill.bank import TeacherBank
 from speedyrec.distill.teachers import load_posttrained_recommender, model_files
 from speedyrec.engine.loss import autoregressive_loss
+from speedyrec.models.checksum import weights_checksum
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
 from speedyrec.recipes.common import (Context, StageRecipe, Timer, engine_stats, engine_trainer, evaluate_on_dev,
@@ -76,8 +80,14 @@ class FinetuneTeachersRecipe(StageRecipe):
             log.info("finetuning %d teachers (%s) together; shared frozen layers: %s", len(plan), ", ".join(self.names),
                      self.stack.shared_depth)
         trainer.fit(tc.epochs, workflow.batches, workflow.step)
-        results = evaluate_on_dev(ctx, self.models, inputs, encode_fn=self._encode_dev)
+        # the finetuned teachers' news vectors, for Stage II and for this evaluation: built now, while the caches
+        # hold every news's frozen layers, only each teacher's top layers run
+        checksums = [weights_checksum(m.news_encoder) for m in self.models]
+        bank, build = TeacherBank.open_or_build(self.stack, checksums, inputs, np.arange(ctx.store.num_news),
+                                                ctx.bank_dir(), dist, chunk_tokens=cfg.engine.chunk_tokens, amp=tc.amp)
         self.stack.close_caches()
+        results = evaluate_on_dev(ctx, self.models, inputs,
+                                  encode_fn=lambda tokens: bank.read(tokens.news, dist.device).flatten(1))
         metrics = {}
         for (name, path, _), model, snap, result in zip(plan, self.models, snaps, results):
             changed = trainable_names(model) | non_backbone_names(model)
@@ -91,6 +101,7 @@ class FinetuneTeachersRecipe(StageRecipe):
             metrics[name] = {**result, "path": str(file), "checksum": checksum, "from": meta["from"]}
         stats = engine_stats(cfg, dist, trainer, workflow, ctx.data, setup)
         stats["teachers"] = len(plan)
+        stats.update(bank_seconds=build.seconds, bank_news_encoded=build.news_encoded, bank_padded_tokens=build.padded_tokens)
         stats["shared_frozen_layers"] = self.stack.shared_depth
         n = max(stats["clicks_trained"], 1)
         for name in self.names:
@@ -105,9 +116,6 @@ class FinetuneTeachersRecipe(StageRecipe):
         vec = self.stack(sel.input_ids, sel.mask, sel.news)  # [R, M, D]
         valid = int(sel.mask.sum())
         return vec.flatten(1), valid, sel.mask.numel() - valid
-
-    def _encode_dev(self, tokens):
-        return self.stack(tokens.input_ids, tokens.mask, tokens.news).flatten(1)
 
     def objective(self, table, news, clicks, negatives, targets):
         """The sum of the teachers' own autoregressive click losses (their parameters are disjoint)."""
