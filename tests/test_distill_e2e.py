@@ -224,3 +224,23 @@ def test_the_fast_paths_change_the_cost_not_the_result(tmp_path, cache_dir, synt
     for model in fm:
         for k in METRICS:
             assert fm[model][k] == pytest.approx(nm[model][k], abs=2e-3), (model, k)
+
+
+def test_two_gloo_ranks_finetune_teachers_and_stage2_in_bf16(tmp_path, cache_dir, synthetic_small, pipeline_run):
+    """The M-teacher stack and Stage II on 2 ranks (uneven shards), bf16 autocast, global deduplication."""
+    out = tmp_path / "ranks"
+    (out / "distill_posttrain").mkdir(parents=True)
+    (out / "distill_posttrain" / "student.pt").symlink_to(pipeline_run / "distill_posttrain" / "student.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    for stage, from_dir in (("finetune_teachers", pipeline_run), ("distill_finetune", out)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "speedyrec.train", *args(out, cache_dir, synthetic_small, f"stage={stage}", f"distill.from_dir={from_dir}",
+                                        "train.amp=bf16", "engine.global_dedup=true", f"distill.bank_dir={tmp_path / 'banks'}")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        stats = read(out / stage / "stats.json")
+        check_engine_stats(stats)
+        assert stats["world_size"] == 2
+        for m in read(out / stage / "metrics.json").values():
+            check_click_metrics(m)
+    assert read(out / "distill_finetune/stats.json")["bank_news_encoded"] == 0  # built by the teachers' stage

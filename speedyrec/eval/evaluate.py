@@ -8,6 +8,7 @@ import torch
 
 from speedyrec.data.behaviors import Behaviors
 from speedyrec.data.ragged import Ragged
+from speedyrec.models.backbone import eval_mode
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.engine.distributed import DistInfo, all_gather_rows, all_reduce_sum
 from speedyrec.engine.trainer import autocast_context
@@ -58,10 +59,12 @@ def evaluate_models(models: list, inputs: NewsInputs, dev: Behaviors, dist: Dist
                     batch_size: int = 256, max_impressions: int = 0, amp: str = "auto", encode_fn=None) -> list[dict]:
     """:func:`evaluate` for M models; with ``encode_fn(tokens) -> [R, M * D]`` (a stack of their news
     encoders), every dev news is encoded once for all of them."""
+    with eval_mode(*models):
+        return _evaluate_models(models, inputs, dev, dist, max_history, batch_size, max_impressions, amp, encode_fn)
+
+
+def _evaluate_models(models, inputs, dev, dist, max_history, batch_size, max_impressions, amp, encode_fn) -> list[dict]:
     t0 = time.perf_counter()
-    flags = [(m, m.training) for m in models]
-    for m in models:
-        m.eval()
     if max_impressions:
         dev = dev.take(np.arange(min(max_impressions, len(dev))))
     hist_pad = dev.history.padded(max_history, fill=-1, keep="last")
@@ -79,8 +82,6 @@ def evaluate_models(models: list, inputs: NewsInputs, dev: Behaviors, dist: Dist
         result["news_encoded"] = len(needed)
         result["seconds"] = encode_seconds / len(models) + time.perf_counter() - t1
         results.append(result)
-    for m, was in flags:
-        m.train(was)
     return results
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from speedyrec.config import ConfigError
 from speedyrec.kernels.bus_attention import bus_attention
+from speedyrec.models.backbone import eval_mode
 from speedyrec.models.recommender import AdditiveAttention
 
 
@@ -88,18 +89,11 @@ class BusLMNewsEncoder(nn.Module):
         token_mask = mask.bool()
         present = token_mask.any(dim=-1)
         modules = [m for m in (getattr(bb, "embeddings", None), *bb.layers[: bb.freeze_layers]) if m is not None]
-        modes = [(m, m.training) for mod in modules for m in mod.modules()]
-        try:
-            for mod in modules:
-                mod.eval()
-            with torch.no_grad():
-                h = self._embed(input_ids, extra_embeddings)
-                attend = self._attend(n, s, t, token_mask, present)
-                for i in range(bb.freeze_layers):
-                    h = bb.run_layer(i, h, attend)
-        finally:
-            for m, was in modes:
-                m.training = was
+        with torch.no_grad(), eval_mode(*modules):
+            h = self._embed(input_ids, extra_embeddings)
+            attend = self._attend(n, s, t, token_mask, present)
+            for i in range(bb.freeze_layers):
+                h = bb.run_layer(i, h, attend)
         return h.view(n, s, t, h.shape[-1])
 
     def token_states(self, input_ids: torch.Tensor, mask: torch.Tensor, extra_embeddings: torch.Tensor | None = None,
