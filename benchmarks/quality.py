@@ -24,6 +24,7 @@ ROWS = (("teacher_dp", "PLM-NR DP: post-trained, then finetuned teachers (mean o
         ("student", "Tiny-NewsRec student"),
         ("student_plain", "the student finetuned without teachers"),
         ("newsbert_student", "NewsBERT's student"))
+PAIRS = (("teacher_dp", "plain"), ("student", "student_plain"), ("student", "newsbert_student"))
 QUICK = ["data.synthetic_users=300", "posttrain.teachers=2", "posttrain.snapshot_after=6", "posttrain.snapshot_every=3",
          "posttrain.holdout=50", "distill.stage1_epochs=1", "train.max_steps=6", "eval.max_impressions=100"]
 
@@ -44,7 +45,11 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="300 users, 2 teachers, a few steps per stage")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="", help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--report", metavar="JSON", help="only re-render the tables from a results file's runs")
     a = p.parse_args(argv)
+    if a.report:
+        saved = json.loads(Path(a.report).read_text())
+        return report({int(k): v for k, v in saved["runs"].items()}, saved["machine"], saved["quick"])
     seeds = [int(s) for s in a.seeds.split(",")]
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,8 +75,11 @@ def report(runs: dict, info: dict, quick: bool) -> dict:
                        for k in METRICS}
         table[name]["layers"] = next(iter(per_seed.values()))[name]["layers"]
     seconds = {seed: r["summary"]["seconds"] for seed, r in runs.items()}
-    payload = {"machine": info, "quick": quick, "seeds": list(runs), "table": table, "per_seed": per_seed,
-               "seconds": seconds, "runs": runs}
+    paired = {f"{a} - {b}": {k: dict(zip(("mean", "std"), _mean_std([per_seed[s][a][k] - per_seed[s][b][k]
+                                                                       for s in per_seed]))) for k in METRICS}
+              for a, b in PAIRS}
+    payload = {"machine": info, "quick": quick, "seeds": list(runs), "table": table, "paired": paired,
+               "per_seed": per_seed, "seconds": seconds, "runs": runs}
     cell = lambda v: f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}"
     rows = [[what, table[name]["layers"], *[cell(table[name][k]) for k in METRICS]] for name, what in ROWS]
     md = ["# Quality: Tiny-NewsRec Table 3 on the synthetic default\n",
@@ -80,6 +88,13 @@ def report(runs: dict, info: dict, quick: bool) -> dict:
           f"teachers, 2-layer students. Mean ± standard deviation over seeds {', '.join(map(str, runs))}, in points "
           f"(x100).\n",
           md_table(["model", "layers", "AUC", "MRR", "nDCG@5", "nDCG@10"], rows),
+          "\nPaired by seed (the same seed gives both runs the same data order), the difference in points:\n",
+          md_table(["comparison", "AUC", "MRR", "nDCG@5", "nDCG@10"],
+                   [[k, *[f"{100 * v[m]['mean']:+.2f} ± {100 * v[m]['std']:.2f}" for m in METRICS]]
+                    for k, v in paired.items()]),
+          "\nAUC of each seed:\n",
+          md_table(["seed", *[n for n, _ in ROWS]],
+                   [[s, *[f"{100 * per_seed[s][n]['auc']:.2f}" for n, _ in ROWS]] for s in per_seed]),
           "\nWall time of each step (s), per seed:\n",
           md_table(["seed", *next(iter(seconds.values())).keys()],
                    [[seed, *[f"{v:.0f}" for v in s.values()]] for seed, s in seconds.items()])]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import speedup, token_store
+from benchmarks import multiteacher, quality, speedup, token_store
 
 
 def main(argv=None) -> None:
@@ -11,6 +11,8 @@ def main(argv=None) -> None:
     quick = ["--quick"] if "--quick" in argv else []
     token_store.main(quick)
     speedup.main(quick)
+    multiteacher.main(quick)
+    quality.main(quick)
 
 
 if __name__ == "__main__":
