@@ -12,6 +12,7 @@ post-trained teachers of a seed, then over seeds.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 from pathlib import Path
