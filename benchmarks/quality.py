@@ -58,10 +58,19 @@ def main(argv=None) -> dict:
         runs = {}
         for seed in seeds:
             overrides = ["stage=pipeline", "pipeline.baselines=true", f"train.seed={seed}", *(QUICK if a.quick else [])]
-            run = run_job(f"seed_{seed}", overrides, root, timeout=6 * 3600)
-            runs[seed] = {"command": run["command"], "process_seconds": run["process_seconds"],
-                          "summary": run["metrics"]}
-    return report(runs, info, a.quick)
+            done = root / f"seed_{seed}" / "quality_run.json"
+            if done.exists():  # a finished seed of an earlier, interrupted invocation with the same --out
+                runs[seed] = json.loads(done.read_text())
+                if not all(o in runs[seed]["command"].split() for o in overrides):
+                    raise SystemExit(f"{done} was run with other settings ({runs[seed]['command']}); use another --out")
+                print(f"seed {seed}: reusing {done}", flush=True)
+            else:
+                run = run_job(f"seed_{seed}", overrides, root, timeout=6 * 3600)
+                runs[seed] = {"command": run["command"], "process_seconds": run["process_seconds"],
+                              "summary": run["metrics"]}
+                done.write_text(json.dumps(runs[seed], indent=2) + "\n")
+            payload = report(runs, info, a.quick)  # rewritten after every seed: an interrupted run keeps its seeds
+    return payload
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -81,17 +90,18 @@ def report(runs: dict, info: dict, quick: bool) -> dict:
               for a, b in PAIRS}
     payload = {"machine": info, "quick": quick, "seeds": list(runs), "table": table, "paired": paired,
                "per_seed": per_seed, "seconds": seconds, "runs": runs}
-    cell = lambda v: f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}"
+    many = len(runs) > 1  # one seed has no spread: say so instead of printing ± 0
+    cell = lambda v: f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}" if many else f"{100 * v['mean']:.2f}"
     rows = [[what, table[name]["layers"], *[cell(table[name][k]) for k in METRICS]] for name, what in ROWS]
     md = ["# Quality: Tiny-NewsRec Table 3 on the synthetic default\n",
           f"Device: {info['device']}, torch {info['torch']}. Each seed: `python -m speedyrec.train stage=pipeline "
           f"pipeline.baselines=true train.seed=S`{' (quick settings)' if quick else ''}; all-MiniLM-L6-v2, M = 4 "
           f"teachers, 2-layer students. Mean ± standard deviation over seeds {', '.join(map(str, runs))}, in points "
-          f"(x100).\n",
+          f"(x100).{'' if many else ' ONLY ONE SEED SO FAR: no spread, and no claim about ordering.'}\n",
           md_table(["model", "layers", "AUC", "MRR", "nDCG@5", "nDCG@10"], rows),
           "\nPaired by seed (the same seed gives both runs the same data order), the difference in points:\n",
           md_table(["comparison", "AUC", "MRR", "nDCG@5", "nDCG@10"],
-                   [[k, *[f"{100 * v[m]['mean']:+.2f} ± {100 * v[m]['std']:.2f}" for m in METRICS]]
+                   [[k, *[f"{100 * v[m]['mean']:+.2f}" + (f" ± {100 * v[m]['std']:.2f}" if many else "") for m in METRICS]]
                     for k, v in paired.items()]),
           "\nAUC of each seed:\n",
           md_table(["seed", *[n for n, _ in ROWS]],
