@@ -142,3 +142,30 @@ def test_a_user_class_plugs_in():
     model = NewsRecommender(parts.backbone, dim=8, attention_dim=4)
     ids, mask = _batch()
     assert model.news_encoder(ids.clamp(max=len(parts.tokenizer) - 1), mask).shape == (5, 8)
+
+
+@pytest.mark.parametrize("buslm", [False, True])
+@pytest.mark.parametrize("freeze", [0, 1, 3])
+def test_the_frequency_embedding_trains_whatever_is_frozen(freeze, buslm):
+    """Refined text's frequency embedding must receive gradients with no layer, some layers or every layer
+    frozen (it once sat inside the no-grad frozen prefix and never trained), and the frozen-prefix cache path
+    (start_states) must give what the plain path gives."""
+    from speedyrec.models.buslm import BusLMNewsEncoder
+
+    model = NewsRecommender(BertFamilyBackbone(_tiny_bert(layers=3), freeze_layers=freeze), 16, 8,
+                            frequency_embedding=True).eval()
+    ids, mask = _batch()
+    counts = torch.randint(1, 16, ids.shape, generator=torch.Generator().manual_seed(2)).masked_fill(~mask, 0)
+    enc = model.news_encoder
+    if buslm:
+        enc = BusLMNewsEncoder.from_news_encoder(enc).eval()
+        ids, mask, counts = ids.view(5, 1, 9).repeat(1, 2, 1), mask.view(5, 1, 9).repeat(1, 2, 1), counts.view(5, 1, 9).repeat(1, 2, 1)
+    torch.nn.init.normal_(model.frequency.weight, std=0.5)
+    out = enc(ids, mask, extra_embeddings=model.frequency(counts))
+    assert not torch.allclose(out, enc(ids, mask))  # it changes the news vectors
+    if freeze:
+        start = enc.frozen_forward(ids, mask)
+        torch.testing.assert_close(enc(ids, mask, extra_embeddings=model.frequency(counts), start_states=start), out)
+    out.pow(2).sum().backward()
+    grad = model.frequency.weight.grad
+    assert grad is not None and grad[1:].abs().sum() > 0  # row 0 (specials, padding) is the padding index

@@ -201,10 +201,10 @@ class BertFamilyBackbone(nn.Module):
         h = layer.attention.output(ctx, h)
         return layer.output(layer.intermediate(h), h)
 
-    def frozen_embed(self, input_ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    def frozen_embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The embeddings without autograd and in eval mode -> [N, T, H]."""
         with torch.no_grad(), eval_mode(self.embeddings):
-            return self.embed(input_ids, extra=extra)
+            return self.embed(input_ids)
 
     def frozen_layers(self, h: torch.Tensor, mask: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Layers start..end-1 (all frozen) on states h [N, T, H], without autograd and in eval mode."""
@@ -215,9 +215,10 @@ class BertFamilyBackbone(nn.Module):
                 h = self.run_layer(i, h, attend)
         return h
 
-    def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings and the frozen layers, without autograd and in eval mode -> [N, T, H]."""
-        return self.frozen_layers(self.frozen_embed(input_ids, extra), mask, 0, self.freeze_layers)
+    def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Embeddings and the frozen layers, without autograd and in eval mode -> [N, T, H]: a function of the
+        tokens alone (what the frozen-prefix cache stores)."""
+        return self.frozen_layers(self.frozen_embed(input_ids), mask, 0, self.freeze_layers)
 
     def hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """The embeddings' output and every layer's output, [N, T, H] each (L + 1 tensors), with autograd
@@ -241,10 +242,13 @@ class BertFamilyBackbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, start_states: torch.Tensor | None = None,
                 extra: torch.Tensor | None = None) -> torch.Tensor:
-        """Token states [N, T, H]. ``start_states`` are the frozen layers' output, when already known;
-        ``extra`` [N, T, H] is added to the token embeddings (unused when start_states is given)."""
+        """Token states [N, T, H]. ``start_states`` are the frozen layers' output, when already known.
+        ``extra`` [N, T, H] (the frequency embedding) joins where training starts, so it always trains: added to
+        the token embeddings before their LayerNorm when nothing is frozen, else to the frozen layers' output."""
         if self.freeze_layers > 0:
-            h = start_states if start_states is not None else self.frozen_forward(input_ids, mask, extra)
+            h = start_states if start_states is not None else self.frozen_forward(input_ids, mask)
+            if extra is not None:
+                h = h + extra
         else:
             h = self.embed(input_ids, extra=extra)
         attend = self._plain_attention(mask)

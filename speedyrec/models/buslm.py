@@ -76,13 +76,11 @@ class BusLMNewsEncoder(nn.Module):
             extra = extra_embeddings.reshape(n * s, t, extra_embeddings.shape[-1])
         return self.backbone.embed(input_ids.reshape(n * s, t), extra=extra)  # positions restart per segment
 
-    def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor,
-                       extra_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Embeddings and the ``backbone.freeze_layers`` frozen layers, with the bus, without autograd and
         in eval mode (the train/eval flags are restored afterwards) -> token states [N, S, T, H].
 
-        A pure function of the tokens (and ``extra_embeddings``), so it may be cached and passed back to
-        :meth:`forward` as ``start_states``. Gradients never reach ``extra_embeddings`` through it.
+        A pure function of the tokens, so it may be cached and passed back to :meth:`forward` as ``start_states``.
         """
         bb = self.backbone
         n, s, t = input_ids.shape
@@ -90,7 +88,7 @@ class BusLMNewsEncoder(nn.Module):
         present = token_mask.any(dim=-1)
         modules = [m for m in (getattr(bb, "embeddings", None), *bb.layers[: bb.freeze_layers]) if m is not None]
         with torch.no_grad(), eval_mode(*modules):
-            h = self._embed(input_ids, extra_embeddings)
+            h = self._embed(input_ids, None)
             attend = self._attend(n, s, t, token_mask, present)
             for i in range(bb.freeze_layers):
                 h = bb.run_layer(i, h, attend)
@@ -100,10 +98,10 @@ class BusLMNewsEncoder(nn.Module):
                      start_states: torch.Tensor | None = None) -> torch.Tensor:
         """Last-layer token states [N, S, T, H] of the segments ``input_ids``/``mask`` [N, S, T].
 
-        ``extra_embeddings`` [N, S, T, H] are added to the token embeddings before their LayerNorm.
-        ``start_states`` [N, S, T, H] is :meth:`frozen_forward`'s output for the same input; it replaces
-        running the embeddings and frozen layers (``extra_embeddings`` is then unused: it is already in it).
-        Giving it without frozen layers is an error.
+        ``extra_embeddings`` [N, S, T, H] (the frequency embedding) join where training starts, so they always
+        train: added to the token embeddings before their LayerNorm when nothing is frozen, else to the frozen
+        layers' output. ``start_states`` [N, S, T, H] is :meth:`frozen_forward`'s output for the same input; it
+        replaces running the embeddings and frozen layers. Giving it without frozen layers is an error.
         """
         bb = self.backbone
         if input_ids.dim() != 3 or mask.shape != input_ids.shape:
@@ -115,10 +113,12 @@ class BusLMNewsEncoder(nn.Module):
         present = token_mask.any(dim=-1)
         if bb.freeze_layers > 0:
             if start_states is None:
-                start_states = self.frozen_forward(input_ids, token_mask, extra_embeddings)
+                start_states = self.frozen_forward(input_ids, token_mask)
             elif tuple(start_states.shape) != (n, s, t, hidden):
                 raise ValueError(f"start_states must be [N, S, T, H] = {(n, s, t, hidden)}; got {tuple(start_states.shape)}")
             h = start_states.reshape(n * s, t, hidden)
+            if extra_embeddings is not None:
+                h = h + extra_embeddings.reshape(n * s, t, hidden)
         else:
             if start_states is not None:
                 raise ValueError("start_states given but the backbone has no frozen layers (model.freeze_layers=0)")

@@ -98,7 +98,7 @@ class NewsInputs:
         if self.frozen is not None and getattr(encoder.backbone, "freeze_layers", 0) > 0:
             def compute(sel):
                 s = torch.as_tensor(sel, device=ids.device)
-                return encoder.frozen_forward(ids[s], mask[s], None if extra is None else extra[s])
+                return encoder.frozen_forward(ids[s], mask[s])
             start = self.frozen.start_states(news, mask, compute)
         valid = int(mask.sum())
         return encoder(ids, mask, extra_embeddings=extra, start_states=start), valid, mask.numel() - valid

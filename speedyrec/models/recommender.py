@@ -32,17 +32,16 @@ class NewsEncoder(nn.Module):
         self.pool = AdditiveAttention(h, attention_dim)
         self.proj = nn.Linear(h, dim)
 
-    def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor,
-                       extra_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The frozen layers' output [N, T, H] (see BertFamilyBackbone.frozen_forward)."""
-        return self.backbone.frozen_forward(input_ids, mask, extra_embeddings)
+        return self.backbone.frozen_forward(input_ids, mask)
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, extra_embeddings: torch.Tensor | None = None,
                 start_states: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, mask [N, T] -> news vectors [N, D].
 
-        ``extra_embeddings`` [N, T, H] are added to the token embeddings (the frequency embedding of refined
-        text); ``start_states`` [N, T, H] is the frozen layers' output when it is known already.
+        ``extra_embeddings`` [N, T, H] (the frequency embedding of refined text) join at the first trained layer
+        (see BertFamilyBackbone.forward); ``start_states`` [N, T, H] is the frozen layers' output when known already.
         """
         if extra_embeddings is None and start_states is None:
             states = self.backbone(input_ids, mask)
