@@ -1,8 +1,13 @@
 """Dynamic length-bucketed batching of user sequences under a token budget (SpeedyFeed section 4.2.2).
 
-A *unit* is what the loss trains on: with the autoregressive loss, a user sequence (cut into chunks
-of at most ``max_history`` clicks, every click a target); without it, one click with the window of at
-most ``max_history`` clicks before it (the click is the only target). Units are shuffled per epoch with
+A *unit* is what the loss trains on: with the autoregressive loss, a user sequence cut into chunks of at
+most ``max_history`` target clicks, each chunk led (``chunk_context``) by up to ``max_history`` earlier clicks
+that are context only, so a target at the start of a chunk still sees its history; without it, one click
+with the window of at most ``max_history`` clicks before it (the click is the only target).
+
+A click is scored from the user state before the first click of its impression: clicks of one impression
+are adjacent in a sequence (ordered by candidate position) but happened together, so none is context for
+another, as in evaluation, where an impression is scored from the history alone. Units are shuffled per epoch with
 the seed and dealt to ranks round-robin, so the global order does not depend on the number of ranks.
 
 Each unit is routed to a length bucket by the longest of its news (clicks and sampled negatives); a
@@ -42,8 +47,10 @@ class SequenceBatch:
     clicks: torch.Tensor  # int64 [B, L]: rows of ``news``, -1 = padding (right-padded)
     negatives: torch.Tensor  # int64 [B, L, K]: rows of ``news`` (-1 where clicks is -1)
     targets: torch.Tensor  # bool [B, L]: positions whose click is a training target
+    state_pos: torch.Tensor  # int64 [B, L]: the click is scored from the user state before this position
     tokens: object  # what ``prepare_tokens(news, width)`` returned (width None: pad to the longest)
     width: int  # token width the batch was sized with
+    units: np.ndarray  # int64 [B]: the unit (``DynamicBatcher.units``) of each row
     counters: dict = field(default_factory=dict)
 
     @property
@@ -58,15 +65,16 @@ class Units:
     targets_from: np.ndarray  # int64: position in the window of the first target (0 = all are targets)
 
 
-def make_units(seqs: SequenceSet, max_history: int, autoregressive: bool) -> Units:
+def make_units(seqs: SequenceSet, max_history: int, autoregressive: bool, chunk_context: bool = False) -> Units:
     starts, lengths = seqs.clicks.offsets[:-1], seqs.clicks.lengths()
     if autoregressive:
         n_chunks = -(-lengths // max_history)
         seq = np.repeat(np.arange(len(lengths)), n_chunks)
         k = np.arange(len(seq)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
-        start = starts[seq] + k * max_history
+        first_target = starts[seq] + k * max_history
         length = np.minimum(max_history, lengths[seq] - k * max_history)
-        return Units(start, length, np.zeros(len(seq), dtype=np.int64))
+        context = np.minimum(k * max_history, max_history) if chunk_context else np.zeros(len(seq), dtype=np.int64)
+        return Units(first_target - context, length + context, context.astype(np.int64))
     # one unit per click: the click and the (at most) max_history clicks before it in its sequence
     click = np.arange(int(seqs.clicks.offsets[-1]), dtype=np.int64)
     seq = seqs.clicks.row_ids()
@@ -79,7 +87,8 @@ class DynamicBatcher:
     def __init__(self, seqs: SequenceSet, news_lengths: np.ndarray, prepare_tokens: Callable[[np.ndarray, int], object],
                  *, token_budget: int, buckets: int, dynamic: bool, dedup: bool, autoregressive: bool,
                  max_history: int, negatives: int, batch_size: int, fixed_width: int, seed: int, rank: int,
-                 world: int, prefetch_depth: int = 4, pin: bool = False, fill_cdf: np.ndarray | None = None):
+                 world: int, prefetch_depth: int = 4, pin: bool = False, fill_cdf: np.ndarray | None = None,
+                 chunk_context: bool = False):
         self.seqs = seqs
         self.news_lengths = np.asarray(news_lengths, dtype=np.int64)
         self.prepare_tokens = prepare_tokens
@@ -88,7 +97,7 @@ class DynamicBatcher:
         self.seed, self.rank, self.world = seed, rank, world
         self.prefetch_depth, self.pin = prefetch_depth, pin
         self.fill_cdf = fill_cdf
-        self.units = make_units(seqs, max_history, autoregressive)
+        self.units = make_units(seqs, max_history, autoregressive, chunk_context)
         self.targets_per_epoch = int((self.units.length - self.units.targets_from).sum())
         self.sequences_dropped = 0  # units of finished epochs that never reached a batch (must stay 0)
 
@@ -109,13 +118,15 @@ class DynamicBatcher:
     # -- batch formation -------------------------------------------------------------------------------
     def _unit_news(self, units: np.ndarray, epoch: int):
         """For a block of units: their clicks (flat, unit by unit), which clicks are targets, the
-        negatives of the targets [T, K], each unit's length and longest news, and the random fills per target."""
+        negatives of the targets [T, K], each unit's length and longest news, the random fills per target, and
+        for every click the position (in its unit) of the first click of its impression run."""
         u = self.units
         starts, lengths = u.start[units], u.length[units]
         click_idx = ragged_positions(starts, starts + lengths)  # global click indices, unit by unit
         clicks = self.seqs.clicks.values[click_idx].astype(np.int64)
         pos_in_unit = np.arange(len(click_idx)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         is_target = pos_in_unit >= np.repeat(u.targets_from[units], lengths)
+        state_pos = impression_run_starts(self.seqs.click_pool[click_idx], pos_in_unit)
         t_idx = click_idx[is_target]
         pool_rows = self.seqs.click_pool[t_idx]
         pools = self.seqs.pools.take(np.maximum(pool_rows, 0))
@@ -128,7 +139,7 @@ class DynamicBatcher:
         news_len[is_target] = np.maximum(news_len[is_target], self.news_lengths[negs].max(axis=1))
         heads = np.cumsum(lengths) - lengths
         longest = np.maximum.reduceat(news_len, heads) if len(units) else np.zeros(0, dtype=np.int64)
-        return clicks, is_target, negs, lengths, longest, fills
+        return clicks, is_target, negs, lengths, longest, fills, state_pos
 
     def _batches(self, epoch: int) -> Iterator[SequenceBatch]:
         order = self.shard(epoch)
@@ -143,8 +154,9 @@ class DynamicBatcher:
         if not self.dynamic:
             for s in range(0, len(order), self.batch_size):
                 units = order[s : s + self.batch_size]
-                clicks, is_target, negs, lengths, _, fills = self._unit_news(units, epoch)
-                yield self._assemble(units, clicks, is_target, negs, lengths, int(fills.sum()), self.fixed_width)
+                clicks, is_target, negs, lengths, _, fills, state_pos = self._unit_news(units, epoch)
+                yield self._assemble(units, clicks, is_target, negs, lengths, int(fills.sum()), self.fixed_width,
+                                     state_pos)
             return
         # A bucket holds its units' clicks, target flags, negatives and fills (slices of the block they came
         # from), so flushing it reuses the negatives sampled here.
@@ -161,13 +173,14 @@ class DynamicBatcher:
             parts = pending[b]
             batch = self._assemble(np.array([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                                    np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]),
-                                   np.array([len(p[1]) for p in parts]), sum(p[4] for p in parts), width[b])
+                                   np.array([len(p[1]) for p in parts]), sum(p[4] for p in parts), width[b],
+                                   np.concatenate([p[5] for p in parts]))
             pending[b], distinct[b], width[b], touched[b] = [], 0, 0, []
             return batch
 
         for s in range(0, len(order), block):
             units = order[s : s + block]
-            clicks, is_target, negs, lengths, longest, fills = self._unit_news(units, epoch)
+            clicks, is_target, negs, lengths, longest, fills, state_pos = self._unit_news(units, epoch)
             if bounds is None:  # bucket edges: quantiles of the longest news of the first block (a random sample)
                 bounds = np.unique(np.quantile(longest, np.linspace(0, 1, self.buckets + 1)[1:-1])) if self.buckets > 1 else np.zeros(0)
             bucket_of = np.searchsorted(bounds, longest, side="left")
@@ -187,7 +200,8 @@ class DynamicBatcher:
                 if pending[b] and (distinct[b] + len(new)) * w > self.token_budget:
                     yield flush(b)
                     new, w = ids, int(longest[j])
-                pending[b].append((int(unit), clicks[lo:hi], is_target[lo:hi], negs[t_lo:t_hi], int(fills[t_lo:t_hi].sum())))
+                pending[b].append((int(unit), clicks[lo:hi], is_target[lo:hi], negs[t_lo:t_hi], int(fills[t_lo:t_hi].sum()),
+                                   state_pos[lo:hi]))
                 distinct[b] += len(new)
                 width[b] = w
                 if self.dedup:
@@ -200,7 +214,7 @@ class DynamicBatcher:
                 yield flush(b)
 
     def _assemble(self, units: np.ndarray, clicks: np.ndarray, is_target: np.ndarray, negs: np.ndarray,
-                  lengths: np.ndarray, n_fill: int, width: int) -> SequenceBatch:
+                  lengths: np.ndarray, n_fill: int, width: int, state_pos: np.ndarray) -> SequenceBatch:
         """The batch of the given units from their clicks (flat), target flags, target negatives [T, K] and lengths."""
         b, l, k = len(units), int(lengths.max(initial=1)), self.negatives
         occ = np.concatenate([clicks, negs.ravel()])
@@ -222,7 +236,22 @@ class DynamicBatcher:
         neg_rows[row_in_unit[is_target], col[is_target]] = rows[n:].reshape(-1, k)
         targets = np.zeros((b, l), dtype=bool)
         targets[row_in_unit, col] = is_target
+        state_rows = np.zeros((b, l), dtype=np.int64)
+        state_rows[row_in_unit, col] = state_pos
         tokens = self.prepare_tokens(news, None if self.dynamic else width)
         counters = {"sequences_trained": b, "negatives_random": n_fill}
         return SequenceBatch(news, self.news_lengths[news], torch.from_numpy(click_rows), torch.from_numpy(neg_rows),
-                             torch.from_numpy(targets), tokens, width, counters)
+                             torch.from_numpy(targets), torch.from_numpy(state_rows), tokens, width,
+                             np.asarray(units, dtype=np.int64), counters)
+
+
+def impression_run_starts(pools: np.ndarray, pos_in_unit: np.ndarray) -> np.ndarray:
+    """For clicks laid out unit by unit (``pools``: each click's impression, -1 = none; ``pos_in_unit``), the
+    position in its unit of the first click of its run of same-impression clicks (a click without an
+    impression is a run of its own; a run cut by a unit's start begins there)."""
+    n = len(pools)
+    idx = np.arange(n)
+    first = (pos_in_unit == 0) | (pools < 0)
+    first[1:] |= pools[1:] != pools[:-1]
+    head = np.maximum.accumulate(np.where(first, idx, 0)) if n else idx
+    return pos_in_unit - (idx - head)

@@ -5,6 +5,10 @@ produced the row (never the time its batch was prepared). A read at step t is al
 ``t - stamp <= gamma``; among the fresh rows, each is read with probability p_t = 1 - exp(-beta t) (Eq. 2),
 decided by hashing (seed, step, news id) so that every rank makes the same decision about a news.
 
+Each row carries, in an extra column, the step that wrote it: it travels with the vector through every index
+and routing operation, so the age of a served row is read from the row itself, independently of the stamps that
+decided the hit (a row served from the wrong place, or never written, shows up as an impossible age).
+
 Across ranks the cache is one cache. Replicated: every rank holds all rows and applies every rank's
 writes. Sharded (when a replica would exceed ``max_bytes``): rank r holds the ids with id % world == r;
 lookups and writes are collective calls that route rows to their owners.
@@ -21,13 +25,14 @@ from speedyrec.engine.distributed import DistInfo, all_gather_rows
 from speedyrec.engine.hashing import hash_uniform
 
 NEVER = np.iinfo(np.int64).min // 2
+UNWRITTEN = -1e9  # the step column of a row never written: served, it would show an age of about 1e9
 
 
 @dataclass
 class CacheLookup:
     hit: np.ndarray  # bool [U]: served from the cache
     emb: torch.Tensor  # [hit.sum(), D], detached
-    stale_reads: int  # served rows older than gamma (must stay 0)
+    ages: np.ndarray  # float64 [hit.sum()]: steps since each served row was written, read from the row itself
 
 
 class EmbeddingCache:
@@ -38,7 +43,9 @@ class EmbeddingCache:
         self.world = dist.world
         self.sharded = dist.world > 1 and num_items * dim * 4 > max_bytes
         rows = -(-num_items // self.world) if self.sharded else num_items
-        self.emb = torch.zeros((rows, dim), dtype=torch.float32, device=device)
+        self.dim = dim
+        self.emb = torch.zeros((rows, dim + 1), dtype=torch.float32, device=device)  # last column: writing step
+        self.emb[:, dim] = UNWRITTEN
         self.stamp = np.full(rows, NEVER, dtype=np.int64)
         self.num_items = num_items
 
@@ -63,7 +70,7 @@ class EmbeddingCache:
             stamps = self.stamp[ids]
             hit = self._decide(ids, stamps, step)
             rows = torch.from_numpy(ids[hit]).to(self.emb.device)
-            return CacheLookup(hit, self.emb.index_select(0, rows), int((step - stamps[hit] > self.gamma).sum()))
+            return self._served(hit, self.emb.index_select(0, rows), step)
         # sharded: everyone sees every request; owners answer theirs; everyone sees every answer
         device = self.emb.device
         requests = [r.cpu().numpy() for r in all_gather_rows(torch.from_numpy(ids).to(device))]
@@ -82,19 +89,22 @@ class EmbeddingCache:
         sizes = torch.tensor([len(a) for a in answers_meta], device=device)
         all_sizes = all_gather_rows(sizes)
         hit = np.zeros(len(ids), dtype=bool)
-        pos_parts, emb_parts, stale = [], [], 0
+        pos_parts, emb_parts = [], []
         for o in range(self.world):
             start = int(all_sizes[o][: self.dist.rank].sum())
             n = int(all_sizes[o][self.dist.rank])
             m = meta[o][start : start + n].cpu().numpy()
             pos_parts.append(m[:, 0])
             emb_parts.append(embs[o][start : start + n])
-            stale += int((step - m[:, 1] > self.gamma).sum())
         pos = np.concatenate(pos_parts)
         hit[pos] = True
         order = np.argsort(pos)
-        emb = torch.cat(emb_parts)[torch.from_numpy(order).to(device)]
-        return CacheLookup(hit, emb, stale)
+        return self._served(hit, torch.cat(emb_parts)[torch.from_numpy(order).to(device)], step)
+
+    def _served(self, hit: np.ndarray, rows: torch.Tensor, step: int) -> CacheLookup:
+        """Split served rows [H, D + 1] into vectors and ages."""
+        ages = step - rows[:, self.dim].double().cpu().numpy()
+        return CacheLookup(hit, rows[:, : self.dim], ages)
 
     def write(self, ids: np.ndarray, emb: torch.Tensor, step: int, everyone_has_all: bool = False) -> None:
         """Store fresh embeddings of ``ids`` computed with the parameters of ``step``.
@@ -112,5 +122,7 @@ class EmbeddingCache:
             mine = ids % self.world == self.dist.rank
             ids, emb = ids[mine], emb[torch.from_numpy(mine).to(emb.device)]
         local = self._local(ids)
-        self.emb.index_copy_(0, torch.from_numpy(local).to(self.emb.device), emb.to(self.emb.device))
+        emb = emb.to(self.emb.device)
+        rows = torch.cat([emb, torch.full((len(emb), 1), float(step), dtype=emb.dtype, device=emb.device)], dim=1)
+        self.emb.index_copy_(0, torch.from_numpy(local).to(self.emb.device), rows)
         self.stamp[local] = step

@@ -8,6 +8,12 @@ With ``global_dedup`` the ranks also deduplicate among themselves: every news mi
 anywhere in the global batch is encoded by exactly one rank that holds it, and the embeddings are
 exchanged with an autograd-aware all-gather, so a rank's loss gradient flows back to the rank that
 encoded the news and the encoder's gradient equals the single-process gradient of the global batch.
+
+Evidence about the cache, in the step's counters: the age of every served row (read from the row), and with
+``audit`` > 0 an audit that re-encodes up to ``audit`` of the step's hits with the current parameters and
+measures how far the served vectors drifted from what a miss would have computed (cosine), beside the cosine
+of two fresh encodings of the same rows (the dropout noise floor). The audit runs without gradients on a
+forked random stream, so it changes nothing the training sees.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from speedyrec.engine.cache import EmbeddingCache
 from speedyrec.engine.distributed import DistInfo, all_gather_rows, all_gather_with_grad
@@ -50,9 +57,43 @@ def length_chunks(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     return chunks
 
 
+def width_groups(lengths: np.ndarray, max_groups: int) -> list[np.ndarray]:
+    """Split positions of ascending ``lengths`` into at most ``max_groups`` consecutive groups, each padded to its
+    longest row, with the least padding in total (dynamic programming over the distinct lengths)."""
+    lengths = np.asarray(lengths)
+    if len(lengths) == 0:
+        return []
+    vals, counts = np.unique(lengths, return_counts=True)
+    m = len(vals)
+    rows = np.concatenate([[0], np.cumsum(counts)])  # rows with a length below vals[j]
+    toks = np.concatenate([[0], np.cumsum(vals * counts)]).astype(np.float64)
+    best = np.full(m + 1, np.inf)
+    best[0] = 0.0
+    back = []
+    for _ in range(min(max_groups, m)):
+        new, arg = best.copy(), np.arange(m + 1)  # a group may stay unused
+        for b in range(1, m + 1):  # the last group holds distinct lengths a..b-1, padded to vals[b - 1]
+            a = np.arange(b)
+            cost = best[a] + vals[b - 1] * (rows[b] - rows[a]) - (toks[b] - toks[a])
+            i = int(np.argmin(cost))
+            if cost[i] < new[b]:
+                new[b], arg[b] = cost[i], i
+        back.append(arg)
+        best = new
+    edges, b = [m], m
+    for arg in reversed(back):
+        if arg[b] != b:
+            b = int(arg[b])
+            edges.append(b)
+        if b == 0:
+            break
+    edges = sorted(set(edges))
+    return [np.arange(rows[a], rows[b]) for a, b in zip(edges[:-1], edges[1:])]
+
+
 class CentralizedEncoder:
     def __init__(self, encode_rows: EncodeRows, dim: int, dist_info: DistInfo, *, cache: EmbeddingCache | None,
-                 global_dedup: bool, chunk_tokens: int | None, seed: int = 0):
+                 global_dedup: bool, chunk_tokens: int | None, seed: int = 0, audit: int = 0):
         """``chunk_tokens``: encode misses sorted by length in chunks of at most this many padded tokens;
         None encodes them in one call, in batch order (the fixed-padding ablation)."""
         self.encode_rows = encode_rows
@@ -62,6 +103,7 @@ class CentralizedEncoder:
         self.global_dedup = global_dedup and dist_info.world > 1
         self.chunk_tokens = chunk_tokens
         self.seed = seed
+        self.audit = audit
 
     def _encode(self, tokens, rows: np.ndarray, lengths: np.ndarray, device) -> tuple[torch.Tensor, int, int]:
         """Embeddings of the given rows, encoded in chunks of similar length ([len(rows), D])."""
@@ -84,13 +126,17 @@ class CentralizedEncoder:
         """news [U] ids of the batch, lengths [U] their token lengths, tokens the prepared inputs."""
         device = self.dist.device
         u = len(news)
-        counters = {"cache_lookups": 0, "cache_hits": 0, "stale_reads": 0}
+        counters = {"cache_lookups": 0, "cache_hits": 0}
         hit = np.zeros(u, dtype=bool)
         hit_emb = None
         if self.cache is not None:
             look = self.cache.lookup(news, step)
             hit, hit_emb = look.hit, look.emb
-            counters.update(cache_lookups=u, cache_hits=int(hit.sum()), stale_reads=look.stale_reads)
+            counters.update(cache_lookups=u, cache_hits=int(hit.sum()), served_age_sum=float(look.ages.sum()))
+            if len(look.ages):
+                counters["served_age_max"] = float(look.ages.max())
+            if self.audit and hit.any():
+                counters.update(self._audit(news, hit, hit_emb, lengths, tokens, step))
         miss_rows = np.flatnonzero(~hit)
         if self.global_dedup:
             miss_emb, encoded, valid, padded, written = self._global_misses(news, miss_rows, lengths, tokens, step)
@@ -108,6 +154,22 @@ class CentralizedEncoder:
             else:
                 self.cache.write(news[miss_rows], miss_emb, step)
         return EncodedTable(table, counters)
+
+    def _audit(self, news, hit, hit_emb, lengths, tokens, step) -> dict:
+        """Re-encode a hashed sample of this step's hits; cosine of cached vs fresh and of fresh vs fresh."""
+        device = self.dist.device
+        hit_rows = np.flatnonzero(hit)  # hit_emb holds their vectors in this order
+        pick = np.sort(np.argsort(hash64(self.seed + 7919, step, news[hit_rows]), kind="stable")[: self.audit])
+        rows = hit_rows[pick]
+        devices = [device] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            fresh, _, _ = self._encode(tokens, rows, lengths, device)
+            again, _, _ = self._encode(tokens, rows, lengths, device)
+        cached = hit_emb[torch.from_numpy(pick).to(hit_emb.device)].to(device).float()
+        drift = F.cosine_similarity(cached, fresh.float(), dim=-1)
+        noise = F.cosine_similarity(again.float(), fresh.float(), dim=-1)
+        return {"audit_rows": len(rows), "audit_cos_sum": float(drift.sum()), "audit_cos_min": float(drift.min()),
+                "audit_noise_cos_sum": float(noise.sum())}
 
     def _global_misses(self, news, miss_rows, lengths, tokens, step):
         """Encode each globally missing news on one rank that holds it; share embeddings with autograd."""

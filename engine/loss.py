@@ -31,12 +31,14 @@ class TargetScores:
 
 def target_scores(table: torch.Tensor, clicks: torch.Tensor, negatives: torch.Tensor, targets: torch.Tensor,
                   prefix_states: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                  initial_state: torch.Tensor) -> TargetScores:
+                  initial_state: torch.Tensor, state_pos: torch.Tensor | None = None) -> TargetScores:
     """Scores of every target position against its negatives.
 
     table [U, D]; clicks [B, L] rows of table (-1 = padding, right-padded); negatives [B, L, K] rows;
     targets [B, L] bool; ``prefix_states(x [B, L, D], mask [B, L]) -> [B, L, D]`` is the user state after
-    positions 0..t; ``initial_state`` [D] is the state of an empty history.
+    positions 0..t; ``initial_state`` [D] is the state of an empty history. ``state_pos`` [B, L] (int64, at
+    most the position itself): score the click at t from the state before position state_pos[t] instead
+    of before t, e.g. before the first click of its impression; None = before t.
     """
     valid = clicks >= 0
     click_vec = dispatch(table, clicks)  # [B, L, D]
@@ -44,7 +46,11 @@ def target_scores(table: torch.Tensor, clicks: torch.Tensor, negatives: torch.Te
     b, _, d = click_vec.shape
     before = torch.cat([initial_state.to(states.dtype).expand(b, 1, d), states[:, :-1]], dim=1)
     cand = torch.cat([click_vec.unsqueeze(2), dispatch(table, negatives)], dim=2)[targets]  # [T, C, D]
-    user = before[targets]  # [T, D]
+    if state_pos is None:
+        user = before[targets]  # [T, D]
+    else:
+        rows, cols = targets.nonzero(as_tuple=True)  # row-major, the order of before[targets]
+        user = before[rows, state_pos[rows, cols]]
     logits = torch.einsum("td,tcd->tc", user, cand).float()
     return TargetScores(logits, user, cand)
 
@@ -56,8 +62,8 @@ def click_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def autoregressive_loss(table: torch.Tensor, clicks: torch.Tensor, negatives: torch.Tensor, targets: torch.Tensor,
                         prefix_states: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                        initial_state: torch.Tensor) -> tuple[torch.Tensor, int]:
+                        initial_state: torch.Tensor, state_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-click cross-entropy over the target positions (arguments as :func:`target_scores`).
     Returns (loss sum, targets)."""
-    scores = target_scores(table, clicks, negatives, targets, prefix_states, initial_state)
+    scores = target_scores(table, clicks, negatives, targets, prefix_states, initial_state, state_pos)
     return click_cross_entropy(scores.logits).sum(), int(targets.sum())

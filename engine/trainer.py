@@ -88,9 +88,15 @@ class Trainer:
             g["lr"] = lr * f
 
     def count(self, counters: dict[str, float]) -> None:
+        """Accumulate a step's counters: summed, except names ending in _max or _min (extremes)."""
         c = self.state.counters
         for k, v in counters.items():
-            c[k] = c.get(k, 0.0) + float(v)
+            if k.endswith("_max"):
+                c[k] = max(c.get(k, float("-inf")), float(v))
+            elif k.endswith("_min"):
+                c[k] = min(c.get(k, float("inf")), float(v))
+            else:
+                c[k] = c.get(k, 0.0) + float(v)
 
     def done(self) -> bool:
         if self.max_steps and self.state.step >= self.max_steps:

@@ -89,7 +89,10 @@ class EngineConfig:
     cache: bool = True
     cache_beta: float = 2e-3
     cache_gamma: int = 20
+    cache_audit: int = 0  # per step, re-encode up to this many cache hits and report their drift (cosine)
     autoregressive: bool = True
+    # a chunk of a long user's sequence starts with up to data.max_history earlier clicks as context (not targets)
+    chunk_context: bool = True
     negatives: int = 1
     buslm: bool = False
     # one BusLM segment per entry; a field named k times is cut into k consecutive segments (long bodies)
@@ -336,6 +339,7 @@ def validate(cfg: Config) -> None:
         "train.max_steps": cfg.train.max_steps,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "engine.cache_gamma": cfg.engine.cache_gamma,
+        "engine.cache_audit": cfg.engine.cache_audit,
     }
     for key, v in nonneg.items():
         if v < 0:
@@ -362,6 +366,9 @@ def validate(cfg: Config) -> None:
             if getattr(cfg.engine, key):
                 raise ConfigError(f"engine.{key} changes how news are encoded and belongs to train.workflow=speedyfeed; "
                                   "the typical workflow is the plain baseline")
+    if cfg.engine.cache_audit and (cfg.train.workflow != "speedyfeed" or not cfg.engine.cache or not cfg.engine.cache_gamma):
+        raise ConfigError("engine.cache_audit audits the embedding cache: it needs train.workflow=speedyfeed, "
+                          "engine.cache=true and engine.cache_gamma > 0")
     if cfg.engine.global_dedup and not cfg.engine.dedup:
         raise ConfigError("engine.global_dedup=true needs engine.dedup=true")
     _validate_distillation(cfg)

@@ -54,6 +54,7 @@ def targets_of(batch):
 @pytest.mark.parametrize("kw", [
     dict(token_budget=1), dict(token_budget=400), dict(token_budget=10**9), dict(buckets=1), dict(buckets=4),
     dict(dynamic=False), dict(dedup=False), dict(autoregressive=False), dict(autoregressive=False, token_budget=1),
+    dict(chunk_context=True), dict(chunk_context=True, dynamic=False, token_budget=1),
 ])
 def test_every_click_is_trained_once_per_epoch(world, kw):
     seqs = make_sequences(huge=300)
@@ -66,8 +67,9 @@ def test_every_click_is_trained_once_per_epoch(world, kw):
             trained.append(pos)
             units += batch.counters["sequences_trained"]
             assert (negs != pos[:, None]).all()  # a negative is never the clicked news
-            # a user state never sees more than max_history clicks
-            assert batch.clicks.shape[1] <= 20 + (0 if kw.get("autoregressive", True) else 1)
+            # a unit holds at most max_history targets, and (with context) max_history clicks before them
+            assert batch.clicks.shape[1] <= 20 * (2 if kw.get("chunk_context") else 1) + (
+                0 if kw.get("autoregressive", True) else 1)
         assert b.sequences_dropped == 0
     assert units == len(make_units(seqs, 20, kw.get("autoregressive", True)).start)
     got = np.sort(np.concatenate(trained))
@@ -270,3 +272,106 @@ def test_two_ranks_global_dedup_match_one_rank(tmp_path, global_dedup):
         assert got["encoded"] == len(full.news)  # each distinct news of the global batch encoded once
     else:
         assert got["encoded"] == len(full.news) + overlap
+
+
+# ---------------------------------------------------------------------------------------------------
+def impression_sequences(seed=0, users=6) -> SequenceSet:
+    """The layout of real logs: each user's history clicks (no impression), then impressions whose 1-3 clicks
+    are adjacent (build_sequences orders them by candidate position)."""
+    rng = np.random.default_rng(seed)
+    clicks, pools, lengths, imp = [], [], [], 0
+    for _ in range(users):
+        n = 0
+        for _ in range(int(rng.integers(0, 6))):
+            clicks.append(int(rng.integers(0, NUM_NEWS)))
+            pools.append(-1)
+            n += 1
+        for _ in range(int(rng.integers(1, 7))):
+            for _ in range(int(rng.integers(1, 4))):
+                clicks.append(int(rng.integers(0, NUM_NEWS)))
+                pools.append(imp % 40)
+                n += 1
+            imp += 1
+        lengths.append(n)
+    pool_len = rng.integers(0, 6, 40)
+    pool_news = Ragged.from_lengths(pool_len, rng.integers(0, NUM_NEWS, int(pool_len.sum())).astype(np.int32))
+    return SequenceSet(Ragged.from_lengths(np.array(lengths), np.array(clicks, dtype=np.int32)),
+                       np.array(pools, dtype=np.int64), pool_news, NUM_NEWS)
+
+
+def test_impression_run_starts_by_a_loop():
+    from speedyrec.engine.batching import impression_run_starts
+
+    pools = np.array([-1, -1, 4, 4, 4, 7, 7, -1, 3, 3, 3, 2])
+    pos = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3])  # two units; the second starts inside impression 3's run
+    want = []
+    for i in range(len(pools)):
+        j = i
+        while pos[j] > 0 and pools[i] >= 0 and pools[j - 1] == pools[i]:
+            j -= 1
+        want.append(pos[j])
+    assert impression_run_starts(pools, pos).tolist() == want == [0, 1, 2, 2, 2, 5, 5, 7, 0, 0, 0, 3]
+
+
+@pytest.mark.parametrize("chunk_context", [False, True])
+def test_a_click_never_sees_its_own_impression_and_context_is_not_trained(chunk_context):
+    """Slow reference: every target is scored from a user state pooled, one by one, over the clicks before it
+    in its unit that belong to another impression; context positions are never targets."""
+    seqs = impression_sequences()
+    b = batcher(seqs, token_budget=10**9, buckets=1, max_history=4, chunk_context=chunk_context)
+    batch = next(iter(b.epoch(0)))
+    assert batch.counters["sequences_trained"] == len(b)
+    model, user = BagEncoder(), UserEncoder(8, 4)
+    ids, mask, lengths = token_table(batch.news)
+    enc = CentralizedEncoder(make_encode_rows(model), 8, DistInfo(), cache=None, global_dedup=False, chunk_tokens=13)
+    table = enc(batch.news, lengths, (ids, mask), step=0).table
+    loss, n = autoregressive_loss(table, batch.clicks, batch.negatives, batch.targets, user.prefix_states, user.empty,
+                                  batch.state_pos)
+    news = batch.news
+    ref, n_ref, seen = 0.0, 0, []
+    starts = seqs.clicks.offsets[:-1]
+    for row, unit in enumerate(batch.units):
+        lo = int(b.units.start[unit])
+        idx = np.arange(lo, lo + int(b.units.length[unit]))
+        first_target = int(b.units.targets_from[unit])
+        seq = int(np.searchsorted(starts, lo, side="right") - 1)
+        # context: up to max_history clicks before the chunk's first target, when asked; none otherwise
+        assert first_target == (min(4, idx[0] + first_target - starts[seq]) if chunk_context else 0)
+        for t in range(len(idx)):
+            assert bool(batch.targets[row, t]) == (t >= first_target)
+            if t < first_target:
+                continue
+            seen.append(int(idx[t]))
+            p = seqs.click_pool[idx[t]]
+            hist = [int(seqs.clicks.values[idx[j]]) for j in range(t) if p < 0 or seqs.click_pool[idx[j]] != p]
+            if hist:
+                hids, hmask, _ = token_table(np.array(hist))
+                u = user(model(hids, hmask)[None], torch.ones(1, len(hist), dtype=torch.bool))[0]
+            else:
+                u = user.empty
+            cand = np.concatenate([[seqs.clicks.values[idx[t]]], news[batch.negatives[row, t].numpy()]])
+            cids, cmask, _ = token_table(cand)
+            scores = model(cids, cmask) @ u
+            ref = ref + torch.logsumexp(scores, 0) - scores[0]
+            n_ref += 1
+    assert sorted(seen) == list(range(len(seqs.clicks.values)))  # every click a target exactly once
+    assert n == n_ref
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_width_groups_pad_the_least_a_brute_force_finds():
+    import itertools
+
+    from speedyrec.engine.encode import width_groups
+
+    rng = np.random.default_rng(0)
+    pad = lambda lengths, groups: sum(len(g) * lengths[g].max() - lengths[g].sum() for g in groups)
+    for _ in range(200):
+        n, k = int(rng.integers(1, 9)), int(rng.integers(1, 5))
+        lengths = np.sort(rng.integers(1, 12, n))
+        groups = width_groups(lengths, k)
+        assert len(groups) <= k and np.array_equal(np.concatenate(groups), np.arange(n))
+        best = min(pad(lengths, [np.arange(a, b) for a, b in zip((0, *cuts), (*cuts, n))])
+                   for r in range(min(k, n)) for cuts in itertools.combinations(range(1, n), r))
+        assert pad(lengths, groups) == best
+    assert width_groups(np.zeros(0, dtype=np.int64), 3) == []

@@ -204,3 +204,22 @@ def test_mind_time_parser_matches_datetime():
     for bad in ("13/1/2019 1:00:00 PM", "1/1/2019 1:00:00", "yesterday"):
         with pytest.raises(ValueError):
             parse_mind_time(bad)
+
+
+@pytest.mark.parametrize("fmt", ["mind", "speedyrec"])
+def test_sequences_keep_an_impressions_clicks_adjacent(fmt, mind_sample, speedyrec_sample):
+    """The engine scores a click from the state before its impression's first click, which assumes the
+    clicks of one impression are one run of each user's sequence: check it on both real samples."""
+    import numpy as np
+
+    from speedyrec.workflows.speedyfeed import build_sequences
+
+    ds = load_dataset(_data_cfg(f"data.format={fmt}", f"data.dir={mind_sample if fmt == 'mind' else speedyrec_sample}"))
+    seqs = build_sequences(ds.train, 10**7)
+    seq_of = seqs.clicks.row_ids()
+    pools = seqs.click_pool
+    real = np.flatnonzero(pools >= 0)
+    assert len(real) > 0
+    for imp in np.unique(pools[real]):
+        at = np.flatnonzero(pools == imp)
+        assert (np.diff(at) == 1).all() and len(set(seq_of[at])) == 1, f"impression {imp} is split: {at}"

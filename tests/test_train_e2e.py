@@ -24,7 +24,7 @@ from speedyrec.train import main
 
 # stats.json counters DESIGN.md promises
 DESIGN_COUNTERS = ("clicks_in_data", "clicks_trained", "sequences_dropped", "news_encoded", "cache_lookups",
-                   "cache_hits", "stale_reads", "valid_tokens", "padded_tokens", "data_efficiency", "malformed_rows",
+                   "cache_hits", "served_age_mean", "served_age_max", "valid_tokens", "padded_tokens", "data_efficiency", "malformed_rows",
                    "unknown_news_ids", "wall_seconds", "clicks_per_second")
 # the README's split of clicks_in_data
 SPLIT_COUNTERS = ("clicks_unknown_news", "clicks_not_reached", "epochs")
@@ -65,6 +65,8 @@ def check_stats(stats: dict, *, full_epoch: bool) -> None:
     missing = [k for k in DESIGN_COUNTERS + SPLIT_COUNTERS if k not in stats]
     assert not missing, f"stats.json lacks {missing}"
     for k in DESIGN_COUNTERS:
+        if k.startswith("served_age") and stats[k] is None and stats["cache_hits"] == 0:
+            continue  # no row served, no age
         assert isinstance(stats[k], (int, float)) and math.isfinite(stats[k]) and stats[k] >= 0, (k, stats[k])
     # nothing is lost silently
     assert (stats["clicks_trained"] + stats["clicks_unknown_news"] + stats["clicks_not_reached"]
@@ -73,7 +75,7 @@ def check_stats(stats: dict, *, full_epoch: bool) -> None:
     if full_epoch:
         assert stats["clicks_not_reached"] == 0, stats
     assert stats["sequences_dropped"] == 0
-    assert stats["stale_reads"] == 0
+    assert stats["served_age_max"] is None or stats["served_age_max"] <= 20  # engine.cache_gamma
     assert stats["cache_hits"] <= stats["cache_lookups"]
     assert stats["news_encoded"] > 0 and stats["valid_tokens"] > 0
     tokens = stats["valid_tokens"] + stats["padded_tokens"]
@@ -145,7 +147,7 @@ def test_speedyfeed_full_epoch_trains_every_click_once(speedyfeed_run, typical_r
     check_stats(stats, full_epoch=True)
     assert stats["workflow"] == "speedyfeed"
     assert stats["sequences_dropped"] == 0
-    assert stats["stale_reads"] == 0
+    assert stats["served_age_max"] is None or stats["served_age_max"] <= 20  # engine.cache_gamma
     # no unknown news in the synthetic data: every click of every sequence is a trained target
     assert stats["clicks_unknown_news"] == 0
     assert stats["clicks_trained"] == stats["clicks_in_data"]
@@ -161,16 +163,30 @@ def test_speedyfeed_full_epoch_trains_every_click_once(speedyfeed_run, typical_r
     assert stats["data_efficiency"] > typical_run[2]["data_efficiency"]
 
 
-def test_speedyfeed_cache_hits_without_stale_reads(tmp_path, cache_dir, synthetic_small):
-    out = tmp_path / "run"
-    stats, metrics = run_job(synthetic_args(out, cache_dir, synthetic_small, "data.title_tokens=16",
-                                            "engine.cache_beta=1.0", "engine.token_budget=2000"), out)
+def test_speedyfeed_cache_serves_young_rows_and_the_audit_changes_nothing(tmp_path, cache_dir, synthetic_small):
+    runs = {}
+    for audit in (0, 6):
+        out = tmp_path / f"audit{audit}"
+        runs[audit] = run_job(synthetic_args(out, cache_dir, synthetic_small, "data.title_tokens=16",
+                                             "engine.cache_beta=1.0", "engine.token_budget=2000", "engine.cache_gamma=3",
+                                             f"engine.cache_audit={audit}"), out)
+    stats, metrics = runs[6]
     check_metrics(metrics)
     check_stats(stats, full_epoch=True)
     assert stats["cache_hits"] > 0
-    assert stats["stale_reads"] == 0
+    # ages come from the served rows themselves: never above gamma, and some rows are more than a step old
+    assert 0 < stats["served_age_mean"] <= stats["served_age_max"] <= 3
     assert stats["news_encoded"] + stats["cache_hits"] == stats["cache_lookups"]
     assert stats["clicks_trained"] == stats["clicks_in_data"]
+    # the audit re-encoded hits: drift is a cosine, and a trained encoder drifts a little from its cached rows
+    assert 0 < stats["cache_audit_rows"] <= 6 * stats["steps"]
+    assert -1.0 <= stats["cache_drift_cos_min"] <= stats["cache_drift_cos_mean"] < 1.0
+    assert -1.0 <= stats["cache_noise_cos_mean"] <= 1.0 + 1e-6  # two fresh encodings differ by dropout alone
+    # ... without changing training: same metrics and counters as the run without the audit
+    plain_stats, plain_metrics = runs[0]
+    assert plain_stats["cache_audit_rows"] == 0 and plain_stats["cache_drift_cos_mean"] is None
+    assert {k: v for k, v in metrics.items() if k != "seconds"} == {k: v for k, v in plain_metrics.items() if k != "seconds"}
+    assert (plain_stats["cache_hits"], plain_stats["served_age_max"]) == (stats["cache_hits"], stats["served_age_max"])
 
 
 # -- 3. ablations -------------------------------------------------------------------------------------------
@@ -223,13 +239,15 @@ def test_ablation_keeps_the_invariants(name, tmp_path, cache_dir, synthetic_smal
 
 
 def test_no_dedup_encodes_more_than_dedup(tmp_path, cache_dir, synthetic_small):
-    """The same first steps with and without dedup: same targets, more encoding without it."""
+    """The first steps with and without dedup: more encoding per trained target without it (the token budget
+    counts every occurrence then, so its batches hold fewer targets)."""
     common = ("data.title_tokens=16", "engine.token_budget=2000", "train.max_steps=2", "engine.cache=false")
     runs = {}
     for dedup in ("true", "false"):
         out = tmp_path / f"dedup_{dedup}"
         runs[dedup], _ = run_job(synthetic_args(out, cache_dir, synthetic_small, *common, f"engine.dedup={dedup}"), out)
-    assert runs["false"]["news_encoded"] > runs["true"]["news_encoded"]
+    per_target = {k: r["news_encoded"] / r["clicks_trained"] for k, r in runs.items()}
+    assert per_target["false"] > per_target["true"], per_target
     for s in runs.values():
         check_stats(s, full_epoch=False)
 

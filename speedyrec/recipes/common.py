@@ -27,8 +27,10 @@ from speedyrec.models.recommender import NewsEncoder, NewsRecommender
 
 log = logging.getLogger("speedyrec")
 
-ENGINE_COUNTERS = ("clicks_trained", "news_encoded", "cache_lookups", "cache_hits", "stale_reads", "valid_tokens",
-                   "padded_tokens", "sequences_trained", "negatives_random")
+ENGINE_COUNTERS = ("clicks_trained", "news_encoded", "cache_lookups", "cache_hits", "served_age_sum", "valid_tokens",
+                   "padded_tokens", "sequences_trained", "negatives_random", "audit_rows", "audit_cos_sum",
+                   "audit_noise_cos_sum")
+EXTREME_COUNTERS = (("served_age_max", "max"), ("audit_cos_min", "min"))  # reduced over ranks by max / min
 
 
 @dataclass
@@ -175,7 +177,8 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
                          device=dist.device)
     if dist.active:
         torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
-    stats = {k: int(v) for k, v in zip(local, vec.tolist())}
+    stats = {k: (v if k.endswith("_sum") else int(v)) for k, v in zip(local, vec.tolist())}
+    stats.update(cache_evidence(st.counters, stats, dist))
     epochs_run = cfg.train.epochs
     stats["clicks_in_data"] = int(workflow.clicks_in_data)
     stats["sequences_in_data"] = int(getattr(workflow, "sequences_in_data", 0))
@@ -197,6 +200,24 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
     stats["setup_seconds"] = setup_seconds
     stats["max_rank_rss_mb"] = round(float(peaks[1]), 1)
     return stats
+
+
+def cache_evidence(local: dict, summed: dict, dist: DistInfo) -> dict:
+    """What the cache served, from the rows themselves: ages (steps since the row was written; mean and max) and,
+    with engine.cache_audit, the drift of served vectors from fresh encodings (cosine; mean, min, and the mean of
+    two fresh encodings, the dropout floor). None where nothing was served or audited."""
+    ext = torch.tensor([local.get(k, float("-inf") if op == "max" else float("inf")) * (1 if op == "max" else -1)
+                        for k, op in EXTREME_COUNTERS], dtype=torch.float64, device=dist.device)
+    if dist.active:
+        torch.distributed.all_reduce(ext, op=torch.distributed.ReduceOp.MAX)  # min = -max(-x)
+    age_max, cos_min = float(ext[0]), -float(ext[1])
+    hits, audited = summed["cache_hits"], summed["audit_rows"]
+    return {"served_age_mean": summed.pop("served_age_sum") / hits if hits else None,
+            "served_age_max": age_max if hits else None,
+            "cache_audit_rows": summed.pop("audit_rows"),
+            "cache_drift_cos_mean": summed.pop("audit_cos_sum") / audited if audited else None,
+            "cache_drift_cos_min": cos_min if audited else None,
+            "cache_noise_cos_mean": summed.pop("audit_noise_cos_sum") / audited if audited else None}
 
 
 def engine_trainer(ctx: Context, model: torch.nn.Module, optimizer, workflow, **kw) -> Trainer:

@@ -116,14 +116,14 @@ class DistillFinetuneRecipe(StageRecipe):
             write_json(self.out / "stats.json", stats)
         return {"seconds": timer(), "metrics": metrics, "stats": stats}
 
-    def objective(self, table, news, clicks, negatives, targets):
+    def objective(self, table, news, clicks, negatives, targets, state_pos):
         di, dev = self.cfg.distill, table.device
         model = self.model
         su = model.student.user_encoder
-        s = target_scores(table, clicks, negatives, targets, su.prefix_states, su.empty)
+        s = target_scores(table, clicks, negatives, targets, su.prefix_states, su.empty, state_pos)
         bank = self.bank.read(news, dev) if self.bank is not None else self._online_teachers(news, dev)  # [U, M, D]
         with torch.no_grad():
-            ts = [target_scores(bank[:, i], clicks, negatives, targets, u.prefix_states, u.empty)
+            ts = [target_scores(bank[:, i], clicks, negatives, targets, u.prefix_states, u.empty, state_pos)
                   for i, u in enumerate(self.teacher_users)]
         t_logits = torch.stack([t.logits for t in ts])  # [M, T, C]
         w = teacher_weights(t_logits, omega_of(model.log_omega))

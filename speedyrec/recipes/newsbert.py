@@ -121,11 +121,11 @@ class NewsBertRecipe(StageRecipe):
         valid = int(mask.sum())
         return torch.cat([t_vec, s_vec], dim=-1), valid, mask.numel() - valid
 
-    def objective(self, table, news, clicks, negatives, targets):
+    def objective(self, table, news, clicks, negatives, targets, state_pos):
         cfg, d = self.cfg, self.dim
         user = self.model.teacher.user_encoder  # shared
-        t = target_scores(table[:, :d], clicks, negatives, targets, user.prefix_states, user.empty)
-        s = target_scores(table[:, d:], clicks, negatives, targets, user.prefix_states, user.empty)
+        t = target_scores(table[:, :d], clicks, negatives, targets, user.prefix_states, user.empty, state_pos)
+        s = target_scores(table[:, d:], clicks, negatives, targets, user.prefix_states, user.empty, state_pos)
         n_targets = len(t.logits)
         teacher_ce = click_cross_entropy(t.logits)
         student_ce = click_cross_entropy(s.logits)

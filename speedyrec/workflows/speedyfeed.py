@@ -68,7 +68,8 @@ def cache_replica_budget(device: torch.device) -> int:
     return int(psutil.virtual_memory().available * 0.25 / max(local_ranks, 1))
 
 
-# objective(table [U, W], news [U], clicks [B, L], negatives [B, L, K], targets [B, L]) -> (loss sum, counters)
+# objective(table [U, W], news [U], clicks [B, L], negatives [B, L, K], targets [B, L], state_pos [B, L])
+#   -> (loss sum, counters); state_pos as in engine.loss.target_scores
 Objective = Callable[[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
@@ -98,7 +99,8 @@ class SpeedyFeedWorkflow:
             dynamic=ec.dynamic_batching, dedup=ec.dedup, autoregressive=ec.autoregressive,
             max_history=cfg.data.max_history, negatives=ec.negatives, batch_size=cfg.train.batch_size,
             fixed_width=fixed_width, seed=cfg.train.seed, rank=dist.rank, world=dist.world,
-            prefetch_depth=ec.prefetch, pin=self.device.type == "cuda", fill_cdf=self._fill_cdf(ec, store.num_news))
+            prefetch_depth=ec.prefetch, pin=self.device.type == "cuda", fill_cdf=self._fill_cdf(ec, store.num_news),
+            chunk_context=ec.chunk_context)
         cache = None
         if ec.cache and ec.cache_gamma > 0:
             cache = EmbeddingCache(store.num_news, dim or cfg.model.dim, gamma=ec.cache_gamma, beta=ec.cache_beta,
@@ -108,7 +110,7 @@ class SpeedyFeedWorkflow:
         self.encoder = CentralizedEncoder(encode_rows or self._encode_rows, dim or cfg.model.dim, dist, cache=cache,
                                           global_dedup=ec.global_dedup,
                                           chunk_tokens=ec.chunk_tokens if ec.dynamic_batching else None,
-                                          seed=cfg.train.seed)
+                                          seed=cfg.train.seed, audit=ec.cache_audit)
         self.unknown_clicks = int(data.train.unknown_clicks.sum())
 
     def _fill_cdf(self, ec, num_news: int) -> np.ndarray | None:
@@ -151,15 +153,15 @@ class SpeedyFeedWorkflow:
             return StepOutput(loss, 0, {})
         tokens = batch.tokens.to(self.device)
         enc = self.encoder(batch.news, batch.lengths, tokens, self.step_no)
-        clicks, negatives, targets = (t.to(self.device, non_blocking=True)
-                                      for t in (batch.clicks, batch.negatives, batch.targets))
-        loss, extra = self.objective(enc.table, batch.news, clicks, negatives, targets)
+        clicks, negatives, targets, state_pos = (t.to(self.device, non_blocking=True)
+                                                 for t in (batch.clicks, batch.negatives, batch.targets, batch.state_pos))
+        loss, extra = self.objective(enc.table, batch.news, clicks, negatives, targets, state_pos)
         n = batch.num_targets
         counters = {"clicks_trained": n, **batch.counters, **enc.counters, **extra}
         return StepOutput(loss, n, counters)
 
-    def click_loss(self, table, news, clicks, negatives, targets) -> tuple[torch.Tensor, dict]:
+    def click_loss(self, table, news, clicks, negatives, targets, state_pos) -> tuple[torch.Tensor, dict]:
         """The model's autoregressive click loss, summed over the targets."""
         user = self.model.user_encoder
-        loss, _ = autoregressive_loss(table, clicks, negatives, targets, user.prefix_states, user.empty)
+        loss, _ = autoregressive_loss(table, clicks, negatives, targets, user.prefix_states, user.empty, state_pos)
         return loss, {}
