@@ -82,3 +82,28 @@ def bus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_mask:
     mask = bus_key_mask(token_mask, segment_present).reshape(n * s, 1, 1, t + s)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2).reshape(n, s, t, h)
+
+
+def bus_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor,
+                       bus_k: torch.Tensor, bus_v: torch.Tensor, bus_mask: torch.Tensor, heads: int,
+                       dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """:func:`bus_attention` for segments given as rows of any width (packed by length, not by news).
+
+    Args:
+        q, k, v: [R, T, H] projections of R present segments, T their (shared) padded width.
+        token_mask: [R, T], True on real tokens; every row must hold at least one (its [CLS]).
+        bus_k, bus_v: [R, S, H] the bus seen by each row: the first-token key/value of every segment of its news.
+        bus_mask: [R, S], True where the row may attend to that bus entry (present and not itself).
+    Returns [R, T, H].
+    """
+    r, t, h = q.shape
+    s = bus_k.shape[1]
+    if h % heads:
+        raise ValueError(f"hidden size {h} is not a multiple of heads={heads}")
+    d = h // heads
+    keys = torch.cat([k, bus_k.to(k.dtype)], dim=1).reshape(r, t + s, heads, d).transpose(1, 2)
+    values = torch.cat([v, bus_v.to(v.dtype)], dim=1).reshape(r, t + s, heads, d).transpose(1, 2)
+    queries = q.reshape(r, t, heads, d).transpose(1, 2)
+    mask = torch.cat([token_mask.bool(), bus_mask.bool()], dim=1).reshape(r, 1, 1, t + s)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).reshape(r, t, h)

@@ -158,10 +158,12 @@ def test_padding_and_absent_segments_never_change_anything():
         torch.testing.assert_close(model(ids, mask), model(noisy, mask), atol=1e-6, rtol=1e-6)
 
 
-def test_layers_run_on_segment_tokens_only():
+@pytest.mark.parametrize("pack_groups", [None, 3])
+def test_layers_run_on_segment_tokens_only(pack_groups):
     ids, mask = _segments()
     n, s, t = ids.shape
     model = _buslm(layers=2).eval()
+    model.pack_groups = pack_groups
     seen = []
     hooks = [layer.intermediate.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
              for layer in model.backbone.layers]
@@ -170,7 +172,38 @@ def test_layers_run_on_segment_tokens_only():
     for hk in hooks:
         hk.remove()
     assert states.shape == (n, s, t, 32)
-    assert seen == [(n * s, t, 32)] * 2  # the feed-forward never runs on bus rows
+    if pack_groups is None:
+        assert seen == [(n * s, t, 32)] * 2  # the feed-forward never runs on bus rows
+        return
+    # packed: only present segments, in chunks of their own width, never wider than they need
+    per_layer = len(seen) // 2
+    assert sum(r for r, _, _ in seen[:per_layer]) == int(mask.any(-1).sum())
+    assert sum(r * w for r, w, _ in seen[:per_layer]) == model.padded_tokens(mask) < mask.numel()
+    assert model.padded_tokens(mask) - int(mask.sum()) < mask.numel() - int(mask.sum())
+
+
+@pytest.mark.parametrize("pack_groups", [1, 3, 100])
+@pytest.mark.parametrize("freeze", [0, 1])
+def test_packed_segments_equal_the_padded_layout(pack_groups, freeze):
+    """Packing segments by their own lengths changes no value and no gradient (eval mode: no dropout)."""
+    ids, mask = _segments()
+    extra = torch.randn(*ids.shape, 32, generator=torch.Generator().manual_seed(4)) * 0.1
+    outs, grads = [], []
+    for pack in (None, pack_groups):
+        model = _buslm(layers=3, freeze_layers=freeze).eval()
+        model.pack_groups = pack
+        start = model.frozen_forward(ids, mask) if freeze else None
+        x = extra.clone().requires_grad_(True)
+        out = model(ids, mask, extra_embeddings=x, start_states=start)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad, *[p.grad for p in model.parameters() if p.requires_grad]])
+        if freeze:
+            outs.append(start[mask])
+    for a, b in zip(outs[: len(outs) // 2], outs[len(outs) // 2:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_extra_embeddings_are_added_before_the_layer_norm():

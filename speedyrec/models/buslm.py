@@ -7,17 +7,26 @@ of the other present segments of its news (keys and values only; see
 :mod:`speedyrec.kernels.bus_attention`). Attention costs O(S * T * (T + S)) per news instead of
 O((S * T)^2) for the concatenated text, and information still crosses segments through the bus.
 
+Segments are packed by their own lengths: the present segments of all news of a call are sorted by length and
+cut into at most ``pack_groups`` chunks of similar width, chosen to pad the least (so a short title is not padded
+to a long body's width). Each layer computes the projections chunk by chunk, gathers every segment's [CLS]
+key/value into the bus of its news, then attends and runs the feed-forward chunk by chunk. ``pack_groups=None``
+keeps the plain layout (every segment padded to the widest), the reference the packed path must equal.
+
 After the last layer, tokens are pooled into one vector per segment (``pool``, the same additive
 attention as :class:`~speedyrec.models.recommender.NewsEncoder`), segments into one vector per news
 (``segment_pool``), and ``proj`` maps it to the news dimension (SpeedyFeed appendix A, eqs. 11-16).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from speedyrec.config import ConfigError
-from speedyrec.kernels.bus_attention import bus_attention
+from speedyrec.engine.encode import width_groups
+from speedyrec.kernels.bus_attention import bus_attention, bus_attention_rows
 from speedyrec.models.backbone import eval_mode
 from speedyrec.models.recommender import AdditiveAttention
 
@@ -31,8 +40,9 @@ class BusLMNewsEncoder(nn.Module):
     [N, S, T, H] is :meth:`frozen_forward` and can be passed back as ``start_states``.
     """
 
-    def __init__(self, backbone: nn.Module, dim: int, attention_dim: int):
+    def __init__(self, backbone: nn.Module, dim: int, attention_dim: int, pack_groups: int | None = 8):
         super().__init__()
+        self.pack_groups = pack_groups
         missing = [a for a in ("embed", "run_layer", "layers", "heads", "hidden_size", "freeze_layers")
                    if not hasattr(backbone, a)]
         if missing:
@@ -45,12 +55,12 @@ class BusLMNewsEncoder(nn.Module):
         self.proj = nn.Linear(h, dim)
 
     @classmethod
-    def from_news_encoder(cls, news_encoder: nn.Module) -> "BusLMNewsEncoder":
+    def from_news_encoder(cls, news_encoder: nn.Module, pack_groups: int | None = 8) -> "BusLMNewsEncoder":
         """A BusLM encoder sharing ``news_encoder``'s backbone, token pooling and projection (the same
         module objects, hence the same parameters); only ``segment_pool`` is new (freshly initialised,
         on the device and dtype of the shared projection)."""
         proj, pool = news_encoder.proj, news_encoder.pool
-        enc = cls(news_encoder.backbone, proj.out_features, pool.proj.out_features)
+        enc = cls(news_encoder.backbone, proj.out_features, pool.proj.out_features, pack_groups)
         enc.pool = pool
         enc.proj = proj
         enc.segment_pool.to(device=proj.weight.device, dtype=proj.weight.dtype)
@@ -89,9 +99,7 @@ class BusLMNewsEncoder(nn.Module):
         modules = [m for m in (getattr(bb, "embeddings", None), *bb.layers[: bb.freeze_layers]) if m is not None]
         with torch.no_grad(), eval_mode(*modules):
             h = self._embed(input_ids, None)
-            attend = self._attend(n, s, t, token_mask, present)
-            for i in range(bb.freeze_layers):
-                h = bb.run_layer(i, h, attend)
+            h = self._layers(h, token_mask, present, range(bb.freeze_layers))
         return h.view(n, s, t, h.shape[-1])
 
     def token_states(self, input_ids: torch.Tensor, mask: torch.Tensor, extra_embeddings: torch.Tensor | None = None,
@@ -123,10 +131,66 @@ class BusLMNewsEncoder(nn.Module):
             if start_states is not None:
                 raise ValueError("start_states given but the backbone has no frozen layers (model.freeze_layers=0)")
             h = self._embed(input_ids, extra_embeddings)
-        attend = self._attend(n, s, t, token_mask, present)
-        for i in range(bb.freeze_layers, len(bb.layers)):
-            h = bb.run_layer(i, h, attend)
+        h = self._layers(h, token_mask, present, range(bb.freeze_layers, len(bb.layers)))
         return h.view(n, s, t, hidden)
+
+    # ------------------------------------------------------------------ packing
+
+    def _pack(self, token_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """Chunks of present segment rows (of the [N * S] rows), shortest first: (row indices, width)."""
+        n, s, t = token_mask.shape
+        rows_mask = token_mask.reshape(n * s, t)
+        # a segment's width: its last real position + 1 (segments are laid out from position 0)
+        ends = (rows_mask * torch.arange(1, t + 1, device=rows_mask.device)).amax(dim=-1).cpu().numpy()
+        order = np.argsort(ends, kind="stable")
+        order = order[ends[order] > 0]
+        dev = token_mask.device
+        return [(torch.from_numpy(order[c]).to(dev), int(ends[order[c]].max()))
+                for c in width_groups(ends[order], self.pack_groups)]
+
+    def padded_tokens(self, mask: torch.Tensor) -> int:
+        """Token positions (real and padding) the transformer layers process for segments ``mask`` [N, S, T]."""
+        if self.pack_groups is None:
+            return mask.numel()
+        return sum(len(rows) * width for rows, width in self._pack(mask.bool()))
+
+    def _layers(self, h: torch.Tensor, token_mask: torch.Tensor, present: torch.Tensor, layers: range) -> torch.Tensor:
+        """Run ``layers`` on segment rows h [N * S, T, H] -> [N * S, T, H] (zeros at absent segments when packed)."""
+        bb = self.backbone
+        n, s, t = token_mask.shape
+        if self.pack_groups is None:
+            attend = self._attend(n, s, t, token_mask, present)
+            for i in layers:
+                h = bb.run_layer(i, h, attend)
+            return h
+        if len(layers) == 0:
+            return h
+        chunks = self._pack(token_mask)
+        rows_mask = token_mask.reshape(n * s, t)
+        all_rows = torch.cat([rows for rows, _ in chunks])
+        hs = [h[rows, :w] for rows, w in chunks]
+        masks = [rows_mask[rows, :w] for rows, w in chunks]
+        news = [rows // s for rows, _ in chunks]
+        not_self = ~torch.eye(s, dtype=torch.bool, device=h.device)
+        bus_masks = [present[nw] & not_self[rows % s] for nw, (rows, _) in zip(news, chunks)]
+        hidden = h.shape[-1]
+        for i in layers:
+            layer = bb.layers[i]
+            sa = layer.attention.self
+            p = sa.dropout.p if (bb.training and i >= bb.freeze_layers) else 0.0
+            q, k, v = [sa.query(x) for x in hs], [sa.key(x) for x in hs], [sa.value(x) for x in hs]
+            bus_k = k[0].new_zeros((n * s, hidden)).index_copy(0, all_rows, torch.cat([x[:, 0] for x in k]))
+            bus_v = v[0].new_zeros((n * s, hidden)).index_copy(0, all_rows, torch.cat([x[:, 0] for x in v]))
+            bus_k, bus_v = bus_k.view(n, s, hidden), bus_v.view(n, s, hidden)
+            out = []
+            for c, x in enumerate(hs):
+                ctx = bus_attention_rows(q[c], k[c], v[c], masks[c], bus_k[news[c]], bus_v[news[c]], bus_masks[c],
+                                         bb.heads, dropout_p=p)
+                x = layer.attention.output(ctx, x)
+                out.append(layer.output(layer.intermediate(x), x))
+            hs = out
+        packed = torch.cat([F.pad(x, (0, 0, 0, t - x.shape[1])) for x in hs])
+        return packed.new_zeros((n * s, t, hidden)).index_copy(0, all_rows, packed)
 
     # ------------------------------------------------------------------ pooling
 

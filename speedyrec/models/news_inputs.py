@@ -101,4 +101,5 @@ class NewsInputs:
                 return encoder.frozen_forward(ids[s], mask[s])
             start = self.frozen.start_states(news, mask, compute)
         valid = int(mask.sum())
-        return encoder(ids, mask, extra_embeddings=extra, start_states=start), valid, mask.numel() - valid
+        computed = encoder.padded_tokens(mask) if hasattr(encoder, "padded_tokens") else mask.numel()
+        return encoder(ids, mask, extra_embeddings=extra, start_states=start), valid, computed - valid
