@@ -121,7 +121,23 @@ def context(d: dict) -> list[str]:
             f"{d['time_ratio']:.2f}x.\n"]
 
 
-SECTIONS = (("speedup", speedup), ("multiteacher", multiteacher), ("pipeline", pipeline), ("quality", quality),
+def data_efficiency(d: dict) -> list[str]:
+    t, b = d["runs"]["titles"]["variants"], d["runs"].get("buslm", {}).get("variants", {})
+    rows = [[name, f"{v['data_efficiency']:.1%}", f"{b[name]['data_efficiency']:.1%}" if name in b else "n/a"]
+            for name, v in t.items()]
+    if "both, BusLM segments padded to the widest" in b:
+        rows.append(["both, BusLM segments padded to the widest (not packed)", "n/a",
+                     f"{b['both, BusLM segments padded to the widest']['data_efficiency']:.1%}"])
+    return [f"**Data efficiency** (`python -m benchmarks.data_efficiency`; {_device(d)}): SpeedyFeed's Eq. 1, real "
+            "tokens over the token positions the encoder runs, for one epoch of the engine's batches, counted by the "
+            "engine's own encoding path. Titles: the synthetic default with MiniLM's tokenizer; BusLM: title, abstract "
+            "and body segments of the SpeedyRec sample, packed by their own lengths.\n",
+            md_table(["variant", "titles", "BusLM"], rows),
+            f"\nBest of the sweep (buckets x chunk size): titles {d['best_titles']:.1%}, BusLM "
+            + (f"{d['best_buslm']:.1%}." if d.get("best_buslm") is not None else "n/a.") + "\n"]
+
+
+SECTIONS = (("speedup", speedup), ("data_efficiency", data_efficiency), ("multiteacher", multiteacher), ("pipeline", pipeline), ("quality", quality),
             ("context", context), ("token_store", token_store))
 
 

@@ -65,6 +65,9 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 32  # typical workflow: training instances (clicks) per step, over all ranks
     negatives: int = 4  # typical workflow: impression negatives per click
+    # typical workflow's targets: the impressions' clicks (Recommenders), or every click of the user sequences
+    # with the engine's negatives (speedyfeed's targets, for comparisons on identical targets)
+    typical_targets: str = "impressions"
     lr: float = 1e-4  # attention poolings, projections, user encoder
     encoder_lr: float = 5e-5  # the pretrained transformer
     weight_decay: float = 0.0
@@ -313,6 +316,7 @@ def validate(cfg: Config) -> None:
     _choice("data.format", cfg.data.format, ("mind", "speedyrec", "synthetic"))
     _choice("train.workflow", cfg.train.workflow, ("typical", "speedyfeed"))
     _choice("train.amp", cfg.train.amp, ("auto", "bf16", "off"))
+    _choice("train.typical_targets", cfg.train.typical_targets, ("impressions", "sequence"))
     positive = {
         "model.dim": cfg.model.dim,
         "model.attention_dim": cfg.model.attention_dim,

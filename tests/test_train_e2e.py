@@ -506,3 +506,36 @@ def test_refine_is_rejected_in_the_typical_workflow(tmp_path, cache_dir, capsys)
     rc = main(tiny_overrides(tmp_path / "o", cache_dir, "engine.refine=true", "train.workflow=typical"))
     assert rc == 2
     assert_one_line_error(capsys, "engine.refine", "typical")
+
+
+def test_typical_workflow_on_speedyfeeds_targets(tmp_path, cache_dir, synthetic_small, speedyfeed_run):
+    """train.typical_targets=sequence: the typical workflow trains every click of the user sequences, each
+    from the clicks before its impression (at most max_history), with the engine's negatives."""
+    import numpy as np
+
+    from speedyrec.data.dataset import load_dataset
+    from speedyrec.workflows.typical import TypicalWorkflow
+
+    cfg = load_config(None, synthetic_args(tmp_path / "o", cache_dir, synthetic_small, *TYPICAL_EXTRA))
+    ds = load_dataset(cfg.data)
+    store = type("Store", (), {"num_news": len(ds.news), "max_len": 16})()
+    wf = TypicalWorkflow(ds.train, store, None, max_history=10, negatives=2, batch_size=64, seed=0, rank=0, world=1,
+                         device=torch.device("cpu"), targets="sequence")
+    seqs = wf.seqs
+    assert wf.clicks_in_data == speedyfeed_run[2]["clicks_in_data"]  # identical targets
+    inst = np.random.default_rng(0).choice(len(seqs.clicks.values), 200, replace=False)
+    positives, pools, histories, _ = wf._sequence_instances(inst)
+    seq_of = seqs.clicks.row_ids()
+    for j, c in enumerate(inst):  # slow reference: walk back to the impression's first click, then take history
+        start = seqs.clicks.offsets[seq_of[c]]
+        first = c
+        while first > start and seqs.click_pool[c] >= 0 and seqs.click_pool[first - 1] == seqs.click_pool[c]:
+            first -= 1
+        want = seqs.clicks.values[max(start, first - 10):first]
+        assert histories.row(j).tolist() == want.tolist()
+        assert positives[j] == seqs.clicks.values[c]
+        assert pools.row(j).tolist() == (seqs.pools.row(seqs.click_pool[c]).tolist() if seqs.click_pool[c] >= 0 else [])
+    out = tmp_path / "run"
+    stats, _ = run_job(synthetic_args(out, cache_dir, synthetic_small, *TYPICAL_EXTRA, "train.typical_targets=sequence",
+                                      "train.max_steps=3"), out)
+    assert stats["clicks_in_data"] == speedyfeed_run[2]["clicks_in_data"] and stats["clicks_trained"] == 3 * 64

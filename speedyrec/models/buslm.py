@@ -31,6 +31,27 @@ from speedyrec.models.backbone import eval_mode
 from speedyrec.models.recommender import AdditiveAttention
 
 
+def pack_segments(token_mask: torch.Tensor, max_groups: int) -> list[tuple[torch.Tensor, int]]:
+    """The present segments of ``token_mask`` [N, S, T] (rows of the [N * S] segments), sorted by width and cut
+    into at most ``max_groups`` groups with the least padding: (row indices, width) per group, narrowest first."""
+    n, s, t = token_mask.shape
+    rows_mask = token_mask.reshape(n * s, t)
+    # a segment's width: its last real position + 1 (segments are laid out from position 0)
+    ends = (rows_mask * torch.arange(1, t + 1, device=rows_mask.device)).amax(dim=-1).cpu().numpy()
+    order = np.argsort(ends, kind="stable")
+    order = order[ends[order] > 0]
+    dev = token_mask.device
+    return [(torch.from_numpy(order[c]).to(dev), int(ends[order[c]].max())) for c in width_groups(ends[order], max_groups)]
+
+
+def packed_tokens(mask: torch.Tensor, max_groups: int | None) -> int:
+    """Token positions (real and padding) BusLM's layers process for segments ``mask`` [N, S, T]: the packed
+    groups' sizes, or the whole padded layout when ``max_groups`` is None."""
+    if max_groups is None:
+        return mask.numel()
+    return sum(len(rows) * width for rows, width in pack_segments(mask.bool(), max_groups))
+
+
 class BusLMNewsEncoder(nn.Module):
     """Segments [N, S, T] -> news vectors [N, D] through a bus-connected BERT-family backbone.
 
@@ -137,22 +158,11 @@ class BusLMNewsEncoder(nn.Module):
     # ------------------------------------------------------------------ packing
 
     def _pack(self, token_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-        """Chunks of present segment rows (of the [N * S] rows), shortest first: (row indices, width)."""
-        n, s, t = token_mask.shape
-        rows_mask = token_mask.reshape(n * s, t)
-        # a segment's width: its last real position + 1 (segments are laid out from position 0)
-        ends = (rows_mask * torch.arange(1, t + 1, device=rows_mask.device)).amax(dim=-1).cpu().numpy()
-        order = np.argsort(ends, kind="stable")
-        order = order[ends[order] > 0]
-        dev = token_mask.device
-        return [(torch.from_numpy(order[c]).to(dev), int(ends[order[c]].max()))
-                for c in width_groups(ends[order], self.pack_groups)]
+        return pack_segments(token_mask, self.pack_groups)
 
     def padded_tokens(self, mask: torch.Tensor) -> int:
         """Token positions (real and padding) the transformer layers process for segments ``mask`` [N, S, T]."""
-        if self.pack_groups is None:
-            return mask.numel()
-        return sum(len(rows) * width for rows, width in self._pack(mask.bool()))
+        return packed_tokens(mask, self.pack_groups)
 
     def _layers(self, h: torch.Tensor, token_mask: torch.Tensor, present: torch.Tensor, layers: range) -> torch.Tensor:
         """Run ``layers`` on segment rows h [N * S, T, H] -> [N * S, T, H] (zeros at absent segments when packed)."""

@@ -77,7 +77,8 @@ class FinetuneRecipe:
 
             return TypicalWorkflow(self.data.train, self.store, self.model, max_history=cfg.data.max_history,
                                    negatives=cfg.train.negatives, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                   rank=dist.rank, world=dist.world, device=dist.device)
+                                   rank=dist.rank, world=dist.world, device=dist.device,
+                                   targets=cfg.train.typical_targets)
         from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
         return SpeedyFeedWorkflow(cfg, self.data, self.inputs, self.model, dist)

@@ -4,6 +4,11 @@ One training instance per click: the impression's user history cut or padded to 
 news, the clicked news and ``negatives`` (4) non-clicked news of the same impression, every news padded
 to the fixed maximum length of its fields, cross-entropy over the 1 + 4 candidates. Batches are dense
 tensors encoded in one call with the same encoder and attention kernels as the fast path.
+
+``targets="sequence"`` trains it on SpeedyFeed's targets instead, so the two workflows can be compared on
+identical targets: every click of every user sequence (the history field's clicks included), its history the
+(at most ``max_history``) clicks before its impression in that sequence, its negatives from its impression
+first and random news where it has none, drawn by the engine's sampler with the same keys.
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ import torch.nn.functional as F
 
 from speedyrec.data.behaviors import Behaviors
 from speedyrec.data.token_store import TokenStore
+from speedyrec.engine.batching import impression_run_starts
 from speedyrec.engine.prefetch import prefetch
+from speedyrec.engine.ragged import Ragged, ragged_positions
 from speedyrec.engine.trainer import StepOutput
 from speedyrec.engine.hashing import hash64
 from speedyrec.engine.negatives import sample_negatives
@@ -33,7 +40,8 @@ class TypicalBatch:
 
 class TypicalWorkflow:
     def __init__(self, train: Behaviors, store: TokenStore, model, *, max_history: int, negatives: int,
-                 batch_size: int, seed: int, rank: int, world: int, device: torch.device):
+                 batch_size: int, seed: int, rank: int, world: int, device: torch.device,
+                 targets: str = "impressions"):
         self.train = train
         self.store = store
         self.pools = train.non_clicked()  # per impression: its non-clicks, the negatives' pool
@@ -44,14 +52,29 @@ class TypicalWorkflow:
         self.seed = seed
         self.rank, self.world = rank, world
         self.device = device
+        self.width = self.store.max_len
+        self.seqs = None
+        if targets == "sequence":
+            from speedyrec.workflows.speedyfeed import build_sequences
+
+            self.seqs = build_sequences(train, store.num_news)
+            n = len(self.seqs.clicks.values)
+            seq_start = np.repeat(self.seqs.clicks.offsets[:-1], self.seqs.clicks.lengths())
+            pos = np.arange(n) - seq_start
+            context_end = seq_start + impression_run_starts(self.seqs.click_pool, pos)  # history ends here
+            self.hist_start = np.maximum(seq_start, context_end - max_history)
+            self.hist_end = context_end
+            self.pools = self.seqs.pools
+            self.click_pos = np.arange(n)  # instance -> click of the sequences
+            return
         labels = train.labels
         self.click_pos = np.flatnonzero(labels == 1)  # instance -> position in candidates.values
         self.click_row = np.searchsorted(train.candidates.offsets, self.click_pos, side="right") - 1
-        self.width = self.store.max_len
 
     @property
     def clicks_in_data(self) -> int:
-        """Training targets of one epoch: every click of the training impressions, unknown news included."""
+        """Training targets of one epoch: every click of the training impressions (of the user sequences with
+        targets="sequence"), clicks on unknown news included."""
         return len(self.click_pos) + int(self.train.unknown_clicks.sum())
 
     def steps_per_epoch(self) -> int:
@@ -59,13 +82,17 @@ class TypicalWorkflow:
 
     def _global_batch(self, epoch: int, b: int, order: np.ndarray) -> TypicalBatch:
         inst = order[b * self.batch_size : (b + 1) * self.batch_size]
-        rows, pos = self.click_row[inst], self.click_pos[inst]
-        positives = self.train.candidates.values[pos].astype(np.int64)
-        negs, fills = sample_negatives(self.pools.take(rows), self.negatives, positives, self.store.num_news,
+        if self.seqs is not None:
+            positives, pools, histories, pos = self._sequence_instances(inst)
+        else:
+            rows, pos = self.click_row[inst], self.click_pos[inst]
+            positives = self.train.candidates.values[pos].astype(np.int64)
+            pools, histories = self.pools.take(rows), self.train.history.take(rows)
+        negs, fills = sample_negatives(pools, self.negatives, positives, self.store.num_news,
                                        seed=int(hash64(self.seed, epoch)), row_keys=pos)
         # this rank's share of the global batch (sampling above is independent of the world size)
         share = np.array_split(np.arange(len(inst)), self.world)[self.rank]
-        hist = self.train.history.take(rows[share]).padded(self.max_history, fill=-1, keep="last").astype(np.int64)
+        hist = histories.take(share).padded(self.max_history, fill=-1, keep="last").astype(np.int64)
         cand = np.concatenate([positives[share, None], negs[share]], axis=1)
         news = np.concatenate([hist, cand], axis=1).reshape(-1)
         tok = self.store.concat(news, width=self.width)
@@ -76,6 +103,19 @@ class TypicalWorkflow:
                     "negatives_random": int(fills[share].sum())}
         return TypicalBatch(torch.from_numpy(hist), torch.from_numpy(cand), torch.from_numpy(tok.input_ids),
                             torch.from_numpy(tok.mask), counters)
+
+    def _sequence_instances(self, inst: np.ndarray):
+        """Positives, negative pools, histories and sampling keys of sequence clicks ``inst``."""
+        seqs = self.seqs
+        positives = seqs.clicks.values[inst].astype(np.int64)
+        pool_rows = seqs.click_pool[inst]
+        pools = seqs.pools.take(np.maximum(pool_rows, 0))
+        if (pool_rows < 0).any():  # a history click has no impression: random negatives only
+            lens = np.where(pool_rows < 0, 0, pools.lengths())
+            pools = Ragged.from_lengths(lens, pools.values[np.repeat(pool_rows >= 0, pools.lengths())])
+        starts, ends = self.hist_start[inst], self.hist_end[inst]
+        histories = Ragged.from_lengths(ends - starts, seqs.clicks.values[ragged_positions(starts, ends)])
+        return positives, pools, histories, inst
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[TypicalBatch]:
         order = np.random.default_rng([self.seed, epoch, 7]).permutation(len(self.click_pos))
