@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import context, data_efficiency, multiteacher, quality, readme, speedup, token_store
+from benchmarks import context, data_efficiency, limit, multiteacher, quality, readme, speedup, token_store
 
 
 def main(argv=None) -> None:
@@ -13,6 +13,7 @@ def main(argv=None) -> None:
     token_store.main(quick)
     data_efficiency.main(quick)
     speedup.main(quick)
+    limit.main(quick)
     context.main(quick)
     multiteacher.main(quick)
     quality.main(quick)
