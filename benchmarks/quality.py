@@ -110,14 +110,6 @@ def report(runs: dict, info: dict, quick: bool) -> dict:
           md_table(["seed", *next(iter(seconds.values())).keys()],
                    [[seed, *[f"{v:.0f}" for v in s.values()]] for seed, s in seconds.items()])]
     write_results("quality_quick" if quick else "quality", payload, "\n".join(md), plot=lambda path: _plot(path, table))
-    if not quick:  # the first seed's pipeline run is also the pipeline's committed table
-        from speedyrec.recipes.pipeline import pipeline_table
-
-        seed = min(runs)
-        note = ("Measured as seed %d of benchmarks.quality, so with pipeline.baselines=true: finetune_teachers also "
-                "finetuned the plain teacher (5 models in one pass), and the baselines' steps follow." % seed)
-        write_results("pipeline", {"machine": info, "command": runs[seed]["command"], "summary": runs[seed]["summary"],
-                                   "note": note}, f"# stage=pipeline\n\n{note}\n\n" + pipeline_table(runs[seed]["summary"]))
     print("\n".join(md))
     return payload
 

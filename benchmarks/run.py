@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import context, data_efficiency, limit, multiteacher, quality, readme, speedup, token_store
+from benchmarks import (context, data_efficiency, limit, multiteacher, pipeline, quality, readme, speedup,
+                        token_store)
 
 
 def main(argv=None) -> None:
@@ -16,6 +17,7 @@ def main(argv=None) -> None:
     limit.main(quick)
     context.main(quick)
     multiteacher.main(quick)
+    pipeline.main(quick)
     quality.main(quick)
     readme.main([])  # quick results are not the README's: it reads the full ones only
 
