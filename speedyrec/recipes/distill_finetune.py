@@ -24,6 +24,7 @@ from speedyrec.distill.snapshots import load_snapshot, save_snapshot
 from speedyrec.distill.teachers import load_finetuned_recommender, model_files
 from speedyrec.engine.encode import length_chunks
 from speedyrec.engine.loss import click_cross_entropy, target_scores
+from speedyrec.engine.trainer import adamw
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
 from speedyrec.recipes.common import (Context, StageRecipe, Timer, build_recommender, engine_stats, engine_trainer,
@@ -93,7 +94,7 @@ class DistillFinetuneRecipe(StageRecipe):
         workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, student, dist, objective=self.objective)
         extra = [p for n, p in model.named_parameters() if not n.startswith("student.")]
         groups = student.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay) + [{"params": extra, "lr": tc.lr}]
-        trainer = engine_trainer(ctx, model, torch.optim.AdamW(groups), workflow)
+        trainer = engine_trainer(ctx, model, adamw(groups), workflow)
         setup = timer()
         trainer.fit(tc.epochs, workflow.batches, workflow.step)
         result = evaluate_on_dev(ctx, [student], inputs)[0]

@@ -22,7 +22,7 @@ from speedyrec.distill.snapshots import save_snapshot
 from speedyrec.distill.teachers import freeze, load_posttrained_encoder, model_files
 from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_data, encode_pairs, model_retrieval,
                                           retrieval_accuracy)
-from speedyrec.engine.trainer import StepOutput, Trainer
+from speedyrec.engine.trainer import StepOutput, Trainer, adamw
 from speedyrec.models.checksum import weights_checksum
 from speedyrec.models.shared_prefix import SharedPrefixStack
 from speedyrec.recipes.common import (StageRecipe, Timer, build_news_encoder, loop_stats, non_backbone_names, plm_layers,
@@ -72,8 +72,8 @@ class DistillPosttrainRecipe(StageRecipe):
         if student.backbone.freeze_layers and cfg.engine.frozen_cache:
             for name, inputs in (("title", data.titles), ("body", data.bodies)):
                 inputs.enable_frozen_prefix(student.backbone.hidden_size, self.out / f"frozen_{name}_rank{dist.rank}.npy")
-        optimizer = torch.optim.AdamW(encoder_param_groups(model, student.backbone, di.stage1_lr, di.stage1_encoder_lr),
-                                      weight_decay=cfg.train.weight_decay)
+        optimizer = adamw(encoder_param_groups(model, student.backbone, di.stage1_lr, di.stage1_encoder_lr),
+                          weight_decay=cfg.train.weight_decay)
         batches = TitleBodyBatches(data.train_news, data, pt.batch_size, pt.negatives, cfg.train.seed, dist,
                                    pin=dist.device.type == "cuda")
         initial = self._student_retrieval()

@@ -5,11 +5,10 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from speedyrec.build import build_model
 from speedyrec.config import ConfigError
-from speedyrec.engine.trainer import Trainer, load_checkpoint, save_checkpoint
+from speedyrec.engine.trainer import Trainer, adamw, load_checkpoint, save_checkpoint
 from speedyrec.eval.evaluate import evaluate
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.recipes.common import Context, Timer, engine_stats, save_config, write_json
@@ -45,7 +44,7 @@ class FinetuneRecipe:
             self.inputs.enable_frozen_prefix(self.model.news_encoder.backbone.hidden_size,
                                              self.out_dir / f"frozen_prefix_rank{dist.rank}.npy")
         tc = cfg.train
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay))
+        self.optimizer = adamw(self.model.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay))
         self.workflow = self._make_workflow()
         self.trainer = Trainer(self.model, self.optimizer, dist, grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
                                amp=tc.amp, max_steps=tc.max_steps, max_seconds=tc.max_seconds,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 from torch import nn
 
 from speedyrec.config import ConfigError
@@ -23,6 +22,7 @@ from speedyrec.distill.snapshots import save_snapshot
 from speedyrec.distill.bank import TeacherBank
 from speedyrec.distill.teachers import load_posttrained_recommender, model_files
 from speedyrec.engine.loss import autoregressive_loss
+from speedyrec.engine.trainer import adamw
 from speedyrec.models.checksum import weights_checksum
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
@@ -73,7 +73,7 @@ class FinetuneTeachersRecipe(StageRecipe):
                                       dim=len(self.models) * self.dim, objective=self.objective)
         self.trim = cfg.engine.dynamic_batching
         groups = [g for m in self.models for g in m.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay)]
-        trainer = engine_trainer(ctx, team, torch.optim.AdamW(groups), workflow,
+        trainer = engine_trainer(ctx, team, adamw(groups), workflow,
                                  clip_groups=[[p for p in m.parameters() if p.requires_grad] for m in self.models])
         setup = timer()
         if dist.is_main:

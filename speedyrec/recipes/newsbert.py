@@ -22,6 +22,7 @@ from speedyrec.distill.losses import distillation_loss, momentum_gradients, news
 from speedyrec.distill.snapshots import load_snapshot, save_snapshot
 from speedyrec.distill.teachers import model_files
 from speedyrec.engine.loss import click_cross_entropy, target_scores
+from speedyrec.engine.trainer import adamw
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.recipes.common import (StageRecipe, Timer, build_recommender, engine_stats, engine_trainer,
                                       evaluate_on_dev, non_backbone_names, plm_layers, write_json)
@@ -81,7 +82,7 @@ class NewsBertRecipe(StageRecipe):
         groups = [{"params": [p for p in t_bb.parameters()] + [p for p in s_bb.parameters()], "lr": tc.encoder_lr},
                   {"params": [p for name, p in model.named_parameters() if ".backbone." not in name], "lr": tc.lr}]
         hook = (lambda: momentum_gradients(list(s_bb.layers), list(t_bb.layers), nb.momentum)) if nb.momentum else None
-        trainer = engine_trainer(ctx, model, torch.optim.AdamW(groups, weight_decay=tc.weight_decay), workflow,
+        trainer = engine_trainer(ctx, model, adamw(groups, weight_decay=tc.weight_decay), workflow,
                                  grad_hook=hook)
         setup = timer()
         trainer.fit(tc.epochs, workflow.batches, workflow.step)

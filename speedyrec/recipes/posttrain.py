@@ -12,14 +12,13 @@ import logging
 import math
 
 import numpy as np
-import torch
 from torch import nn
 
 from speedyrec.config import ConfigError
 from speedyrec.distill.losses import candidate_cross_entropy
 from speedyrec.distill.snapshots import save_snapshot
 from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_data, encode_pairs, model_retrieval)
-from speedyrec.engine.trainer import StepOutput, Trainer
+from speedyrec.engine.trainer import StepOutput, Trainer, adamw
 from speedyrec.recipes.common import (StageRecipe, Timer, build_news_encoder, loop_stats, non_backbone_names,
                                       plm_layers, trainable_names, write_json)
 
@@ -64,8 +63,8 @@ class PosttrainRecipe(StageRecipe):
         if cfg.engine.frozen_cache:
             for name, inputs in (("title", data.titles), ("body", data.bodies)):
                 inputs.enable_frozen_prefix(hidden, self.out / f"frozen_{name}_rank{dist.rank}.npy")
-        optimizer = torch.optim.AdamW(encoder_param_groups(model, encoder.backbone, pt.lr, pt.encoder_lr),
-                                      weight_decay=cfg.train.weight_decay)
+        optimizer = adamw(encoder_param_groups(model, encoder.backbone, pt.lr, pt.encoder_lr),
+                          weight_decay=cfg.train.weight_decay)
         self.batches = TitleBodyBatches(data.train_news, data, pt.batch_size, pt.negatives, cfg.train.seed, dist,
                                         pin=dist.device.type == "cuda")
         self.steps = snapshot_steps(pt)
