@@ -107,9 +107,6 @@ def reduce_gradients(params: list[torch.nn.Parameter], scale: float) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        torch._foreach_mul_([p.grad for p in params], scale)  # one process: nothing to sum, no flat copy
-        return
         by_dtype.setdefault(p.grad.dtype, []).append(p)
     for group in by_dtype.values():
         flat = torch.cat([p.grad.reshape(-1) for p in group])
