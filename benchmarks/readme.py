@@ -116,7 +116,7 @@ def context(d: dict) -> list[str]:
     return [f"**Chunk context** (`python -m benchmarks.context`; {_device(d)}): the main job with a long user's chunks "
             f"led by up to `data.max_history` earlier clicks against chunks that start from an empty history: dev AUC "
             f"{s['true']['auc_mean']:.4f} against {s['false']['auc_mean']:.4f} (paired gain "
-            f"{100 * d['auc_gain_mean']:+.2f} points over seeds {len(d['auc_gain_per_seed'])}), training time "
+            f"{100 * d['auc_gain_mean']:+.2f} points, {len(d['auc_gain_per_seed'])} seed(s)), training time "
             f"{d['time_ratio']:.2f}x.\n"]
 
 
