@@ -39,6 +39,16 @@ class SequenceSet:
     pools: Ragged  # candidate negatives per impression (its non-clicked news)
     num_news: int
 
+    def negative_pools(self, clicks: np.ndarray) -> Ragged:
+        """The impression pool of each of the given clicks (indices into ``clicks.values``); empty for a click
+        from a history without impression, which then gets random negatives only."""
+        pool_rows = self.click_pool[clicks]
+        pools = self.pools.take(np.maximum(pool_rows, 0))
+        if (pool_rows < 0).any():
+            lens = np.where(pool_rows < 0, 0, pools.lengths())
+            pools = Ragged.from_lengths(lens, pools.values[np.repeat(pool_rows >= 0, pools.lengths())])
+        return pools
+
 
 @dataclass
 class SequenceBatch:
@@ -128,11 +138,7 @@ class DynamicBatcher:
         is_target = pos_in_unit >= np.repeat(u.targets_from[units], lengths)
         state_pos = impression_run_starts(self.seqs.click_pool[click_idx], pos_in_unit)
         t_idx = click_idx[is_target]
-        pool_rows = self.seqs.click_pool[t_idx]
-        pools = self.seqs.pools.take(np.maximum(pool_rows, 0))
-        if (pool_rows < 0).any():  # clicks from a history without impressions: random negatives only
-            lens = np.where(pool_rows < 0, 0, pools.lengths())
-            pools = Ragged.from_lengths(lens, pools.values[np.repeat(pool_rows >= 0, pools.lengths())])
+        pools = self.seqs.negative_pools(t_idx)
         negs, fills = sample_negatives(pools, self.negatives, clicks[is_target], self.seqs.num_news,
                                         seed=int(hash64(self.seed, epoch)), row_keys=t_idx, fill_cdf=self.fill_cdf)
         news_len = self.news_lengths[clicks].copy()

@@ -157,9 +157,6 @@ class BusLMNewsEncoder(nn.Module):
 
     # ------------------------------------------------------------------ packing
 
-    def _pack(self, token_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-        return pack_segments(token_mask, self.pack_groups)
-
     def padded_tokens(self, mask: torch.Tensor) -> int:
         """Token positions (real and padding) the transformer layers process for segments ``mask`` [N, S, T]."""
         return packed_tokens(mask, self.pack_groups)
@@ -175,7 +172,7 @@ class BusLMNewsEncoder(nn.Module):
             return h
         if len(layers) == 0:
             return h
-        chunks = self._pack(token_mask)
+        chunks = pack_segments(token_mask, self.pack_groups)
         rows_mask = token_mask.reshape(n * s, t)
         all_rows = torch.cat([rows for rows, _ in chunks])
         hs = [h[rows, :w] for rows, w in chunks]

@@ -108,11 +108,7 @@ class TypicalWorkflow:
         """Positives, negative pools, histories and sampling keys of sequence clicks ``inst``."""
         seqs = self.seqs
         positives = seqs.clicks.values[inst].astype(np.int64)
-        pool_rows = seqs.click_pool[inst]
-        pools = seqs.pools.take(np.maximum(pool_rows, 0))
-        if (pool_rows < 0).any():  # a history click has no impression: random negatives only
-            lens = np.where(pool_rows < 0, 0, pools.lengths())
-            pools = Ragged.from_lengths(lens, pools.values[np.repeat(pool_rows >= 0, pools.lengths())])
+        pools = seqs.negative_pools(inst)
         starts, ends = self.hist_start[inst], self.hist_end[inst]
         histories = Ragged.from_lengths(ends - starts, seqs.clicks.values[ragged_positions(starts, ends)])
         return positives, pools, histories, inst
