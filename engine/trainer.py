@@ -64,6 +64,7 @@ class Trainer:
                  checkpoint_fn: Callable[["Trainer"], None] | None = None,
                  after_step: Callable[[int], None] | None = None,
                  periodic: Callable[[int], float] | None = None, periodic_every: int = 0,
+                 periodic_seconds: float = 0.0,
                  clip_groups: list[list[torch.nn.Parameter]] | None = None,
                  grad_hook: Callable[[], None] | None = None):
         self.model = model
@@ -82,6 +83,9 @@ class Trainer:
         self.after_step = after_step  # e.g. refresh the embedding cache with this step's stamps
         self.periodic = periodic  # e.g. evaluation; returns the seconds it took (excluded from wall time)
         self.periodic_every = periodic_every
+        self.periodic_seconds = periodic_seconds  # ... or every this many seconds of training (rank 0's clock)
+        self._next_periodic = periodic_seconds
+        self._stop = False
         self.state = TrainState()
         self.params = [p for p in model.parameters() if p.requires_grad]
         # models trained side by side (teachers) are clipped each on its own, as if trained alone
@@ -108,16 +112,42 @@ class Trainer:
             else:
                 c[k] = c.get(k, 0.0) + float(v)
 
+    def train_seconds(self) -> float:
+        """Seconds spent in the training loop so far (evaluation and checkpoints excluded)."""
+        running = 0.0 if self._loop_start is None else time.perf_counter() - self._loop_start - self._excluded
+        return self.state.wall_seconds + running
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the current step (e.g. early stopping); every rank must call it alike."""
+        self._stop = True
+
+    def _rank0_says(self, flag: bool) -> bool:
+        """All ranks must take time-based decisions at the same step: rank 0's clock decides."""
+        t = torch.tensor([float(flag)], device=self.dist.device)
+        if self.dist.active:
+            torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
+
     def done(self) -> bool:
+        if self._stop:
+            return True
         if self.max_steps and self.state.step >= self.max_steps:
             return True
         if self.max_seconds and self._loop_start is not None:
-            # all ranks must stop at the same step: rank 0's clock decides
-            over = torch.tensor([float(self.state.wall_seconds + time.perf_counter() - self._loop_start
-                                       - self._excluded >= self.max_seconds)], device=self.dist.device)
-            if self.dist.active:
-                torch.distributed.broadcast(over, src=0)
-            return bool(over.item())
+            return self._rank0_says(self.train_seconds() >= self.max_seconds)
+        return False
+
+    def _periodic_due(self) -> bool:
+        if self.periodic is None:
+            return False
+        if self.periodic_every and self.state.step % self.periodic_every == 0:
+            return True
+        if self.periodic_seconds:
+            due = self._rank0_says(self.train_seconds() >= self._next_periodic)
+            if due:
+                while self._next_periodic <= self.train_seconds():
+                    self._next_periodic += self.periodic_seconds
+            return due
         return False
 
     def fit(self, epochs: int, make_batches: Callable[[int, int], Iterator],
@@ -172,7 +202,8 @@ class Trainer:
                     tc = time.perf_counter()
                     self.checkpoint_fn(self)
                     excluded += time.perf_counter() - tc
-                if self.periodic_every and self.periodic and st.step % self.periodic_every == 0:
+                self._excluded = excluded
+                if self._periodic_due():
                     excluded += self.periodic(st.step)
                     self.model.train()
                 self._excluded = excluded

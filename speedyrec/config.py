@@ -112,6 +112,9 @@ class EvalConfig:
     batch_size: int = 256  # news per encoder call when building the evaluation news table
     max_impressions: int = 0  # 0 = all dev impressions
     every: int = 0  # evaluate every N optimizer steps as well as at the end; 0 = only at the end
+    every_seconds: float = 0.0  # ... or every this many seconds of training (evaluation time excluded)
+    # stop training after this many periodic evaluations without a new best dev AUC; 0 = never stop early
+    patience: int = 0
 
 
 @dataclass
@@ -344,6 +347,9 @@ def validate(cfg: Config) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "engine.cache_gamma": cfg.engine.cache_gamma,
         "engine.cache_audit": cfg.engine.cache_audit,
+        "eval.every": cfg.eval.every,
+        "eval.every_seconds": cfg.eval.every_seconds,
+        "eval.patience": cfg.eval.patience,
     }
     for key, v in nonneg.items():
         if v < 0:
@@ -360,6 +366,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.freeze_layers' must be >= 0, or -1 for the default; got {cfg.model.freeze_layers}")
     if cfg.train.max_seconds < 0:
         raise ConfigError(f"config key 'train.max_seconds' must be >= 0, got {cfg.train.max_seconds}")
+    if cfg.eval.patience and not (cfg.eval.every or cfg.eval.every_seconds):
+        raise ConfigError("eval.patience stops training when periodic dev evaluations stop improving: "
+                          "set eval.every (steps) or eval.every_seconds as well")
     if not (cfg.model.dropout == -1.0 or 0.0 <= cfg.model.dropout < 1.0):
         raise ConfigError(f"config key 'model.dropout' must be -1 (the encoder's own) or in [0, 1), got {cfg.model.dropout}")
     if cfg.engine.cache_beta < 0:
@@ -431,7 +440,8 @@ def _validate_distillation(cfg: Config) -> None:
                 raise ConfigError(f"engine.{key} is not supported by stage={cfg.stage} yet: teachers, banks and "
                                   "students encode news as one concatenated sequence; use it with stage=finetune")
         for key, value in (("train.resume", cfg.train.resume), ("train.checkpoint_every", cfg.train.checkpoint_every),
-                           ("eval.every", cfg.eval.every)):
+                           ("eval.every", cfg.eval.every), ("eval.every_seconds", cfg.eval.every_seconds),
+                           ("eval.patience", cfg.eval.patience)):
             if value:
                 raise ConfigError(f"{key} is supported by stage=finetune only (yet); stage={cfg.stage} runs without it")
 

@@ -375,3 +375,36 @@ def test_width_groups_pad_the_least_a_brute_force_finds():
                    for r in range(min(k, n)) for cuts in itertools.combinations(range(1, n), r))
         assert pad(lengths, groups) == best
     assert width_groups(np.zeros(0, dtype=np.int64), 3) == []
+
+
+# -- the training loop's clock: periodic work by training seconds, early stop ---------------------------------
+def test_periodic_by_training_seconds_and_stop(monkeypatch):
+    """A fake clock advances 1 s per step; evaluation 'takes' 100 s and must not count as training."""
+    import speedyrec.engine.trainer as trainer_mod
+    from speedyrec.engine.trainer import StepOutput, Trainer
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock["t"])
+    w = torch.nn.Parameter(torch.ones(()))
+    calls = []
+
+    def periodic(step):
+        calls.append((step, trainer.train_seconds()))
+        clock["t"] += 100.0  # evaluation time
+        if len(calls) == 3:
+            trainer.stop()
+        return 100.0
+
+    def step_fn(batch):
+        clock["t"] += 1.0  # one second of training per step
+        return StepOutput((w * 2.0).sum(), 1, {"clicks_trained": 1})
+
+    trainer = Trainer(torch.nn.Linear(1, 1), torch.optim.SGD([w], lr=0.1), DistInfo(), periodic=periodic,
+                      periodic_seconds=2.5, log_every=0)
+    trainer.params = [w]
+    trainer.fit(1, lambda epoch, skip: iter(range(100)), step_fn)
+    # due once 2.5, 5.0, 7.5 training seconds have passed: after steps 3, 5 and 8
+    assert [s for s, _ in calls] == [3, 5, 8]
+    assert [round(t) for _, t in calls] == [3, 5, 8]
+    assert trainer.state.step == 8  # stopped right after the third evaluation
+    assert trainer.state.wall_seconds == pytest.approx(8.0)  # 300 s of evaluation excluded

@@ -539,3 +539,27 @@ def test_typical_workflow_on_speedyfeeds_targets(tmp_path, cache_dir, synthetic_
     stats, _ = run_job(synthetic_args(out, cache_dir, synthetic_small, *TYPICAL_EXTRA, "train.typical_targets=sequence",
                                       "train.max_steps=3"), out)
     assert stats["clicks_in_data"] == speedyfeed_run[2]["clicks_in_data"] and stats["clicks_trained"] == 3 * 64
+
+
+def test_dev_curve_and_early_stopping(tmp_path, cache_dir, synthetic_small):
+    """Periodic dev evaluations are recorded in dev_curve.json; with nothing learning (zero learning rates) the
+    AUC never improves on the first evaluation, so eval.patience=2 stops training after the third."""
+    out = tmp_path / "curve"
+    stats, metrics = run_job(synthetic_args(out, cache_dir, synthetic_small, "data.title_tokens=16",
+                                            "engine.token_budget=2000", "train.lr=0", "train.encoder_lr=0",
+                                            "eval.every=1", "eval.patience=2", "train.max_steps=20"), out)
+    points = read_json(out / "dev_curve.json")["points"]
+    assert [p["step"] for p in points] == [1, 2, 3]
+    assert stats["steps"] == 3
+    seconds = [p["train_seconds"] for p in points]
+    assert seconds == sorted(seconds) and seconds[-1] == pytest.approx(stats["wall_seconds"], abs=0.05)
+    clicks = [p["clicks_trained"] for p in points]
+    assert clicks == sorted(clicks) and clicks[-1] == stats["clicks_trained"]
+    assert len({p["auc"] for p in points}) == 1  # nothing learnt
+    assert {k: metrics[k] for k in METRICS} == {k: points[-1][k] for k in METRICS}  # the last one is reused
+
+
+def test_patience_needs_periodic_evaluation(tmp_path, cache_dir, capsys):
+    out = tmp_path / "no_periodic"
+    assert main(tiny_overrides(out, cache_dir, "eval.patience=2")) == 2
+    assert_one_line_error(capsys, "eval.every")

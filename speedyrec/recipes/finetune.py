@@ -5,9 +5,11 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 
 from speedyrec.build import build_model
 from speedyrec.config import ConfigError
+from speedyrec.engine.distributed import all_reduce_sum
 from speedyrec.engine.trainer import Trainer, adamw, load_checkpoint, save_checkpoint
 from speedyrec.eval.evaluate import evaluate
 from speedyrec.models.news_inputs import NewsInputs
@@ -26,7 +28,7 @@ class FinetuneRecipe:
         timer = Timer()
         self.setup()
         self.train()
-        metrics = self.evaluate()
+        metrics = self.final_metrics()
         stats = self.stats()
         self.write_outputs(metrics, stats)
         self.cleanup()
@@ -51,7 +53,9 @@ class FinetuneRecipe:
                                warmup_steps=tc.warmup_steps,
                                log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
                                checkpoint_fn=self.save_checkpoint, after_step=getattr(self.workflow, "after_step", None),
-                               periodic=self._periodic_eval if cfg.eval.every else None, periodic_every=cfg.eval.every)
+                               periodic=self._periodic_eval if cfg.eval.every or cfg.eval.every_seconds else None,
+                               periodic_every=cfg.eval.every, periodic_seconds=cfg.eval.every_seconds)
+        self.curve: list[dict] = []  # one point per dev evaluation: progress and metrics
         if tc.resume:
             path = self._resume_path(tc.resume)
             load_checkpoint(path, self.trainer)
@@ -103,10 +107,41 @@ class FinetuneRecipe:
                         batch_size=cfg.eval.batch_size, max_impressions=cfg.eval.max_impressions, amp=cfg.train.amp)
 
     def _periodic_eval(self, step: int) -> float:
-        m = self.evaluate()
+        t0 = time.perf_counter()
+        m = self._curve_point()
         if self.dist.is_main and m:
             log.info("step %d  dev AUC %.4f  MRR %.4f  nDCG@5 %.4f  nDCG@10 %.4f", step, m["auc"], m["mrr"], m["ndcg5"], m["ndcg10"])
-        return m.get("seconds", 0.0)
+        patience = self.cfg.eval.patience
+        if patience and len(self.curve) > patience:
+            best = max(range(len(self.curve)), key=lambda i: self.curve[i]["auc"])
+            if best < len(self.curve) - patience:  # identical on every rank: metrics are all-reduced
+                if self.dist.is_main:
+                    log.info("dev AUC has not improved for %d evaluations (best %.4f at step %d): stopping",
+                             patience, self.curve[best]["auc"], self.curve[best]["step"])
+                self.trainer.stop()
+        return time.perf_counter() - t0
+
+    def _curve_point(self) -> dict:
+        """Evaluate now and record where training stands: step, training seconds, targets trained (all ranks)."""
+        seconds = self.trainer.train_seconds()  # read before evaluating: evaluation is not training
+        m = self.evaluate()
+        if not m:
+            return m
+        st = self.trainer.state
+        clicks = torch.tensor([st.counters.get("clicks_trained", 0.0)], dtype=torch.float64, device=self.dist.device)
+        self.curve.append({"step": st.step, "epoch": st.epoch, "train_seconds": seconds,
+                           "clicks_trained": float(all_reduce_sum(clicks).item()), **m})
+        return m
+
+    def final_metrics(self) -> dict:
+        """The final dev evaluation (reused when the last periodic one was at the final step)."""
+        last = self.curve[-1] if self.curve else None
+        if last is None or last["step"] != self.trainer.state.step:
+            self._curve_point()
+        if not self.curve:
+            return {}
+        keep = ("step", "epoch", "train_seconds", "clicks_trained")
+        return {k: v for k, v in self.curve[-1].items() if k not in keep}
 
     def train(self) -> None:
         wf = self.workflow
@@ -124,3 +159,4 @@ class FinetuneRecipe:
         if self.dist.is_main:
             write_json(self.out_dir / "metrics.json", metrics)
             write_json(self.out_dir / "stats.json", stats)
+            write_json(self.out_dir / "dev_curve.json", {"points": self.curve})
