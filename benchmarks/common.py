@@ -50,7 +50,26 @@ def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, tim
     results = out_dir / stage if stage else out_dir
     stats = json.loads((results / "stats.json").read_text()) if (results / "stats.json").exists() else {}
     metrics = json.loads((results / "metrics.json").read_text())
-    return {"name": name, "command": " ".join(cmd[1:]), "stats": stats, "metrics": metrics, "process_seconds": elapsed}
+    job = {"name": name, "command": " ".join(cmd[1:]), "stats": stats, "metrics": metrics, "process_seconds": elapsed}
+    if (results / "dev_curve.json").exists():
+        job["curve"] = json.loads((results / "dev_curve.json").read_text())["points"]
+    return job
+
+
+def run_job_kept(name: str, overrides: list[str], out_root: Path, **kw) -> dict:
+    """``run_job``, kept as ``out_root/NAME/job.json``: a later call with the same overrides reuses it, so an
+    interrupted benchmark given the same ``--out`` continues where it stopped."""
+    kept = out_root / name / "job.json"
+    if kept.exists():
+        job = json.loads(kept.read_text())
+        if job.get("overrides") != overrides:
+            raise SystemExit(f"{kept} was run with other settings ({job.get('overrides')}); use another --out")
+        print(f"{name}: reusing {kept}", flush=True)
+        return job
+    print(f"{name}: running {' '.join(overrides)}", flush=True)
+    job = {**run_job(name, overrides, out_root, **kw), "overrides": overrides}
+    kept.write_text(json.dumps(job, indent=2) + "\n")
+    return job
 
 
 def write_results(name: str, payload: dict, markdown: str, plot=None) -> None:

@@ -30,28 +30,43 @@ def _device(payload: dict) -> str:
 
 
 def speedup(d: dict) -> list[str]:
-    sf, typ = d["speedyfeed"], d["typical"]
-    base = typ["stats"]["clicks_per_second"]
-    rows = []
-    for label, job in (("typical (Recommenders)", typ), ("speedyfeed", sf)):
-        s, m = job["stats"], job["metrics"]
-        rows.append([label, f"{s['clicks_trained']:,}", f"{s['wall_seconds']:.0f}", f"{s['clicks_per_second']:.1f}",
-                     f"{s['clicks_per_second'] / base:.1f}x", f"{s['data_efficiency']:.1%}", f"{m['auc']:.3f}"])
-    abl = ", ".join(f"{name} {j['stats']['clicks_per_second']:.0f} ({j['stats']['clicks_per_second'] / base:.0f}x, data "
-                    f"efficiency {j['stats']['data_efficiency']:.0%})" for name, j in d["ablations"].items())
-    steps = {j["stats"]["steps"] for j in d["ablations"].values()}
+    """The headline (time to quality) with the other three figures beside it, from one run of the benchmark."""
+    mode, t, head = d["mode"], d["seconds_to_target"], d["time_to_auc_speedup"]
+    runs = d["runs"]
+    typ = runs[f"typical_lr{d['best_lr_multiple']['typical']:g}"]
+    sf = runs[f"speedyfeed_lr{d['headline_lr_multiple']:g}"]
+    rate = {"typical": typ["stats"]["clicks_per_second"], "speedyfeed": sf["stats"]["clicks_per_second"]}
+    seq = d["typical_sequence_targets"]["stats"]["clicks_per_second"]
+    eq = d["auc_at_equal_time"]
+    fmt = lambda x, f: "not reached" if x is None else f.format(x)  # noqa: E731
+    cap_note = ("it stopped improving within the cap" if d["typical_plateaued"] else
+                f"it was still improving at the cap ({d['typical_epoch_fraction']:.1%} of its epoch), so this is its "
+                "best within the cap")
     return [
-        f"**Cost per training target** (`python -m benchmarks.speedup`; {_device(d)}): the synthetic default "
-        f"({d['users']:,} users), `{' '.join(d['model'])}`, one process, both workflows in one run. SpeedyFeed trains "
-        "one epoch; the typical workflow trains for the same wall time, so the AUCs compare quality at equal time. "
-        "Clicks/s counts training targets, and the two workflows' targets differ: speedyfeed's are every click of "
-        "every user sequence (history included), most of them scored against random negatives "
-        f"({sf['stats'].get('negatives_random', 0):,} random negatives drawn), the typical workflow's are the "
-        "impressions' clicks scored against 4 impression negatives. So the ratio is a cost per target, not how "
-        "much sooner a model of equal quality is trained.\n",
-        md_table(["workflow", "targets trained", "train s", "targets/s", "ratio", "data efficiency", "dev AUC"], rows),
-        f"\nAblation, {'/'.join(map(str, sorted(steps)))} steps each with one technique off (targets/s, ratio to "
-        f"typical): {abl}.\n",
+        f"**Time to quality** (`python -m benchmarks.speedup`; {_device(d)}): the synthetic default "
+        f"({mode['users']:,} users), `{' '.join(mode['model'])}`, one process, both workflows in one run with the same "
+        f"learning-rate sweep ({', '.join('x%g' % m for m in d['lr_multiples'])} the defaults), at most "
+        f"{mode['cap']:g} s of training per run, stopped early when dev AUC stops improving. Speedyfeed reached the "
+        f"typical workflow's best dev AUC ({d['target_auc']:.4f}; {cap_note}) after "
+        f"**{fmt(t['speedyfeed'], '{:.0f} s')}** of training against the typical workflow's "
+        f"{fmt(t['typical'], '{:.0f} s')}: **{fmt(head, '{:.1f}x')} sooner**.\n",
+        md_table(["figure", "what it counts", "typical", "speedyfeed", "ratio"], [
+            ["time to quality", "training seconds to the typical workflow's best dev AUC", fmt(t["typical"], "{:.0f} s"),
+             fmt(t["speedyfeed"], "{:.0f} s"), fmt(head, "{:.1f}x")],
+            ["cost per target", "training targets per second (each workflow's own targets)", f"{rate['typical']:.1f}",
+             f"{rate['speedyfeed']:.1f}", f"{d['per_target_speedup']:.1f}x"],
+            ["cost per target, same targets", "typical trained on every click of the user sequences", f"{seq:.1f}",
+             f"{rate['speedyfeed']:.1f}", f"{d['per_target_speedup_same_targets']:.1f}x"],
+            ["one epoch", "seconds for one epoch of the same log, at the measured rate",
+             f"{d['epoch_seconds']['typical']:.0f}", f"{d['epoch_seconds']['speedyfeed']:.0f}", f"{d['epoch_speedup']:.1f}x"],
+            ["AUC at equal time", f"dev AUC after {eq['seconds']:.0f} s of training", fmt(eq["typical"], "{:.4f}"),
+             fmt(eq["speedyfeed"], "{:.4f}"), ""],
+            ["best AUC", "best dev AUC of the sweep", f"{d['best_auc']['typical']:.4f}", f"{d['best_auc']['speedyfeed']:.4f}",
+             f"{(d['best_auc']['speedyfeed'] - d['best_auc']['typical']) * 100:+.2f} points"]]),
+        "\nThe typical workflow's targets are the impressions' clicks, each against 4 impression negatives; "
+        "speedyfeed's are every click of every user sequence (history included) against `engine.negatives` negatives, "
+        "random where the impression has too few. The sweep, the negatives ablation (1 vs 4) and the cumulative "
+        "ablation with titles and with long text are in `benchmarks/results/speedup.md`.\n",
     ]
 
 

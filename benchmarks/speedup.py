@@ -1,11 +1,26 @@
-"""Speedup of the SpeedyFeed workflow over the typical workflow, measured side by side in one run.
+"""Speedup of the SpeedyFeed workflow over the typical workflow, as time to quality, measured in one run.
 
 The synthetic default data (2,000 users), the 2-layer MiniLM student (all layers trained), one process.
-SpeedyFeed trains a full epoch; the typical workflow trains for the same wall time (quality at equal
-time) and its clicks/s is measured over that run. Both are evaluated on the same dev impressions.
-Then a short ablation run per SpeedyFeed technique attributes the speedup (same number of steps each).
+Both workflows get the same learning-rate sweep (multiples of the defaults), the same cap on training time,
+and periodic dev evaluations on the same impressions (evaluation time is not training time). Each run
+stops when its dev AUC has not improved for ``patience`` evaluations, or at the cap. From the best run of
+each workflow:
 
-    python -m benchmarks.speedup [--quick] [--users N]
+- (c) the headline: training seconds to reach the typical workflow's best dev AUC;
+- (a) cost per training target (targets/s; the workflows' targets differ, see the table) and, on identical
+  targets, against the typical workflow trained on every click of the user sequences;
+- (b) time for one epoch of the same log (at the measured rate);
+- (d) dev AUC at equal training time, and each workflow's best dev AUC.
+
+Then: ``engine.negatives`` 1 against 4 (same cap, same learning rate), and the cumulative ablation
+(typical -> + centralized encoding and dynamic batching -> + cache -> + autoregressive loss [-> + BusLM]) in
+targets/s, once with titles only and once with title, abstract and body.
+
+    python -m benchmarks.speedup [--quick] [--out DIR] [--cap SECONDS] [--lrs 1,4]
+
+``--out`` keeps every run (``DIR/<run>/job.json``); a second call with the same ``--out`` reuses the runs
+already finished, so an interrupted benchmark continues. Full mode takes about 75 minutes here with the
+defaults (2 learning rates x 2 workflows x an 8-minute cap, plus the ablations).
 """
 from __future__ import annotations
 
@@ -13,102 +28,234 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import machine, md_table, run_job, write_results
+from benchmarks.common import machine, md_table, run_job_kept, write_results
+from speedyrec.config import Config
 
 STUDENT = ["model.encoder=auto", "model.layers=2", "model.freeze_layers=0"]
 TINY = ["model.encoder=random:hidden=32,layers=2,heads=2,intermediate=64", "model.vocab_size=800"]
+LONG_TEXT = ["data.title_tokens=32", "data.abstract_tokens=64", "data.body_tokens=128"]
+WORKFLOWS = ("typical", "speedyfeed")
 
-ABLATIONS = [
-    ("speedyfeed", []),
-    ("no cache", ["engine.cache=false"]),
-    ("no dedup", ["engine.dedup=false"]),
-    ("no dynamic batching", ["engine.dynamic_batching=false"]),
-    ("no autoregressive loss", ["engine.autoregressive=false"]),
-]
+# full mode / quick mode (a tiny random encoder on 300 users: checks the harness, says nothing about speed)
+FULL = {"users": 2000, "model": STUDENT, "cap": 480.0, "every": {"typical": 60.0, "speedyfeed": 20.0},
+        "patience": {"typical": 3, "speedyfeed": 5}, "negatives_cap": 240.0, "ablation_steps": 10,
+        "typical_ablation_steps": 3, "eval": []}
+QUICK = {"users": 300, "model": TINY, "cap": 20.0, "every": {"typical": 5.0, "speedyfeed": 2.0},
+         "patience": {"typical": 3, "speedyfeed": 3}, "negatives_cap": 8.0, "ablation_steps": 3,
+         "typical_ablation_steps": 2, "eval": ["eval.max_impressions=200"]}
+
+
+def lr_overrides(mult: float) -> list[str]:
+    t = Config().train
+    return [f"train.lr={t.lr * mult:g}", f"train.encoder_lr={t.encoder_lr * mult:g}"]
+
+
+def best_auc(job: dict) -> float:
+    return max(p["auc"] for p in job["curve"])
+
+
+def seconds_to(job: dict, target: float) -> float | None:
+    """Training seconds at the first dev evaluation with AUC >= target (None: never reached)."""
+    for p in job["curve"]:
+        if p["auc"] >= target:
+            return p["train_seconds"]
+    return None
+
+
+def auc_at(job: dict, seconds: float) -> float | None:
+    """Dev AUC of the last evaluation made within ``seconds`` of training."""
+    within = [p for p in job["curve"] if p["train_seconds"] <= seconds + 1e-6]
+    return within[-1]["auc"] if within else None
+
+
+def rate(job: dict) -> float:
+    return job["stats"]["clicks_per_second"]
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="benchmarks.speedup", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny random encoder, 300 users: checks the harness")
-    ap.add_argument("--users", type=int, default=None)
-    ap.add_argument("--ablation-steps", type=int, default=None)
-    args = ap.parse_args(argv)
-    users = args.users or (300 if args.quick else 2000)
-    model = TINY if args.quick else STUDENT
-    abl_steps = args.ablation_steps or (5 if args.quick else 15)
-    base = [f"data.synthetic_users={users}", *model]
+    ap.add_argument("--out", default="", help="keep the runs here and reuse finished ones (default: a temporary folder)")
+    ap.add_argument("--cap", type=float, default=None, help="training seconds per run, both workflows")
+    ap.add_argument("--lrs", default="1,4", help="learning-rate multiples of the defaults, swept for both workflows")
+    a = ap.parse_args(argv)
+    mode = dict(QUICK if a.quick else FULL)
+    if a.cap:
+        mode["cap"] = a.cap
+    mults = [float(m) for m in a.lrs.split(",")]
+    base = [f"data.synthetic_users={mode['users']}", *mode["model"], *mode["eval"]]
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        sf = run_job("speedyfeed", base + ["train.workflow=speedyfeed"], root)
-        wall = sf["stats"]["wall_seconds"]
-        typ = run_job("typical", base + ["train.workflow=typical", f"train.max_seconds={wall:.1f}"], root)
-        ablations = []
-        for label, extra in ABLATIONS:
-            job = run_job(label.replace(" ", "_"), base + ["train.workflow=speedyfeed", f"train.max_steps={abl_steps}",
-                                                           "eval.max_impressions=1", *extra], root)
-            ablations.append((label, job))
-    s_sf, s_typ = sf["stats"], typ["stats"]
-    ratio = s_sf["clicks_per_second"] / s_typ["clicks_per_second"]
-    payload = {"machine": info, "users": users, "model": model, "speedyfeed": sf, "typical": typ,
-               "speedup_clicks_per_second": ratio, "ablations": {k: v for k, v in ablations}}
-    rows = []
-    for label, job in (("typical (Recommenders)", typ), ("speedyfeed", sf)):
-        s, m = job["stats"], job["metrics"]
-        rows.append([label, f"{s['clicks_trained']:,}", f"{s['wall_seconds']:.0f}", f"{s['clicks_per_second']:.1f}",
-                     f"{s['clicks_per_second'] / s_typ['clicks_per_second']:.1f}x", f"{s['data_efficiency']:.1%}",
-                     f"{s['news_encoded']:,}", s["cache_hits"], _age(s), s["sequences_dropped"],
-                     f"{m['auc']:.4f}", f"{m['ndcg10']:.4f}"])
-    md = ["# Speedup: speedyfeed vs typical workflow\n",
-          f"Device: {info['device']}, torch {info['torch']}, {info['threads']} threads, one process. "
-          f"Data: synthetic default, {users} users. Model: {' '.join(model)}. "
-          f"SpeedyFeed trains one epoch; the typical workflow trains for the same wall time; both are evaluated on "
-          f"the same {sf['metrics']['impressions']} dev impressions. Clicks/s = training targets per second of the training loop.\n",
-          md_table(["workflow", "clicks trained", "train s", "clicks/s", "speedup", "data efficiency", "news encoded",
-                    "cache hits", "served age mean/max (steps)", "dropped seqs", "AUC", "nDCG@10"], rows),
-          f"\n**Speedup: {ratio:.1f}x** clicks per second.\n",
-          f"\n## Ablation ({abl_steps} steps each, speedyfeed with one technique off)\n\n"]
-    arows = []
-    for label, job in ablations:
-        s = job["stats"]
-        arows.append([label, f"{s['clicks_per_second']:.1f}", f"{s['clicks_per_second'] / s_typ['clicks_per_second']:.1f}x",
-                      f"{s['data_efficiency']:.1%}", f"{s['news_encoded'] / max(s['clicks_trained'], 1):.2f}",
-                      f"{s['cache_hits'] / max(s['cache_lookups'], 1):.1%}"])
-    md.append(md_table(["variant", "clicks/s", "vs typical", "data efficiency", "news encoded per click", "cache hit rate"], arows))
-    md.append(f"\nTypical workflow for reference: {s_typ['clicks_per_second']:.2f} clicks/s, data efficiency "
-              f"{s_typ['data_efficiency']:.1%}.\n")
+        root = Path(a.out or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+
+        def curve_run(name, workflow, mult, cap, *extra):
+            return run_job_kept(name, base + [f"train.workflow={workflow}", *lr_overrides(mult), "train.epochs=100",
+                                              f"train.max_seconds={cap:g}", f"eval.every_seconds={mode['every'][workflow]:g}",
+                                              f"eval.patience={mode['patience'][workflow]}", *extra], root, timeout=4 * 3600)
+
+        def speed_run(name, overrides, steps):
+            return run_job_kept(name, base + [f"train.max_steps={steps}", "eval.max_impressions=1", *overrides], root)
+
+        sweep = {wf: {m: curve_run(f"{wf}_lr{m:g}", wf, m, mode["cap"]) for m in mults} for wf in WORKFLOWS}
+        best_mult = {wf: max(mults, key=lambda m: best_auc(sweep[wf][m])) for wf in WORKFLOWS}
+        typ = sweep["typical"][best_mult["typical"]]
+        target = best_auc(typ)
+        t_typ = seconds_to(typ, target)
+        # speedyfeed's best for the headline: the sweep's run that reaches the target first
+        reach = {m: seconds_to(sweep["speedyfeed"][m], target) for m in mults}
+        reached = [m for m in mults if reach[m] is not None]
+        sf_mult = min(reached, key=lambda m: reach[m]) if reached else best_mult["speedyfeed"]
+        sf = sweep["speedyfeed"][sf_mult]
+        t_sf = reach[sf_mult]
+
+        # (a) on identical targets: the typical workflow trained on every click of the user sequences
+        typ_seq = speed_run("typical_sequence_targets", ["train.workflow=typical", "train.typical_targets=sequence",
+                                                         *lr_overrides(best_mult["typical"])], mode["typical_ablation_steps"])
+        # negatives per click, 1 (the engine's default) against 4, same learning rate and cap
+        neg4 = curve_run("speedyfeed_negatives4", "speedyfeed", sf_mult, mode["negatives_cap"], "engine.negatives=4")
+        # the cumulative ablation, titles only and long text
+        ablation = {}
+        for text, fields in (("titles", []), ("long text", LONG_TEXT)):
+            steps = [("typical", ["train.workflow=typical"], mode["typical_ablation_steps"]),
+                     ("+ centralized encoding, dynamic batching",
+                      ["train.workflow=speedyfeed", "engine.cache=false", "engine.autoregressive=false"], None),
+                     ("+ cache", ["train.workflow=speedyfeed", "engine.autoregressive=false"], None),
+                     ("+ autoregressive loss", ["train.workflow=speedyfeed"], None)]
+            if fields:
+                steps.append(("+ BusLM", ["train.workflow=speedyfeed", "engine.buslm=true"], None))
+            rows = []
+            for label, extra, n in steps:
+                name = f"ablation_{text.replace(' ', '_')}_{len(rows)}"
+                rows.append((label, speed_run(name, [*fields, *extra, *lr_overrides(sf_mult)], n or mode["ablation_steps"])))
+            ablation[text] = rows
+
+    epoch = {wf: j["stats"]["clicks_in_data"] / rate(j) for wf, j in (("typical", typ), ("speedyfeed", sf))}
+    t_equal = min(typ["curve"][-1]["train_seconds"], sf["curve"][-1]["train_seconds"])
+    payload = {
+        "machine": info, "quick": a.quick, "mode": {k: v for k, v in mode.items()}, "lr_multiples": mults,
+        "per_target_speedup": rate(sf) / rate(typ),
+        "per_target_speedup_same_targets": rate(sf) / rate(typ_seq),
+        "epoch_speedup": epoch["typical"] / epoch["speedyfeed"],
+        "time_to_auc_speedup": (t_typ / t_sf) if t_sf else None,
+        "target_auc": target, "seconds_to_target": {"typical": t_typ, "speedyfeed": t_sf},
+        "best_auc": {"typical": target, "speedyfeed": max(best_auc(j) for j in sweep["speedyfeed"].values())},
+        "auc_at_equal_time": {"seconds": t_equal, "typical": auc_at(typ, t_equal), "speedyfeed": auc_at(sf, t_equal)},
+        "epoch_seconds": epoch, "best_lr_multiple": best_mult, "headline_lr_multiple": sf_mult,
+        "typical_plateaued": typ["stats"]["wall_seconds"] < mode["cap"] - 1,
+        "typical_epoch_fraction": typ["stats"]["clicks_trained"] / typ["stats"]["clicks_in_data"],
+        "negatives": {"1": _neg_summary(sf, mode["negatives_cap"], target), "4": _neg_summary(neg4, mode["negatives_cap"], target)},
+        "runs": {f"{wf}_lr{m:g}": sweep[wf][m] for wf in WORKFLOWS for m in mults},
+        "typical_sequence_targets": typ_seq, "speedyfeed_negatives4": neg4,
+        "ablation": {text: [{"variant": label, **job} for label, job in rows] for text, rows in ablation.items()},
+    }
+    md = report(payload, typ, sf, typ_seq, ablation)
 
     def plot(path):
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-        labels = ["typical"] + [l for l, _ in ablations]
-        cps = [s_typ["clicks_per_second"]] + [j["stats"]["clicks_per_second"] for _, j in ablations]
-        ax[0].barh(labels, cps, color=["grey"] + ["tab:blue"] * len(ablations))
+        fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+        for wf, color in (("typical", "grey"), ("speedyfeed", "tab:blue")):
+            for m in mults:
+                c = sweep[wf][m]["curve"]
+                ax[0].plot([max(p["train_seconds"], 1.0) for p in c], [p["auc"] for p in c], color=color,
+                           ls="-" if m == (sf_mult if wf == "speedyfeed" else best_mult[wf]) else ":",
+                           marker=".", label=f"{wf}, lr x{m:g}")
+        ax[0].axhline(target, color="tab:red", lw=0.8, label="typical's best")
         ax[0].set_xscale("log")
-        ax[0].set_xlabel("clicks / second (log)")
-        ax[0].invert_yaxis()
-        de = [s_typ["data_efficiency"]] + [j["stats"]["data_efficiency"] for _, j in ablations]
-        ax[1].barh(labels, de, color=["grey"] + ["tab:green"] * len(ablations))
-        ax[1].set_xlim(0, 1)
-        ax[1].set_xlabel("data efficiency")
+        ax[0].set_xlabel("training seconds (log)")
+        ax[0].set_ylabel("dev AUC")
+        ax[0].legend(fontsize=7)
+        labels, values = [], []
+        for text, rows in ablation.items():
+            for label, job in rows:
+                labels.append(f"{text}: {label}")
+                values.append(rate(job))
+        ax[1].barh(labels, values, color=["grey" if "typical" in lab else "tab:blue" for lab in labels])
+        ax[1].set_xscale("log")
+        ax[1].set_xlabel("training targets / second (log)")
         ax[1].invert_yaxis()
-        fig.suptitle(f"speedyfeed vs typical: {ratio:.0f}x clicks/s ({info['device']})")
+        ax[1].tick_params(axis="y", labelsize=7)
+        head = payload["time_to_auc_speedup"]
+        fig.suptitle(f"time to the typical workflow's best dev AUC: "
+                     f"{'%.1fx faster' % head if head else 'not reached'} ({info['device']})")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
 
-    write_results("speedup_quick" if args.quick else "speedup", payload, "".join(md), plot)
-    print("".join(md))
+    write_results("speedup_quick" if a.quick else "speedup", payload, md, plot)
+    print(md)
     return payload
 
 
-def _age(stats: dict) -> str:
-    """Mean and max age of the rows the cache served (n/a when it served none, e.g. the typical workflow)."""
-    if stats.get("served_age_max") is None:
-        return "n/a"
-    return f"{stats['served_age_mean']:.1f} / {stats['served_age_max']:.0f}"
+def _neg_summary(job: dict, cap: float, target: float) -> dict:
+    within = [p["auc"] for p in job["curve"] if p["train_seconds"] <= cap + 1e-6]
+    return {"targets_per_second": rate(job), "best_auc_within_cap": max(within) if within else None,
+            "auc_at_cap": auc_at(job, cap), "seconds_to_target": seconds_to(job, target)}
+
+
+def _f(x, fmt="{:.4f}", none="not reached"):
+    return none if x is None else fmt.format(x)
+
+
+def report(d, typ, sf, typ_seq, ablation) -> str:
+    info, mode = d["machine"], d["mode"]
+    t = d["seconds_to_target"]
+    head = d["time_to_auc_speedup"]
+    md = ["# Speedup: speedyfeed vs the typical workflow, as time to quality\n",
+          f"Device: {info['device']}, torch {info['torch']}, {info['threads']} threads, one process; commit "
+          f"{info.get('commit', '?')}. Data: synthetic default, {mode['users']} users. Model: {' '.join(mode['model'])}. "
+          f"Learning rates swept for both workflows: {', '.join('x%g' % m for m in d['lr_multiples'])} the defaults. "
+          f"Every run: at most {mode['cap']:g} s of training; dev evaluated every {mode['every']['typical']:g} s "
+          f"(typical) / {mode['every']['speedyfeed']:g} s (speedyfeed) of training on the same dev impressions; "
+          f"stopped when dev AUC did not improve for {mode['patience']['typical']} / {mode['patience']['speedyfeed']} "
+          "evaluations. Times are training-loop seconds (data preparation and evaluation excluded).\n",
+          f"\n**Time to the typical workflow's best dev AUC ({d['target_auc']:.4f}): typical {_f(t['typical'], '{:.0f} s')}, "
+          f"speedyfeed {_f(t['speedyfeed'], '{:.0f} s')}: {_f(head, '{:.1f}x')} sooner.** "
+          + ("The typical workflow stopped improving within the cap. " if d["typical_plateaued"] else
+             f"The typical workflow had not stopped improving at the cap ({d['typical_epoch_fraction']:.1%} of its epoch): "
+             "its best is the best within the cap. ") + "Speedyfeed's time is the first evaluation at or above that AUC.\n",
+          "\n## The four figures\n\n",
+          md_table(["figure", "what it counts", "typical", "speedyfeed", "speedyfeed / typical"], [
+              ["(c) time to quality", "training seconds to the typical workflow's best dev AUC", _f(t["typical"], "{:.0f} s"),
+               _f(t["speedyfeed"], "{:.0f} s"), _f(head, "{:.1f}x")],
+              ["(a) cost per target", "training targets per second (typical: impression clicks, 4 impression negatives; "
+               "speedyfeed: every click of the user sequences, engine.negatives random negatives)",
+               f"{rate(typ):.1f}", f"{rate(sf):.1f}", f"{d['per_target_speedup']:.1f}x"],
+              ["(a') cost per target, same targets", "typical trained on speedyfeed's targets (train.typical_targets=sequence)",
+               f"{rate(typ_seq):.1f}", f"{rate(sf):.1f}", f"{d['per_target_speedup_same_targets']:.1f}x"],
+              ["(b) one epoch", "seconds for one epoch of the same log, at the measured rate",
+               f"{d['epoch_seconds']['typical']:.0f} s", f"{d['epoch_seconds']['speedyfeed']:.0f} s", f"{d['epoch_speedup']:.1f}x"],
+              ["(d) AUC at equal time", f"dev AUC after {d['auc_at_equal_time']['seconds']:.0f} s of training",
+               _f(d["auc_at_equal_time"]["typical"], none="n/a"), _f(d["auc_at_equal_time"]["speedyfeed"], none="n/a"), ""],
+              ["(d') best AUC", "best dev AUC of the sweep", f"{d['best_auc']['typical']:.4f}", f"{d['best_auc']['speedyfeed']:.4f}",
+               f"{(d['best_auc']['speedyfeed'] - d['best_auc']['typical']) * 100:+.2f} points"]]),
+          "\n## The learning-rate sweep\n\n"]
+    rows = []
+    for name, job in d["runs"].items():
+        s = job["stats"]
+        best = max(job["curve"], key=lambda p: p["auc"])
+        rows.append([name, f"{s['wall_seconds']:.0f}", f"{s['steps']}", f"{s['clicks_trained']:,.0f}",
+                     f"{s['clicks_trained'] / s['clicks_in_data']:.2f}", f"{rate(job):.1f}", f"{s['data_efficiency']:.1%}",
+                     f"{best['auc']:.4f} at {best['train_seconds']:.0f} s", _f(seconds_to(job, d["target_auc"]), "{:.0f} s"),
+                     "patience" if s["wall_seconds"] < mode["cap"] - 1 else "cap"])
+    md.append(md_table(["run", "train s", "steps", "targets", "epochs", "targets/s", "data efficiency", "best dev AUC",
+                        "to typical's best", "stopped by"], rows))
+    n1, n4 = d["negatives"]["1"], d["negatives"]["4"]
+    md += [f"\n## Negatives per click (speedyfeed, lr x{d['headline_lr_multiple']:g}, first {mode['negatives_cap']:g} s)\n\n",
+           md_table(["engine.negatives", "targets/s", "best dev AUC within the time", "to typical's best"],
+                    [[k, f"{v['targets_per_second']:.1f}", _f(v["best_auc_within_cap"]), _f(v["seconds_to_target"], "{:.0f} s")]
+                     for k, v in (("1", n1), ("4", n4))])]
+    for text, rows in ablation.items():
+        base_rate = rate(rows[0][1])
+        md += [f"\n## Cumulative ablation, {text} ({mode['ablation_steps']} steps each; typical {mode['typical_ablation_steps']})\n\n",
+               md_table(["variant", "targets/s", "vs typical", "data efficiency", "news encoded per target", "cache hit rate"],
+                        [[label, f"{rate(j):.1f}", f"{rate(j) / base_rate:.1f}x", f"{j['stats']['data_efficiency']:.1%}",
+                          f"{j['stats']['news_encoded'] / max(j['stats']['clicks_trained'], 1):.2f}",
+                          f"{j['stats']['cache_hits'] / max(j['stats']['cache_lookups'], 1):.1%}"] for label, j in rows])]
+    md.append("\nThe cache serves a row with probability 1 - exp(-beta t) at step t, so in these short runs it is barely "
+              "on; its hit rate over whole runs is in the sweep's jobs (`runs` in speedup.json).\n")
+    return "".join(md)
 
 
 if __name__ == "__main__":
     main()
-

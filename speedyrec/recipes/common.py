@@ -199,7 +199,19 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
     stats["clicks_per_second"] = stats["clicks_trained"] / stats["wall_seconds"] if stats["wall_seconds"] > 0 else 0.0
     stats["setup_seconds"] = setup_seconds
     stats["max_rank_rss_mb"] = round(float(peaks[1]), 1)
+    stats["peak_rss_mb"] = round(peak_rss_mb(dist), 1)
     return stats
+
+
+def peak_rss_mb(dist: DistInfo) -> float:
+    """The largest peak resident memory of any rank's process so far (data preparation included), in MiB."""
+    import resource
+
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64,
+                        device=dist.device)  # Linux reports KiB
+    if dist.active:
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return float(peak.item())
 
 
 def cache_evidence(local: dict, summed: dict, dist: DistInfo) -> dict:

@@ -1,0 +1,50 @@
+"""The arithmetic the benchmark tables rest on: time to a target AUC, AUC at a time, R², BusLM's cutting."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.buslm import segmented
+from benchmarks.scaling import r2_through_origin
+from benchmarks.speedup import auc_at, seconds_to
+
+JOB = {"curve": [{"train_seconds": 10.0, "auc": 0.60}, {"train_seconds": 20.0, "auc": 0.65},
+                 {"train_seconds": 30.0, "auc": 0.64}, {"train_seconds": 40.0, "auc": 0.70}]}
+
+
+def test_seconds_to_is_the_first_evaluation_at_or_above_the_target():
+    assert seconds_to(JOB, 0.65) == 20.0
+    assert seconds_to(JOB, 0.66) == 40.0  # 0.64 at 30 s does not count
+    assert seconds_to(JOB, 0.50) == 10.0
+    assert seconds_to(JOB, 0.71) is None
+
+
+def test_auc_at_is_the_last_evaluation_within_the_time():
+    assert auc_at(JOB, 30.0) == 0.64
+    assert auc_at(JOB, 39.9) == 0.64
+    assert auc_at(JOB, 5.0) is None
+
+
+def test_r2_through_origin():
+    x = np.array([1.0, 2.0, 4.0, 8.0])
+    slope, r2 = r2_through_origin(x, 3.0 * x)
+    assert slope == pytest.approx(3.0) and r2 == pytest.approx(1.0)
+    _, r2_noisy = r2_through_origin(x, 3.0 * x + np.array([1.0, -1.0, 1.0, -1.0]))
+    assert 0.9 < r2_noisy < 1.0
+    _, r2_flat = r2_through_origin(x, np.array([5.0, 5.1, 4.9, 5.0]))  # constant cost: not linear in x
+    assert r2_flat < 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+def test_buslm_segments_cover_the_document_in_order(k):
+    docs = [list(range(10, 10 + n)) for n in (96, 131, 510)]
+    ids, mask = segmented(docs, k, cls=1, sep=2)
+    assert ids.shape[:2] == (3, k)
+    for n, doc in enumerate(docs):
+        pieces = [ids[n, s][mask[n, s]].tolist() for s in range(k)]
+        assert all(p[0] == 1 and p[-1] == 2 for p in pieces)
+        assert [t for p in pieces for t in p[1:-1]] == doc
+        lengths = [len(p) for p in pieces]
+        assert max(lengths) - min(lengths) <= 1  # near-equal pieces
+    assert not mask[..., ids.shape[-1]:].any() and torch.equal(ids[~mask], torch.zeros_like(ids[~mask]))
