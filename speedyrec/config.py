@@ -7,6 +7,7 @@ rejected by :func:`check_implemented` with "not implemented yet".
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import typing
 from dataclasses import dataclass, field
@@ -220,6 +221,18 @@ def _unknown_key(key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+def _number(text: str) -> Any:
+    """A number in any form a person types (4e-4, 1E3, 2_000, 0.5); the text itself when it is none."""
+    t = text.strip()
+    for conv in (int, float):
+        try:
+            v = conv(t)
+        except ValueError:
+            continue
+        return v if math.isfinite(v) else text
+    return text
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp) or tp
     if isinstance(value, str) and tp is not str:
@@ -228,6 +241,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):
+        value = _number(value)  # YAML 1.1 reads 4e-4 (no dot) as a string
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():

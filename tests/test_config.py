@@ -81,3 +81,20 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(str(tmp_path / "config.yaml"))
     assert again == cfg
     assert isinstance(again, Config)
+
+
+def test_numbers_in_any_form_a_person_types(tmp_path):
+    cfg = load_config(None, ["train.lr=4e-4", "train.encoder_lr=1E-3", "engine.token_budget=2_000",
+                             "data.synthetic_users=1e3", "train.max_seconds=90"])
+    assert cfg.train.lr == 4e-4 and cfg.train.encoder_lr == 1e-3
+    assert cfg.engine.token_budget == 2000 and cfg.data.synthetic_users == 1000
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 4e-4\n  warmup_steps: 1_000\n")  # YAML 1.1 reads 4e-4 as a string
+    cfg = load_config(str(f))
+    assert cfg.train.lr == 4e-4 and cfg.train.warmup_steps == 1000
+    with pytest.raises(ConfigError, match="train.lr.*number.*'fast'"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="train.lr.*number"):
+        load_config(None, ["train.lr=nan"])
+    with pytest.raises(ConfigError, match="engine.token_budget.*integer.*2.5"):
+        load_config(None, ["engine.token_budget=2.5"])
