@@ -65,7 +65,7 @@ def speedup(d: dict) -> list[str]:
              f"{(d['best_auc']['speedyfeed'] - d['best_auc']['typical']) * 100:+.2f} points"]]),
         "\nThe typical workflow's targets are the impressions' clicks, each against 4 impression negatives; "
         "speedyfeed's are every click of every user sequence (history included) against `engine.negatives` negatives, "
-        "random where the impression has too few. The sweep, the negatives ablation (1 vs 4) and the cumulative "
+        "random where the impression has too few. The sweep, the negatives ablation (1 vs 4), the token-budget variants and the cumulative "
         "ablation with titles and with long text are in `benchmarks/results/speedup.md`.\n",
     ]
 
