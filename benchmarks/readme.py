@@ -135,6 +135,44 @@ def context(d: dict) -> list[str]:
             f"{d['time_ratio']:.2f}x.\n"]
 
 
+def buslm(d: dict) -> list[str]:
+    rows = [[r["segments"], r["width"], f"{r['seconds_per_epoch_of_docs']:.2f}",
+             f"{d['rows'][0]['seconds_per_epoch_of_docs'] / r['seconds_per_epoch_of_docs']:.2f}x", f"{r['peak_mib']:.0f}",
+             "reference" if r["segments"] == 1 else f"{r['cosine_mean']:.4f}"] for r in d["rows"]]
+    return [f"**BusLM on long documents** (`python -m benchmarks.buslm`; {_device(d)}): {d['docs']} synthetic bodies of "
+            f"{d['tokens_range'][0]}-{d['tokens_range'][1]} word pieces through the first {d['layers']} layers of "
+            "all-MiniLM-L6-v2, cut into k consecutive segments joined by the bus (k = 1 is the unsegmented encoder): "
+            "forward+backward seconds, peak memory above the loaded model, cosine of the news vectors with the "
+            "unsegmented ones (same parameters).\n",
+            md_table(["segments", "width", "fwd+bwd s", "speedup", "peak MiB", "cosine"], rows)]
+
+
+def cache(d: dict) -> list[str]:
+    rows = [[g, f"{v['best_auc']:.4f}", f"{v['hit_rate']:.1%}",
+             "n/a" if v["served_age_mean"] is None else f"{v['served_age_mean']:.1f} / {v['served_age_max']:.0f}",
+             "n/a" if v["drift_cos_mean"] is None else f"{v['drift_cos_mean']:.4f} (floor {v['noise_cos_mean']:.4f})",
+             f"{v['train_seconds']:.0f}"] for g, v in d["summary"].items()]
+    return [f"**Embedding cache** (`python -m benchmarks.cache`; {_device(d)}): one epoch per gamma (0 = no cache), "
+            f"`{' '.join(d['model'])}`, learning rates x{d['lr_multiple']:g} the defaults.\n",
+            md_table(["gamma", "best dev AUC", "hit rate", "served age mean / max", "drift cos (dropout floor)", "train s"],
+                     rows)]
+
+
+def scaling(d: dict) -> list[str]:
+    rows = [[f"{int(u):,}", f"{j['stats']['clicks_trained']:,}", f"{j['stats']['wall_seconds']:.1f}",
+             f"{j['stats']['peak_rss_mb']:.0f}"] for u, j in d["runs"].items()]
+    return [f"**Scaling** (`python -m benchmarks.scaling`; {_device(d)}): one epoch per size, `{' '.join(d['model'])}`. "
+            f"Training time is linear in the targets with R² = {d['r2']:.4f}; peak memory grows "
+            f"{d['peak_rss_growth']:.2f}x over {d['users'][-1] // d['users'][0]}x the users.\n",
+            md_table(["users", "targets", "train s", "peak RSS MiB"], rows)]
+
+
+def limit(d: dict) -> list[str]:
+    return [f"**Hardware limit** (`python -m benchmarks.limit`; {_device(d)}): the encoder's raw forward+backward "
+            f"throughput on packed batches {d['raw_tokens_per_second']:,.0f} tokens/s; the engine's useful tokens "
+            f"{d['engine_useful_tokens_per_second']:,.0f} tokens/s, **{d['engine_fraction_of_limit']:.0%} of the limit**.\n"]
+
+
 def data_efficiency(d: dict) -> list[str]:
     t, b = d["runs"]["titles"]["variants"], d["runs"].get("buslm", {}).get("variants", {})
     rows = [[name, f"{v['data_efficiency']:.1%}", f"{b[name]['data_efficiency']:.1%}" if name in b else "n/a"]
@@ -151,8 +189,9 @@ def data_efficiency(d: dict) -> list[str]:
             + (f"{d['best_buslm']:.1%}." if d.get("best_buslm") is not None else "n/a.") + "\n"]
 
 
-SECTIONS = (("speedup", speedup), ("data_efficiency", data_efficiency), ("multiteacher", multiteacher), ("pipeline", pipeline), ("quality", quality),
-            ("context", context), ("token_store", token_store))
+SECTIONS = (("speedup", speedup), ("data_efficiency", data_efficiency), ("limit", limit), ("cache", cache),
+            ("buslm", buslm), ("scaling", scaling), ("multiteacher", multiteacher), ("pipeline", pipeline),
+            ("quality", quality), ("context", context), ("token_store", token_store))
 
 
 def render(results: Path = RESULTS) -> str:
