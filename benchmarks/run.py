@@ -1,9 +1,10 @@
 """Run every benchmark, then rewrite the README's benchmark section from the results:
 ``python -m benchmarks.run [--quick]``. Run them on an otherwise idle machine.
 
-Full mode, measured here (2 cores): speedup about 75 min, cache about 40 min, buslm about 10 min, scaling about
-25 min, limit 5 min, data_efficiency 5 min, context about 60 min, multiteacher about 60 min, pipeline about
-45 min, quality about 77 min per seed (3 seeds): about 10 hours in all. ``--quick`` checks every harness on
+Full mode on this machine (2 cores): speedup about 75 min, buslm 12 min and limit 4 min (measured); cache about
+40 min, scaling about 35 min, data_efficiency 5 min, context about 60 min, multiteacher about 60 min, pipeline
+about 45 min and quality about 77 min per seed, 3 seeds (estimated from their runs' parts): about 11 hours in all.
+``--quick`` checks every harness on
 tiny random models (a few minutes each) and leaves the README alone.
 """
 from __future__ import annotations

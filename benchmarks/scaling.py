@@ -3,7 +3,7 @@
 ``python -m benchmarks.scaling [--quick] [--users 1000,2000,4000,8000,16000]``
 
 A small random BERT (hidden 128, 2 layers, trained from scratch; its WordPiece vocabulary is learnt per data
-set) keeps the full sweep under half an hour here while the engine does all of its work: data generation and
+set) keeps the full sweep to about 35 minutes here while the engine does all of its work: data generation and
 tokenization (timed as setup), dynamic batching, dedup, the cache, the autoregressive loss. Per size: the
 training loop's seconds for one epoch against the targets trained, with a least-squares line through the origin
 and its R² (cost linear in clicks), and the process's peak resident memory (data preparation included).
