@@ -149,11 +149,11 @@ def main(argv=None) -> dict:
         "epoch_seconds": epoch, "best_lr_multiple": best_mult, "headline_lr_multiple": sf_mult,
         "typical_plateaued": typ["stats"]["wall_seconds"] < mode["cap"] - 1,
         "typical_epoch_fraction": typ["stats"]["clicks_trained"] / typ["stats"]["clicks_in_data"],
-        "negatives": {"1": _neg_summary(sf, mode["negatives_cap"], target), "4": _neg_summary(neg4, mode["negatives_cap"], target)},
+        "negatives": {"1": _window_summary(sf, mode["negatives_cap"], target), "4": _window_summary(neg4, mode["negatives_cap"], target)},
         "runs": {f"{wf}_lr{m:g}": sweep[wf][m] for wf in WORKFLOWS for m in mults},
         "typical_sequence_targets": typ_seq, "speedyfeed_negatives4": neg4,
         "token_budgets": {"default": Config().engine.token_budget,
-                          **{str(b): {**_neg_summary(j, mode["negatives_cap"], target), "steps": j["stats"]["steps"]}
+                          **{str(b): {**_window_summary(j, mode["negatives_cap"], target), "steps": j["stats"]["steps"]}
                              for b, j in budgets.items()}},
         "speedyfeed_budgets": {str(b): j for b, j in budgets.items()},
         "ablation": {text: [{"variant": label, **job} for label, job in rows] for text, rows in ablation.items()},
@@ -196,7 +196,8 @@ def main(argv=None) -> dict:
     return payload
 
 
-def _neg_summary(job: dict, cap: float, target: float) -> dict:
+def _window_summary(job: dict, cap: float, target: float) -> dict:
+    """A curve run over its first ``cap`` training seconds: rate, best and last AUC, time to the target."""
     within = [p["auc"] for p in job["curve"] if p["train_seconds"] <= cap + 1e-6]
     return {"targets_per_second": rate(job), "best_auc_within_cap": max(within) if within else None,
             "auc_at_cap": auc_at(job, cap), "seconds_to_target": seconds_to(job, target)}

@@ -7,8 +7,8 @@ rejected by :func:`check_implemented` with "not implemented yet".
 from __future__ import annotations
 
 import dataclasses
-import math
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path

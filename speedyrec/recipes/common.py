@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,8 +173,10 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
     local["sequences_dropped"] = float(getattr(workflow, "sequences_dropped", 0))
     vec = torch.tensor(list(local.values()), dtype=torch.float64, device=dist.device)
     all_reduce_sum(vec)
-    # the slowest rank's loop time, and the largest resident memory of any rank
-    peaks = torch.tensor([st.wall_seconds, psutil.Process().memory_info().rss / 2**20], dtype=torch.float64,
+    # the slowest rank's loop time, the largest resident memory of any rank now, and its largest peak so far
+    # (data preparation included; Linux reports ru_maxrss in KiB)
+    peaks = torch.tensor([st.wall_seconds, psutil.Process().memory_info().rss / 2**20,
+                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64,
                          device=dist.device)
     if dist.active:
         torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
@@ -199,19 +202,8 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
     stats["clicks_per_second"] = stats["clicks_trained"] / stats["wall_seconds"] if stats["wall_seconds"] > 0 else 0.0
     stats["setup_seconds"] = setup_seconds
     stats["max_rank_rss_mb"] = round(float(peaks[1]), 1)
-    stats["peak_rss_mb"] = round(peak_rss_mb(dist), 1)
+    stats["peak_rss_mb"] = round(float(peaks[2]), 1)
     return stats
-
-
-def peak_rss_mb(dist: DistInfo) -> float:
-    """The largest peak resident memory of any rank's process so far (data preparation included), in MiB."""
-    import resource
-
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64,
-                        device=dist.device)  # Linux reports KiB
-    if dist.active:
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    return float(peak.item())
 
 
 def cache_evidence(local: dict, summed: dict, dist: DistInfo) -> dict:

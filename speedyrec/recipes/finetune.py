@@ -140,8 +140,8 @@ class FinetuneRecipe:
             self._curve_point()
         if not self.curve:
             return {}
-        keep = ("step", "epoch", "train_seconds", "clicks_trained")
-        return {k: v for k, v in self.curve[-1].items() if k not in keep}
+        progress = ("step", "epoch", "train_seconds", "clicks_trained")
+        return {k: v for k, v in self.curve[-1].items() if k not in progress}
 
     def train(self) -> None:
         wf = self.workflow
