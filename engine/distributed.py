@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 
 @dataclass
@@ -83,19 +82,48 @@ def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
     return [o[:s] for o, s in zip(out, sizes)]
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather of equal-sized [width, ...] blocks into [world * width, ...]. Backward: each rank gets the sum
+    over ranks of the gradient of its own block (reduce-scatter on NCCL; gloo has none, so all-reduce, slice)."""
+
+    @staticmethod
+    def forward(ctx, block: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        ctx.rank, ctx.width = dist.get_rank(), block.shape[0]
+        out = block.new_empty((world * block.shape[0],) + tuple(block.shape[1:]))
+        dist.all_gather_into_tensor(out, block.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((ctx.width,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.width : (ctx.rank + 1) * ctx.width]
+
+
 def all_gather_with_grad(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Every rank's rows t [sizes[rank], ...] concatenated in rank order, with autograd: the gradient of a
-    row returns to the rank that produced it. ``sizes`` (rows per rank) must be known to every rank."""
+    row returns to the rank that produced it. ``sizes`` (rows per rank) must be known to every rank.
+
+    Rows travel as float32 whatever the rank computed them in: under bf16 autocast one rank's encoder gives
+    bf16 while a rank that encoded nothing has a float32 empty tensor, and a collective of mixed dtypes
+    aborts (gloo) or hangs (NCCL)."""
     if not dist.is_initialized():
         return t
     width = max(sizes)
+    t = t.float()
     padded = torch.cat([t, t.new_zeros((width - len(t),) + tuple(t.shape[1:]))]) if width > len(t) else t
     if torch.is_grad_enabled() and not padded.requires_grad:
         # a rank that contributes nothing trainable must still record the gather, or its backward would skip
         # the collective that the other ranks' backward waits in
         padded = padded.detach().requires_grad_(True)
-    gathered = dist_fn.all_gather(padded)
-    return torch.cat([g[:s] for g, s in zip(gathered, sizes)])
+    gathered = _GatherRows.apply(padded)
+    return torch.cat([gathered[r * width : r * width + s] for r, s in enumerate(sizes)])
 
 
 def reduce_gradients(params: list[torch.nn.Parameter], scale: float) -> None:

@@ -408,3 +408,65 @@ def test_periodic_by_training_seconds_and_stop(monkeypatch):
     assert [round(t) for _, t in calls] == [3, 5, 8]
     assert trainer.state.step == 8  # stopped right after the third evaluation
     assert trainer.state.wall_seconds == pytest.approx(8.0)  # 300 s of evaluation excluded
+
+
+# ---------------------------------------------------------------------------------------------------
+class ProjectedBag(BagEncoder):
+    """BagEncoder and a linear layer: under bf16 autocast its output is bf16, as a transformer's is."""
+
+    def __init__(self, dim=8):
+        super().__init__(dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, ids, mask):
+        return self.proj(super().forward(ids, mask))
+
+
+def _uneven_bf16_worker(rank, world, init_file, batch, out_dir):
+    import torch.distributed as dist
+
+    from speedyrec.engine.distributed import reduce_gradients
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    info = DistInfo(rank, world, rank, torch.device("cpu"))
+    model, user = ProjectedBag(), UserEncoder(8, 4)
+    enc = CentralizedEncoder(make_encode_rows(model), 8, info, cache=None, global_dedup=True, chunk_tokens=50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if rank == 0:
+            news, clicks, negs, targets = batch
+            ids, mask, lengths = token_table(news)
+            out = enc(news, lengths, (ids, mask), step=0)
+            loss, _ = autoregressive_loss(out.table, clicks, negs, targets, user.prefix_states, user.empty)
+        else:  # the epoch tail of an uneven shard: this rank has no batch and encodes nothing
+            empty = np.zeros(0, dtype=np.int64)
+            out = enc(empty, empty, None, step=0)
+            loss = out.table.sum() * 0.0
+    loss.float().backward()
+    reduce_gradients(list(model.parameters()) + list(user.parameters()), 1.0)
+    if rank == 0:
+        torch.save({"proj": model.proj.weight.grad, "emb": model.emb.weight.grad}, out_dir)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_bf16_global_dedup_with_a_rank_that_has_no_batch(tmp_path):
+    """With bf16 autocast a rank that encodes nothing must still gather in the same dtype as the others
+    (gloo aborts on a size mismatch, NCCL would hang); its gradients are the one-process ones."""
+    import torch.multiprocessing as mp
+
+    seqs = make_sequences(users=6, max_len=10)
+    b = next(iter(batcher(seqs, token_budget=10**9, max_history=10).epoch(0)))
+    model, user = ProjectedBag(), UserEncoder(8, 4)
+    ids, mask, lengths = token_table(b.news)
+    enc = CentralizedEncoder(make_encode_rows(model), 8, DistInfo(), cache=None, global_dedup=False, chunk_tokens=50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        table = enc(b.news, lengths, (ids, mask), 0).table
+        assert table.dtype == torch.bfloat16  # the case that broke: one rank bf16, the other float32
+        loss, _ = autoregressive_loss(table, b.clicks, b.negatives, b.targets, user.prefix_states, user.empty)
+    loss.float().backward()
+    out = tmp_path / "grad.pt"
+    mp.spawn(_uneven_bf16_worker, args=(2, str(tmp_path / "init"), (b.news, b.clicks, b.negatives, b.targets), str(out)),
+             nprocs=2)
+    got = torch.load(out)
+    torch.testing.assert_close(got["proj"], model.proj.weight.grad, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(got["emb"], model.emb.weight.grad, rtol=2e-2, atol=1e-3)
