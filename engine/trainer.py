@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import torch
 
 from speedyrec.engine.distributed import DistInfo, all_reduce_sum, reduce_gradients
+from speedyrec.engine.runlog import RunLog, progress
 
 log = logging.getLogger("speedyrec.train")
 
@@ -35,6 +36,7 @@ class TrainState:
     batches_done: int = 0  # micro-batches consumed in the current epoch
     counters: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    targets_seen: float = 0.0  # training targets of all ranks so far (the progress bar's position)
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -66,7 +68,8 @@ class Trainer:
                  periodic: Callable[[int], float] | None = None, periodic_every: int = 0,
                  periodic_seconds: float = 0.0,
                  clip_groups: list[list[torch.nn.Parameter]] | None = None,
-                 grad_hook: Callable[[], None] | None = None):
+                 grad_hook: Callable[[], None] | None = None, log_dir: Path | None = None,
+                 progress_total: float = 0.0, progress_unit: str = "target"):
         self.model = model
         self.optimizer = optimizer
         self.dist = dist
@@ -95,6 +98,27 @@ class Trainer:
         self._base_lr = base
         self._warmup = warmup_steps
         self._set_lr()
+        # rank 0 tells what happens: scalars in log_dir (log.jsonl, TensorBoard events) and a progress bar over
+        # progress_total targets of all epochs (0: no ETA)
+        self.runlog = RunLog(log_dir) if log_dir is not None and dist.is_main else None
+        self.progress_total, self.progress_unit = progress_total, progress_unit
+        self._seen = dict(self.state.counters)  # counters at the last log line: the window's rates come from these
+
+    def log_scalars(self, kind: str, scalars: dict) -> None:
+        """Record scalars at the current step (rank 0; e.g. dev metrics under kind "dev")."""
+        if self.runlog is not None:
+            self.runlog.write(kind, self.state.step, scalars)
+
+    def _window(self) -> dict:
+        """This rank's data efficiency, cache hit rate and served-row age since the last call."""
+        now, was = self.state.counters, self._seen
+        d = {k: now.get(k, 0.0) - was.get(k, 0.0) for k in ("valid_tokens", "padded_tokens", "cache_lookups",
+                                                             "cache_hits", "served_age_sum")}
+        self._seen = dict(now)
+        tokens = d["valid_tokens"] + d["padded_tokens"]
+        return {"data_efficiency": d["valid_tokens"] / tokens if tokens else None,
+                "cache_hit_rate": d["cache_hits"] / d["cache_lookups"] if d["cache_lookups"] else None,
+                "served_age_mean": d["served_age_sum"] / d["cache_hits"] if d["cache_hits"] else None}
 
     def _set_lr(self) -> None:
         f = min(1.0, (self.state.step + 1) / self._warmup) if self._warmup else 1.0
@@ -161,6 +185,9 @@ class Trainer:
         window_targets = 0.0
         micro = 0
         t_log, clicks_log, loss_log, n_log = time.perf_counter(), 0.0, 0.0, 0.0
+        bar = progress(self.progress_total, "training", self.progress_unit, enabled=self.dist.is_main)
+        if st.targets_seen:
+            bar.update(st.targets_seen)  # a resumed run starts where it stopped
         while st.epoch < epochs and not self.done():
             batches = make_batches(st.epoch, st.batches_done)
             t0 = self._loop_start = time.perf_counter()
@@ -182,6 +209,8 @@ class Trainer:
                     loss_acc += out.loss_sum.detach().double()
                 self.count(out.counters)
                 window_targets += float(flags[1])
+                st.targets_seen += float(flags[1])
+                bar.update(float(flags[1]))
                 micro += 1
                 if micro % self.grad_accum:
                     continue
@@ -195,8 +224,12 @@ class Trainer:
                     self.after_step(st.step)
                 if self.log_every and st.step % self.log_every == 0 and self.dist.is_main:
                     dt = time.perf_counter() - t_log
-                    log.info("step %d  epoch %d  loss %.4f  targets/s %.1f  lr %.2e", st.step, st.epoch,
-                             loss_log / max(n_log, 1.0), clicks_log / max(dt, 1e-9), self.optimizer.param_groups[0]["lr"])
+                    scalars = {"loss": loss_log / max(n_log, 1.0), "lr": self.optimizer.param_groups[0]["lr"],
+                               "targets_per_second": clicks_log / max(dt, 1e-9), "epoch": st.epoch, **self._window()}
+                    log.info("step %d  epoch %d  loss %.4f  targets/s %.1f  lr %.2e%s", st.step, st.epoch,
+                             scalars["loss"], scalars["targets_per_second"], scalars["lr"], _extras(scalars))
+                    bar.set_postfix_str(f"loss {scalars['loss']:.4f}{_extras(scalars)}", refresh=False)
+                    self.log_scalars("train", scalars)
                     t_log, clicks_log, loss_log, n_log = time.perf_counter(), 0.0, 0.0, 0.0
                 if self.checkpoint_every and st.step % self.checkpoint_every == 0 and self.checkpoint_fn:
                     tc = time.perf_counter()
@@ -223,6 +256,7 @@ class Trainer:
                 break
             st.epoch += 1
             st.batches_done = 0
+        bar.close()
         return st
 
     def _optimizer_step(self, global_targets: float) -> None:
@@ -238,12 +272,22 @@ class Trainer:
         self._set_lr()
 
 
+def _extras(s: dict) -> str:
+    """The window's data efficiency and cache figures, for a log line (empty where they do not apply)."""
+    out = ""
+    if s.get("data_efficiency") is not None:
+        out += f"  data eff {s['data_efficiency']:.1%}"
+    if s.get("cache_hit_rate") is not None:
+        out += f"  cache hits {s['cache_hit_rate']:.1%}"
+    return out
+
+
 def save_checkpoint(path: Path, trainer: Trainer, config: dict, extra: dict | None = None) -> None:
     """A plain dict: model, optimizer, progress, config (written atomically)."""
     st = trainer.state
     ckpt = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(), "step": st.step,
             "epoch": st.epoch, "batches_done": st.batches_done, "counters": dict(st.counters),
-            "wall_seconds": st.wall_seconds, "config": config, **(extra or {})}
+            "wall_seconds": st.wall_seconds, "targets_seen": st.targets_seen, "config": config, **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(ckpt, tmp)
@@ -258,6 +302,7 @@ def load_checkpoint(path: Path, trainer: Trainer) -> dict:
     st.step, st.epoch, st.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
     st.counters = dict(ckpt.get("counters", {}))
     st.wall_seconds = float(ckpt.get("wall_seconds", 0.0))
+    st.targets_seen = float(ckpt.get("targets_seen", 0.0))
     trainer._set_lr()
     return ckpt
 

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="speedyrec.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file of settings")
     parser.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. train.workflow=typical")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars: log lines only (for log files)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -50,12 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"speedyrec: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import yaml
 
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+
+    from speedyrec.engine import runlog
     from speedyrec.engine.distributed import init_distributed, shutdown
+
+    runlog.QUIET = args.quiet
     from speedyrec.recipes.common import build_context, save_config
 
     dist = init_distributed()
     setup_logging(dist.is_main, Path(cfg.out_dir))
+    log.info("stage %s, workflow %s, %d rank(s) on %s; outputs in %s", cfg.stage, cfg.train.workflow, dist.world,
+             dist.device.type, cfg.out_dir)
     t0 = time.perf_counter()
     try:
         ctx = build_context(cfg, dist)

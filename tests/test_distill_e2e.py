@@ -90,6 +90,13 @@ def test_pipeline_stage_outputs(pipeline_run):
     nb = read(out / "newsbert/stats.json")
     check_engine_stats(nb)
     assert nb["teacher_layers"] == 4 and nb["student_layers"] == 2 and nb["loss_hidden"] > 0
+    # every stage keeps its scalars: a JSONL log and a TensorBoard event file; the click stages log dev metrics
+    for stage in ("posttrain", "distill_posttrain", "finetune_teachers", "distill_finetune", "newsbert"):
+        assert len(list((out / stage).glob("events.out.tfevents.*"))) == 1, stage
+        kinds = {json.loads(line)["kind"] for line in (out / stage / "log.jsonl").read_text().splitlines()}
+        assert "start" in kinds, stage
+        if stage in ("finetune_teachers", "distill_finetune", "newsbert"):
+            assert any(k.startswith("dev") for k in kinds), (stage, kinds)
 
 
 def test_each_finetuned_teacher_starts_from_its_own_snapshot(pipeline_run):

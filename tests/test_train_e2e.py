@@ -541,13 +541,18 @@ def test_typical_workflow_on_speedyfeeds_targets(tmp_path, cache_dir, synthetic_
     assert stats["clicks_in_data"] == speedyfeed_run[2]["clicks_in_data"] and stats["clicks_trained"] == 3 * 64
 
 
-def test_dev_curve_and_early_stopping(tmp_path, cache_dir, synthetic_small):
+def test_dev_curve_and_early_stopping(tmp_path, cache_dir, synthetic_small, capsys):
     """Periodic dev evaluations are recorded in dev_curve.json; with nothing learning (zero learning rates) the
-    AUC never improves on the first evaluation, so eval.patience=2 stops training after the third."""
+    AUC never improves on the first evaluation, so eval.patience=2 stops training after the third. The same
+    scalars go to log.jsonl and the TensorBoard events, and progress bars are shown."""
     out = tmp_path / "curve"
     stats, metrics = run_job(synthetic_args(out, cache_dir, synthetic_small, "data.title_tokens=16",
                                             "engine.token_budget=2000", "train.lr=0", "train.encoder_lr=0",
-                                            "eval.every=1", "eval.patience=2", "train.max_steps=20"), out)
+                                            "eval.every=1", "eval.patience=2", "train.max_steps=20",
+                                            "train.log_every=1"), out)
+    err = capsys.readouterr().err
+    assert "training" in err and "click" in err and "encoding dev news" in err  # the bars
+    check_run_log(out, stats, read_json(out / "dev_curve.json")["points"])
     points = read_json(out / "dev_curve.json")["points"]
     assert [p["step"] for p in points] == [1, 2, 3]
     assert stats["steps"] == 3
@@ -563,3 +568,54 @@ def test_patience_needs_periodic_evaluation(tmp_path, cache_dir, capsys):
     out = tmp_path / "no_periodic"
     assert main(tiny_overrides(out, cache_dir, "eval.patience=2")) == 2
     assert_one_line_error(capsys, "eval.every")
+
+
+def check_run_log(out: Path, stats: dict, points: list[dict]) -> None:
+    """log.jsonl and the TensorBoard event file hold the train scalars of every step and the dev metrics of every
+    evaluation; the event file is read back frame by frame (CRCs checked), and by TensorBoard when installed."""
+    from speedyrec.engine.runlog import read_events
+
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    dev = [r for r in records if r["kind"] == "dev"]
+    assert [r["step"] for r in train] == list(range(1, stats["steps"] + 1))
+    for r in train:
+        assert r["loss"] > 0 and r["targets_per_second"] > 0 and 0 < r["data_efficiency"] <= 1 and "lr" in r
+    assert [(r["step"], r["auc"]) for r in dev] == [(p["step"], p["auc"]) for p in points]
+    files = list(out.glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    events = read_events(files[0])
+    assert events[0]["file_version"] == "brain.Event:2"
+    tb = {(e["step"], tag): v for e in events for tag, v in e["scalars"].items()}
+    for r in train:
+        assert tb[(r["step"], "train/loss")] == pytest.approx(r["loss"], rel=1e-6)
+    for r in dev:
+        assert tb[(r["step"], "dev/auc")] == pytest.approx(r["auc"], rel=1e-6)
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return
+    acc = EventAccumulator(str(out))
+    acc.Reload()
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("dev/auc")] == [(r["step"], r["auc"]) for r in dev]
+    assert {"train/loss", "train/lr", "train/targets_per_second", "train/data_efficiency"} <= set(acc.Tags()["scalars"])
+
+
+def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "never"
+    assert main(["--print-config", f"out_dir={out}", "train.lr=4e-4", "engine.token_budget=2_000"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 4e-4 and printed["engine"]["token_budget"] == 2000
+    assert not out.exists()
+    (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
+    assert load_config(str(tmp_path / "printed.yaml"), []).to_dict() == printed  # it loads back as it was
+
+
+def test_quiet_shows_no_bars(tmp_path, cache_dir, synthetic_small, capsys):
+    out = tmp_path / "quiet"
+    assert main(["--quiet", *synthetic_args(out, cache_dir, synthetic_small, "train.workflow=typical",
+                                            "data.title_tokens=16", "train.max_steps=1")]) == 0
+    assert "training" not in capsys.readouterr().err
+    assert (out / "log.jsonl").is_file() and list(out.glob("events.out.tfevents.*"))  # every run has them

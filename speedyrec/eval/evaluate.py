@@ -11,6 +11,7 @@ from speedyrec.data.ragged import Ragged
 from speedyrec.models.backbone import eval_mode
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.engine.distributed import DistInfo, all_gather_rows, all_reduce_sum
+from speedyrec.engine.runlog import progress
 from speedyrec.engine.trainer import autocast_context
 from speedyrec.eval.metrics import impression_metrics, metric_sums, metrics_from_sums
 
@@ -27,10 +28,14 @@ def encode_news(model, inputs: NewsInputs, news: np.ndarray, dist: DistInfo, bat
     mine = news[share]
     order = np.argsort(inputs.lengths(mine), kind="stable")  # similar lengths together: little padding
     parts = []
+    bar = progress(len(news), "encoding dev news", "news", enabled=dist.is_main)
     for s in range(0, len(mine), batch_size):
-        tokens = inputs.prepare(mine[order[s : s + batch_size]]).to(dist.device)
+        rows = mine[order[s : s + batch_size]]
+        tokens = inputs.prepare(rows).to(dist.device)
         with autocast_context(dist.device, amp):
             parts.append(encode_fn(tokens).float())
+        bar.update(len(rows) * dist.world)  # the ranks' shares are within one news of each other
+    bar.close()
     width = parts[0].shape[1] if parts else _encoded_width(model, encode_fn, inputs, news, dist, amp)
     out = torch.zeros((len(mine), width), dtype=torch.float32, device=dist.device)
     if parts:
@@ -93,10 +98,7 @@ def _score(user_encoder, table: torch.Tensor, needed: np.ndarray, hist_pad: np.n
     for s in range(0, len(share), 1024):
         rows = share[s : s + 1024]
         h = hist_pad[rows]
-        mask = torch.from_numpy(h >= 0).to(dist.device)
-        hv = table[torch.from_numpy(slot(np.maximum(h, 0))).to(dist.device)]
-        with autocast_context(dist.device, amp):
-            users = user_encoder(hv, mask).float()  # [R, D]
+        users = user_vectors(user_encoder, table, np.where(h >= 0, slot(np.maximum(h, 0)), -1), dist.device, amp)
         sub = dev.candidates.take(rows)
         lab = _labels_of(dev, rows)
         cv = table[torch.from_numpy(slot(sub.values.astype(np.int64))).to(dist.device)]
@@ -106,6 +108,18 @@ def _score(user_encoder, table: torch.Tensor, needed: np.ndarray, hist_pad: np.n
     total = torch.from_numpy(sums).to(dist.device)
     all_reduce_sum(total)
     return metrics_from_sums(total.cpu().numpy())
+
+
+def user_vectors(user_encoder, table: torch.Tensor, hist: np.ndarray, device, amp: str, chunk: int = 1024) -> torch.Tensor:
+    """User vectors [R, D] (float32) from histories ``hist`` [R, H] of rows of ``table`` (-1: no click there)."""
+    parts = []
+    for s in range(0, len(hist), chunk):
+        h = hist[s : s + chunk]
+        mask = torch.from_numpy(h >= 0).to(device)
+        hv = table[torch.from_numpy(np.maximum(h, 0)).to(device)]
+        with autocast_context(device, amp):
+            parts.append(user_encoder(hv, mask).float())
+    return torch.cat(parts) if parts else torch.zeros((0, table.shape[1]), device=device)
 
 
 def _labels_of(beh: Behaviors, rows: np.ndarray) -> np.ndarray:

@@ -224,12 +224,14 @@ def cache_evidence(local: dict, summed: dict, dist: DistInfo) -> dict:
             "cache_noise_cos_mean": summed.pop("audit_noise_cos_sum") / audited if audited else None}
 
 
-def engine_trainer(ctx: Context, model: torch.nn.Module, optimizer, workflow, **kw) -> Trainer:
-    """A trainer for the click stages with the train.* settings; the workflow's cache follows its steps."""
+def engine_trainer(ctx: Context, model: torch.nn.Module, optimizer, workflow, log_dir: Path, **kw) -> Trainer:
+    """A trainer for the click stages with the train.* settings; the workflow's cache follows its steps; its
+    scalars go to ``log_dir`` and its progress bar counts the clicks of all epochs."""
     tc = ctx.cfg.train
     return Trainer(model, optimizer, ctx.dist, grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, amp=tc.amp,
                    max_steps=tc.max_steps, max_seconds=tc.max_seconds, warmup_steps=tc.warmup_steps,
-                   log_every=tc.log_every, after_step=getattr(workflow, "after_step", None), **kw)
+                   log_every=tc.log_every, after_step=getattr(workflow, "after_step", None), log_dir=log_dir,
+                   progress_total=workflow.clicks_in_data * tc.epochs, progress_unit="click", **kw)
 
 
 def evaluate_on_dev(ctx: Context, models: list, inputs: NewsInputs, encode_fn=None) -> list[dict]:

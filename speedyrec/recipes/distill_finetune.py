@@ -94,10 +94,11 @@ class DistillFinetuneRecipe(StageRecipe):
         workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, student, dist, objective=self.objective)
         extra = [p for n, p in model.named_parameters() if not n.startswith("student.")]
         groups = student.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay) + [{"params": extra, "lr": tc.lr}]
-        trainer = engine_trainer(ctx, model, adamw(groups), workflow)
+        trainer = engine_trainer(ctx, model, adamw(groups), workflow, self.out)
         setup = timer()
         trainer.fit(tc.epochs, workflow.batches, workflow.step)
         result = evaluate_on_dev(ctx, [student], inputs)[0]
+        trainer.log_scalars("dev", result)
         inputs.close_frozen_prefix()
         path = self.out / "student.pt"
         meta = {"encoder": cfg.model.encoder, "stage": self.stage, "layers": di.student_layers,

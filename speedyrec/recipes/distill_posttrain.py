@@ -79,7 +79,8 @@ class DistillPosttrainRecipe(StageRecipe):
         initial = self._student_retrieval()
         trainer = Trainer(model, optimizer, dist, grad_clip=cfg.train.grad_clip, amp=cfg.train.amp,
                           max_steps=cfg.train.max_steps, max_seconds=cfg.train.max_seconds,
-                          warmup_steps=cfg.train.warmup_steps, log_every=cfg.train.log_every)
+                          warmup_steps=cfg.train.warmup_steps, log_every=cfg.train.log_every, log_dir=self.out,
+                          progress_total=di.stage1_epochs * len(data.train_news), progress_unit="body")
         setup = timer()
         trainer.fit(di.stage1_epochs, batches.epoch, self.step)
         for inputs in (data.titles, data.bodies):

@@ -18,6 +18,13 @@ from speedyrec.recipes.common import Context, Timer, engine_stats, save_config, 
 log = logging.getLogger("speedyrec")
 
 
+def segments_of(cfg) -> list[str] | None:
+    """The BusLM segment layout when the engine uses it, else None (one concatenated sequence)."""
+    if cfg.train.workflow != "speedyfeed" or not cfg.engine.buslm:
+        return None
+    return list(cfg.engine.segments)
+
+
 class FinetuneRecipe:
     stage = "finetune"
 
@@ -41,7 +48,7 @@ class FinetuneRecipe:
         self.data, self.store = ctx.data, ctx.store
         self.model = build_model(cfg, ctx.parts, dist)  # resolves model.freeze_layers=-1
         save_config(ctx)
-        self.inputs = NewsInputs(self.store, self._segments())
+        self.inputs = NewsInputs(self.store, segments_of(cfg))
         if cfg.model.freeze_layers > 0 and cfg.train.workflow == "speedyfeed" and cfg.engine.frozen_cache:
             self.inputs.enable_frozen_prefix(self.model.news_encoder.backbone.hidden_size,
                                              self.out_dir / f"frozen_prefix_rank{dist.rank}.npy")
@@ -54,7 +61,9 @@ class FinetuneRecipe:
                                log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
                                checkpoint_fn=self.save_checkpoint, after_step=getattr(self.workflow, "after_step", None),
                                periodic=self._periodic_eval if cfg.eval.every or cfg.eval.every_seconds else None,
-                               periodic_every=cfg.eval.every, periodic_seconds=cfg.eval.every_seconds)
+                               periodic_every=cfg.eval.every, periodic_seconds=cfg.eval.every_seconds,
+                               log_dir=self.out_dir, progress_total=self.workflow.clicks_in_data * tc.epochs,
+                               progress_unit="click")
         self.curve: list[dict] = []  # one point per dev evaluation: progress and metrics
         if tc.resume:
             path = self._resume_path(tc.resume)
@@ -66,12 +75,6 @@ class FinetuneRecipe:
                          self.trainer.state.epoch, self.trainer.state.batches_done)
         self.setup_seconds = time.perf_counter() - t0
 
-    def _segments(self) -> list[str] | None:
-        """The BusLM segment layout when the engine uses it, else None (one concatenated sequence)."""
-        cfg = self.cfg
-        if cfg.train.workflow != "speedyfeed" or not cfg.engine.buslm:
-            return None
-        return list(cfg.engine.segments)
 
     def _make_workflow(self):
         cfg, dist = self.cfg, self.dist
@@ -131,6 +134,7 @@ class FinetuneRecipe:
         clicks = torch.tensor([st.counters.get("clicks_trained", 0.0)], dtype=torch.float64, device=self.dist.device)
         self.curve.append({"step": st.step, "epoch": st.epoch, "train_seconds": seconds,
                            "clicks_trained": float(all_reduce_sum(clicks).item()), **m})
+        self.trainer.log_scalars("dev", m)
         return m
 
     def final_metrics(self) -> dict:

@@ -73,7 +73,7 @@ class FinetuneTeachersRecipe(StageRecipe):
                                       dim=len(self.models) * self.dim, objective=self.objective)
         self.trim = cfg.engine.dynamic_batching
         groups = [g for m in self.models for g in m.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay)]
-        trainer = engine_trainer(ctx, team, adamw(groups), workflow,
+        trainer = engine_trainer(ctx, team, adamw(groups), workflow, self.out,
                                  clip_groups=[[p for p in m.parameters() if p.requires_grad] for m in self.models])
         setup = timer()
         if dist.is_main:
@@ -99,6 +99,7 @@ class FinetuneTeachersRecipe(StageRecipe):
             file = self.out / "teachers" / f"{name}.pt"
             checksum = save_snapshot(file, model, changed, meta) if dist.is_main else ""
             metrics[name] = {**result, "path": str(file), "checksum": checksum, "from": meta["from"]}
+            trainer.log_scalars(f"dev_{name}", result)
         stats = engine_stats(cfg, dist, trainer, workflow, ctx.data, setup)
         stats["teachers"] = len(plan)
         stats.update(bank_seconds=build.seconds, bank_news_encoded=build.news_encoded, bank_padded_tokens=build.padded_tokens)

@@ -83,11 +83,13 @@ class NewsBertRecipe(StageRecipe):
                   {"params": [p for name, p in model.named_parameters() if ".backbone." not in name], "lr": tc.lr}]
         hook = (lambda: momentum_gradients(list(s_bb.layers), list(t_bb.layers), nb.momentum)) if nb.momentum else None
         trainer = engine_trainer(ctx, model, adamw(groups, weight_decay=tc.weight_decay), workflow,
-                                 grad_hook=hook)
+                                 self.out, grad_hook=hook)
         setup = timer()
         trainer.fit(tc.epochs, workflow.batches, workflow.step)
         results = evaluate_on_dev(ctx, [student, teacher], inputs)
         metrics = {"student": results[0], "teacher": results[1]}
+        for name, m in metrics.items():
+            trainer.log_scalars(f"dev_{name}", m)
         if dist.is_main:
             for name, m in (("student", student), ("teacher", teacher)):
                 layers = n if name == "student" else t_layers
