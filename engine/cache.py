@@ -49,6 +49,25 @@ class EmbeddingCache:
         self.stamp = np.full(rows, NEVER, dtype=np.int64)
         self.num_items = num_items
 
+    def state_dict(self, step: int) -> dict:
+        """The rows that can still be served after ``step`` (written within gamma steps); older rows never will
+        be, so leaving them out changes nothing a resumed run reads."""
+        live = np.flatnonzero(step - self.stamp <= self.gamma)
+        rows = torch.from_numpy(live).to(self.emb.device)
+        return {"rows": live, "emb": self.emb.index_select(0, rows).cpu(), "stamp": self.stamp[live].copy(),
+                "shape": tuple(self.emb.shape), "sharded": self.sharded}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["shape"]) != tuple(self.emb.shape) or state["sharded"] != self.sharded:
+            raise ValueError(f"the checkpoint's cache has shape {tuple(state['shape'])} (sharded {state['sharded']}), "
+                             f"this run's {tuple(self.emb.shape)} (sharded {self.sharded})")
+        self.emb[:, : self.dim].zero_()
+        self.emb[:, self.dim] = UNWRITTEN
+        self.stamp[:] = NEVER
+        rows = torch.from_numpy(state["rows"]).to(self.emb.device)
+        self.emb.index_copy_(0, rows, state["emb"].to(self.emb.device))
+        self.stamp[state["rows"]] = state["stamp"]
+
     def lookup_probability(self, step: int) -> float:
         return 1.0 - math.exp(-self.beta * step)
 

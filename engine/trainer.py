@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from speedyrec.engine.checkpoint import rng_state, set_rng_state
 from speedyrec.engine.distributed import DistInfo, all_reduce_sum, reduce_gradients
 from speedyrec.engine.runlog import RunLog, progress
 
@@ -282,27 +283,25 @@ def _extras(s: dict) -> str:
     return out
 
 
-def save_checkpoint(path: Path, trainer: Trainer, config: dict, extra: dict | None = None) -> None:
-    """A plain dict: model, optimizer, progress, config (written atomically)."""
+def checkpoint_state(trainer: Trainer) -> tuple[dict, dict]:
+    """(shared, own): the model and optimizer (the same on every rank), and this rank's progress: RNG states,
+    loader position, counters, loop time."""
     st = trainer.state
-    ckpt = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(), "step": st.step,
-            "epoch": st.epoch, "batches_done": st.batches_done, "counters": dict(st.counters),
-            "wall_seconds": st.wall_seconds, "targets_seen": st.targets_seen, "config": config, **(extra or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    shared = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(), "epoch": st.epoch}
+    own = {"rng": rng_state(), "step": st.step, "epoch": st.epoch, "batches_done": st.batches_done,
+           "counters": dict(st.counters), "wall_seconds": st.wall_seconds, "targets_seen": st.targets_seen}
+    return shared, own
 
 
-def load_checkpoint(path: Path, trainer: Trainer) -> dict:
-    ckpt = torch.load(path, map_location=trainer.dist.device, weights_only=False)
-    trainer.model.load_state_dict(ckpt["model"])
-    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+def restore_state(trainer: Trainer, shared: dict, own: dict) -> None:
+    trainer.model.load_state_dict(shared["model"])
+    trainer.optimizer.load_state_dict(shared["optimizer"])
     st = trainer.state
-    st.step, st.epoch, st.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
-    st.counters = dict(ckpt.get("counters", {}))
-    st.wall_seconds = float(ckpt.get("wall_seconds", 0.0))
-    st.targets_seen = float(ckpt.get("targets_seen", 0.0))
+    st.step, st.epoch, st.batches_done = own["step"], own["epoch"], own["batches_done"]
+    st.counters = dict(own["counters"])
+    st.wall_seconds = float(own["wall_seconds"])
+    st.targets_seen = float(own["targets_seen"])
+    trainer._seen = dict(st.counters)
     trainer._set_lr()
-    return ckpt
+    set_rng_state(own["rng"])
 

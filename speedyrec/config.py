@@ -78,6 +78,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
     resume: str = ""  # checkpoint path, or "auto" for the newest in out_dir
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 3  # keep the newest N checkpoints (0 = all)
     log_every: int = 20
 
 
@@ -360,6 +361,7 @@ def validate(cfg: Config) -> None:
         "model.layers": cfg.model.layers,
         "train.max_steps": cfg.train.max_steps,
         "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "engine.cache_gamma": cfg.engine.cache_gamma,
         "engine.cache_audit": cfg.engine.cache_audit,
         "eval.every": cfg.eval.every,

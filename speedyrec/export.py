@@ -1,6 +1,6 @@
 """Vectors and predictions from a trained run: ``python -m speedyrec.export RUN_DIR [--out DIR] [key=value ...]``.
 
-Reads ``RUN_DIR/config.yaml`` and the newest checkpoint (``RUN_DIR/checkpoints/latest.pt``, or ``--checkpoint``),
+Reads ``RUN_DIR/config.yaml`` and the newest checkpoint (``RUN_DIR/checkpoints/step_N/``, or ``--checkpoint``),
 with ``key=value`` overrides on top (e.g. ``data.dir=`` another copy of the data in the same format). Writes to
 ``--out`` (default ``RUN_DIR/export``):
 
@@ -37,6 +37,7 @@ log = logging.getLogger("speedyrec")
 def export(run_dir: Path, out: Path | None = None, checkpoint: Path | None = None, overrides: list[str] | None = None,
            batch_size: int = 256, daily_recall: Path | None = None) -> dict:
     from speedyrec.build import build_model
+    from speedyrec.engine.checkpoint import step_dirs
     from speedyrec.engine.distributed import DistInfo
     from speedyrec.eval.evaluate import encode_news, user_vectors
     from speedyrec.eval.metrics import impression_metrics, metric_sums, metrics_from_sums
@@ -52,7 +53,11 @@ def export(run_dir: Path, out: Path | None = None, checkpoint: Path | None = Non
     cfg = load_config(str(run_dir / "config.yaml"), [*(overrides or []), f"out_dir={out}"])
     if cfg.stage != "finetune":
         raise ConfigError(f"{run_dir} is a stage={cfg.stage} run; export reads finetune runs (a model trained on clicks)")
-    ckpt_path = Path(checkpoint) if checkpoint else run_dir / "checkpoints" / "latest.pt"
+    if checkpoint:
+        ckpt_path = Path(checkpoint) / "model.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
+    else:
+        newest = step_dirs(run_dir / "checkpoints")
+        ckpt_path = newest[0] / "model.pt" if newest else run_dir / "checkpoints" / "step_N" / "model.pt"
     if not ckpt_path.is_file():
         raise ConfigError(f"no checkpoint at {ckpt_path}: pass --checkpoint, or train with the default checkpointing")
     dist = DistInfo()
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", help="out_dir of a finished speedyrec.train run")
     ap.add_argument("overrides", nargs="*", help="key=value settings on top of the run's config")
     ap.add_argument("--out", default="", help="where to write (default RUN_DIR/export)")
-    ap.add_argument("--checkpoint", default="", help="a checkpoint file (default RUN_DIR/checkpoints/latest.pt)")
+    ap.add_argument("--checkpoint", default="", help="a checkpoint (default the newest RUN_DIR/checkpoints/step_N)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--daily-recall", default="", help="a folder of daily_news_X.tsv / history_positive_X.tsv pools")
     a = ap.parse_args(argv)

@@ -59,13 +59,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from speedyrec.engine import runlog
+    from speedyrec.engine.checkpoint import CheckpointError
     from speedyrec.engine.distributed import init_distributed, shutdown
 
     runlog.QUIET = args.quiet
     from speedyrec.recipes.common import build_context, save_config
 
     dist = init_distributed()
-    setup_logging(dist.is_main, Path(cfg.out_dir))
+    try:
+        setup_logging(dist.is_main, Path(cfg.out_dir))
+    except OSError as e:
+        print(f"speedyrec: out_dir={cfg.out_dir} cannot be written ({e.strerror or e}): choose a writable out_dir",
+              file=sys.stderr)
+        shutdown()
+        return 2
     log.info("stage %s, workflow %s, %d rank(s) on %s; outputs in %s", cfg.stage, cfg.train.workflow, dist.world,
              dist.device.type, cfg.out_dir)
     t0 = time.perf_counter()
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         result = recipe_class(cfg.stage)(ctx).run()
         if dist.is_main:
             print_summary(cfg, result, time.perf_counter() - t0)
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, CheckpointError) as e:
         print(f"speedyrec: {e}", file=sys.stderr)
         return 2
     finally:

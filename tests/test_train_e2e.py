@@ -137,7 +137,7 @@ def test_typical_workflow_writes_outputs_and_keeps_invariants(typical_run):
     assert stats["valid_tokens"] + stats["padded_tokens"] == stats["news_encoded"] * 16
     assert stats["malformed_rows"] == 0 and stats["unknown_news_ids"] == 0
     assert (out / "train.log").is_file()
-    assert (out / "checkpoints" / "latest.pt").is_file()
+    assert (out / "checkpoints" / f"step_{stats['steps']}" / "model.pt").is_file()
 
 
 # -- 2. the SpeedyFeed workflow -----------------------------------------------------------------------------
@@ -347,8 +347,10 @@ def test_two_ranks_train_the_whole_epoch(name, two_rank_runs, speedyfeed_run):
     assert_exit_zero(proc)
     assert "final dev metrics" in proc.stdout
     # rank 0 wrote the outputs
-    for f in ("config.yaml", "metrics.json", "stats.json", "train.log", "checkpoints/latest.pt"):
+    for f in ("config.yaml", "metrics.json", "stats.json", "train.log"):
         assert (out / f).is_file(), f
+    newest = sorted((out / "checkpoints").glob("step_*"))[-1]
+    assert {p.name for p in newest.iterdir()} == {"model.pt", "rank0.pt", "rank1.pt", "meta.json"}  # every rank's part
     assert load_config(str(out / "config.yaml")).engine.global_dedup is (name == "global_dedup")
     stats, metrics = read_json(out / "stats.json"), read_json(out / "metrics.json")
     check_metrics(metrics)
@@ -400,15 +402,15 @@ def test_resume_continues_from_the_checkpoint(tmp_path, cache_dir, synthetic_sma
     first, _ = run_job(synthetic_args(out, cache_dir, synthetic_small, *common, "train.max_steps=3",
                                       "train.checkpoint_every=1"), out)
     assert first["steps"] == 3
-    assert {p.name for p in (out / "checkpoints").glob("step_*.pt")} == {"step_1.pt", "step_2.pt", "step_3.pt"}
+    assert {p.name for p in (out / "checkpoints").glob("step_*")} == {"step_1", "step_2", "step_3"}
     capsys.readouterr()
     second, metrics = run_job(synthetic_args(out, cache_dir, synthetic_small, *common, "train.resume=auto",
                                              "train.max_steps=6"), out)
     log = capsys.readouterr().out
     assert "resumed from" in log and "at step 3" in log
     assert second["steps"] == 6
-    assert (out / "checkpoints" / "step_6.pt").is_file()
-    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["step"] == 6
+    assert torch.load(out / "checkpoints" / "step_6" / "model.pt", weights_only=False)["step"] == 6
+    assert len(list((out / "checkpoints").glob("step_*"))) == 3  # train.keep_checkpoints
     check_metrics(metrics)
     check_stats(second, full_epoch=False)
     # the counters carry over: 6 steps of targets, the same ones an uninterrupted 6-step run trains
@@ -422,7 +424,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, cache_dir, synthetic_sma
 
 def test_resume_from_a_missing_checkpoint_is_a_user_error(tmp_path, cache_dir, synthetic_small, capsys):
     out = tmp_path / "bad_resume"
-    missing = tmp_path / "nowhere" / "step_3.pt"
+    missing = tmp_path / "nowhere" / "step_3"
     rc = main(synthetic_args(out, cache_dir, synthetic_small, "data.title_tokens=16", f"train.resume={missing}"))
     assert rc == 2
     assert_one_line_error(capsys, "train.resume", str(missing))

@@ -141,6 +141,15 @@ class SpeedyFeedWorkflow:
     def after_step(self, step: int) -> None:
         self.step_no = step
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold for an exact resume: the embedding cache's live rows."""
+        cache = self.encoder.cache
+        return {"cache": cache.state_dict(self.step_no)} if cache is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.encoder.cache is not None and "cache" in state:
+            self.encoder.cache.load_state_dict(state["cache"])
+
     def _encode_rows(self, tokens: NewsTokens, rows: np.ndarray):
         # without dynamic batching every news keeps the fixed padded width, as in the typical workflow
         return self.inputs.encode(self.model, tokens, rows, trim=self.cfg.engine.dynamic_batching)

@@ -1,0 +1,156 @@
+"""Faults and exact resumption: a run killed (SIGKILL) at a random moment and resumed ends with the metrics and
+counters of an uninterrupted run, on 1 rank and, through torchrun's elastic restart, on 2 ranks with uneven
+shards, global dedup and bf16 autocast; unreadable checkpoints are skipped with a warning; a changed config
+is refused."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, tiny_overrides
+from speedyrec.train import main
+
+METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
+# counters that must match exactly: the same targets trained, the same news encoded, the same cache reads
+COUNTERS = ("clicks_trained", "sequences_trained", "news_encoded", "cache_lookups", "cache_hits", "valid_tokens",
+            "padded_tokens", "negatives_random", "steps")
+# dropout on, a small token budget so that a run has many steps, the cache reading from the start
+COMMON = ("data.title_tokens=16", "engine.token_budget=1500", "engine.cache_beta=0.5", "model.dropout=0.1",
+          "eval.max_impressions=60", "train.checkpoint_every=2")
+
+
+def args(out: Path, cache_dir: Path, data: Path, *extra: str) -> list[str]:
+    return tiny_overrides(out, cache_dir, "data.format=synthetic", f"data.dir={data}", *COMMON, *extra)
+
+
+def read(out: Path) -> tuple[dict, dict]:
+    return json.loads((out / "metrics.json").read_text()), json.loads((out / "stats.json").read_text())
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    (ma, sa), (mb, sb) = read(a), read(b)
+    for k in METRICS:
+        assert abs(ma[k] - mb[k]) <= 1e-6, (k, ma[k], mb[k])
+    assert {k: sa[k] for k in COUNTERS} == {k: sb[k] for k in COUNTERS}
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {path} appeared: nothing was interrupted")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+
+
+def env() -> dict:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+         "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache_dir, synthetic_small):
+    """The uninterrupted 1-rank run everything is compared with."""
+    out = tmp_path_factory.mktemp("straight")
+    assert main(args(out, cache_dir, synthetic_small, "train.keep_checkpoints=0")) == 0
+    return out
+
+
+def test_sigkill_then_resume_ends_as_an_uninterrupted_run(tmp_path, cache_dir, synthetic_small, straight):
+    steps = read(straight)[1]["steps"]
+    assert steps >= 10  # enough steps that the kill lands mid-run
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "speedyrec.train", "--quiet", *args(out, cache_dir, synthetic_small)]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(out / "checkpoints" / "step_4", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists()
+    assert main(args(out, cache_dir, synthetic_small, "train.resume=auto")) == 0
+    assert_same_run(out, straight)
+
+
+def test_an_unreadable_checkpoint_is_skipped_with_a_warning(tmp_path, cache_dir, synthetic_small, straight):
+    out = tmp_path / "copy"
+    shutil.copytree(straight, out)
+    for f in ("metrics.json", "stats.json"):
+        (out / f).unlink()
+    ckpts = sorted((out / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
+    newest, before = ckpts[-1], ckpts[-2]
+    data = (newest / "model.pt").read_bytes()
+    (newest / "model.pt").write_bytes(data[: len(data) // 2])  # truncated, as a full disk would leave it
+    (out / "checkpoints" / ".step_999.tmp").mkdir()  # an interrupted save: never a candidate
+    assert main(args(out, cache_dir, synthetic_small, "train.resume=auto")) == 0
+    log = (out / "train.log").read_text()  # the run's own log (the copied one holds the first run's lines too)
+    assert f"checkpoint {newest} cannot be read" in log and "skipping it" in log
+    assert f"resumed from {before}" in log
+    assert_same_run(out, straight)  # continued from the one before, and still ends the same
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, cache_dir, synthetic_small, straight, capsys):
+    out = tmp_path / "other"
+    shutil.copytree(straight / "checkpoints", out / "checkpoints")
+    assert main(args(out, cache_dir, synthetic_small, "train.resume=auto", "engine.negatives=2")) == 2
+    err = capsys.readouterr().err
+    assert "engine.negatives" in err and "checkpoints/step_" in err and "other settings" in err
+
+
+def test_a_missing_resume_path_and_an_unwritable_out_dir_say_what_to_do(tmp_path, cache_dir, synthetic_small, capsys):
+    assert main(args(tmp_path / "o", cache_dir, synthetic_small, f"train.resume={tmp_path / 'none'}")) == 2
+    assert "no checkpoint there" in capsys.readouterr().err
+    if os.geteuid() == 0:
+        pytest.skip("root writes everywhere: the unwritable out_dir cannot be shown")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(args(locked / "run", cache_dir, synthetic_small, "train.max_steps=1")) == 2
+        assert "out_dir" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+# -- 2 ranks: torchrun's elastic restart after a rank is killed --------------------------------------------------------
+TWO = ("engine.global_dedup=true", "train.amp=bf16")
+
+
+def torchrun_cmd(extra: list[str], restarts: int) -> list[str]:
+    exe = Path(sys.executable).parent / "torchrun"
+    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    return [*launcher, "--standalone", "--nproc_per_node=2", f"--max-restarts={restarts}", "-m", "speedyrec.train",
+            "--quiet", *extra]
+
+
+def test_two_ranks_elastic_restart_after_a_killed_rank_ends_as_an_uninterrupted_run(tmp_path, cache_dir,
+                                                                                      synthetic_small, straight):
+    ref, out = tmp_path / "ref2", tmp_path / "restarted2"
+    proc = subprocess.run(torchrun_cmd(args(ref, cache_dir, synthetic_small, *TWO), 0), env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = read(ref)[1]
+    assert stats["clicks_trained"] == stats["clicks_in_data"] - stats["clicks_unknown_news"]  # the whole epoch
+    run = subprocess.Popen(torchrun_cmd(args(out, cache_dir, synthetic_small, *TWO), 1), env=env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(out / "checkpoints" / "step_4", run)
+    workers = [p for p in psutil.Process(run.pid).children(recursive=True)
+               if "speedyrec.train" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+    assert len(workers) == 1
+    workers[0].kill()  # SIGKILL one rank mid-run: torchrun restarts the group, which resumes from a checkpoint
+    log, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, log[-4000:]
+    assert "restart" in log.lower()
+    assert_same_run(out, ref)  # nothing trained twice or lost, and the same model
