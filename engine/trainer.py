@@ -1,9 +1,10 @@
-"""The training loop: micro-batches -> forward under autocast -> backward -> reduce -> clip -> step -> log.
+"""The training loop: micro-batches -> forward under autocast -> backward (DDP reduces) -> clip -> step -> log.
 
 The loop knows nothing of news: a step function turns one batch into the summed loss of its training
 targets. Gradients are summed over ranks and divided by the global number of targets of the optimizer
 step, so every target weighs the same whatever rank and micro-batch it landed in, and ranks may hold
-different numbers of targets (dynamic batching) or none at all for a while (uneven shards).
+different numbers of targets (dynamic batching) or none at all for a while (uneven shards). On several ranks
+the step runs inside DistributedDataParallel, whose all-reduce overlaps the backward.
 """
 from __future__ import annotations
 
@@ -59,6 +60,25 @@ def adamw(param_groups, **kw) -> torch.optim.AdamW:
         return torch.optim.AdamW(param_groups, **kw)
 
 
+class _StepModule(torch.nn.Module):
+    """The step function as the forward of a module that owns the model's parameters, so that DDP can wrap a
+    whole engine step (centralized encoding, cache, loss), whatever submodules it calls."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.fn: Callable | None = None
+
+    def forward(self, batch):
+        out = self.fn(batch)
+        if out.loss_sum is None:
+            # a rank without a batch still takes part in DDP's reduction, which runs in the backward: a zero loss
+            # over the parameters, made here so that DDP sees which parameters it reaches
+            zero = sum(p.reshape(-1)[0] * 0.0 for p in self.model.parameters() if p.requires_grad)
+            out = StepOutput(zero, out.targets, out.counters)
+        return out
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: DistInfo, *,
                  grad_accum: int = 1, grad_clip: float = 0.0, amp: str = "auto", max_steps: int = 0,
@@ -92,6 +112,16 @@ class Trainer:
         self._stop = False
         self.state = TrainState()
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # several ranks: the step runs inside DistributedDataParallel, whose bucketed all-reduce overlaps the
+        # backward; parameters a step does not use (cache hits, frozen paths) are found by DDP itself
+        self.ddp = None
+        if dist.active and self.params:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._step_module = _StepModule(model)
+            self.ddp = DistributedDataParallel(
+                self._step_module, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=True)
         # models trained side by side (teachers) are clipped each on its own, as if trained alone
         self.clip_groups = clip_groups or [self.params]
         self.grad_hook = grad_hook  # runs on the reduced gradients before clipping (NewsBERT's momentum)
@@ -196,26 +226,31 @@ class Trainer:
             self.model.train()
             while not self.done():
                 batch = next(batches, None)
-                flags = torch.tensor([1.0 if batch is not None else 0.0, 0.0], dtype=torch.float64, device=device)
-                with autocast_context(device, self.amp):
-                    out = step_fn(batch)
-                flags[1] = out.targets
-                all_reduce_sum(flags)
-                if flags[0] == 0:
+                if self.dist.active and not self._anyone_has(batch is not None):
                     break  # every rank has finished the epoch
+                if batch is None and not self.dist.active:
+                    break
+                # DDP all-reduces the gradients while the backward runs, at the last micro-batch of a window
+                sync = (micro + 1) % self.grad_accum == 0
+                with self._no_sync(not sync), autocast_context(device, self.amp):
+                    out = self._forward(step_fn, batch)
+                targets = float(all_reduce_sum(torch.tensor([float(out.targets)], dtype=torch.float64,
+                                                            device=device)).item())
+                with self._no_sync(not sync):
+                    if out.loss_sum is not None:
+                        out.loss_sum.float().backward()
+                if out.loss_sum is not None:
+                    loss_acc += out.loss_sum.detach().double()
                 if batch is not None:
                     st.batches_done += 1
-                if out.loss_sum is not None:
-                    out.loss_sum.float().backward()
-                    loss_acc += out.loss_sum.detach().double()
                 self.count(out.counters)
-                window_targets += float(flags[1])
-                st.targets_seen += float(flags[1])
-                bar.update(float(flags[1]))
+                window_targets += targets
+                st.targets_seen += targets
+                bar.update(targets)
                 micro += 1
                 if micro % self.grad_accum:
                     continue
-                self._optimizer_step(window_targets)
+                self._optimizer_step(window_targets, synced=True)
                 loss_log += float(all_reduce_sum(loss_acc.clone()))
                 clicks_log += window_targets
                 n_log += window_targets
@@ -242,7 +277,7 @@ class Trainer:
                     self.model.train()
                 self._excluded = excluded
             if micro % self.grad_accum:  # a partial accumulation window at the end of the epoch
-                self._optimizer_step(window_targets)
+                self._optimizer_step(window_targets, synced=False)
                 window_targets = 0.0
                 micro = 0
                 loss_acc.zero_()
@@ -260,8 +295,33 @@ class Trainer:
         bar.close()
         return st
 
-    def _optimizer_step(self, global_targets: float) -> None:
-        reduce_gradients(self.params, 1.0 / max(global_targets, 1.0))
+    def _anyone_has(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.dist.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _no_sync(self, skip: bool):
+        return self.ddp.no_sync() if self.ddp is not None and skip else contextlib.nullcontext()
+
+    def _forward(self, step_fn, batch) -> StepOutput:
+        if self.ddp is None:
+            return step_fn(batch)
+        self._step_module.fn = step_fn
+        return self.ddp(batch)
+
+    def _optimizer_step(self, global_targets: float, synced: bool = False) -> None:
+        """Gradients -> the sum over ranks and micro-batches of every target's gradient, divided by the global
+        number of targets, then clip and step. DDP has averaged them over ranks during the backward (``synced``);
+        a partial window at an epoch's end was accumulated without sync and is reduced here."""
+        if self.ddp is None:
+            reduce_gradients(self.params, 1.0 / max(global_targets, 1.0))
+        else:
+            if not synced:
+                reduce_gradients(self.params, 1.0 / self.dist.world)
+            scale = self.dist.world / max(global_targets, 1.0)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         if self.grad_hook is not None:
             self.grad_hook()
         if self.grad_clip > 0:

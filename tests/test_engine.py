@@ -470,3 +470,70 @@ def test_two_ranks_bf16_global_dedup_with_a_rank_that_has_no_batch(tmp_path):
     got = torch.load(out)
     torch.testing.assert_close(got["proj"], model.proj.weight.grad, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(got["emb"], model.emb.weight.grad, rtol=2e-2, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------
+class TinyRecommender(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.news, self.user = ProjectedBag(), UserEncoder(8, 4)
+
+
+def _step_fn(model, device):
+    from speedyrec.engine.trainer import StepOutput
+
+    def step(batch):
+        if batch is None:
+            return StepOutput(None, 0, {})
+        ids, mask, _ = token_table(batch.news)
+        table = model.news(ids, mask)
+        loss, n = autoregressive_loss(table, batch.clicks, batch.negatives, batch.targets, model.user.prefix_states,
+                                      model.user.empty)
+        return StepOutput(loss, n, {})
+    return step
+
+
+def _ddp_worker(rank, world, init_file, shards, out_path, grad_accum):
+    import torch.distributed as dist
+
+    from speedyrec.engine.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = TinyRecommender()
+    grads = []
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), DistInfo(rank, world, rank, torch.device("cpu")),
+                      grad_accum=grad_accum, log_every=0,
+                      grad_hook=lambda: grads.append([p.grad.clone() for p in model.parameters()]))
+    assert trainer.ddp is not None  # the step runs inside DistributedDataParallel
+    trainer.fit(1, lambda epoch, skip: iter(shards[rank][skip:]), _step_fn(model, torch.device("cpu")))
+    if rank == 0:
+        torch.save(grads, out_path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_ddp_gradients_equal_the_single_process_gradients_of_the_same_global_batch(tmp_path, grad_accum):
+    """Uneven shards (3 micro-batches on rank 0, 1 on rank 1, of different sizes): each optimizer step's reduced
+    gradient equals the one-process gradient of the same global window: every target weighs the same."""
+    import torch.multiprocessing as mp
+
+    seqs = make_sequences(users=12, max_len=9)
+    batches = list(batcher(seqs, token_budget=120, max_history=8).epoch(0))
+    assert len(batches) >= 4
+    shards = [batches[:3], batches[3:4]]
+    out = tmp_path / "grads.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), shards, str(out), grad_accum), nprocs=2)
+    got = torch.load(out)
+    # the reference: the windows of the global batch, in one process
+    windows = ([[shards[0][0], shards[1][0]], [shards[0][1]], [shards[0][2]]] if grad_accum == 1 else
+               [[shards[0][0], shards[1][0], shards[0][1]], [shards[0][2]]])
+    assert len(got) == len(windows)
+    model = TinyRecommender()
+    step = _step_fn(model, torch.device("cpu"))
+    for window, grads in zip(windows, got):
+        model.zero_grad()
+        outs = [step(b) for b in window]
+        (sum(o.loss_sum for o in outs) / sum(o.targets for o in outs)).backward()
+        for p, g in zip(model.parameters(), grads):
+            torch.testing.assert_close(g, p.grad if p.grad is not None else torch.zeros_like(p), rtol=1e-5, atol=1e-6)
