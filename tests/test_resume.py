@@ -124,6 +124,33 @@ def test_a_missing_resume_path_and_an_unwritable_out_dir_say_what_to_do(tmp_path
         locked.chmod(0o700)
 
 
+def test_a_full_disk_while_checkpointing_is_a_clear_error_and_loses_nothing(tmp_path, cache_dir, synthetic_small,
+                                                                           straight, capsys, monkeypatch):
+    import errno
+
+    import torch
+
+    from speedyrec.engine import checkpoint
+
+    real, calls = torch.save, {"n": 0}
+
+    def save(obj, f, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] > 4:  # two checkpoints (rank0.pt + model.pt each) fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **kw)
+
+    out = tmp_path / "full"
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    assert main(args(out, cache_dir, synthetic_small)) == 2
+    err = capsys.readouterr().err
+    assert "rank0.pt" in err and "disk is full" in err and "Earlier checkpoints are untouched" in err
+    assert [p.name for p in checkpoint.step_dirs(out / "checkpoints")] == ["step_4", "step_2"]
+    monkeypatch.setattr(checkpoint.torch, "save", real)  # space freed: resume and finish as if nothing happened
+    assert main(args(out, cache_dir, synthetic_small, "train.resume=auto")) == 0
+    assert_same_run(out, straight)
+
+
 # -- 2 ranks: torchrun's elastic restart after a rank is killed --------------------------------------------------------
 TWO = ("engine.global_dedup=true", "train.amp=bf16")
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from speedyrec.engine.distributed import DistInfo, all_gather_rows, barrier
+from speedyrec.engine.runlog import progress
 from speedyrec.engine.trainer import autocast_context
 from speedyrec.models.backbone import eval_mode
 from speedyrec.models.news_inputs import NewsInputs
@@ -104,6 +105,7 @@ def _encode_share(stack: SharedPrefixStack, inputs: NewsInputs, news: np.ndarray
     """This rank's share of the chunks: (news ids [R], vectors [R, M, D] on the device, valid, padded tokens)."""
     chunks = equal_length_chunks(inputs.lengths(news), chunk_tokens)[dist.rank :: dist.world]
     ids, parts, valid, padded = [], [], 0, 0
+    bar = progress(len(news), f"teacher bank ({len(stack)} teachers)", "news", enabled=dist.is_main)
     with torch.no_grad(), eval_mode(stack), autocast_context(dist.device, amp):
         for rows in chunks:
             tokens = inputs.prepare(news[rows]).to(dist.device)
@@ -111,6 +113,8 @@ def _encode_share(stack: SharedPrefixStack, inputs: NewsInputs, news: np.ndarray
             v = int(tokens.mask.sum())
             valid, padded = valid + v, padded + tokens.mask.numel() - v
             ids.append(news[rows])
+            bar.update(len(rows) * dist.world)  # rank 0's share, scaled: the ranks' shares are alike
+    bar.close()
     if not parts:
         return np.zeros(0, dtype=np.int64), torch.zeros((0, len(stack), stack.dim), device=dist.device), 0, 0
     return np.concatenate(ids), torch.cat(parts), valid, padded
