@@ -50,7 +50,9 @@ def shutdown() -> None:
         # Every rank finishes its last collective before any tears the group down; otherwise a gloo worker
         # thread can still hold finished work while its interpreter exits, which aborts the process.
         dist.barrier()
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the gather's too
+    global _GATHER_GROUP
+    _GATHER_GROUP = None
 
 
 def barrier() -> None:
@@ -82,16 +84,31 @@ def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
     return [o[:s] for o, s in zip(out, sizes)]
 
 
+_GATHER_GROUP = None
+
+
+def gather_group():
+    """The process group of the embedding gather and of its backward. Its own group, because its backward runs
+    inside the backward pass, while DDP reduces gradient buckets asynchronously on the default group: on one group
+    the two would interleave in different orders on different ranks. Made at the first gather, which every rank
+    reaches at the same step."""
+    global _GATHER_GROUP
+    if _GATHER_GROUP is None:
+        _GATHER_GROUP = dist.new_group(backend=dist.get_backend())
+    return _GATHER_GROUP
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather of equal-sized [width, ...] blocks into [world * width, ...]. Backward: each rank gets the sum
     over ranks of the gradient of its own block (reduce-scatter on NCCL; gloo has none, so all-reduce, slice)."""
 
     @staticmethod
     def forward(ctx, block: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size()
-        ctx.rank, ctx.width = dist.get_rank(), block.shape[0]
+        group = gather_group()
+        world = dist.get_world_size(group)
+        ctx.rank, ctx.width, ctx.group = dist.get_rank(group), block.shape[0], group
         out = block.new_empty((world * block.shape[0],) + tuple(block.shape[1:]))
-        dist.all_gather_into_tensor(out, block.contiguous())
+        dist.all_gather_into_tensor(out, block.contiguous(), group=group)
         return out
 
     @staticmethod
@@ -99,10 +116,10 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.contiguous()
         if dist.get_backend() == "nccl":
             out = grad.new_empty((ctx.width,) + tuple(grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad)
+            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
             return out
         grad = grad.clone()
-        dist.all_reduce(grad)
+        dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank * ctx.width : (ctx.rank + 1) * ctx.width]
 
 

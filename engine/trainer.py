@@ -71,11 +71,12 @@ class _StepModule(torch.nn.Module):
 
     def forward(self, batch):
         out = self.fn(batch)
-        if out.loss_sum is None:
-            # a rank without a batch still takes part in DDP's reduction, which runs in the backward: a zero loss
-            # over the parameters, made here so that DDP sees which parameters it reaches
+        if batch is None:
+            # a rank without a batch still takes part in DDP's reduction, which its backward starts only when a
+            # parameter's gradient arrives: add a zero loss over the parameters (inside the forward, so that DDP
+            # sees which parameters it reaches); the step's own loss (e.g. a global-dedup gather) stays in
             zero = sum(p.reshape(-1)[0] * 0.0 for p in self.model.parameters() if p.requires_grad)
-            out = StepOutput(zero, out.targets, out.counters)
+            out = StepOutput(zero if out.loss_sum is None else out.loss_sum + zero, out.targets, out.counters)
         return out
 
 
