@@ -39,10 +39,12 @@ WORKFLOWS = ("typical", "speedyfeed")
 # full mode / quick mode (a tiny random encoder on 300 users: checks the harness, says nothing about speed)
 FULL = {"users": 2000, "model": STUDENT, "cap": 480.0, "every": {"typical": 60.0, "speedyfeed": 20.0},
         "patience": {"typical": 3, "speedyfeed": 5}, "negatives_cap": 240.0, "ablation_steps": 10, "budgets": [5000],
-        "typical_ablation_steps": 3, "eval": []}
+        "typical_ablation_steps": 3, "eval": [], "long_patience": 15,
+        "long_cap": 1500.0}
 QUICK = {"users": 300, "model": TINY, "cap": 20.0, "every": {"typical": 5.0, "speedyfeed": 2.0},
          "patience": {"typical": 3, "speedyfeed": 3}, "negatives_cap": 8.0, "ablation_steps": 3, "budgets": [4000],
-         "typical_ablation_steps": 2, "eval": ["eval.max_impressions=200"]}
+         "typical_ablation_steps": 2, "eval": ["eval.max_impressions=200"],
+         "long_patience": 5, "long_cap": 60.0}
 
 
 def lr_overrides(mult: float) -> list[str]:
@@ -99,15 +101,26 @@ def main(argv=None) -> dict:
 
         sweep = {wf: {m: curve_run(f"{wf}_lr{m:g}", wf, m, mode["cap"]) for m in mults} for wf in WORKFLOWS}
         best_mult = {wf: max(mults, key=lambda m: best_auc(sweep[wf][m])) for wf in WORKFLOWS}
-        typ = sweep["typical"][best_mult["typical"]]
+        sf_mult = best_mult["speedyfeed"]
+        # each workflow's best learning rate, trained for one full epoch of the log (the sweep's cap stops the
+        # typical workflow at a tenth of it): the headline compares these two curves
+        full = {wf: run_job_kept(f"{wf}_lr{best_mult[wf]:g}_epoch",
+                                 base + [f"train.workflow={wf}", *lr_overrides(best_mult[wf]), "train.epochs=1",
+                                         f"eval.every_seconds={mode['every'][wf]:g}"], root, timeout=6 * 3600)
+                for wf in WORKFLOWS}
+        typ, sf = full["typical"], full["speedyfeed"]
         target = best_auc(typ)
         t_typ = seconds_to(typ, target)
-        # speedyfeed's best for the headline: the sweep's run that reaches the target first
-        reach = {m: seconds_to(sweep["speedyfeed"][m], target) for m in mults}
-        reached = [m for m in mults if reach[m] is not None]
-        sf_mult = min(reached, key=lambda m: reach[m]) if reached else best_mult["speedyfeed"]
-        sf = sweep["speedyfeed"][sf_mult]
-        t_sf = reach[sf_mult]
+        if seconds_to(sf, target) is None:
+            # speedyfeed's epoch is ~9x shorter: when one is not enough it trains on (at most long_cap seconds)
+            # until it reaches the target or its dev AUC stops improving
+            sf = full["speedyfeed"] = run_job_kept(
+                f"speedyfeed_lr{sf_mult:g}_long",
+                base + ["train.workflow=speedyfeed", *lr_overrides(sf_mult), "train.epochs=100",
+                        f"train.max_seconds={mode['long_cap']:g}",
+                        f"eval.every_seconds={mode['every']['speedyfeed']:g}", f"eval.patience={mode['long_patience']}"],
+                root, timeout=6 * 3600)
+        t_sf = seconds_to(sf, target)
 
         # (a) on identical targets: the typical workflow trained on every click of the user sequences
         typ_seq = speed_run("typical_sequence_targets", ["train.workflow=typical", "train.typical_targets=sequence",
@@ -144,13 +157,17 @@ def main(argv=None) -> dict:
         "epoch_speedup": epoch["typical"] / epoch["speedyfeed"],
         "time_to_auc_speedup": (t_typ / t_sf) if t_sf else None,
         "target_auc": target, "seconds_to_target": {"typical": t_typ, "speedyfeed": t_sf},
-        "best_auc": {"typical": target, "speedyfeed": max(best_auc(j) for j in sweep["speedyfeed"].values())},
+        # a secondary figure, because a best of many noisy evaluations is a high bar: time to within 0.5 AUC points
+        "near_target": _near(typ, sf, target - 0.005),
+        "best_auc": {"typical": target, "speedyfeed": best_auc(sf)},
         "auc_at_equal_time": {"seconds": t_equal, "typical": auc_at(typ, t_equal), "speedyfeed": auc_at(sf, t_equal)},
         "epoch_seconds": epoch, "best_lr_multiple": best_mult, "headline_lr_multiple": sf_mult,
-        "typical_plateaued": typ["stats"]["wall_seconds"] < mode["cap"] - 1,
-        "typical_epoch_fraction": typ["stats"]["clicks_trained"] / typ["stats"]["clicks_in_data"],
+        # where in its epoch each workflow reached its best: near the end means it was still improving
+        "best_at_epoch_fraction": {wf: _best_point(j)["train_seconds"] / j["curve"][-1]["train_seconds"]
+                                   for wf, j in full.items()},
         "negatives": {"1": _window_summary(sf, mode["negatives_cap"], target), "4": _window_summary(neg4, mode["negatives_cap"], target)},
         "runs": {f"{wf}_lr{m:g}": sweep[wf][m] for wf in WORKFLOWS for m in mults},
+        "epoch_runs": full,
         "typical_sequence_targets": typ_seq, "speedyfeed_negatives4": neg4,
         "token_budgets": {"default": Config().engine.token_budget,
                           **{str(b): {**_window_summary(j, mode["negatives_cap"], target), "steps": j["stats"]["steps"]}
@@ -165,11 +182,13 @@ def main(argv=None) -> dict:
 
         fig, ax = plt.subplots(1, 2, figsize=(12, 4))
         for wf, color in (("typical", "grey"), ("speedyfeed", "tab:blue")):
-            for m in mults:
+            for m in mults:  # the sweep, dotted; the epoch run of the best learning rate, solid
                 c = sweep[wf][m]["curve"]
-                ax[0].plot([max(p["train_seconds"], 1.0) for p in c], [p["auc"] for p in c], color=color,
-                           ls="-" if m == (sf_mult if wf == "speedyfeed" else best_mult[wf]) else ":",
-                           marker=".", label=f"{wf}, lr x{m:g}")
+                ax[0].plot([max(p["train_seconds"], 1.0) for p in c], [p["auc"] for p in c], color=color, ls=":",
+                           lw=0.8, label=f"{wf}, lr x{m:g} (sweep)")
+            c = full[wf]["curve"]
+            ax[0].plot([max(p["train_seconds"], 1.0) for p in c], [p["auc"] for p in c], color=color, ls="-",
+                       marker=".", label=f"{wf}, lr x{best_mult[wf]:g}, one epoch")
         ax[0].axhline(target, color="tab:red", lw=0.8, label="typical's best")
         ax[0].set_xscale("log")
         ax[0].set_xlabel("training seconds (log)")
@@ -196,6 +215,22 @@ def main(argv=None) -> dict:
     return payload
 
 
+def _near(typ: dict, sf: dict, level: float) -> dict:
+    t, s = seconds_to(typ, level), seconds_to(sf, level)
+    return {"auc": level, "typical": t, "speedyfeed": s, "speedup": (t / s) if t and s else None}
+
+
+def _best_point(job: dict) -> dict:
+    return max(job["curve"], key=lambda p: p["auc"])
+
+
+def _stopped_by(name: str, s: dict, mode: dict) -> str:
+    if name == "typical_epoch" or (name == "speedyfeed_epoch" and s["clicks_trained"] <= s["clicks_in_data"]):
+        return "one epoch"
+    cap = mode["long_cap"] if name == "speedyfeed_epoch" else mode["cap"]
+    return "patience" if s["wall_seconds"] < cap - 1 else "cap"
+
+
 def _window_summary(job: dict, cap: float, target: float) -> dict:
     """A curve run over its first ``cap`` training seconds: rate, best and last AUC, time to the target."""
     within = [p["auc"] for p in job["curve"] if p["train_seconds"] <= cap + 1e-6]
@@ -215,15 +250,20 @@ def report(d, typ, sf, typ_seq, ablation) -> str:
           f"Device: {info['device']}, torch {info['torch']}, {info['threads']} threads, one process; commit "
           f"{info.get('commit', '?')}. Data: synthetic default, {mode['users']} users. Model: {' '.join(mode['model'])}. "
           f"Learning rates swept for both workflows: {', '.join('x%g' % m for m in d['lr_multiples'])} the defaults. "
-          f"Every run: at most {mode['cap']:g} s of training; dev evaluated every {mode['every']['typical']:g} s "
-          f"(typical) / {mode['every']['speedyfeed']:g} s (speedyfeed) of training on the same dev impressions; "
-          f"stopped when dev AUC did not improve for {mode['patience']['typical']} / {mode['patience']['speedyfeed']} "
-          "evaluations. Times are training-loop seconds (data preparation and evaluation excluded).\n",
+          f"Sweep runs: at most {mode['cap']:g} s of training, stopped when dev AUC did not improve for "
+          f"{mode['patience']['typical']} / {mode['patience']['speedyfeed']} evaluations. Each workflow's best learning "
+          "rate is then trained for one full epoch of the log (the headline's runs). Dev evaluated every "
+          f"{mode['every']['typical']:g} s (typical) / {mode['every']['speedyfeed']:g} s (speedyfeed) of training on the "
+          "same dev impressions. Times are training-loop seconds (data preparation and evaluation excluded).\n",
           f"\n**Time to the typical workflow's best dev AUC ({d['target_auc']:.4f}): typical {_f(t['typical'], '{:.0f} s')}, "
-          f"speedyfeed {_f(t['speedyfeed'], '{:.0f} s')}: {_f(head, '{:.1f}x')} sooner.** "
-          + ("The typical workflow stopped improving within the cap. " if d["typical_plateaued"] else
-             f"The typical workflow had not stopped improving at the cap ({d['typical_epoch_fraction']:.1%} of its epoch): "
-             "its best is the best within the cap. ") + "Speedyfeed's time is the first evaluation at or above that AUC.\n",
+          f"speedyfeed {_f(t['speedyfeed'], '{:.0f} s')}: {_f(head, '{:.1f}x sooner', 'speedyfeed did not reach it')}.** "
+          + f"The typical workflow's best came at {d['best_at_epoch_fraction']['typical']:.0%} of its epoch, "
+          f"speedyfeed's at {d['best_at_epoch_fraction']['speedyfeed']:.0%} of its run. "
+          "Speedyfeed's time is the first evaluation at or above that AUC; when one epoch does not reach it, speedyfeed "
+          f"trains on (at most {mode['long_cap']:g} s, stopped after {mode['long_patience']} evaluations without a new "
+          "best). "
+          f"Within 0.5 points of it ({d['near_target']['auc']:.4f}): typical {_f(d['near_target']['typical'], '{:.0f} s')}, "
+          f"speedyfeed {_f(d['near_target']['speedyfeed'], '{:.0f} s')}: {_f(d['near_target']['speedup'], '{:.1f}x')}.\n",
           "\n## The four figures\n\n",
           md_table(["figure", "what it counts", "typical", "speedyfeed", "speedyfeed / typical"], [
               ["(c) time to quality", "training seconds to the typical workflow's best dev AUC", _f(t["typical"], "{:.0f} s"),
@@ -237,17 +277,17 @@ def report(d, typ, sf, typ_seq, ablation) -> str:
                f"{d['epoch_seconds']['typical']:.0f} s", f"{d['epoch_seconds']['speedyfeed']:.0f} s", f"{d['epoch_speedup']:.1f}x"],
               ["(d) AUC at equal time", f"dev AUC after {d['auc_at_equal_time']['seconds']:.0f} s of training",
                _f(d["auc_at_equal_time"]["typical"], none="n/a"), _f(d["auc_at_equal_time"]["speedyfeed"], none="n/a"), ""],
-              ["(d') best AUC", "best dev AUC of the sweep", f"{d['best_auc']['typical']:.4f}", f"{d['best_auc']['speedyfeed']:.4f}",
+              ["(d') best AUC", "best dev AUC of the headline runs", f"{d['best_auc']['typical']:.4f}", f"{d['best_auc']['speedyfeed']:.4f}",
                f"{(d['best_auc']['speedyfeed'] - d['best_auc']['typical']) * 100:+.2f} points"]]),
           "\n## The learning-rate sweep\n\n"]
     rows = []
-    for name, job in d["runs"].items():
+    for name, job in {**d["runs"], **{f"{wf}_epoch": j for wf, j in d["epoch_runs"].items()}}.items():
         s = job["stats"]
         best = max(job["curve"], key=lambda p: p["auc"])
         rows.append([name, f"{s['wall_seconds']:.0f}", f"{s['steps']}", f"{s['clicks_trained']:,.0f}",
                      f"{s['clicks_trained'] / s['clicks_in_data']:.2f}", f"{rate(job):.1f}", f"{s['data_efficiency']:.1%}",
                      f"{best['auc']:.4f} at {best['train_seconds']:.0f} s", _f(seconds_to(job, d["target_auc"]), "{:.0f} s"),
-                     "patience" if s["wall_seconds"] < mode["cap"] - 1 else "cap"])
+                     _stopped_by(name, s, mode)])
     md.append(md_table(["run", "train s", "steps", "targets", "epochs", "targets/s", "data efficiency", "best dev AUC",
                         "to typical's best", "stopped by"], rows))
     n1, n4 = d["negatives"]["1"], d["negatives"]["4"]

@@ -45,11 +45,12 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
-def shutdown() -> None:
+def shutdown(wait_for_others: bool = True) -> None:
     if dist.is_initialized():
         # Every rank finishes its last collective before any tears the group down; otherwise a gloo worker
         # thread can still hold finished work while its interpreter exits, which aborts the process.
-        dist.barrier()
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()  # every group, the gather's too
     global _GATHER_GROUP
     _GATHER_GROUP = None

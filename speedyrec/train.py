@@ -76,17 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stage %s, workflow %s, %d rank(s) on %s; outputs in %s", cfg.stage, cfg.train.workflow, dist.world,
              dist.device.type, cfg.out_dir)
     t0 = time.perf_counter()
+    finished = False
     try:
         ctx = build_context(cfg, dist)
         save_config(ctx)
         result = recipe_class(cfg.stage)(ctx).run()
         if dist.is_main:
             print_summary(cfg, result, time.perf_counter() - t0)
+        finished = True
     except (DataError, ConfigError, CheckpointError) as e:
         print(f"speedyrec: {e}", file=sys.stderr)
         return 2
     finally:
-        shutdown()
+        # after a failure the other ranks may never reach a barrier: waiting for them would hang this one
+        shutdown(wait_for_others=finished)
     return 0
 
 
