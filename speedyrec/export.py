@@ -98,11 +98,11 @@ def export(run_dir: Path, out: Path | None = None, checkpoint: Path | None = Non
                "unknown_news_ids": ctx.data.faults.as_dict().get("unknown_news_ids"), "dev_metrics": metrics}
     # Recall@K: every dev impression's user retrieves from all news, its history left out; and, when given, the
     # daily pools of the SpeedyRec example data (daily_news_X.tsv, history_positive_X.tsv)
-    from speedyrec.eval.recall import compare
+    from speedyrec.eval.recall import recall_both
 
     positives = [cand.values[cand.offsets[k]:cand.offsets[k + 1]][labels[cand.offsets[k]:cand.offsets[k + 1]] > 0]
                  for k in range(len(dev))]
-    summary["recall_dev"] = compare(users_np, news_np, positives, [h[h >= 0] for h in hist])
+    summary["recall_dev"] = recall_both(users_np, news_np, positives, [h[h >= 0] for h in hist])
     if daily_recall is not None:
         with torch.no_grad(), eval_mode(model):
             summary["recall_daily"] = recall_daily(Path(daily_recall), model, news, ctx.data.news, cfg.data.max_history,
@@ -120,7 +120,7 @@ def recall_daily(directory: Path, model, news: torch.Tensor, table, max_history:
     and their next clicks ``history_positive_X.tsv`` (``user \\t history(;) \\t clicked(;)``). Ids missing from the
     news file are counted and left out; a click outside the day's pool cannot be retrieved and is counted."""
     from speedyrec.eval.evaluate import user_vectors
-    from speedyrec.eval.recall import compare
+    from speedyrec.eval.recall import recall_both
 
     days = sorted(directory.glob("daily_news_*.tsv"))
     if not days:
@@ -156,7 +156,7 @@ def recall_daily(directory: Path, model, news: torch.Tensor, table, max_history:
             positives.append(np.asarray(in_pool, dtype=np.int64))
             excluded.append(np.asarray([where[int(n)] for n in h if int(n) in where], dtype=np.int64))
         users = user_vectors(model.user_encoder, news, np.stack(hist_rows), device, amp).numpy()
-        out[day] = {**counts, "users": len(hist_rows), **compare(users, news.numpy()[pool_idx], positives, excluded)}
+        out[day] = {**counts, "users": len(hist_rows), **recall_both(users, news.numpy()[pool_idx], positives, excluded)}
     return out
 
 

@@ -107,3 +107,14 @@ def test_export_daily_recall_on_the_speedyrec_sample(tmp_path, cache_dir, speedy
         assert day["clicks"] == day["clicks_in_pool"] + day["clicks_outside_pool"] + day["clicks_unknown"] > 0
         for k in (50, 100, 200):
             assert 0 <= day["exact"][f"recall@{k}"] <= 1 and 0 <= day["hnsw"][f"recall@{k}"] <= 1
+
+
+def test_without_faiss_recall_is_exact_only_and_says_so(monkeypatch):
+    import sys
+
+    from speedyrec.eval.recall import recall_both
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    rng = np.random.default_rng(4)
+    r = recall_both(rng.normal(size=(5, 8)), rng.normal(size=(300, 8)), [np.array([1, 2])] * 5)
+    assert r["hnsw"] is None and "faiss" in r["note"] and r["exact"]["users"] == 5

@@ -97,3 +97,13 @@ def compare(users: np.ndarray, pool: np.ndarray, positives, exclude=None, ks=KS,
     overlap = {f"neighbours@{k}": float(np.mean([len(np.intersect1d(e[:k], a[:k])) / max(min(k, len(e)), 1)
                                                  for e, a in zip(e_top, a_top)])) for k in ks}
     return {"exact": exact, "hnsw": approx, **overlap}
+
+
+def recall_both(users, pool, positives, exclude=None, ks=KS) -> dict:
+    """:func:`compare` when faiss is installed; exact search alone (and a note saying so) when it is not."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return {"exact": recall_at_k(users, pool, positives, exclude, ks), "hnsw": None,
+                "note": "faiss is not installed (pip install 'speedyrec[ann]'): exact search only"}
+    return compare(users, pool, positives, exclude, ks)
