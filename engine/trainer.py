@@ -314,11 +314,9 @@ class Trainer:
         """Gradients -> the sum over ranks and micro-batches of every target's gradient, divided by the global
         number of targets, then clip and step. DDP has averaged them over ranks during the backward (``synced``);
         a partial window at an epoch's end was accumulated without sync and is reduced here."""
-        if self.ddp is None:
+        if self.ddp is None or not synced:  # sum over ranks (a no-op in one process), then per target
             reduce_gradients(self.params, 1.0 / max(global_targets, 1.0))
-        else:
-            if not synced:
-                reduce_gradients(self.params, 1.0 / self.dist.world)
+        else:  # DDP averaged over ranks: back to the sum, then per target
             scale = self.dist.world / max(global_targets, 1.0)
             for p in self.params:
                 if p.grad is not None:

@@ -284,6 +284,11 @@ def _set(cfg: Any, dotted: str, value: Any) -> None:
             obj = getattr(obj, part)
 
 
+def flat_config(d: dict) -> dict:
+    """A config dict as {dotted key: value} (a list value, e.g. engine.segments, stays one value)."""
+    return dict(_flatten(d))
+
+
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
     items = []
     for k, v in d.items():
@@ -470,11 +475,16 @@ def check_implemented(cfg: Config, implemented: dict[str, bool]) -> None:
     """
     if cfg.stage not in IMPLEMENTED_STAGES:
         raise ConfigError(f"stage '{cfg.stage}' is not implemented yet (implemented: {', '.join(IMPLEMENTED_STAGES)})")
-    flat = dict(_flatten(cfg.to_dict()))
+    flat = flat_config(cfg.to_dict())
     for key, ok in implemented.items():
         if not ok and flat.get(key):
             raise ConfigError(f"config key '{key}' is not implemented yet")
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what config.yaml holds and --print-config shows)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    Path(path).write_text(config_yaml(cfg), encoding="utf-8")

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from speedyrec.config import ConfigError, check_implemented, load_config
+from speedyrec.config import ConfigError, check_implemented, config_yaml, load_config
 from speedyrec.data.faults import DataError
 
 log = logging.getLogger("speedyrec")
@@ -53,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"speedyrec: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print(config_yaml(cfg), end="")
         return 0
 
     from speedyrec.engine import runlog

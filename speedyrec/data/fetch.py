@@ -76,24 +76,18 @@ def download(url: str, dest: Path, retries: int = 5, backoff: float = 2.0, timeo
 
 
 def _copy(resp, part: Path, have: int, total: int | None, name: str, quiet: bool) -> None:
-    bar = None
-    if not quiet:
-        try:
-            from tqdm.auto import tqdm
+    from speedyrec.engine.runlog import progress
 
-            bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=name, mininterval=1.0)
-        except ImportError:
-            pass
+    bar = progress(total, name, "B", enabled=not quiet)
+    bar.update(have)
     with open(part, "ab" if have else "wb") as f:
         while True:
             block = resp.read(CHUNK)
             if not block:
                 break
             f.write(block)
-            if bar is not None:
-                bar.update(len(block))
-    if bar is not None:
-        bar.close()
+            bar.update(len(block))
+    bar.close()
 
 
 def check_archive(path: Path, sha256: str | None = None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from speedyrec.build import build_model
-from speedyrec.config import ConfigError
+from speedyrec.config import ConfigError, flat_config
 from speedyrec.engine import checkpoint
 from speedyrec.engine.distributed import all_reduce_sum
 from speedyrec.engine.trainer import Trainer, adamw, checkpoint_state, restore_state
@@ -25,16 +25,9 @@ RESUMABLE_CHANGES = ("out_dir", "train.resume", "train.max_steps", "train.max_se
                      "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "eval.")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_same_config(directory: Path, saved: dict, now: dict) -> None:
     """A checkpoint continues only the run it came from: any other setting that differs is an error."""
-    a, b = _flat(saved), _flat(now)
+    a, b = flat_config(saved), flat_config(now)
     diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
     if diff:
         shown = "; ".join(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in diff[:5])
