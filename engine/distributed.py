@@ -1,11 +1,13 @@
 """Process-group set-up from torchrun's environment and the few collectives the engine needs."""
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 
 @dataclass
@@ -41,8 +43,29 @@ def init_distributed() -> DistInfo:
             # Processes on one machine share its cores; oversubscribing them slows every rank down.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        device_id = device if backend == "nccl" else None
+        store = _attempt_store(world)
+        if store is None:
+            dist.init_process_group(backend=backend, device_id=device_id)
+        else:
+            dist.init_process_group(backend=backend, device_id=device_id, store=store, rank=rank, world_size=world)
     return DistInfo(rank, world, local_rank, device)
+
+
+def _attempt_store(world: int):
+    """The store for this attempt's process group, when torchrun restarts groups on one shared store.
+
+    torchrun's agent hosts one TCPStore for the whole job and hands it to every restarted group
+    (``--max-restarts``), but the group's keys are not namespaced by attempt: the workers of a restarted group
+    can read the previous attempt's peer addresses and fail to connect to a dead process ("Connection refused",
+    intermittently, depending on who writes first). Prefixing the keys with the restart count gives every
+    attempt its own namespace. None where the default env:// initialisation is safe."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"speedyrec/attempt_{attempt}/", store)
 
 
 def shutdown(wait_for_others: bool = True) -> None:
@@ -51,6 +74,9 @@ def shutdown(wait_for_others: bool = True) -> None:
         # thread can still hold finished work while its interpreter exits, which aborts the process.
         if wait_for_others:
             dist.barrier()
+        # models wrapped in DistributedDataParallel and left in reference cycles go first: a reducer that
+        # outlives its group is torn down at interpreter exit with its threads still running (SIGABRT)
+        gc.collect()
         dist.destroy_process_group()  # every group, the gather's too
     global _GATHER_GROUP
     _GATHER_GROUP = None

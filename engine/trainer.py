@@ -9,6 +9,7 @@ the step runs inside DistributedDataParallel, whose all-reduce overlaps the back
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -120,9 +121,12 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self._step_module = _StepModule(model)
+            # buffers (position ids) are equal on every rank and never change: no sync at each forward
+            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                              inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
             self.ddp = DistributedDataParallel(
                 self._step_module, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=True)
+                find_unused_parameters=True, **no_buffer_sync)
         # models trained side by side (teachers) are clipped each on its own, as if trained alone
         self.clip_groups = clip_groups or [self.params]
         self.grad_hook = grad_hook  # runs on the reduced gradients before clipping (NewsBERT's momentum)

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from speedyrec.engine.cache import EmbeddingCache
-from speedyrec.engine.distributed import DistInfo
+from speedyrec.engine.distributed import DistInfo, shutdown
 
 
 def _cache(n=50, dim=4, gamma=3, beta=1e9, seed=0):
@@ -102,7 +102,7 @@ def _sharded_worker(rank, world, init_file, out_file):
         sharded.write(misses, values, step)
         replicated.write(misses, values, step)
     torch.save(log, f"{out_file}.{rank}")
-    dist.destroy_process_group()
+    shutdown()  # a barrier first: no rank exits while a gloo thread still holds its last collective
 
 
 def test_sharded_cache_serves_what_a_replicated_one_serves(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from speedyrec.engine.batching import DynamicBatcher, SequenceSet, make_units
 from speedyrec.engine.cache import EmbeddingCache
-from speedyrec.engine.distributed import DistInfo
+from speedyrec.engine.distributed import DistInfo, shutdown
 from speedyrec.engine.encode import CentralizedEncoder, assign_owners, length_chunks
 from speedyrec.engine.loss import autoregressive_loss
 from speedyrec.engine.ragged import Ragged
@@ -235,7 +235,7 @@ def _global_dedup_worker(rank, world, init_file, batches, out_dir, global_dedup)
     dist.all_reduce(total)
     if rank == 0:
         torch.save({"enc": model.emb.weight.grad, "encoded": int(total)}, out_dir)
-    dist.destroy_process_group()
+    shutdown()  # a barrier first: no rank exits while a gloo thread still holds its last collective
 
 
 @pytest.mark.parametrize("global_dedup", [True, False])
@@ -446,7 +446,7 @@ def _uneven_bf16_worker(rank, world, init_file, batch, out_dir):
     reduce_gradients(list(model.parameters()) + list(user.parameters()), 1.0)
     if rank == 0:
         torch.save({"proj": model.proj.weight.grad, "emb": model.emb.weight.grad}, out_dir)
-    dist.destroy_process_group()
+    shutdown()  # a barrier first: no rank exits while a gloo thread still holds its last collective
 
 
 def test_two_ranks_bf16_global_dedup_with_a_rank_that_has_no_batch(tmp_path):
@@ -509,7 +509,8 @@ def _ddp_worker(rank, world, init_file, shards, out_path, grad_accum):
     trainer.fit(1, lambda epoch, skip: iter(shards[rank][skip:]), _step_fn(model, torch.device("cpu")))
     if rank == 0:
         torch.save(grads, out_path)
-    dist.destroy_process_group()
+    del trainer  # DDP's reducer goes before its process group, as in speedyrec.train
+    shutdown()  # a barrier first: no rank exits while a gloo thread still holds its last collective
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])

@@ -162,30 +162,27 @@ def torchrun_cmd(extra: list[str], restarts: int) -> list[str]:
             "--quiet", *extra]
 
 
-def test_two_ranks_killed_rank_then_restarted_group_ends_as_an_uninterrupted_run(tmp_path, cache_dir,
-                                                                                   synthetic_small, straight):
-    """Rank 1 is SIGKILLed mid-run; the group is started again with train.resume=auto. (torchrun's own restart,
-    ``--max-restarts``, resumes the same way; it is not tested here because in this sandbox a restarted gloo group
-    intermittently fails to connect inside init_process_group, before any speedyrec code runs.)"""
+def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_it_ends_as_an_uninterrupted_run(
+        tmp_path, cache_dir, synthetic_small):
+    """Rank 1 is SIGKILLed mid-run under ``torchrun --max-restarts=1``: torchrun stops rank 0, starts the group
+    again, and the new group resumes from the last checkpoint by itself (no resume key given). Uneven shards,
+    global dedup and bf16 autocast; the counters show that nothing was trained twice or lost."""
     ref, out = tmp_path / "ref2", tmp_path / "restarted2"
     proc = subprocess.run(torchrun_cmd(args(ref, cache_dir, synthetic_small, *TWO), 0), env=env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = read(ref)[1]
     assert stats["clicks_trained"] == stats["clicks_in_data"] - stats["clicks_unknown_news"]  # the whole epoch
-    run = subprocess.Popen(torchrun_cmd(args(out, cache_dir, synthetic_small, *TWO), 0), env=env(),
+    run = subprocess.Popen(torchrun_cmd(args(out, cache_dir, synthetic_small, *TWO), 1), env=env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(out / "checkpoints" / "step_4", run)
     workers = [p for p in psutil.Process(run.pid).children(recursive=True)
                if "speedyrec.train" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
     assert len(workers) == 1
-    workers[0].kill()  # SIGKILL one rank mid-run: the group fails
-    run.communicate(timeout=600)
-    assert run.returncode != 0 and not (out / "metrics.json").exists()
-    again = subprocess.run(torchrun_cmd(args(out, cache_dir, synthetic_small, *TWO, "train.resume=auto"), 0),
-                           env=env(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resumed from" in again.stdout
+    workers[0].kill()  # SIGKILL one rank mid-run: the group fails and torchrun restarts it
+    log, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, log[-4000:]
+    assert "torchrun restart 1" in log and "resumed from" in log, log[-4000:]
     assert_same_run(out, ref)  # nothing trained twice or lost, and the same model
 
 
