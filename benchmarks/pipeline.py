@@ -1,6 +1,6 @@
 """Tiny-NewsRec end to end, timed: ``python -m speedyrec.train stage=pipeline`` on the synthetic default.
 
-``python -m benchmarks.pipeline [--quick]``
+``python -m benchmarks.pipeline [--quick] [--out DIR]``
 
 M = 4 all-MiniLM-L6-v2 teachers and a 2-layer student, the defaults of every stage (no baselines). Writes
 ``benchmarks/results/pipeline.{json,md}``: the pipeline's own table (every teacher and the student with
@@ -19,11 +19,13 @@ from benchmarks.quality import QUICK
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="300 users, 2 teachers, a few steps per stage")
+    p.add_argument("--out", default="", help="keep the run (logs, checkpoints) here (default: a temporary folder)")
     a = p.parse_args(argv)
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
-        run = run_job("pipeline", ["stage=pipeline", *(QUICK if a.quick else [])], Path(tmp), timeout=4 * 3600)
-        table = (Path(tmp) / "pipeline" / "pipeline.md").read_text()
+        root = Path(a.out or tmp)
+        run = run_job("pipeline", ["stage=pipeline", *(QUICK if a.quick else [])], root, timeout=4 * 3600)
+        table = (root / "pipeline" / "pipeline.md").read_text()
     summary = run["metrics"]
     payload = {"machine": info, "quick": a.quick, "command": run["command"], "process_seconds": run["process_seconds"],
                "summary": summary}

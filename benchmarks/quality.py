@@ -1,6 +1,9 @@
 """Tiny-NewsRec's Table 3 on our data: teachers and students, mean and spread over seeds.
 
-``python -m benchmarks.quality [--quick] [--seeds 0,1,2] [--out DIR]``
+``python -m benchmarks.quality [--quick] [--seeds 0,1,2] [--out DIR] [--fresh]``
+
+A seed takes over an hour on 2 CPU cores: a seed already in ``benchmarks/results/quality.json`` with the same
+settings is reused (``--fresh`` runs it again), so the three seeds may be measured by separate invocations.
 
 Each seed runs ``stage=pipeline pipeline.baselines=true train.seed=S`` on the synthetic default with
 all-MiniLM-L6-v2 (M = 4 teachers, a 2-layer student): the post-trained teachers (PLM-NR DP) against the plainly
@@ -17,7 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import machine, md_table, run_job, write_results
+from benchmarks.common import RESULTS, machine, md_table, run_job, write_results
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 ROWS = (("teacher_dp", "PLM-NR DP: post-trained, then finetuned teachers (mean of M)"),
@@ -46,6 +49,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="300 users, 2 teachers, a few steps per stage")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="", help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--fresh", action="store_true", help="run every seed, even those already in the results file")
     p.add_argument("--report", metavar="JSON", help="only re-render the tables from a results file's runs")
     a = p.parse_args(argv)
     if a.report:
@@ -53,6 +57,7 @@ def main(argv=None) -> dict:
         return report({int(k): v for k, v in saved["runs"].items()}, saved["machine"], saved["quick"])
     seeds = [int(s) for s in a.seeds.split(",")]
     info = machine()
+    committed = committed_runs(a.quick) if not a.fresh else {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
         runs = {}
@@ -61,9 +66,13 @@ def main(argv=None) -> dict:
             done = root / f"seed_{seed}" / "quality_run.json"
             if done.exists():  # a finished seed of an earlier, interrupted invocation with the same --out
                 runs[seed] = json.loads(done.read_text())
-                if not all(o in runs[seed]["command"].split() for o in overrides):
+                if not same_settings(runs[seed], overrides):
                     raise SystemExit(f"{done} was run with other settings ({runs[seed]['command']}); use another --out")
                 print(f"seed {seed}: reusing {done}", flush=True)
+            elif seed in committed and same_settings(committed[seed], overrides):
+                runs[seed] = committed[seed]  # measured by an earlier invocation (perhaps another session)
+                print(f"seed {seed}: reusing the committed run in {RESULTS / 'quality.json'} (--fresh runs it again)",
+                      flush=True)
             else:
                 run = run_job(f"seed_{seed}", overrides, root, timeout=6 * 3600)
                 runs[seed] = {"command": run["command"], "process_seconds": run["process_seconds"],
@@ -71,6 +80,19 @@ def main(argv=None) -> dict:
                 done.write_text(json.dumps(runs[seed], indent=2) + "\n")
             payload = report(runs, info, a.quick)  # rewritten after every seed: an interrupted run keeps its seeds
     return payload
+
+
+def same_settings(run: dict, overrides: list[str]) -> bool:
+    return all(o in run["command"].split() for o in overrides)
+
+
+def committed_runs(quick: bool) -> dict:
+    """The seeds already in benchmarks/results/quality[_quick].json: a seed takes over an hour here, so the three
+    are measured across invocations, and the table is rewritten with every seed that exists."""
+    path = RESULTS / ("quality_quick.json" if quick else "quality.json")
+    if not path.exists():
+        return {}
+    return {int(k): v for k, v in json.loads(path.read_text()).get("runs", {}).items()}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

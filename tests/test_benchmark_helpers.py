@@ -48,3 +48,43 @@ def test_buslm_segments_cover_the_document_in_order(k):
         lengths = [len(p) for p in pieces]
         assert max(lengths) - min(lengths) <= 1  # near-equal pieces
     assert not mask[..., ids.shape[-1]:].any() and torch.equal(ids[~mask], torch.zeros_like(ids[~mask]))
+
+
+def _quality_summary(seed: int) -> dict:
+    m = lambda auc: {"auc": auc, "mrr": 0.3, "ndcg5": 0.4, "ndcg10": 0.5}
+    models = {"teacher_1": {**m(0.70 + seed / 100), "layers": 6}, "teacher_2": {**m(0.72 + seed / 100), "layers": 6},
+              "plain": {**m(0.69), "layers": 6}, "student": {**m(0.68), "layers": 2},
+              "student_plain": {**m(0.66), "layers": 2}, "newsbert_student": {**m(0.67), "layers": 2}}
+    return {"models": models, "seconds": {"posttrain": 1.0}}
+
+
+def test_quality_reuses_committed_seeds_with_the_same_settings_and_reruns_the_rest(tmp_path, monkeypatch):
+    """A seed takes an hour: seeds measured by an earlier invocation are taken from the results file, and the
+    table is the mean and spread over all requested seeds (teachers: mean of M within a seed)."""
+    import json
+
+    import benchmarks.common as common
+    import benchmarks.quality as quality
+
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    ran = []
+
+    def fake_run_job(name, overrides, root, timeout):
+        ran.append(overrides)
+        (root / name).mkdir(parents=True)  # the training run's out_dir
+        seed = int(next(o for o in overrides if o.startswith("train.seed=")).split("=")[1])
+        return {"command": "-m speedyrec.train " + " ".join(overrides), "process_seconds": 1.0,
+                "metrics": _quality_summary(seed)}
+
+    monkeypatch.setattr(quality, "run_job", fake_run_job)
+    quality.main(["--seeds", "0", "--out", str(tmp_path / "a")])
+    assert [o[2] for o in ran] == ["train.seed=0"]
+    payload = quality.main(["--seeds", "0,1", "--out", str(tmp_path / "b")])
+    assert [o[2] for o in ran] == ["train.seed=0", "train.seed=1"]  # seed 0 came from quality.json
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert sorted(saved["runs"]) == ["0", "1"]
+    assert payload["table"]["teacher_dp"]["auc"]["mean"] == pytest.approx(0.715)  # (0.71 + 0.72) / 2
+    assert payload["paired"]["student - student_plain"]["auc"]["mean"] == pytest.approx(0.02)
+    quality.main(["--seeds", "0,1", "--out", str(tmp_path / "c"), "--fresh"])
+    assert len(ran) == 4
