@@ -92,7 +92,7 @@ class Trainer:
                  periodic_seconds: float = 0.0,
                  clip_groups: list[list[torch.nn.Parameter]] | None = None,
                  grad_hook: Callable[[], None] | None = None, log_dir: Path | None = None,
-                 progress_total: float = 0.0, progress_unit: str = "target"):
+                 progress_total: float = 0.0, progress_unit: str = "target", lr_schedule: str = "constant"):
         self.model = model
         self.optimizer = optimizer
         self.dist = dist
@@ -133,11 +133,16 @@ class Trainer:
         base = [g["lr"] for g in optimizer.param_groups]
         self._base_lr = base
         self._warmup = warmup_steps
+        if lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"lr_schedule must be constant or linear, got {lr_schedule!r}")
+        if lr_schedule == "linear" and not (max_steps or progress_total):
+            raise ValueError("a linear learning-rate decay needs the run's length: max_steps or progress_total")
+        self.lr_schedule = lr_schedule
+        self.progress_total, self.progress_unit = progress_total, progress_unit
         self._set_lr()
         # rank 0 tells what happens: scalars in log_dir (log.jsonl, TensorBoard events) and a progress bar over
-        # progress_total targets of all epochs (0: no ETA)
+        # progress_total targets of all epochs (0: no ETA; progress_total also measures a linear decay)
         self.runlog = RunLog(log_dir) if log_dir is not None and dist.is_main else None
-        self.progress_total, self.progress_unit = progress_total, progress_unit
         self._seen = dict(self.state.counters)  # counters at the last log line: the window's rates come from these
 
     def log_scalars(self, kind: str, scalars: dict) -> None:
@@ -156,8 +161,21 @@ class Trainer:
                 "cache_hit_rate": d["cache_hits"] / d["cache_lookups"] if d["cache_lookups"] else None,
                 "served_age_mean": d["served_age_sum"] / d["cache_hits"] if d["cache_hits"] else None}
 
+    def planned_fraction(self) -> float:
+        """How far the run is through its plan: optimizer steps of max_steps, or targets of progress_total
+        (all epochs), whichever ends it first. The same on every rank (targets are counted globally), so a
+        schedule that follows it stays in step across ranks and resumes exactly; time limits do not enter it."""
+        f = 0.0
+        if self.max_steps:
+            f = self.state.step / self.max_steps
+        if self.progress_total:
+            f = max(f, self.state.targets_seen / self.progress_total)
+        return min(f, 1.0)
+
     def _set_lr(self) -> None:
         f = min(1.0, (self.state.step + 1) / self._warmup) if self._warmup else 1.0
+        if self.lr_schedule == "linear":  # down to zero at the end of the plan
+            f *= 1.0 - self.planned_fraction()
         for g, lr in zip(self.optimizer.param_groups, self._base_lr):
             g["lr"] = lr * f
 

@@ -73,6 +73,9 @@ class TrainConfig:
     encoder_lr: float = 5e-5  # the pretrained transformer
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    # click stages (finetune, finetune_teachers, distill_finetune, newsbert): constant, or linear decay to zero
+    # over the run (train.epochs of clicks, or train.max_steps when set); post-training and Stage I stay constant
+    lr_schedule: str = "constant"
     grad_accum: int = 1
     grad_clip: float = 1.0
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
@@ -341,6 +344,7 @@ def validate(cfg: Config) -> None:
     _choice("train.workflow", cfg.train.workflow, ("typical", "speedyfeed"))
     _choice("train.amp", cfg.train.amp, ("auto", "bf16", "off"))
     _choice("train.typical_targets", cfg.train.typical_targets, ("impressions", "sequence"))
+    _choice("train.lr_schedule", cfg.train.lr_schedule, ("constant", "linear"))
     positive = {
         "model.dim": cfg.model.dim,
         "model.attention_dim": cfg.model.attention_dim,

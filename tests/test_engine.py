@@ -538,3 +538,32 @@ def test_ddp_gradients_equal_the_single_process_gradients_of_the_same_global_bat
         (sum(o.loss_sum for o in outs) / sum(o.targets for o in outs)).backward()
         for p, g in zip(model.parameters(), grads):
             torch.testing.assert_close(g, p.grad if p.grad is not None else torch.zeros_like(p), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_learning_rate_decay_follows_the_targets_trained_and_resumes_exactly():
+    """train.lr_schedule=linear: after every step the rate is base x (1 - targets seen / targets planned),
+    reaching zero when the plan is done; restoring a checkpoint restores the rate with the step."""
+    from speedyrec.engine.trainer import Trainer, checkpoint_state, restore_state
+
+    seqs = make_sequences(users=12, max_len=9)
+    batches = list(batcher(seqs, token_budget=120, max_history=8).epoch(0))
+    total = float(sum(b.num_targets for b in batches))
+    model = TinyRecommender()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    seen, rates = [], []
+    trainer = Trainer(model, opt, DistInfo(), log_every=0, progress_total=total, lr_schedule="linear",
+                      after_step=lambda step: (seen.append(trainer.state.targets_seen),
+                                               rates.append(opt.param_groups[0]["lr"])))
+    assert opt.param_groups[0]["lr"] == 0.5
+    trainer.fit(1, lambda epoch, skip: iter(batches[skip:]), _step_fn(model, torch.device("cpu")))
+    assert len(rates) == len(batches) and rates[-1] == 0.0
+    for s, r in zip(seen, rates):
+        assert r == pytest.approx(0.5 * (1 - s / total))
+    shared, own = checkpoint_state(trainer)
+    own["targets_seen"], own["step"] = seen[1], 2  # as if saved after the second step
+    fresh = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), DistInfo(), log_every=0,
+                    progress_total=total, lr_schedule="linear")
+    restore_state(fresh, {**shared, "optimizer": fresh.optimizer.state_dict()}, own)
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(rates[1])
+    with pytest.raises(ValueError, match="run's length"):
+        Trainer(model, opt, DistInfo(), lr_schedule="linear")

@@ -231,7 +231,8 @@ def engine_trainer(ctx: Context, model: torch.nn.Module, optimizer, workflow, lo
     return Trainer(model, optimizer, ctx.dist, grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, amp=tc.amp,
                    max_steps=tc.max_steps, max_seconds=tc.max_seconds, warmup_steps=tc.warmup_steps,
                    log_every=tc.log_every, after_step=getattr(workflow, "after_step", None), log_dir=log_dir,
-                   progress_total=workflow.clicks_in_data * tc.epochs, progress_unit="click", **kw)
+                   progress_total=workflow.clicks_in_data * tc.epochs, progress_unit="click",
+                   lr_schedule=tc.lr_schedule, **kw)
 
 
 def evaluate_on_dev(ctx: Context, models: list, inputs: NewsInputs, encode_fn=None) -> list[dict]:

@@ -89,7 +89,7 @@ class FinetuneRecipe:
                                periodic=self._periodic_eval if cfg.eval.every or cfg.eval.every_seconds else None,
                                periodic_every=cfg.eval.every, periodic_seconds=cfg.eval.every_seconds,
                                log_dir=self.out_dir, progress_total=self.workflow.clicks_in_data * tc.epochs,
-                               progress_unit="click")
+                               progress_unit="click", lr_schedule=tc.lr_schedule)
         self.curve: list[dict] = []  # one point per dev evaluation: progress and metrics
         self._resume(tc.resume or elastic_restart(dist))
         self.setup_seconds = time.perf_counter() - t0
