@@ -25,12 +25,23 @@ def machine() -> dict:
         info["load_average_before"] = os.getloadavg()
     except OSError:
         pass
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    info["commit"] = source_commit()
     return info
+
+
+def source_commit() -> str:
+    """The commit the benchmarks run from: git's, or, in a ``git archive`` snapshot (a tree without .git, as
+    used to time one commit while the checkout changes), the one git wrote into benchmarks/COMMIT."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if not commit:
+        stamped = (here / "COMMIT").read_text().strip() if (here / "COMMIT").exists() else ""
+        commit = "" if stamped.startswith("$Format") else stamped
+    return commit
 
 
 def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, timeout: int = 3600,

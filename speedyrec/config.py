@@ -465,11 +465,16 @@ def _validate_distillation(cfg: Config) -> None:
             if getattr(cfg.engine, key):
                 raise ConfigError(f"engine.{key} is not supported by stage={cfg.stage} yet: teachers, banks and "
                                   "students encode news as one concatenated sequence; use it with stage=finetune")
-        for key, value in (("train.resume", cfg.train.resume), ("train.checkpoint_every", cfg.train.checkpoint_every),
-                           ("eval.every", cfg.eval.every), ("eval.every_seconds", cfg.eval.every_seconds),
+        for key, value in (("eval.every", cfg.eval.every), ("eval.every_seconds", cfg.eval.every_seconds),
                            ("eval.patience", cfg.eval.patience)):
             if value:
                 raise ConfigError(f"{key} is supported by stage=finetune only (yet); stage={cfg.stage} runs without it")
+    if cfg.stage in ("posttrain", "distill_posttrain"):  # minutes long; in a pipeline they run again on resume
+        for key, value in (("train.resume", cfg.train.resume), ("train.checkpoint_every", cfg.train.checkpoint_every),
+                           ("train.lr_schedule", cfg.train.lr_schedule != "constant")):
+            if value:
+                raise ConfigError(f"{key} applies to the click stages; stage={cfg.stage} keeps no mid-stage checkpoints "
+                                  "and a constant learning rate (in stage=pipeline it is trained again on resume)")
 
 
 def check_implemented(cfg: Config, implemented: dict[str, bool]) -> None:

@@ -180,11 +180,14 @@ def test_newsbert_student_layers_must_divide_the_teachers(tmp_path, cache_dir, s
     assert "not a multiple" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad, needle", [("train.resume=auto", "train.resume is supported by stage=finetune only"),
-                                         ("model.layers=2", "distill.student_layers"),
-                                         ("posttrain.batch_size=9", "must exceed posttrain.negatives")])
+@pytest.mark.parametrize("bad, needle", [
+    (("eval.every=5",), "eval.every is supported by stage=finetune only"),
+    (("model.layers=2",), "distill.student_layers"),
+    (("posttrain.batch_size=9",), "must exceed posttrain.negatives"),
+    (("stage=posttrain", "train.checkpoint_every=2"), "stage=posttrain keeps no mid-stage checkpoints"),
+    (("stage=distill_posttrain", "train.lr_schedule=linear"), "train.lr_schedule applies to the click stages")])
 def test_distillation_config_errors(tmp_path, cache_dir, synthetic_small, capsys, bad, needle):
-    rc = main(args(tmp_path / "o", cache_dir, synthetic_small, "stage=pipeline", bad))
+    rc = main(args(tmp_path / "o", cache_dir, synthetic_small, "stage=pipeline", *bad))
     assert rc == 2
     assert needle in capsys.readouterr().err
 
@@ -251,3 +254,88 @@ def test_two_gloo_ranks_finetune_teachers_and_stage2_in_bf16(tmp_path, cache_dir
         for m in read(out / stage / "metrics.json").values():
             check_click_metrics(m)
     assert read(out / "distill_finetune/stats.json")["bank_news_encoded"] == 0  # built by the teachers' stage
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def crash_after_checkpoint(monkeypatch, stage: str, step: int) -> None:
+    """The process dies right after ``stage`` wrote its checkpoint of ``step`` (as a SIGKILL would leave it)."""
+    from speedyrec.engine import checkpoint
+
+    real = checkpoint.save
+
+    def save(root, dist, at, shared, own, keep=0):
+        path = real(root, dist, at, shared, own, keep)
+        if root.parent.name == stage and at == step:
+            raise _Crash(f"{stage} killed after step {step}")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save)
+
+
+def test_an_interrupted_pipeline_resumes_where_it_stopped_and_ends_as_an_uninterrupted_run(
+        tmp_path, cache_dir, synthetic_small, monkeypatch):
+    """Killed inside Stage II: train.resume=auto skips the finished steps (their outputs are complete) and
+    continues Stage II from its newest checkpoint (same teachers, same bank); every model ends as in the
+    uninterrupted pipeline."""
+    ref, out = tmp_path / "straight", tmp_path / "interrupted"
+    steps = ("engine.token_budget=1500", "train.checkpoint_every=1")  # several steps per click stage
+    assert main(args(ref, cache_dir, synthetic_small, "stage=pipeline", *steps)) == 0
+    run = args(out, cache_dir, synthetic_small, "stage=pipeline", *steps)
+    crash_after_checkpoint(monkeypatch, "distill_finetune", 2)
+    with pytest.raises(_Crash):
+        main(run)
+    assert not (out / "distill_finetune" / "done.json").exists() and (out / "finetune_teachers" / "done.json").exists()
+    monkeypatch.undo()
+    assert main([*run, "train.resume=auto"]) == 0
+    log = (out / "train.log").read_text()
+    for step in ("posttrain", "distill_posttrain", "finetune_teachers"):
+        assert f"pipeline: {step} finished before" in log
+    assert "resumed from" in log and "step_2" in log
+    got, want = read(out / "metrics.json")["models"], read(ref / "metrics.json")["models"]
+    assert set(got) == set(want)
+    for name in want:
+        for k in METRICS:
+            assert got[name][k] == pytest.approx(want[name][k], abs=1e-6), (name, k)
+    a, b = read(out / "distill_finetune" / "stats.json"), read(ref / "distill_finetune" / "stats.json")
+    assert a["steps"] == b["steps"] == 3
+    for k in ("clicks_trained", "news_encoded", "cache_hits", "loss_distill", "loss_ce"):
+        assert a[k] == pytest.approx(b[k], rel=1e-9), k
+
+
+@pytest.mark.parametrize("stage", ["finetune_teachers", "newsbert"])
+def test_the_other_click_stages_resume_exactly(tmp_path, cache_dir, synthetic_small, pipeline_run, monkeypatch, stage):
+    ref, out = tmp_path / "ref", tmp_path / "cut"
+    common = (f"stage={stage}", f"distill.from_dir={pipeline_run}", "train.checkpoint_every=1", "train.max_steps=4",
+              "engine.token_budget=1500")
+    assert main(args(ref, cache_dir, synthetic_small, *common)) == 0
+    crash_after_checkpoint(monkeypatch, stage, 2)
+    with pytest.raises(_Crash):
+        main(args(out, cache_dir, synthetic_small, *common))
+    monkeypatch.undo()
+    assert main(args(out, cache_dir, synthetic_small, *common, "train.resume=auto")) == 0
+    ma, mb = read(ref / stage / "metrics.json"), read(out / stage / "metrics.json")
+    for model in ma:
+        for k in METRICS:
+            assert ma[model][k] == pytest.approx(mb[model][k], abs=1e-6), (model, k)
+    sa, sb = read(ref / stage / "stats.json"), read(out / stage / "stats.json")
+    assert sa["steps"] == 4
+    assert {k: sa[k] for k in ("clicks_trained", "steps", "cache_hits")} == {k: sb[k] for k in ("clicks_trained", "steps", "cache_hits")}
+
+
+def test_a_checkpoint_of_other_teachers_is_refused(tmp_path):
+    from speedyrec.config import Config, ConfigError
+    from speedyrec.engine.distributed import DistInfo
+    from speedyrec.engine.trainer import Trainer
+    from speedyrec.recipes.resume import StageCheckpoints
+
+    cfg = Config()
+    model = torch.nn.Linear(3, 2)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), DistInfo(), log_every=0)
+    StageCheckpoints(cfg, DistInfo(), tmp_path, identity={"teachers": ["aaa", "bbb"]}).save(trainer)
+    cfg.train.resume = "auto"
+    with pytest.raises(ConfigError, match="teachers"):
+        StageCheckpoints(cfg, DistInfo(), tmp_path, identity={"teachers": ["aaa", "ccc"]}).resume(trainer)
+    assert StageCheckpoints(cfg, DistInfo(), tmp_path, identity={"teachers": ["aaa", "bbb"]}).resume(trainer) is not None

@@ -188,7 +188,7 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_it_ends_as_an_un
 
 def test_a_torchrun_restart_resumes_by_itself(monkeypatch):
     from speedyrec.engine.distributed import DistInfo
-    from speedyrec.recipes.finetune import elastic_restart
+    from speedyrec.recipes.resume import elastic_restart
 
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     assert elastic_restart(DistInfo()) == ""

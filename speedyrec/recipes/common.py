@@ -149,7 +149,7 @@ def non_backbone_names(module: torch.nn.Module) -> set[str]:
 
 # -- outputs ---------------------------------------------------------------------------------------------
 def write_json(path: Path, obj) -> None:
-    """JSON with NaN written as null (NaN is not JSON)."""
+    """JSON with NaN written as null (NaN is not JSON), replaced atomically."""
     def clean(v):
         if isinstance(v, float) and v != v:
             return None
@@ -162,7 +162,9 @@ def write_json(path: Path, obj) -> None:
         return v
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(obj), indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # whole or not at all: a resumed pipeline trusts what it finds
+    tmp.write_text(json.dumps(clean(obj), indent=2) + "\n")
+    tmp.replace(path)
 
 
 def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, setup_seconds: float) -> dict:

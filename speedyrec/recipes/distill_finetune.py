@@ -31,6 +31,7 @@ from speedyrec.recipes.common import (Context, StageRecipe, Timer, build_recomme
                                       evaluate_on_dev, non_backbone_names, student_freeze_layers, trainable_names,
                                       write_json)
 from speedyrec.recipes.distill_posttrain import omega_of, omega_parameter
+from speedyrec.recipes.resume import StageCheckpoints
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
 log = logging.getLogger("speedyrec")
@@ -48,16 +49,16 @@ class DistillModel(nn.Module):
         self.log_omega = omega_parameter(learn_omega)
 
 
-def build_student(ctx: Context, stage_dir) -> tuple[nn.Module, set[str]]:
-    """The student recommender (distill.student_layers of the PLM) and the state names that differ from the PLM,
-    starting from Stage I's student unless distill.student_init=plm."""
+def build_student(ctx: Context, stage_dir) -> tuple[nn.Module, set[str], str]:
+    """The student recommender (distill.student_layers of the PLM), the state names that differ from the PLM,
+    and the checksum of what it starts from: Stage I's student unless distill.student_init=plm ("plm")."""
     cfg = ctx.cfg
     student = build_recommender(ctx, cfg.distill.student_layers, student_freeze_layers(cfg), cfg.train.seed)
-    changed = set()
+    changed, start = set(), "plm"
     if cfg.distill.student_init == "stage1":
         snap = load_snapshot(student.news_encoder, stage_dir, "the Stage I student")
-        changed = {f"news_encoder.{k}" for k in snap["delta"]}
-    return student, changed
+        changed, start = {f"news_encoder.{k}" for k in snap["delta"]}, snap["checksum"]
+    return student, changed, start
 
 
 class DistillFinetuneRecipe(StageRecipe):
@@ -85,7 +86,7 @@ class DistillFinetuneRecipe(StageRecipe):
         else:  # the naive way, for comparison: every teacher's whole PLM runs in every student step
             self.online = [t.news_encoder for t in teachers]
         self.teacher_users = [t.user_encoder for t in teachers]
-        student, changed = build_student(ctx, ctx.from_dir("distill_posttrain") / "student.pt")
+        student, changed, start = build_student(ctx, ctx.from_dir("distill_posttrain") / "student.pt")
         self.bank_dim = teachers[0].news_encoder.proj.out_features
         self.model = model = DistillModel(student, len(files), self.bank_dim, di.learn_omega).to(dist.device)
         if student.news_encoder.backbone.freeze_layers and cfg.engine.frozen_cache:
@@ -94,9 +95,13 @@ class DistillFinetuneRecipe(StageRecipe):
         workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, student, dist, objective=self.objective)
         extra = [p for n, p in model.named_parameters() if not n.startswith("student.")]
         groups = student.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay) + [{"params": extra, "lr": tc.lr}]
-        trainer = engine_trainer(ctx, model, adamw(groups), workflow, self.out)
+        # a checkpoint continues only with the same teachers (they key the bank) and the same Stage I student
+        ckpt = StageCheckpoints(cfg, dist, self.out, workflow, {"teachers": checksums, "student_from": start})
+        trainer = engine_trainer(ctx, model, adamw(groups), workflow, self.out, **ckpt.trainer_kwargs())
+        ckpt.resume(trainer)
         setup = timer()
         trainer.fit(tc.epochs, workflow.batches, workflow.step)
+        ckpt.save_final(trainer)
         result = evaluate_on_dev(ctx, [student], inputs)[0]
         trainer.log_scalars("dev", result)
         inputs.close_frozen_prefix()

@@ -28,6 +28,7 @@ from speedyrec.models.shared_prefix import SharedPrefixStack
 from speedyrec.recipes.common import (StageRecipe, Timer, build_news_encoder, loop_stats, non_backbone_names, plm_layers,
                                       student_freeze_layers, trainable_names, write_json)
 from speedyrec.recipes.posttrain import NewsEncoderModel, encoder_param_groups
+from speedyrec.recipes.resume import starts_over
 
 log = logging.getLogger("speedyrec")
 
@@ -47,6 +48,7 @@ class DistillPosttrainRecipe(StageRecipe):
     def run(self) -> dict:
         ctx, cfg, dist, pt, di = self.ctx, self.cfg, self.dist, self.cfg.posttrain, self.cfg.distill
         timer = Timer()
+        starts_over(self.stage, cfg, dist)
         self.data = data = build_title_body_data(ctx)
         files = model_files(ctx.from_dir("posttrain") / "snapshots", "post-training snapshots", "posttrain")
         if di.stage1_teachers:

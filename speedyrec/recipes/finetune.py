@@ -2,46 +2,19 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
 
 import torch
 
 from speedyrec.build import build_model
-from speedyrec.config import ConfigError, flat_config
-from speedyrec.engine import checkpoint
 from speedyrec.engine.distributed import all_reduce_sum
-from speedyrec.engine.trainer import Trainer, adamw, checkpoint_state, restore_state
+from speedyrec.engine.trainer import Trainer, adamw
 from speedyrec.eval.evaluate import evaluate
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.recipes.common import Context, Timer, engine_stats, save_config, write_json
+from speedyrec.recipes.resume import StageCheckpoints
 
 log = logging.getLogger("speedyrec")
-
-
-# settings that may change between a checkpoint and its resumption (how long, how often, where to report)
-RESUMABLE_CHANGES = ("out_dir", "train.resume", "train.max_steps", "train.max_seconds", "train.epochs",
-                     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "eval.")
-
-
-def check_same_config(directory: Path, saved: dict, now: dict) -> None:
-    """A checkpoint continues only the run it came from: any other setting that differs is an error."""
-    a, b = flat_config(saved), flat_config(now)
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
-    if diff:
-        shown = "; ".join(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in diff[:5])
-        raise ConfigError(f"checkpoint {directory} was written with other settings ({shown}): resume with the same "
-                          "settings, or give this run another out_dir")
-
-
-def elastic_restart(dist) -> str:
-    """``auto`` when torchrun restarted the group after a failure (--max-restarts): continue from the last
-    checkpoint instead of starting again."""
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restarts and dist.is_main:
-        log.info("torchrun restart %d: resuming from the newest checkpoint", restarts)
-    return "auto" if restarts else ""
 
 
 def segments_of(cfg) -> list[str] | None:
@@ -81,41 +54,18 @@ class FinetuneRecipe:
         tc = cfg.train
         self.optimizer = adamw(self.model.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay))
         self.workflow = self._make_workflow()
+        self.ckpt = StageCheckpoints(cfg, dist, self.out_dir, self.workflow)
+        self.curve = self.ckpt.curve  # one point per dev evaluation: progress and metrics (kept in checkpoints)
         self.trainer = Trainer(self.model, self.optimizer, dist, grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
                                amp=tc.amp, max_steps=tc.max_steps, max_seconds=tc.max_seconds,
-                               warmup_steps=tc.warmup_steps,
-                               log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
-                               checkpoint_fn=self.save_checkpoint, after_step=getattr(self.workflow, "after_step", None),
+                               warmup_steps=tc.warmup_steps, log_every=tc.log_every,
+                               after_step=getattr(self.workflow, "after_step", None),
                                periodic=self._periodic_eval if cfg.eval.every or cfg.eval.every_seconds else None,
                                periodic_every=cfg.eval.every, periodic_seconds=cfg.eval.every_seconds,
                                log_dir=self.out_dir, progress_total=self.workflow.clicks_in_data * tc.epochs,
-                               progress_unit="click", lr_schedule=tc.lr_schedule)
-        self.curve: list[dict] = []  # one point per dev evaluation: progress and metrics
-        self._resume(tc.resume or elastic_restart(dist))
+                               progress_unit="click", lr_schedule=tc.lr_schedule, **self.ckpt.trainer_kwargs())
+        self.ckpt.resume(self.trainer)
         self.setup_seconds = time.perf_counter() - t0
-
-    def _resume(self, resume: str) -> None:
-        """Continue from a checkpoint: ``auto`` is the newest readable one in out_dir (none yet: start afresh)."""
-        if not resume:
-            return
-        dist, root = self.dist, self.out_dir / "checkpoints"
-        found = checkpoint.load_newest(root, dist) if resume == "auto" else checkpoint.load_path(Path(resume), dist)
-        if found is None:
-            if dist.is_main:
-                log.info("train.resume=auto: no checkpoint in %s yet, starting from the beginning", root)
-            return
-        directory, shared, own = found
-        check_same_config(directory, shared["config"], self.cfg.to_dict())
-        restore_state(self.trainer, shared, own)
-        if hasattr(self.workflow, "load_state_dict"):
-            self.workflow.load_state_dict(own.get("workflow", {}))
-        if hasattr(self.workflow, "after_step"):  # cache stamps continue from the resumed step
-            self.workflow.after_step(self.trainer.state.step)
-        self.curve = list(shared.get("curve", []))
-        if dist.is_main:
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", directory, self.trainer.state.step,
-                     self.trainer.state.epoch, self.trainer.state.batches_done)
-
 
     def _make_workflow(self):
         cfg, dist = self.cfg, self.dist
@@ -129,15 +79,6 @@ class FinetuneRecipe:
         from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
         return SpeedyFeedWorkflow(cfg, self.data, self.inputs, self.model, dist)
-
-    def save_checkpoint(self, trainer: Trainer) -> None:
-        """checkpoints/step_N/ (collective): model and optimizer, every rank's progress and cache, the dev curve."""
-        shared, own = checkpoint_state(trainer)
-        shared.update(config=self.cfg.to_dict(), curve=self.curve)
-        if hasattr(self.workflow, "state_dict"):
-            own["workflow"] = self.workflow.state_dict()
-        checkpoint.save(self.out_dir / "checkpoints", self.dist, trainer.state.step, shared, own,
-                        keep=self.cfg.train.keep_checkpoints)
 
     def evaluate(self) -> dict:
         cfg = self.cfg
@@ -188,7 +129,7 @@ class FinetuneRecipe:
     def train(self) -> None:
         wf = self.workflow
         self.trainer.fit(self.cfg.train.epochs, wf.batches, wf.step)
-        self.save_checkpoint(self.trainer)
+        self.ckpt.save(self.trainer)
 
     def cleanup(self) -> None:
         self.inputs.close_frozen_prefix()

@@ -28,6 +28,7 @@ from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
 from speedyrec.recipes.common import (Context, StageRecipe, Timer, engine_stats, engine_trainer, evaluate_on_dev,
                                       non_backbone_names, plm_layers, trainable_names, write_json)
+from speedyrec.recipes.resume import StageCheckpoints
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
 log = logging.getLogger("speedyrec")
@@ -73,13 +74,19 @@ class FinetuneTeachersRecipe(StageRecipe):
                                       dim=len(self.models) * self.dim, objective=self.objective)
         self.trim = cfg.engine.dynamic_batching
         groups = [g for m in self.models for g in m.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay)]
+        # a checkpoint continues only from the same post-trained snapshots
+        ckpt = StageCheckpoints(cfg, dist, self.out, workflow,
+                                {"teachers": [snap["checksum"] if snap else "plm" for snap in snaps]})
         trainer = engine_trainer(ctx, team, adamw(groups), workflow, self.out,
-                                 clip_groups=[[p for p in m.parameters() if p.requires_grad] for m in self.models])
+                                 clip_groups=[[p for p in m.parameters() if p.requires_grad] for m in self.models],
+                                 **ckpt.trainer_kwargs())
+        ckpt.resume(trainer)
         setup = timer()
         if dist.is_main:
             log.info("finetuning %d teachers (%s) together; shared frozen layers: %s", len(plan), ", ".join(self.names),
                      self.stack.shared_depth)
         trainer.fit(tc.epochs, workflow.batches, workflow.step)
+        ckpt.save_final(trainer)
         # the finetuned teachers' news vectors, for Stage II and for this evaluation: built now, while the caches
         # hold every news's frozen layers, only each teacher's top layers run
         checksums = [weights_checksum(m.news_encoder) for m in self.models]

@@ -26,6 +26,7 @@ from speedyrec.engine.trainer import adamw
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.recipes.common import (StageRecipe, Timer, build_recommender, engine_stats, engine_trainer,
                                       evaluate_on_dev, non_backbone_names, plm_layers, write_json)
+from speedyrec.recipes.resume import StageCheckpoints
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
 log = logging.getLogger("speedyrec")
@@ -63,13 +64,13 @@ class NewsBertRecipe(StageRecipe):
                               "(distill.student_layers); set newsbert.teacher_layers to a multiple")
         snap_path = self._teacher_snapshot()
         teacher = build_recommender(ctx, t_layers, 0, tc.seed)
-        changed = set()
+        changed, start = set(), "plm"
         if snap_path is not None:
             if t_layers != plm_layers(ctx):
                 raise ConfigError("newsbert.teacher_init=posttrain: a post-training snapshot holds every layer of the "
                                   "PLM; leave newsbert.teacher_layers at 0")
             snap = load_snapshot(teacher.news_encoder, snap_path, f"the NewsBERT teacher ({snap_path.stem})")
-            changed = {f"news_encoder.{k}" for k in snap["delta"]}
+            changed, start = {f"news_encoder.{k}" for k in snap["delta"]}, snap["checksum"]
         student = build_recommender(ctx, n, 0, tc.seed)
         self.model = model = NewsBertModel(teacher, student).to(dist.device)
         self.dim = cfg.model.dim
@@ -82,10 +83,13 @@ class NewsBertRecipe(StageRecipe):
         groups = [{"params": [p for p in t_bb.parameters()] + [p for p in s_bb.parameters()], "lr": tc.encoder_lr},
                   {"params": [p for name, p in model.named_parameters() if ".backbone." not in name], "lr": tc.lr}]
         hook = (lambda: momentum_gradients(list(s_bb.layers), list(t_bb.layers), nb.momentum)) if nb.momentum else None
+        ckpt = StageCheckpoints(cfg, dist, self.out, workflow, {"teacher_from": start})
         trainer = engine_trainer(ctx, model, adamw(groups, weight_decay=tc.weight_decay), workflow,
-                                 self.out, grad_hook=hook)
+                                 self.out, grad_hook=hook, **ckpt.trainer_kwargs())
+        ckpt.resume(trainer)
         setup = timer()
         trainer.fit(tc.epochs, workflow.batches, workflow.step)
+        ckpt.save_final(trainer)
         results = evaluate_on_dev(ctx, [student, teacher], inputs)
         metrics = {"student": results[0], "teacher": results[1]}
         for name, m in metrics.items():

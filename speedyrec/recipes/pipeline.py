@@ -9,8 +9,11 @@ the same student finetuned without teachers, and NewsBERT's student.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
+from speedyrec.config import ConfigError
+from speedyrec.engine.distributed import barrier
 from speedyrec.recipes.common import Context, Timer, plm_layers, save_config, student_freeze_layers, write_json
 from speedyrec.recipes.distill_finetune import DistillFinetuneRecipe
 from speedyrec.recipes.distill_posttrain import DistillPosttrainRecipe
@@ -18,6 +21,7 @@ from speedyrec.recipes.finetune import FinetuneRecipe
 from speedyrec.recipes.finetune_teachers import FinetuneTeachersRecipe
 from speedyrec.recipes.newsbert import NewsBertRecipe
 from speedyrec.recipes.posttrain import PosttrainRecipe
+from speedyrec.recipes.resume import check_same_config, resume_request
 
 log = logging.getLogger("speedyrec")
 
@@ -52,11 +56,26 @@ class PipelineRecipe:
                  ("finetune_teachers", FinetuneTeachersRecipe), ("distill_finetune", DistillFinetuneRecipe)]
         if baselines:
             steps += [("student_plain", lambda c: FinetuneRecipe(plain_student_context(c))), ("newsbert", NewsBertRecipe)]
+        request = resume_request(cfg, self.dist)
+        if request not in ("", "auto"):
+            raise ConfigError(f"stage=pipeline resumes with train.resume=auto (each step from its own newest "
+                              f"checkpoint), not from one checkpoint ({request})")
         results = {}
         for name, recipe in steps:
+            done = ctx.stage_dir(name) / "done.json"
+            if request and done.exists():  # finished before the interruption: its outputs are complete
+                saved = json.loads(done.read_text())
+                check_same_config(done, saved["config"], cfg.to_dict())
+                results[name] = saved["result"]
+                if self.dist.is_main:
+                    log.info("pipeline: %s finished before (%s), not run again", name, done)
+                continue
             if self.dist.is_main:
                 log.info("pipeline: %s", name)
             results[name] = recipe(ctx).run()
+            if self.dist.is_main:  # written last: a step interrupted before this line runs again on resume
+                write_json(done, {"config": cfg.to_dict(), "result": results[name]})
+            barrier()
         teacher_layers, n = plm_layers(ctx), cfg.distill.student_layers
         rows = []
         for name, m in results["finetune_teachers"]["metrics"].items():

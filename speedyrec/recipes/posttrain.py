@@ -21,6 +21,7 @@ from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_dat
 from speedyrec.engine.trainer import StepOutput, Trainer, adamw
 from speedyrec.recipes.common import (StageRecipe, Timer, build_news_encoder, loop_stats, non_backbone_names,
                                       plm_layers, trainable_names, write_json)
+from speedyrec.recipes.resume import starts_over
 
 log = logging.getLogger("speedyrec")
 
@@ -53,6 +54,7 @@ class PosttrainRecipe(StageRecipe):
     def run(self) -> dict:
         ctx, cfg, dist, pt = self.ctx, self.cfg, self.dist, self.cfg.posttrain
         timer = Timer()
+        starts_over(self.stage, cfg, dist)
         self.data = data = build_title_body_data(ctx)
         layers = plm_layers(ctx)
         if pt.train_layers > layers:
