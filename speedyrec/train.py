@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("stage %s, workflow %s, %d rank(s) on %s; outputs in %s", cfg.stage, cfg.train.workflow, dist.world,
              dist.device.type, cfg.out_dir)
+    from speedyrec.recipes.resume import restart_count
+
+    if restart_count():  # said once here; every training stage then resumes from its own newest checkpoint
+        log.info("torchrun restart %d: resuming from the newest checkpoints", restart_count())
     t0 = time.perf_counter()
     finished = False
     try:

@@ -187,10 +187,9 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_it_ends_as_an_un
 
 
 def test_a_torchrun_restart_resumes_by_itself(monkeypatch):
-    from speedyrec.engine.distributed import DistInfo
     from speedyrec.recipes.resume import elastic_restart
 
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    assert elastic_restart(DistInfo()) == ""
+    assert elastic_restart() == ""
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert elastic_restart(DistInfo()) == "auto"
+    assert elastic_restart() == "auto"

@@ -56,7 +56,7 @@ class PipelineRecipe:
                  ("finetune_teachers", FinetuneTeachersRecipe), ("distill_finetune", DistillFinetuneRecipe)]
         if baselines:
             steps += [("student_plain", lambda c: FinetuneRecipe(plain_student_context(c))), ("newsbert", NewsBertRecipe)]
-        request = resume_request(cfg, self.dist)
+        request = resume_request(cfg)
         if request not in ("", "auto"):
             raise ConfigError(f"stage=pipeline resumes with train.resume=auto (each step from its own newest "
                               f"checkpoint), not from one checkpoint ({request})")

@@ -32,18 +32,19 @@ def check_same_config(directory: Path, saved: dict, now: dict) -> None:
                           "settings, or give this run another out_dir")
 
 
-def elastic_restart(dist) -> str:
-    """``auto`` when torchrun restarted the group after a failure (--max-restarts): continue from the last
-    checkpoint instead of starting again."""
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restarts and dist.is_main:
-        log.info("torchrun restart %d: resuming from the newest checkpoint", restarts)
-    return "auto" if restarts else ""
+def restart_count() -> int:
+    """How many times torchrun has restarted this group after a failure (--max-restarts); 0 on a first start."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
-def resume_request(cfg, dist) -> str:
+def elastic_restart() -> str:
+    """``auto`` when torchrun restarted the group: continue from the last checkpoint instead of starting again."""
+    return "auto" if restart_count() else ""
+
+
+def resume_request(cfg) -> str:
     """What to resume from: train.resume, or ``auto`` after a torchrun restart; empty: start afresh."""
-    return cfg.train.resume or elastic_restart(dist)
+    return cfg.train.resume or elastic_restart()
 
 
 class StageCheckpoints:
@@ -77,7 +78,7 @@ class StageCheckpoints:
 
     def resume(self, trainer: Trainer) -> Path | None:
         """Restore the trainer (and workflow) from the requested checkpoint; None when starting afresh."""
-        request, dist = resume_request(self.cfg, self.dist), self.dist
+        request, dist = resume_request(self.cfg), self.dist
         if not request:
             return None
         found = (checkpoint.load_newest(self.root, dist) if request == "auto"
@@ -109,5 +110,5 @@ class StageCheckpoints:
 def starts_over(stage: str, cfg, dist) -> None:
     """For the stages without mid-stage checkpoints (post-training and Stage I, minutes long): a resumed run
     trains them again from the beginning, and says so."""
-    if resume_request(cfg, dist) and dist.is_main:
+    if resume_request(cfg) and dist.is_main:
         log.warning("stage %s keeps no mid-stage checkpoints: it starts again from the beginning", stage)
