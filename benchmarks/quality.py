@@ -8,9 +8,15 @@ settings is reused (``--fresh`` runs it again), so the three seeds may be measur
 Each seed runs ``stage=pipeline pipeline.baselines=true train.seed=S`` on the synthetic default with
 all-MiniLM-L6-v2 (M = 4 teachers, a 2-layer student): the post-trained teachers (PLM-NR DP) against the plainly
 finetuned teacher (PLM-NR FT), and the Tiny-NewsRec student against the same student finetuned without teachers
-and against NewsBERT's student. The seed changes post-training order and initialisation, every finetuning's
-data order, sampling and initialisation; the data set is the same. A teacher row is the mean over the M
-post-trained teachers of a seed, then over seeds.
+and against NewsBERT's student. Students of the other sizes (``--layers``, default 1, 2 and 4 as in the paper)
+run the same pipeline with ``distill.student_layers=N``, linking that seed's post-training and finetuned teachers
+(``pipeline.teachers_from``) instead of training them again; NewsBERT's 4-layer student is not run, as
+MiniLM-L6's 6 layers do not split into 4 blocks. The seed changes post-training order and initialisation, every
+finetuning's data order, sampling and initialisation; the data set is the same. A teacher row is the mean over
+the M post-trained teachers of a seed, then over seeds.
+
+Cost here (2 cores): about 77 min per seed for the 2-layer pipeline, and about 30 min per seed for each other
+student size (Stage I, Stage II, the plain student, NewsBERT's); about 7 hours for 3 seeds and 3 sizes.
 """
 from __future__ import annotations
 
@@ -23,133 +29,227 @@ from pathlib import Path
 from benchmarks.common import RESULTS, machine, md_table, run_job, write_results
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
-ROWS = (("teacher_dp", "PLM-NR DP: post-trained, then finetuned teachers (mean of M)"),
-        ("plain", "PLM-NR FT: the plainly finetuned teacher"),
-        ("student", "Tiny-NewsRec student"),
-        ("student_plain", "the student finetuned without teachers"),
-        ("newsbert_student", "NewsBERT's student"))
-PAIRS = (("teacher_dp", "plain"), ("student", "student_plain"), ("student", "newsbert_student"))
+PIPELINE_LAYERS = 2  # the pipeline's own student (distill.student_layers' default)
+PLM_LAYERS = 6  # all-MiniLM-L6-v2: NewsBERT's teacher splits into blocks for a student of 1, 2, 3 or 6 layers
+TEACHER_ROWS = (("teacher_dp", "PLM-NR DP: post-trained, then finetuned teachers (mean of M)"),
+                ("plain", "PLM-NR FT: the plainly finetuned teacher"))
+STUDENT_ROWS = (("student", "Tiny-NewsRec student"), ("student_plain", "the student finetuned without teachers"),
+                ("newsbert_student", "NewsBERT's student"))
+ROWS = TEACHER_ROWS + STUDENT_ROWS  # the 2-layer table (rows of other student sizes carry the suffix _l<N>)
 QUICK = ["data.synthetic_users=300", "posttrain.teachers=2", "posttrain.snapshot_after=6", "posttrain.snapshot_every=3",
          "posttrain.holdout=50", "distill.stage1_epochs=1", "train.max_steps=6", "eval.max_impressions=100"]
 
 
-def seed_models(summary: dict) -> dict:
-    """One seed's rows: the post-trained teachers averaged, the others as they are."""
-    models = summary["models"]
-    teachers = [m for name, m in models.items() if name.startswith("teacher_")]
-    rows = {"teacher_dp": {k: statistics.mean(t[k] for t in teachers) for k in METRICS}}
-    rows["teacher_dp"]["layers"] = teachers[0]["layers"]
-    for name in ("plain", "student", "student_plain", "newsbert_student"):
-        rows[name] = {k: models[name][k] for k in (*METRICS, "layers")}
+def key(name: str, layers: int) -> str:
+    return name if layers == PIPELINE_LAYERS else f"{name}_l{layers}"
+
+
+def split_key(row: str) -> tuple[str, int]:
+    """(model name, student layers) of a row key; teachers' rows give the pipeline's student size."""
+    name, _, n = row.rpartition("_l")
+    return (name, int(n)) if name and n.isdigit() else (row, PIPELINE_LAYERS)
+
+
+def table_rows(layers: list[int]) -> list[tuple[str, str]]:
+    """(row key, label): the teachers, then each student size's three students."""
+    rows = list(TEACHER_ROWS)
+    for n in sorted(layers):
+        rows += [(key(name, n), what) for name, what in STUDENT_ROWS]
     return rows
+
+
+def seed_models(summary: dict, layers: int = PIPELINE_LAYERS, teachers: bool = True) -> dict:
+    """One pipeline run's rows: the post-trained teachers averaged, the others as they are (students keyed by size;
+    a student the run did not train, NewsBERT's where the teacher does not split into blocks, is left out)."""
+    models = summary["models"]
+    rows = {}
+    if teachers:
+        dp = [m for name, m in models.items() if name.startswith("teacher_")]
+        rows["teacher_dp"] = {**{k: statistics.mean(t[k] for t in dp) for k in METRICS}, "layers": dp[0]["layers"]}
+        rows["plain"] = {k: models["plain"][k] for k in (*METRICS, "layers")}
+    for name, _ in STUDENT_ROWS:
+        if name in models:
+            rows[key(name, layers)] = {k: models[name][k] for k in (*METRICS, "layers")}
+    return rows
+
+
+def pipeline_overrides(seed: int, layers: int, quick: bool) -> list[str]:
+    over = ["stage=pipeline", "pipeline.baselines=true", f"train.seed={seed}"]
+    if layers != PIPELINE_LAYERS:
+        over.append(f"distill.student_layers={layers}")
+        if PLM_LAYERS % layers:
+            over.append("pipeline.newsbert=false")
+    return over + (QUICK if quick else [])
+
+
+def teachers_of(root: Path, seed: int) -> Path | None:
+    """A finished run of this seed whose teachers a student of another size can link (pipeline.teachers_from)."""
+    for d in [root / f"seed_{seed}", *sorted(root.glob(f"seed_{seed}_l*"))]:
+        if (d / "finetune_teachers" / "done.json").exists() and not (d / "finetune_teachers").is_symlink():
+            return d
+    return None
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="300 users, 2 teachers, a few steps per stage")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--layers", default="1,2,4", help="student sizes; the others link the 2-layer run's teachers")
     p.add_argument("--out", default="", help="keep the runs here (default: a temporary folder)")
     p.add_argument("--fresh", action="store_true", help="run every seed, even those already in the results file")
     p.add_argument("--report", metavar="JSON", help="only re-render the tables from a results file's runs")
     a = p.parse_args(argv)
     if a.report:
         saved = json.loads(Path(a.report).read_text())
-        return report({int(k): v for k, v in saved["runs"].items()}, saved["machine"], saved["quick"])
+        return report(*load_runs(saved), saved["machine"], saved["quick"])
     seeds = [int(s) for s in a.seeds.split(",")]
+    sizes = sorted({int(n) for n in a.layers.split(",")} | {PIPELINE_LAYERS})
     info = machine()
-    committed = committed_runs(a.quick) if not a.fresh else {}
+    committed, committed_students = load_runs(committed_file(a.quick)) if not a.fresh else ({}, {})
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
-        runs = {}
+        runs, students = {}, {n: {} for n in sizes if n != PIPELINE_LAYERS}
         for seed in seeds:
-            overrides = ["stage=pipeline", "pipeline.baselines=true", f"train.seed={seed}", *(QUICK if a.quick else [])]
-            done = root / f"seed_{seed}" / "quality_run.json"
-            if done.exists():  # a finished seed of an earlier, interrupted invocation with the same --out
-                runs[seed] = json.loads(done.read_text())
-                if not same_settings(runs[seed], overrides):
-                    raise SystemExit(f"{done} was run with other settings ({runs[seed]['command']}); use another --out")
-                print(f"seed {seed}: reusing {done}", flush=True)
-            elif seed in committed and same_settings(committed[seed], overrides):
-                runs[seed] = committed[seed]  # measured by an earlier invocation (perhaps another session)
-                print(f"seed {seed}: reusing the committed run in {RESULTS / 'quality.json'} (--fresh runs it again)",
-                      flush=True)
-            else:
-                run = run_job(f"seed_{seed}", overrides, root, timeout=6 * 3600)
-                runs[seed] = {"command": run["command"], "process_seconds": run["process_seconds"],
-                              "summary": run["metrics"]}
-                done.write_text(json.dumps(runs[seed], indent=2) + "\n")
-            payload = report(runs, info, a.quick)  # rewritten after every seed: an interrupted run keeps its seeds
+            runs[seed] = obtain(root, f"seed_{seed}", pipeline_overrides(seed, PIPELINE_LAYERS, a.quick),
+                                committed.get(seed))
+            for n in students:
+                src = teachers_of(root, seed)  # none when the 2-layer run was committed by another session
+                students[n][seed] = obtain(root, f"seed_{seed}_l{n}", pipeline_overrides(seed, n, a.quick),
+                                           committed_students.get(n, {}).get(seed),
+                                           [f"pipeline.teachers_from={src}"] if src else [])
+            payload = report(runs, students, info, a.quick)  # rewritten after every seed: an interrupted run keeps them
     return payload
 
 
+def obtain(root: Path, name: str, overrides: list[str], committed: dict | None, extra: list[str] = ()) -> dict:
+    """One pipeline run: finished earlier in ``root`` (an interrupted invocation), committed in the results file
+    with the same settings, or run now (``extra``: settings that do not change what is measured)."""
+    done = root / name / "quality_run.json"
+    if done.exists():
+        run = json.loads(done.read_text())
+        if not same_settings(run, overrides):
+            raise SystemExit(f"{done} was run with other settings ({run['command']}); use another --out")
+        print(f"{name}: reusing {done}", flush=True)
+        return run
+    if committed is not None and same_settings(committed, overrides):
+        print(f"{name}: reusing the committed run (--fresh runs it again)", flush=True)
+        return committed
+    job = run_job(name, [*overrides, *extra], root, timeout=6 * 3600)
+    run = {"command": job["command"], "process_seconds": job["process_seconds"], "summary": job["metrics"]}
+    done.write_text(json.dumps(run, indent=2) + "\n")
+    return run
+
+
 def same_settings(run: dict, overrides: list[str]) -> bool:
-    return all(o in run["command"].split() for o in overrides)
+    words = run["command"].split()
+    size = [o for o in words if o.startswith("distill.student_layers=")]
+    # the same overrides, and no other student size (a 1-layer run is not the 2-layer one)
+    return all(o in words for o in overrides) and all(o in overrides for o in size)
 
 
-def committed_runs(quick: bool) -> dict:
-    """The seeds already in benchmarks/results/quality[_quick].json: a seed takes over an hour here, so the three
-    are measured across invocations, and the table is rewritten with every seed that exists."""
+def committed_file(quick: bool) -> dict:
+    """The runs already in benchmarks/results/quality[_quick].json: a seed takes over an hour here, so the seeds
+    are measured across invocations, and the table is rewritten with every run that exists."""
     path = RESULTS / ("quality_quick.json" if quick else "quality.json")
-    if not path.exists():
-        return {}
-    return {int(k): v for k, v in json.loads(path.read_text()).get("runs", {}).items()}
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_runs(saved: dict) -> tuple[dict, dict]:
+    runs = {int(k): v for k, v in saved.get("runs", {}).items()}
+    students = {int(n): {int(k): v for k, v in by_seed.items()} for n, by_seed in saved.get("student_runs", {}).items()}
+    return runs, students
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def report(runs: dict, info: dict, quick: bool) -> dict:
+def report(runs: dict, students: dict, info: dict, quick: bool) -> dict:
     per_seed = {seed: seed_models(r["summary"]) for seed, r in runs.items()}
+    for n, by_seed in students.items():
+        for seed, r in by_seed.items():
+            per_seed[seed].update(seed_models(r["summary"], n, teachers=False))
+    sizes = sorted({PIPELINE_LAYERS, *(n for n, by_seed in students.items() if by_seed)})
+    rows = table_rows(sizes)
     table = {}
-    for name, _ in ROWS:
-        table[name] = {k: dict(zip(("mean", "std"), _mean_std([per_seed[s][name][k] for s in per_seed])))
-                       for k in METRICS}
-        table[name]["layers"] = next(iter(per_seed.values()))[name]["layers"]
-    seconds = {seed: r["summary"]["seconds"] for seed, r in runs.items()}
+    for name, _ in rows:
+        have = [s for s in per_seed if name in per_seed[s]]
+        if not have:
+            continue  # e.g. NewsBERT's 4-layer student: MiniLM-L6's 6 layers do not split into 4 blocks
+        table[name] = {k: dict(zip(("mean", "std"), _mean_std([per_seed[s][name][k] for s in have]))) for k in METRICS}
+        table[name].update(layers=per_seed[have[0]][name]["layers"], seeds=have)
+    pairs = [("teacher_dp", "plain")] + [(key("student", n), key(b, n)) for n in sizes
+                                         for b in ("student_plain", "newsbert_student")]
     paired = {f"{a} - {b}": {k: dict(zip(("mean", "std"), _mean_std([per_seed[s][a][k] - per_seed[s][b][k]
-                                                                       for s in per_seed]))) for k in METRICS}
-              for a, b in PAIRS}
-    payload = {"machine": info, "quick": quick, "seeds": list(runs), "table": table, "paired": paired,
-               "per_seed": per_seed, "seconds": seconds, "runs": runs}
-    many = len(runs) > 1  # one seed has no spread: say so instead of printing ± 0
-    cell = lambda v: f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}" if many else f"{100 * v['mean']:.2f}"
-    rows = [[what, table[name]["layers"], *[cell(table[name][k]) for k in METRICS]] for name, what in ROWS]
+                                                                       for s in per_seed if a in per_seed[s]
+                                                                       and b in per_seed[s]]))) for k in METRICS}
+              for a, b in pairs if a in table and b in table}
+    seconds = {seed: r["summary"]["seconds"] for seed, r in runs.items()}
+    for n, by_seed in students.items():
+        for seed, r in by_seed.items():
+            seconds[f"{seed} ({n} layers)"] = r["summary"]["seconds"]
+    payload = {"machine": info, "quick": quick, "seeds": list(runs), "layers": sizes, "rows": rows, "table": table,
+               "paired": paired, "per_seed": per_seed, "seconds": seconds, "runs": runs,
+               "student_runs": {n: by_seed for n, by_seed in students.items() if by_seed}}
     md = ["# Quality: Tiny-NewsRec Table 3 on the synthetic default\n",
           f"Device: {info['device']}, torch {info['torch']}. Each seed: `python -m speedyrec.train stage=pipeline "
           f"pipeline.baselines=true train.seed=S`{' (quick settings)' if quick else ''}; all-MiniLM-L6-v2, M = 4 "
-          f"teachers, 2-layer students. Mean ± standard deviation over seeds {', '.join(map(str, runs))}, in points "
-          f"(x100).{'' if many else ' ONLY ONE SEED SO FAR: no spread, and no claim about ordering.'}\n",
-          md_table(["model", "layers", "AUC", "MRR", "nDCG@5", "nDCG@10"], rows),
+          f"teachers, a 2-layer student; students of other sizes (`distill.student_layers=N`) learn from the same "
+          f"seed's teachers (`pipeline.teachers_from`). Mean ± standard deviation over seeds, in points (x100).\n",
+          quality_table(payload),
           "\nPaired by seed (the same seed gives both runs the same data order), the difference in points:\n",
-          md_table(["comparison", "AUC", "MRR", "nDCG@5", "nDCG@10"],
-                   [[k, *[f"{100 * v[m]['mean']:+.2f}" + (f" ± {100 * v[m]['std']:.2f}" if many else "") for m in METRICS]]
-                    for k, v in paired.items()]),
+          md_table(["comparison", "seeds", "AUC", "MRR", "nDCG@5", "nDCG@10"],
+                   [[k, len(per_seed) if k.startswith("teacher") else len(table[k.split(" - ")[0]]["seeds"]),
+                     *[f"{100 * v[m]['mean']:+.2f}" + (f" ± {100 * v[m]['std']:.2f}" if len(runs) > 1 else "")
+                       for m in METRICS]] for k, v in paired.items()]),
           "\nAUC of each seed:\n",
-          md_table(["seed", *[n for n, _ in ROWS]],
-                   [[s, *[f"{100 * per_seed[s][n]['auc']:.2f}" for n, _ in ROWS]] for s in per_seed]),
-          "\nWall time of each step (s), per seed:\n",
-          md_table(["seed", *next(iter(seconds.values())).keys()],
-                   [[seed, *[f"{v:.0f}" for v in s.values()]] for seed, s in seconds.items()])]
-    write_results("quality_quick" if quick else "quality", payload, "\n".join(md), plot=lambda path: _plot(path, table))
+          md_table(["seed", *[n for n in table]],
+                   [[s, *[f"{100 * per_seed[s][n]['auc']:.2f}" if n in per_seed[s] else "" for n in table]]
+                    for s in per_seed]),
+          "\nWall time of each step (s), per run (a run of another student size links the teachers):\n",
+          md_table(["run", "steps"], [[run, ", ".join(f"{k} {v:.0f}" for k, v in s.items())]
+                                      for run, s in seconds.items()])]
+    write_results("quality_quick" if quick else "quality", payload, "\n".join(md), plot=lambda path: _plot(path, payload))
     print("\n".join(md))
     return payload
 
 
-def _plot(path, table) -> None:
+def quality_table(d: dict) -> str:
+    """The table of every model (README and quality.md): mean ± std over the seeds that ran it."""
+    t = d["table"]
+    rows = []
+    for name, what in d.get("rows", ROWS):
+        if name not in t:
+            n = split_key(name)[1]
+            rows.append([what, n, *(["n/a"] * len(METRICS)), f"none: {PLM_LAYERS} teacher layers do not split "
+                                                               f"into {n} blocks" if PLM_LAYERS % n else "none"])
+            continue
+        many = len(t[name].get("seeds", d["seeds"])) > 1  # one seed has no spread: say so instead of printing ± 0
+        cell = (lambda v: f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}") if many else (lambda v: f"{100 * v['mean']:.2f}")
+        seeds = t[name].get("seeds", d["seeds"])
+        rows.append([what, t[name]["layers"], *[cell(t[name][k]) for k in METRICS], len(seeds)])
+    return md_table(["model", "layers", "AUC", "MRR", "nDCG@5", "nDCG@10", "seeds"], rows)
+
+
+def _plot(path, d: dict) -> None:
     import matplotlib.pyplot as plt
 
-    names = [n for n, _ in ROWS]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    means = [100 * table[n]["auc"]["mean"] for n in names]
-    stds = [100 * table[n]["auc"]["std"] for n in names]
-    ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=["#4c72b0", "#8c8c8c", "#dd8452", "#8c8c8c", "#55a868"])
+    t = d["table"]
+    colors = {"teacher_dp": "#4c72b0", "plain": "#8c8c8c", "student": "#dd8452", "student_plain": "#8c8c8c",
+              "newsbert_student": "#55a868"}
+    labels = {"teacher_dp": "teachers DP", "plain": "teacher FT", "student": "Tiny-NewsRec", "student_plain": "student FT",
+              "newsbert_student": "NewsBERT"}
+    names = [n for n, _ in d["rows"] if n in t]
+    base = [split_key(n)[0] for n in names]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(names)), 4))
+    means = [100 * t[n]["auc"]["mean"] for n in names]
+    stds = [100 * t[n]["auc"]["std"] for n in names]
+    ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=[colors[b] for b in base])
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(["teachers DP", "teacher FT", "Tiny-NewsRec", "student FT", "NewsBERT"])
+    ax.set_xticklabels([f"{labels[b]}\n{t[n]['layers']} layers" for n, b in zip(names, base)], fontsize=8)
     ax.set_ylabel("dev AUC (x100)")
-    lo = min(m - s for m, s in zip(means, stds))
-    ax.set_ylim(lo - 2, max(m + s for m, s in zip(means, stds)) + 1)
-    ax.set_title("Teachers and 2-layer students, mean ± std over seeds")
+    ax.set_ylim(min(m - s for m, s in zip(means, stds)) - 2, max(m + s for m, s in zip(means, stds)) + 1)
+    ax.set_title("Teachers and students, mean ± std over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

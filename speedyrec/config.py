@@ -186,6 +186,10 @@ class NewsBertConfig:
 @dataclass
 class PipelineConfig:
     baselines: bool = False  # also train the plain teacher, the plain student and NewsBERT's student
+    newsbert: bool = True  # with baselines: NewsBERT's student too (its teacher's layers split into student blocks)
+    # another pipeline's out_dir whose post-training and finetuned teachers are reused (linked, not trained
+    # again): students of other sizes or settings learn from the same teachers
+    teachers_from: str = ""
 
 
 @dataclass

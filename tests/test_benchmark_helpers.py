@@ -50,19 +50,19 @@ def test_buslm_segments_cover_the_document_in_order(k):
     assert not mask[..., ids.shape[-1]:].any() and torch.equal(ids[~mask], torch.zeros_like(ids[~mask]))
 
 
-def _quality_summary(seed: int) -> dict:
+def _quality_summary(seed: int, layers: int = 2, newsbert: bool = True) -> dict:
     m = lambda auc: {"auc": auc, "mrr": 0.3, "ndcg5": 0.4, "ndcg10": 0.5}
     models = {"teacher_1": {**m(0.70 + seed / 100), "layers": 6}, "teacher_2": {**m(0.72 + seed / 100), "layers": 6},
-              "plain": {**m(0.69), "layers": 6}, "student": {**m(0.68), "layers": 2},
-              "student_plain": {**m(0.66), "layers": 2}, "newsbert_student": {**m(0.67), "layers": 2}}
+              "plain": {**m(0.69), "layers": 6}, "student": {**m(0.68 + layers / 100), "layers": layers},
+              "student_plain": {**m(0.66), "layers": layers}, "newsbert_student": {**m(0.67), "layers": layers}}
+    if not newsbert:
+        del models["newsbert_student"]
     return {"models": models, "seconds": {"posttrain": 1.0}}
 
 
-def test_quality_reuses_committed_seeds_with_the_same_settings_and_reruns_the_rest(tmp_path, monkeypatch):
-    """A seed takes an hour: seeds measured by an earlier invocation are taken from the results file, and the
-    table is the mean and spread over all requested seeds (teachers: mean of M within a seed)."""
-    import json
-
+@pytest.fixture
+def fake_quality(tmp_path, monkeypatch):
+    """benchmarks.quality with its results in tmp_path and a pipeline run that only records its overrides."""
     import benchmarks.common as common
     import benchmarks.quality as quality
 
@@ -72,19 +72,58 @@ def test_quality_reuses_committed_seeds_with_the_same_settings_and_reruns_the_re
 
     def fake_run_job(name, overrides, root, timeout):
         ran.append(overrides)
-        (root / name).mkdir(parents=True)  # the training run's out_dir
+        (root / name / "finetune_teachers").mkdir(parents=True)  # the training run's out_dir, teachers finished
+        (root / name / "finetune_teachers" / "done.json").write_text("{}")
         seed = int(next(o for o in overrides if o.startswith("train.seed=")).split("=")[1])
+        layers = int(next((o.split("=")[1] for o in overrides if o.startswith("distill.student_layers=")), 2))
         return {"command": "-m speedyrec.train " + " ".join(overrides), "process_seconds": 1.0,
-                "metrics": _quality_summary(seed)}
+                "metrics": _quality_summary(seed, layers, "pipeline.newsbert=false" not in overrides)}
 
     monkeypatch.setattr(quality, "run_job", fake_run_job)
-    quality.main(["--seeds", "0", "--out", str(tmp_path / "a")])
+    return quality, ran
+
+
+def test_quality_reuses_committed_seeds_with_the_same_settings_and_reruns_the_rest(tmp_path, fake_quality):
+    """A seed takes an hour: seeds measured by an earlier invocation are taken from the results file, and the
+    table is the mean and spread over all requested seeds (teachers: mean of M within a seed)."""
+    import json
+
+    quality, ran = fake_quality
+    quality.main(["--seeds", "0", "--layers", "2", "--out", str(tmp_path / "a")])
     assert [o[2] for o in ran] == ["train.seed=0"]
-    payload = quality.main(["--seeds", "0,1", "--out", str(tmp_path / "b")])
+    payload = quality.main(["--seeds", "0,1", "--layers", "2", "--out", str(tmp_path / "b")])
     assert [o[2] for o in ran] == ["train.seed=0", "train.seed=1"]  # seed 0 came from quality.json
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert sorted(saved["runs"]) == ["0", "1"]
     assert payload["table"]["teacher_dp"]["auc"]["mean"] == pytest.approx(0.715)  # (0.71 + 0.72) / 2
-    assert payload["paired"]["student - student_plain"]["auc"]["mean"] == pytest.approx(0.02)
-    quality.main(["--seeds", "0,1", "--out", str(tmp_path / "c"), "--fresh"])
+    assert payload["paired"]["student - student_plain"]["auc"]["mean"] == pytest.approx(0.04)
+    quality.main(["--seeds", "0,1", "--layers", "2", "--out", str(tmp_path / "c"), "--fresh"])
     assert len(ran) == 4
+
+
+def test_quality_students_of_other_sizes_link_their_seeds_teachers(tmp_path, fake_quality):
+    """Each other student size runs once per seed with the seed's teachers linked; NewsBERT's 4-layer student is
+    not run (6 teacher layers do not split into 4 blocks) and the table says so; reruns reuse every run."""
+    import json
+
+    from benchmarks.readme import quality as readme_quality
+
+    quality, ran = fake_quality
+    out = tmp_path / "a"
+    payload = quality.main(["--seeds", "0,1", "--out", str(out)])
+    assert len(ran) == 6
+    for o in ran:
+        layers = next((x for x in o if x.startswith("distill.student_layers=")), None)
+        seed = o[2].split("=")[1]
+        linked = [x for x in o if x.startswith("pipeline.teachers_from=")]
+        assert linked == ([] if layers is None else [f"pipeline.teachers_from={out / f'seed_{seed}'}"])
+        assert ("pipeline.newsbert=false" in o) == (layers == "distill.student_layers=4")
+    t = payload["table"]
+    assert t["student_l1"]["layers"] == 1 and t["student_l4"]["layers"] == 4 and t["student"]["layers"] == 2
+    assert t["student_l4"]["auc"]["mean"] == pytest.approx(0.72) and "newsbert_student_l4" not in t
+    assert "newsbert_student_l1" in t and "student_l1 - newsbert_student_l1" in payload["paired"]
+    md = (tmp_path / "quality.md").read_text()
+    assert "none: 6 teacher layers do not split into 4 blocks" in md
+    assert "none: 6 teacher layers" in "".join(readme_quality(json.loads((tmp_path / "quality.json").read_text())))
+    quality.main(["--seeds", "0,1", "--out", str(tmp_path / "b")])  # everything from the results file
+    assert len(ran) == 6

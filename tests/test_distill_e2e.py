@@ -339,3 +339,42 @@ def test_a_checkpoint_of_other_teachers_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="teachers"):
         StageCheckpoints(cfg, DistInfo(), tmp_path, identity={"teachers": ["aaa", "ccc"]}).resume(trainer)
     assert StageCheckpoints(cfg, DistInfo(), tmp_path, identity={"teachers": ["aaa", "bbb"]}).resume(trainer) is not None
+
+
+def test_teachers_from_reuses_the_teachers_and_changes_nothing_else(tmp_path, cache_dir, synthetic_small, pipeline_run):
+    """A pipeline linking another's post-training and finetuned teachers trains the same student as that
+    pipeline did (same settings), without touching the teachers; a 1-layer student learns from them too."""
+    before = {p: p.read_bytes() for p in (pipeline_run / "finetune_teachers").rglob("*.pt")}
+    same = tmp_path / "same"
+    assert main(args(same, cache_dir, synthetic_small, "stage=pipeline", f"pipeline.teachers_from={pipeline_run}")) == 0
+    for step in ("posttrain", "finetune_teachers"):
+        assert (same / step).is_symlink() and (same / step).resolve() == (pipeline_run / step).resolve()
+    ref, got = read(pipeline_run / "metrics.json"), read(same / "metrics.json")
+    assert got["linked"] == ["posttrain", "finetune_teachers"]
+    assert set(got["seconds"]) == {"distill_posttrain", "distill_finetune"}
+    for name in ("student", "teacher_1", "teacher_2"):
+        assert got["models"][name] == ref["models"][name], name
+    assert {p: p.read_bytes() for p in (pipeline_run / "finetune_teachers").rglob("*.pt")} == before
+    assert "linked from" in (same / "pipeline.md").read_text()
+
+    one = tmp_path / "one"
+    assert main(args(one, cache_dir, synthetic_small, "stage=pipeline", "pipeline.baselines=true",
+                     "distill.student_layers=1", f"pipeline.teachers_from={pipeline_run}")) == 0
+    models = read(one / "metrics.json")["models"]
+    assert {models[n]["layers"] for n in ("student", "student_plain", "newsbert_student")} == {1}
+    check_click_metrics(models["newsbert_student"])
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("posttrain.teachers=3",), "its teachers were trained with other settings (posttrain.teachers: 2 there, 3 here)"),
+    (("teachers_from=missing",), "its posttrain step has not finished"),
+    (("distill.student_layers=3", "pipeline.baselines=true"), "does not split into blocks for a 3-layer student")])
+def test_teachers_from_and_newsbert_refusals_come_before_any_training(tmp_path, cache_dir, synthetic_small,
+                                                                      pipeline_run, capsys, extra, needle):
+    src = tmp_path / "missing" if extra[0] == "teachers_from=missing" else pipeline_run
+    extra = tuple(e for e in extra if e != "teachers_from=missing")
+    out = tmp_path / "o"
+    rc = main(args(out, cache_dir, synthetic_small, "stage=pipeline", f"pipeline.teachers_from={src}", *extra))
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+    assert not (out / "distill_posttrain").exists()

@@ -4,15 +4,18 @@ posttrain -> distill_posttrain (Stage I) -> finetune_teachers -> distill_finetun
 ``out_dir/<stage>/``, then a table of every teacher and the student (AUC, MRR, nDCG@5, nDCG@10) with the
 wall time of each step: ``out_dir/metrics.json`` (per model) and ``out_dir/pipeline.md``. With
 ``pipeline.baselines=true`` it also trains what the paper compares against: the plain finetuned teacher,
-the same student finetuned without teachers, and NewsBERT's student.
+the same student finetuned without teachers, and NewsBERT's student. ``pipeline.teachers_from=DIR`` links
+another pipeline's post-training and finetuned teachers instead of training them again (the M teachers are
+most of the cost), so students of other sizes learn from the same teachers.
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
+from pathlib import Path
 
-from speedyrec.config import ConfigError
+from speedyrec.config import ConfigError, flat_config
 from speedyrec.engine.distributed import barrier
 from speedyrec.recipes.common import Context, Timer, plm_layers, save_config, student_freeze_layers, write_json
 from speedyrec.recipes.distill_finetune import DistillFinetuneRecipe
@@ -26,6 +29,40 @@ from speedyrec.recipes.resume import check_same_config, resume_request
 log = logging.getLogger("speedyrec")
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
+TEACHER_STEPS = ("posttrain", "finetune_teachers")
+# what the teachers were trained with must equal this run's (but teachers.plain may have been on there: a plain
+# teacher this run does not need is left unused); where outputs go, checkpoints and logging may differ
+TEACHER_KEYS = ("data.", "model.", "posttrain.", "teachers.", "train.")
+FREE_KEYS = ("data.cache_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
+
+
+def link_teachers(ctx: Context) -> dict:
+    """``pipeline.teachers_from``: the finished post-training and teacher-finetuning steps of another pipeline,
+    linked as this run's own (``out_dir/<step>`` -> ``DIR/<step>``); returns their results by step."""
+    src = Path(ctx.cfg.pipeline.teachers_from).resolve()
+    now = flat_config(ctx.cfg.to_dict())
+    results = {}
+    for step in TEACHER_STEPS:
+        done = src / step / "done.json"
+        if not done.exists():
+            raise ConfigError(f"pipeline.teachers_from={src}: its {step} step has not finished (no {done})")
+        saved = json.loads(done.read_text())
+        then = flat_config(saved["config"])
+        diff = [k for k in sorted(set(then) | set(now)) if k.startswith(TEACHER_KEYS) and not k.startswith(FREE_KEYS)
+                and then.get(k) != now.get(k) and not (k == "teachers.plain" and then[k])]  # an extra plain teacher
+        if diff:
+            shown = "; ".join(f"{k}: {then.get(k)!r} there, {now.get(k)!r} here" for k in diff[:5])
+            raise ConfigError(f"pipeline.teachers_from={src}: its teachers were trained with other settings ({shown})")
+        link = ctx.root / step
+        if link.is_symlink() and link.resolve() == (src / step).resolve():
+            pass  # linked by an earlier, interrupted run
+        elif link.exists() or link.is_symlink():
+            raise ConfigError(f"pipeline.teachers_from: {link} already exists; give this run another out_dir")
+        elif ctx.dist.is_main:
+            link.symlink_to(src / step, target_is_directory=True)
+        results[step] = saved["result"]
+    barrier()
+    return results
 
 
 def plain_student_context(ctx: Context) -> Context:
@@ -55,13 +92,25 @@ class PipelineRecipe:
         steps = [("posttrain", PosttrainRecipe), ("distill_posttrain", DistillPosttrainRecipe),
                  ("finetune_teachers", FinetuneTeachersRecipe), ("distill_finetune", DistillFinetuneRecipe)]
         if baselines:
-            steps += [("student_plain", lambda c: FinetuneRecipe(plain_student_context(c))), ("newsbert", NewsBertRecipe)]
+            steps.append(("student_plain", lambda c: FinetuneRecipe(plain_student_context(c))))
+        if baselines and cfg.pipeline.newsbert:
+            t_layers, n = cfg.newsbert.teacher_layers or plm_layers(ctx), cfg.distill.student_layers
+            if t_layers % n:  # refused before any step trains, not after an hour of them
+                raise ConfigError(f"pipeline.baselines: NewsBERT's teacher ({t_layers} layers) does not split into "
+                                  f"blocks for a {n}-layer student (distill.student_layers); set newsbert.teacher_layers "
+                                  "to a multiple, or pipeline.newsbert=false")
+            steps.append(("newsbert", NewsBertRecipe))
         request = resume_request(cfg)
         if request not in ("", "auto"):
             raise ConfigError(f"stage=pipeline resumes with train.resume=auto (each step from its own newest "
                               f"checkpoint), not from one checkpoint ({request})")
-        results = {}
+        results = link_teachers(ctx) if cfg.pipeline.teachers_from else {}
+        linked = list(results)
+        if results and self.dist.is_main:
+            log.info("pipeline: posttrain and finetune_teachers linked from %s", cfg.pipeline.teachers_from)
         for name, recipe in steps:
+            if name in results:
+                continue
             done = ctx.stage_dir(name) / "done.json"
             if request and done.exists():  # finished before the interruption: its outputs are complete
                 saved = json.loads(done.read_text())
@@ -84,10 +133,13 @@ class PipelineRecipe:
         rows.append(("student", "Tiny-NewsRec student", n, results["distill_finetune"]["metrics"]["student"]))
         if baselines:
             rows.append(("student_plain", "student without teachers (PLM-NR FT)", n, results["student_plain"]["metrics"]))
-            rows.append(("newsbert_student", "NewsBERT student", n, results["newsbert"]["metrics"]["student"]))
+            if "newsbert" in results:
+                rows.append(("newsbert_student", "NewsBERT student", n, results["newsbert"]["metrics"]["student"]))
         models = {name: {"kind": kind, "layers": layers, **{k: m.get(k) for k in METRICS}} for name, kind, layers, m in rows}
-        seconds = {name: r["seconds"] for name, r in results.items()}
+        # wall time of the steps this run trained (a linked step's time was spent by the run it came from)
+        seconds = {name: r["seconds"] for name, r in results.items() if name not in linked}
         summary = {"models": models, "seconds": seconds, "total_seconds": timer(),
+                   "teachers_from": cfg.pipeline.teachers_from, "linked": linked,
                    "posttrain": results["posttrain"]["metrics"]["snapshots"],
                    "stage1": results["distill_posttrain"]["metrics"]}
         if self.dist.is_main:
@@ -105,4 +157,6 @@ def pipeline_table(summary: dict) -> str:
     lines += ["", "| step | wall s |", "| --- | --- |"]
     lines += [f"| {name} | {s:.0f} |" for name, s in summary["seconds"].items()]
     lines.append(f"| total | {summary['total_seconds']:.0f} |")
+    if summary.get("linked"):
+        lines.append(f"\n{', '.join(summary['linked'])}: linked from {summary['teachers_from']} (not trained here)")
     return "\n".join(lines) + "\n"
