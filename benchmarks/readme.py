@@ -190,7 +190,14 @@ def data_efficiency(d: dict) -> list[str]:
             + (f"{d['best_buslm']:.1%}." if d.get("best_buslm") is not None else "n/a.") + "\n"]
 
 
-SECTIONS = (("speedup", speedup), ("data_efficiency", data_efficiency), ("limit", limit), ("cache", cache),
+def tune(d: dict) -> list[str]:
+    from benchmarks.tune import report
+
+    body = report(d).split("\n\n", 1)[1]  # the settings paragraph and the table, without the page's title
+    return [f"**Tuning the defaults** (`python -m benchmarks.tune`): {body}"]
+
+
+SECTIONS = (("speedup", speedup), ("tune", tune), ("data_efficiency", data_efficiency), ("limit", limit), ("cache", cache),
             ("buslm", buslm), ("scaling", scaling), ("multiteacher", multiteacher), ("pipeline", pipeline),
             ("quality", quality), ("context", context), ("token_store", token_store))
 

@@ -127,3 +127,38 @@ def test_quality_students_of_other_sizes_link_their_seeds_teachers(tmp_path, fak
     assert "none: 6 teacher layers" in "".join(readme_quality(json.loads((tmp_path / "quality.json").read_text())))
     quality.main(["--seeds", "0,1", "--out", str(tmp_path / "b")])  # everything from the results file
     assert len(ran) == 6
+
+
+def test_tune_changes_one_knob_per_run_and_reports_time_to_the_speedup_target(tmp_path, monkeypatch):
+    """The defaults' run and one run per other value of each knob, nothing else changed; times to the typical
+    workflow's best AUC read from the speedup results; epochs counted in targets."""
+    import json
+
+    import benchmarks.common as common
+    import benchmarks.tune as tune
+
+    monkeypatch.setattr(tune, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    (tmp_path / "speedup.json").write_text(json.dumps({"target_auc": 0.70}))
+    ran = {}
+
+    def fake_run(name, overrides, root, timeout):
+        ran[name] = overrides
+        better = any(o.startswith("engine.random_negatives=") for o in overrides)
+        curve = [{"step": i, "epoch": 0, "train_seconds": 10.0 * i, "clicks_trained": 50.0 * i,
+                  "auc": 0.6 + (0.03 if better else 0.01) * i} for i in range(1, 5)]
+        return {"curve": curve, "stats": {"clicks_in_data": 100, "clicks_per_second": 5.0}}
+
+    monkeypatch.setattr(tune, "run_job_kept", fake_run)
+    payload = tune.main(["--out", str(tmp_path / "runs")])
+    base = ran["tune_defaults"]
+    assert "train.epochs=2" in base and "train.workflow=speedyfeed" in base
+    changed = {name: [o for o in o_ if o not in base] for name, o_ in ran.items()}
+    assert changed == {"tune_defaults": [], "tune_engine_random_negatives_popularity": ["engine.random_negatives=popularity"],
+                       "tune_train_lr_schedule_linear": ["train.lr_schedule=linear"],
+                       "tune_train_warmup_steps_20": ["train.warmup_steps=20"]}
+    pop = payload["summary"]["engine.random_negatives=popularity"]
+    assert pop["seconds_to_target"] == 40.0 and pop["seconds_to_near_target"] == 40.0  # AUC 0.69 at 30 s, 0.72 at 40 s
+    assert pop["best_at_epoch"] == 2.0 and pop["auc_after_one_epoch"] == pytest.approx(0.66)
+    assert payload["summary"]["defaults"]["seconds_to_target"] is None
+    assert "| engine.random_negatives=popularity |" in (tmp_path / "tune.md").read_text()

@@ -127,6 +127,19 @@ def retrieval_accuracy(title_vec: torch.Tensor, body_vec: torch.Tensor, negative
 
 
 @torch.no_grad()
+def retrieval_of(entry: dict) -> dict:
+    """The retrieval figures of a metrics entry (a snapshot's carries its name, step and loss too)."""
+    return {k: v for k, v in entry.items() if k.startswith("retrieval_acc") or k == "holdout_news"}
+
+
+def describe_retrieval(m: dict) -> str:
+    """A retrieval result in words: its title among all held-out titles, and among the training task's candidates."""
+    if not m:
+        return "n/a (no held-out news)"
+    n = next(k for k in m if k.startswith("retrieval_acc_"))
+    return f"{m['retrieval_acc']:.3f} top-1 of {m['holdout_news']}, {m[n]:.3f} top-1 of {n.rsplit('_', 1)[1]}"
+
+
 def model_retrieval(model, data: TitleBodyData, dist: DistInfo, negatives: int, batch_size: int, amp: str) -> dict:
     """Retrieval accuracy of ``model``'s news encoder on the held-out news."""
     if len(data.holdout) < 2:

@@ -20,8 +20,8 @@ from speedyrec.distill.losses import (TeacherProjections, candidate_cross_entrop
                                       projected_mse, teacher_weights)
 from speedyrec.distill.snapshots import save_snapshot
 from speedyrec.distill.teachers import freeze, load_posttrained_encoder, model_files
-from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_data, encode_pairs, model_retrieval,
-                                          retrieval_accuracy)
+from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_data, describe_retrieval, encode_pairs,
+                                          model_retrieval, retrieval_accuracy)
 from speedyrec.engine.trainer import StepOutput, Trainer, adamw
 from speedyrec.models.checksum import weights_checksum
 from speedyrec.models.shared_prefix import SharedPrefixStack
@@ -101,8 +101,9 @@ class DistillPosttrainRecipe(StageRecipe):
         if dist.is_main:
             write_json(self.out / "metrics.json", metrics)
             write_json(self.out / "stats.json", stats)
-            log.info("Stage I: student held-out retrieval %.3f (before %.3f); teachers %s", final.get("retrieval_acc", 0),
-                     initial.get("retrieval_acc", 0), ", ".join(f"{v['retrieval_acc']:.3f}" for v in teacher_metrics.values()))
+            log.info("Stage I: student held-out title retrieval %s (before %s); teachers: %s", describe_retrieval(final),
+                     describe_retrieval(initial),
+                     "; ".join(f"{k} {describe_retrieval(v)}" for k, v in teacher_metrics.items()) or "n/a")
         return {"seconds": timer(), "metrics": metrics, "stats": stats}
 
     def step(self, batch) -> StepOutput:

@@ -17,7 +17,8 @@ from torch import nn
 from speedyrec.config import ConfigError
 from speedyrec.distill.losses import candidate_cross_entropy
 from speedyrec.distill.snapshots import save_snapshot
-from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_data, encode_pairs, model_retrieval)
+from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_data, describe_retrieval, encode_pairs,
+                                         model_retrieval, retrieval_of)
 from speedyrec.engine.trainer import StepOutput, Trainer, adamw
 from speedyrec.recipes.common import (StageRecipe, Timer, build_news_encoder, loop_stats, non_backbone_names,
                                       plm_layers, trainable_names, write_json)
@@ -90,9 +91,9 @@ class PosttrainRecipe(StageRecipe):
             write_json(self.out / "metrics.json", metrics)
             write_json(self.out / "stats.json", stats)
             for s in self.snapshots:
-                log.info("posttrain snapshot %s: step %d, loss %.4f, held-out retrieval %.3f (initial %.3f)",
-                         s["name"], s["step"], s["loss"], s.get("retrieval_acc", float("nan")),
-                         initial.get("retrieval_acc", float("nan")))
+                log.info("posttrain snapshot %s: step %d, loss %.4f, held-out title retrieval %s (initial %s)",
+                         s["name"], s["step"], s["loss"], describe_retrieval(retrieval_of(s)),
+                         describe_retrieval(initial))
         return {"seconds": timer(), "metrics": metrics, "stats": stats}
 
     def step(self, batch) -> StepOutput:

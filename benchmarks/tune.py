@@ -1,0 +1,132 @@
+"""The sweep that chooses the engine's defaults for time to quality (not for targets per second).
+
+``python -m benchmarks.tune [--quick] [--out DIR] [--lr 4] [--epochs 2]``
+
+Speedyfeed on the speedup benchmark's data and model (the synthetic default, the 2-layer MiniLM student, all
+layers trained) at its headline learning rate, trained for ``--epochs`` epochs of the log with a dev evaluation
+every 20 s of training: the defaults, then one knob at a time set to its other value. Each run reports its best
+dev AUC (and when), its AUC after one epoch, and the training seconds to the typical workflow's best dev AUC as
+measured by ``benchmarks.speedup`` (read from ``benchmarks/results/speedup.json``: an AUC level, not a time, so
+the times compared here are all from this one run). No early stopping: a learning-rate schedule only ends where
+it is planned to.
+
+Knobs: ``engine.random_negatives`` (uniform, or click popularity^0.75: history clicks are popularity-driven,
+so uniform negatives let a model score popularity instead of the user's interest), ``train.lr_schedule``
+(constant, or linear decay over the run) and ``train.warmup_steps``. Full mode: about 15 min per run here,
+about 60 min in all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import RESULTS, machine, md_table, run_job_kept, write_results
+from benchmarks.speedup import FULL, QUICK, lr_overrides, rate, seconds_to
+from speedyrec.config import Config
+
+# knob -> the values tried; the run of the default value is shared by all knobs
+KNOBS = {"engine.random_negatives": ("uniform", "popularity"), "train.lr_schedule": ("constant", "linear"),
+         "train.warmup_steps": (0, 20)}
+
+
+def default_of(knob: str):
+    section, name = knob.split(".")
+    return getattr(getattr(Config(), section), name)
+
+
+def variants() -> list[tuple[str, list[str]]]:
+    """(run name, overrides): the defaults, then each knob at each of its other values."""
+    out = [("defaults", [])]
+    for knob, values in KNOBS.items():
+        d = default_of(knob)
+        if d not in values:
+            raise ValueError(f"{knob}: the default {d!r} is not among the values swept {values}")
+        out += [(f"{knob}={v}", [f"{knob}={v}"]) for v in values if v != d]
+    return out
+
+
+def target_auc(quick: bool) -> float | None:
+    """The typical workflow's best dev AUC from the speedup benchmark's committed results (same mode)."""
+    path = RESULTS / ("speedup_quick.json" if quick else "speedup.json")
+    return json.loads(path.read_text())["target_auc"] if path.exists() else None
+
+
+def summary(job: dict, target: float | None) -> dict:
+    curve, per_epoch = job["curve"], job["stats"]["clicks_in_data"]
+    best = max(curve, key=lambda p: p["auc"])
+    epoch_one = [p for p in curve if p["clicks_trained"] <= per_epoch]  # evaluations within the first epoch
+    return {"best_auc": best["auc"], "best_at_seconds": best["train_seconds"],
+            "best_at_epoch": best["clicks_trained"] / per_epoch,
+            "auc_after_one_epoch": epoch_one[-1]["auc"] if epoch_one else None,
+            "seconds_to_target": seconds_to(job, target) if target else None,
+            "seconds_to_near_target": seconds_to(job, target - 0.005) if target else None,
+            "targets_per_second": rate(job), "train_seconds": curve[-1]["train_seconds"]}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="benchmarks.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny random encoder, 300 users: checks the harness")
+    p.add_argument("--out", default="", help="keep the runs here and reuse finished ones (default: a temporary folder)")
+    p.add_argument("--lr", type=float, default=4.0, help="learning-rate multiple of the defaults (speedup's headline)")
+    p.add_argument("--epochs", type=int, default=2)
+    a = p.parse_args(argv)
+    mode = QUICK if a.quick else FULL
+    every = mode["every"]["speedyfeed"]
+    base = [f"data.synthetic_users={mode['users']}", *mode["model"], *mode["eval"], "train.workflow=speedyfeed",
+            *lr_overrides(a.lr), f"train.epochs={a.epochs}", f"eval.every_seconds={every:g}"]
+    target = target_auc(a.quick)
+    info = machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(a.out or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        jobs = {name: run_job_kept(f"tune_{name.replace('=', '_').replace('.', '_')}", base + extra, root,
+                                   timeout=4 * 3600) for name, extra in variants()}
+    rows = {name: summary(job, target) for name, job in jobs.items()}
+    payload = {"machine": info, "quick": a.quick, "lr_multiple": a.lr, "epochs": a.epochs, "every_seconds": every,
+               "users": mode["users"], "model": mode["model"], "target_auc": target, "summary": rows, "runs": jobs}
+    md = report(payload)
+    write_results("tune_quick" if a.quick else "tune", payload, md, plot=lambda path: _plot(path, payload))
+    print(md)
+    return payload
+
+
+def report(d: dict) -> str:
+    info, target = d["machine"], d["target_auc"]
+    f = lambda x, fmt="{:.4f}": "not reached" if x is None else fmt.format(x)  # noqa: E731
+    head = (f"the typical workflow's best dev AUC in `benchmarks/results/speedup.json` ({target:.4f})" if target
+            else "no speedup result yet (run `python -m benchmarks.speedup`)")
+    rows = [[name, f"{s['best_auc']:.4f} at {s['best_at_seconds']:.0f} s ({s['best_at_epoch']:.2f} epochs)",
+             f(s["auc_after_one_epoch"]), f(s["seconds_to_target"], "{:.0f} s"), f(s["seconds_to_near_target"], "{:.0f} s"),
+             f"{s['targets_per_second']:.1f}", f"{s['train_seconds']:.0f}"] for name, s in d["summary"].items()]
+    return "".join([
+        "# Tuning the engine's defaults for time to quality\n\n",
+        f"Device: {info['device']}, torch {info['torch']}, {info['threads']} threads; commit {info.get('commit', '?')}. "
+        f"Speedyfeed on the synthetic default ({d['users']:,} users), `{' '.join(d['model'])}`, learning rates "
+        f"x{d['lr_multiple']:g} the defaults, {d['epochs']} epochs of the log, dev AUC every {d['every_seconds']:g} s of "
+        f"training, no early stopping; one knob changed from the defaults per run. Target: {head}. Times are "
+        "training-loop seconds.\n\n",
+        md_table(["run", "best dev AUC", "AUC after one epoch", "to the target", "to within 0.5 points",
+                  "targets/s", "train s"], rows)])
+
+
+def _plot(path, d: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, job in d["runs"].items():
+        c = job["curve"]
+        ax.plot([p["train_seconds"] for p in c], [p["auc"] for p in c], marker=".", lw=1, label=name)
+    if d["target_auc"]:
+        ax.axhline(d["target_auc"], color="tab:red", lw=0.8, label="typical's best")
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel("dev AUC")
+    ax.legend(fontsize=7)
+    ax.set_title("speedyfeed, one knob changed from the defaults")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
