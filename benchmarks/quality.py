@@ -93,7 +93,7 @@ def teachers_of(root: Path, seed: int) -> Path | None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="300 users, 2 teachers, a few steps per stage")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default=None, help="default 0,1,2 (--quick: 0)")
     p.add_argument("--layers", default="1,2,4", help="student sizes; the others link the 2-layer run's teachers")
     p.add_argument("--out", default="", help="keep the runs here (default: a temporary folder)")
     p.add_argument("--fresh", action="store_true", help="run every seed, even those already in the results file")
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     if a.report:
         saved = json.loads(Path(a.report).read_text())
         return report(*load_runs(saved), saved["machine"], saved["quick"])
-    seeds = [int(s) for s in a.seeds.split(",")]
+    seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
     sizes = sorted({int(n) for n in a.layers.split(",")} | {PIPELINE_LAYERS})
     info = machine()
     committed, committed_students = load_runs(committed_file(a.quick)) if not a.fresh else ({}, {})
