@@ -32,6 +32,7 @@ METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 PIPELINE_LAYERS = 2  # the pipeline's own student (distill.student_layers' default)
 PLM_LAYERS = 6  # all-MiniLM-L6-v2: NewsBERT's teacher splits into blocks for a student of 1, 2, 3 or 6 layers
 TEACHER_ROWS = (("teacher_dp", "PLM-NR DP: post-trained, then finetuned teachers (mean of M)"),
+                ("teacher_ensemble", "the M post-trained teachers' mean score (what the student distills)"),
                 ("plain", "PLM-NR FT: the plainly finetuned teacher"))
 STUDENT_ROWS = (("student", "Tiny-NewsRec student"), ("student_plain", "the student finetuned without teachers"),
                 ("newsbert_student", "NewsBERT's student"))
@@ -67,6 +68,8 @@ def seed_models(summary: dict, layers: int = PIPELINE_LAYERS, teachers: bool = T
         dp = [m for name, m in models.items() if name.startswith("teacher_")]
         rows["teacher_dp"] = {**{k: statistics.mean(t[k] for t in dp) for k in METRICS}, "layers": dp[0]["layers"]}
         rows["plain"] = {k: models["plain"][k] for k in (*METRICS, "layers")}
+        if "ensemble" in models:  # absent from runs made before the ensemble was evaluated
+            rows["teacher_ensemble"] = {k: models["ensemble"][k] for k in (*METRICS, "layers")}
     for name, _ in STUDENT_ROWS:
         if name in models:
             rows[key(name, layers)] = {k: models[name][k] for k in (*METRICS, "layers")}
@@ -112,6 +115,10 @@ def main(argv=None) -> dict:
         for seed in seeds:
             runs[seed] = obtain(root, f"seed_{seed}", pipeline_overrides(seed, PIPELINE_LAYERS, a.quick),
                                 committed.get(seed))
+            models, run_dir = runs[seed]["summary"]["models"], root / f"seed_{seed}"
+            if "ensemble" not in models and (run_dir / "finetune_teachers" / "teachers").is_dir():
+                print(f"seed {seed}: evaluating the mean score of its post-trained teachers", flush=True)
+                models["ensemble"] = teachers_mean_score(run_dir)
             for n in students:
                 src = teachers_of(root, seed)  # none when the 2-layer run was committed by another session
                 students[n][seed] = obtain(root, f"seed_{seed}_l{n}", pipeline_overrides(seed, n, a.quick),
@@ -119,6 +126,24 @@ def main(argv=None) -> dict:
                                            [f"pipeline.teachers_from={src}"] if src else [])
             payload = report(runs, students, info, a.quick)  # rewritten after every seed: an interrupted run keeps them
     return payload
+
+
+def teachers_mean_score(run_dir: Path) -> dict:
+    """Dev metrics of the mean score of a finished pipeline's post-trained teachers, for runs made before
+    finetune_teachers evaluated it (their teachers are loaded from the run and evaluated again)."""
+    from speedyrec.config import load_config
+    from speedyrec.distill.teachers import load_finetuned_recommender
+    from speedyrec.engine.distributed import DistInfo
+    from speedyrec.models.news_inputs import NewsInputs
+    from speedyrec.recipes.common import build_context, evaluate_on_dev, plm_layers
+
+    ctx = build_context(load_config(str(run_dir / "config.yaml"), [f"out_dir={run_dir}"]), DistInfo())
+    files = sorted((run_dir / "finetune_teachers" / "teachers").glob("teacher_*.pt"))
+    models = [load_finetuned_recommender(ctx, f)[0] for f in files]
+    *each, result = evaluate_on_dev(ctx, models, NewsInputs(ctx.store), ensemble=list(range(len(models))))
+    # each member evaluated again, beside the AUC the run reported for it: the models loaded are the run's
+    return {**result, "members": [f.stem for f in files], "layers": plm_layers(ctx), "evaluated_after_the_run": True,
+            "member_auc": [r["auc"] for r in each]}
 
 
 def obtain(root: Path, name: str, overrides: list[str], committed: dict | None, extra: list[str] = ()) -> dict:
@@ -179,11 +204,15 @@ def report(runs: dict, students: dict, info: dict, quick: bool) -> dict:
         table[name] = {k: dict(zip(("mean", "std"), _mean_std([per_seed[s][name][k] for s in have]))) for k in METRICS}
         table[name].update(layers=per_seed[have[0]][name]["layers"], seeds=have)
     pairs = [("teacher_dp", "plain")] + [(key("student", n), key(b, n)) for n in sizes
-                                         for b in ("student_plain", "newsbert_student")]
-    paired = {f"{a} - {b}": {k: dict(zip(("mean", "std"), _mean_std([per_seed[s][a][k] - per_seed[s][b][k]
-                                                                       for s in per_seed if a in per_seed[s]
-                                                                       and b in per_seed[s]]))) for k in METRICS}
-              for a, b in pairs if a in table and b in table}
+                                         for b in ("student_plain", "newsbert_student")] + \
+            [(key("student", n), "teacher_ensemble") for n in sizes]
+    paired = {}
+    for a, b in pairs:
+        both = [s for s in per_seed if a in per_seed[s] and b in per_seed[s]]
+        if both:
+            paired[f"{a} - {b}"] = {k: dict(zip(("mean", "std"), _mean_std([per_seed[s][a][k] - per_seed[s][b][k]
+                                                                           for s in both]))) for k in METRICS}
+            paired[f"{a} - {b}"]["seeds"] = both
     seconds = {seed: r["summary"]["seconds"] for seed, r in runs.items()}
     for n, by_seed in students.items():
         for seed, r in by_seed.items():
@@ -199,9 +228,9 @@ def report(runs: dict, students: dict, info: dict, quick: bool) -> dict:
           quality_table(payload),
           "\nPaired by seed (the same seed gives both runs the same data order), the difference in points:\n",
           md_table(["comparison", "seeds", "AUC", "MRR", "nDCG@5", "nDCG@10"],
-                   [[k, len(per_seed) if k.startswith("teacher") else len(table[k.split(" - ")[0]]["seeds"]),
-                     *[f"{100 * v[m]['mean']:+.2f}" + (f" ± {100 * v[m]['std']:.2f}" if len(runs) > 1 else "")
-                       for m in METRICS]] for k, v in paired.items()]),
+                   [[k, len(v["seeds"]), *[f"{100 * v[m]['mean']:+.2f}" + (f" ± {100 * v[m]['std']:.2f}"
+                                                                          if len(v["seeds"]) > 1 else "")
+                                            for m in METRICS]] for k, v in paired.items()]),
           "\nAUC of each seed:\n",
           md_table(["seed", *[n for n in table]],
                    [[s, *[f"{100 * per_seed[s][n]['auc']:.2f}" if n in per_seed[s] else "" for n in table]]
@@ -219,6 +248,8 @@ def quality_table(d: dict) -> str:
     t = d["table"]
     rows = []
     for name, what in d.get("rows", ROWS):
+        if name not in t and not name.startswith("newsbert_student"):
+            continue  # not measured (the ensemble row of runs made before it was evaluated)
         if name not in t:
             n = split_key(name)[1]
             rows.append([what, n, *(["n/a"] * len(METRICS)), f"none: {PLM_LAYERS} teacher layers do not split "
@@ -235,9 +266,9 @@ def _plot(path, d: dict) -> None:
     import matplotlib.pyplot as plt
 
     t = d["table"]
-    colors = {"teacher_dp": "#4c72b0", "plain": "#8c8c8c", "student": "#dd8452", "student_plain": "#8c8c8c",
+    colors = {"teacher_dp": "#4c72b0", "teacher_ensemble": "#4c72b0", "plain": "#8c8c8c", "student": "#dd8452", "student_plain": "#8c8c8c",
               "newsbert_student": "#55a868"}
-    labels = {"teacher_dp": "teachers DP", "plain": "teacher FT", "student": "Tiny-NewsRec", "student_plain": "student FT",
+    labels = {"teacher_dp": "teachers DP", "teacher_ensemble": "teachers' mean score", "plain": "teacher FT", "student": "Tiny-NewsRec", "student_plain": "student FT",
               "newsbert_student": "NewsBERT"}
     names = [n for n, _ in d["rows"] if n in t]
     base = [split_key(n)[0] for n in names]

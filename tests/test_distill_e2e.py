@@ -58,7 +58,8 @@ def test_pipeline_writes_every_stage_and_the_table(pipeline_run):
               "student_plain/metrics.json", "pipeline.md", "config.yaml"):
         assert (out / f).is_file(), f
     summary = read(out / "metrics.json")
-    assert set(summary["models"]) == {"teacher_1", "teacher_2", "plain", "student", "student_plain", "newsbert_student"}
+    assert set(summary["models"]) == {"teacher_1", "teacher_2", "ensemble", "plain", "student", "student_plain",
+                                      "newsbert_student"}
     for m in summary["models"].values():
         check_click_metrics(m)
     assert summary["models"]["student"]["layers"] == 2 and summary["models"]["teacher_1"]["layers"] == 4
@@ -102,7 +103,9 @@ def test_pipeline_stage_outputs(pipeline_run):
 def test_each_finetuned_teacher_starts_from_its_own_snapshot(pipeline_run):
     out = pipeline_run
     post = {s["name"]: s["checksum"] for s in read(out / "posttrain/metrics.json")["snapshots"]}
-    for name, m in read(out / "finetune_teachers/metrics.json").items():
+    teachers = read(out / "finetune_teachers/metrics.json")
+    assert teachers.pop("ensemble")["members"] == ["teacher_1", "teacher_2"]  # the plain teacher is no member
+    for name, m in teachers.items():
         meta = torch.load(m["path"], weights_only=False)["meta"]
         if name == "plain":
             assert meta["from"] == "plm" and meta["posttrain_checksum"] is None

@@ -237,15 +237,16 @@ def engine_trainer(ctx: Context, model: torch.nn.Module, optimizer, workflow, lo
                    lr_schedule=tc.lr_schedule, **kw)
 
 
-def evaluate_on_dev(ctx: Context, models: list, inputs: NewsInputs, encode_fn=None) -> list[dict]:
-    """Dev metrics of each model ([] without dev impressions); see evaluate_models for ``encode_fn``."""
+def evaluate_on_dev(ctx: Context, models: list, inputs: NewsInputs, encode_fn=None, ensemble=None) -> list[dict]:
+    """Dev metrics of each model ([] without dev impressions); see evaluate_models for ``encode_fn`` and
+    ``ensemble``."""
     cfg = ctx.cfg
     if len(ctx.data.dev) == 0:
         log.warning("no dev impressions: skipping evaluation")
-        return [{} for _ in models]
+        return [{} for _ in range(len(models) + bool(ensemble))]
     return evaluate_models(models, inputs, ctx.data.dev, ctx.dist, max_history=cfg.data.max_history,
                            batch_size=cfg.eval.batch_size, max_impressions=cfg.eval.max_impressions, amp=cfg.train.amp,
-                           encode_fn=encode_fn)
+                           encode_fn=encode_fn, ensemble=ensemble)
 
 
 def loop_stats(trainer, setup_seconds: float, per: str) -> dict:

@@ -93,8 +93,11 @@ class FinetuneTeachersRecipe(StageRecipe):
         bank, build = TeacherBank.open_or_build(self.stack, checksums, inputs, np.arange(ctx.store.num_news),
                                                 ctx.bank_dir(), dist, chunk_tokens=cfg.engine.chunk_tokens, amp=tc.amp)
         self.stack.close_caches()
+        # and the mean score of the post-trained teachers: what the student distills from sits near it
+        members = [i for i, name in enumerate(self.names) if name != "plain"]
         results = evaluate_on_dev(ctx, self.models, inputs,
-                                  encode_fn=lambda tokens: bank.read(tokens.news, dist.device).flatten(1))
+                                  encode_fn=lambda tokens: bank.read(tokens.news, dist.device).flatten(1),
+                                  ensemble=members if len(members) > 1 else None)
         metrics = {}
         for (name, path, _), model, snap, result in zip(plan, self.models, snaps, results):
             changed = trainable_names(model) | non_backbone_names(model)
@@ -107,6 +110,8 @@ class FinetuneTeachersRecipe(StageRecipe):
             checksum = save_snapshot(file, model, changed, meta) if dist.is_main else ""
             metrics[name] = {**result, "path": str(file), "checksum": checksum, "from": meta["from"]}
             trainer.log_scalars(f"dev_{name}", result)
+        if len(results) > len(plan):
+            metrics["ensemble"] = {**results[-1], "members": [self.names[i] for i in members]}
         stats = engine_stats(cfg, dist, trainer, workflow, ctx.data, setup)
         stats["teachers"] = len(plan)
         stats.update(bank_seconds=build.seconds, bank_news_encoded=build.news_encoded, bank_padded_tokens=build.padded_tokens)

@@ -127,9 +127,9 @@ class PipelineRecipe:
             barrier()
         teacher_layers, n = plm_layers(ctx), cfg.distill.student_layers
         rows = []
+        kinds = {"plain": "plain finetuned teacher (PLM-NR FT)", "ensemble": "mean score of the post-trained teachers"}
         for name, m in results["finetune_teachers"]["metrics"].items():
-            kind = "plain finetuned teacher (PLM-NR FT)" if name == "plain" else "post-trained teacher (PLM-NR DP)"
-            rows.append((name, kind, teacher_layers, m))
+            rows.append((name, kinds.get(name, "post-trained teacher (PLM-NR DP)"), teacher_layers, m))
         rows.append(("student", "Tiny-NewsRec student", n, results["distill_finetune"]["metrics"]["student"]))
         if baselines:
             rows.append(("student_plain", "student without teachers (PLM-NR FT)", n, results["student_plain"]["metrics"]))
