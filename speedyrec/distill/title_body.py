@@ -126,7 +126,6 @@ def retrieval_accuracy(title_vec: torch.Tensor, body_vec: torch.Tensor, negative
     return {"retrieval_acc": acc_all, f"retrieval_acc_{min(negatives, h - 1) + 1}": acc_n, "holdout_news": h}
 
 
-@torch.no_grad()
 def retrieval_of(entry: dict) -> dict:
     """The retrieval figures of a metrics entry (a snapshot's carries its name, step and loss too)."""
     return {k: v for k, v in entry.items() if k.startswith("retrieval_acc") or k == "holdout_news"}
@@ -140,6 +139,7 @@ def describe_retrieval(m: dict) -> str:
     return f"{m['retrieval_acc']:.3f} top-1 of {m['holdout_news']}, {m[n]:.3f} top-1 of {n.rsplit('_', 1)[1]}"
 
 
+@torch.no_grad()
 def model_retrieval(model, data: TitleBodyData, dist: DistInfo, negatives: int, batch_size: int, amp: str) -> dict:
     """Retrieval accuracy of ``model``'s news encoder on the held-out news."""
     if len(data.holdout) < 2:
