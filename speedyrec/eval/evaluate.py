@@ -84,47 +84,41 @@ def _evaluate_models(models, inputs, dev, dist, max_history, batch_size, max_imp
         stacked = encode_news(None, inputs, needed, dist, batch_size, amp, encode_fn)
         tables = list(stacked.view(len(needed), len(models), -1).unbind(1))
     encode_seconds = time.perf_counter() - t0
+    share = np.array_split(np.arange(len(dev)), dist.world)[dist.rank]  # the impressions this rank scores
+    labels, offsets = _labels_of(dev, share), dev.candidates.take(share).offsets
     results, scores = [], []
     for m, table in zip(models, tables):
         t1 = time.perf_counter()
-        scores.append(_scores(m.user_encoder, table, needed, hist_pad, dev, dist, amp))
-        result = _metrics(scores[-1], dev, dist)
+        scores.append(_scores(m.user_encoder, table, needed, hist_pad, dev, share, dist.device, amp))
+        result = _metrics(scores[-1], labels, offsets, dist)
         result["news_encoded"] = len(needed)
         result["seconds"] = encode_seconds / len(models) + time.perf_counter() - t1
         results.append(result)
     if ensemble:
-        results.append({**_metrics(np.mean([scores[i] for i in ensemble], axis=0), dev, dist),
+        results.append({**_metrics(np.mean([scores[i] for i in ensemble], axis=0), labels, offsets, dist),
                         "members": len(ensemble)})
     return results
 
 
-def _share(dev: Behaviors, dist: DistInfo) -> np.ndarray:
-    """The dev impressions this rank scores."""
-    return np.array_split(np.arange(len(dev)), dist.world)[dist.rank]
-
-
 def _scores(user_encoder, table: torch.Tensor, needed: np.ndarray, hist_pad: np.ndarray, dev: Behaviors,
-            dist: DistInfo, amp: str) -> np.ndarray:
-    """Scores of the candidates of this rank's impressions, in candidate order (float32)."""
+            share: np.ndarray, device, amp: str) -> np.ndarray:
+    """Scores of the candidates of the impressions ``share``, in candidate order (float32)."""
     slot = lambda idx: np.searchsorted(needed, idx)  # news index -> row of table
-    share = _share(dev, dist)
     parts = [np.zeros(0, dtype=np.float32)]
     for s in range(0, len(share), 1024):
         rows = share[s : s + 1024]
         h = hist_pad[rows]
-        users = user_vectors(user_encoder, table, np.where(h >= 0, slot(np.maximum(h, 0)), -1), dist.device, amp)
+        users = user_vectors(user_encoder, table, np.where(h >= 0, slot(np.maximum(h, 0)), -1), device, amp)
         sub = dev.candidates.take(rows)
-        cv = table[torch.from_numpy(slot(sub.values.astype(np.int64))).to(dist.device)]
-        owner = torch.from_numpy(sub.row_ids()).to(dist.device)
+        cv = table[torch.from_numpy(slot(sub.values.astype(np.int64))).to(device)]
+        owner = torch.from_numpy(sub.row_ids()).to(device)
         parts.append((cv * users[owner]).sum(-1).float().cpu().numpy())
     return np.concatenate(parts)
 
 
-def _metrics(scores: np.ndarray, dev: Behaviors, dist: DistInfo) -> dict:
-    """AUC, MRR, nDCG@5, nDCG@10 over all ranks' impressions, from this rank's candidate scores."""
-    share = _share(dev, dist)
-    sums = (metric_sums(impression_metrics(scores, _labels_of(dev, share), dev.candidates.take(share).offsets))
-            if len(share) else np.zeros(6))
+def _metrics(scores: np.ndarray, labels: np.ndarray, offsets: np.ndarray, dist: DistInfo) -> dict:
+    """AUC, MRR, nDCG@5, nDCG@10 over all ranks' impressions, from this rank's candidate scores and labels."""
+    sums = metric_sums(impression_metrics(scores, labels, offsets)) if len(offsets) > 1 else np.zeros(6)
     total = torch.from_numpy(sums).to(dist.device)
     all_reduce_sum(total)
     return metrics_from_sums(total.cpu().numpy())

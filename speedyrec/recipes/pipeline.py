@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from speedyrec.config import ConfigError, flat_config
+from speedyrec.config import ConfigError
 from speedyrec.engine.distributed import barrier
 from speedyrec.recipes.common import Context, Timer, plm_layers, save_config, student_freeze_layers, write_json
 from speedyrec.recipes.distill_finetune import DistillFinetuneRecipe
@@ -24,7 +24,7 @@ from speedyrec.recipes.finetune import FinetuneRecipe
 from speedyrec.recipes.finetune_teachers import FinetuneTeachersRecipe
 from speedyrec.recipes.newsbert import NewsBertRecipe
 from speedyrec.recipes.posttrain import PosttrainRecipe
-from speedyrec.recipes.resume import check_same_config, resume_request
+from speedyrec.recipes.resume import check_same_config, differing_settings, resume_request
 
 log = logging.getLogger("speedyrec")
 
@@ -36,22 +36,23 @@ TEACHER_KEYS = ("data.", "model.", "posttrain.", "teachers.", "train.")
 FREE_KEYS = ("data.cache_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
 
 
+def teachers_depend_on(key: str, then, now) -> bool:
+    """Whether a setting that differs from the teachers' run matters to them (an extra plain teacher does not)."""
+    return key.startswith(TEACHER_KEYS) and not key.startswith(FREE_KEYS) and not (key == "teachers.plain" and then)
+
+
 def link_teachers(ctx: Context) -> dict:
     """``pipeline.teachers_from``: the finished post-training and teacher-finetuning steps of another pipeline,
     linked as this run's own (``out_dir/<step>`` -> ``DIR/<step>``); returns their results by step."""
     src = Path(ctx.cfg.pipeline.teachers_from).resolve()
-    now = flat_config(ctx.cfg.to_dict())
     results = {}
     for step in TEACHER_STEPS:
         done = src / step / "done.json"
         if not done.exists():
             raise ConfigError(f"pipeline.teachers_from={src}: its {step} step has not finished (no {done})")
         saved = json.loads(done.read_text())
-        then = flat_config(saved["config"])
-        diff = [k for k in sorted(set(then) | set(now)) if k.startswith(TEACHER_KEYS) and not k.startswith(FREE_KEYS)
-                and then.get(k) != now.get(k) and not (k == "teachers.plain" and then[k])]  # an extra plain teacher
-        if diff:
-            shown = "; ".join(f"{k}: {then.get(k)!r} there, {now.get(k)!r} here" for k in diff[:5])
+        shown = differing_settings(saved["config"], ctx.cfg.to_dict(), teachers_depend_on, "there", "here")
+        if shown:
             raise ConfigError(f"pipeline.teachers_from={src}: its teachers were trained with other settings ({shown})")
         link = ctx.root / step
         if link.is_symlink() and link.resolve() == (src / step).resolve():

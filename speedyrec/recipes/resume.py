@@ -22,12 +22,19 @@ RESUMABLE_CHANGES = ("out_dir", "train.resume", "train.max_steps", "train.max_se
                      "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "eval.")
 
 
+def differing_settings(saved: dict, now: dict, matters=lambda key, then, now: True, then_word: str = "then",
+                       now_word: str = "now") -> str:
+    """The settings (dotted keys) whose values differ between two config dicts and ``matters``, in words (the
+    first five); empty when none do."""
+    a, b = flat_config(saved), flat_config(now)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and matters(k, a.get(k), b.get(k))]
+    return "; ".join(f"{k}: {a.get(k)!r} {then_word}, {b.get(k)!r} {now_word}" for k in diff[:5])
+
+
 def check_same_config(directory: Path, saved: dict, now: dict) -> None:
     """A checkpoint continues only the run it came from: any other setting that differs is an error."""
-    a, b = flat_config(saved), flat_config(now)
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
-    if diff:
-        shown = "; ".join(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in diff[:5])
+    shown = differing_settings(saved, now, lambda k, *_: not k.startswith(RESUMABLE_CHANGES), "in the checkpoint")
+    if shown:
         raise ConfigError(f"checkpoint {directory} was written with other settings ({shown}): resume with the same "
                           "settings, or give this run another out_dir")
 
