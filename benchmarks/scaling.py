@@ -1,12 +1,13 @@
 """How the engine scales with the data: 1k -> 16k synthetic users, one epoch each.
 
-``python -m benchmarks.scaling [--quick] [--users 1000,2000,4000,8000,16000]``
+``python -m benchmarks.scaling [--quick] [--out DIR] [--users 1000,2000,4000,8000,16000]``
 
 A small random BERT (hidden 128, 2 layers, trained from scratch; its WordPiece vocabulary is learnt per data
 set) keeps the full sweep to about 35 minutes here while the engine does all of its work: data generation and
 tokenization (timed as setup), dynamic batching, dedup, the cache, the autoregressive loss. Per size: the
 training loop's seconds for one epoch against the targets trained, with a least-squares line through the origin
 and its R² (cost linear in clicks), and the process's peak resident memory (data preparation included).
+``--out`` keeps the runs and reuses finished ones.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine, md_table, run_job, write_results
+from benchmarks.common import machine, md_table, run_job_kept, write_results
 
 SMALL = ["model.encoder=random:hidden=128,layers=2,heads=2,intermediate=256", "model.vocab_size=4000"]
 TINY = ["model.encoder=random:hidden=32,layers=2,heads=2,intermediate=64", "model.vocab_size=800"]
@@ -34,16 +35,19 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.scaling", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a tiny encoder, 200-800 users")
     p.add_argument("--users", default="")
+    p.add_argument("--out", default="", help="keep the runs here and reuse finished ones")
     a = p.parse_args(argv)
     sizes = [int(u) for u in (a.users or ("200,400,800" if a.quick else "1000,2000,4000,8000,16000")).split(",")]
     model = TINY if a.quick else SMALL
     info = machine()
     jobs = {}
     with tempfile.TemporaryDirectory() as tmp:
+        root = Path(a.out or tmp)
+        root.mkdir(parents=True, exist_ok=True)
         for u in sizes:
             # each size its own cache dir: the data set and its tokenized store are built inside the timed process
-            jobs[u] = run_job(f"users_{u}", [f"data.synthetic_users={u}", *model, "eval.max_impressions=200",
-                                             f"data.cache_dir={tmp}/cache_{u}"], Path(tmp), timeout=4 * 3600)
+            jobs[u] = run_job_kept(f"users_{u}", [f"data.synthetic_users={u}", *model, "eval.max_impressions=200",
+                                                  f"data.cache_dir={root}/cache_{u}"], root, timeout=4 * 3600)
             s = jobs[u]["stats"]
             print(f"{u} users: {s['clicks_trained']:,} targets in {s['wall_seconds']:.1f} s, peak {s['peak_rss_mb']:.0f} MiB",
                   flush=True)
