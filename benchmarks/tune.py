@@ -4,16 +4,18 @@
 
 Speedyfeed on the speedup benchmark's data and model (the synthetic default, the 2-layer MiniLM student, all
 layers trained) at its headline learning rate, trained for ``--epochs`` epochs of the log with a dev evaluation
-every 20 s of training: the defaults, then one knob at a time set to its other value. Each run reports its best
-dev AUC (and when), its AUC after one epoch, and the training seconds to the typical workflow's best dev AUC as
+every 20 s of training: the defaults (of stage=finetune, every knob spelled out in the run's overrides), then
+one knob at a time set to its other value. Each run reports its best dev AUC (and when), the mean of its last
+evaluations (where it ends), its AUC after one epoch, and the training seconds to the typical workflow's best dev AUC as
 measured by ``benchmarks.speedup`` (read from ``benchmarks/results/speedup.json``: an AUC level, not a time, so
 the times compared here are all from this one run). No early stopping: a learning-rate schedule only ends where
 it is planned to.
 
 Knobs: ``engine.random_negatives`` (uniform, or click popularity^0.75: history clicks are popularity-driven,
 so uniform negatives let a model score popularity instead of the user's interest), ``train.lr_schedule``
-(constant, or linear decay over the run) and ``train.warmup_steps``. Full mode: about 15 min per run here,
-about 60 min in all.
+(constant, or linear decay over the run), ``train.warmup_steps`` and ``engine.negatives`` (per click: 4 costs
+about 3x per target, so it is compared over the same epochs, not the same time). Full mode: about 10 min per run
+here (20 with 4 negatives), about 65 min in all.
 """
 from __future__ import annotations
 
@@ -22,28 +24,38 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.common import RESULTS, machine, md_table, run_job_kept, write_results
 from benchmarks.speedup import FULL, QUICK, lr_overrides, rate, seconds_to
-from speedyrec.config import Config
+from speedyrec.config import load_config
 
 # knob -> the values tried; the run of the default value is shared by all knobs
+PLATEAU = 10  # the last evaluations of a run, averaged: where it ends, less noisy than its best single point
 KNOBS = {"engine.random_negatives": ("uniform", "popularity"), "train.lr_schedule": ("constant", "linear"),
-         "train.warmup_steps": (0, 20)}
+         "train.warmup_steps": (0, 20), "engine.negatives": (1, 4)}
 
 
-def default_of(knob: str):
-    section, name = knob.split(".")
-    return getattr(getattr(Config(), section), name)
-
-
-def variants() -> list[tuple[str, list[str]]]:
-    """(run name, overrides): the defaults, then each knob at each of its other values."""
-    out = [("defaults", [])]
+def defaults() -> dict:
+    """Each knob's default for stage=finetune (``auto`` values resolved as a run resolves them)."""
+    cfg = load_config(overrides=["stage=finetune"])
+    out = {}
     for knob, values in KNOBS.items():
-        d = default_of(knob)
-        if d not in values:
-            raise ValueError(f"{knob}: the default {d!r} is not among the values swept {values}")
-        out += [(f"{knob}={v}", [f"{knob}={v}"]) for v in values if v != d]
+        section, name = knob.split(".")
+        out[knob] = getattr(getattr(cfg, section), name)
+        if out[knob] not in values:
+            raise ValueError(f"{knob}: the default {out[knob]!r} is not among the values swept {values}")
+    return out
+
+
+def variants(default: dict) -> list[tuple[str, list[str]]]:
+    """(run name, overrides): the defaults, then each knob at each of its other values. Every run names every
+    knob's value, so a kept run is never reused after a default changed (its overrides differ)."""
+    spelled = [f"{k}={v}" for k, v in default.items()]
+    out = [("defaults", spelled)]
+    for knob, values in KNOBS.items():
+        out += [(f"{knob}={v}", [o for o in spelled if not o.startswith(knob + "=")] + [f"{knob}={v}"])
+                for v in values if v != default[knob]]
     return out
 
 
@@ -57,7 +69,9 @@ def summary(job: dict, target: float | None) -> dict:
     curve, per_epoch = job["curve"], job["stats"]["clicks_in_data"]
     best = max(curve, key=lambda p: p["auc"])
     epoch_one = [p for p in curve if p["clicks_trained"] <= per_epoch]  # evaluations within the first epoch
-    return {"best_auc": best["auc"], "best_at_seconds": best["train_seconds"],
+    last = np.array([p["auc"] for p in curve[-PLATEAU:]])
+    return {"best_auc": best["auc"], "best_at_seconds": best["train_seconds"], "final_auc": curve[-1]["auc"],
+            "last_mean_auc": float(last.mean()), "last_std_auc": float(last.std(ddof=1)) if len(last) > 1 else 0.0,
             "best_at_epoch": best["clicks_trained"] / per_epoch,
             "auc_after_one_epoch": epoch_one[-1]["auc"] if epoch_one else None,
             "seconds_to_target": seconds_to(job, target) if target else None,
@@ -78,14 +92,16 @@ def main(argv=None) -> dict:
             *lr_overrides(a.lr), f"train.epochs={a.epochs}", f"eval.every_seconds={every:g}"]
     target = target_auc(a.quick)
     info = machine()
+    default = defaults()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
         root.mkdir(parents=True, exist_ok=True)
         jobs = {name: run_job_kept(f"tune_{name.replace('=', '_').replace('.', '_')}", base + extra, root,
-                                   timeout=4 * 3600) for name, extra in variants()}
+                                   timeout=4 * 3600) for name, extra in variants(default)}
     rows = {name: summary(job, target) for name, job in jobs.items()}
     payload = {"machine": info, "quick": a.quick, "lr_multiple": a.lr, "epochs": a.epochs, "every_seconds": every,
-               "users": mode["users"], "model": mode["model"], "target_auc": target, "summary": rows, "runs": jobs}
+               "users": mode["users"], "model": mode["model"], "target_auc": target, "defaults": default,
+               "summary": rows, "runs": jobs}
     md = report(payload)
     write_results("tune_quick" if a.quick else "tune", payload, md, plot=lambda path: _plot(path, payload))
     print(md)
@@ -97,18 +113,27 @@ def report(d: dict) -> str:
     f = lambda x, fmt="{:.4f}": "not reached" if x is None else fmt.format(x)  # noqa: E731
     head = (f"the typical workflow's best dev AUC in `benchmarks/results/speedup.json` ({target:.4f})" if target
             else "no speedup result yet (run `python -m benchmarks.speedup`)")
+    default, summ = d["defaults"], d["summary"]
     rows = [[name, f"{s['best_auc']:.4f} at {s['best_at_seconds']:.0f} s ({s['best_at_epoch']:.2f} epochs)",
+             f"{s['last_mean_auc']:.4f} ± {s['last_std_auc']:.4f}", f"{s['final_auc']:.4f}",
              f(s["auc_after_one_epoch"]), f(s["seconds_to_target"], "{:.0f} s"), f(s["seconds_to_near_target"], "{:.0f} s"),
-             f"{s['targets_per_second']:.1f}", f"{s['train_seconds']:.0f}"] for name, s in d["summary"].items()]
+             f"{s['targets_per_second']:.1f}", f"{s['train_seconds']:.0f}"] for name, s in summ.items()]
+    base = summ["defaults"]
+    diffs = "; ".join(f"{name} {(s['last_mean_auc'] - base['last_mean_auc']) * 100:+.2f}"
+                      for name, s in summ.items() if name != "defaults")
     return "".join([
         "# Tuning the engine's defaults for time to quality\n\n",
         f"Device: {info['device']}, torch {info['torch']}, {info['threads']} threads; commit {info.get('commit', '?')}. "
         f"Speedyfeed on the synthetic default ({d['users']:,} users), `{' '.join(d['model'])}`, learning rates "
         f"x{d['lr_multiple']:g} the defaults, {d['epochs']} epochs of the log, dev AUC every {d['every_seconds']:g} s of "
-        f"training, no early stopping; one knob changed from the defaults per run. Target: {head}. Times are "
-        "training-loop seconds.\n\n",
-        md_table(["run", "best dev AUC", "AUC after one epoch", "to the target", "to within 0.5 points",
-                  "targets/s", "train s"], rows)])
+        "training, no early stopping; one knob changed per run from the run `defaults` ("
+        + ", ".join(f"{k}={v}" for k, v in default.items()) + f", the defaults at that commit). Target: {head}. "
+        f"Times are training-loop seconds. Last {PLATEAU}: the mean ± std of the run's last {PLATEAU} dev evaluations, "
+        "where training ends (its best is one point of a noisy curve).\n\n",
+        md_table(["run", "best dev AUC", f"last {PLATEAU} evaluations", "final AUC", "AUC after one epoch",
+                  "to the target", "to within 0.5 points", "targets/s", "train s"], rows),
+        f"\nLast {PLATEAU} evaluations against `defaults`, in AUC points: {diffs} (the std of `defaults`' last "
+        f"{PLATEAU}: {base['last_std_auc'] * 100:.2f}).\n"])
 
 
 def _plot(path, d: dict) -> None:

@@ -74,8 +74,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     # click stages (finetune, finetune_teachers, distill_finetune, newsbert): constant, or linear decay to zero
-    # over the run (train.epochs of clicks, or train.max_steps when set); post-training and Stage I stay constant
-    lr_schedule: str = "constant"
+    # over the run (train.epochs of clicks, or train.max_steps when set); post-training and Stage I stay constant.
+    # auto: linear for stage=finetune (benchmarks.tune: a steadier, higher end of training), constant for the
+    # distillation stages and the pipeline (their results in benchmarks/ were measured with it)
+    lr_schedule: str = "auto"
     grad_accum: int = 1
     grad_clip: float = 1.0
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
@@ -330,8 +332,16 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value)
+    resolve_auto(cfg)
     validate(cfg)
     return cfg
+
+
+def resolve_auto(cfg: Config) -> None:
+    """Replace the ``auto`` values that depend on the stage by what they mean for it (the saved config.yaml
+    then says what the run used)."""
+    if cfg.train.lr_schedule == "auto":
+        cfg.train.lr_schedule = "linear" if cfg.stage == "finetune" else "constant"
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

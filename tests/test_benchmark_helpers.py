@@ -149,7 +149,7 @@ def test_tune_changes_one_knob_per_run_and_reports_time_to_the_speedup_target(tm
 
     def fake_run(name, overrides, root, timeout):
         ran[name] = overrides
-        better = any(o.startswith("engine.random_negatives=") for o in overrides)
+        better = "engine.random_negatives=popularity" in overrides
         curve = [{"step": i, "epoch": 0, "train_seconds": 10.0 * i, "clicks_trained": 50.0 * i,
                   "auc": 0.6 + (0.03 if better else 0.01) * i} for i in range(1, 5)]
         return {"curve": curve, "stats": {"clicks_in_data": 100, "clicks_per_second": 5.0}}
@@ -158,12 +158,21 @@ def test_tune_changes_one_knob_per_run_and_reports_time_to_the_speedup_target(tm
     payload = tune.main(["--out", str(tmp_path / "runs")])
     base = ran["tune_defaults"]
     assert "train.epochs=2" in base and "train.workflow=speedyfeed" in base
-    changed = {name: [o for o in o_ if o not in base] for name, o_ in ran.items()}
-    assert changed == {"tune_defaults": [], "tune_engine_random_negatives_popularity": ["engine.random_negatives=popularity"],
-                       "tune_train_lr_schedule_linear": ["train.lr_schedule=linear"],
-                       "tune_train_warmup_steps_20": ["train.warmup_steps=20"]}
+    # the defaults of stage=finetune, every knob spelled out (auto resolved: linear decay for stage=finetune)
+    assert {"engine.random_negatives=uniform", "train.lr_schedule=linear", "train.warmup_steps=0",
+            "engine.negatives=1"} <= set(base)
+    changed = {name: sorted(set(o_) ^ set(base)) for name, o_ in ran.items()}
+    assert changed == {"tune_defaults": [],
+                       "tune_engine_random_negatives_popularity": ["engine.random_negatives=popularity",
+                                                                   "engine.random_negatives=uniform"],
+                       "tune_train_lr_schedule_constant": ["train.lr_schedule=constant", "train.lr_schedule=linear"],
+                       "tune_train_warmup_steps_20": ["train.warmup_steps=0", "train.warmup_steps=20"],
+                       "tune_engine_negatives_4": ["engine.negatives=1", "engine.negatives=4"]}
     pop = payload["summary"]["engine.random_negatives=popularity"]
     assert pop["seconds_to_target"] == 40.0 and pop["seconds_to_near_target"] == 40.0  # AUC 0.69 at 30 s, 0.72 at 40 s
     assert pop["best_at_epoch"] == 2.0 and pop["auc_after_one_epoch"] == pytest.approx(0.66)
     assert payload["summary"]["defaults"]["seconds_to_target"] is None
-    assert "| engine.random_negatives=popularity |" in (tmp_path / "tune.md").read_text()
+    assert pop["final_auc"] == pytest.approx(0.72) and pop["last_mean_auc"] == pytest.approx(0.675)  # 4 evaluations
+    md = (tmp_path / "tune.md").read_text()
+    assert "| engine.random_negatives=popularity |" in md
+    assert "engine.random_negatives=popularity +5.00" in md  # last evaluations' mean: 0.675 against 0.625

@@ -104,7 +104,6 @@ def test_numbers_in_any_form_a_person_types(tmp_path):
 
 def test_every_shipped_config_loads_and_validates():
     """speedyrec/configs/*.yaml: each loads (unknown keys and bad values are errors) and names its stage."""
-    from speedyrec.config import Config
 
     folder = Path(__file__).resolve().parent.parent / "speedyrec" / "configs"
     files = sorted(folder.glob("*.yaml"))
@@ -112,5 +111,18 @@ def test_every_shipped_config_loads_and_validates():
     assert {"main", "mind_small_1gpu", "mind_small_8gpu", "mind_large_1gpu", "mind_large_8gpu", "tiny_newsrec",
             "newsbert"} <= names
     for f in files:
-        same = load_config(str(f)).to_dict() == Config().to_dict()
+        same = load_config(str(f)).to_dict() == load_config().to_dict()
         assert same if f.stem == "main" else not same, f  # main.yaml spells out the defaults; the others change some
+
+
+@pytest.mark.parametrize("stage, schedule", [("finetune", "linear"), ("pipeline", "constant"),
+                                             ("finetune_teachers", "constant"), ("distill_finetune", "constant"),
+                                             ("newsbert", "constant"), ("posttrain", "constant")])
+def test_lr_schedule_auto_is_resolved_per_stage_and_saved_resolved(tmp_path, stage, schedule):
+    """train.lr_schedule=auto (the default): linear decay for stage=finetune (chosen by benchmarks.tune), constant
+    where the distillation stages' results were measured with it; the config a run saves names the schedule."""
+    cfg = load_config(overrides=[f"stage={stage}"])
+    assert cfg.train.lr_schedule == schedule
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(str(tmp_path / "c.yaml")).train.lr_schedule == schedule
+    assert load_config(overrides=[f"stage={stage}", "train.lr_schedule=constant"]).train.lr_schedule == "constant"
