@@ -26,6 +26,7 @@ def machine() -> dict:
     except OSError:
         pass
     info["commit"] = source_commit()
+    info["started"] = time.time()  # write_results turns it into the benchmark's duration (machine.seconds)
     return info
 
 
@@ -84,7 +85,11 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, **kw) -> dict:
 
 
 def write_results(name: str, payload: dict, markdown: str, plot=None) -> None:
-    """benchmarks/results/NAME.{json,md[,png]}; ``plot(path)`` draws the figure when given."""
+    """benchmarks/results/NAME.{json,md[,png]}; ``plot(path)`` draws the figure when given. A payload whose
+    ``machine`` came from ``machine()`` records how long the benchmark ran, in ``machine.seconds``."""
+    info = payload.get("machine")
+    if isinstance(info, dict) and "started" in info and "seconds" not in info:
+        info["seconds"] = round(time.time() - info["started"], 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)

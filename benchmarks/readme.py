@@ -40,17 +40,23 @@ def speedup(d: dict) -> list[str]:
     frac = d["best_at_epoch_fraction"]["typical"]
     cap_note = (f"the best of one full epoch, {typ['curve'][-1]['train_seconds']:.0f} s, reached at {frac:.0%} of it"
                 + (", so it was still improving" if frac > 0.9 else ""))
+    epochs = mode.get("epochs", {"typical": 1, "speedyfeed": 1})  # results before the planned runs: one epoch each
+    if "long_cap" in mode:
+        missed = (f" (it trained on beyond its epoch, for up to {mode['long_cap']:g} s, and stopped improving at "
+                  f"{d['best_auc']['speedyfeed']:.4f})")
+    else:
+        missed = f" (its best in {epochs['speedyfeed']} epochs: {d['best_auc']['speedyfeed']:.4f})"
     return [
         f"**Time to quality** (`python -m benchmarks.speedup`; {_device(d)}): the synthetic default "
         f"({mode['users']:,} users), `{' '.join(mode['model'])}`, one process, both workflows in one run with the same "
         f"learning-rate sweep ({', '.join('x%g' % m for m in d['lr_multiples'])} the defaults, {mode['cap']:g} s each); "
-        f"each workflow's best learning rate then trained for one full epoch of the log with dev AUC every "
+        f"each workflow's best learning rate then trained for {epochs['typical']} (typical) / {epochs['speedyfeed']} "
+        "(speedyfeed) full epochs of the log"
+        + (", with a linear learning-rate decay over them," if "long_cap" not in mode else "") + " with dev AUC every "
         f"{mode['every']['typical']:g} s (typical) / {mode['every']['speedyfeed']:g} s (speedyfeed) of training. "
         f"Training seconds to the typical workflow's best dev AUC ({d['target_auc']:.4f}; {cap_note}): typical "
         f"{fmt(t['typical'], '{:.0f} s')}, speedyfeed **{fmt(t['speedyfeed'], '{:.0f} s')}**"
-        + (f": **{head:.1f}x sooner**" if head else
-           f" (it trained on beyond its epoch, for up to {mode['long_cap']:g} s, and stopped improving at "
-           f"{d['best_auc']['speedyfeed']:.4f})")
+        + (f": **{head:.1f}x sooner**" if head else missed)
         + f". Within 0.5 AUC points of that best ({d['near_target']['auc']:.4f}): typical "
         f"{fmt(d['near_target']['typical'], '{:.0f} s')}, speedyfeed {fmt(d['near_target']['speedyfeed'], '{:.0f} s')}, "
         f"{fmt(d['near_target']['speedup'], '{:.1f}x')} sooner.\n",
@@ -194,7 +200,57 @@ def tune(d: dict) -> list[str]:
     from benchmarks.tune import report
 
     body = report(d).split("\n\n", 1)[1]  # the settings paragraph and the table, without the page's title
-    return [f"**Tuning the defaults** (`python -m benchmarks.tune`): {body}"]
+    return [f"**Tuning the defaults** (`python -m benchmarks.tune`): {body}\n"
+            "Chosen from it: `train.lr_schedule=auto` is a linear decay for `stage=finetune` (the steadier and higher "
+            "end of training); random negatives stay uniform and there is no warmup by default. "
+            + ("No run reaches the typical workflow's best AUC.\n"
+               if all(s["seconds_to_target"] is None for s in d["summary"].values()) else "")]
+
+
+def _jobs_seconds(o, seen: set) -> float:
+    """Process seconds of the training jobs kept in a result (each job once)."""
+    if isinstance(o, dict):
+        if "process_seconds" in o and "command" in o:
+            key = (o["command"], o["process_seconds"])
+            if key in seen:
+                return 0.0
+            seen.add(key)
+            return float(o["process_seconds"])
+        return sum(_jobs_seconds(v, seen) for v in o.values())
+    if isinstance(o, list):
+        return sum(_jobs_seconds(v, seen) for v in o)
+    return 0.0
+
+
+def durations(results: Path) -> list[str]:
+    """How long each benchmark took: full mode from its result (the whole benchmark when it recorded that,
+    else the training jobs it kept), --quick from the last ``benchmarks.run --quick``."""
+    from benchmarks.run import BENCHMARKS
+
+    path = results / "run_durations.json"
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    quick = runs.get("quick", {}).get("seconds", {})
+    rows, total = [], 0.0
+    for bench in BENCHMARKS:
+        name = bench.__name__.split(".")[-1]
+        d = _load(results, name)
+        full = "not run"
+        if d is not None and not d.get("quick"):
+            if "seconds" in d["machine"]:
+                total += d["machine"]["seconds"]
+                full = f"{d['machine']['seconds'] / 60:.0f} min"
+            elif (jobs := _jobs_seconds(d, set())) > 0:
+                total += jobs
+                full = f"{jobs / 60:.0f} min (its training jobs)"
+            else:
+                full = "not recorded"
+        rows.append([name, full, f"{quick[name] / 60:.1f} min" if name in quick else "not run"])
+    q = runs.get("quick")
+    return ["**Durations** on this machine (2 cores), measured: full mode from each committed result (not all of "
+            "them recorded it), `--quick` from the last `python -m benchmarks.run --quick`"
+            + (f" ({q['total_seconds'] / 60:.1f} min in all, commit {q['machine'].get('commit', '?')})" if q else "")
+            + f". The full durations known add up to {total / 3600:.1f} hours.\n",
+            md_table(["benchmark", "full mode", "--quick"], rows)]
 
 
 SECTIONS = (("speedup", speedup), ("tune", tune), ("data_efficiency", data_efficiency), ("limit", limit), ("cache", cache),
@@ -205,7 +261,7 @@ SECTIONS = (("speedup", speedup), ("tune", tune), ("data_efficiency", data_effic
 def render(results: Path = RESULTS) -> str:
     parts = ["`python -m benchmarks.run [--quick]` runs them all; each writes `benchmarks/results/NAME.{json,md,png}` "
              "with the command, settings and machine. The figures below are read from those files; the machine they "
-             "ran on is shared and noisy, so compare ratios measured in one run.\n"]
+             "ran on is shared and noisy, so compare ratios measured in one run.\n", *durations(results)]
     for name, fn in SECTIONS:
         d = _load(results, name)
         if d is not None and not d.get("quick"):

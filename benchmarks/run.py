@@ -11,27 +11,35 @@ tiny random models (a few minutes each) and leaves the README alone.
 """
 from __future__ import annotations
 
+import json
 import sys
+import time
 
 from benchmarks import (buslm, cache, context, data_efficiency, limit, multiteacher, pipeline, quality, readme,
                         scaling, speedup, token_store, tune)
+from benchmarks.common import RESULTS, machine
+
+
+# in this order: tune reads the typical workflow's best AUC from speedup's results
+BENCHMARKS = (token_store, data_efficiency, speedup, tune, cache, buslm, scaling, limit, context, multiteacher, pipeline,
+              quality)
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     quick = ["--quick"] if "--quick" in argv else []
-    token_store.main(quick)
-    data_efficiency.main(quick)
-    speedup.main(quick)
-    tune.main(quick)  # reads the typical workflow's best AUC from speedup's results
-    cache.main(quick)
-    buslm.main(quick)
-    scaling.main(quick)
-    limit.main(quick)
-    context.main(quick)
-    multiteacher.main(quick)
-    pipeline.main(quick)
-    quality.main(quick)
+    info, seconds = machine(), {}
+    for bench in BENCHMARKS:
+        t0 = time.perf_counter()
+        bench.main(quick)
+        seconds[bench.__name__.split(".")[-1]] = round(time.perf_counter() - t0, 1)
+    # kept beside the results (quick ones included: they show what --quick costs), one entry per mode
+    path = RESULTS / "run_durations.json"
+    durations = json.loads(path.read_text()) if path.exists() else {}
+    durations["quick" if quick else "full"] = {"machine": info, "seconds": seconds,
+                                               "total_seconds": round(sum(seconds.values()), 1)}
+    path.write_text(json.dumps(durations, indent=2) + "\n")
+    print(f"all benchmarks: {sum(seconds.values()) / 60:.1f} min", flush=True)
     if not quick:
         readme.main([])  # quick results are not the README's: it reads the full ones only
 
