@@ -76,12 +76,30 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, **kw) -> dict:
         job = json.loads(kept.read_text())
         if job.get("overrides") != overrides:
             raise SystemExit(f"{kept} was run with other settings ({job.get('overrides')}); use another --out")
+        if changed := changed_defaults(out_root / name, overrides):
+            raise SystemExit(f"{kept} was run with the same overrides but other defaults ({', '.join(changed)}); "
+                             "use another --out")
         print(f"{name}: reusing {kept}", flush=True)
         return job
     print(f"{name}: running {' '.join(overrides)}", flush=True)
     job = {**run_job(name, overrides, out_root, **kw), "overrides": overrides}
     kept.write_text(json.dumps(job, indent=2) + "\n")
     return job
+
+
+def changed_defaults(run_dir: Path, overrides: list[str]) -> list[str]:
+    """Keys whose value the overrides give today differs from what the kept run saved in its config.yaml: a
+    default changed since (or a key was added), so the kept run no longer measures these overrides."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return []
+    import yaml
+
+    from speedyrec.config import flat_config, load_config
+
+    want = flat_config(load_config(overrides=[*overrides, f"out_dir={run_dir}", "train.log_every=0"]).to_dict())
+    have = flat_config(yaml.safe_load(saved.read_text()))
+    return sorted(f"{k}: {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v)
 
 
 def write_results(name: str, payload: dict, markdown: str, plot=None) -> None:

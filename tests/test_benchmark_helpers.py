@@ -176,3 +176,60 @@ def test_tune_changes_one_knob_per_run_and_reports_time_to_the_speedup_target(tm
     md = (tmp_path / "tune.md").read_text()
     assert "| engine.random_negatives=popularity |" in md
     assert "engine.random_negatives=popularity +5.00" in md  # last evaluations' mean: 0.675 against 0.625
+
+
+def test_cache_runs_every_gamma_per_seed_and_compares_the_ends_of_the_runs(tmp_path, monkeypatch):
+    """One run per gamma and seed (gamma 0 without the cache, the others audited); best, final and the last 5
+    evaluations' mean, averaged over seeds, and gamma 20 against 0 on each."""
+    import benchmarks.cache as cache
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(cache, "RESULTS", tmp_path)
+    ran = {}
+
+    def fake_run(name, overrides, root, timeout):
+        ran[name] = overrides
+        g = 20 if "engine.cache_gamma=20" in overrides else 0
+        seed = 1 if "train.seed=1" in overrides else 0
+        auc = [0.70, 0.80, 0.71, 0.72, 0.73, 0.74, 0.75] if g == 0 else [0.70, 0.71, 0.72, 0.73, 0.74, 0.75, 0.76]
+        auc = [a + 0.01 * seed for a in auc]
+        stats = {"cache_hits": 1 if g else 0, "cache_lookups": 4 if g else 0, "wall_seconds": 10.0,
+                 "clicks_per_second": 5.0, "news_encoded": 7}
+        return {"curve": [{"auc": a, "train_seconds": i} for i, a in enumerate(auc)], "stats": stats,
+                "metrics": {"auc": auc[-1]}}
+
+    monkeypatch.setattr(cache, "run_job_kept", fake_run)
+    d = cache.main(["--gammas", "0,20", "--seeds", "0,1", "--lr-multiple", "1", "--out", str(tmp_path / "runs")])
+    assert sorted(ran) == ["gamma_0", "gamma_0_seed1", "gamma_20", "gamma_20_seed1"]
+    assert "engine.cache=false" in ran["gamma_0"] and "engine.cache_audit=8" in ran["gamma_20_seed1"]
+    assert "train.seed=1" in ran["gamma_20_seed1"] and not any(o.startswith("train.seed") for o in ran["gamma_20"])
+    s0, s20 = d["summary"]["0"], d["summary"]["20"]
+    assert s0["best_auc"] == pytest.approx(0.805) and s0["best_auc_std"] == pytest.approx(0.00707, abs=1e-4)
+    assert s20["last_mean_auc"] == pytest.approx(0.745) and s20["hit_rate"] == 0.25
+    assert d["gamma20_minus_gamma0_best_auc_points"] == pytest.approx(-4.0)  # 0.765 against 0.805
+    assert d["gamma20_minus_gamma0_final_auc_points"] == pytest.approx(1.0)
+    assert d["gamma20_minus_gamma0_last_mean_auc_points"] == pytest.approx(1.0)
+    assert "best -4.00, final +1.00, last 5 +1.00" in (tmp_path / "cache.md").read_text()
+
+
+def test_a_kept_run_is_not_reused_after_a_default_changed(tmp_path):
+    """run_job_kept compares the kept run's saved config with what its overrides give today: the same overrides
+    under another default (here the schedule a run of the old default saved) are refused, not silently reused."""
+    import json
+
+    from benchmarks.common import changed_defaults, run_job_kept
+    from speedyrec.config import dump_config, load_config
+
+    overrides = ["data.synthetic_users=300"]
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "job.json").write_text(json.dumps({"overrides": overrides}))
+    dump_config(load_config(overrides=[*overrides, f"out_dir={run}", "train.log_every=0"]), run / "config.yaml")
+    assert changed_defaults(run, overrides) == []
+    assert run_job_kept("r", overrides, tmp_path) == {"overrides": overrides}
+    dump_config(load_config(overrides=[*overrides, f"out_dir={run}", "train.log_every=0", "train.lr_schedule=constant"]),
+                run / "config.yaml")
+    assert changed_defaults(run, overrides) == ["train.lr_schedule: 'constant' -> 'linear'"]
+    with pytest.raises(SystemExit, match="other defaults.*train.lr_schedule"):
+        run_job_kept("r", overrides, tmp_path)
