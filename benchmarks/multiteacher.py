@@ -30,8 +30,10 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import machine, md_table, run_job, write_results
+from benchmarks.quality import TINY6
 
 BASE = ["data.synthetic_users=2000", "model.encoder=auto", "eval.max_impressions=20", "engine.cache=false"]
+QUICK_BASE = ["data.synthetic_users=300", *TINY6, "eval.max_impressions=20", "engine.cache=false"]
 
 
 def _link(dst: Path, src: Path) -> None:
@@ -40,14 +42,14 @@ def _link(dst: Path, src: Path) -> None:
         dst.symlink_to(src.resolve())
 
 
-def prepare(root: Path, m_max: int) -> dict[str, Path]:
+def prepare(root: Path, m_max: int, base: list[str]) -> dict[str, Path]:
     """Post-training snapshots, finetuned teachers and a Stage I student (a few steps each), then one from_dir
     folder per M holding the first M of each, and one per teacher holding only it."""
     prep = root / "prep"
-    run_job("prep", [*BASE, "stage=posttrain", f"posttrain.teachers={m_max}", "posttrain.snapshot_after=2",
+    run_job("prep", [*base, "stage=posttrain", f"posttrain.teachers={m_max}", "posttrain.snapshot_after=2",
                      "posttrain.snapshot_every=2", "posttrain.holdout=50"], root, stage="posttrain")
-    run_job("prep", [*BASE, "stage=finetune_teachers", "train.max_steps=2"], root, stage="finetune_teachers")
-    run_job("prep", [*BASE, "stage=distill_posttrain", "train.max_steps=2", "distill.stage1_epochs=1"], root,
+    run_job("prep", [*base, "stage=finetune_teachers", "train.max_steps=2"], root, stage="finetune_teachers")
+    run_job("prep", [*base, "stage=distill_posttrain", "train.max_steps=2", "distill.stage1_epochs=1"], root,
             stage="distill_posttrain")
     dirs = {}
     for m in range(1, m_max + 1):
@@ -73,8 +75,9 @@ def cost(run: dict) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.multiteacher", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="6 steps per speedyrec run, 3 per naive run")
-    p.add_argument("--teachers", type=int, default=4, help="largest M")
+    p.add_argument("--quick", action="store_true", help="a tiny random encoder, 300 users, M up to 2, 6 steps per "
+                   "speedyrec run and 3 per naive run: checks the harness")
+    p.add_argument("--teachers", type=int, default=None, help="largest M (default 4; --quick: 2)")
     p.add_argument("--finetune-steps", type=int, default=None, help="steps per teacher-finetuning run (default 30)")
     p.add_argument("--stage2-steps", type=int, default=None, help="steps per Stage II / student run (default: an epoch)")
     p.add_argument("--naive-steps", type=int, default=None, help="steps per naive run (default 12)")
@@ -87,29 +90,30 @@ def main(argv=None) -> dict:
     ft_steps = a.finetune_steps or (6 if a.quick else 30)
     s2_steps = a.stage2_steps if a.stage2_steps is not None else (6 if a.quick else 0)
     naive_steps = a.naive_steps or (3 if a.quick else 12)
-    m_max = a.teachers
+    m_max = a.teachers or (2 if a.quick else 4)
+    base = QUICK_BASE if a.quick else BASE
     ft_limit = [f"train.max_steps={ft_steps}"]
     limit = [f"train.max_steps={s2_steps}"] if s2_steps else []
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        dirs = prepare(root, m_max)
+        dirs = prepare(root, m_max, base)
         runs: dict[str, dict] = {}
         for m in range(1, m_max + 1):
             runs[f"finetune_ours_{m}"] = cost(run_job(f"finetune_ours_{m}", [
-                *BASE, "stage=finetune_teachers", f"distill.from_dir={dirs[f'first_{m}']}", *ft_limit], root,
+                *base, "stage=finetune_teachers", f"distill.from_dir={dirs[f'first_{m}']}", *ft_limit], root,
                 stage="finetune_teachers"))
             runs[f"finetune_naive_single_{m}"] = cost(run_job(f"finetune_naive_{m}", [
-                *BASE, "stage=finetune_teachers", f"distill.from_dir={dirs[f'only_{m}']}", "engine.frozen_cache=false",
+                *base, "stage=finetune_teachers", f"distill.from_dir={dirs[f'only_{m}']}", "engine.frozen_cache=false",
                 f"train.max_steps={naive_steps}"], root, stage="finetune_teachers"))
-        runs["student"] = cost(run_job("student", [*BASE, "stage=finetune", "model.layers=2", "model.freeze_layers=0",
+        runs["student"] = cost(run_job("student", [*base, "stage=finetune", "model.layers=2", "model.freeze_layers=0",
                                                    *limit], root))
         for m in range(1, m_max + 1):
             runs[f"stage2_ours_{m}"] = cost(run_job(f"stage2_ours_{m}", [
-                *BASE, "stage=distill_finetune", f"distill.from_dir={dirs[f'first_{m}']}",
+                *base, "stage=distill_finetune", f"distill.from_dir={dirs[f'first_{m}']}",
                 f"distill.bank_dir={root / f'banks_{m}'}", *limit], root, stage="distill_finetune"))
             runs[f"stage2_naive_{m}"] = cost(run_job(f"stage2_naive_{m}", [
-                *BASE, "stage=distill_finetune", f"distill.from_dir={dirs[f'first_{m}']}", "distill.bank=false",
+                *base, "stage=distill_finetune", f"distill.from_dir={dirs[f'first_{m}']}", "distill.bank=false",
                 f"train.max_steps={naive_steps}"], root, stage="distill_finetune"))
     return report(runs, m_max, s2_steps, naive_steps, info, a.quick)
 

@@ -37,7 +37,9 @@ TEACHER_ROWS = (("teacher_dp", "PLM-NR DP: post-trained, then finetuned teachers
 STUDENT_ROWS = (("student", "Tiny-NewsRec student"), ("student_plain", "the student finetuned without teachers"),
                 ("newsbert_student", "NewsBERT's student"))
 ROWS = TEACHER_ROWS + STUDENT_ROWS  # the 2-layer table (rows of other student sizes carry the suffix _l<N>)
-QUICK = ["data.synthetic_users=300", "posttrain.teachers=2", "posttrain.snapshot_after=6", "posttrain.snapshot_every=3",
+# --quick checks the harness: a tiny random 6-layer BERT (teachers train their top 2, as MiniLM-L6's do)
+TINY6 = ["model.encoder=random:hidden=32,layers=6,heads=2,intermediate=64", "model.vocab_size=800"]
+QUICK = [*TINY6, "data.synthetic_users=300", "posttrain.teachers=2", "posttrain.snapshot_after=6", "posttrain.snapshot_every=3",
          "posttrain.holdout=50", "distill.stage1_epochs=1", "train.max_steps=6", "eval.max_impressions=100"]
 
 
