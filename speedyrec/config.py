@@ -358,7 +358,7 @@ def validate(cfg: Config) -> None:
     _choice("train.workflow", cfg.train.workflow, ("typical", "speedyfeed"))
     _choice("train.amp", cfg.train.amp, ("auto", "bf16", "off"))
     _choice("train.typical_targets", cfg.train.typical_targets, ("impressions", "sequence"))
-    _choice("train.lr_schedule", cfg.train.lr_schedule, ("constant", "linear"))
+    _choice("train.lr_schedule", cfg.train.lr_schedule, ("auto", "constant", "linear"))  # auto is resolved by now
     positive = {
         "model.dim": cfg.model.dim,
         "model.attention_dim": cfg.model.attention_dim,
