@@ -30,8 +30,8 @@ from benchmarks.common import RESULTS, machine, md_table, run_job_kept, write_re
 from benchmarks.speedup import FULL, QUICK, lr_overrides, rate, seconds_to
 from speedyrec.config import load_config
 
-# knob -> the values tried; the run of the default value is shared by all knobs
 PLATEAU = 10  # the last evaluations of a run, averaged: where it ends, less noisy than its best single point
+# knob -> the values tried; the run of the default value is shared by all knobs
 KNOBS = {"engine.random_negatives": ("uniform", "popularity"), "train.lr_schedule": ("constant", "linear"),
          "train.warmup_steps": (0, 20), "engine.negatives": (1, 4)}
 
