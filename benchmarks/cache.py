@@ -123,10 +123,14 @@ def report(d: dict) -> str:
           md_table(["gamma", "best dev AUC", "final dev AUC", "last 5", "hit rate", "served age mean / max",
                     "drift cos mean / min", "noise floor cos", "news encoded", "train s", "targets/s"], rows)]
     if "gamma20_minus_gamma0_best_auc_points" in d:
-        md.append("\ngamma = 20 against no cache, AUC points: "
-                  f"best {d['gamma20_minus_gamma0_best_auc_points']:+.2f}, final {d['gamma20_minus_gamma0_final_auc_points']:+.2f}, "
-                  f"last 5 {d['gamma20_minus_gamma0_last_mean_auc_points']:+.2f}.\n")
+        md.append("\n" + gamma20_sentence(d))
     return "\n".join(md)
+
+
+def gamma20_sentence(d: dict) -> str:
+    return ("gamma = 20 against no cache, AUC points: "
+            f"best {d['gamma20_minus_gamma0_best_auc_points']:+.2f}, final {d['gamma20_minus_gamma0_final_auc_points']:+.2f}, "
+            f"last 5 {d['gamma20_minus_gamma0_last_mean_auc_points']:+.2f}.\n")
 
 
 def plot(path, d: dict) -> None:

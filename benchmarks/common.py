@@ -96,10 +96,11 @@ def changed_defaults(run_dir: Path, overrides: list[str]) -> list[str]:
     import yaml
 
     from speedyrec.config import flat_config, load_config
+    from speedyrec.recipes.resume import differing_keys
 
     want = flat_config(load_config(overrides=[*overrides, f"out_dir={run_dir}", "train.log_every=0"]).to_dict())
-    have = flat_config(yaml.safe_load(saved.read_text()))
-    return sorted(f"{k}: {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v)
+    return [f"{k}: {then!r} -> {now!r}"
+            for k, then, now in differing_keys(yaml.safe_load(saved.read_text()), want, lambda k, *_: k in want)]
 
 
 def write_results(name: str, payload: dict, markdown: str, plot=None) -> None:

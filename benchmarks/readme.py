@@ -155,7 +155,7 @@ def buslm(d: dict) -> list[str]:
 
 
 def cache(d: dict) -> list[str]:
-    from benchmarks.cache import _q
+    from benchmarks.cache import _q, gamma20_sentence
 
     rows = [[g, _q(v, "best_auc"), _q(v, "final_auc"), _q(v, "last_mean_auc"), f"{v['hit_rate']:.1%}",
              "n/a" if v["served_age_mean"] is None else f"{v['served_age_mean']:.1f} / {v['served_age_max']:.0f}",
@@ -168,9 +168,7 @@ def cache(d: dict) -> list[str]:
             "evaluations.\n",
             md_table(["gamma", "best dev AUC", "final dev AUC", "last 5", "hit rate", "served age mean / max",
                       "drift cos (dropout floor)", "train s", "targets/s"], rows),
-            "\ngamma = 20 against no cache, AUC points: "
-            f"best {d['gamma20_minus_gamma0_best_auc_points']:+.2f}, final {d['gamma20_minus_gamma0_final_auc_points']:+.2f}, "
-            f"last 5 {d['gamma20_minus_gamma0_last_mean_auc_points']:+.2f}.\n"]
+            "\n" + gamma20_sentence(d)]
 
 
 def scaling(d: dict) -> list[str]:

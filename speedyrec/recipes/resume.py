@@ -22,13 +22,19 @@ RESUMABLE_CHANGES = ("out_dir", "train.resume", "train.max_steps", "train.max_se
                      "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "eval.")
 
 
+def differing_keys(saved: dict, now: dict, matters=lambda key, then, now: True) -> list[tuple[str, object, object]]:
+    """(dotted key, value in ``saved``, value in ``now``) for each setting whose value differs between two config
+    dicts (nested or already flat) and ``matters``, in key order."""
+    a, b = flat_config(saved), flat_config(now)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and matters(k, a.get(k), b.get(k))]
+
+
 def differing_settings(saved: dict, now: dict, matters=lambda key, then, now: True, then_word: str = "then",
                        now_word: str = "now") -> str:
-    """The settings (dotted keys) whose values differ between two config dicts and ``matters``, in words (the
-    first five); empty when none do."""
-    a, b = flat_config(saved), flat_config(now)
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and matters(k, a.get(k), b.get(k))]
-    return "; ".join(f"{k}: {a.get(k)!r} {then_word}, {b.get(k)!r} {now_word}" for k in diff[:5])
+    """The settings that differ between two config dicts and ``matters``, in words (the first five); empty when
+    none do."""
+    return "; ".join(f"{k}: {a!r} {then_word}, {b!r} {now_word}" for k, a, b in differing_keys(saved, now, matters)[:5])
 
 
 def check_same_config(directory: Path, saved: dict, now: dict) -> None:
