@@ -172,12 +172,14 @@ def cache(d: dict) -> list[str]:
 
 
 def scaling(d: dict) -> list[str]:
+    from benchmarks.scaling import memory_sentence
+
     rows = [[f"{int(u):,}", f"{j['stats']['clicks_trained']:,}", f"{j['stats']['wall_seconds']:.1f}",
-             f"{j['stats']['peak_rss_mb']:.0f}"] for u, j in d["runs"].items()]
+             f"{j['stats']['setup_peak_rss_mb']:.0f}", f"{j['stats']['train_peak_rss_mb']:.0f}"]
+            for u, j in d["runs"].items()]
     return [f"**Scaling** (`python -m benchmarks.scaling`; {_device(d)}): one epoch per size, `{' '.join(d['model'])}`. "
-            f"Training time is linear in the targets with R² = {d['r2']:.4f}; peak memory grows "
-            f"{d['peak_rss_growth']:.2f}x over {d['users'][-1] // d['users'][0]}x the users.\n",
-            md_table(["users", "targets", "train s", "peak RSS MiB"], rows)]
+            f"Training time is linear in the targets with R² = {d['r2']:.4f}. {memory_sentence(d)}\n",
+            md_table(["users", "targets", "train s", "setup peak MiB", "training peak MiB"], rows)]
 
 
 def limit(d: dict) -> list[str]:
@@ -206,11 +208,17 @@ def tune(d: dict) -> list[str]:
     from benchmarks.tune import report
 
     body = report(d).split("\n\n", 1)[1]  # the settings paragraph and the table, without the page's title
-    return [f"**Tuning the defaults** (`python -m benchmarks.tune`): {body}\n"
-            "Chosen from it: `train.lr_schedule=auto` is a linear decay for `stage=finetune` (the steadier and higher "
-            "end of training); random negatives stay uniform and there is no warmup by default. "
-            + ("No run reaches the typical workflow's best AUC.\n"
-               if all(s["seconds_to_target"] is None for s in d["summary"].values()) else "")]
+    summary = d["summary"]
+    chosen = ("Chosen from it: `train.lr_schedule=auto` is a linear decay for `stage=finetune` (the steadier and "
+              "higher end of training); random negatives stay uniform and there is no warmup by default.")
+    if "engine.negatives=4" in summary:  # the sweep that made 4 negatives per click the default of stage=finetune
+        n4, base = summary["engine.negatives=4"], summary["defaults"]
+        chosen += (f" `engine.negatives=0` (auto) is 4 negatives per click for `stage=finetune`: its last "
+                   f"evaluations are {(n4['last_mean_auc'] - base['last_mean_auc']) * 100:+.2f} AUC points above 1 "
+                   f"negative's, at {n4['targets_per_second'] / base['targets_per_second']:.2f}x the targets per second.")
+    if all(s["seconds_to_target"] is None for s in summary.values()):
+        chosen += " No run reaches the typical workflow's best AUC."
+    return [f"**Tuning the defaults** (`python -m benchmarks.tune`): {body}\n{chosen}\n"]
 
 
 def _jobs_seconds(o, seen: set) -> float:

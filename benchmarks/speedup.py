@@ -12,7 +12,8 @@ each workflow:
 - (b) time for one epoch of the same log (at the measured rate);
 - (d) dev AUC at equal training time, and each workflow's best dev AUC.
 
-Then: ``engine.negatives`` 1 against 4 (same cap, same learning rate), and the cumulative ablation
+Then: ``engine.negatives`` 1 against 4 and a smaller token budget (each the headline speedyfeed run with that one
+setting changed, over its first ``negatives_cap`` seconds), and the cumulative ablation
 (typical -> + centralized encoding and dynamic batching -> + cache -> + autoregressive loss [-> + BusLM]) in
 targets/s, once with titles only and once with title, abstract and body.
 
@@ -30,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import machine, md_table, run_job_kept, write_results
-from speedyrec.config import Config
+from speedyrec.config import Config, load_config
 
 STUDENT = ["model.encoder=auto", "model.layers=2", "model.freeze_layers=0"]
 TINY = ["model.encoder=random:hidden=32,layers=2,heads=2,intermediate=64", "model.vocab_size=800"]
@@ -45,6 +46,11 @@ QUICK = {"users": 300, "model": TINY, "cap": 20.0, "every": {"typical": 5.0, "sp
          "patience": {"typical": 3, "speedyfeed": 3}, "negatives_cap": 8.0, "ablation_steps": 3, "budgets": [4000],
          "typical_ablation_steps": 2, "eval": ["eval.max_impressions=200"],
          "epochs": {"typical": 1, "speedyfeed": 2}}
+
+
+def default_negatives() -> int:
+    """engine.negatives of a default finetune run (``auto`` resolved)."""
+    return load_config(overrides=["stage=finetune"]).engine.negatives
 
 
 def lr_overrides(mult: float) -> list[str]:
@@ -106,11 +112,12 @@ def main(argv=None) -> dict:
         # each workflow's best learning rate, trained for its planned epochs of the log with the default schedule
         # (a linear decay over them): the typical workflow one (the sweep's cap stops it at a tenth of it),
         # speedyfeed the epochs benchmarks.tune planned (its epoch is ~10x shorter). The headline compares these
-        full = {wf: run_job_kept(f"{wf}_lr{best_mult[wf]:g}_epochs{mode['epochs'][wf]}",
-                                 base + [f"train.workflow={wf}", *lr_overrides(best_mult[wf]),
-                                         f"train.epochs={mode['epochs'][wf]}", f"eval.every_seconds={mode['every'][wf]:g}"],
-                                 root, timeout=6 * 3600)
-                for wf in WORKFLOWS}
+        def planned(wf):
+            return base + [f"train.workflow={wf}", *lr_overrides(best_mult[wf]), f"train.epochs={mode['epochs'][wf]}",
+                           f"eval.every_seconds={mode['every'][wf]:g}"]
+
+        full = {wf: run_job_kept(f"{wf}_lr{best_mult[wf]:g}_epochs{mode['epochs'][wf]}", planned(wf), root,
+                                 timeout=6 * 3600) for wf in WORKFLOWS}
         typ, sf = full["typical"], full["speedyfeed"]
         target = best_auc(typ)
         t_typ, t_sf = seconds_to(typ, target), seconds_to(sf, target)
@@ -118,8 +125,17 @@ def main(argv=None) -> dict:
         # (a) on identical targets: the typical workflow trained on every click of the user sequences
         typ_seq = speed_run("typical_sequence_targets", ["train.workflow=typical", "train.typical_targets=sequence",
                                                          *lr_overrides(best_mult["typical"])], mode["typical_ablation_steps"])
-        # negatives per click, 1 (the engine's default) against 4, same learning rate and cap
-        neg4 = curve_run("speedyfeed_negatives4", "speedyfeed", sf_mult, mode["negatives_cap"], "engine.negatives=4")
+        # speedyfeed's headline run with one setting changed, stopped after the first negatives_cap seconds: the same
+        # learning-rate schedule as the headline run over that time, so their first seconds compare like for like
+
+        def capped_run(name, extra):
+            return run_job_kept(name, [*planned("speedyfeed"), f"train.max_seconds={mode['negatives_cap']:g}", extra],
+                                root, timeout=4 * 3600)
+
+        # negatives per click: the default (benchmarks.tune chose it) against the other of 1 and 4
+        neg_default = default_negatives()
+        neg_other_n = 1 if neg_default != 1 else 4
+        neg_other = capped_run(f"speedyfeed_negatives{neg_other_n}", f"engine.negatives={neg_other_n}")
         # the cumulative ablation, titles only and long text
         ablation = {}
         for text, fields in (("titles", []), ("long text", LONG_TEXT)):
@@ -138,8 +154,7 @@ def main(argv=None) -> dict:
                 rows.append((label, speed_run(name, [*fields, *extra, *lr_overrides(sf_mult)], n or mode["ablation_steps"])))
             ablation[text] = rows
         # the engine's defaults, tuned for time to quality: token budgets per step against the default
-        budgets = {b: curve_run(f"speedyfeed_budget{b}", "speedyfeed", sf_mult, mode["negatives_cap"],
-                                f"engine.token_budget={b}") for b in mode.get("budgets", [])}
+        budgets = {b: capped_run(f"speedyfeed_budget{b}", f"engine.token_budget={b}") for b in mode.get("budgets", [])}
 
     epoch = {wf: j["stats"]["clicks_in_data"] / rate(j) for wf, j in (("typical", typ), ("speedyfeed", sf))}
     t_equal = min(typ["curve"][-1]["train_seconds"], sf["curve"][-1]["train_seconds"])
@@ -158,10 +173,12 @@ def main(argv=None) -> dict:
         # where in its epoch each workflow reached its best: near the end means it was still improving
         "best_at_epoch_fraction": {wf: _best_point(j)["train_seconds"] / j["curve"][-1]["train_seconds"]
                                    for wf, j in full.items()},
-        "negatives": {"1": _window_summary(sf, mode["negatives_cap"], target), "4": _window_summary(neg4, mode["negatives_cap"], target)},
+        "default_negatives": neg_default,
+        "negatives": {str(neg_default): _window_summary(sf, mode["negatives_cap"], target),
+                      str(neg_other_n): _window_summary(neg_other, mode["negatives_cap"], target)},
         "runs": {f"{wf}_lr{m:g}": sweep[wf][m] for wf in WORKFLOWS for m in mults},
         "epoch_runs": full,
-        "typical_sequence_targets": typ_seq, "speedyfeed_negatives4": neg4,
+        "typical_sequence_targets": typ_seq, f"speedyfeed_negatives{neg_other_n}": neg_other,
         "token_budgets": {"default": Config().engine.token_budget,
                           **{str(b): {**_window_summary(j, mode["negatives_cap"], target), "steps": j["stats"]["steps"]}
                              for b, j in budgets.items()}},
@@ -282,18 +299,20 @@ def report(d, typ, sf, typ_seq, ablation) -> str:
                      _stopped_by(name, s, mode)])
     md.append(md_table(["run", "train s", "steps", "targets", "epochs", "targets/s", "data efficiency", "best dev AUC",
                         "to typical's best", "stopped by"], rows))
-    n1, n4 = d["negatives"]["1"], d["negatives"]["4"]
+    neg_default = str(d.get("default_negatives", 1))  # results before the default became 4 said nothing: it was 1
+    n_def = d["negatives"][neg_default]
     md += [f"\n## Negatives per click (speedyfeed, lr x{d['headline_lr_multiple']:g}, first {mode['negatives_cap']:g} s)\n\n",
            md_table(["engine.negatives", "targets/s", "best dev AUC within the time", "to typical's best"],
-                    [[k, f"{v['targets_per_second']:.1f}", _f(v["best_auc_within_cap"]), _f(v["seconds_to_target"], "{:.0f} s")]
-                     for k, v in (("1", n1), ("4", n4))])]
+                    [[k + (" (default)" if k == neg_default else ""), f"{v['targets_per_second']:.1f}",
+                      _f(v["best_auc_within_cap"]), _f(v["seconds_to_target"], "{:.0f} s")]
+                     for k, v in sorted(d["negatives"].items())])]
     tb = d.get("token_budgets", {})
     if len(tb) > 1:
         def steps_in(job):  # optimizer steps at the last evaluation within the time
             return max((p["step"] for p in job["curve"] if p["train_seconds"] <= mode["negatives_cap"] + 1e-6), default=0)
 
-        rows = [[f"{tb['default']} (default)", steps_in(sf), f"{n1['targets_per_second']:.1f}", _f(n1["best_auc_within_cap"]),
-                 _f(n1["seconds_to_target"], "{:.0f} s")]]
+        rows = [[f"{tb['default']} (default)", steps_in(sf), f"{n_def['targets_per_second']:.1f}",
+                 _f(n_def["best_auc_within_cap"]), _f(n_def["seconds_to_target"], "{:.0f} s")]]
         rows += [[b, steps_in(d["speedyfeed_budgets"][b]), f"{v['targets_per_second']:.1f}", _f(v["best_auc_within_cap"]),
                   _f(v["seconds_to_target"], "{:.0f} s")] for b, v in tb.items() if b != "default"]
         md += [f"\n## Token budget per step (speedyfeed, lr x{d['headline_lr_multiple']:g}, first {mode['negatives_cap']:g} s)\n\n",

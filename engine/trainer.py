@@ -20,6 +20,7 @@ import torch
 
 from speedyrec.engine.checkpoint import rng_state, set_rng_state
 from speedyrec.engine.distributed import DistInfo, all_reduce_sum, reduce_gradients
+from speedyrec.engine.memory import HeapTrimmer, peak_rss_mb, reset_peak_rss
 from speedyrec.engine.runlog import RunLog, progress
 
 log = logging.getLogger("speedyrec.train")
@@ -92,7 +93,8 @@ class Trainer:
                  periodic_seconds: float = 0.0,
                  clip_groups: list[list[torch.nn.Parameter]] | None = None,
                  grad_hook: Callable[[], None] | None = None, log_dir: Path | None = None,
-                 progress_total: float = 0.0, progress_unit: str = "target", lr_schedule: str = "constant"):
+                 progress_total: float = 0.0, progress_unit: str = "target", lr_schedule: str = "constant",
+                 heap_trim_every: int = 0):
         self.model = model
         self.optimizer = optimizer
         self.dist = dist
@@ -144,6 +146,9 @@ class Trainer:
         # progress_total targets of all epochs (0: no ETA; progress_total also measures a linear decay)
         self.runlog = RunLog(log_dir) if log_dir is not None and dist.is_main else None
         self._seen = dict(self.state.counters)  # counters at the last log line: the window's rates come from these
+        # freed heap handed back to the system every heap_trim_every optimizer steps (0: never); see memory.py
+        self.heap = HeapTrimmer(heap_trim_every)
+        self.setup_peak_rss_mb: float | None = None  # peak resident memory before the first step (Linux)
 
     def log_scalars(self, kind: str, scalars: dict) -> None:
         """Record scalars at the current step (rank 0; e.g. dev metrics under kind "dev")."""
@@ -235,6 +240,9 @@ class Trainer:
         rank has run out of batches while another has not, so that collectives stay matched."""
         st = self.state
         device = self.dist.device
+        if self.setup_peak_rss_mb is None:  # what setup (data, tokens, models) took; the training peak starts here
+            self.setup_peak_rss_mb = peak_rss_mb()
+            reset_peak_rss()
         loss_acc = torch.zeros((), dtype=torch.float64, device=device)
         window_targets = 0.0
         micro = 0
@@ -352,6 +360,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self._set_lr()
+        if self.heap.available:
+            trims, seconds = self.heap.trims, self.heap.seconds
+            if self.heap.maybe_trim(self.state.step):
+                self.count({"heap_trims": self.heap.trims - trims, "heap_trim_seconds": self.heap.seconds - seconds})
 
 
 def _extras(s: dict) -> str:

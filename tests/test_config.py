@@ -115,14 +115,17 @@ def test_every_shipped_config_loads_and_validates():
         assert same if f.stem == "main" else not same, f  # main.yaml spells out the defaults; the others change some
 
 
-@pytest.mark.parametrize("stage, schedule", [("finetune", "linear"), ("pipeline", "constant"),
-                                             ("finetune_teachers", "constant"), ("distill_finetune", "constant"),
-                                             ("newsbert", "constant"), ("posttrain", "constant")])
-def test_lr_schedule_auto_is_resolved_per_stage_and_saved_resolved(tmp_path, stage, schedule):
-    """train.lr_schedule=auto (the default): linear decay for stage=finetune (chosen by benchmarks.tune), constant
-    where the distillation stages' results were measured with it; the config a run saves names the schedule."""
+@pytest.mark.parametrize("stage, schedule, negatives", [
+    ("finetune", "linear", 4), ("pipeline", "constant", 1), ("finetune_teachers", "constant", 1),
+    ("distill_finetune", "constant", 1), ("newsbert", "constant", 1), ("posttrain", "constant", 1)])
+def test_auto_defaults_are_resolved_per_stage_and_saved_resolved(tmp_path, stage, schedule, negatives):
+    """train.lr_schedule=auto and engine.negatives=0 (auto), the defaults: linear decay and 4 negatives per click
+    for stage=finetune (chosen by benchmarks.tune), constant and 1 where the distillation stages' results were
+    measured with them; the config a run saves names what it used."""
     cfg = load_config(overrides=[f"stage={stage}"])
-    assert cfg.train.lr_schedule == schedule
+    assert (cfg.train.lr_schedule, cfg.engine.negatives) == (schedule, negatives)
     dump_config(cfg, tmp_path / "c.yaml")
-    assert load_config(str(tmp_path / "c.yaml")).train.lr_schedule == schedule
+    again = load_config(str(tmp_path / "c.yaml"))
+    assert (again.train.lr_schedule, again.engine.negatives) == (schedule, negatives)
+    assert load_config(overrides=[f"stage={stage}", "engine.negatives=2"]).engine.negatives == 2
     assert load_config(overrides=[f"stage={stage}", "train.lr_schedule=constant"]).train.lr_schedule == "constant"

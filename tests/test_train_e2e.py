@@ -83,6 +83,12 @@ def check_stats(stats: dict, *, full_epoch: bool) -> None:
     assert 0.0 < stats["data_efficiency"] <= 1.0
     assert stats["wall_seconds"] > 0
     assert stats["clicks_per_second"] == pytest.approx(stats["clicks_trained"] / stats["wall_seconds"], rel=1e-6)
+    # memory, per phase: each peak lies under the process's whole peak, and the end under the training peak
+    assert stats["heap_trims"] >= 0 and stats["heap_trim_seconds"] >= 0
+    for k in ("setup_peak_rss_mb", "train_peak_rss_mb"):
+        assert stats[k] is None or 0 < stats[k] <= stats["peak_rss_mb"], (k, stats)
+    if stats["train_peak_rss_mb"] is not None:
+        assert stats["max_rank_rss_mb"] <= stats["train_peak_rss_mb"] + 1.0, stats
 
 
 def without_timing(d: dict) -> dict:

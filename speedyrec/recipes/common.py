@@ -20,6 +20,7 @@ from speedyrec.config import Config, ConfigError, dump_config
 from speedyrec.data.dataset import Dataset, cache_dir_of
 from speedyrec.data.token_store import TokenStore, build_or_load_field, tokenizer_digest
 from speedyrec.engine.distributed import DistInfo, all_reduce_sum
+from speedyrec.engine.memory import peak_rss_mb, process_peak_rss_mb
 from speedyrec.engine.trainer import Trainer
 from speedyrec.eval.evaluate import evaluate_models
 from speedyrec.models.backbone import build_backbone
@@ -175,13 +176,19 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
     local["sequences_dropped"] = float(getattr(workflow, "sequences_dropped", 0))
     vec = torch.tensor(list(local.values()), dtype=torch.float64, device=dist.device)
     all_reduce_sum(vec)
-    # the slowest rank's loop time, the largest resident memory of any rank now, and its largest peak so far
-    # (data preparation included; Linux reports ru_maxrss in KiB)
+    # the slowest rank's loop time, and the largest of any rank: resident memory now, the peak of setup (data
+    # preparation included), the peak since the first training step (training and its evaluations), and the
+    # process's peak (ru_maxrss, in KiB on Linux, where the system gives no phase peaks); -1 = not known
+    setup_peak, train_peak, whole = trainer.setup_peak_rss_mb, peak_rss_mb(), process_peak_rss_mb()
     peaks = torch.tensor([st.wall_seconds, psutil.Process().memory_info().rss / 2**20,
-                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64,
-                         device=dist.device)
+                          -1.0 if setup_peak is None else setup_peak, -1.0 if train_peak is None else train_peak,
+                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if whole is None else whole],
+                         dtype=torch.float64, device=dist.device)
     if dist.active:
         torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+    heap = torch.tensor([st.counters.get("heap_trims", 0.0), st.counters.get("heap_trim_seconds", 0.0)],
+                        dtype=torch.float64, device=dist.device)
+    all_reduce_sum(heap)
     stats = {k: (v if k.endswith("_sum") else int(v)) for k, v in zip(local, vec.tolist())}
     stats.update(cache_evidence(st.counters, stats, dist))
     epochs_run = cfg.train.epochs
@@ -204,7 +211,12 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
     stats["clicks_per_second"] = stats["clicks_trained"] / stats["wall_seconds"] if stats["wall_seconds"] > 0 else 0.0
     stats["setup_seconds"] = setup_seconds
     stats["max_rank_rss_mb"] = round(float(peaks[1]), 1)
-    stats["peak_rss_mb"] = round(float(peaks[2]), 1)
+    stats["setup_peak_rss_mb"] = round(float(peaks[2]), 1) if peaks[2] >= 0 else None
+    stats["train_peak_rss_mb"] = round(float(peaks[3]), 1) if peaks[3] >= 0 else None
+    stats["peak_rss_mb"] = round(float(peaks[4]), 1)
+    # malloc_trim calls (train.heap_trim_every) and the seconds they and their checks took, summed over ranks
+    stats["heap_trims"] = int(heap[0])
+    stats["heap_trim_seconds"] = round(float(heap[1]), 3)
     return stats
 
 
@@ -234,7 +246,7 @@ def engine_trainer(ctx: Context, model: torch.nn.Module, optimizer, workflow, lo
                    max_steps=tc.max_steps, max_seconds=tc.max_seconds, warmup_steps=tc.warmup_steps,
                    log_every=tc.log_every, after_step=getattr(workflow, "after_step", None), log_dir=log_dir,
                    progress_total=workflow.clicks_in_data * tc.epochs, progress_unit="click",
-                   lr_schedule=tc.lr_schedule, **kw)
+                   lr_schedule=tc.lr_schedule, heap_trim_every=tc.heap_trim_every, **kw)
 
 
 def evaluate_on_dev(ctx: Context, models: list, inputs: NewsInputs, encode_fn=None, ensemble=None) -> list[dict]:
@@ -257,7 +269,7 @@ def loop_stats(trainer, setup_seconds: float, per: str) -> dict:
     stats = {"steps": st.step, "wall_seconds": st.wall_seconds, "setup_seconds": setup_seconds}
     n = max(c.get(per, 0.0), 1.0)
     for k, v in c.items():
-        stats[k] = v / n if k.startswith("loss_") else int(v)
+        stats[k] = v / n if k.startswith("loss_") else v if k.endswith("_seconds") else int(v)
     tokens = c.get("valid_tokens", 0) + c.get("padded_tokens", 0)
     stats["data_efficiency"] = c.get("valid_tokens", 0) / tokens if tokens else 0.0
     return stats

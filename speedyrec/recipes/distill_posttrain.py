@@ -82,7 +82,8 @@ class DistillPosttrainRecipe(StageRecipe):
         trainer = Trainer(model, optimizer, dist, grad_clip=cfg.train.grad_clip, amp=cfg.train.amp,
                           max_steps=cfg.train.max_steps, max_seconds=cfg.train.max_seconds,
                           warmup_steps=cfg.train.warmup_steps, log_every=cfg.train.log_every, log_dir=self.out,
-                          progress_total=di.stage1_epochs * len(data.train_news), progress_unit="body")
+                          progress_total=di.stage1_epochs * len(data.train_news), progress_unit="body",
+                          heap_trim_every=cfg.train.heap_trim_every)
         setup = timer()
         trainer.fit(di.stage1_epochs, batches.epoch, self.step)
         for inputs in (data.titles, data.bodies):

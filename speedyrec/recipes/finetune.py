@@ -63,7 +63,8 @@ class FinetuneRecipe:
                                periodic=self._periodic_eval if cfg.eval.every or cfg.eval.every_seconds else None,
                                periodic_every=cfg.eval.every, periodic_seconds=cfg.eval.every_seconds,
                                log_dir=self.out_dir, progress_total=self.workflow.clicks_in_data * tc.epochs,
-                               progress_unit="click", lr_schedule=tc.lr_schedule, **self.ckpt.trainer_kwargs())
+                               progress_unit="click", lr_schedule=tc.lr_schedule, heap_trim_every=tc.heap_trim_every,
+                               **self.ckpt.trainer_kwargs())
         self.ckpt.resume(self.trainer)
         self.setup_seconds = time.perf_counter() - t0
 

@@ -78,7 +78,8 @@ class PosttrainRecipe(StageRecipe):
         trainer = Trainer(model, optimizer, dist, grad_clip=cfg.train.grad_clip, amp=cfg.train.amp,
                           max_steps=self.steps[-1], warmup_steps=cfg.train.warmup_steps, log_every=cfg.train.log_every,
                           periodic=self._periodic, periodic_every=1, log_dir=self.out,
-                          progress_total=self.steps[-1] * pt.batch_size, progress_unit="body")
+                          progress_total=self.steps[-1] * pt.batch_size, progress_unit="body",
+                          heap_trim_every=cfg.train.heap_trim_every)
         epochs = math.ceil(self.steps[-1] / self.batches.steps_per_epoch())
         setup = timer()
         trainer.fit(epochs, self.batches.epoch, self.step)
