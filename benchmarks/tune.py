@@ -14,8 +14,8 @@ it is planned to.
 Knobs: ``engine.random_negatives`` (uniform, or click popularity^0.75: history clicks are popularity-driven,
 so uniform negatives let a model score popularity instead of the user's interest), ``train.lr_schedule``
 (constant, or linear decay over the run), ``train.warmup_steps`` and ``engine.negatives`` (per click: 4 costs
-about 3x per target, so it is compared over the same epochs, not the same time). Full mode: about 10 min per run
-here (20 with 4 negatives), about 65 min in all.
+about 2x per target, so it is compared over the same epochs, not the same time). Full mode: about 20 min per run
+here with 4 negatives (the default of stage=finetune), 10 with 1, about 90 min in all.
 """
 from __future__ import annotations
 
