@@ -5,7 +5,8 @@ blocks of a few hundred KiB (activations of a small encoder) from its heap, not 
 dynamic mmap threshold has risen, and the heap fragments: measured on the 4k-user scaling run, 1.37 GB
 of heap held 173 MiB in use at the epoch's end. The heap never shrinks by itself, so peak memory grew
 with the epoch's length. ``malloc_trim`` returns the free pages inside the heap; it walks the heap (tens
-of ms at a GB) and the pages are faulted back in when reused, so it runs at a fixed interval of steps. Elsewhere than glibc it is a no-op that says so.
+of ms at a GB) and the pages are faulted back in when reused, so it runs at a fixed interval of steps.
+Elsewhere than glibc it is a no-op that says so.
 """
 from __future__ import annotations
 
