@@ -42,14 +42,16 @@ class HeapTrimmer:
         self.trims = 0
         self.seconds = 0.0
 
-    def maybe_trim(self, step: int) -> bool:
+    def maybe_trim(self, step: int) -> float | None:
+        """The seconds the trim took when this step trims, else None."""
         if not self.available or step % self.every:
-            return False
+            return None
         t0 = time.perf_counter()
         self._libc.malloc_trim(0)
-        self.seconds += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.seconds += took
         self.trims += 1
-        return True
+        return took
 
 
 _STATUS = Path("/proc/self/status")

@@ -360,10 +360,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self._set_lr()
-        if self.heap.available:
-            trims, seconds = self.heap.trims, self.heap.seconds
-            if self.heap.maybe_trim(self.state.step):
-                self.count({"heap_trims": self.heap.trims - trims, "heap_trim_seconds": self.heap.seconds - seconds})
+        took = self.heap.maybe_trim(self.state.step)
+        if took is not None:
+            self.count({"heap_trims": 1, "heap_trim_seconds": took})
 
 
 def _extras(s: dict) -> str:

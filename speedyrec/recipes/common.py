@@ -214,7 +214,7 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
     stats["setup_peak_rss_mb"] = round(float(peaks[2]), 1) if peaks[2] >= 0 else None
     stats["train_peak_rss_mb"] = round(float(peaks[3]), 1) if peaks[3] >= 0 else None
     stats["peak_rss_mb"] = round(float(peaks[4]), 1)
-    # malloc_trim calls (train.heap_trim_every) and the seconds they and their checks took, summed over ranks
+    # malloc_trim calls (train.heap_trim_every) and the seconds they took, summed over ranks
     stats["heap_trims"] = int(heap[0])
     stats["heap_trim_seconds"] = round(float(heap[1]), 3)
     return stats
