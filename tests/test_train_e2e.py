@@ -20,6 +20,7 @@ import torch
 
 from conftest import tiny_overrides
 from speedyrec.config import load_config
+from speedyrec.engine.memory import HeapTrimmer
 from speedyrec.train import main
 
 # stats.json counters DESIGN.md promises
@@ -340,7 +341,8 @@ def two_rank_runs(tmp_path_factory, cache_dir, synthetic_small, speedyfeed_run):
     The exit codes are checked by the tests, so that each reports its own run."""
     assert speedyfeed_run  # run first: it also fills the token and vocabulary cache the ranks read
     runs = {}
-    for name, extra in (("local_dedup", ()), ("global_dedup", ("engine.global_dedup=true",))):
+    # the global-dedup run also hands the heap back every 2 steps, on each rank
+    for name, extra in (("local_dedup", ()), ("global_dedup", ("engine.global_dedup=true", "train.heap_trim_every=2"))):
         out = tmp_path_factory.mktemp(f"ddp_{name}")
         runs[name] = (out, torchrun(synthetic_args(out, cache_dir, synthetic_small, *SPEEDYFEED_EXTRA, *extra), cwd=out))
     return runs
@@ -376,6 +378,10 @@ def test_two_ranks_train_the_whole_epoch(name, two_rank_runs, speedyfeed_run):
     assert stats["sequences_in_data"] == stats["sequences_trained"] == one["sequences_trained"]
     if name == "local_dedup":  # each rank encodes what it did not read from the cache
         assert stats["news_encoded"] + stats["cache_hits"] == stats["cache_lookups"]
+    # every rank trims after every 2nd optimizer step (summed over ranks); glibc-less systems cannot trim
+    every = load_config(str(out / "config.yaml")).train.heap_trim_every
+    trims = 2 * (stats["steps"] // every) if HeapTrimmer(every).available else 0
+    assert stats["steps"] >= 2 and stats["heap_trims"] == trims, (stats["steps"], every, stats["heap_trims"])
 
 
 def test_global_dedup_encodes_fewer_news(two_rank_runs):
