@@ -39,8 +39,9 @@ STUDENT_ROWS = (("student", "Tiny-NewsRec student"), ("student_plain", "the stud
 ROWS = TEACHER_ROWS + STUDENT_ROWS  # the 2-layer table (rows of other student sizes carry the suffix _l<N>)
 # --quick checks the harness: a tiny random 6-layer BERT (teachers train their top 2, as MiniLM-L6's do)
 TINY6 = ["model.encoder=random:hidden=32,layers=6,heads=2,intermediate=64", "model.vocab_size=800"]
-QUICK = [*TINY6, "data.synthetic_users=300", "posttrain.teachers=2", "posttrain.snapshot_after=6", "posttrain.snapshot_every=3",
-         "posttrain.holdout=50", "distill.stage1_epochs=1", "train.max_steps=6", "eval.max_impressions=100"]
+QUICK = [*TINY6, "data.synthetic_users=300", "posttrain.teachers=2", "posttrain.snapshot_after=6",
+         "posttrain.snapshot_every=3", "posttrain.holdout=50", "distill.stage1_epochs=1", "train.max_steps=6",
+         "eval.max_impressions=100"]
 
 
 def key(name: str, layers: int) -> str:
@@ -240,7 +241,8 @@ def report(runs: dict, students: dict, info: dict, quick: bool) -> dict:
           "\nWall time of each step (s), per run (a run of another student size links the teachers):\n",
           md_table(["run", "steps"], [[run, ", ".join(f"{k} {v:.0f}" for k, v in s.items())]
                                       for run, s in seconds.items()])]
-    write_results("quality_quick" if quick else "quality", payload, "\n".join(md), plot=lambda path: _plot(path, payload))
+    write_results("quality_quick" if quick else "quality", payload, "\n".join(md),
+                  plot=lambda path: _plot(path, payload))
     print("\n".join(md))
     return payload
 
@@ -258,7 +260,8 @@ def quality_table(d: dict) -> str:
                                                                f"into {n} blocks" if PLM_LAYERS % n else "none"])
             continue
         many = len(t[name].get("seeds", d["seeds"])) > 1  # one seed has no spread: say so instead of printing ± 0
-        cell = (lambda v: f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}") if many else (lambda v: f"{100 * v['mean']:.2f}")
+        def cell(v, many=many):
+            return f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}" if many else f"{100 * v['mean']:.2f}"
         seeds = t[name].get("seeds", d["seeds"])
         rows.append([what, t[name]["layers"], *[cell(t[name][k]) for k in METRICS], len(seeds)])
     return md_table(["model", "layers", "AUC", "MRR", "nDCG@5", "nDCG@10", "seeds"], rows)
@@ -268,10 +271,10 @@ def _plot(path, d: dict) -> None:
     import matplotlib.pyplot as plt
 
     t = d["table"]
-    colors = {"teacher_dp": "#4c72b0", "teacher_ensemble": "#4c72b0", "plain": "#8c8c8c", "student": "#dd8452", "student_plain": "#8c8c8c",
-              "newsbert_student": "#55a868"}
-    labels = {"teacher_dp": "teachers DP", "teacher_ensemble": "teachers' mean score", "plain": "teacher FT", "student": "Tiny-NewsRec", "student_plain": "student FT",
-              "newsbert_student": "NewsBERT"}
+    colors = {"teacher_dp": "#4c72b0", "teacher_ensemble": "#4c72b0", "plain": "#8c8c8c", "student": "#dd8452",
+              "student_plain": "#8c8c8c", "newsbert_student": "#55a868"}
+    labels = {"teacher_dp": "teachers DP", "teacher_ensemble": "teachers' mean score", "plain": "teacher FT",
+              "student": "Tiny-NewsRec", "student_plain": "student FT", "newsbert_student": "NewsBERT"}
     names = [n for n, _ in d["rows"] if n in t]
     base = [split_key(n)[0] for n in names]
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(names)), 4))
