@@ -40,19 +40,14 @@ def speedup(d: dict) -> list[str]:
     frac = d["best_at_epoch_fraction"]["typical"]
     cap_note = (f"the best of one full epoch, {typ['curve'][-1]['train_seconds']:.0f} s, reached at {frac:.0%} of it"
                 + (", so it was still improving" if frac > 0.9 else ""))
-    epochs = mode.get("epochs", {"typical": 1, "speedyfeed": 1})  # results before the planned runs: one epoch each
-    if "long_cap" in mode:
-        missed = (f" (it trained on beyond its epoch, for up to {mode['long_cap']:g} s, and stopped improving at "
-                  f"{d['best_auc']['speedyfeed']:.4f})")
-    else:
-        missed = f" (its best in {epochs['speedyfeed']} epochs: {d['best_auc']['speedyfeed']:.4f})"
+    epochs = mode["epochs"]
+    missed = f" (its best in {epochs['speedyfeed']} epochs: {d['best_auc']['speedyfeed']:.4f})"
     return [
         f"**Time to quality** (`python -m benchmarks.speedup`; {_device(d)}): the synthetic default "
         f"({mode['users']:,} users), `{' '.join(mode['model'])}`, one process, both workflows in one run with the same "
         f"learning-rate sweep ({', '.join('x%g' % m for m in d['lr_multiples'])} the defaults, {mode['cap']:g} s each); "
         f"each workflow's best learning rate then trained for {epochs['typical']} (typical) / {epochs['speedyfeed']} "
-        "(speedyfeed) full epochs of the log"
-        + (", with a linear learning-rate decay over them," if "long_cap" not in mode else "") + " with dev AUC every "
+        "(speedyfeed) full epochs of the log, with a linear learning-rate decay over them, with dev AUC every "
         f"{mode['every']['typical']:g} s (typical) / {mode['every']['speedyfeed']:g} s (speedyfeed) of training. "
         f"Training seconds to the typical workflow's best dev AUC ({d['target_auc']:.4f}; {cap_note}): typical "
         f"{fmt(t['typical'], '{:.0f} s')}, speedyfeed **{fmt(t['speedyfeed'], '{:.0f} s')}**"
@@ -74,8 +69,8 @@ def speedup(d: dict) -> list[str]:
             ["best AUC", "best dev AUC of the headline runs", f"{d['best_auc']['typical']:.4f}", f"{d['best_auc']['speedyfeed']:.4f}",
              f"{(d['best_auc']['speedyfeed'] - d['best_auc']['typical']) * 100:+.2f} points"]]),
         "\nThe typical workflow's targets are the impressions' clicks, each against 4 impression negatives; "
-        "speedyfeed's are every click of every user sequence (history included) against `engine.negatives` negatives, "
-        "random where the impression has too few. The sweep, the negatives ablation (1 vs 4), the token-budget variants and the cumulative "
+        f"speedyfeed's are every click of every user sequence (history included) against {d['default_negatives']} "
+        "negatives (`engine.negatives`), impression non-clicks first, random where the impression has too few. The sweep, the negatives ablation (1 vs 4), the token-budget variants and the cumulative "
         "ablation with titles and with long text are in `benchmarks/results/speedup.md`.\n",
     ]
 
