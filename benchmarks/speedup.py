@@ -299,7 +299,7 @@ def report(d, typ, sf, typ_seq, ablation) -> str:
                      _stopped_by(name, s, mode)])
     md.append(md_table(["run", "train s", "steps", "targets", "epochs", "targets/s", "data efficiency", "best dev AUC",
                         "to typical's best", "stopped by"], rows))
-    neg_default = str(d.get("default_negatives", 1))  # results before the default became 4 said nothing: it was 1
+    neg_default = str(d["default_negatives"])
     n_def = d["negatives"][neg_default]
     md += [f"\n## Negatives per click (speedyfeed, lr x{d['headline_lr_multiple']:g}, first {mode['negatives_cap']:g} s)\n\n",
            md_table(["engine.negatives", "targets/s", "best dev AUC within the time", "to typical's best"],

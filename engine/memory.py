@@ -32,15 +32,13 @@ class HeapTrimmer:
     free pages back (0: never). Trimming when memory grew past a threshold was tried and dropped: right after a trim
     the next step faults its whole working set back in, so with the 2-layer MiniLM student (over 512 MiB a step)
     it trimmed at every step and cost 11% of the speed; a fixed interval bounds the cost to one trim and one
-    step's page faults per interval. ``trims`` and ``seconds`` (inside malloc_trim) count what it did;
-    ``available`` says whether this system can."""
+    step's page faults per interval; the caller counts the trims and their seconds. ``available`` says whether
+    this system can."""
 
     def __init__(self, every: int):
         self.every = int(every)
         self._libc = _glibc() if self.every > 0 else None
         self.available = self._libc is not None
-        self.trims = 0
-        self.seconds = 0.0
 
     def maybe_trim(self, step: int) -> float | None:
         """The seconds the trim took when this step trims, else None."""
@@ -48,10 +46,7 @@ class HeapTrimmer:
             return None
         t0 = time.perf_counter()
         self._libc.malloc_trim(0)
-        took = time.perf_counter() - t0
-        self.seconds += took
-        self.trims += 1
-        return took
+        return time.perf_counter() - t0
 
 
 _STATUS = Path("/proc/self/status")

@@ -35,20 +35,20 @@ def test_trim_hands_back_freed_heap_pages_at_its_interval():
     trimmer = HeapTrimmer(3)
     kept = fragment_heap(256)
     before = rss_mb()
-    assert not trimmer.maybe_trim(1) and not trimmer.maybe_trim(2) and trimmer.trims == 0
+    assert trimmer.maybe_trim(1) is None and trimmer.maybe_trim(2) is None
     assert rss_mb() > before - 20  # nothing given back between trims
-    assert trimmer.maybe_trim(3) and trimmer.trims == 1
+    took = trimmer.maybe_trim(3)
     after = rss_mb()
     # about 7/8 of the 256 MiB written were freed; the trim must give most of that back to the system
     assert before - after > 150, (before, after)
-    assert trimmer.seconds > 0
+    assert took is not None and took > 0
     del kept
 
 
 def test_an_interval_of_zero_turns_trimming_off():
     trimmer = HeapTrimmer(0)
     assert not trimmer.available
-    assert not trimmer.maybe_trim(0) and trimmer.trims == 0
+    assert trimmer.maybe_trim(0) is None
 
 
 @pytest.mark.skipif(peak_rss_mb() is None or not reset_peak_rss(), reason="needs Linux's VmHWM and clear_refs")

@@ -31,7 +31,7 @@ log = logging.getLogger("speedyrec")
 
 ENGINE_COUNTERS = ("clicks_trained", "news_encoded", "cache_lookups", "cache_hits", "served_age_sum", "valid_tokens",
                    "padded_tokens", "sequences_trained", "negatives_random", "audit_rows", "audit_cos_sum",
-                   "audit_noise_cos_sum")
+                   "audit_noise_cos_sum", "heap_trims", "heap_trim_seconds")
 EXTREME_COUNTERS = (("served_age_max", "max"), ("audit_cos_min", "min"))  # reduced over ranks by max / min
 
 
@@ -186,10 +186,7 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
                          dtype=torch.float64, device=dist.device)
     if dist.active:
         torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
-    heap = torch.tensor([st.counters.get("heap_trims", 0.0), st.counters.get("heap_trim_seconds", 0.0)],
-                        dtype=torch.float64, device=dist.device)
-    all_reduce_sum(heap)
-    stats = {k: (v if k.endswith("_sum") else int(v)) for k, v in zip(local, vec.tolist())}
+    stats = {k: (v if k.endswith(("_sum", "_seconds")) else int(v)) for k, v in zip(local, vec.tolist())}
     stats.update(cache_evidence(st.counters, stats, dist))
     epochs_run = cfg.train.epochs
     stats["clicks_in_data"] = int(workflow.clicks_in_data)
@@ -214,9 +211,8 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
     stats["setup_peak_rss_mb"] = round(float(peaks[2]), 1) if peaks[2] >= 0 else None
     stats["train_peak_rss_mb"] = round(float(peaks[3]), 1) if peaks[3] >= 0 else None
     stats["peak_rss_mb"] = round(float(peaks[4]), 1)
-    # malloc_trim calls (train.heap_trim_every) and the seconds they took, summed over ranks
-    stats["heap_trims"] = int(heap[0])
-    stats["heap_trim_seconds"] = round(float(heap[1]), 3)
+    # heap_trims, heap_trim_seconds: malloc_trim calls (train.heap_trim_every) and their seconds, summed over ranks
+    stats["heap_trim_seconds"] = round(stats["heap_trim_seconds"], 3)
     return stats
 
 
