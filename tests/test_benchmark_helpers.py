@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.buslm import segmented
 from benchmarks.scaling import r2_through_origin
-from benchmarks.speedup import auc_at, seconds_to
+from benchmarks.speedup import _window_summary, auc_at, seconds_to
 
 JOB = {"curve": [{"train_seconds": 10.0, "auc": 0.60}, {"train_seconds": 20.0, "auc": 0.65},
                  {"train_seconds": 30.0, "auc": 0.64}, {"train_seconds": 40.0, "auc": 0.70}]}
@@ -24,6 +24,13 @@ def test_auc_at_is_the_last_evaluation_within_the_time():
     assert auc_at(JOB, 30.0) == 0.64
     assert auc_at(JOB, 39.9) == 0.64
     assert auc_at(JOB, 5.0) is None
+
+
+def test_a_window_summary_counts_only_what_happened_within_its_time():
+    job = {**JOB, "stats": {"clicks_per_second": 10.0}}
+    w = _window_summary(job, 30.0, 0.70)  # the target is reached at 40 s, after the window
+    assert w["best_auc_within_cap"] == 0.65 and w["auc_at_cap"] == 0.64 and w["seconds_to_target"] is None
+    assert _window_summary(job, 30.0, 0.65)["seconds_to_target"] == 20.0
 
 
 def test_r2_through_origin():
