@@ -13,9 +13,10 @@ it is planned to.
 
 Knobs: ``engine.random_negatives`` (uniform, or click popularity^0.75: history clicks are popularity-driven,
 so uniform negatives let a model score popularity instead of the user's interest), ``train.lr_schedule``
-(constant, or linear decay over the run), ``train.warmup_steps`` and ``engine.negatives`` (per click: 4 costs
-about 2x per target, so it is compared over the same epochs, not the same time). Full mode: about 20 min per run
-here with 4 negatives (the default of stage=finetune), 10 with 1, about 90 min in all.
+(constant, or linear decay over the run), ``train.warmup_steps``, ``engine.negatives`` (per click: 4 costs
+about 2x per target, so it is compared over the same epochs, not the same time) and ``engine.inbatch_negatives``
+(every news of the batch the user did not click as a negative too, at no extra encoding). Full mode: about 20 min per run
+here with 4 negatives (the default of stage=finetune), 10 with 1, about 110 min in all.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from speedyrec.config import load_config
 PLATEAU = 10  # the last evaluations of a run, averaged: where it ends, less noisy than its best single point
 # knob -> the values tried; the run of the default value is shared by all knobs
 KNOBS = {"engine.random_negatives": ("uniform", "popularity"), "train.lr_schedule": ("constant", "linear"),
-         "train.warmup_steps": (0, 20), "engine.negatives": (1, 4)}
+         "train.warmup_steps": (0, 20), "engine.negatives": (1, 4), "engine.inbatch_negatives": (False, True)}
 
 
 def defaults() -> dict:
@@ -48,13 +49,18 @@ def defaults() -> dict:
     return out
 
 
+def _spell(v) -> str:
+    """A value as a command-line override spells it (booleans as true / false)."""
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
 def variants(default: dict) -> list[tuple[str, list[str]]]:
     """(run name, overrides): the defaults, then each knob at each of its other values. Every run names every
     knob's value, so a kept run is never reused after a default changed (its overrides differ)."""
-    spelled = [f"{k}={v}" for k, v in default.items()]
+    spelled = [f"{k}={_spell(v)}" for k, v in default.items()]
     out = [("defaults", spelled)]
     for knob, values in KNOBS.items():
-        out += [(f"{knob}={v}", [o for o in spelled if not o.startswith(knob + "=")] + [f"{knob}={v}"])
+        out += [(f"{knob}={_spell(v)}", [o for o in spelled if not o.startswith(knob + "=")] + [f"{knob}={_spell(v)}"])
                 for v in values if v != default[knob]]
     return out
 

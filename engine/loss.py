@@ -60,6 +60,23 @@ def click_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - logits[:, 0]
 
 
+def inbatch_logits(table: torch.Tensor, clicks: torch.Tensor, targets: torch.Tensor, scores: TargetScores) -> torch.Tensor:
+    """Each target's click against every news of the batch table that its user did not click.
+
+    The table already holds the batch's news (clicks of every sequence, sampled negatives), so these negatives
+    cost no encoding: one [T, U] product. A row the target's own sequence clicks anywhere (context, earlier or
+    later targets, the click itself) is masked, so no news the user clicked is scored as a negative. Returns
+    logits [T, 1 + U] float32, the click first and masked entries at -inf.
+    """
+    b, u = clicks.shape[0], table.shape[0]
+    clicked = torch.zeros((b, u), dtype=torch.bool, device=table.device)
+    bi, li = (clicks >= 0).nonzero(as_tuple=True)
+    clicked[bi, clicks[bi, li]] = True
+    rows = targets.nonzero(as_tuple=True)[0]  # each target's sequence, in the order of scores' rows
+    others = (scores.user @ table.t()).float().masked_fill(clicked[rows], float("-inf"))
+    return torch.cat([scores.logits[:, :1], others], dim=1)
+
+
 def autoregressive_loss(table: torch.Tensor, clicks: torch.Tensor, negatives: torch.Tensor, targets: torch.Tensor,
                         prefix_states: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                         initial_state: torch.Tensor, state_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:

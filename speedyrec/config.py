@@ -110,6 +110,9 @@ class EngineConfig:
     # (benchmarks.tune: +0.95 AUC points at the end of training, at half the targets per second), 1 for the
     # distillation stages (their results in benchmarks/ were measured with it)
     negatives: int = 0
+    # stage=finetune: score each click also against every news of the rank's batch its user did not click (no
+    # extra encoding; the count depends on the batch, so on engine.token_budget and the number of ranks)
+    inbatch_negatives: bool = False
     buslm: bool = False
     # one BusLM segment per entry; a field named k times is cut into k consecutive segments (long bodies)
     segments: list = field(default_factory=lambda: ["title", "abstract", "body"])
@@ -431,6 +434,14 @@ def validate(cfg: Config) -> None:
     if cfg.engine.cache_audit and (cfg.train.workflow != "speedyfeed" or not cfg.engine.cache or not cfg.engine.cache_gamma):
         raise ConfigError("engine.cache_audit audits the embedding cache: it needs train.workflow=speedyfeed, "
                           "engine.cache=true and engine.cache_gamma > 0")
+    if cfg.engine.inbatch_negatives and (cfg.stage != "finetune" or cfg.train.workflow != "speedyfeed"):
+        raise ConfigError("engine.inbatch_negatives scores clicks against the speedyfeed workflow's batch table: it "
+                          "needs stage=finetune and train.workflow=speedyfeed (the distillation stages and the "
+                          f"pipeline keep their sampled negatives); got stage={cfg.stage}, "
+                          f"train.workflow={cfg.train.workflow}")
+    if cfg.engine.inbatch_negatives and not cfg.engine.dedup:
+        raise ConfigError("engine.inbatch_negatives needs engine.dedup=true: without it a batch table may hold a news "
+                          "twice, and a copy of a user's own click would be scored as a negative")
     if cfg.engine.global_dedup and not cfg.engine.dedup:
         raise ConfigError("engine.global_dedup=true needs engine.dedup=true")
     _validate_distillation(cfg)

@@ -167,14 +167,16 @@ def test_tune_changes_one_knob_per_run_and_reports_time_to_the_speedup_target(tm
     assert "train.epochs=2" in base and "train.workflow=speedyfeed" in base
     # the defaults of stage=finetune, every knob spelled out (auto resolved: linear decay, 4 negatives per click)
     assert {"engine.random_negatives=uniform", "train.lr_schedule=linear", "train.warmup_steps=0",
-            "engine.negatives=4"} <= set(base)
+            "engine.negatives=4", "engine.inbatch_negatives=false"} <= set(base)
     changed = {name: sorted(set(o_) ^ set(base)) for name, o_ in ran.items()}
     assert changed == {"tune_defaults": [],
                        "tune_engine_random_negatives_popularity": ["engine.random_negatives=popularity",
                                                                    "engine.random_negatives=uniform"],
                        "tune_train_lr_schedule_constant": ["train.lr_schedule=constant", "train.lr_schedule=linear"],
                        "tune_train_warmup_steps_20": ["train.warmup_steps=0", "train.warmup_steps=20"],
-                       "tune_engine_negatives_1": ["engine.negatives=1", "engine.negatives=4"]}
+                       "tune_engine_negatives_1": ["engine.negatives=1", "engine.negatives=4"],
+                       "tune_engine_inbatch_negatives_true": ["engine.inbatch_negatives=false",
+                                                              "engine.inbatch_negatives=true"]}
     pop = payload["summary"]["engine.random_negatives=popularity"]
     assert pop["seconds_to_target"] == 40.0 and pop["seconds_to_near_target"] == 40.0  # AUC 0.69 at 30 s, 0.72 at 40 s
     assert pop["best_at_epoch"] == 2.0 and pop["auc_after_one_epoch"] == pytest.approx(0.66)

@@ -64,6 +64,16 @@ def test_bad_values_name_the_key():
         load_config(None, ["train.epochs"])
 
 
+@pytest.mark.parametrize("extra", [["stage=pipeline"], ["stage=distill_finetune"], ["train.workflow=typical"],
+                                   ["engine.dedup=false"]])
+def test_inbatch_negatives_are_refused_where_they_would_not_apply(extra):
+    """Only the finetune stage's speedyfeed click loss scores in-batch negatives, on a deduplicated table; elsewhere
+    the key would be silently ignored (or score a copy of a user's own click), so it is refused."""
+    load_config(None, ["engine.inbatch_negatives=true"])  # the finetune stage's speedyfeed workflow takes it
+    with pytest.raises(ConfigError, match="engine.inbatch_negatives"):
+        load_config(None, ["engine.inbatch_negatives=true", *extra])
+
+
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/c.yaml")

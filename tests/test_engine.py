@@ -9,7 +9,7 @@ from speedyrec.engine.batching import DynamicBatcher, SequenceSet, make_units
 from speedyrec.engine.cache import EmbeddingCache
 from speedyrec.engine.distributed import DistInfo, shutdown
 from speedyrec.engine.encode import CentralizedEncoder, assign_owners, length_chunks
-from speedyrec.engine.loss import autoregressive_loss
+from speedyrec.engine.loss import autoregressive_loss, click_cross_entropy, inbatch_logits, target_scores
 from speedyrec.engine.ragged import Ragged
 from speedyrec.models.recommender import UserEncoder
 
@@ -357,6 +357,63 @@ def test_a_click_never_sees_its_own_impression_and_context_is_not_trained(chunk_
     assert sorted(seen) == list(range(len(seqs.clicks.values)))  # every click a target exactly once
     assert n == n_ref
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_inbatch_negatives_equal_a_per_target_reference_and_never_score_the_users_own_clicks():
+    """Slow reference: each target's click against every news of the batch that its unit does not click (context
+    included), each news encoded on its own, the user state pooled over the clicks before it of other impressions."""
+    seqs = impression_sequences(users=8)
+    b = batcher(seqs, token_budget=10**9, buckets=1, max_history=4)
+    batch = next(iter(b.epoch(0)))
+    model, user = BagEncoder(), UserEncoder(8, 4)
+    ids, mask, lengths = token_table(batch.news)
+    enc = CentralizedEncoder(make_encode_rows(model), 8, DistInfo(), cache=None, global_dedup=False, chunk_tokens=13)
+    table = enc(batch.news, lengths, (ids, mask), step=0).table
+    scores = target_scores(table, batch.clicks, batch.negatives, batch.targets, user.prefix_states, user.empty,
+                           batch.state_pos)
+    logits = inbatch_logits(table, batch.clicks, batch.targets, scores)
+    loss, n = click_cross_entropy(logits).sum(), int(batch.targets.sum())
+    news = batch.news
+    assert len(np.unique(news)) == len(news)  # a deduplicated table: one row per news
+    ref, counts = 0.0, []
+    for row, unit in enumerate(batch.units):
+        lo = int(b.units.start[unit])
+        idx = np.arange(lo, lo + int(b.units.length[unit]))
+        own = set(seqs.clicks.values[idx].tolist())
+        others = np.array([x for x in news if x not in own])
+        for t in range(len(idx)):
+            if not batch.targets[row, t]:
+                continue
+            p = seqs.click_pool[idx[t]]
+            hist = [int(seqs.clicks.values[idx[j]]) for j in range(t) if p < 0 or seqs.click_pool[idx[j]] != p]
+            if hist:
+                hids, hmask, _ = token_table(np.array(hist))
+                u = user(model(hids, hmask)[None], torch.ones(1, len(hist), dtype=torch.bool))[0]
+            else:
+                u = user.empty
+            cids, cmask, _ = token_table(np.concatenate([[seqs.clicks.values[idx[t]]], others]))
+            sc = model(cids, cmask) @ u
+            ref = ref + torch.logsumexp(sc, 0) - sc[0]
+            counts.append(len(others))
+    assert n == len(counts) and logits.shape == (n, 1 + len(news))
+    assert torch.isfinite(logits[:, 1:]).sum(1).tolist() == counts  # exactly the news the unit never clicks
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    params = list(model.parameters()) + list(user.parameters())
+    for a, c in zip(torch.autograd.grad(loss, params, retain_graph=True), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+    # a target's sampled negatives are among its in-batch ones unless its user clicked them too (masked then): where
+    # none was, the larger candidate set can only raise the target's loss
+    rows, cols = batch.targets.nonzero(as_tuple=True)
+    kept = torch.tensor([not set(batch.negatives[r, c].tolist()) & set(batch.clicks[r].tolist()) for r, c in zip(rows, cols)])
+    assert 0 < int(kept.sum()) < n  # both kinds occur in this batch
+    assert (click_cross_entropy(logits)[kept] >= click_cross_entropy(scores.logits)[kept] - 1e-5).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the GPU path's mixed precision: float32 logits, close loss
+        table16 = enc(batch.news, lengths, (ids, mask), step=0).table
+        s16 = target_scores(table16, batch.clicks, batch.negatives, batch.targets, user.prefix_states, user.empty,
+                            batch.state_pos)
+        loss16 = click_cross_entropy(inbatch_logits(table16, batch.clicks, batch.targets, s16)).sum()
+    assert loss16.dtype == torch.float32 and torch.isfinite(loss16)
+    torch.testing.assert_close(loss16, loss.detach(), rtol=0.03, atol=0.0)
 
 
 def test_width_groups_pad_the_least_a_brute_force_finds():

@@ -139,6 +139,7 @@ def test_typical_workflow_writes_outputs_and_keeps_invariants(typical_run):
     assert stats["steps"] == -(-stats["clicks_in_data"] // 64)
     # every instance encodes max_history + 1 + negatives news, without dedup and without the cache
     assert stats["news_encoded"] == stats["clicks_trained"] * (10 + 1 + 2)
+    assert stats["negatives_scored"] == stats["clicks_trained"] * 2
     assert stats["cache_lookups"] == 0 and stats["cache_hits"] == 0
     # fixed padding to the field's maximum: every encoded news occupies title_tokens slots
     assert stats["valid_tokens"] + stats["padded_tokens"] == stats["news_encoded"] * 16
@@ -210,6 +211,7 @@ ABLATIONS = {
     "refine": ("engine.refine=true", "data.body_tokens=32"),
     "frozen_prefix": ("model.freeze_layers=1",),
     "grad_accum": ("train.grad_accum=2",),
+    "inbatch_negatives": ("engine.inbatch_negatives=true",),
 }
 ABLATION_STEPS = 3
 
@@ -247,6 +249,12 @@ def test_ablation_keeps_the_invariants(name, tmp_path, cache_dir, synthetic_smal
         assert saved.model.freeze_layers == 1
     if name == "grad_accum":
         assert saved.train.grad_accum == 2
+    # every target is scored against its sampled negatives; in-batch, against the batch's news its user did not click
+    sampled = stats["clicks_trained"] * saved.engine.negatives
+    if name == "inbatch_negatives":
+        assert stats["negatives_scored"] > sampled
+    else:
+        assert stats["negatives_scored"] == sampled
 
 
 def test_no_dedup_encodes_more_than_dedup(tmp_path, cache_dir, synthetic_small):

@@ -15,7 +15,7 @@ from speedyrec.engine.batching import DynamicBatcher, SequenceBatch, SequenceSet
 from speedyrec.engine.cache import EmbeddingCache
 from speedyrec.engine.distributed import DistInfo
 from speedyrec.engine.encode import CentralizedEncoder, EncodeRows
-from speedyrec.engine.loss import autoregressive_loss
+from speedyrec.engine.loss import click_cross_entropy, inbatch_logits, target_scores
 from speedyrec.engine.ragged import Ragged
 from speedyrec.engine.trainer import StepOutput
 from speedyrec.models.news_inputs import NewsInputs, NewsTokens
@@ -170,7 +170,9 @@ class SpeedyFeedWorkflow:
         return StepOutput(loss, n, counters)
 
     def click_loss(self, table, news, clicks, negatives, targets, state_pos) -> tuple[torch.Tensor, dict]:
-        """The model's autoregressive click loss, summed over the targets."""
+        """The model's autoregressive click loss, summed over the targets; with ``engine.inbatch_negatives``
+        against every news of the batch its user did not click. Counts the negatives scored."""
         user = self.model.user_encoder
-        loss, _ = autoregressive_loss(table, clicks, negatives, targets, user.prefix_states, user.empty, state_pos)
-        return loss, {}
+        scores = target_scores(table, clicks, negatives, targets, user.prefix_states, user.empty, state_pos)
+        logits = inbatch_logits(table, clicks, targets, scores) if self.cfg.engine.inbatch_negatives else scores.logits
+        return click_cross_entropy(logits).sum(), {"negatives_scored": int(torch.isfinite(logits[:, 1:]).sum())}

@@ -100,7 +100,7 @@ class TypicalWorkflow:
         valid = int(tok.mask[real].sum())
         counters = {"clicks_trained": len(share), "news_encoded": len(news), "valid_tokens": valid,
                     "padded_tokens": tok.mask.size - valid,
-                    "negatives_random": int(fills[share].sum())}
+                    "negatives_random": int(fills[share].sum()), "negatives_scored": len(share) * self.negatives}
         return TypicalBatch(torch.from_numpy(hist), torch.from_numpy(cand), torch.from_numpy(tok.input_ids),
                             torch.from_numpy(tok.mask), counters)
 
