@@ -89,7 +89,8 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, **kw) -> dict:
 
 def changed_defaults(run_dir: Path, overrides: list[str]) -> list[str]:
     """Keys whose value the overrides give today differs from what the kept run saved in its config.yaml: a
-    default changed since (or a key was added), so the kept run no longer measures these overrides."""
+    default changed since (or a key was added), so the kept run no longer measures these overrides. A boolean
+    switch added since and off (false) is no difference: the kept run ran without the feature, as this one would."""
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return []
@@ -100,7 +101,8 @@ def changed_defaults(run_dir: Path, overrides: list[str]) -> list[str]:
 
     want = flat_config(load_config(overrides=[*overrides, f"out_dir={run_dir}", "train.log_every=0"]).to_dict())
     return [f"{k}: {then!r} -> {now!r}"
-            for k, then, now in differing_keys(yaml.safe_load(saved.read_text()), want, lambda k, *_: k in want)]
+            for k, then, now in differing_keys(yaml.safe_load(saved.read_text()), want,
+                                               lambda k, then, now: k in want and not (then is None and now is False))]
 
 
 def write_results(name: str, payload: dict, markdown: str, plot=None) -> None:

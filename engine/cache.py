@@ -145,3 +145,46 @@ class EmbeddingCache:
         rows = torch.cat([emb, torch.full((len(emb), 1), float(step), dtype=emb.dtype, device=emb.device)], dim=1)
         self.emb.index_copy_(0, torch.from_numpy(local).to(self.emb.device), rows)
         self.stamp[local] = step
+
+
+class DeferredGradients:
+    """The gradients that served cache rows received, kept per news until the news is next encoded.
+
+    A row served from the cache is a constant to the step that reads it: the encoder gets no gradient from it,
+    so at equal epochs a cached run trains the encoder on fewer rows than an uncached one. Here each served row
+    is a leaf whose gradient (of the step's summed loss) is added to its news' entry; the next step that encodes
+    the news afresh adds <fresh vector, entry> to its loss (with value 0, see ``SpeedyFeedWorkflow.step``), so the
+    encoder receives those gradients at the fresh vector, at most gamma steps late, and the entry is cleared. Per
+    rank: a rank applies what its own steps accumulated, wherever the fresh vector was encoded (global dedup
+    gathers it with gradients). Memory: a float32 [num_news, D] buffer per rank.
+    """
+
+    def __init__(self, num_items: int, dim: int, device: torch.device):
+        self.grad = torch.zeros((num_items, dim), dtype=torch.float32, device=device)
+        self.pending = np.zeros(num_items, dtype=bool)
+
+    def add(self, ids: np.ndarray, grad: torch.Tensor) -> None:
+        """Accumulate the gradients [len(ids), D] of served rows ``ids`` (a backward hook calls it)."""
+        self.grad.index_add_(0, torch.from_numpy(ids).to(self.grad.device), grad.detach().float().to(self.grad.device))
+        self.pending[ids] = True
+
+    def take(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """Positions in ``ids`` (news encoded afresh this step) with pending gradients, and those gradients
+        [len(positions), D]; their entries are cleared."""
+        pos = np.flatnonzero(self.pending[ids])
+        rows = torch.from_numpy(ids[pos]).to(self.grad.device)
+        grad = self.grad.index_select(0, rows)
+        self.grad.index_fill_(0, rows, 0.0)
+        self.pending[ids[pos]] = False
+        return pos, grad
+
+    def state_dict(self) -> dict:
+        rows = np.flatnonzero(self.pending)
+        return {"rows": rows, "grad": self.grad.index_select(0, torch.from_numpy(rows).to(self.grad.device)).cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.grad.zero_()
+        self.pending[:] = False
+        rows = np.asarray(state["rows"], dtype=np.int64)
+        self.grad.index_copy_(0, torch.from_numpy(rows).to(self.grad.device), state["grad"].to(self.grad.device))
+        self.pending[rows] = True

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from speedyrec.engine.cache import EmbeddingCache
+from speedyrec.engine.cache import DeferredGradients, EmbeddingCache
 from speedyrec.engine.distributed import DistInfo, all_gather_rows, all_gather_with_grad
 from speedyrec.engine.hashing import hash64
 
@@ -36,6 +36,8 @@ EncodeRows = Callable[[object, np.ndarray], tuple[torch.Tensor, int, int]]
 class EncodedTable:
     table: torch.Tensor  # [U, D], row i is the embedding of batch news i
     counters: dict
+    # <fresh rows, their deferred cache-hit gradients>: add (deferred - deferred.detach()) to the step's loss
+    deferred: torch.Tensor | None = None
 
 
 def length_chunks(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
@@ -93,9 +95,11 @@ def width_groups(lengths: np.ndarray, max_groups: int) -> list[np.ndarray]:
 
 class CentralizedEncoder:
     def __init__(self, encode_rows: EncodeRows, dim: int, dist_info: DistInfo, *, cache: EmbeddingCache | None,
-                 global_dedup: bool, chunk_tokens: int | None, seed: int = 0, audit: int = 0):
+                 global_dedup: bool, chunk_tokens: int | None, seed: int = 0, audit: int = 0,
+                 deferred: DeferredGradients | None = None):
         """``chunk_tokens``: encode misses sorted by length in chunks of at most this many padded tokens;
-        None encodes them in one call, in batch order (the fixed-padding ablation)."""
+        None encodes them in one call, in batch order (the fixed-padding ablation). ``deferred``: keep the
+        gradients of served cache rows and hand them to the news' next fresh encoding."""
         self.encode_rows = encode_rows
         self.dim = dim
         self.dist = dist_info
@@ -104,6 +108,7 @@ class CentralizedEncoder:
         self.chunk_tokens = chunk_tokens
         self.seed = seed
         self.audit = audit
+        self.deferred = deferred
 
     def _encode(self, tokens, rows: np.ndarray, lengths: np.ndarray, device) -> tuple[torch.Tensor, int, int]:
         """Embeddings of the given rows, encoded in chunks of similar length ([len(rows), D])."""
@@ -137,6 +142,10 @@ class CentralizedEncoder:
                 counters["served_age_max"] = float(look.ages.max())
             if self.audit and hit.any():
                 counters.update(self._audit(news, hit, hit_emb, lengths, tokens, step))
+            if self.deferred is not None and hit.any() and torch.is_grad_enabled():
+                hit_ids = news[hit]
+                hit_emb = hit_emb.detach().requires_grad_(True)  # a leaf: its gradient is kept for later
+                hit_emb.register_hook(lambda g: self.deferred.add(hit_ids, g))
         miss_rows = np.flatnonzero(~hit)
         if self.global_dedup:
             miss_emb, encoded, valid, padded, written = self._global_misses(news, miss_rows, lengths, tokens, step)
@@ -153,7 +162,14 @@ class CentralizedEncoder:
                 self.cache.write(written[0], written[1], step, everyone_has_all=True)
             else:
                 self.cache.write(news[miss_rows], miss_emb, step)
-        return EncodedTable(table, counters)
+        deferred = None
+        if self.deferred is not None and len(miss_rows) and table.requires_grad:
+            pos, grad = self.deferred.take(news[miss_rows])
+            counters["deferred_grad_rows"] = len(pos)
+            if len(pos):
+                fresh = table.index_select(0, torch.from_numpy(miss_rows[pos]).to(device))
+                deferred = (fresh.float() * grad.to(device)).sum()
+        return EncodedTable(table, counters, deferred)
 
     def _audit(self, news, hit, hit_emb, lengths, tokens, step) -> dict:
         """Re-encode a hashed sample of this step's hits; cosine of cached vs fresh and of fresh vs fresh."""

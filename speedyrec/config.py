@@ -103,6 +103,9 @@ class EngineConfig:
     cache_beta: float = 2e-3
     cache_gamma: int = 20
     cache_audit: int = 0  # per step, re-encode up to this many cache hits and report their drift (cosine)
+    # keep the gradients served cache rows receive and give them to the news' next fresh encoding (at most gamma
+    # steps late), so the cache does not take training signal from the encoder
+    cache_deferred_grad: bool = False
     autoregressive: bool = True
     # a chunk of a long user's sequence starts with up to data.max_history earlier clicks as context (not targets)
     chunk_context: bool = True
@@ -442,6 +445,10 @@ def validate(cfg: Config) -> None:
     if cfg.engine.inbatch_negatives and not cfg.engine.dedup:
         raise ConfigError("engine.inbatch_negatives needs engine.dedup=true: without it a batch table may hold a news "
                           "twice, and a copy of a user's own click would be scored as a negative")
+    if cfg.engine.cache_deferred_grad and (cfg.train.workflow != "speedyfeed" or not cfg.engine.cache
+                                           or not cfg.engine.cache_gamma):
+        raise ConfigError("engine.cache_deferred_grad keeps the gradients of embedding-cache hits: it needs "
+                          "train.workflow=speedyfeed, engine.cache=true and engine.cache_gamma > 0")
     if cfg.engine.global_dedup and not cfg.engine.dedup:
         raise ConfigError("engine.global_dedup=true needs engine.dedup=true")
     _validate_distillation(cfg)

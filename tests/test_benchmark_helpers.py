@@ -209,8 +209,10 @@ def test_cache_runs_every_gamma_per_seed_and_compares_the_ends_of_the_runs(tmp_p
                 "metrics": {"auc": auc[-1]}}
 
     monkeypatch.setattr(cache, "run_job_kept", fake_run)
-    d = cache.main(["--gammas", "0,20", "--seeds", "0,1", "--lr-multiple", "1", "--out", str(tmp_path / "runs")])
-    assert sorted(ran) == ["gamma_0", "gamma_0_seed1", "gamma_20", "gamma_20_seed1"]
+    d = cache.main(["--gammas", "0,20,20d", "--seeds", "0,1", "--lr-multiple", "1", "--out", str(tmp_path / "runs")])
+    assert sorted(ran) == ["gamma_0", "gamma_0_seed1", "gamma_20", "gamma_20_seed1", "gamma_20d", "gamma_20d_seed1"]
+    assert "engine.cache_deferred_grad=true" in ran["gamma_20d"]
+    assert not any("deferred" in o for o in ran["gamma_20"] + ran["gamma_0"])
     assert "engine.cache=false" in ran["gamma_0"] and "engine.cache_audit=8" in ran["gamma_20_seed1"]
     assert "train.seed=1" in ran["gamma_20_seed1"] and not any(o.startswith("train.seed") for o in ran["gamma_20"])
     s0, s20 = d["summary"]["0"], d["summary"]["20"]
@@ -219,7 +221,10 @@ def test_cache_runs_every_gamma_per_seed_and_compares_the_ends_of_the_runs(tmp_p
     assert d["gamma20_minus_gamma0_best_auc_points"] == pytest.approx(-4.0)  # 0.765 against 0.805
     assert d["gamma20_minus_gamma0_final_auc_points"] == pytest.approx(1.0)
     assert d["gamma20_minus_gamma0_last_mean_auc_points"] == pytest.approx(1.0)
-    assert "best -4.00, final +1.00, last 5 +1.00" in (tmp_path / "cache.md").read_text()
+    assert d["gamma20d_minus_gamma0_best_auc_points"] == pytest.approx(-4.0)  # the fake trains 20d as 20
+    md = (tmp_path / "cache.md").read_text()
+    assert "gamma = 20 against no cache, AUC points: best -4.00, final +1.00, last 5 +1.00" in md
+    assert "with deferred cache gradients against no cache, AUC points: best -4.00" in md
 
 
 def test_a_kept_run_is_not_reused_after_a_default_changed(tmp_path):
@@ -242,3 +247,16 @@ def test_a_kept_run_is_not_reused_after_a_default_changed(tmp_path):
     assert changed_defaults(run, overrides) == ["train.lr_schedule: 'constant' -> 'linear'"]
     with pytest.raises(SystemExit, match="other defaults.*train.lr_schedule"):
         run_job_kept("r", overrides, tmp_path)
+    # a key the kept run's version did not have: an off switch changes nothing, any other value is a difference
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["train"]["lr_schedule"] = "linear"
+    del saved["engine"]["cache_deferred_grad"], saved["engine"]["cache_gamma"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert changed_defaults(run, overrides) == ["engine.cache_gamma: None -> 20"]
+    del saved["engine"]["inbatch_negatives"]
+    saved["engine"]["cache_gamma"] = 20
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert changed_defaults(run, overrides) == []
+    assert changed_defaults(run, [*overrides, "engine.inbatch_negatives=true"]) == ["engine.inbatch_negatives: None -> True"]

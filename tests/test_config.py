@@ -74,6 +74,13 @@ def test_inbatch_negatives_are_refused_where_they_would_not_apply(extra):
         load_config(None, ["engine.inbatch_negatives=true", *extra])
 
 
+@pytest.mark.parametrize("extra", [["engine.cache=false"], ["engine.cache_gamma=0"], ["train.workflow=typical"]])
+def test_deferred_cache_gradients_need_the_cache(extra):
+    load_config(None, ["engine.cache_deferred_grad=true"])
+    with pytest.raises(ConfigError, match="engine.cache_deferred_grad"):
+        load_config(None, ["engine.cache_deferred_grad=true", *extra])
+
+
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/c.yaml")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from speedyrec.engine.batching import DynamicBatcher, SequenceSet, make_units
-from speedyrec.engine.cache import EmbeddingCache
+from speedyrec.engine.cache import DeferredGradients, EmbeddingCache
 from speedyrec.engine.distributed import DistInfo, shutdown
 from speedyrec.engine.encode import CentralizedEncoder, assign_owners, length_chunks
 from speedyrec.engine.loss import autoregressive_loss, click_cross_entropy, inbatch_logits, target_scores
@@ -212,6 +212,50 @@ def test_fully_cached_batch_still_trains_the_user_side():
     loss, n = autoregressive_loss(out.table, batch.clicks, batch.negatives, batch.targets, user.prefix_states, user.empty)
     loss.backward()
     assert n > 0 and user.pool.query.grad is not None and model.emb.weight.grad is None
+
+
+def test_deferred_gradients_of_cache_hits_reach_the_encoder_at_the_next_fresh_encoding():
+    """Step 1 serves every row from the cache (no encoder gradient); step 2 encodes them afresh (expired) and its
+    encoder gradient is its own loss's plus the step-1 gradients of the served rows, pulled back through the fresh
+    encoding: the reference computes both by hand. The loss value is unchanged and nothing is applied twice."""
+    seqs = make_sequences(users=4, max_len=6)
+    batch = next(iter(batcher(seqs, token_budget=10**9).epoch(0)))
+    model, user = BagEncoder(), UserEncoder(8, 4)
+    ids, mask, lengths = token_table(batch.news)
+    params = list(model.parameters())
+    cache = EmbeddingCache(NUM_NEWS, 8, gamma=1, beta=1e9, seed=0, dist=DistInfo(), device=torch.device("cpu"))
+    deferred = DeferredGradients(NUM_NEWS, 8, torch.device("cpu"))
+    enc = CentralizedEncoder(make_encode_rows(model), 8, DistInfo(), cache=cache, global_dedup=False, chunk_tokens=100,
+                             deferred=deferred)
+
+    def loss_of(table):
+        return autoregressive_loss(table, batch.clicks, batch.negatives, batch.targets, user.prefix_states, user.empty)[0]
+
+    out0 = enc(batch.news, lengths, (ids, mask), step=0)  # p_0 = 0: everything encoded, and written
+    assert out0.counters["cache_hits"] == 0 and out0.deferred is None and not deferred.pending.any()
+    out1 = enc(batch.news, lengths, (ids, mask), step=1)  # everything served
+    assert out1.counters["cache_hits"] == len(batch.news) and out1.deferred is None
+    loss_of(out1.table).backward()
+    assert all(p.grad is None for p in params)  # served rows are constants to the encoder
+    served = out0.table.detach().clone().requires_grad_(True)  # the same vectors, as the reference's leaf
+    g1 = torch.autograd.grad(loss_of(served), served)[0]
+    assert deferred.pending[batch.news].all() and not deferred.pending[np.setdiff1d(np.arange(NUM_NEWS), batch.news)].any()
+    torch.testing.assert_close(deferred.grad[torch.from_numpy(batch.news)], g1)
+
+    out2 = enc(batch.news, lengths, (ids, mask), step=2)  # expired (age 2 > gamma): encoded afresh
+    assert out2.counters["news_encoded"] == len(batch.news) and out2.counters["deferred_grad_rows"] == len(batch.news)
+    total = loss_of(out2.table) + (out2.deferred - out2.deferred.detach())
+    torch.testing.assert_close(total, loss_of(out2.table))  # the value is the step's own loss
+    got = torch.autograd.grad(total, params)
+    fresh = model(ids, mask)
+    want = torch.autograd.grad(loss_of(fresh) + (fresh * g1).sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not deferred.pending.any() and deferred.grad.abs().sum() == 0  # handed over once, then cleared
+    state = DeferredGradients(NUM_NEWS, 8, torch.device("cpu"))
+    deferred.add(batch.news[:2], torch.ones(2, 8))
+    state.load_state_dict(deferred.state_dict())  # a resumed run holds the same pending gradients
+    assert state.pending.tolist() == deferred.pending.tolist() and torch.equal(state.grad, deferred.grad)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -101,6 +101,21 @@ def test_an_unreadable_checkpoint_is_skipped_with_a_warning(tmp_path, cache_dir,
     assert_same_run(out, straight)  # continued from the one before, and still ends the same
 
 
+def test_deferred_cache_gradients_resume_exactly(tmp_path, cache_dir, synthetic_small):
+    """The gradients that cache hits received and no fresh encoding has taken yet are part of the state: a run
+    resumed from a middle checkpoint applies them as the uninterrupted run does."""
+    extra = ("engine.cache_deferred_grad=true", "engine.cache_gamma=3", "train.keep_checkpoints=0")
+    ref, out = tmp_path / "ref", tmp_path / "resumed"
+    assert main(args(ref, cache_dir, synthetic_small, *extra)) == 0
+    stats = read(ref)[1]
+    assert stats["deferred_grad_rows"] > 0 and stats["steps"] >= 8
+    shutil.copytree(ref / "checkpoints" / "step_4", out / "checkpoints" / "step_4")
+    assert main(args(out, cache_dir, synthetic_small, *extra, "train.resume=auto")) == 0
+    assert "resumed from" in (out / "train.log").read_text()
+    assert_same_run(out, ref)
+    assert read(out)[1]["deferred_grad_rows"] == stats["deferred_grad_rows"]
+
+
 def test_resuming_with_other_settings_is_refused(tmp_path, cache_dir, synthetic_small, straight, capsys):
     out = tmp_path / "other"
     shutil.copytree(straight / "checkpoints", out / "checkpoints")

@@ -350,7 +350,11 @@ def two_rank_runs(tmp_path_factory, cache_dir, synthetic_small, speedyfeed_run):
     assert speedyfeed_run  # run first: it also fills the token and vocabulary cache the ranks read
     runs = {}
     # the global-dedup run also hands the heap back every 2 steps, on each rank
-    for name, extra in (("local_dedup", ()), ("global_dedup", ("engine.global_dedup=true", "train.heap_trim_every=2"))):
+    # and with deferred cache gradients under bf16 autocast (a cache that serves from the first steps, short expiry)
+    deferred = ("engine.global_dedup=true", "train.amp=bf16", "engine.cache_deferred_grad=true", "engine.cache_beta=0.5",
+                "engine.cache_gamma=3")
+    for name, extra in (("local_dedup", ()), ("global_dedup", ("engine.global_dedup=true", "train.heap_trim_every=2")),
+                        ("deferred", deferred)):
         out = tmp_path_factory.mktemp(f"ddp_{name}")
         runs[name] = (out, torchrun(synthetic_args(out, cache_dir, synthetic_small, *SPEEDYFEED_EXTRA, *extra), cwd=out))
     return runs
@@ -390,6 +394,16 @@ def test_two_ranks_train_the_whole_epoch(name, two_rank_runs, speedyfeed_run):
     every = load_config(str(out / "config.yaml")).train.heap_trim_every
     trims = 2 * (stats["steps"] // every) if HeapTrimmer(every).available else 0
     assert stats["steps"] >= 2 and stats["heap_trims"] == trims, (stats["steps"], every, stats["heap_trims"])
+
+
+def test_two_ranks_bf16_hand_deferred_cache_gradients_over(two_rank_runs):
+    out, proc = two_rank_runs["deferred"]
+    assert_exit_zero(proc)
+    stats = read_json(out / "stats.json")
+    check_stats(stats, full_epoch=True)
+    assert stats["world_size"] == 2 and stats["clicks_trained"] == stats["clicks_in_data"]
+    assert stats["cache_hits"] > 0 and stats["deferred_grad_rows"] > 0
+    assert math.isfinite(read_json(out / "metrics.json")["auc"])
 
 
 def test_global_dedup_encodes_fewer_news(two_rank_runs):

@@ -30,8 +30,8 @@ from speedyrec.models.recommender import NewsEncoder, NewsRecommender
 log = logging.getLogger("speedyrec")
 
 ENGINE_COUNTERS = ("clicks_trained", "news_encoded", "cache_lookups", "cache_hits", "served_age_sum", "valid_tokens",
-                   "padded_tokens", "sequences_trained", "negatives_random", "negatives_scored", "audit_rows", "audit_cos_sum",
-                   "audit_noise_cos_sum", "heap_trims", "heap_trim_seconds")
+                   "padded_tokens", "sequences_trained", "negatives_random", "negatives_scored", "deferred_grad_rows",
+                   "audit_rows", "audit_cos_sum", "audit_noise_cos_sum", "heap_trims", "heap_trim_seconds")
 EXTREME_COUNTERS = (("served_age_max", "max"), ("audit_cos_min", "min"))  # reduced over ranks by max / min
 
 

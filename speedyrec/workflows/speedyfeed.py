@@ -12,7 +12,7 @@ import torch
 from speedyrec.data.behaviors import Behaviors
 from speedyrec.data.dataset import Dataset
 from speedyrec.engine.batching import DynamicBatcher, SequenceBatch, SequenceSet
-from speedyrec.engine.cache import EmbeddingCache
+from speedyrec.engine.cache import DeferredGradients, EmbeddingCache
 from speedyrec.engine.distributed import DistInfo
 from speedyrec.engine.encode import CentralizedEncoder, EncodeRows
 from speedyrec.engine.loss import click_cross_entropy, inbatch_logits, target_scores
@@ -107,10 +107,12 @@ class SpeedyFeedWorkflow:
                                    seed=cfg.train.seed, dist=dist, device=self.device,
                                    max_bytes=cache_replica_budget(self.device))
         self.objective = objective or self.click_loss
+        deferred = (DeferredGradients(store.num_news, dim or cfg.model.dim, self.device)
+                    if cache is not None and ec.cache_deferred_grad else None)
         self.encoder = CentralizedEncoder(encode_rows or self._encode_rows, dim or cfg.model.dim, dist, cache=cache,
                                           global_dedup=ec.global_dedup,
                                           chunk_tokens=ec.chunk_tokens if ec.dynamic_batching else None,
-                                          seed=cfg.train.seed, audit=ec.cache_audit)
+                                          seed=cfg.train.seed, audit=ec.cache_audit, deferred=deferred)
         self.unknown_clicks = int(data.train.unknown_clicks.sum())
 
     def _fill_cdf(self, ec, num_news: int) -> np.ndarray | None:
@@ -143,12 +145,17 @@ class SpeedyFeedWorkflow:
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold for an exact resume: the embedding cache's live rows."""
-        cache = self.encoder.cache
-        return {"cache": cache.state_dict(self.step_no)} if cache is not None else {}
+        cache, deferred = self.encoder.cache, self.encoder.deferred
+        state = {"cache": cache.state_dict(self.step_no)} if cache is not None else {}
+        if deferred is not None:
+            state["deferred"] = deferred.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.encoder.cache is not None and "cache" in state:
             self.encoder.cache.load_state_dict(state["cache"])
+        if self.encoder.deferred is not None and "deferred" in state:
+            self.encoder.deferred.load_state_dict(state["deferred"])
 
     def _encode_rows(self, tokens: NewsTokens, rows: np.ndarray):
         # without dynamic batching every news keeps the fixed padded width, as in the typical workflow
@@ -165,6 +172,8 @@ class SpeedyFeedWorkflow:
         clicks, negatives, targets, state_pos = (t.to(self.device, non_blocking=True)
                                                  for t in (batch.clicks, batch.negatives, batch.targets, batch.state_pos))
         loss, extra = self.objective(enc.table, batch.news, clicks, negatives, targets, state_pos)
+        if enc.deferred is not None:  # the served rows' gradients reach the encoder; the loss value is unchanged
+            loss = loss + (enc.deferred - enc.deferred.detach())
         n = batch.num_targets
         counters = {"clicks_trained": n, **batch.counters, **enc.counters, **extra}
         return StepOutput(loss, n, counters)
