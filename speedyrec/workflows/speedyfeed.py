@@ -144,7 +144,8 @@ class SpeedyFeedWorkflow:
         self.step_no = step
 
     def state_dict(self) -> dict:
-        """What a checkpoint must hold for an exact resume: the embedding cache's live rows."""
+        """What a checkpoint must hold for an exact resume: the embedding cache's live rows and the deferred
+        cache gradients not yet handed over."""
         cache, deferred = self.encoder.cache, self.encoder.deferred
         state = {"cache": cache.state_dict(self.step_no)} if cache is not None else {}
         if deferred is not None:
