@@ -157,6 +157,22 @@ def make_encode_rows(model):
     return encode_rows
 
 
+def pooled_state(model, user, hist: list[int]) -> torch.Tensor:
+    """The user state after the clicks ``hist``, each news encoded on its own (the empty state for none)."""
+    if not hist:
+        return user.empty
+    ids, mask, _ = token_table(np.array(hist))
+    return user(model(ids, mask)[None], torch.ones(1, len(hist), dtype=torch.bool))[0]
+
+
+def state_before(model, user, seqs, idx, t) -> torch.Tensor:
+    """The state that scores position t of a unit (sequence positions ``idx``): pooled over the clicks before it
+    that belong to another impression."""
+    p = seqs.click_pool[idx[t]]
+    return pooled_state(model, user, [int(seqs.clicks.values[idx[j]]) for j in range(t)
+                                      if p < 0 or seqs.click_pool[idx[j]] != p])
+
+
 def reference_loss(model, user, news_of_clicks, news_of_negs, targets):
     """Slow and obvious: encode every position separately, and pool every prefix separately."""
     total = 0.0
@@ -164,13 +180,7 @@ def reference_loss(model, user, news_of_clicks, news_of_negs, targets):
         for t in range(news_of_clicks.shape[1]):
             if not targets[b, t]:
                 continue
-            hist = [int(n) for n in news_of_clicks[b, :t] if n >= 0]
-            if hist:
-                ids, mask, _ = token_table(np.array(hist))
-                h = model(ids, mask)[None]
-                u = user(h, torch.ones(1, len(hist), dtype=torch.bool))[0]
-            else:
-                u = user.empty
+            u = pooled_state(model, user, [int(n) for n in news_of_clicks[b, :t] if n >= 0])
             cand = np.concatenate([[news_of_clicks[b, t]], news_of_negs[b, t]])
             ids, mask, _ = token_table(cand)
             scores = model(ids, mask) @ u
@@ -386,13 +396,7 @@ def test_a_click_never_sees_its_own_impression_and_context_is_not_trained(chunk_
             if t < first_target:
                 continue
             seen.append(int(idx[t]))
-            p = seqs.click_pool[idx[t]]
-            hist = [int(seqs.clicks.values[idx[j]]) for j in range(t) if p < 0 or seqs.click_pool[idx[j]] != p]
-            if hist:
-                hids, hmask, _ = token_table(np.array(hist))
-                u = user(model(hids, hmask)[None], torch.ones(1, len(hist), dtype=torch.bool))[0]
-            else:
-                u = user.empty
+            u = state_before(model, user, seqs, idx, t)
             cand = np.concatenate([[seqs.clicks.values[idx[t]]], news[batch.negatives[row, t].numpy()]])
             cids, cmask, _ = token_table(cand)
             scores = model(cids, cmask) @ u
@@ -428,13 +432,7 @@ def test_inbatch_negatives_equal_a_per_target_reference_and_never_score_the_user
         for t in range(len(idx)):
             if not batch.targets[row, t]:
                 continue
-            p = seqs.click_pool[idx[t]]
-            hist = [int(seqs.clicks.values[idx[j]]) for j in range(t) if p < 0 or seqs.click_pool[idx[j]] != p]
-            if hist:
-                hids, hmask, _ = token_table(np.array(hist))
-                u = user(model(hids, hmask)[None], torch.ones(1, len(hist), dtype=torch.bool))[0]
-            else:
-                u = user.empty
+            u = state_before(model, user, seqs, idx, t)
             cids, cmask, _ = token_table(np.concatenate([[seqs.clicks.values[idx[t]]], others]))
             sc = model(cids, cmask) @ u
             ref = ref + torch.logsumexp(sc, 0) - sc[0]

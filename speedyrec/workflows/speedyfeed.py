@@ -184,5 +184,8 @@ class SpeedyFeedWorkflow:
         against every news of the batch its user did not click. Counts the negatives scored."""
         user = self.model.user_encoder
         scores = target_scores(table, clicks, negatives, targets, user.prefix_states, user.empty, state_pos)
-        logits = inbatch_logits(table, clicks, targets, scores) if self.cfg.engine.inbatch_negatives else scores.logits
+        if not self.cfg.engine.inbatch_negatives:  # K negatives per target, known without a device sync
+            logits = scores.logits
+            return click_cross_entropy(logits).sum(), {"negatives_scored": logits.shape[0] * (logits.shape[1] - 1)}
+        logits = inbatch_logits(table, clicks, targets, scores)
         return click_cross_entropy(logits).sum(), {"negatives_scored": int(torch.isfinite(logits[:, 1:]).sum())}
