@@ -150,7 +150,7 @@ def buslm(d: dict) -> list[str]:
 
 
 def cache(d: dict) -> list[str]:
-    from benchmarks.cache import _q, gamma20_sentence
+    from benchmarks.cache import _q, deferred_legend, gamma20_sentence
 
     rows = [[g, _q(v, "best_auc"), _q(v, "final_auc"), _q(v, "last_mean_auc"), f"{v['hit_rate']:.1%}",
              "n/a" if v["served_age_mean"] is None else f"{v['served_age_mean']:.1f} / {v['served_age_max']:.0f}",
@@ -160,7 +160,7 @@ def cache(d: dict) -> list[str]:
     return [f"**Embedding cache** (`python -m benchmarks.cache`; {_device(d)}): one epoch per gamma (0 = no cache), "
             f"`{' '.join(d['model'])}`, learning rates x{d['lr_multiple']:g} the defaults{d.get('schedule_note', '')}, "
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; last 5: the mean of a run's last 5 dev "
-            "evaluations.\n",
+            "evaluations." + deferred_legend(d) + "\n",
             md_table(["gamma", "best dev AUC", "final dev AUC", "last 5", "hit rate", "served age mean / max",
                       "drift cos (dropout floor)", "train s", "targets/s"], rows),
             "\n" + gamma20_sentence(d)]

@@ -222,9 +222,30 @@ def test_cache_runs_every_gamma_per_seed_and_compares_the_ends_of_the_runs(tmp_p
     assert d["gamma20_minus_gamma0_final_auc_points"] == pytest.approx(1.0)
     assert d["gamma20_minus_gamma0_last_mean_auc_points"] == pytest.approx(1.0)
     assert d["gamma20d_minus_gamma0_best_auc_points"] == pytest.approx(-4.0)  # the fake trains 20d as 20
+    # paired per seed: seed 1 is seed 0 shifted by 0.01 for both gammas, so each seed's difference is the mean's
+    assert d["gamma20_minus_gamma0_best_auc_points_by_seed"] == pytest.approx({"0": -4.0, "1": -4.0})
     md = (tmp_path / "cache.md").read_text()
-    assert "gamma = 20 against no cache, AUC points: best -4.00, final +1.00, last 5 +1.00" in md
-    assert "with deferred cache gradients against no cache, AUC points: best -4.00" in md
+    assert ("gamma = 20 against no cache, AUC points: best -4.00 (per seed -4.00, -4.00), final +1.00 (per seed "
+            "+1.00, +1.00), last 5 +1.00 (per seed +1.00, +1.00)") in md
+    assert "with deferred cache gradients (row 20d) against no cache, AUC points: best -4.00" in md
+    assert "Row 20d: the same gamma with `engine.cache_deferred_grad=true`" in md
+
+
+def test_cache_paired_differences_follow_each_seed():
+    """The per-seed difference pairs each gamma-20 run with the no-cache run of its own seed, so a seed that is
+    good for both does not hide a cost on another; seeds only one side ran are left out of the pairs."""
+    from benchmarks.cache import gamma20_vs_gamma0, summarize
+
+    def job(final):
+        return {"curve": [{"auc": final, "train_seconds": 1}], "metrics": {"auc": final},
+                "stats": {"cache_hits": 0, "cache_lookups": 0, "wall_seconds": 1.0, "clicks_per_second": 1.0,
+                          "news_encoded": 1}}
+
+    runs = {"0": {"0": job(0.75), "1": job(0.70), "2": job(0.72)}, "20": {"0": job(0.74), "1": job(0.70)}}
+    d = gamma20_vs_gamma0(summarize(runs), runs)
+    assert d["gamma20_minus_gamma0_final_auc_points_by_seed"] == pytest.approx({"0": -1.0, "1": 0.0})
+    assert d["gamma20_minus_gamma0_final_auc_points"] == pytest.approx((0.72 - 0.7233333333) * 100)
+    assert "gamma20d_minus_gamma0_final_auc_points" not in d
 
 
 def test_a_kept_run_is_not_reused_after_a_default_changed(tmp_path):
