@@ -101,15 +101,16 @@ class SpeedyFeedWorkflow:
             fixed_width=fixed_width, seed=cfg.train.seed, rank=dist.rank, world=dist.world,
             prefetch_depth=ec.prefetch, pin=self.device.type == "cuda", fill_cdf=self._fill_cdf(ec, store.num_news),
             chunk_context=ec.chunk_context)
+        dim = dim or cfg.model.dim
         cache = None
         if ec.cache and ec.cache_gamma > 0:
-            cache = EmbeddingCache(store.num_news, dim or cfg.model.dim, gamma=ec.cache_gamma, beta=ec.cache_beta,
+            cache = EmbeddingCache(store.num_news, dim, gamma=ec.cache_gamma, beta=ec.cache_beta,
                                    seed=cfg.train.seed, dist=dist, device=self.device,
                                    max_bytes=cache_replica_budget(self.device))
         self.objective = objective or self.click_loss
-        deferred = (DeferredGradients(store.num_news, dim or cfg.model.dim, self.device)
+        deferred = (DeferredGradients(store.num_news, dim, self.device)
                     if cache is not None and ec.cache_deferred_grad else None)
-        self.encoder = CentralizedEncoder(encode_rows or self._encode_rows, dim or cfg.model.dim, dist, cache=cache,
+        self.encoder = CentralizedEncoder(encode_rows or self._encode_rows, dim, dist, cache=cache,
                                           global_dedup=ec.global_dedup,
                                           chunk_tokens=ec.chunk_tokens if ec.dynamic_batching else None,
                                           seed=cfg.train.seed, audit=ec.cache_audit, deferred=deferred)
@@ -184,8 +185,10 @@ class SpeedyFeedWorkflow:
         against every news of the batch its user did not click. Counts the negatives scored."""
         user = self.model.user_encoder
         scores = target_scores(table, clicks, negatives, targets, user.prefix_states, user.empty, state_pos)
-        if not self.cfg.engine.inbatch_negatives:  # K negatives per target, known without a device sync
+        if self.cfg.engine.inbatch_negatives:
+            logits = inbatch_logits(table, clicks, targets, scores)
+            scored = int(torch.isfinite(logits[:, 1:]).sum())  # masked entries are -inf
+        else:  # K negatives per target, known without a device sync
             logits = scores.logits
-            return click_cross_entropy(logits).sum(), {"negatives_scored": logits.shape[0] * (logits.shape[1] - 1)}
-        logits = inbatch_logits(table, clicks, targets, scores)
-        return click_cross_entropy(logits).sum(), {"negatives_scored": int(torch.isfinite(logits[:, 1:]).sum())}
+            scored = logits.shape[0] * (logits.shape[1] - 1)
+        return click_cross_entropy(logits).sum(), {"negatives_scored": scored}
