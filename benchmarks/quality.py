@@ -26,7 +26,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, md_table, run_job, write_results
+from benchmarks.common import RESULTS, machine, md_table, note_reused, run_job, write_results
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 PIPELINE_LAYERS = 2  # the pipeline's own student (distill.student_layers' default)
@@ -158,9 +158,11 @@ def obtain(root: Path, name: str, overrides: list[str], committed: dict | None, 
         if not same_settings(run, overrides):
             raise SystemExit(f"{done} was run with other settings ({run['command']}); use another --out")
         print(f"{name}: reusing {done}", flush=True)
+        note_reused(name)
         return run
     if committed is not None and same_settings(committed, overrides):
         print(f"{name}: reusing the committed run (--fresh runs it again)", flush=True)
+        note_reused(name)
         return committed
     job = run_job(name, [*overrides, *extra], root, timeout=6 * 3600)
     run = {"command": job["command"], "process_seconds": job["process_seconds"], "summary": job["metrics"]}

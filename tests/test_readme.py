@@ -25,6 +25,7 @@ def test_durations_come_from_the_results_and_the_last_quick_run(tmp_path, monkey
     import benchmarks.common as common
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "_REUSED", [])  # another test's run_job_kept may have reused a job
     info = common.machine()
     info["started"] -= 90.0  # as if the benchmark had run for 90 s
     common.write_results("limit", {"machine": info}, "")
@@ -38,3 +39,29 @@ def test_durations_come_from_the_results_and_the_last_quick_run(tmp_path, monkey
     assert "| tune | 10 min (its training jobs) | 0.5 min |" in text  # one job, counted once
     assert "| cache | not run | not run |" in text
     assert "0.7 min in all, commit abc" in text
+
+
+def test_a_benchmark_that_reused_kept_jobs_records_no_duration_of_its_own(tmp_path, monkeypatch):
+    """Re-deriving a table from kept runs takes seconds: that is not the benchmark's duration. write_results
+    records it apart (invocation_seconds, reused_jobs) and the README falls back to the kept jobs' seconds; a
+    payload rewritten after each run keeps its duration current; a machine read back from a file is left alone."""
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "_REUSED", [])
+    info = common.machine()
+    info["started"] -= 60.0
+    payload = {"machine": info, "runs": {"a": {"command": "x", "process_seconds": 1200.0}}}
+    common.write_results("cache", payload, "")
+    first = json.loads((tmp_path / "cache.json").read_text())["machine"]["seconds"]
+    info["started"] -= 60.0  # a second run finished: the rewritten result counts it
+    common.write_results("cache", payload, "")
+    assert json.loads((tmp_path / "cache.json").read_text())["machine"]["seconds"] >= first + 60.0
+    common.note_reused("a")
+    common.write_results("cache", payload, "")
+    saved = json.loads((tmp_path / "cache.json").read_text())["machine"]
+    assert "seconds" not in saved and saved["reused_jobs"] == 1 and saved["invocation_seconds"] >= 120.0
+    assert "| cache | 20 min (its training jobs) |" in "".join(readme.durations(tmp_path))
+    loaded = {"machine": {**saved, "started": 0.0, "seconds": 5.0}}  # e.g. --report re-rendering a file
+    common.write_results("cache", loaded, "")
+    assert json.loads((tmp_path / "cache.json").read_text())["machine"]["seconds"] == 5.0
