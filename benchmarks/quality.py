@@ -122,8 +122,14 @@ def main(argv=None) -> dict:
             if "ensemble" not in models and (run_dir / "finetune_teachers" / "teachers").is_dir():
                 print(f"seed {seed}: evaluating the mean score of its post-trained teachers", flush=True)
                 models["ensemble"] = teachers_mean_score(run_dir)
+                if (run_dir / "quality_run.json").exists():  # kept with the run: a later invocation reads it
+                    (run_dir / "quality_run.json").write_text(json.dumps(runs[seed], indent=2) + "\n")
             for n in students:
                 src = teachers_of(root, seed)  # none when the 2-layer run was committed by another session
+                if (src is None and not (root / f"seed_{seed}_l{n}" / "quality_run.json").exists()
+                        and committed_students.get(n, {}).get(seed) is None):
+                    print(f"seed_{seed}_l{n}: no finished teacher steps of seed {seed} in {root} to link (a step "
+                          "finished when its done.json exists): this run trains its own teachers", flush=True)
                 students[n][seed] = obtain(root, f"seed_{seed}_l{n}", pipeline_overrides(seed, n, a.quick),
                                            committed_students.get(n, {}).get(seed),
                                            [f"pipeline.teachers_from={src}"] if src else [])
