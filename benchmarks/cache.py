@@ -1,6 +1,6 @@
 """The news-embedding cache's expiry gamma (SpeedyFeed Table 6): quality, hit rate, age, drift and time.
 
-``python -m benchmarks.cache [--quick] [--out DIR] [--gammas 0,10,20,30,20d] [--seeds 0] [--lr-multiple M]``
+``python -m benchmarks.cache [--quick] [--out DIR] [--gammas 0,10,20,30,20d,0@1,20@1] [--seeds 0] [--lr-multiple M]``
 
 The synthetic default, the 2-layer MiniLM student (every layer trained), one epoch per gamma and seed, the same
 learning rate (``--lr-multiple`` times the defaults; by default the multiple the speedup benchmark chose, when its
@@ -10,7 +10,9 @@ the run says more about what the cache costs). Served-row age (steps) is read fr
 drift is measured by the audit (``engine.cache_audit``): sampled hits are re-encoded with the current parameters
 and compared by cosine with the cached vectors, next to the cosine of two dropout passes of the same news (the
 noise floor). With several ``--seeds`` the quality figures are mean ± std over them. ``--out`` keeps the runs and
-reuses finished ones.
+reuses finished ones. A row is ``G[d][@M]``: G steps of expiry (0: no cache), ``d``: with deferred cache gradients,
+``@M``: learning rates M times the defaults instead of the benchmark's multiple; each gamma-20 row is compared with
+the no-cache row of the same learning rates (``0@M``), seed by seed.
 """
 from __future__ import annotations
 
@@ -52,42 +54,70 @@ def summarize(runs: dict) -> dict:
     return out
 
 
+def row_spec(g: str) -> tuple[int, bool, float | None]:
+    """A row of ``--gammas``: '20d@1' -> (20 steps, deferred gradients, learning rates x1); no '@': None (the
+    benchmark's multiple)."""
+    body, at, lr = g.partition("@")
+    if not body.removesuffix("d").isdigit() or (at and not _positive(lr)):
+        raise ValueError(f"{g!r} is not a row: G[d][@M], G steps of expiry (0: no cache), d: deferred cache gradients, "
+                         "M > 0: learning rates M times the defaults")
+    return int(body.removesuffix("d")), body.endswith("d"), float(lr) if at else None
+
+
+def _positive(v: str) -> bool:
+    try:
+        return float(v) > 0
+    except ValueError:
+        return False
+
+
+def lr_of(g: str) -> str:
+    """The '@M' part of a row's label ('' for the benchmark's own multiple)."""
+    return g[g.index("@"):] if "@" in g else ""
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.cache", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random encoder, 300 users")
     p.add_argument("--out", default="", help="keep the runs here and reuse finished ones")
-    p.add_argument("--gammas", default="0,10,20,30", help="expiry steps; 0 = no cache; a 'd' suffix (20d): with "
-                   "engine.cache_deferred_grad")
+    p.add_argument("--gammas", default="0,10,20,30", help="rows G[d][@M]: expiry steps (0 = no cache); a 'd' suffix "
+                   "(20d): with engine.cache_deferred_grad; '@M' (20@1): learning rates M times the defaults")
     p.add_argument("--seeds", default="0")
     p.add_argument("--lr-multiple", type=float, default=None)
     p.add_argument("--every", type=float, default=None, help="training seconds between dev evaluations (default 30)")
     a = p.parse_args(argv)
-    gammas, seeds = [g.strip() for g in a.gammas.split(",")], [int(s) for s in a.seeds.split(",")]
-    for g in gammas:
-        if not g.removesuffix("d").isdigit():
-            p.error(f"--gammas: {g!r} is not a number of steps (a 'd' suffix: with deferred cache gradients)")
+    seeds, specs = [int(s) for s in a.seeds.split(",")], {}
+    for g in (g.strip() for g in a.gammas.split(",")):
+        try:
+            steps, deferred, lr = row_spec(g)
+        except ValueError as e:
+            p.error(f"--gammas: {e}")
+        specs[f"{steps}{'d' if deferred else ''}" + (f"@{lr:g}" if lr is not None else "")] = (steps, deferred, lr)
     mult = a.lr_multiple
     if mult is None:
         sp = RESULTS / "speedup.json"
         mult = json.loads(sp.read_text()).get("headline_lr_multiple", 1.0) if sp.exists() and not a.quick else 1.0
     users, model = (QUICK["users"], QUICK["model"]) if a.quick else (2000, STUDENT)
     every = a.every or (2.0 if a.quick else 30.0)
-    base = [f"data.synthetic_users={users}", *model, *lr_overrides(mult), "train.epochs=1", f"eval.every_seconds={every:g}",
-            *(QUICK["eval"] if a.quick else [])]
+
+    def base(lr: float) -> list[str]:
+        return [f"data.synthetic_users={users}", *model, *lr_overrides(lr), "train.epochs=1",
+                f"eval.every_seconds={every:g}", *(QUICK["eval"] if a.quick else [])]
+
     info = machine()
     runs: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
         root.mkdir(parents=True, exist_ok=True)
         for s in seeds:
-            for g in gammas:
-                steps = int(g.removesuffix("d"))
+            for g, (steps, deferred, lr) in specs.items():
                 extra = (["engine.cache=false"] if steps == 0 else
                          [f"engine.cache_gamma={steps}", f"engine.cache_audit={AUDIT}"]
-                         + (["engine.cache_deferred_grad=true"] if g.endswith("d") else []))
-                name = f"gamma_{g}" + (f"_seed{s}" if s else "")
+                         + (["engine.cache_deferred_grad=true"] if deferred else []))
+                name = f"gamma_{g.replace('@', '_lr')}" + (f"_seed{s}" if s else "")
                 runs.setdefault(g, {})[str(s)] = run_job_kept(
-                    name, base + extra + ([f"train.seed={s}"] if s else []), root, timeout=4 * 3600)
+                    name, base(mult if lr is None else lr) + extra + ([f"train.seed={s}"] if s else []), root,
+                    timeout=4 * 3600)
     payload = {"machine": info, "quick": a.quick, "users": users, "model": model, "lr_multiple": mult, "every": every,
                "seeds": seeds, "summary": summarize(runs), "runs": runs}
     payload.update(gamma20_vs_gamma0(payload["summary"], runs))
@@ -97,29 +127,42 @@ def main(argv=None) -> dict:
     return payload
 
 
+def gamma20_rows(summary: dict) -> list[tuple[str, str]]:
+    """(gamma-20 row, the no-cache row of its learning rates) for each gamma-20 row that has one: 20 and 20d
+    against 0, 20@1 against 0@1."""
+    pairs = []
+    for g in summary:
+        base = "0" + lr_of(g)
+        if g.partition("@")[0].removesuffix("d") == "20" and base in summary:
+            pairs.append((g, base))
+    return pairs
+
+
 def gamma20_vs_gamma0(summary: dict, runs: dict) -> dict:
-    """gamma = 20 (and with deferred gradients, 20d) against no cache, in AUC points, for each quality figure (the
-    issue's bar: within 0.5): the difference of the means, and the paired difference on each seed both ran (the
-    seed fixes the data order, negatives and initial head, so its spread says how much of the mean is noise)."""
+    """gamma = 20 (also with deferred gradients, 20d, or at other learning rates, 20@M) against no cache at the
+    same learning rates, in AUC points, for each quality figure (the issue's bar: within 0.5): the difference of the
+    means, and the paired difference on each seed both ran (the seed fixes the data order, negatives and initial
+    head, so its spread says how much of the mean is noise). Keys: gamma20_minus_gamma0_*, gamma20@1_minus_gamma0@1_*."""
     out = {}
-    for g in ("20", "20d"):
-        if "0" not in summary or g not in summary:
-            continue
-        seeds = [s for s in runs[g] if s in runs["0"]]
+    for g, base in gamma20_rows(summary):
+        seeds = [s for s in runs[g] if s in runs[base]]
         for k in QUALITY:
-            key = f"gamma{g}_minus_gamma0_{k.replace('_auc', '')}_auc_points"
-            out[key] = (summary[g][k] - summary["0"][k]) * 100
-            out[key + "_by_seed"] = {s: (run_summary(runs[g][s])[k] - run_summary(runs["0"][s])[k]) * 100
+            key = f"gamma{g}_minus_gamma{base}_{k.replace('_auc', '')}_auc_points"
+            out[key] = (summary[g][k] - summary[base][k]) * 100
+            out[key + "_by_seed"] = {s: (run_summary(runs[g][s])[k] - run_summary(runs[base][s])[k]) * 100
                                      for s in seeds}
     return out
 
 
 def deferred_legend(d: dict) -> str:
-    """What a row with a 'd' suffix is, when the table has one."""
-    rows = [g for g in d["summary"] if g.endswith("d")]
-    return (f" Row{'s' if len(rows) > 1 else ''} {', '.join(rows)}: the same gamma with "
-            "`engine.cache_deferred_grad=true` (a served row's gradient reaches the encoder at its news' next fresh "
-            "encoding)." if rows else "")
+    """What a row with a 'd' suffix or an '@M' suffix is, when the table has one."""
+    rows = [g for g in d["summary"] if g.partition("@")[0].endswith("d")]
+    at = [g for g in d["summary"] if "@" in g]
+    return ((f" Row{'s' if len(rows) > 1 else ''} {', '.join(rows)}: the same gamma with "
+             "`engine.cache_deferred_grad=true` (a served row's gradient reaches the encoder at its news' next fresh "
+             "encoding)." if rows else "")
+            + (f" Row{'s' if len(at) > 1 else ''} {', '.join(at)}: G@M is gamma G at learning rates M times the "
+               "defaults instead." if at else ""))
 
 
 def _q(v: dict, k: str) -> str:
@@ -146,23 +189,24 @@ def report(d: dict) -> str:
                                                       "first seed." if len(seeds) > 1 else "") + deferred_legend(d) + "\n",
           md_table(["gamma", "best dev AUC", "final dev AUC", "last 5", "hit rate", "served age mean / max",
                     "drift cos mean / min", "noise floor cos", "news encoded", "train s", "targets/s"], rows)]
-    if "gamma20_minus_gamma0_best_auc_points" in d:
+    if gamma20_rows(d["summary"]):
         md.append("\n" + gamma20_sentence(d))
     return "\n".join(md)
 
 
 def gamma20_sentence(d: dict) -> str:
     out = []
-    for g, label in (("20", "gamma = 20"), ("20d", "gamma = 20 with deferred cache gradients (row 20d)")):
-        if f"gamma{g}_minus_gamma0_best_auc_points" not in d:
-            continue
+    for g, base in gamma20_rows(d["summary"]):
+        label = ("gamma = 20" + (" with deferred cache gradients" if g.partition("@")[0].endswith("d") else "")
+                 + (f" at learning rates x{lr_of(g)[1:]}" if lr_of(g) else "") + (f" (row {g})" if g != "20" else ""))
         parts = []
         for k, name in (("best", "best"), ("final", "final"), ("last_mean", "last 5")):
-            key = f"gamma{g}_minus_gamma0_{k}_auc_points"
+            key = f"gamma{g}_minus_gamma{base}_{k}_auc_points"
             by_seed = d.get(key + "_by_seed", {})
             parts.append(f"{name} {d[key]:+.2f}" + (f" (per seed {', '.join(f'{v:+.2f}' for v in by_seed.values())})"
                                                      if len(by_seed) > 1 else ""))
-        out.append(f"{label} against no cache, AUC points: {', '.join(parts)}.")
+        out.append(f"{label} against no cache{' at the same learning rates' if lr_of(g) else ''}, AUC points: "
+                   f"{', '.join(parts)}.")
     return " ".join(out) + "\n"
 
 
@@ -173,13 +217,19 @@ def plot(path, d: dict) -> None:
     for g, by_seed in d["runs"].items():
         job = next(iter(by_seed.values()))
         ax.plot([pt["train_seconds"] for pt in job["curve"]], [pt["auc"] for pt in job["curve"]], marker=".",
-                label="no cache" if g == "0" else f"gamma {g.removesuffix('d')}" + (", deferred" if g.endswith("d") else ""))
+                label=_label(g))
     ax.set_xlabel("training seconds")
     ax.set_ylabel("dev AUC")
     ax.set_title("first seed" if len(d.get("seeds", [0])) > 1 else "")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _label(g: str) -> str:
+    steps, deferred, lr = row_spec(g)
+    return (("no cache" if steps == 0 else f"gamma {steps}") + (", deferred" if deferred else "")
+            + (f", lr x{lr:g}" if lr is not None else ""))
 
 
 if __name__ == "__main__":

@@ -231,6 +231,38 @@ def test_cache_runs_every_gamma_per_seed_and_compares_the_ends_of_the_runs(tmp_p
     assert "Row 20d: the same gamma with `engine.cache_deferred_grad=true`" in md
 
 
+def test_cache_rows_at_other_learning_rates_are_compared_with_no_cache_at_theirs(tmp_path, monkeypatch):
+    """A row G@M trains at learning rates M times the defaults, and its gamma-20 row is paired with the no-cache
+    row of the same rates (not with the benchmark's own); a malformed row is refused before anything runs."""
+    import benchmarks.cache as cache
+    import benchmarks.common as common
+    from benchmarks.speedup import lr_overrides
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(cache, "RESULTS", tmp_path)
+    ran = {}
+
+    def fake_run(name, overrides, root, timeout):
+        ran[name] = overrides
+        auc = 0.70 + (0.05 if lr_overrides(2)[0] in overrides else 0.0) - (0.01 if "engine.cache_gamma=20" in overrides else 0.0)
+        stats = {"cache_hits": 1, "cache_lookups": 4, "wall_seconds": 10.0, "clicks_per_second": 5.0, "news_encoded": 7}
+        return {"curve": [{"auc": auc, "train_seconds": 1}], "stats": stats, "metrics": {"auc": auc}}
+
+    monkeypatch.setattr(cache, "run_job_kept", fake_run)
+    d = cache.main(["--gammas", "0,20,0@2,20@2.0", "--lr-multiple", "1", "--out", str(tmp_path / "runs")])
+    assert sorted(ran) == ["gamma_0", "gamma_0_lr2", "gamma_20", "gamma_20_lr2"]
+    assert lr_overrides(2)[0] in ran["gamma_20_lr2"] and lr_overrides(1)[0] in ran["gamma_20"]
+    assert d["gamma20@2_minus_gamma0@2_final_auc_points"] == pytest.approx(-1.0)  # not 20@2 against 0: +4
+    assert d["gamma20_minus_gamma0_final_auc_points"] == pytest.approx(-1.0)
+    md = (tmp_path / "cache.md").read_text()
+    assert "gamma = 20 at learning rates x2 (row 20@2) against no cache at the same learning rates" in md
+    assert "Rows 0@2, 20@2: G@M is gamma G at learning rates M times the defaults" in md
+    for bad in ("20@0", "x", "20@a", "20x@1"):
+        with pytest.raises(SystemExit):
+            cache.main(["--gammas", bad, "--out", str(tmp_path / "bad")])
+    assert sorted(ran) == ["gamma_0", "gamma_0_lr2", "gamma_20", "gamma_20_lr2"]
+
+
 def test_cache_paired_differences_follow_each_seed():
     """The per-seed difference pairs each gamma-20 run with the no-cache run of its own seed, so a seed that is
     good for both does not hide a cost on another; seeds only one side ran are left out of the pairs."""
