@@ -31,9 +31,11 @@ log = logging.getLogger("speedyrec")
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 TEACHER_STEPS = ("posttrain", "finetune_teachers")
 # what the teachers were trained with must equal this run's (but teachers.plain may have been on there: a plain
-# teacher this run does not need is left unused); where outputs go, checkpoints and logging may differ
+# teacher this run does not need is left unused); where outputs go, checkpoints, logging and heap trimming may
+# differ (a run made before one of these keys existed saved no value for it)
 TEACHER_KEYS = ("data.", "model.", "posttrain.", "teachers.", "train.")
-FREE_KEYS = ("data.cache_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
+FREE_KEYS = ("data.cache_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+             "train.heap_trim_every")
 
 
 def teachers_depend_on(key: str, then, now) -> bool:

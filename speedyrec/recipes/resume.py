@@ -19,7 +19,8 @@ log = logging.getLogger("speedyrec")
 
 # settings that may change between a checkpoint and its resumption (how long, how often, where to report)
 RESUMABLE_CHANGES = ("out_dir", "train.resume", "train.max_steps", "train.max_seconds", "train.epochs",
-                     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "eval.")
+                     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.heap_trim_every",
+                     "eval.")
 
 
 def differing_keys(saved: dict, now: dict, matters=lambda key, then, now: True) -> list[tuple[str, object, object]]:
