@@ -104,6 +104,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="", help="keep the runs here (default: a temporary folder)")
     p.add_argument("--fresh", action="store_true", help="run every seed, even those already in the results file")
     p.add_argument("--report", metavar="JSON", help="only re-render the tables from a results file's runs")
+    p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the runs kept in --out or committed, "
+                   "and name the ones missing (seeds measured across sessions)")
     a = p.parse_args(argv)
     if a.report:
         saved = json.loads(Path(a.report).read_text())
@@ -114,10 +116,13 @@ def main(argv=None) -> dict:
     committed, committed_students = load_runs(committed_file(a.quick)) if not a.fresh else ({}, {})
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
-        runs, students = {}, {n: {} for n in sizes if n != PIPELINE_LAYERS}
+        runs, students, payload = {}, {n: {} for n in sizes if n != PIPELINE_LAYERS}, None
         for seed in seeds:
-            runs[seed] = obtain(root, f"seed_{seed}", pipeline_overrides(seed, PIPELINE_LAYERS, a.quick),
-                                committed.get(seed))
+            run = obtain(root, f"seed_{seed}", pipeline_overrides(seed, PIPELINE_LAYERS, a.quick), committed.get(seed),
+                         may_run=not a.kept_only)
+            if run is None:
+                continue
+            runs[seed] = run
             models, run_dir = runs[seed]["summary"]["models"], root / f"seed_{seed}"
             if "ensemble" not in models and (run_dir / "finetune_teachers" / "teachers").is_dir():
                 print(f"seed {seed}: evaluating the mean score of its post-trained teachers", flush=True)
@@ -126,14 +131,18 @@ def main(argv=None) -> dict:
                     (run_dir / "quality_run.json").write_text(json.dumps(runs[seed], indent=2) + "\n")
             for n in students:
                 src = teachers_of(root, seed)  # none when the 2-layer run was committed by another session
-                if (src is None and not (root / f"seed_{seed}_l{n}" / "quality_run.json").exists()
+                if (src is None and not a.kept_only and not (root / f"seed_{seed}_l{n}" / "quality_run.json").exists()
                         and committed_students.get(n, {}).get(seed) is None):
                     print(f"seed_{seed}_l{n}: no finished teacher steps of seed {seed} in {root} to link (a step "
                           "finished when its done.json exists): this run trains its own teachers", flush=True)
-                students[n][seed] = obtain(root, f"seed_{seed}_l{n}", pipeline_overrides(seed, n, a.quick),
-                                           committed_students.get(n, {}).get(seed),
-                                           [f"pipeline.teachers_from={src}"] if src else [])
+                run = obtain(root, f"seed_{seed}_l{n}", pipeline_overrides(seed, n, a.quick),
+                             committed_students.get(n, {}).get(seed), [f"pipeline.teachers_from={src}"] if src else [],
+                             may_run=not a.kept_only)
+                if run is not None:
+                    students[n][seed] = run
             payload = report(runs, students, info, a.quick)  # rewritten after every seed: an interrupted run keeps them
+    if payload is None:
+        raise SystemExit(f"benchmarks.quality: no run of seeds {a.seeds or 'default'} is kept in {root} or committed")
     return payload
 
 
@@ -155,9 +164,11 @@ def teachers_mean_score(run_dir: Path) -> dict:
             "member_auc": [r["auc"] for r in each]}
 
 
-def obtain(root: Path, name: str, overrides: list[str], committed: dict | None, extra: list[str] = ()) -> dict:
+def obtain(root: Path, name: str, overrides: list[str], committed: dict | None, extra: list[str] = (),
+           may_run: bool = True) -> dict | None:
     """One pipeline run: finished earlier in ``root`` (an interrupted invocation), committed in the results file
-    with the same settings, or run now (``extra``: settings that do not change what is measured)."""
+    with the same settings, or run now (``extra``: settings that do not change what is measured); None when it is
+    none of these and ``may_run`` is false."""
     done = root / name / "quality_run.json"
     if done.exists():
         run = json.loads(done.read_text())
@@ -170,6 +181,9 @@ def obtain(root: Path, name: str, overrides: list[str], committed: dict | None, 
         print(f"{name}: reusing the committed run (--fresh runs it again)", flush=True)
         note_reused(name)
         return committed
+    if not may_run:
+        print(f"{name}: not run yet (--kept-only): left out of the tables", flush=True)
+        return None
     job = run_job(name, [*overrides, *extra], root, timeout=6 * 3600)
     run = {"command": job["command"], "process_seconds": job["process_seconds"], "summary": job["metrics"]}
     done.write_text(json.dumps(run, indent=2) + "\n")

@@ -141,6 +141,20 @@ def test_quality_students_of_other_sizes_link_their_seeds_teachers(tmp_path, fak
     assert len(ran) == 6
 
 
+def test_quality_kept_only_tabulates_what_exists_and_runs_nothing(tmp_path, fake_quality):
+    """--kept-only re-derives the tables from the runs kept or committed and leaves out (naming) those not run yet:
+    the seeds of a three-hour benchmark are measured across sessions."""
+    quality, ran = fake_quality
+    quality.main(["--seeds", "0", "--layers", "2", "--out", str(tmp_path / "a")])  # seed 0, 2 layers: committed
+    assert len(ran) == 1
+    payload = quality.main(["--seeds", "0,1", "--layers", "1,2", "--out", str(tmp_path / "a"), "--kept-only"])
+    assert len(ran) == 1 and payload["seeds"] == [0] and "student_l1" not in payload["table"]
+    assert payload["table"]["student"]["seeds"] == [0]
+    with pytest.raises(SystemExit, match="no run"):
+        quality.main(["--seeds", "1", "--out", str(tmp_path / "a"), "--kept-only"])
+    assert len(ran) == 1
+
+
 def test_tune_changes_one_knob_per_run_and_reports_time_to_the_speedup_target(tmp_path, monkeypatch):
     """The defaults' run and one run per other value of each knob, nothing else changed; times to the typical
     workflow's best AUC read from the speedup results; epochs counted in targets."""
