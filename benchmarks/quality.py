@@ -26,7 +26,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, md_table, note_reused, run_job, write_results
+from benchmarks.common import RESULTS, machine, md_table, note_reused, run_job, source_commit, write_results
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 PIPELINE_LAYERS = 2  # the pipeline's own student (distill.student_layers' default)
@@ -185,7 +185,8 @@ def obtain(root: Path, name: str, overrides: list[str], committed: dict | None, 
         print(f"{name}: not run yet (--kept-only): left out of the tables", flush=True)
         return None
     job = run_job(name, [*overrides, *extra], root, timeout=6 * 3600)
-    run = {"command": job["command"], "process_seconds": job["process_seconds"], "summary": job["metrics"]}
+    run = {"command": job["command"], "process_seconds": job["process_seconds"], "summary": job["metrics"],
+           "commit": source_commit()}  # runs of one table are made across sessions, maybe at several commits
     done.write_text(json.dumps(run, indent=2) + "\n")
     return run
 
