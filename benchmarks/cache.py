@@ -130,12 +130,7 @@ def main(argv=None) -> dict:
 def gamma20_rows(summary: dict) -> list[tuple[str, str]]:
     """(gamma-20 row, the no-cache row of its learning rates) for each gamma-20 row that has one: 20 and 20d
     against 0, 20@1 against 0@1."""
-    pairs = []
-    for g in summary:
-        base = "0" + lr_of(g)
-        if g.partition("@")[0].removesuffix("d") == "20" and base in summary:
-            pairs.append((g, base))
-    return pairs
+    return [(g, "0" + lr_of(g)) for g in summary if row_spec(g)[0] == 20 and "0" + lr_of(g) in summary]
 
 
 def gamma20_vs_gamma0(summary: dict, runs: dict) -> dict:
@@ -156,7 +151,7 @@ def gamma20_vs_gamma0(summary: dict, runs: dict) -> dict:
 
 def deferred_legend(d: dict) -> str:
     """What a row with a 'd' suffix or an '@M' suffix is, when the table has one."""
-    rows = [g for g in d["summary"] if g.partition("@")[0].endswith("d")]
+    rows = [g for g in d["summary"] if row_spec(g)[1]]
     at = [g for g in d["summary"] if "@" in g]
     return ((f" Row{'s' if len(rows) > 1 else ''} {', '.join(rows)}: the same gamma with "
              "`engine.cache_deferred_grad=true` (a served row's gradient reaches the encoder at its news' next fresh "
@@ -197,7 +192,7 @@ def report(d: dict) -> str:
 def gamma20_sentence(d: dict) -> str:
     out = []
     for g, base in gamma20_rows(d["summary"]):
-        label = ("gamma = 20" + (" with deferred cache gradients" if g.partition("@")[0].endswith("d") else "")
+        label = ("gamma = 20" + (" with deferred cache gradients" if row_spec(g)[1] else "")
                  + (f" at learning rates x{lr_of(g)[1:]}" if lr_of(g) else "") + (f" (row {g})" if g != "20" else ""))
         parts = []
         for k, name in (("best", "best"), ("final", "final"), ("last_mean", "last 5")):

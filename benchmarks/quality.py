@@ -131,13 +131,11 @@ def main(argv=None) -> dict:
                     (run_dir / "quality_run.json").write_text(json.dumps(runs[seed], indent=2) + "\n")
             for n in students:
                 src = teachers_of(root, seed)  # none when the 2-layer run was committed by another session
-                if (src is None and not a.kept_only and not (root / f"seed_{seed}_l{n}" / "quality_run.json").exists()
-                        and committed_students.get(n, {}).get(seed) is None):
-                    print(f"seed_{seed}_l{n}: no finished teacher steps of seed {seed} in {root} to link (a step "
-                          "finished when its done.json exists): this run trains its own teachers", flush=True)
+                alone = "" if src else (f"no finished teacher steps of seed {seed} in {root} to link (a step finished "
+                                        "when its done.json exists): this run trains its own teachers")
                 run = obtain(root, f"seed_{seed}_l{n}", pipeline_overrides(seed, n, a.quick),
                              committed_students.get(n, {}).get(seed), [f"pipeline.teachers_from={src}"] if src else [],
-                             may_run=not a.kept_only)
+                             may_run=not a.kept_only, announce=alone)
                 if run is not None:
                     students[n][seed] = run
             payload = report(runs, students, info, a.quick)  # rewritten after every seed: an interrupted run keeps them
@@ -165,10 +163,10 @@ def teachers_mean_score(run_dir: Path) -> dict:
 
 
 def obtain(root: Path, name: str, overrides: list[str], committed: dict | None, extra: list[str] = (),
-           may_run: bool = True) -> dict | None:
+           may_run: bool = True, announce: str = "") -> dict | None:
     """One pipeline run: finished earlier in ``root`` (an interrupted invocation), committed in the results file
     with the same settings, or run now (``extra``: settings that do not change what is measured); None when it is
-    none of these and ``may_run`` is false."""
+    none of these and ``may_run`` is false. ``announce``: said before running it."""
     done = root / name / "quality_run.json"
     if done.exists():
         run = json.loads(done.read_text())
@@ -184,6 +182,8 @@ def obtain(root: Path, name: str, overrides: list[str], committed: dict | None, 
     if not may_run:
         print(f"{name}: not run yet (--kept-only): left out of the tables", flush=True)
         return None
+    if announce:
+        print(f"{name}: {announce}", flush=True)
     job = run_job(name, [*overrides, *extra], root, timeout=6 * 3600)
     run = {"command": job["command"], "process_seconds": job["process_seconds"], "summary": job["metrics"],
            "commit": source_commit()}  # runs of one table are made across sessions, maybe at several commits
