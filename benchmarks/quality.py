@@ -165,8 +165,9 @@ def teachers_mean_score(run_dir: Path) -> dict:
 def obtain(root: Path, name: str, overrides: list[str], committed: dict | None, extra: list[str] = (),
            may_run: bool = True, announce: str = "") -> dict | None:
     """One pipeline run: finished earlier in ``root`` (an interrupted invocation), committed in the results file
-    with the same settings, or run now (``extra``: settings that do not change what is measured); None when it is
-    none of these and ``may_run`` is false. ``announce``: said before running it."""
+    with the same settings, or run now (``extra``: settings that do not change what is measured), continuing
+    from the steps a run interrupted in ``root`` finished; None when it is none of these and ``may_run`` is false.
+    ``announce``: said before running it."""
     done = root / name / "quality_run.json"
     if done.exists():
         run = json.loads(done.read_text())
@@ -182,6 +183,9 @@ def obtain(root: Path, name: str, overrides: list[str], committed: dict | None, 
     if not may_run:
         print(f"{name}: not run yet (--kept-only): left out of the tables", flush=True)
         return None
+    if (root / name / "config.yaml").exists():  # interrupted: its finished steps (done.json) are not run again
+        extra = [*extra, "train.resume=auto"]
+        announce = " ".join(filter(None, [announce, f"continuing the interrupted run in {root / name}"]))
     if announce:
         print(f"{name}: {announce}", flush=True)
     job = run_job(name, [*overrides, *extra], root, timeout=6 * 3600)

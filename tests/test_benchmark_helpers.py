@@ -81,7 +81,7 @@ def fake_quality(tmp_path, monkeypatch):
 
     def fake_run_job(name, overrides, root, timeout):
         ran.append(overrides)
-        (root / name / "finetune_teachers").mkdir(parents=True)  # the training run's out_dir, teachers finished
+        (root / name / "finetune_teachers").mkdir(parents=True, exist_ok=True)  # the run's out_dir, teachers finished
         (root / name / "finetune_teachers" / "done.json").write_text("{}")
         seed = int(next(o for o in overrides if o.startswith("train.seed=")).split("=")[1])
         layers = int(next((o.split("=")[1] for o in overrides if o.startswith("distill.student_layers=")), 2))
@@ -153,6 +153,19 @@ def test_quality_kept_only_tabulates_what_exists_and_runs_nothing(tmp_path, fake
     with pytest.raises(SystemExit, match="no run"):
         quality.main(["--seeds", "1", "--out", str(tmp_path / "a"), "--kept-only"])
     assert len(ran) == 1
+
+
+def test_quality_continues_a_run_interrupted_in_out_with_resume_auto(tmp_path, fake_quality):
+    """A pipeline run stopped midway (its out_dir has a config.yaml, no quality_run.json) is run again with
+    train.resume=auto, so its finished steps are kept; a fresh one is run without it."""
+    quality, ran = fake_quality
+    out = tmp_path / "a"
+    (out / "seed_1").mkdir(parents=True)
+    (out / "seed_1" / "config.yaml").write_text("train: {}\n")
+    quality.main(["--seeds", "0,1", "--layers", "2", "--out", str(out)])
+    assert ["train.resume=auto" in o for o in ran] == [False, True]
+    quality.main(["--seeds", "0,1", "--layers", "2", "--out", str(out)])  # both finished now: reused
+    assert len(ran) == 2
 
 
 def test_tune_changes_one_knob_per_run_and_reports_time_to_the_speedup_target(tmp_path, monkeypatch):
