@@ -1,6 +1,7 @@
 """The news-embedding cache's expiry gamma (SpeedyFeed Table 6): quality, hit rate, age, drift and time.
 
-``python -m benchmarks.cache [--quick] [--out DIR] [--gammas 0,10,20,30,20d,0@1,20@1] [--seeds 0] [--lr-multiple M]``
+``python -m benchmarks.cache [--quick] [--out DIR] [--gammas 0,10,20,30,20d,0@1,20@1] [--seeds 0] [--lr-multiple M]
+[--kept-only]``
 
 The synthetic default, the 2-layer MiniLM student (every layer trained), one epoch per gamma and seed, the same
 learning rate (``--lr-multiple`` times the defaults; by default the multiple the speedup benchmark chose, when its
@@ -12,7 +13,8 @@ and compared by cosine with the cached vectors, next to the cosine of two dropou
 noise floor). With several ``--seeds`` the quality figures are mean ± std over them. ``--out`` keeps the runs and
 reuses finished ones. A row is ``G[d][@M]``: G steps of expiry (0: no cache), ``d``: with deferred cache gradients,
 ``@M``: learning rates M times the defaults instead of the benchmark's multiple; each gamma-20 row is compared with
-the no-cache row of the same learning rates (``0@M``), seed by seed.
+the no-cache row of the same learning rates (``0@M``), seed by seed. A table's runs take hours: ``--kept-only``
+re-derives it from the runs kept in ``--out`` so far, and a row with fewer seeds names the ones it has.
 """
 from __future__ import annotations
 
@@ -85,7 +87,11 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", default="0")
     p.add_argument("--lr-multiple", type=float, default=None)
     p.add_argument("--every", type=float, default=None, help="training seconds between dev evaluations (default 30)")
+    p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the runs kept in --out, and name "
+                   "the ones missing (a row with fewer seeds says which it has)")
     a = p.parse_args(argv)
+    if a.kept_only and not a.out:
+        p.error("--kept-only reads the runs kept in --out")
     seeds, specs = [int(s) for s in a.seeds.split(",")], {}
     for g in (g.strip() for g in a.gammas.split(",")):
         try:
@@ -115,11 +121,15 @@ def main(argv=None) -> dict:
                          [f"engine.cache_gamma={steps}", f"engine.cache_audit={AUDIT}"]
                          + (["engine.cache_deferred_grad=true"] if deferred else []))
                 name = f"gamma_{g.replace('@', '_lr')}" + (f"_seed{s}" if s else "")
-                runs.setdefault(g, {})[str(s)] = run_job_kept(
-                    name, base(mult if lr is None else lr) + extra + ([f"train.seed={s}"] if s else []), root,
-                    timeout=4 * 3600)
+                job = run_job_kept(name, base(mult if lr is None else lr) + extra + ([f"train.seed={s}"] if s else []),
+                                   root, may_run=not a.kept_only, timeout=4 * 3600)
+                if job is not None:
+                    runs.setdefault(g, {})[str(s)] = job
+    if not runs:
+        raise SystemExit(f"benchmarks.cache: no run kept in {root}")
     payload = {"machine": info, "quick": a.quick, "users": users, "model": model, "lr_multiple": mult, "every": every,
-               "seeds": seeds, "summary": summarize(runs), "runs": runs}
+               "seeds": [s for s in seeds if any(str(s) in by_seed for by_seed in runs.values())],
+               "summary": summarize(runs), "runs": runs}
     payload.update(gamma20_vs_gamma0(payload["summary"], runs))
     md = report(payload)
     write_results("cache_quick" if a.quick else "cache", payload, md, lambda path: plot(path, payload))
@@ -160,19 +170,27 @@ def deferred_legend(d: dict) -> str:
                "defaults instead." if at else ""))
 
 
+def row_label(g: str, v: dict, seeds: list) -> str:
+    """The row's gamma, with its seeds when it has fewer than the table (a row measured in a later session)."""
+    if len(v["seeds"]) == len(seeds):
+        return g
+    return f"{g} (seed{'s' if len(v['seeds']) > 1 else ''} {', '.join(v['seeds'])})"
+
+
 def _q(v: dict, k: str) -> str:
     return f"{v[k]:.4f}" + (f" ± {v[k + '_std']:.4f}" if len(v["seeds"]) > 1 else "")
 
 
 def report(d: dict) -> str:
     info = d["machine"]
-    rows = [[g, _q(v, "best_auc"), _q(v, "final_auc"), _q(v, "last_mean_auc"), f"{v['hit_rate']:.1%}",
+    seeds = d.get("seeds", [0])
+    rows = [[row_label(g, v, seeds), _q(v, "best_auc"), _q(v, "final_auc"), _q(v, "last_mean_auc"),
+             f"{v['hit_rate']:.1%}",
              "n/a" if v["served_age_mean"] is None else f"{v['served_age_mean']:.1f} / {v['served_age_max']:.0f}",
              "n/a" if v["drift_cos_mean"] is None else f"{v['drift_cos_mean']:.4f} / {v['drift_cos_min']:.4f}",
              "n/a" if v["noise_cos_mean"] is None else f"{v['noise_cos_mean']:.4f}",
              f"{v['news_encoded']:,}", f"{v['train_seconds']:.0f}", f"{v['targets_per_second']:.1f}"]
             for g, v in d["summary"].items()]
-    seeds = d.get("seeds", [0])
     md = ["# The embedding cache: expiry gamma\n",
           f"Device: {info['device']}, torch {info['torch']}, {info['threads']} threads; commit {info.get('commit', '?')}. "
           f"Data: synthetic default, {d['users']} users. Model: `{' '.join(d['model'])}`, learning rates x{d['lr_multiple']:g} "

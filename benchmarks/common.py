@@ -77,9 +77,10 @@ def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, tim
     return job
 
 
-def run_job_kept(name: str, overrides: list[str], out_root: Path, **kw) -> dict:
+def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool = True, **kw) -> dict | None:
     """``run_job``, kept as ``out_root/NAME/job.json``: a later call with the same overrides reuses it, so an
-    interrupted benchmark given the same ``--out`` continues where it stopped."""
+    interrupted benchmark given the same ``--out`` continues where it stopped. ``may_run`` false: None for a job
+    not kept yet (a benchmark re-derived from the runs made so far)."""
     kept = out_root / name / "job.json"
     if kept.exists():
         job = json.loads(kept.read_text())
@@ -91,6 +92,9 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, **kw) -> dict:
         print(f"{name}: reusing {kept}", flush=True)
         note_reused(name)
         return job
+    if not may_run:
+        print(f"{name}: not run yet (--kept-only): left out of the tables", flush=True)
+        return None
     print(f"{name}: running {' '.join(overrides)}", flush=True)
     job = {**run_job(name, overrides, out_root, **kw), "overrides": overrides}
     kept.write_text(json.dumps(job, indent=2) + "\n")

@@ -181,7 +181,7 @@ def test_tune_changes_one_knob_per_run_and_reports_time_to_the_speedup_target(tm
     (tmp_path / "speedup.json").write_text(json.dumps({"target_auc": 0.70}))
     ran = {}
 
-    def fake_run(name, overrides, root, timeout):
+    def fake_run(name, overrides, root, timeout, may_run=True):
         ran[name] = overrides
         better = "engine.random_negatives=popularity" in overrides
         curve = [{"step": i, "epoch": 0, "train_seconds": 10.0 * i, "clicks_trained": 50.0 * i,
@@ -224,7 +224,7 @@ def test_cache_runs_every_gamma_per_seed_and_compares_the_ends_of_the_runs(tmp_p
     monkeypatch.setattr(cache, "RESULTS", tmp_path)
     ran = {}
 
-    def fake_run(name, overrides, root, timeout):
+    def fake_run(name, overrides, root, timeout, may_run=True):
         ran[name] = overrides
         g = 20 if "engine.cache_gamma=20" in overrides else 0
         seed = 1 if "train.seed=1" in overrides else 0
@@ -258,6 +258,39 @@ def test_cache_runs_every_gamma_per_seed_and_compares_the_ends_of_the_runs(tmp_p
     assert "Row 20d: the same gamma with `engine.cache_deferred_grad=true`" in md
 
 
+def test_cache_kept_only_tabulates_the_kept_runs_and_names_a_rows_seeds(tmp_path, monkeypatch):
+    """--kept-only re-derives the table from the runs kept in --out (through the real job.json keeping) and runs
+    nothing: a row kept for fewer seeds is labelled with them, and its gamma-20 pairing uses only the seeds both
+    rows have."""
+    import benchmarks.cache as cache
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(cache, "RESULTS", tmp_path)
+    ran = []
+
+    def fake_run_job(name, overrides, root, timeout):
+        ran.append(name)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        auc = 0.70 - (0.01 if "engine.cache_gamma=20" in overrides else 0.0) + (0.002 if "train.seed=1" in overrides else 0)
+        stats = {"cache_hits": 1, "cache_lookups": 4, "wall_seconds": 10.0, "clicks_per_second": 5.0, "news_encoded": 7}
+        return {"curve": [{"auc": auc, "train_seconds": 1.0}], "stats": stats, "metrics": {"auc": auc}}
+
+    monkeypatch.setattr(common, "run_job", fake_run_job)
+    out = ["--lr-multiple", "4", "--out", str(tmp_path / "runs")]
+    cache.main(["--gammas", "0,20,0@1,20@1", "--seeds", "0", *out])
+    cache.main(["--gammas", "0,20", "--seeds", "0,1", *out])
+    assert len(ran) == 6
+    d = cache.main(["--gammas", "0,20,0@1,20@1", "--seeds", "0,1,2", "--kept-only", *out])
+    assert len(ran) == 6 and d["seeds"] == [0, 1]
+    assert d["summary"]["20"]["seeds"] == ["0", "1"] and d["summary"]["20@1"]["seeds"] == ["0"]
+    assert d["gamma20@1_minus_gamma0@1_best_auc_points_by_seed"] == pytest.approx({"0": -1.0})
+    md = (tmp_path / "cache.md").read_text()
+    assert "| 20@1 (seed 0) |" in md and "| 20 |" in md
+    with pytest.raises(SystemExit, match="no run kept"):
+        cache.main(["--gammas", "30", "--kept-only", *out])
+
+
 def test_cache_rows_at_other_learning_rates_are_compared_with_no_cache_at_theirs(tmp_path, monkeypatch):
     """A row G@M trains at learning rates M times the defaults, and its gamma-20 row is paired with the no-cache
     row of the same rates (not with the benchmark's own); a malformed row is refused before anything runs."""
@@ -269,7 +302,7 @@ def test_cache_rows_at_other_learning_rates_are_compared_with_no_cache_at_theirs
     monkeypatch.setattr(cache, "RESULTS", tmp_path)
     ran = {}
 
-    def fake_run(name, overrides, root, timeout):
+    def fake_run(name, overrides, root, timeout, may_run=True):
         ran[name] = overrides
         auc = 0.70 + (0.05 if lr_overrides(2)[0] in overrides else 0.0) - (0.01 if "engine.cache_gamma=20" in overrides else 0.0)
         stats = {"cache_hits": 1, "cache_lookups": 4, "wall_seconds": 10.0, "clicks_per_second": 5.0, "news_encoded": 7}
