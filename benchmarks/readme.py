@@ -270,7 +270,10 @@ SECTIONS = (("speedup", speedup), ("tune", tune), ("data_efficiency", data_effic
 def render(results: Path = RESULTS) -> str:
     parts = ["`python -m benchmarks.run [--quick]` runs them all; each writes `benchmarks/results/NAME.{json,md,png}` "
              "with the command, settings and machine. The figures below are read from those files; the machine they "
-             "ran on is shared and noisy, so compare ratios measured in one run.\n", *durations(results)]
+             "ran on is shared and noisy, so compare ratios measured in one run. The long ones (`quality`, `cache`: "
+             "hours of training each) take `--out DIR`: every run is kept there, an interrupted invocation given the "
+             "same `--out` continues where it stopped, and `--kept-only` re-derives the table from the runs made so "
+             "far without running anything.\n", *durations(results)]
     for name, fn in SECTIONS:
         d = _load(results, name)
         if d is not None and not d.get("quick"):
