@@ -279,14 +279,16 @@ def test_cache_kept_only_tabulates_the_kept_runs_and_names_a_rows_seeds(tmp_path
     monkeypatch.setattr(common, "run_job", fake_run_job)
     out = ["--lr-multiple", "4", "--out", str(tmp_path / "runs")]
     cache.main(["--gammas", "0,20,0@1,20@1", "--seeds", "0", *out])
-    cache.main(["--gammas", "0,20", "--seeds", "0,1", *out])
-    assert len(ran) == 6
+    cache.main(["--gammas", "0,20,0@1", "--seeds", "0,1", *out])
+    assert len(ran) == 7
     d = cache.main(["--gammas", "0,20,0@1,20@1", "--seeds", "0,1,2", "--kept-only", *out])
-    assert len(ran) == 6 and d["seeds"] == [0, 1]
+    assert len(ran) == 7 and d["seeds"] == [0, 1]
     assert d["summary"]["20"]["seeds"] == ["0", "1"] and d["summary"]["20@1"]["seeds"] == ["0"]
     assert d["gamma20@1_minus_gamma0@1_best_auc_points_by_seed"] == pytest.approx({"0": -1.0})
+    assert d["gamma20@1_minus_gamma0@1_best_auc_points"] == pytest.approx(-1.0)  # on seed 0: not 0.69 - 0.701
     md = (tmp_path / "cache.md").read_text()
     assert "| 20@1 (seed 0) |" in md and "| 20 |" in md
+    assert "at the same learning rates (seed 0 only), AUC points: best -1.00" in md
     with pytest.raises(SystemExit, match="no run kept"):
         cache.main(["--gammas", "30", "--kept-only", *out])
 
@@ -336,7 +338,8 @@ def test_cache_paired_differences_follow_each_seed():
     runs = {"0": {"0": job(0.75), "1": job(0.70), "2": job(0.72)}, "20": {"0": job(0.74), "1": job(0.70)}}
     d = gamma20_vs_gamma0(summarize(runs), runs)
     assert d["gamma20_minus_gamma0_final_auc_points_by_seed"] == pytest.approx({"0": -1.0, "1": 0.0})
-    assert d["gamma20_minus_gamma0_final_auc_points"] == pytest.approx((0.72 - 0.7233333333) * 100)
+    # the headline is the mean over the pairs, not 0.72 - 0.7233 (the mean of a seed gamma 20 has not run yet)
+    assert d["gamma20_minus_gamma0_final_auc_points"] == pytest.approx(-0.5)
     assert "gamma20d_minus_gamma0_final_auc_points" not in d
 
 
