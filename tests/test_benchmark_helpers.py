@@ -338,7 +338,7 @@ def test_cache_paired_differences_follow_each_seed():
     runs = {"0": {"0": job(0.75), "1": job(0.70), "2": job(0.72)}, "20": {"0": job(0.74), "1": job(0.70)}}
     d = gamma20_vs_gamma0(summarize(runs), runs)
     assert d["gamma20_minus_gamma0_final_auc_points_by_seed"] == pytest.approx({"0": -1.0, "1": 0.0})
-    # the headline is the mean over the pairs, not 0.72 - 0.7233 (the mean of a seed gamma 20 has not run yet)
+    # the headline is the mean over the pairs, not 0.72 - 0.7233 (a mean that includes seed 2, which gamma 20 lacks)
     assert d["gamma20_minus_gamma0_final_auc_points"] == pytest.approx(-0.5)
     assert "gamma20d_minus_gamma0_final_auc_points" not in d
 
