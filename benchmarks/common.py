@@ -39,6 +39,11 @@ def note_reused(name: str) -> None:
     _REUSED.append(name)
 
 
+def note_not_run(name: str) -> None:
+    """Say that ``name`` has no kept run and --kept-only forbids running it: its row is left out of the tables."""
+    print(f"{name}: not run yet (--kept-only): left out of the tables", flush=True)
+
+
 def source_commit() -> str:
     """The commit the benchmarks run from: git's, or, in a ``git archive`` snapshot (a tree without .git, as
     used to time one commit while the checkout changes), the one git wrote into benchmarks/COMMIT."""
@@ -93,7 +98,7 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool 
         note_reused(name)
         return job
     if not may_run:
-        print(f"{name}: not run yet (--kept-only): left out of the tables", flush=True)
+        note_not_run(name)
         return None
     print(f"{name}: running {' '.join(overrides)}", flush=True)
     job = {**run_job(name, overrides, out_root, **kw), "overrides": overrides}

@@ -26,7 +26,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, md_table, note_reused, run_job, source_commit, write_results
+from benchmarks.common import RESULTS, machine, md_table, note_not_run, note_reused, run_job, source_commit, write_results
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 PIPELINE_LAYERS = 2  # the pipeline's own student (distill.student_layers' default)
@@ -181,7 +181,7 @@ def obtain(root: Path, name: str, overrides: list[str], committed: dict | None, 
         note_reused(name)
         return committed
     if not may_run:
-        print(f"{name}: not run yet (--kept-only): left out of the tables", flush=True)
+        note_not_run(name)
         return None
     if (root / name / "config.yaml").exists():  # interrupted: its finished steps (done.json) are not run again
         extra = [*extra, "train.resume=auto"]
