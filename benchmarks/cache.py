@@ -1,7 +1,7 @@
 """The news-embedding cache's expiry gamma (SpeedyFeed Table 6): quality, hit rate, age, drift and time.
 
-``python -m benchmarks.cache [--quick] [--out DIR] [--gammas 0,10,20,30,20d,0@1,20@1] [--seeds 0] [--lr-multiple M]
-[--kept-only]``
+``python -m benchmarks.cache [--quick] [--out DIR] [--gammas 0,10,20,30,20d,20e,0@1,20@1] [--seeds 0]
+[--lr-multiple M] [--kept-only] [--fresh]``
 
 The synthetic default, the 2-layer MiniLM student (every layer trained), one epoch per gamma and seed, the same
 learning rate (``--lr-multiple`` times the defaults; by default the multiple the speedup benchmark chose, when its
@@ -11,15 +11,21 @@ the run says more about what the cache costs). Served-row age (steps) is read fr
 drift is measured by the audit (``engine.cache_audit``): sampled hits are re-encoded with the current parameters
 and compared by cosine with the cached vectors, next to the cosine of two dropout passes of the same news (the
 noise floor). With several ``--seeds`` the quality figures are mean ± std over them. ``--out`` keeps the runs and
-reuses finished ones. A row is ``G[d][@M]``: G steps of expiry (0: no cache), ``d``: with deferred cache gradients,
-``@M``: learning rates M times the defaults instead of the benchmark's multiple; each gamma-20 row is compared with
-the no-cache row of the same learning rates (``0@M``), seed by seed. A table's runs take hours: ``--kept-only``
-re-derives it from the runs kept in ``--out`` so far, and a row with fewer seeds names the ones it has.
+reuses finished ones. A row is ``G[d][e][@M]``: G steps of expiry (0: no cache), ``d``: with deferred cache
+gradients, ``e``: trained for the no-cache row's training time instead of one epoch (equal time: the cache's
+saving spent on more steps, with the learning-rate schedule fitted to them), ``@M``: learning rates M times the
+defaults instead of the benchmark's multiple; each gamma-20 row is compared with the no-cache row of the same
+learning rates (``0@M``), seed by seed. A table's runs take hours, across sessions: the runs in the committed
+results are reused when they ran the same overrides (``--fresh``: run them again), and ``--kept-only``
+re-derives the table from the runs kept in ``--out`` or committed so far; a row with fewer seeds names the ones
+it has.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import tempfile
 from pathlib import Path
 
@@ -56,21 +62,26 @@ def summarize(runs: dict) -> dict:
     return out
 
 
-def row_spec(g: str) -> tuple[int, bool, float | None]:
-    """A row of ``--gammas``: '20d@1' -> (20 steps, deferred gradients, learning rates x1); no '@': None (the
-    benchmark's multiple)."""
-    body, at, lr = g.partition("@")
-    if not body.removesuffix("d").isdigit() or (at and not _positive(lr)):
-        raise ValueError(f"{g!r} is not a row: G[d][@M], G steps of expiry (0: no cache), d: deferred cache gradients, "
-                         "M > 0: learning rates M times the defaults")
-    return int(body.removesuffix("d")), body.endswith("d"), float(lr) if at else None
+def row_spec(g: str) -> tuple[int, bool, bool, float | None]:
+    """A row of ``--gammas``: '20de@1' -> (20 steps, deferred gradients, equal time, learning rates x1); no '@':
+    None (the benchmark's multiple)."""
+    m = re.fullmatch(r"(\d+)(d?)(e?)(?:@(\d*\.?\d+))?", g)
+    if not m or (m[4] is not None and float(m[4]) <= 0) or (m[3] and int(m[1]) == 0):
+        raise ValueError(f"{g!r} is not a row: G[d][e][@M], G steps of expiry (0: no cache), d: deferred cache "
+                         "gradients, e (G > 0): trained for the no-cache row's time, M > 0: learning rates M times the "
+                         "defaults")
+    return int(m[1]), bool(m[2]), bool(m[3]), None if m[4] is None else float(m[4])
 
 
-def _positive(v: str) -> bool:
-    try:
-        return float(v) > 0
-    except ValueError:
-        return False
+def row_name(steps: int, deferred: bool, equal: bool, lr: float | None) -> str:
+    return f"{steps}{'d' if deferred else ''}{'e' if equal else ''}" + (f"@{lr:g}" if lr is not None else "")
+
+
+def equal_time_steps(one_epoch: dict, no_cache: dict) -> int:
+    """Optimizer steps that train the cache for as long as the run without it took: the cache run's steps per
+    epoch scaled by the two runs' training times (same seed, same learning rates)."""
+    return max(1, round(one_epoch["stats"]["steps"] * no_cache["stats"]["wall_seconds"]
+                        / one_epoch["stats"]["wall_seconds"]))
 
 
 def lr_of(g: str) -> str:
@@ -82,23 +93,31 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.cache", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random encoder, 300 users")
     p.add_argument("--out", default="", help="keep the runs here and reuse finished ones")
-    p.add_argument("--gammas", default="0,10,20,30", help="rows G[d][@M]: expiry steps (0 = no cache); a 'd' suffix "
-                   "(20d): with engine.cache_deferred_grad; '@M' (20@1): learning rates M times the defaults")
+    p.add_argument("--gammas", default="0,10,20,30", help="rows G[d][e][@M]: expiry steps (0 = no cache); a 'd' "
+                   "suffix (20d): with engine.cache_deferred_grad; 'e' (20e): trained for the time row 0 took, which "
+                   "the rows 0 and 20 of the same learning rates measure; '@M' (20@1): learning rates M times the defaults")
     p.add_argument("--seeds", default="0")
     p.add_argument("--lr-multiple", type=float, default=None)
     p.add_argument("--every", type=float, default=None, help="training seconds between dev evaluations (default 30)")
-    p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the runs kept in --out, and name "
-                   "the ones missing (a row with fewer seeds says which it has)")
+    p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the runs kept in --out or "
+                   "committed, and name the ones missing (a row with fewer seeds says which it has)")
+    p.add_argument("--fresh", action="store_true", help="run every row, even those in the committed results")
     a = p.parse_args(argv)
     if a.kept_only and not a.out:
         p.error("--kept-only reads the runs kept in --out")
     seeds, specs = [int(s) for s in a.seeds.split(",")], {}
     for g in (g.strip() for g in a.gammas.split(",")):
         try:
-            steps, deferred, lr = row_spec(g)
+            spec = row_spec(g)
         except ValueError as e:
             p.error(f"--gammas: {e}")
-        specs[f"{steps}{'d' if deferred else ''}" + (f"@{lr:g}" if lr is not None else "")] = (steps, deferred, lr)
+        specs[row_name(*spec)] = spec
+    # an equal-time row runs after the two rows that give its length; they must be in the table
+    for g, (steps, deferred, equal, lr) in specs.items():
+        if equal and not {row_name(steps, deferred, False, lr), row_name(0, False, False, lr)} <= set(specs):
+            p.error(f"--gammas: row {g} is timed by rows {row_name(steps, deferred, False, lr)} and "
+                    f"{row_name(0, False, False, lr)}: add them")
+    specs = dict(sorted(specs.items(), key=lambda kv: kv[1][2]))
     mult = a.lr_multiple
     if mult is None:
         sp = RESULTS / "speedup.json"
@@ -111,18 +130,33 @@ def main(argv=None) -> dict:
                 f"eval.every_seconds={every:g}", *(QUICK["eval"] if a.quick else [])]
 
     info = machine()
+    name_ = "cache_quick" if a.quick else "cache"
+    committed = {} if a.fresh or not (RESULTS / f"{name_}.json").exists() else \
+        json.loads((RESULTS / f"{name_}.json").read_text())["runs"]
     runs: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
         root.mkdir(parents=True, exist_ok=True)
         for s in seeds:
-            for g, (steps, deferred, lr) in specs.items():
+            for g, (steps, deferred, equal, lr) in specs.items():
                 extra = (["engine.cache=false"] if steps == 0 else
                          [f"engine.cache_gamma={steps}", f"engine.cache_audit={AUDIT}"]
                          + (["engine.cache_deferred_grad=true"] if deferred else []))
+                overrides = base(mult if lr is None else lr)
+                if equal:
+                    one_epoch = runs.get(row_name(steps, deferred, False, lr), {}).get(str(s))
+                    no_cache = runs.get(row_name(0, False, False, lr), {}).get(str(s))
+                    if one_epoch is None or no_cache is None:
+                        print(f"row {g}, seed {s}: left out (the runs that time it are missing)", flush=True)
+                        continue
+                    n = equal_time_steps(one_epoch, no_cache)
+                    epochs = math.ceil(n / one_epoch["stats"]["steps"])
+                    overrides = [o for o in overrides if o != "train.epochs=1"] + [f"train.epochs={epochs}",
+                                                                                   f"train.max_steps={n}"]
                 name = f"gamma_{g.replace('@', '_lr')}" + (f"_seed{s}" if s else "")
-                job = run_job_kept(name, base(mult if lr is None else lr) + extra + ([f"train.seed={s}"] if s else []),
-                                   root, may_run=not a.kept_only, timeout=4 * 3600)
+                job = run_job_kept(name, overrides + extra + ([f"train.seed={s}"] if s else []), root,
+                                   may_run=not a.kept_only, committed=committed.get(g, {}).get(str(s)),
+                                   timeout=4 * 3600)
                 if job is not None:
                     runs.setdefault(g, {})[str(s)] = job
     if not runs:
@@ -132,7 +166,7 @@ def main(argv=None) -> dict:
                "summary": summarize(runs), "runs": runs}
     payload.update(gamma20_vs_gamma0(payload["summary"], runs))
     md = report(payload)
-    write_results("cache_quick" if a.quick else "cache", payload, md, lambda path: plot(path, payload))
+    write_results(name_, payload, md, lambda path: plot(path, payload))
     print(md)
     return payload
 
@@ -162,14 +196,18 @@ def gamma20_vs_gamma0(summary: dict, runs: dict) -> dict:
 
 
 def deferred_legend(d: dict) -> str:
-    """What a row with a 'd' suffix or an '@M' suffix is, when the table has one."""
+    """What a row with a 'd', 'e' or '@M' suffix is, when the table has one."""
     rows = [g for g in d["summary"] if row_spec(g)[1]]
+    equal = [g for g in d["summary"] if row_spec(g)[2]]
     at = [g for g in d["summary"] if "@" in g]
     return ((f" Row{'s' if len(rows) > 1 else ''} {', '.join(rows)}: the same gamma with "
              "`engine.cache_deferred_grad=true` (a served row's gradient reaches the encoder at its news' next fresh "
              "encoding)." if rows else "")
             + (f" Row{'s' if len(at) > 1 else ''} {', '.join(at)}: G@M is gamma G at learning rates M times the "
-               "defaults instead." if at else ""))
+               "defaults instead." if at else "")
+            + (f" Row{'s' if len(equal) > 1 else ''} {', '.join(equal)}: the same gamma trained for the time the "
+               "no-cache row took on the same seed (its steps per epoch scaled by the two one-epoch rows' training "
+               "times; the learning-rate schedule decays over those steps) instead of one epoch." if equal else ""))
 
 
 def row_label(g: str, v: dict, seeds: list) -> str:
@@ -213,6 +251,7 @@ def gamma20_sentence(d: dict) -> str:
     out = []
     for g, base in gamma20_rows(d["summary"]):
         label = ("gamma = 20" + (" with deferred cache gradients" if row_spec(g)[1] else "")
+                 + (" trained for no cache's time" if row_spec(g)[2] else "")
                  + (f" at learning rates x{lr_of(g)[1:]}" if lr_of(g) else "") + (f" (row {g})" if g != "20" else ""))
         parts = []
         for k, name in (("best", "best"), ("final", "final"), ("last_mean", "last 5")):
@@ -245,8 +284,9 @@ def plot(path, d: dict) -> None:
 
 
 def _label(g: str) -> str:
-    steps, deferred, lr = row_spec(g)
+    steps, deferred, equal, lr = row_spec(g)
     return (("no cache" if steps == 0 else f"gamma {steps}") + (", deferred" if deferred else "")
+            + (", equal time" if equal else "")
             + (f", lr x{lr:g}" if lr is not None else ""))
 
 

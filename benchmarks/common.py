@@ -82,10 +82,13 @@ def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, tim
     return job
 
 
-def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool = True, **kw) -> dict | None:
+def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool = True, committed: dict | None = None,
+                 **kw) -> dict | None:
     """``run_job``, kept as ``out_root/NAME/job.json``: a later call with the same overrides reuses it, so an
-    interrupted benchmark given the same ``--out`` continues where it stopped. ``may_run`` false: None for a job
-    not kept yet (a benchmark re-derived from the runs made so far)."""
+    interrupted benchmark given the same ``--out`` continues where it stopped. ``committed``: the job as a
+    results file holds it (a table measured across sessions, whose run folders are gone), reused when nothing is
+    kept and it ran the same overrides. ``may_run`` false: None for a job neither kept nor committed (a benchmark
+    re-derived from the runs made so far)."""
     kept = out_root / name / "job.json"
     if kept.exists():
         job = json.loads(kept.read_text())
@@ -97,6 +100,10 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool 
         print(f"{name}: reusing {kept}", flush=True)
         note_reused(name)
         return job
+    if committed is not None and committed.get("overrides") == overrides:
+        print(f"{name}: reusing the committed run", flush=True)
+        note_reused(name)
+        return committed
     if not may_run:
         note_not_run(name)
         return None

@@ -181,7 +181,7 @@ def test_tune_changes_one_knob_per_run_and_reports_time_to_the_speedup_target(tm
     (tmp_path / "speedup.json").write_text(json.dumps({"target_auc": 0.70}))
     ran = {}
 
-    def fake_run(name, overrides, root, timeout, may_run=True):
+    def fake_run(name, overrides, root, timeout, may_run=True, committed=None):
         ran[name] = overrides
         better = "engine.random_negatives=popularity" in overrides
         curve = [{"step": i, "epoch": 0, "train_seconds": 10.0 * i, "clicks_trained": 50.0 * i,
@@ -224,7 +224,7 @@ def test_cache_runs_every_gamma_per_seed_and_compares_the_ends_of_the_runs(tmp_p
     monkeypatch.setattr(cache, "RESULTS", tmp_path)
     ran = {}
 
-    def fake_run(name, overrides, root, timeout, may_run=True):
+    def fake_run(name, overrides, root, timeout, may_run=True, committed=None):
         ran[name] = overrides
         g = 20 if "engine.cache_gamma=20" in overrides else 0
         seed = 1 if "train.seed=1" in overrides else 0
@@ -304,7 +304,7 @@ def test_cache_rows_at_other_learning_rates_are_compared_with_no_cache_at_theirs
     monkeypatch.setattr(cache, "RESULTS", tmp_path)
     ran = {}
 
-    def fake_run(name, overrides, root, timeout, may_run=True):
+    def fake_run(name, overrides, root, timeout, may_run=True, committed=None):
         ran[name] = overrides
         auc = 0.70 + (0.05 if lr_overrides(2)[0] in overrides else 0.0) - (0.01 if "engine.cache_gamma=20" in overrides else 0.0)
         stats = {"cache_hits": 1, "cache_lookups": 4, "wall_seconds": 10.0, "clicks_per_second": 5.0, "news_encoded": 7}
@@ -319,10 +319,55 @@ def test_cache_rows_at_other_learning_rates_are_compared_with_no_cache_at_theirs
     md = (tmp_path / "cache.md").read_text()
     assert "gamma = 20 at learning rates x2 (row 20@2) against no cache at the same learning rates" in md
     assert "Rows 0@2, 20@2: G@M is gamma G at learning rates M times the defaults" in md
-    for bad in ("20@0", "x", "20@a", "20x@1"):
+    for bad in ("20@0", "x", "20@a", "20x@1", "0e", "20ed", "20e"):  # 20e alone: rows 0 and 20 time it
         with pytest.raises(SystemExit):
             cache.main(["--gammas", bad, "--out", str(tmp_path / "bad")])
     assert sorted(ran) == ["gamma_0", "gamma_0_lr2", "gamma_20", "gamma_20_lr2"]
+
+
+def test_cache_equal_time_row_trains_for_the_no_cache_rows_time_and_committed_runs_are_reused(tmp_path, monkeypatch):
+    """Row 20e runs after rows 0 and 20 of its seed, for as many steps as gamma 20 takes in the time no cache took
+    (its schedule fitted to them), and is paired with no cache; a run in the committed results with the same
+    overrides is reused rather than run again (a table measured across sessions), unless --fresh."""
+    import json
+
+    import benchmarks.cache as cache
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(cache, "RESULTS", tmp_path)
+    ran = []
+
+    def fake_run_job(name, overrides, root, timeout):
+        ran.append(name)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        g0 = "engine.cache=false" in overrides
+        steps = next((int(o.split("=")[1]) for o in overrides if o.startswith("train.max_steps=")), 100)
+        auc = 0.70 if g0 else 0.69 + 0.0001 * (steps - 100)
+        stats = {"cache_hits": 0 if g0 else 1, "cache_lookups": 0 if g0 else 4, "clicks_per_second": 5.0,
+                 "news_encoded": 7, "steps": steps, "wall_seconds": 30.0 if g0 else 0.2 * steps}
+        return {"curve": [{"auc": auc, "train_seconds": 1.0}], "stats": stats, "metrics": {"auc": auc}}
+
+    monkeypatch.setattr(common, "run_job", fake_run_job)
+    out = ["--lr-multiple", "4", "--out", str(tmp_path / "runs")]
+    d = cache.main(["--gammas", "20e,20,0", "--seeds", "0", *out])
+    assert ran == ["gamma_20", "gamma_0", "gamma_20e"]  # the equal-time row after the rows that time it
+    kept = json.loads((tmp_path / "runs" / "gamma_20e" / "job.json").read_text())["overrides"]
+    assert "train.max_steps=150" in kept and "train.epochs=2" in kept and "train.epochs=1" not in kept
+    assert "engine.cache_gamma=20" in kept  # 100 steps took 20 s, no cache 30 s: 150 steps
+    assert d["gamma20e_minus_gamma0_final_auc_points"] == pytest.approx(-0.5)
+    assert d["gamma20_minus_gamma0_final_auc_points"] == pytest.approx(-1.0)
+    md = (tmp_path / "cache.md").read_text()
+    assert "gamma = 20 trained for no cache's time (row 20e) against no cache, AUC points: best -0.50" in md
+    assert "Row 20e: the same gamma trained for the time the no-cache row took" in md
+    # a new checkout: the run folders are gone, the committed results are not
+    out = ["--lr-multiple", "4", "--out", str(tmp_path / "new")]
+    d2 = cache.main(["--gammas", "0,20,20e", "--seeds", "0", *out])
+    assert len(ran) == 3 and d2["summary"] == d["summary"]
+    d3 = cache.main(["--gammas", "0,20,20e,30", "--seeds", "0", "--kept-only", *out])
+    assert len(ran) == 3 and list(d3["summary"]) == ["0", "20", "20e"]
+    cache.main(["--gammas", "0", "--seeds", "0", "--fresh", *out])
+    assert ran[3:] == ["gamma_0"]
 
 
 def test_cache_paired_differences_follow_each_seed():
