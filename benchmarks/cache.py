@@ -73,15 +73,29 @@ def row_spec(g: str) -> tuple[int, bool, bool, float | None]:
     return int(m[1]), bool(m[2]), bool(m[3]), None if m[4] is None else float(m[4])
 
 
+def made_length(overrides: list[str], kept: Path, committed: dict | None) -> list[str]:
+    """An equal-time run made before (kept in ``kept``, or committed) keeps the length it was given: the median
+    time ratio moves as seeds are added to the table, and a finished run is not made again for a few steps more
+    or less. Its overrides when they differ from these only in train.max_steps and train.epochs, else these."""
+    length = ("train.max_steps=", "train.epochs=")
+    same = [o for o in overrides if not o.startswith(length)]
+    for job in ([json.loads(kept.read_text())] if kept.exists() else []) + ([committed] if committed else []):
+        if [o for o in job.get("overrides", []) if not o.startswith(length)] == same:
+            return job["overrides"]
+    return overrides
+
+
 def row_name(steps: int, deferred: bool, equal: bool, lr: float | None) -> str:
     return f"{steps}{'d' if deferred else ''}{'e' if equal else ''}" + (f"@{lr:g}" if lr is not None else "")
 
 
-def equal_time_steps(one_epoch: dict, no_cache: dict) -> int:
-    """Optimizer steps that train the cache for as long as the run without it took: the cache run's steps per
-    epoch scaled by the two runs' training times (same seed, same learning rates)."""
-    return max(1, round(one_epoch["stats"]["steps"] * no_cache["stats"]["wall_seconds"]
-                        / one_epoch["stats"]["wall_seconds"]))
+def time_ratio(one_epoch: dict, no_cache: dict) -> float | None:
+    """How much longer an epoch takes without the cache than with it ({seed: job} of each row, same learning
+    rates): the median over the seeds both ran of the pair's ratio of training times, so that one run slowed by
+    a busy machine (the runs are made across sessions) does not decide it. None without a pair."""
+    pairs = [no_cache[s]["stats"]["wall_seconds"] / one_epoch[s]["stats"]["wall_seconds"]
+             for s in one_epoch if s in no_cache]
+    return float(np.median(pairs)) if pairs else None
 
 
 def lr_of(g: str) -> str:
@@ -134,36 +148,41 @@ def main(argv=None) -> dict:
     committed = {} if a.fresh or not (RESULTS / f"{name_}.json").exists() else \
         json.loads((RESULTS / f"{name_}.json").read_text())["runs"]
     runs: dict = {}
+    ratios: dict = {}  # equal-time row -> the no-cache / cache time ratio its steps were scaled by
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
         root.mkdir(parents=True, exist_ok=True)
-        for s in seeds:
-            for g, (steps, deferred, equal, lr) in specs.items():
-                extra = (["engine.cache=false"] if steps == 0 else
-                         [f"engine.cache_gamma={steps}", f"engine.cache_audit={AUDIT}"]
-                         + (["engine.cache_deferred_grad=true"] if deferred else []))
-                overrides = base(mult if lr is None else lr)
-                if equal:
-                    one_epoch = runs.get(row_name(steps, deferred, False, lr), {}).get(str(s))
-                    no_cache = runs.get(row_name(0, False, False, lr), {}).get(str(s))
-                    if one_epoch is None or no_cache is None:
-                        print(f"row {g}, seed {s}: left out (the runs that time it are missing)", flush=True)
-                        continue
-                    n = equal_time_steps(one_epoch, no_cache)
-                    epochs = math.ceil(n / one_epoch["stats"]["steps"])
-                    overrides = [o for o in overrides if o != "train.epochs=1"] + [f"train.epochs={epochs}",
-                                                                                   f"train.max_steps={n}"]
-                name = f"gamma_{g.replace('@', '_lr')}" + (f"_seed{s}" if s else "")
-                job = run_job_kept(name, overrides + extra + ([f"train.seed={s}"] if s else []), root,
-                                   may_run=not a.kept_only, committed=committed.get(g, {}).get(str(s)),
-                                   timeout=4 * 3600)
-                if job is not None:
-                    runs.setdefault(g, {})[str(s)] = job
+        # the equal-time rows last: the rows that time them first, on every seed
+        for s, (g, (steps, deferred, equal, lr)) in [(s, kv) for last in (False, True) for s in seeds
+                                                     for kv in specs.items() if kv[1][2] == last]:
+            extra = (["engine.cache=false"] if steps == 0 else
+                     [f"engine.cache_gamma={steps}", f"engine.cache_audit={AUDIT}"]
+                     + (["engine.cache_deferred_grad=true"] if deferred else []))
+            overrides = base(mult if lr is None else lr)
+            if equal:
+                one_epoch = runs.get(row_name(steps, deferred, False, lr), {})
+                ratio = time_ratio(one_epoch, runs.get(row_name(0, False, False, lr), {}))
+                if ratio is None or str(s) not in one_epoch:
+                    print(f"row {g}, seed {s}: left out (the runs that time it are missing)", flush=True)
+                    continue
+                ratios[g] = ratio
+                n = max(1, round(one_epoch[str(s)]["stats"]["steps"] * ratio))
+                epochs = math.ceil(n / one_epoch[str(s)]["stats"]["steps"])
+                overrides = [o for o in overrides if o != "train.epochs=1"] + [f"train.epochs={epochs}",
+                                                                               f"train.max_steps={n}"]
+            name = f"gamma_{g.replace('@', '_lr')}" + (f"_seed{s}" if s else "")
+            overrides += extra + ([f"train.seed={s}"] if s else [])
+            prior = committed.get(g, {}).get(str(s))
+            if equal:
+                overrides = made_length(overrides, root / name / "job.json", prior)
+            job = run_job_kept(name, overrides, root, may_run=not a.kept_only, committed=prior, timeout=4 * 3600)
+            if job is not None:
+                runs.setdefault(g, {})[str(s)] = job
     if not runs:
         raise SystemExit(f"benchmarks.cache: no run kept in {root}")
     payload = {"machine": info, "quick": a.quick, "users": users, "model": model, "lr_multiple": mult, "every": every,
                "seeds": [s for s in seeds if any(str(s) in by_seed for by_seed in runs.values())],
-               "summary": summarize(runs), "runs": runs}
+               "summary": summarize(runs), "runs": runs, "equal_time_ratio": ratios}
     payload.update(gamma20_vs_gamma0(payload["summary"], runs))
     md = report(payload)
     write_results(name_, payload, md, lambda path: plot(path, payload))
@@ -206,8 +225,10 @@ def deferred_legend(d: dict) -> str:
             + (f" Row{'s' if len(at) > 1 else ''} {', '.join(at)}: G@M is gamma G at learning rates M times the "
                "defaults instead." if at else "")
             + (f" Row{'s' if len(equal) > 1 else ''} {', '.join(equal)}: the same gamma trained for the time the "
-               "no-cache row took on the same seed (its steps per epoch scaled by the two one-epoch rows' training "
-               "times; the learning-rate schedule decays over those steps) instead of one epoch." if equal else ""))
+               "no-cache row took instead of one epoch: its steps per epoch times "
+               + ", ".join(f"{d.get('equal_time_ratio', {}).get(g, float('nan')):.3f}" for g in equal)
+               + " (the median over the seeds of the no-cache row's training time over the one-epoch row's), the "
+               "learning-rate schedule decaying over those steps." if equal else ""))
 
 
 def row_label(g: str, v: dict, seeds: list) -> str:
