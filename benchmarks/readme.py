@@ -272,8 +272,9 @@ def render(results: Path = RESULTS) -> str:
              "with the command, settings and machine. The figures below are read from those files; the machine they "
              "ran on is shared and noisy, so compare ratios measured in one run. The long ones (`quality`, `cache`: "
              "hours of training each) take `--out DIR`: every run is kept there, an interrupted invocation given the "
-             "same `--out` continues where it stopped, and `--kept-only` re-derives the table from the runs made so "
-             "far without running anything.\n", *durations(results)]
+             "same `--out` continues where it stopped, a run already in the committed results with the same settings "
+             "is reused (a table is completed across sessions and checkouts), and `--kept-only` re-derives the table "
+             "from the runs made so far without running anything.\n", *durations(results)]
     for name, fn in SECTIONS:
         d = _load(results, name)
         if d is not None and not d.get("quick"):
