@@ -32,16 +32,16 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, md_table, run_job_kept, write_results
-from benchmarks.speedup import QUICK, STUDENT, lr_overrides
+from benchmarks.speedup import QUICK, STUDENT, lr_overrides, seconds_to, target_auc
 
 AUDIT = 8  # hits re-encoded per step
 LAST = 5  # evaluations averaged at the end of a run
 QUALITY = ("best_auc", "final_auc", "last_mean_auc")
 
 
-def run_summary(job: dict) -> dict:
+def run_summary(job: dict, target: float | None = None) -> dict:
     s, m, auc = job["stats"], job["metrics"], [p["auc"] for p in job["curve"]]
-    return {"best_auc": max(auc), "final_auc": m["auc"], "last_mean_auc": float(np.mean(auc[-LAST:])),
+    return {"seconds_to_target": seconds_to(job, target) if target else None,"best_auc": max(auc), "final_auc": m["auc"], "last_mean_auc": float(np.mean(auc[-LAST:])),
             "hit_rate": s["cache_hits"] / max(s["cache_lookups"], 1),
             "served_age_mean": s.get("served_age_mean"), "served_age_max": s.get("served_age_max"),
             "drift_cos_mean": s.get("cache_drift_cos_mean"), "drift_cos_min": s.get("cache_drift_cos_min"),
@@ -49,13 +49,14 @@ def run_summary(job: dict) -> dict:
             "targets_per_second": s["clicks_per_second"], "news_encoded": s["news_encoded"]}
 
 
-def summarize(runs: dict) -> dict:
-    """{gamma: {seed: job}} -> per gamma: the quality figures' mean and std over seeds, the rest from seed order's
-    first run (hit rate, age, drift and time hardly depend on the seed)."""
+def summarize(runs: dict, target: float | None = None) -> dict:
+    """{gamma: {seed: job}} -> per gamma: the quality figures' mean and std over seeds, the training seconds to
+    ``target`` (the typical workflow's best dev AUC) per seed, the rest from seed order's first run (hit rate,
+    age, drift and time hardly depend on the seed)."""
     out = {}
     for g, by_seed in runs.items():
-        per = [run_summary(j) for j in by_seed.values()]
-        out[g] = {**per[0], "seeds": list(by_seed)}
+        per = [run_summary(j, target) for j in by_seed.values()]
+        out[g] = {**per[0], "seeds": list(by_seed), "seconds_to_target": [r["seconds_to_target"] for r in per]}
         for k in QUALITY:
             v = np.array([r[k] for r in per])
             out[g][k], out[g][k + "_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
@@ -132,6 +133,7 @@ def main(argv=None) -> dict:
             p.error(f"--gammas: row {g} is timed by rows {row_name(steps, deferred, False, lr)} and "
                     f"{row_name(0, False, False, lr)}: add them")
     specs = dict(sorted(specs.items(), key=lambda kv: kv[1][2]))
+    target = target_auc(a.quick, RESULTS)
     mult = a.lr_multiple
     if mult is None:
         sp = RESULTS / "speedup.json"
@@ -182,7 +184,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"benchmarks.cache: no run kept in {root}")
     payload = {"machine": info, "quick": a.quick, "users": users, "model": model, "lr_multiple": mult, "every": every,
                "seeds": [s for s in seeds if any(str(s) in by_seed for by_seed in runs.values())],
-               "summary": summarize(runs), "runs": runs, "equal_time_ratio": ratios}
+               "target_auc": target, "summary": summarize(runs, target), "runs": runs, "equal_time_ratio": ratios}
     payload.update(gamma20_vs_gamma0(payload["summary"], runs))
     md = report(payload)
     write_results(name_, payload, md, lambda path: plot(path, payload))
@@ -238,6 +240,18 @@ def row_label(g: str, v: dict, seeds: list) -> str:
     return f"{g} (seed{'s' if len(v['seeds']) > 1 else ''} {', '.join(v['seeds'])})"
 
 
+def to_target(v: dict) -> str:
+    """Each seed's training seconds to the typical workflow's best dev AUC ('-': not reached)."""
+    return " / ".join("-" if t is None else f"{t:.0f}" for t in v.get("seconds_to_target", [])) or "n/a"
+
+
+def target_legend(d: dict) -> str:
+    if not d.get("target_auc"):
+        return ""
+    return (f" S to typical's best: each seed's training seconds to the first dev evaluation at or above the typical "
+            f"workflow's best dev AUC in `benchmarks/results/speedup.json` ({d['target_auc']:.4f}; '-': not reached).")
+
+
 def _q(v: dict, k: str) -> str:
     return f"{v[k]:.4f}" + (f" ± {v[k + '_std']:.4f}" if len(v["seeds"]) > 1 else "")
 
@@ -250,8 +264,8 @@ def report(d: dict) -> str:
              "n/a" if v["served_age_mean"] is None else f"{v['served_age_mean']:.1f} / {v['served_age_max']:.0f}",
              "n/a" if v["drift_cos_mean"] is None else f"{v['drift_cos_mean']:.4f} / {v['drift_cos_min']:.4f}",
              "n/a" if v["noise_cos_mean"] is None else f"{v['noise_cos_mean']:.4f}",
-             f"{v['news_encoded']:,}", f"{v['train_seconds']:.0f}", f"{v['targets_per_second']:.1f}"]
-            for g, v in d["summary"].items()]
+             f"{v['news_encoded']:,}", f"{v['train_seconds']:.0f}", f"{v['targets_per_second']:.1f}",
+             to_target(v)] for g, v in d["summary"].items()]
     md = ["# The embedding cache: expiry gamma\n",
           f"Device: {info['device']}, torch {info['torch']}, {info['threads']} threads; commit {info.get('commit', '?')}. "
           f"Data: synthetic default, {d['users']} users. Model: `{' '.join(d['model'])}`, learning rates x{d['lr_multiple']:g} "
@@ -259,10 +273,11 @@ def report(d: dict) -> str:
           f"{', '.join(map(str, seeds))}; dev AUC every {d.get('every', 30.0):g} s of training. Lookup probability "
           "1 - exp(-beta t), beta = engine.cache_beta (default). Last 5: the mean of a run's last 5 dev evaluations. "
           f"Drift: {AUDIT} hits per step re-encoded with the current parameters (cosine, mean / min), beside two dropout "
-          "passes of the same news (noise floor)." + (" Quality figures: mean ± std over the seeds; the others from the "
+          "passes of the same news (noise floor)." + target_legend(d) + (" Quality figures: mean ± std over the seeds; the others from the "
                                                       "first seed." if len(seeds) > 1 else "") + deferred_legend(d) + "\n",
           md_table(["gamma", "best dev AUC", "final dev AUC", "last 5", "hit rate", "served age mean / max",
-                    "drift cos mean / min", "noise floor cos", "news encoded", "train s", "targets/s"], rows)]
+                    "drift cos mean / min", "noise floor cos", "news encoded", "train s", "targets/s",
+                    "s to typical's best"], rows)]
     if gamma20_rows(d["summary"]):
         md.append("\n" + gamma20_sentence(d))
     return "\n".join(md)
@@ -283,8 +298,13 @@ def gamma20_sentence(d: dict) -> str:
         paired = list(d.get(f"gamma{g}_minus_gamma{base}_best_auc_points_by_seed", {}))
         fewer = len(paired) < len(d.get("seeds", [0]))
         only = f" (seed{'s' if len(paired) > 1 else ''} {', '.join(paired)} only)" if fewer else ""
+        by_seed = [dict(zip(d["summary"][row]["seeds"], d["summary"][row].get("seconds_to_target", [])))
+                   for row in (g, base)]
+        times = [[t for s, t in row.items() if s in paired and t is not None] for row in by_seed]
+        reach = ("; training seconds to the typical workflow's best AUC, median over the seeds that reach it: "
+                 f"{np.median(times[0]):.0f} against {np.median(times[1]):.0f}" if all(times) else "")
         out.append(f"{label} against no cache{' at the same learning rates' if lr_of(g) else ''}{only}, AUC points: "
-                   f"{', '.join(parts)}.")
+                   f"{', '.join(parts)}{reach}.")
     return " ".join(out) + "\n"
 
 

@@ -150,19 +150,19 @@ def buslm(d: dict) -> list[str]:
 
 
 def cache(d: dict) -> list[str]:
-    from benchmarks.cache import _q, deferred_legend, gamma20_sentence, row_label
+    from benchmarks.cache import _q, deferred_legend, gamma20_sentence, row_label, target_legend, to_target
 
     seeds = d.get("seeds", [0])
     rows = [[row_label(g, v, seeds), _q(v, "best_auc"), _q(v, "final_auc"), _q(v, "last_mean_auc"), f"{v['hit_rate']:.1%}",
              "n/a" if v["served_age_mean"] is None else f"{v['served_age_mean']:.1f} / {v['served_age_max']:.0f}",
              "n/a" if v["drift_cos_mean"] is None else f"{v['drift_cos_mean']:.4f} (floor {v['noise_cos_mean']:.4f})",
-             f"{v['train_seconds']:.0f}", f"{v['targets_per_second']:.1f}"] for g, v in d["summary"].items()]
+             f"{v['train_seconds']:.0f}", f"{v['targets_per_second']:.1f}", to_target(v)] for g, v in d["summary"].items()]
     return [f"**Embedding cache** (`python -m benchmarks.cache`; {_device(d)}): one epoch per gamma (0 = no cache), "
             f"`{' '.join(d['model'])}`, learning rates x{d['lr_multiple']:g} the defaults{d.get('schedule_note', '')}, "
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; last 5: the mean of a run's last 5 dev "
-            "evaluations." + deferred_legend(d) + "\n",
+            "evaluations." + deferred_legend(d) + target_legend(d) + "\n",
             md_table(["gamma", "best dev AUC", "final dev AUC", "last 5", "hit rate", "served age mean / max",
-                      "drift cos (dropout floor)", "train s", "targets/s"], rows),
+                      "drift cos (dropout floor)", "train s", "targets/s", "s to typical's best"], rows),
             "\n" + gamma20_sentence(d)]
 
 

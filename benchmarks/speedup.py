@@ -27,6 +27,7 @@ about 35; speedyfeed's epochs, the negatives and token-budget runs and the ablat
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def seconds_to(job: dict, target: float) -> float | None:
         if p["auc"] >= target:
             return p["train_seconds"]
     return None
+
+
+def target_auc(quick: bool, results: Path) -> float | None:
+    """The typical workflow's best dev AUC in this benchmark's results (same mode) in ``results``: the quality
+    level the other benchmarks time their runs to."""
+    path = results / ("speedup_quick.json" if quick else "speedup.json")
+    return json.loads(path.read_text())["target_auc"] if path.exists() else None
 
 
 def auc_at(job: dict, seconds: float) -> float | None:

@@ -21,14 +21,13 @@ here with 4 negatives (the default of stage=finetune), 10 with 1, about 110 min 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, md_table, run_job_kept, write_results
-from benchmarks.speedup import FULL, QUICK, lr_overrides, rate, seconds_to
+from benchmarks.speedup import FULL, QUICK, lr_overrides, rate, seconds_to, target_auc
 from speedyrec.config import load_config
 
 PLATEAU = 10  # the last evaluations of a run, averaged: where it ends, less noisy than its best single point
@@ -65,12 +64,6 @@ def variants(default: dict) -> list[tuple[str, list[str]]]:
     return out
 
 
-def target_auc(quick: bool) -> float | None:
-    """The typical workflow's best dev AUC from the speedup benchmark's committed results (same mode)."""
-    path = RESULTS / ("speedup_quick.json" if quick else "speedup.json")
-    return json.loads(path.read_text())["target_auc"] if path.exists() else None
-
-
 def summary(job: dict, target: float | None) -> dict:
     curve, per_epoch = job["curve"], job["stats"]["clicks_in_data"]
     best = max(curve, key=lambda p: p["auc"])
@@ -96,7 +89,7 @@ def main(argv=None) -> dict:
     every = mode["every"]["speedyfeed"]
     base = [f"data.synthetic_users={mode['users']}", *mode["model"], *mode["eval"], "train.workflow=speedyfeed",
             *lr_overrides(a.lr), f"train.epochs={a.epochs}", f"eval.every_seconds={every:g}"]
-    target = target_auc(a.quick)
+    target = target_auc(a.quick, RESULTS)
     info = machine()
     default = defaults()
     with tempfile.TemporaryDirectory() as tmp:

@@ -236,7 +236,9 @@ def test_cache_runs_every_gamma_per_seed_and_compares_the_ends_of_the_runs(tmp_p
                 "metrics": {"auc": auc[-1]}}
 
     monkeypatch.setattr(cache, "run_job_kept", fake_run)
+    (tmp_path / "speedup.json").write_text('{"target_auc": 0.72}')  # the typical workflow's best, timed to
     d = cache.main(["--gammas", "0,20,20d", "--seeds", "0,1", "--lr-multiple", "1", "--out", str(tmp_path / "runs")])
+    assert d["summary"]["0"]["seconds_to_target"] == [1, 1] and d["summary"]["20"]["seconds_to_target"] == [2, 1]
     assert sorted(ran) == ["gamma_0", "gamma_0_seed1", "gamma_20", "gamma_20_seed1", "gamma_20d", "gamma_20d_seed1"]
     assert "engine.cache_deferred_grad=true" in ran["gamma_20d"]
     assert not any("deferred" in o for o in ran["gamma_20"] + ran["gamma_0"])
@@ -253,7 +255,9 @@ def test_cache_runs_every_gamma_per_seed_and_compares_the_ends_of_the_runs(tmp_p
     assert d["gamma20_minus_gamma0_best_auc_points_by_seed"] == pytest.approx({"0": -4.0, "1": -4.0})
     md = (tmp_path / "cache.md").read_text()
     assert ("gamma = 20 against no cache, AUC points: best -4.00 (per seed -4.00, -4.00), final +1.00 (per seed "
-            "+1.00, +1.00), last 5 +1.00 (per seed +1.00, +1.00)") in md
+            "+1.00, +1.00), last 5 +1.00 (per seed +1.00, +1.00); training seconds to the typical workflow's best "
+            "AUC, median over the seeds that reach it: 2 against 1") in md
+    assert "| 25.0% |" in md and "| 2 / 1 |" in md and "above the typical workflow's best dev AUC" in md
     assert "with deferred cache gradients (row 20d) against no cache, AUC points: best -4.00" in md
     assert "Row 20d: the same gamma with `engine.cache_deferred_grad=true`" in md
 
