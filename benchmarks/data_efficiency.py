@@ -129,9 +129,27 @@ def main(argv=None) -> dict:
                 for k, v in {**r["variants"], **r["sweep"]}.items()]
         md += [f"\n## {what}\n", md_table(["variant", "data efficiency", "real tokens", "padding", "batches"], rows),
                f"\nBest: {r['best']['data_efficiency']:.1%}.\n"]
-    write_results("data_efficiency_quick" if a.quick else "data_efficiency", payload, "\n".join(md))
+    write_results("data_efficiency_quick" if a.quick else "data_efficiency", payload, "\n".join(md),
+                  lambda path: plot(path, payload))
     print("\n".join(md))
     return payload
+
+
+def plot(path, d: dict) -> None:
+    """One bar per variant (the sweep's best as 'best'), a panel per setting, as in SpeedyFeed's Fig. 8."""
+    import matplotlib.pyplot as plt
+
+    runs = d["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.6), squeeze=False)
+    for ax, (name, r) in zip(axes[0], runs.items()):
+        bars = {**r["variants"], "best of the sweep": r["best"]}
+        ax.barh(list(bars)[::-1], [v["data_efficiency"] * 100 for v in bars.values()][::-1], color="tab:blue")
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("data efficiency (%)")
+        ax.set_title("titles, synthetic default" if name == "titles" else "BusLM, SpeedyRec sample", fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

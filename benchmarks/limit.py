@@ -85,12 +85,25 @@ def main(argv=None) -> dict:
              f"{s['valid_tokens']:,} real tokens encoded in {s['wall_seconds']:.1f} s, {steps} steps, data efficiency "
              f"{s['data_efficiency']:.1%}"]]
     md = ["# The hardware limit and the engine\n",
-          f"Device: {info['device']}, torch {info['torch']}, {info['threads']} threads. Model: `{' '.join(model)}`.\n",
+          f"Device: {info['device']}, torch {info['torch']}, {info['threads']} threads; commit {info.get('commit', '?')}. "
+          f"Model: `{' '.join(model)}`.\n",
           md_table(["", "tokens/s", "how"], rows),
           f"\n**The engine trains at {engine / raw:.0%} of the encoder's raw throughput.**\n"]
-    write_results("limit_quick" if a.quick else "limit", payload, "\n".join(md))
+    write_results("limit_quick" if a.quick else "limit", payload, "\n".join(md), lambda path: plot(path, payload))
     print("\n".join(md))
     return payload
+
+
+def plot(path, d: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 2.4))
+    names = ["engine, useful tokens", "raw encoder, packed"]
+    ax.barh(names, [d["engine_useful_tokens_per_second"], d["raw_tokens_per_second"]], color=["tab:green", "tab:gray"])
+    ax.set_xlabel("tokens per second (forward + backward)")
+    ax.set_title(f"the engine at {d['engine_fraction_of_limit']:.0%} of the raw limit", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

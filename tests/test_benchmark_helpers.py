@@ -435,3 +435,19 @@ def test_a_kept_run_is_not_reused_after_a_default_changed(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     assert changed_defaults(run, overrides) == []
     assert changed_defaults(run, [*overrides, "engine.inbatch_negatives=true"]) == ["engine.inbatch_negatives: None -> True"]
+
+
+def test_limit_and_data_efficiency_draw_their_plots(tmp_path):
+    """The two tables without training runs draw a figure too (skipped where the [bench] extra is missing)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from benchmarks import data_efficiency, limit
+
+    limit.plot(tmp_path / "limit.png", {"engine_useful_tokens_per_second": 90.0, "raw_tokens_per_second": 100.0,
+                                        "engine_fraction_of_limit": 0.9})
+    r = {"data_efficiency": 0.5}
+    data_efficiency.plot(tmp_path / "de.png", {"runs": {"titles": {"variants": {"fixed padding": r}, "best": r},
+                                                        "buslm": {"variants": {"both (default)": r}, "best": r}}})
+    assert (tmp_path / "limit.png").stat().st_size > 0 and (tmp_path / "de.png").stat().st_size > 0
