@@ -311,7 +311,7 @@ def gamma20_sentence(d: dict) -> str:
 def plot(path, d: dict) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
     for g, by_seed in d["runs"].items():
         job = next(iter(by_seed.values()))
         ax.plot([pt["train_seconds"] for pt in job["curve"]], [pt["auc"] for pt in job["curve"]], marker=".",
@@ -319,7 +319,7 @@ def plot(path, d: dict) -> None:
     ax.set_xlabel("training seconds")
     ax.set_ylabel("dev AUC")
     ax.set_title("first seed" if len(d.get("seeds", [0])) > 1 else "")
-    ax.legend()
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the curves, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
