@@ -39,9 +39,9 @@ LAST = 5  # evaluations averaged at the end of a run
 QUALITY = ("best_auc", "final_auc", "last_mean_auc")
 
 
-def run_summary(job: dict, target: float | None = None) -> dict:
+def run_summary(job: dict) -> dict:
     s, m, auc = job["stats"], job["metrics"], [p["auc"] for p in job["curve"]]
-    return {"seconds_to_target": seconds_to(job, target) if target else None,"best_auc": max(auc), "final_auc": m["auc"], "last_mean_auc": float(np.mean(auc[-LAST:])),
+    return {"best_auc": max(auc), "final_auc": m["auc"], "last_mean_auc": float(np.mean(auc[-LAST:])),
             "hit_rate": s["cache_hits"] / max(s["cache_lookups"], 1),
             "served_age_mean": s.get("served_age_mean"), "served_age_max": s.get("served_age_max"),
             "drift_cos_mean": s.get("cache_drift_cos_mean"), "drift_cos_min": s.get("cache_drift_cos_min"),
@@ -55,8 +55,9 @@ def summarize(runs: dict, target: float | None = None) -> dict:
     age, drift and time hardly depend on the seed)."""
     out = {}
     for g, by_seed in runs.items():
-        per = [run_summary(j, target) for j in by_seed.values()]
-        out[g] = {**per[0], "seeds": list(by_seed), "seconds_to_target": [r["seconds_to_target"] for r in per]}
+        per = [run_summary(j) for j in by_seed.values()]
+        out[g] = {**per[0], "seeds": list(by_seed),
+                  "seconds_to_target": [seconds_to(j, target) if target else None for j in by_seed.values()]}
         for k in QUALITY:
             v = np.array([r[k] for r in per])
             out[g][k], out[g][k + "_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
@@ -132,7 +133,6 @@ def main(argv=None) -> dict:
         if equal and not {row_name(steps, deferred, False, lr), row_name(0, False, False, lr)} <= set(specs):
             p.error(f"--gammas: row {g} is timed by rows {row_name(steps, deferred, False, lr)} and "
                     f"{row_name(0, False, False, lr)}: add them")
-    specs = dict(sorted(specs.items(), key=lambda kv: kv[1][2]))
     target = target_auc(a.quick, RESULTS)
     mult = a.lr_multiple
     if mult is None:
@@ -273,8 +273,9 @@ def report(d: dict) -> str:
           f"{', '.join(map(str, seeds))}; dev AUC every {d.get('every', 30.0):g} s of training. Lookup probability "
           "1 - exp(-beta t), beta = engine.cache_beta (default). Last 5: the mean of a run's last 5 dev evaluations. "
           f"Drift: {AUDIT} hits per step re-encoded with the current parameters (cosine, mean / min), beside two dropout "
-          "passes of the same news (noise floor)." + target_legend(d) + (" Quality figures: mean ± std over the seeds; the others from the "
-                                                      "first seed." if len(seeds) > 1 else "") + deferred_legend(d) + "\n",
+          "passes of the same news (noise floor)." + target_legend(d)
+          + (" Quality figures: mean ± std over the seeds; the others from the first seed." if len(seeds) > 1 else "")
+          + deferred_legend(d) + "\n",
           md_table(["gamma", "best dev AUC", "final dev AUC", "last 5", "hit rate", "served age mean / max",
                     "drift cos mean / min", "noise floor cos", "news encoded", "train s", "targets/s",
                     "s to typical's best"], rows)]
