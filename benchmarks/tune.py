@@ -1,6 +1,6 @@
 """The sweep that chooses the engine's defaults for time to quality (not for targets per second).
 
-``python -m benchmarks.tune [--quick] [--out DIR] [--lr 4] [--epochs 2]``
+``python -m benchmarks.tune [--quick] [--out DIR] [--lr 4] [--epochs 2] [--kept-only] [--fresh]``
 
 Speedyfeed on the speedup benchmark's data and model (the synthetic default, the 2-layer MiniLM student, all
 layers trained) at its headline learning rate, trained for ``--epochs`` epochs of the log with a dev evaluation
@@ -21,6 +21,7 @@ here with 4 negatives (the default of stage=finetune), 10 with 1, about 110 min 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -84,7 +85,12 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="", help="keep the runs here and reuse finished ones (default: a temporary folder)")
     p.add_argument("--lr", type=float, default=4.0, help="learning-rate multiple of the defaults (speedup's headline)")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the runs kept in --out or "
+                   "committed, and name the knobs not run yet")
+    p.add_argument("--fresh", action="store_true", help="run every variant, even those in the committed results")
     a = p.parse_args(argv)
+    if a.kept_only and not a.out:
+        p.error("--kept-only reads the runs kept in --out")
     mode = QUICK if a.quick else FULL
     every = mode["every"]["speedyfeed"]
     base = [f"data.synthetic_users={mode['users']}", *mode["model"], *mode["eval"], "train.workflow=speedyfeed",
@@ -92,15 +98,25 @@ def main(argv=None) -> dict:
     target = target_auc(a.quick, RESULTS)
     info = machine()
     default = defaults()
+    results = RESULTS / ("tune_quick.json" if a.quick else "tune.json")
+    # a sweep takes two hours here: its runs are made across sessions, and a committed run with the same
+    # overrides (every knob spelled out, so none from another set of defaults) is not made again
+    committed = {} if a.fresh or not results.exists() else json.loads(results.read_text())["runs"]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
         root.mkdir(parents=True, exist_ok=True)
         jobs = {name: run_job_kept(f"tune_{name.replace('=', '_').replace('.', '_')}", base + extra, root,
-                                   timeout=4 * 3600) for name, extra in variants(default)}
+                                   may_run=not a.kept_only, committed=committed.get(name), timeout=4 * 3600)
+                for name, extra in variants(default)}
+    missing = [name for name, job in jobs.items() if job is None]
+    jobs = {name: job for name, job in jobs.items() if job is not None}
+    if "defaults" not in jobs:
+        raise SystemExit("benchmarks.tune: the defaults' run is not kept or committed yet: every row is compared "
+                         "with it")
     rows = {name: summary(job, target) for name, job in jobs.items()}
     payload = {"machine": info, "quick": a.quick, "lr_multiple": a.lr, "epochs": a.epochs, "every_seconds": every,
                "users": mode["users"], "model": mode["model"], "target_auc": target, "defaults": default,
-               "summary": rows, "runs": jobs}
+               "summary": rows, "runs": jobs, "not_run_yet": missing}
     md = report(payload)
     write_results("tune_quick" if a.quick else "tune", payload, md, plot=lambda path: _plot(path, payload))
     print(md)
@@ -132,7 +148,8 @@ def report(d: dict) -> str:
         md_table(["run", "best dev AUC", f"last {PLATEAU} evaluations", "final AUC", "AUC after one epoch",
                   "to the target", "to within 0.5 points", "targets/s", "train s"], rows),
         f"\nLast {PLATEAU} evaluations against `defaults`, in AUC points: {diffs} (the std of `defaults`' last "
-        f"{PLATEAU}: {base['last_std_auc'] * 100:.2f}).\n"])
+        f"{PLATEAU}: {base['last_std_auc'] * 100:.2f}).\n" if diffs else "",
+        f"\nNot run yet: {', '.join(d['not_run_yet'])}.\n" if d.get("not_run_yet") else ""])
 
 
 def _plot(path, d: dict) -> None:

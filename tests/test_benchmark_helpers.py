@@ -214,6 +214,38 @@ def test_tune_changes_one_knob_per_run_and_reports_time_to_the_speedup_target(tm
     assert "engine.random_negatives=popularity +5.00" in md  # last evaluations' mean: 0.675 against 0.625
 
 
+def test_tune_reuses_committed_runs_and_kept_only_names_the_knobs_not_run(tmp_path, monkeypatch):
+    """A sweep made across sessions: --kept-only tabulates the runs made so far and names the rest; a new checkout
+    (run folders gone) reuses the committed runs whose overrides match; nothing without the defaults' run."""
+    import benchmarks.common as common
+    import benchmarks.tune as tune
+
+    monkeypatch.setattr(tune, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    ran = []
+
+    def fake_run_job(name, overrides, root, timeout):
+        ran.append(name)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        curve = [{"train_seconds": 10.0 * i, "clicks_trained": 50.0 * i, "auc": 0.6 + 0.01 * i} for i in range(1, 4)]
+        return {"curve": curve, "stats": {"clicks_in_data": 100, "clicks_per_second": 5.0}}
+
+    monkeypatch.setattr(common, "run_job", fake_run_job)
+    with pytest.raises(SystemExit, match="defaults' run"):
+        tune.main(["--quick", "--kept-only", "--out", str(tmp_path / "a")])
+    tune.main(["--quick", "--out", str(tmp_path / "a")])
+    assert len(ran) == 6
+    (tmp_path / "tune_quick.json").unlink()
+    for kept in ("tune_defaults", "tune_engine_negatives_1"):  # an interrupted sweep: two runs made
+        (tmp_path / "b" / kept).mkdir(parents=True)
+        (tmp_path / "b" / kept / "job.json").write_text((tmp_path / "a" / kept / "job.json").read_text())
+    d = tune.main(["--quick", "--kept-only", "--out", str(tmp_path / "b")])
+    assert len(ran) == 6 and list(d["summary"]) == ["defaults", "engine.negatives=1"]
+    assert "Not run yet: engine.random_negatives=popularity, " in (tmp_path / "tune_quick.md").read_text()
+    d = tune.main(["--quick", "--out", str(tmp_path / "c")])  # the two committed runs are reused, four made
+    assert len(ran) == 10 and len(d["summary"]) == 6 and not d["not_run_yet"]
+
+
 def test_cache_runs_every_gamma_per_seed_and_compares_the_ends_of_the_runs(tmp_path, monkeypatch):
     """One run per gamma and seed (gamma 0 without the cache, the others audited); best, final and the last 5
     evaluations' mean, averaged over seeds, and gamma 20 against 0 on each."""
