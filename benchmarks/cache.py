@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine, md_table, run_job_kept, write_results
+from benchmarks.common import RESULTS, committed_runs, machine, md_table, run_job_kept, write_results
 from benchmarks.speedup import QUICK, STUDENT, lr_overrides, seconds_to, target_auc
 
 AUDIT = 8  # hits re-encoded per step
@@ -147,8 +147,7 @@ def main(argv=None) -> dict:
 
     info = machine()
     name_ = "cache_quick" if a.quick else "cache"
-    committed = {} if a.fresh or not (RESULTS / f"{name_}.json").exists() else \
-        json.loads((RESULTS / f"{name_}.json").read_text())["runs"]
+    committed = committed_runs(name_, a.fresh)
     runs: dict = {}
     ratios: dict = {}  # equal-time row -> the no-cache / cache time ratio its steps were scaled by
     with tempfile.TemporaryDirectory() as tmp:

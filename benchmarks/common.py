@@ -82,6 +82,14 @@ def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, tim
     return job
 
 
+def committed_runs(name: str, fresh: bool = False) -> dict:
+    """The training jobs in benchmarks/results/NAME.json (its "runs"), for ``run_job_kept(committed=...)``: a
+    table measured across sessions continues in a checkout whose run folders are gone. Empty when ``fresh`` or
+    when nothing is committed."""
+    path = RESULTS / f"{name}.json"
+    return {} if fresh or not path.exists() else json.loads(path.read_text())["runs"]
+
+
 def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool = True, committed: dict | None = None,
                  **kw) -> dict | None:
     """``run_job``, kept as ``out_root/NAME/job.json``: a later call with the same overrides reuses it, so an

@@ -21,13 +21,12 @@ here with 4 negatives (the default of stage=finetune), 10 with 1, about 110 min 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine, md_table, run_job_kept, write_results
+from benchmarks.common import RESULTS, committed_runs, machine, md_table, run_job_kept, write_results
 from benchmarks.speedup import FULL, QUICK, lr_overrides, rate, seconds_to, target_auc
 from speedyrec.config import load_config
 
@@ -98,10 +97,9 @@ def main(argv=None) -> dict:
     target = target_auc(a.quick, RESULTS)
     info = machine()
     default = defaults()
-    results = RESULTS / ("tune_quick.json" if a.quick else "tune.json")
     # a sweep takes two hours here: its runs are made across sessions, and a committed run with the same
     # overrides (every knob spelled out, so none from another set of defaults) is not made again
-    committed = {} if a.fresh or not results.exists() else json.loads(results.read_text())["runs"]
+    committed = committed_runs("tune_quick" if a.quick else "tune", a.fresh)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
         root.mkdir(parents=True, exist_ok=True)

@@ -214,23 +214,33 @@ def test_tune_changes_one_knob_per_run_and_reports_time_to_the_speedup_target(tm
     assert "engine.random_negatives=popularity +5.00" in md  # last evaluations' mean: 0.675 against 0.625
 
 
-def test_tune_reuses_committed_runs_and_kept_only_names_the_knobs_not_run(tmp_path, monkeypatch):
-    """A sweep made across sessions: --kept-only tabulates the runs made so far and names the rest; a new checkout
-    (run folders gone) reuses the committed runs whose overrides match; nothing without the defaults' run."""
+def _fake_jobs(monkeypatch, tmp_path, module, result) -> list:
+    """``module``'s results in tmp_path, and training jobs that run nothing: each makes its out_dir, records its
+    name in the list returned and gives ``result(overrides)`` (through the real job.json keeping of
+    run_job_kept)."""
     import benchmarks.common as common
-    import benchmarks.tune as tune
 
-    monkeypatch.setattr(tune, "RESULTS", tmp_path)
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     ran = []
 
     def fake_run_job(name, overrides, root, timeout):
         ran.append(name)
         (root / name).mkdir(parents=True, exist_ok=True)
-        curve = [{"train_seconds": 10.0 * i, "clicks_trained": 50.0 * i, "auc": 0.6 + 0.01 * i} for i in range(1, 4)]
-        return {"curve": curve, "stats": {"clicks_in_data": 100, "clicks_per_second": 5.0}}
+        return result(overrides)
 
     monkeypatch.setattr(common, "run_job", fake_run_job)
+    return ran
+
+
+def test_tune_reuses_committed_runs_and_kept_only_names_the_knobs_not_run(tmp_path, monkeypatch):
+    """A sweep made across sessions: --kept-only tabulates the runs made so far and names the rest; a new checkout
+    (run folders gone) reuses the committed runs whose overrides match; nothing without the defaults' run."""
+    import benchmarks.tune as tune
+
+    curve = [{"train_seconds": 10.0 * i, "clicks_trained": 50.0 * i, "auc": 0.6 + 0.01 * i} for i in range(1, 4)]
+    ran = _fake_jobs(monkeypatch, tmp_path, tune,
+                     lambda overrides: {"curve": curve, "stats": {"clicks_in_data": 100, "clicks_per_second": 5.0}})
     with pytest.raises(SystemExit, match="defaults' run"):
         tune.main(["--quick", "--kept-only", "--out", str(tmp_path / "a")])
     tune.main(["--quick", "--out", str(tmp_path / "a")])
@@ -299,20 +309,13 @@ def test_cache_kept_only_tabulates_the_kept_runs_and_names_a_rows_seeds(tmp_path
     nothing: a row kept for fewer seeds is labelled with them, and its gamma-20 pairing uses only the seeds both
     rows have."""
     import benchmarks.cache as cache
-    import benchmarks.common as common
 
-    monkeypatch.setattr(common, "RESULTS", tmp_path)
-    monkeypatch.setattr(cache, "RESULTS", tmp_path)
-    ran = []
-
-    def fake_run_job(name, overrides, root, timeout):
-        ran.append(name)
-        (root / name).mkdir(parents=True, exist_ok=True)
+    def job(overrides):
         auc = 0.70 - (0.01 if "engine.cache_gamma=20" in overrides else 0.0) + (0.002 if "train.seed=1" in overrides else 0)
         stats = {"cache_hits": 1, "cache_lookups": 4, "wall_seconds": 10.0, "clicks_per_second": 5.0, "news_encoded": 7}
         return {"curve": [{"auc": auc, "train_seconds": 1.0}], "stats": stats, "metrics": {"auc": auc}}
 
-    monkeypatch.setattr(common, "run_job", fake_run_job)
+    ran = _fake_jobs(monkeypatch, tmp_path, cache, job)
     out = ["--lr-multiple", "4", "--out", str(tmp_path / "runs")]
     cache.main(["--gammas", "0,20,0@1,20@1", "--seeds", "0", *out])
     cache.main(["--gammas", "0,20,0@1", "--seeds", "0,1", *out])
@@ -369,15 +372,8 @@ def test_cache_equal_time_row_trains_for_the_no_cache_rows_time_and_committed_ru
     import json
 
     import benchmarks.cache as cache
-    import benchmarks.common as common
 
-    monkeypatch.setattr(common, "RESULTS", tmp_path)
-    monkeypatch.setattr(cache, "RESULTS", tmp_path)
-    ran = []
-
-    def fake_run_job(name, overrides, root, timeout):
-        ran.append(name)
-        (root / name).mkdir(parents=True, exist_ok=True)
+    def job(overrides):
         g0 = "engine.cache=false" in overrides
         steps = next((int(o.split("=")[1]) for o in overrides if o.startswith("train.max_steps=")), 100)
         auc = 0.70 if g0 else 0.69 + 0.0001 * (steps - 100)
@@ -386,7 +382,7 @@ def test_cache_equal_time_row_trains_for_the_no_cache_rows_time_and_committed_ru
                  "news_encoded": 7, "steps": steps, "wall_seconds": 30.0 * slowed if g0 else 0.2 * steps}
         return {"curve": [{"auc": auc, "train_seconds": 1.0}], "stats": stats, "metrics": {"auc": auc}}
 
-    monkeypatch.setattr(common, "run_job", fake_run_job)
+    ran = _fake_jobs(monkeypatch, tmp_path, cache, job)
     out = ["--lr-multiple", "4", "--out", str(tmp_path / "runs")]
     d = cache.main(["--gammas", "20e,20,0", "--seeds", "0,2", *out])
     # the equal-time rows after the rows that time them
