@@ -16,7 +16,7 @@ so uniform negatives let a model score popularity instead of the user's interest
 (constant, or linear decay over the run), ``train.warmup_steps``, ``engine.negatives`` (per click: 4 costs
 about 2x per target, so it is compared over the same epochs, not the same time) and ``engine.inbatch_negatives``
 (every news of the batch the user did not click as a negative too, at no extra encoding). Full mode: about 20 min per run
-here with 4 negatives (the default of stage=finetune), 10 with 1, about 110 min in all.
+here with 4 negatives (the default of stage=finetune), 10 with 1, about 2 hours in all (119 min measured).
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def report(d: dict) -> str:
         f"Speedyfeed on the synthetic default ({d['users']:,} users), `{' '.join(d['model'])}`, learning rates "
         f"x{d['lr_multiple']:g} the defaults, {d['epochs']} epochs of the log, dev AUC every {d['every_seconds']:g} s of "
         "training, no early stopping; one knob changed per run from the run `defaults` ("
-        + ", ".join(f"{k}={v}" for k, v in default.items()) + f", the defaults at that commit). Target: {head}. "
+        + ", ".join(f"{k}={_spell(v)}" for k, v in default.items()) + f", the defaults at that commit). Target: {head}. "
         f"Times are training-loop seconds. Last {PLATEAU}: the mean ± std of the run's last {PLATEAU} dev evaluations, "
         "where training ends (its best is one point of a noisy curve).\n\n",
         md_table(["run", "best dev AUC", f"last {PLATEAU} evaluations", "final AUC", "AUC after one epoch",

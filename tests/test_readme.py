@@ -65,3 +65,23 @@ def test_a_benchmark_that_reused_kept_jobs_records_no_duration_of_its_own(tmp_pa
     loaded = {"machine": {**saved, "started": 0.0, "seconds": 5.0}}  # e.g. --report re-rendering a file
     common.write_results("cache", loaded, "")
     assert json.loads((tmp_path / "cache.json").read_text())["machine"]["seconds"] == 5.0
+
+
+def test_the_tune_verdict_is_written_from_the_sweep(monkeypatch):
+    """Which value ends above the defaults by more than their spread, and which reach the target sooner but end
+    lower, follow the rows; a value that is today's default is said to be one."""
+    import benchmarks.tune as tune
+
+    monkeypatch.setattr(tune, "report", lambda d: "title\n\nbody")
+    monkeypatch.setattr(tune, "defaults", lambda: {"train.warmup_steps": 20, "engine.negatives": 4})
+    row = lambda last, to: {"last_mean_auc": last, "last_std_auc": 0.002, "seconds_to_target": to}  # noqa: E731
+    d = {"summary": {"defaults": row(0.750, 500.0), "train.warmup_steps=20": row(0.753, 600.0),
+                     "engine.negatives=1": row(0.741, 400.0), "engine.random_negatives=popularity": row(0.751, None),
+                     "train.lr_schedule=constant": row(0.740, None)}}
+    text = readme.tune(d)[0]
+    assert ("(0.20 points), in this one seed: `train.warmup_steps=20` (the default since; the target at 600 s, "
+            "the defaults at 500 s).") in text  # popularity is +0.1, within the spread
+    assert "but ending lower: `engine.negatives=1` (at 400 s, -0.90 points)." in text  # constant never reaches it
+    d["summary"] = {"defaults": row(0.750, None), "engine.negatives=1": row(0.749, 400.0)}
+    text = readme.tune(d)[0]
+    assert "so the defaults stand" in text and "`engine.negatives=1` (at 400 s, -0.10 points)" in text
