@@ -201,12 +201,13 @@ def data_efficiency(d: dict) -> list[str]:
 
 def tune(d: dict) -> list[str]:
     """The sweep's table, then what it says about each default, written from its rows (no verdict typed by hand)."""
-    from benchmarks.tune import _spell, defaults, report
+    from benchmarks.tune import _spell, defaults, ends_vs_defaults, report
 
     body = report(d).split("\n\n", 1)[1]  # the settings paragraph and the table, without the page's title
     summary = d["summary"]
     base, spread = summary["defaults"], summary["defaults"]["last_std_auc"]
-    better = [name for name, s in summary.items() if s["last_mean_auc"] - base["last_mean_auc"] > spread]
+    ends = ends_vs_defaults(summary)
+    better = [name for name, points in ends.items() if points > spread * 100]
     now = {f"{knob}={_spell(v)}" for knob, v in defaults().items()}  # today's defaults, spelled as the run names
     to = lambda s: "never" if s["seconds_to_target"] is None else f"at {s['seconds_to_target']:.0f} s"  # noqa: E731
     verdict = (f"Ending higher than the defaults by more than the spread of their last evaluations "
@@ -216,12 +217,11 @@ def tune(d: dict) -> list[str]:
                if better else f"No other value ends higher than the defaults by more than the spread of their last "
                f"evaluations ({spread * 100:.2f} points), so the defaults stand.")
     t0 = base["seconds_to_target"]
-    sooner = [(n, s) for n, s in summary.items() if s["seconds_to_target"] is not None
-              and (t0 is None or s["seconds_to_target"] < t0) and s["last_mean_auc"] < base["last_mean_auc"]]
+    sooner = [n for n, points in ends.items() if summary[n]["seconds_to_target"] is not None
+              and (t0 is None or summary[n]["seconds_to_target"] < t0) and points < 0]
     if sooner:
         verdict += (" Sooner to the target than the defaults but ending lower: "
-                    + "; ".join(f"`{n}` ({to(s)}, {(s['last_mean_auc'] - base['last_mean_auc']) * 100:+.2f} points)"
-                                for n, s in sooner) + ".")
+                    + "; ".join(f"`{n}` ({to(summary[n])}, {ends[n]:+.2f} points)" for n in sooner) + ".")
     return [f"**Tuning the defaults** (`python -m benchmarks.tune`): {body}\n{verdict}\n"]
 
 

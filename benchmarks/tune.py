@@ -121,6 +121,12 @@ def main(argv=None) -> dict:
     return payload
 
 
+def ends_vs_defaults(summ: dict) -> dict:
+    """Run name -> its last evaluations' mean minus the defaults', in AUC points (every run but the defaults)."""
+    base = summ["defaults"]["last_mean_auc"]
+    return {name: (s["last_mean_auc"] - base) * 100 for name, s in summ.items() if name != "defaults"}
+
+
 def report(d: dict) -> str:
     info, target = d["machine"], d["target_auc"]
     f = lambda x, fmt="{:.4f}": "not reached" if x is None else fmt.format(x)  # noqa: E731
@@ -132,8 +138,7 @@ def report(d: dict) -> str:
              f(s["auc_after_one_epoch"]), f(s["seconds_to_target"], "{:.0f} s"), f(s["seconds_to_near_target"], "{:.0f} s"),
              f"{s['targets_per_second']:.1f}", f"{s['train_seconds']:.0f}"] for name, s in summ.items()]
     base = summ["defaults"]
-    diffs = "; ".join(f"{name} {(s['last_mean_auc'] - base['last_mean_auc']) * 100:+.2f}"
-                      for name, s in summ.items() if name != "defaults")
+    diffs = "; ".join(f"{name} {points:+.2f}" for name, points in ends_vs_defaults(summ).items())
     return "".join([
         "# Tuning the engine's defaults for time to quality\n\n",
         f"Device: {info['device']}, torch {info['torch']}, {info['threads']} threads; commit {info.get('commit', '?')}. "
