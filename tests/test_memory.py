@@ -10,6 +10,10 @@ from speedyrec.engine.distributed import DistInfo
 from speedyrec.engine.memory import HeapTrimmer, peak_rss_mb, process_peak_rss_mb, reset_peak_rss
 from speedyrec.engine.trainer import StepOutput, Trainer
 
+# Linux (6.2+) counts resident pages in per-CPU counters and reads them approximately: VmHWM read 2,000 times in
+# a row, nothing allocated, gave 17 values 0.06 MiB apart on this machine's 6.18 kernel. Two reads of it compare
+# within this slack (the counters' error is a batch of pages per CPU)
+COUNTER_SLACK_MB = 0.5
 glibc = pytest.mark.skipif(not HeapTrimmer(1).available, reason="needs glibc's malloc_trim and /proc")
 
 
@@ -60,9 +64,10 @@ def test_peak_restarts_at_a_reset_and_the_process_peak_keeps_the_old_one():
     assert reset_peak_rss()
     low = peak_rss_mb()
     assert low < high - 100, (low, high)  # the new peak starts from today's resident size
-    assert process_peak_rss_mb() >= high
+    assert process_peak_rss_mb() >= high - COUNTER_SLACK_MB
+    before = rss_mb()  # another test's leftover thread may free memory after the reset: count from here
     touched = torch.ones(20 * 2**20)  # 80 MiB
-    assert peak_rss_mb() >= low + 70
+    assert peak_rss_mb() >= before + 70, (low, before)
     del touched
 
 
