@@ -10,8 +10,13 @@ import torch.nn.functional as F
 
 def additive_attention_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                               query: torch.Tensor) -> torch.Tensor:
-    """Scores of the items: x [..., L, H], weight [A, H], bias [A], query [A] -> [..., L]."""
-    return torch.tanh(F.linear(x, weight, bias)) @ query
+    """Scores of the items: x [..., L, H], weight [A, H], bias [A], query [A] -> [..., L], in float32 at least
+    (float64 stays float64), also under autocast, which would otherwise run the projection and the query product
+    in bf16: the softmax over the items is only as sharp as its logits."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        hidden = torch.tanh(F.linear(x.to(compute), weight.to(compute), bias.to(compute)))
+        return hidden @ query.to(compute)
 
 
 def additive_attention_pool(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -20,7 +25,7 @@ def additive_attention_pool(x: torch.Tensor, mask: torch.Tensor, weight: torch.T
 
     A row whose mask is all False pools to zeros (the caller decides what an empty row means).
     """
-    logits = additive_attention_logits(x, weight, bias, query).float()
+    logits = additive_attention_logits(x, weight, bias, query)
     logits = logits.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(logits, dim=-1)
     weights = torch.nan_to_num(weights, nan=0.0)  # all-masked rows: softmax of all -inf
@@ -159,5 +164,5 @@ def causal_additive_attention_pool(x: torch.Tensor, mask: torch.Tensor | None, w
     """
     compute = torch.promote_types(x.dtype, torch.float32)
     xc = x.to(compute)  # shared by the logits and the pooling, so a bf16 x is upcast once
-    logits = additive_attention_logits(xc, weight.to(compute), bias.to(compute), query.to(compute))
+    logits = additive_attention_logits(xc, weight, bias, query)
     return causal_softmax_pool(xc, logits, mask).to(x.dtype)

@@ -77,7 +77,7 @@ def test_matches_prefix_reference(length):
     weight, bias, query = make_params(hidden, attn, query_scale=3.0)
     out = causal_additive_attention_pool(x, mask, weight, bias, query)
     assert out.shape == x.shape and out.dtype == x.dtype
-    # The reference rounds its logits to float32 (additive_attention_pool calls .float()), hence 1e-6 not 1e-12.
+    # The reference takes its softmax over L separate calls of the non-causal pool, hence 1e-6 not 1e-12.
     torch.testing.assert_close(out, prefix_reference(x, mask, weight, bias, query), atol=1e-6, rtol=1e-6)
     # ... while against float64 log-space pooling of the same logits it agrees to float64 round-off.
     logits = additive_attention_logits(x, weight, bias, query)
@@ -247,6 +247,31 @@ def test_bf16_input_returns_bf16_close_to_float32():
                                atol=3e-2, rtol=3e-2)
     out16.float().square().sum().backward()
     assert x16.grad.dtype == torch.bfloat16 and torch.isfinite(x16.grad.float()).all()
+
+
+def test_logits_and_causal_pooling_stay_float32_under_bf16_autocast():
+    """Under bf16 autocast (the GPU path's, and a CPU with native bf16) the item logits are float32 and equal the
+    float32 computation, and the causal pooling with them: autocast would otherwise run the projection and the query
+    product in bf16 (logits about 1e-2 off), although the docstrings promise float32. Gradients reach the parameters
+    in float32 too."""
+    batch, length, hidden, attn = 4, 40, 32, 16
+    x = torch.randn(batch, length, hidden, generator=torch.Generator().manual_seed(8))
+    mask = make_mask(batch, length, seed=8)
+    weight, bias, query = (p.requires_grad_() for p in make_params(hidden, attn, dtype=torch.float32, query_scale=3.0))
+    want_logits = additive_attention_logits(x, weight, bias, query)
+    want_causal = causal_additive_attention_pool(x, mask, weight, bias, query)
+    want_pool = additive_attention_pool(x, mask, weight, bias, query)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = additive_attention_logits(x, weight, bias, query)
+        causal = causal_additive_attention_pool(x, mask, weight, bias, query)
+        pooled = additive_attention_pool(x, mask, weight, bias, query)
+    assert logits.dtype == torch.float32 and causal.dtype == torch.float32
+    torch.testing.assert_close(logits, want_logits, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(causal, want_causal, atol=1e-6, rtol=1e-6)
+    # the non-causal pool's weighted sum is a matmul autocast may run in bf16; its weights are float32
+    torch.testing.assert_close(pooled.float(), want_pool, atol=2e-2, rtol=2e-2)
+    causal.square().sum().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in (weight, bias, query))
 
 
 def test_saved_for_backward_is_linear_in_length():
