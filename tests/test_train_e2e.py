@@ -128,6 +128,8 @@ def test_typical_workflow_writes_outputs_and_keeps_invariants(typical_run):
     expected = load_config(None, argv)
     assert expected.model.freeze_layers == -1
     expected.model.freeze_layers = 0  # -1 resolves to "nothing frozen" for a random encoder
+    assert expected.train.amp == "auto"  # resolved by the machine: bf16 where the CPU has native bf16
+    expected.train.amp = "bf16" if stats["precision"] == "bf16" else "off"
     assert saved == expected
     assert saved.train.workflow == "typical" and saved.out_dir == str(out)
 

@@ -20,7 +20,7 @@ import torch
 
 from speedyrec.engine.distributed import DistInfo, all_gather_rows, barrier
 from speedyrec.engine.runlog import progress
-from speedyrec.engine.trainer import autocast_context
+from speedyrec.engine.precision import autocast_context
 from speedyrec.models.backbone import eval_mode
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack

@@ -12,7 +12,7 @@ from speedyrec.models.backbone import eval_mode
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.engine.distributed import DistInfo, all_gather_rows, all_reduce_sum
 from speedyrec.engine.runlog import progress
-from speedyrec.engine.trainer import autocast_context
+from speedyrec.engine.precision import autocast_context
 from speedyrec.eval.metrics import impression_metrics, metric_sums, metrics_from_sums
 
 
