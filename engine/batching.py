@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from speedyrec.engine.hashing import hash64
+from speedyrec.engine.loss import TargetIndex
 from speedyrec.engine.negatives import sample_negatives
 from speedyrec.engine.prefetch import prefetch
 from speedyrec.engine.ragged import Ragged, ragged_positions
@@ -58,6 +59,7 @@ class SequenceBatch:
     negatives: torch.Tensor  # int64 [B, L, K]: rows of ``news`` (-1 where clicks is -1)
     targets: torch.Tensor  # bool [B, L]: positions whose click is a training target
     state_pos: torch.Tensor  # int64 [B, L]: the click is scored from the user state before this position
+    target_index: TargetIndex  # the same two, as flat positions [T] (what the loss uses: no mask on the device)
     tokens: object  # what ``prepare_tokens(news, width)`` returned (width None: pad to the longest)
     width: int  # token width the batch was sized with
     units: np.ndarray  # int64 [B]: the unit (``DynamicBatcher.units``) of each row
@@ -65,7 +67,7 @@ class SequenceBatch:
 
     @property
     def num_targets(self) -> int:
-        return int(self.targets.sum())
+        return len(self.target_index)
 
 
 @dataclass
@@ -247,7 +249,8 @@ class DynamicBatcher:
         tokens = self.prepare_tokens(news, None if self.dynamic else width)
         counters = {"sequences_trained": b, "negatives_random": n_fill}
         return SequenceBatch(news, self.news_lengths[news], torch.from_numpy(click_rows), torch.from_numpy(neg_rows),
-                             torch.from_numpy(targets), torch.from_numpy(state_rows), tokens, width,
+                             torch.from_numpy(targets), torch.from_numpy(state_rows),
+                             TargetIndex.from_host(targets, state_rows), tokens, width,
                              np.asarray(units, dtype=np.int64), counters)
 
 

@@ -77,9 +77,7 @@ def shutdown(wait_for_others: bool = True) -> None:
         # models wrapped in DistributedDataParallel and left in reference cycles go first: a reducer that
         # outlives its group is torn down at interpreter exit with its threads still running (SIGABRT)
         gc.collect()
-        dist.destroy_process_group()  # every group, the gather's too
-    global _GATHER_GROUP
-    _GATHER_GROUP = None
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -94,15 +92,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's tensor t [n_r, ...] (n_r may differ by rank), in rank order."""
+def all_gather_rows(t: torch.Tensor, sizes: list[int] | None = None) -> list[torch.Tensor]:
+    """Every rank's tensor t [n_r, ...] (n_r may differ by rank), in rank order. ``sizes``: every rank's n_r when
+    known already (e.g. from a gather of the same rows' ids), which saves exchanging and reading them."""
     if not dist.is_initialized():
         return [t]
     world = dist.get_world_size()
-    n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
+    if sizes is None:
+        n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.long)
+        gathered = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(gathered, n)
+        sizes = [int(s.item()) for s in gathered]
     width = max(sizes)
     padded = t.new_zeros((width,) + tuple(t.shape[1:]))
     padded[: t.shape[0]] = t
@@ -111,31 +111,20 @@ def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
     return [o[:s] for o, s in zip(out, sizes)]
 
 
-_GATHER_GROUP = None
-
-
-def gather_group():
-    """The process group of the embedding gather and of its backward. Its own group, because its backward runs
-    inside the backward pass, while DDP reduces gradient buckets asynchronously on the default group: on one group
-    the two would interleave in different orders on different ranks. Made at the first gather, which every rank
-    reaches at the same step."""
-    global _GATHER_GROUP
-    if _GATHER_GROUP is None:
-        _GATHER_GROUP = dist.new_group(backend=dist.get_backend())
-    return _GATHER_GROUP
-
-
 class _GatherRows(torch.autograd.Function):
     """All-gather of equal-sized [width, ...] blocks into [world * width, ...]. Backward: each rank gets the sum
-    over ranks of the gradient of its own block (reduce-scatter on NCCL; gloo has none, so all-reduce, slice)."""
+    over ranks of the gradient of its own block (reduce-scatter on NCCL; gloo has none, so all-reduce, slice).
+
+    The backward is a collective inside autograd's backward pass, on the default group: the trainer runs such steps
+    without DistributedDataParallel's overlapping all-reduces (``Trainer(overlap_gradient_reduce=False)``), so no
+    other collective can be in flight while it runs, and every rank issues it exactly once per step."""
 
     @staticmethod
     def forward(ctx, block: torch.Tensor) -> torch.Tensor:
-        group = gather_group()
-        world = dist.get_world_size(group)
-        ctx.rank, ctx.width, ctx.group = dist.get_rank(group), block.shape[0], group
+        world = dist.get_world_size()
+        ctx.rank, ctx.width = dist.get_rank(), block.shape[0]
         out = block.new_empty((world * block.shape[0],) + tuple(block.shape[1:]))
-        dist.all_gather_into_tensor(out, block.contiguous(), group=group)
+        dist.all_gather_into_tensor(out, block.contiguous())
         return out
 
     @staticmethod
@@ -143,10 +132,10 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.contiguous()
         if dist.get_backend() == "nccl":
             out = grad.new_empty((ctx.width,) + tuple(grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+            dist.reduce_scatter_tensor(out, grad)
             return out
         grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
+        dist.all_reduce(grad)
         return grad[ctx.rank * ctx.width : (ctx.rank + 1) * ctx.width]
 
 

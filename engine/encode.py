@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from speedyrec.engine.cache import DeferredGradients, EmbeddingCache
 from speedyrec.engine.distributed import DistInfo, all_gather_rows, all_gather_with_grad
 from speedyrec.engine.hashing import hash64
+from speedyrec.engine.host_sync import to_device
 
 # encode_rows(tokens, rows) -> (embeddings [len(rows), D], valid tokens, padded tokens)
 EncodeRows = Callable[[object, np.ndarray], tuple[torch.Tensor, int, int]]
@@ -109,6 +110,9 @@ class CentralizedEncoder:
         self.seed = seed
         self.audit = audit
         self.deferred = deferred
+        # the optimizer's own step count (cache.OptimizerClock), which the served rows' ages are measured with;
+        # None: the step argument (a caller without an optimizer, e.g. a test)
+        self.clock: Callable[[], int] | None = None
 
     def _encode(self, tokens, rows: np.ndarray, lengths: np.ndarray, device) -> tuple[torch.Tensor, int, int]:
         """Embeddings of the given rows, encoded in chunks of similar length ([len(rows), D])."""
@@ -124,7 +128,7 @@ class CentralizedEncoder:
             valid, padded = valid + v, padded + p
         out = torch.cat(parts)
         inv = torch.empty(len(rows), dtype=torch.long, device=out.device)
-        inv[torch.from_numpy(order).to(out.device)] = torch.arange(len(rows), device=out.device)
+        inv[to_device(order, out.device)] = torch.arange(len(rows), device=out.device)
         return out[inv], valid, padded
 
     def __call__(self, news: np.ndarray, lengths: np.ndarray, tokens, step: int) -> EncodedTable:
@@ -134,12 +138,15 @@ class CentralizedEncoder:
         counters = {"cache_lookups": 0, "cache_hits": 0}
         hit = np.zeros(u, dtype=bool)
         hit_emb = None
+        now = step if self.clock is None else self.clock()
         if self.cache is not None:
-            look = self.cache.lookup(news, step)
+            look = self.cache.lookup(news, step, now)
             hit, hit_emb = look.hit, look.emb
-            counters.update(cache_lookups=u, cache_hits=int(hit.sum()), served_age_sum=float(look.ages.sum()))
-            if len(look.ages):
-                counters["served_age_max"] = float(look.ages.max())
+            # ages by the optimizer's clock (device tensors, read when the trainer logs) beside the stamps' own
+            counters.update(cache_lookups=u, cache_hits=int(hit.sum()), served_age_sum=look.ages.sum(),
+                            served_stamp_age_sum=int(look.stamp_ages.sum()))
+            if len(look.stamp_ages):
+                counters["served_age_max"] = look.ages.max()
             if self.audit and hit.any():
                 counters.update(self._audit(news, hit, hit_emb, lengths, tokens, step))
             if self.deferred is not None and hit.any() and torch.is_grad_enabled():
@@ -154,20 +161,20 @@ class CentralizedEncoder:
             encoded, written = len(miss_rows), None
         counters.update(news_encoded=encoded, valid_tokens=valid, padded_tokens=padded)
         table = torch.zeros((u, self.dim), dtype=miss_emb.dtype, device=device)
-        table = table.index_copy(0, torch.from_numpy(miss_rows).to(device), miss_emb)
+        table = table.index_copy(0, to_device(miss_rows, device), miss_emb)
         if hit_emb is not None and hit.any():
-            table = table.index_copy(0, torch.from_numpy(np.flatnonzero(hit)).to(device), hit_emb.to(table.dtype))
+            table = table.index_copy(0, to_device(np.flatnonzero(hit), device), hit_emb.to(table.dtype))
         if self.cache is not None:
             if written is not None:
-                self.cache.write(written[0], written[1], step, everyone_has_all=True)
+                self.cache.write(written[0], written[1], step, everyone_has_all=True, now=now)
             else:
-                self.cache.write(news[miss_rows], miss_emb, step)
+                self.cache.write(news[miss_rows], miss_emb, step, now=now)
         deferred = None
         if self.deferred is not None and len(miss_rows) and table.requires_grad:
             pos, grad = self.deferred.take(news[miss_rows])
             counters["deferred_grad_rows"] = len(pos)
             if len(pos):
-                fresh = table.index_select(0, torch.from_numpy(miss_rows[pos]).to(device))
+                fresh = table.index_select(0, to_device(miss_rows[pos], device))
                 deferred = (fresh.float() * grad.to(device)).sum()
         return EncodedTable(table, counters, deferred)
 
@@ -181,11 +188,11 @@ class CentralizedEncoder:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             fresh, _, _ = self._encode(tokens, rows, lengths, device)
             again, _, _ = self._encode(tokens, rows, lengths, device)
-        cached = hit_emb[torch.from_numpy(pick).to(hit_emb.device)].to(device).float()
+        cached = hit_emb[to_device(pick, hit_emb.device)].to(device).float()
         drift = F.cosine_similarity(cached, fresh.float(), dim=-1)
         noise = F.cosine_similarity(again.float(), fresh.float(), dim=-1)
-        return {"audit_rows": len(rows), "audit_cos_sum": float(drift.sum()), "audit_cos_min": float(drift.min()),
-                "audit_noise_cos_sum": float(noise.sum())}
+        return {"audit_rows": len(rows), "audit_cos_sum": drift.sum(), "audit_cos_min": drift.min(),
+                "audit_noise_cos_sum": noise.sum()}
 
     def _global_misses(self, news, miss_rows, lengths, tokens, step):
         """Encode each globally missing news on one rank that holds it; share embeddings with autograd."""
@@ -201,7 +208,7 @@ class CentralizedEncoder:
         global_ids = np.concatenate([all_ids[r][owner_of[r] == r] for r in range(world)])
         order = np.argsort(global_ids)
         pos = order[np.searchsorted(global_ids[order], my_ids)]
-        mine = global_emb[torch.from_numpy(pos).to(device)]
+        mine = global_emb[to_device(pos, device)]
         return mine, len(emb_own), valid, padded, (global_ids, global_emb)
 
 

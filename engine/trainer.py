@@ -18,9 +18,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from speedyrec.engine.cache import OptimizerClock
 from speedyrec.engine.checkpoint import rng_state, set_rng_state
 from speedyrec.engine.distributed import DistInfo, all_reduce_sum, reduce_gradients
 from speedyrec.engine.memory import HeapTrimmer, peak_rss_mb, reset_peak_rss
+from speedyrec.engine.precision import autocast_context
 from speedyrec.engine.runlog import RunLog, progress
 
 log = logging.getLogger("speedyrec.train")
@@ -41,15 +43,6 @@ class TrainState:
     counters: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
     targets_seen: float = 0.0  # training targets of all ranks so far (the progress bar's position)
-
-
-def autocast_context(device: torch.device, amp: str):
-    """bf16 autocast on CUDA (amp=auto|bf16); CPUs train in fp32."""
-    if device.type == "cuda" and amp in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and amp == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def adamw(param_groups, **kw) -> torch.optim.AdamW:
@@ -94,7 +87,7 @@ class Trainer:
                  clip_groups: list[list[torch.nn.Parameter]] | None = None,
                  grad_hook: Callable[[], None] | None = None, log_dir: Path | None = None,
                  progress_total: float = 0.0, progress_unit: str = "target", lr_schedule: str = "constant",
-                 heap_trim_every: int = 0):
+                 heap_trim_every: int = 0, overlap_gradient_reduce: bool = True):
         self.model = model
         self.optimizer = optimizer
         self.dist = dist
@@ -116,10 +109,25 @@ class Trainer:
         self._stop = False
         self.state = TrainState()
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # gradients stay allocated across steps, zeroed in place: a gradient that arrives sparse (an embedding table
+        # read through a step vocabulary) is then added into resident memory, and a parameter a step does not reach
+        # steps with a zero gradient on every rank, as reduce_gradients gives it
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        # the optimizer's own step count: evidence (the cache's served ages) reads it instead of state.step
+        self.optimizer_clock = OptimizerClock(optimizer)
         # several ranks: the step runs inside DistributedDataParallel, whose bucketed all-reduce overlaps the
-        # backward; parameters a step does not use (cache hits, frozen paths) are found by DDP itself
+        # backward; parameters a step does not use (cache hits, frozen paths) are found by DDP itself.
+        # overlap_gradient_reduce=False (a step whose backward runs a collective of its own: global dedup's gather):
+        # no DDP; the gradients are reduced after the backward, in one fixed order. DDP launches its bucket
+        # all-reduces from autograd hooks, in an order that follows each rank's own graph (ranks hold different
+        # batches, one may hold none), so a collective inside the backward could meet them in a different order on
+        # different ranks, which NCCL does not allow (a hang). With the reduce after the backward, every rank issues
+        # the same sequence: the step's forward collectives, the backward's gather (exactly one per step on every
+        # rank, an empty batch included), then the gradient all-reduce, all on the default process group.
         self.ddp = None
-        if dist.active and self.params:
+        if dist.active and self.params and overlap_gradient_reduce:
             from torch.nn.parallel import DistributedDataParallel
 
             self._step_module = _StepModule(model)
@@ -149,6 +157,7 @@ class Trainer:
         # freed heap handed back to the system every heap_trim_every optimizer steps (0: never); see memory.py
         self.heap = HeapTrimmer(heap_trim_every)
         self.setup_peak_rss_mb: float | None = None  # peak resident memory before the first step (Linux)
+        self._device_counters: dict[str, torch.Tensor] = {}  # see count()
 
     def log_scalars(self, kind: str, scalars: dict) -> None:
         """Record scalars at the current step (rank 0; e.g. dev metrics under kind "dev")."""
@@ -157,7 +166,7 @@ class Trainer:
 
     def _window(self) -> dict:
         """This rank's data efficiency, cache hit rate and served-row age since the last call."""
-        now, was = self.state.counters, self._seen
+        now, was = self.read_counters(), self._seen
         d = {k: now.get(k, 0.0) - was.get(k, 0.0) for k in ("valid_tokens", "padded_tokens", "cache_lookups",
                                                              "cache_hits", "served_age_sum")}
         self._seen = dict(now)
@@ -184,16 +193,31 @@ class Trainer:
         for g, lr in zip(self.optimizer.param_groups, self._base_lr):
             g["lr"] = lr * f
 
-    def count(self, counters: dict[str, float]) -> None:
-        """Accumulate a step's counters: summed, except names ending in _max or _min (extremes)."""
-        c = self.state.counters
+    def count(self, counters: dict) -> None:
+        """Accumulate a step's counters: summed, except names ending in _max or _min (extremes). A counter may be a
+        device tensor (e.g. a loss term): it is accumulated on the device and read into ``state.counters`` only when
+        they are read (log lines, evaluation, checkpoints, the end of training), so the step never waits for it."""
+        c, dev = self.state.counters, self._device_counters
         for k, v in counters.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().double().reshape(())
+                old = dev.get(k)
+                dev[k] = v if old is None else (torch.maximum(old, v) if k.endswith("_max") else
+                                                torch.minimum(old, v) if k.endswith("_min") else old + v)
+                continue
             if k.endswith("_max"):
                 c[k] = max(c.get(k, float("-inf")), float(v))
             elif k.endswith("_min"):
                 c[k] = min(c.get(k, float("inf")), float(v))
             else:
                 c[k] = c.get(k, 0.0) + float(v)
+
+    def read_counters(self) -> dict[str, float]:
+        """``state.counters``, with the device counters accumulated since the last call read in (a sync)."""
+        pending, self._device_counters = self._device_counters, {}
+        if pending:
+            self.count({k: float(v) for k, v in pending.items()})
+        return self.state.counters
 
     def train_seconds(self) -> float:
         """Seconds spent in the training loop so far (evaluation and checkpoints excluded)."""
@@ -257,21 +281,27 @@ class Trainer:
             self.model.train()
             while not self.done():
                 batch = next(batches, None)
-                if self.dist.active and not self._anyone_has(batch is not None):
+                # one collective per micro-batch on several ranks: whether anyone still has a batch, and the
+                # global targets when every rank's batch says how many it holds (see _agree)
+                anyone, targets = self._agree(batch)
+                if not anyone:
                     break  # every rank has finished the epoch
-                if batch is None and not self.dist.active:
-                    break
                 # DDP all-reduces the gradients while the backward runs, at the last micro-batch of a window
                 sync = (micro + 1) % self.grad_accum == 0
                 with self._no_sync(not sync), autocast_context(device, self.amp):
                     out = self._forward(step_fn, batch)
-                targets = float(all_reduce_sum(torch.tensor([float(out.targets)], dtype=torch.float64,
-                                                            device=device)).item())
+                if targets is None and not self.dist.active:
+                    targets = float(out.targets)
+                elif targets is None:  # some rank's batch does not say its targets before the step: reduce them now
+                    targets = float(all_reduce_sum(torch.tensor([float(out.targets)], dtype=torch.float64,
+                                                                device=device)).item())
+                else:
+                    assert batch is None or out.targets == batch.num_targets, "the step trained other targets"
                 with self._no_sync(not sync):
                     if out.loss_sum is not None:
                         out.loss_sum.float().backward()
                 if out.loss_sum is not None:
-                    loss_acc += out.loss_sum.detach().double()
+                    loss_acc += out.loss_sum.detach().double()  # stays on the device until a log line reads it
                 if batch is not None:
                     st.batches_done += 1
                 self.count(out.counters)
@@ -282,22 +312,24 @@ class Trainer:
                 if micro % self.grad_accum:
                     continue
                 self._optimizer_step(window_targets, synced=True)
-                loss_log += float(all_reduce_sum(loss_acc.clone()))
                 clicks_log += window_targets
                 n_log += window_targets
-                loss_acc.zero_()
                 window_targets = 0.0
                 if self.after_step is not None:
                     self.after_step(st.step)
-                if self.log_every and st.step % self.log_every == 0 and self.dist.is_main:
-                    dt = time.perf_counter() - t_log
-                    scalars = {"loss": loss_log / max(n_log, 1.0), "lr": self.optimizer.param_groups[0]["lr"],
-                               "targets_per_second": clicks_log / max(dt, 1e-9), "epoch": st.epoch, **self._window()}
-                    log.info("step %d  epoch %d  loss %.4f  targets/s %.1f  lr %.2e%s", st.step, st.epoch,
-                             scalars["loss"], scalars["targets_per_second"], scalars["lr"], _extras(scalars))
-                    bar.set_postfix_str(f"loss {scalars['loss']:.4f}{_extras(scalars)}", refresh=False)
-                    self.log_scalars("train", scalars)
-                    t_log, clicks_log, loss_log, n_log = time.perf_counter(), 0.0, 0.0, 0.0
+                if self.log_every and st.step % self.log_every == 0:  # every rank: the loss is all-reduced
+                    loss_log = float(all_reduce_sum(loss_acc.clone()))
+                    loss_acc.zero_()
+                    if self.dist.is_main:
+                        dt = time.perf_counter() - t_log
+                        scalars = {"loss": loss_log / max(n_log, 1.0), "lr": self.optimizer.param_groups[0]["lr"],
+                                   "targets_per_second": clicks_log / max(dt, 1e-9), "epoch": st.epoch,
+                                   **self._window()}
+                        log.info("step %d  epoch %d  loss %.4f  targets/s %.1f  lr %.2e%s", st.step, st.epoch,
+                                 scalars["loss"], scalars["targets_per_second"], scalars["lr"], _extras(scalars))
+                        bar.set_postfix_str(f"loss {scalars['loss']:.4f}{_extras(scalars)}", refresh=False)
+                        self.log_scalars("train", scalars)
+                    t_log, clicks_log, n_log = time.perf_counter(), 0.0, 0.0
                 if self.checkpoint_every and st.step % self.checkpoint_every == 0 and self.checkpoint_fn:
                     tc = time.perf_counter()
                     self.checkpoint_fn(self)
@@ -309,9 +341,10 @@ class Trainer:
                 self._excluded = excluded
             if micro % self.grad_accum:  # a partial accumulation window at the end of the epoch
                 self._optimizer_step(window_targets, synced=False)
+                clicks_log += window_targets
+                n_log += window_targets
                 window_targets = 0.0
                 micro = 0
-                loss_acc.zero_()
                 if self.after_step is not None:
                     self.after_step(st.step)
             st.wall_seconds += time.perf_counter() - t0 - excluded
@@ -323,13 +356,24 @@ class Trainer:
                 break
             st.epoch += 1
             st.batches_done = 0
+        self.read_counters()
         bar.close()
         return st
 
-    def _anyone_has(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.dist.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+    def _agree(self, batch) -> tuple[bool, float | None]:
+        """(does any rank still have a batch, the global training targets of this micro-batch or None if some
+        rank's batch does not say before its step). One process: known on the host, no collective. Several ranks:
+        one all-reduce of [has a batch, its targets, it says them] and one read of its result, the only wait for
+        the device a micro-batch needs (control flow and the learning-rate schedule depend on them)."""
+        says = batch is None or hasattr(batch, "num_targets")
+        mine = 0 if batch is None else batch.num_targets if says else 0
+        if not self.dist.active:
+            return batch is not None, float(mine) if says else None
+        t = torch.tensor([float(batch is not None), float(mine), float(says)], dtype=torch.float64,
+                         device=self.dist.device)
+        all_reduce_sum(t)
+        has, targets, saying = t.tolist()
+        return has > 0, targets if saying == self.dist.world else None
 
     def _no_sync(self, skip: bool):
         return self.ddp.no_sync() if self.ddp is not None and skip else contextlib.nullcontext()
@@ -344,7 +388,14 @@ class Trainer:
         """Gradients -> the sum over ranks and micro-batches of every target's gradient, divided by the global
         number of targets, then clip and step. DDP has averaged them over ranks during the backward (``synced``);
         a partial window at an epoch's end was accumulated without sync and is reduced here."""
-        if self.ddp is None or not synced:  # sum over ranks (a no-op in one process), then per target
+        for p in self.params:
+            if p.grad is None:  # cleared by someone else: a parameter the step did not reach steps with zeros
+                p.grad = torch.zeros_like(p)
+            elif p.grad.is_sparse:  # arrived sparse into a cleared gradient
+                p.grad = p.grad.to_dense()
+        if not self.dist.active:  # one process: per target
+            torch._foreach_mul_([p.grad for p in self.params], 1.0 / max(global_targets, 1.0))
+        elif self.ddp is None or not synced:  # sum over ranks, then per target
             reduce_gradients(self.params, 1.0 / max(global_targets, 1.0))
         else:  # DDP averaged over ranks: back to the sum, then per target
             scale = self.dist.world / max(global_targets, 1.0)
@@ -357,7 +408,7 @@ class Trainer:
             for group in self.clip_groups:
                 torch.nn.utils.clip_grad_norm_(group, self.grad_clip)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)
         self.state.step += 1
         self._set_lr()
         took = self.heap.maybe_trim(self.state.step)
@@ -381,13 +432,14 @@ def checkpoint_state(trainer: Trainer) -> tuple[dict, dict]:
     st = trainer.state
     shared = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(), "epoch": st.epoch}
     own = {"rng": rng_state(), "step": st.step, "epoch": st.epoch, "batches_done": st.batches_done,
-           "counters": dict(st.counters), "wall_seconds": st.wall_seconds, "targets_seen": st.targets_seen}
+           "counters": dict(trainer.read_counters()), "wall_seconds": st.wall_seconds, "targets_seen": st.targets_seen}
     return shared, own
 
 
 def restore_state(trainer: Trainer, shared: dict, own: dict) -> None:
     trainer.model.load_state_dict(shared["model"])
     trainer.optimizer.load_state_dict(shared["optimizer"])
+    trainer.optimizer_clock.restart_from_state()
     st = trainer.state
     st.step, st.epoch, st.batches_done = own["step"], own["epoch"], own["batches_done"]
     st.counters = dict(own["counters"])

@@ -18,14 +18,17 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def padded_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-                          heads: int, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
-    """Multi-head attention of q [N, T, H] over k, v [N, S, H]; key_mask [N, S] True on real keys.
+                          heads: int, dropout_p: float = 0.0, scale: float | None = None,
+                          check_dense: bool = True) -> torch.Tensor:
+    """Multi-head attention of q [N, T, H] over k, v [N, S, H]; key_mask [N, S] True on real keys (None: all real).
 
-    Every row must have at least one real key. Returns [N, T, H].
+    Every row must have at least one real key. Returns [N, T, H]. ``check_dense``: drop a mask that is all True
+    (the unmasked kernels are faster), which reads it back from the device; a caller that knows whether its rows
+    are padded passes None or the mask and check_dense=False.
     """
     qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
     mask = None
-    if key_mask is not None and not bool(key_mask.all()):
+    if key_mask is not None and not (check_dense and bool(key_mask.all())):
         mask = key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return merge_heads(out)

@@ -80,7 +80,12 @@ class TrainConfig:
     lr_schedule: str = "auto"
     grad_accum: int = 1
     grad_clip: float = 1.0
-    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    # bf16 autocast | off (float32) | auto: bf16 where every rank's device computes bf16 natively (CUDA with bf16;
+    # for stage=finetune also a CPU with avx512_bf16 or amx_bf16), else off; resolved when the run starts
+    amp: str = "auto"
+    # stage=finetune: torch.compile the news and user encoders (dynamic shapes). Off: measured by
+    # benchmarks.precision on this CPU, it trains slower than eager and costs tens of seconds to compile
+    compile: bool = False
     resume: str = ""  # checkpoint path, or "auto" for the newest in out_dir
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 3  # keep the newest N checkpoints (0 = all)
@@ -451,6 +456,9 @@ def validate(cfg: Config) -> None:
                           "train.workflow=speedyfeed, engine.cache=true and engine.cache_gamma > 0")
     if cfg.engine.global_dedup and not cfg.engine.dedup:
         raise ConfigError("engine.global_dedup=true needs engine.dedup=true")
+    if cfg.train.compile and cfg.stage != "finetune":
+        raise ConfigError(f"train.compile compiles the encoders of stage=finetune; stage={cfg.stage} runs its teachers "
+                          "and students uncompiled")
     _validate_distillation(cfg)
     for seg in cfg.engine.segments:
         _choice("engine.segments", seg, ("title", "abstract", "body"))
@@ -538,3 +546,11 @@ def config_yaml(cfg: Config) -> str:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(config_yaml(cfg), encoding="utf-8")
+
+
+def defaults_digest() -> str:
+    """A short hash of the resolved default config (what ``speedyrec.train`` with no arguments runs, before the
+    machine resolves train.amp=auto): a timing of the main job belongs to the defaults that hash the same."""
+    import hashlib
+
+    return hashlib.sha256(config_yaml(load_config(None, [])).encode()).hexdigest()[:16]

@@ -128,3 +128,23 @@ def test_served_ages_come_from_the_rows_and_catch_a_stamp_that_lies():
     assert (look.ages == 8).all() and look.ages.max() > cache.gamma  # the rows say otherwise
     cache.stamp[7] = 10  # a row never written, claimed fresh
     assert cache.lookup(np.array([7]), 10).ages[0] > 1e8
+
+
+def test_a_news_several_ranks_encoded_is_written_once_from_the_lowest_rank():
+    """A replicated cache applies every rank's writes; without global dedup two ranks may both encode a news (with
+    different dropout). The write keeps the lowest rank's row: an index write with repeated indices has no defined
+    winner on CUDA, so replicas would drift apart (on a CPU the last would win)."""
+    cache = _cache(n=10)
+    first, second = torch.full((1, 4), 1.0), torch.full((1, 4), 2.0)
+    ids = np.array([3, 5, 3])  # as gathered in rank order: rank 0 wrote 3 and 5, rank 1 wrote 3 again
+    cache.write(ids, torch.cat([first, torch.zeros(1, 4), second]), 4, everyone_has_all=True)
+    look = cache.lookup(np.array([3]), 5)
+    assert look.hit.all() and torch.equal(look.emb, first)
+
+
+def test_the_age_column_is_written_by_the_clock_it_is_given():
+    """Ages are measured with the optimizer's clock (``now``), the hit decision with the stamps (``step``)."""
+    cache = _cache(gamma=3)
+    cache.write(np.arange(4), torch.randn(4, 4), 2, now=7)
+    look = cache.lookup(np.arange(4), 4, now=9)
+    assert look.hit.all() and look.ages.tolist() == [2.0] * 4 and look.stamp_ages.tolist() == [2] * 4

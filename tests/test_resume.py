@@ -116,6 +116,44 @@ def test_deferred_cache_gradients_resume_exactly(tmp_path, cache_dir, synthetic_
     assert read(out)[1]["deferred_grad_rows"] == stats["deferred_grad_rows"]
 
 
+def _ages_agree(stats: dict) -> bool:
+    return stats["cache_hits"] > 0 and abs(stats["served_age_mean"] - stats["served_stamp_age_mean"]) < 1e-9
+
+
+def test_served_ages_by_the_optimizer_clock_agree_with_the_stamps_under_accumulation_and_resume(
+        tmp_path, cache_dir, synthetic_small, monkeypatch):
+    """The served rows' ages are read from a column written by the optimizer's own step count (a post-step hook,
+    restarted from the optimizer's state on resume), the stamps that decide hits from the training loop's counter.
+    With 2 micro-batches per step and across a resume the two agree and stay within gamma; a loop that counted
+    micro-batches as steps, or a clock not restarted on resume, shows up as a disagreement."""
+    extra = ("train.grad_accum=2", "engine.cache_gamma=3", "train.keep_checkpoints=0")
+    ref, out = tmp_path / "ref", tmp_path / "resumed"
+    assert main(args(ref, cache_dir, synthetic_small, *extra)) == 0
+    stats = read(ref)[1]
+    assert _ages_agree(stats) and stats["served_age_max"] <= 3 and stats["steps"] >= 6
+    shutil.copytree(ref / "checkpoints" / "step_4", out / "checkpoints" / "step_4")
+    assert main(args(out, cache_dir, synthetic_small, *extra, "train.resume=auto")) == 0
+    assert _ages_agree(read(out)[1]) and read(out)[1]["served_age_max"] <= 3
+    assert_same_run(out, ref)
+
+    # the evidence can fail: a wrong step counter (micro-batches counted as steps) ...
+    from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
+
+    with monkeypatch.context() as m:
+        m.setattr(SpeedyFeedWorkflow, "after_step", lambda self, step: setattr(self, "step_no", 2 * step))
+        assert main(args(tmp_path / "wrong_counter", cache_dir, synthetic_small, *extra)) == 0
+    assert not _ages_agree(read(tmp_path / "wrong_counter")[1])
+    # ... and a resume that forgot where the optimizer's clock stood
+    from speedyrec.engine.cache import OptimizerClock
+
+    wrong = tmp_path / "clock_not_restarted"
+    shutil.copytree(ref / "checkpoints" / "step_4", wrong / "checkpoints" / "step_4")
+    with monkeypatch.context() as m:
+        m.setattr(OptimizerClock, "restart_from_state", lambda self: None)
+        assert main(args(wrong, cache_dir, synthetic_small, *extra, "train.resume=auto")) == 0
+    assert not _ages_agree(read(wrong)[1])
+
+
 def test_resuming_with_other_settings_is_refused(tmp_path, cache_dir, synthetic_small, straight, capsys):
     out = tmp_path / "other"
     shutil.copytree(straight / "checkpoints", out / "checkpoints")

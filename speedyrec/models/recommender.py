@@ -32,21 +32,24 @@ class NewsEncoder(nn.Module):
         self.pool = AdditiveAttention(h, attention_dim)
         self.proj = nn.Linear(h, dim)
 
-    def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def frozen_forward(self, input_ids: torch.Tensor, mask: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
         """The frozen layers' output [N, T, H] (see BertFamilyBackbone.frozen_forward)."""
-        return self.backbone.frozen_forward(input_ids, mask)
+        if dense is None:
+            return self.backbone.frozen_forward(input_ids, mask)
+        return self.backbone.frozen_forward(input_ids, mask, dense)
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, extra_embeddings: torch.Tensor | None = None,
-                start_states: torch.Tensor | None = None) -> torch.Tensor:
+                start_states: torch.Tensor | None = None, dense: bool | None = None) -> torch.Tensor:
         """input_ids, mask [N, T] -> news vectors [N, D].
 
         ``extra_embeddings`` [N, T, H] (the frequency embedding of refined text) join at the first trained layer
-        (see BertFamilyBackbone.forward); ``start_states`` [N, T, H] is the frozen layers' output when known already.
+        (see BertFamilyBackbone.forward); ``start_states`` [N, T, H] is the frozen layers' output when known already;
+        ``dense``: whether every row is all real tokens, when the caller knows (see BertFamilyBackbone.forward).
         """
-        if extra_embeddings is None and start_states is None:
+        if extra_embeddings is None and start_states is None and dense is None:
             states = self.backbone(input_ids, mask)
         else:
-            states = self.backbone(input_ids, mask, start_states=start_states, extra=extra_embeddings)
+            states = self.backbone(input_ids, mask, start_states=start_states, extra=extra_embeddings, dense=dense)
         return self.proj(self.pool(states, mask))
 
 

@@ -21,6 +21,7 @@ from speedyrec.data.dataset import Dataset, cache_dir_of
 from speedyrec.data.token_store import TokenStore, build_or_load_field, tokenizer_digest
 from speedyrec.engine.distributed import DistInfo, all_reduce_sum
 from speedyrec.engine.memory import peak_rss_mb, process_peak_rss_mb
+from speedyrec.engine.precision import resolve_amp
 from speedyrec.engine.trainer import Trainer
 from speedyrec.eval.evaluate import evaluate_models
 from speedyrec.models.backbone import build_backbone
@@ -29,7 +30,8 @@ from speedyrec.models.recommender import NewsEncoder, NewsRecommender
 
 log = logging.getLogger("speedyrec")
 
-ENGINE_COUNTERS = ("clicks_trained", "news_encoded", "cache_lookups", "cache_hits", "served_age_sum", "valid_tokens",
+ENGINE_COUNTERS = ("clicks_trained", "news_encoded", "cache_lookups", "cache_hits", "served_age_sum",
+                   "served_stamp_age_sum", "valid_tokens",
                    "padded_tokens", "sequences_trained", "negatives_random", "negatives_scored", "deferred_grad_rows",
                    "audit_rows", "audit_cos_sum", "audit_noise_cos_sum", "heap_trims", "heap_trim_seconds")
 EXTREME_COUNTERS = (("served_age_max", "max"), ("audit_cos_min", "min"))  # reduced over ranks by max / min
@@ -69,7 +71,16 @@ class Context:
         return TokenStore({field: ft}, self.store.cls_id, self.store.sep_id, self.store.pad_id)
 
 
+# stages whose train.amp=auto takes bf16 on a CPU with native bf16: measured to keep quality (benchmarks.precision);
+# the distillation stages keep float32 on CPUs, as their benchmarks were measured
+CPU_BF16_STAGES = ("finetune",)
+
+
 def build_context(cfg: Config, dist: DistInfo) -> Context:
+    cfg.train.amp, why = resolve_amp(cfg.train.amp, dist.device, cpu_auto=cfg.stage in CPU_BF16_STAGES,
+                                     dist_active=dist.active)
+    if dist.is_main:
+        log.info("precision: %s (%s)", "bf16 autocast" if cfg.train.amp == "bf16" else "float32", why)
     root = make_out_dir(cfg)
     data = build_dataset(cfg, dist)
     parts = build_tokenizer(cfg, data, dist)
@@ -202,6 +213,7 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
     stats["workflow"] = cfg.train.workflow
     stats["world_size"] = dist.world
     stats["device"] = str(dist.device.type)
+    stats["precision"] = "bf16" if cfg.train.amp == "bf16" else "float32"
     tokens = stats["valid_tokens"] + stats["padded_tokens"]
     stats["data_efficiency"] = stats["valid_tokens"] / tokens if tokens else 0.0
     stats["wall_seconds"] = float(peaks[0].item())
@@ -228,6 +240,7 @@ def cache_evidence(local: dict, summed: dict, dist: DistInfo) -> dict:
     hits, audited = summed["cache_hits"], summed["audit_rows"]
     return {"served_age_mean": summed.pop("served_age_sum") / hits if hits else None,
             "served_age_max": age_max if hits else None,
+            "served_stamp_age_mean": summed.pop("served_stamp_age_sum") / hits if hits else None,
             "cache_audit_rows": summed.pop("audit_rows"),
             "cache_drift_cos_mean": summed.pop("audit_cos_sum") / audited if audited else None,
             "cache_drift_cos_min": cos_min if audited else None,
@@ -238,11 +251,14 @@ def engine_trainer(ctx: Context, model: torch.nn.Module, optimizer, workflow, lo
     """A trainer for the click stages with the train.* settings; the workflow's cache follows its steps; its
     scalars go to ``log_dir`` and its progress bar counts the clicks of all epochs."""
     tc = ctx.cfg.train
-    return Trainer(model, optimizer, ctx.dist, grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, amp=tc.amp,
-                   max_steps=tc.max_steps, max_seconds=tc.max_seconds, warmup_steps=tc.warmup_steps,
-                   log_every=tc.log_every, after_step=getattr(workflow, "after_step", None), log_dir=log_dir,
-                   progress_total=workflow.clicks_in_data * tc.epochs, progress_unit="click",
-                   lr_schedule=tc.lr_schedule, heap_trim_every=tc.heap_trim_every, **kw)
+    trainer = Trainer(model, optimizer, ctx.dist, grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, amp=tc.amp,
+                      max_steps=tc.max_steps, max_seconds=tc.max_seconds, warmup_steps=tc.warmup_steps,
+                      log_every=tc.log_every, after_step=getattr(workflow, "after_step", None), log_dir=log_dir,
+                      progress_total=workflow.clicks_in_data * tc.epochs, progress_unit="click",
+                      lr_schedule=tc.lr_schedule, heap_trim_every=tc.heap_trim_every,
+                      overlap_gradient_reduce=not ctx.cfg.engine.global_dedup, **kw)
+    workflow.encoder.clock = trainer.optimizer_clock
+    return trainer
 
 
 def evaluate_on_dev(ctx: Context, models: list, inputs: NewsInputs, encode_fn=None, ensemble=None) -> list[dict]:

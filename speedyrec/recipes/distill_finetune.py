@@ -123,14 +123,14 @@ class DistillFinetuneRecipe(StageRecipe):
             write_json(self.out / "stats.json", stats)
         return {"seconds": timer(), "metrics": metrics, "stats": stats}
 
-    def objective(self, table, news, clicks, negatives, targets, state_pos):
+    def objective(self, table, news, clicks, negatives, targets):
         di, dev = self.cfg.distill, table.device
         model = self.model
         su = model.student.user_encoder
-        s = target_scores(table, clicks, negatives, targets, su.prefix_states, su.empty, state_pos)
+        s = target_scores(table, clicks, negatives, targets, su.prefix_states, su.empty)
         bank = self.bank.read(news, dev) if self.bank is not None else self._online_teachers(news, dev)  # [U, M, D]
         with torch.no_grad():
-            ts = [target_scores(bank[:, i], clicks, negatives, targets, u.prefix_states, u.empty, state_pos)
+            ts = [target_scores(bank[:, i], clicks, negatives, targets, u.prefix_states, u.empty)
                   for i, u in enumerate(self.teacher_users)]
         t_logits = torch.stack([t.logits for t in ts])  # [M, T, C]
         w = teacher_weights(t_logits, omega_of(model.log_omega))
@@ -139,8 +139,8 @@ class DistillFinetuneRecipe(StageRecipe):
                              projected_mse(s.user, torch.stack([t.user for t in ts]), model.user_proj))
         ce = click_cross_entropy(s.logits)
         loss = distill + di.emb_weight * emb + di.ce_weight_ft * ce
-        return loss.sum(), {"loss_distill": float(distill.detach().sum()), "loss_emb": float(emb.detach().sum()),
-                            "loss_ce": float(ce.detach().sum())}
+        return loss.sum(), {"loss_distill": distill.detach().sum(), "loss_emb": emb.detach().sum(),
+                            "loss_ce": ce.detach().sum()}
 
     @torch.no_grad()
     def _online_teachers(self, news: np.ndarray, dev) -> torch.Tensor:

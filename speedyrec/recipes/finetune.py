@@ -46,6 +46,9 @@ class FinetuneRecipe:
         self.out_dir = ctx.root
         self.data, self.store = ctx.data, ctx.store
         self.model = build_model(cfg, ctx.parts, dist)  # resolves model.freeze_layers=-1
+        if cfg.train.compile:  # in place: parameter names, checkpoints and evaluation are unchanged
+            self.model.news_encoder.compile(dynamic=True)
+            self.model.user_encoder.compile(dynamic=True)
         save_config(ctx)
         self.inputs = NewsInputs(self.store, segments_of(cfg))
         if cfg.model.freeze_layers > 0 and cfg.train.workflow == "speedyfeed" and cfg.engine.frozen_cache:
@@ -64,7 +67,9 @@ class FinetuneRecipe:
                                periodic_every=cfg.eval.every, periodic_seconds=cfg.eval.every_seconds,
                                log_dir=self.out_dir, progress_total=self.workflow.clicks_in_data * tc.epochs,
                                progress_unit="click", lr_schedule=tc.lr_schedule, heap_trim_every=tc.heap_trim_every,
-                               **self.ckpt.trainer_kwargs())
+                               overlap_gradient_reduce=not cfg.engine.global_dedup, **self.ckpt.trainer_kwargs())
+        if hasattr(self.workflow, "encoder"):  # the served cache rows' ages are read from the optimizer's clock
+            self.workflow.encoder.clock = self.trainer.optimizer_clock
         self.ckpt.resume(self.trainer)
         self.setup_seconds = time.perf_counter() - t0
 

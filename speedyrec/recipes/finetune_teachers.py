@@ -130,14 +130,13 @@ class FinetuneTeachersRecipe(StageRecipe):
         valid = int(sel.mask.sum())
         return vec.flatten(1), valid, sel.mask.numel() - valid
 
-    def objective(self, table, news, clicks, negatives, targets, state_pos):
+    def objective(self, table, news, clicks, negatives, targets):
         """The sum of the teachers' own autoregressive click losses (their parameters are disjoint)."""
         table = table.view(len(table), len(self.models), self.dim)
         total, counters = 0.0, {}
         for i, (name, model) in enumerate(zip(self.names, self.models)):
             user = model.user_encoder
-            loss, _ = autoregressive_loss(table[:, i], clicks, negatives, targets, user.prefix_states, user.empty,
-                                          state_pos)
+            loss, _ = autoregressive_loss(table[:, i], clicks, negatives, targets, user.prefix_states, user.empty)
             total = total + loss
-            counters[f"loss_{name}"] = float(loss.detach())
+            counters[f"loss_{name}"] = loss.detach()
         return total, counters

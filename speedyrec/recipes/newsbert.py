@@ -128,11 +128,11 @@ class NewsBertRecipe(StageRecipe):
         valid = int(mask.sum())
         return torch.cat([t_vec, s_vec], dim=-1), valid, mask.numel() - valid
 
-    def objective(self, table, news, clicks, negatives, targets, state_pos):
+    def objective(self, table, news, clicks, negatives, targets):
         cfg, d = self.cfg, self.dim
         user = self.model.teacher.user_encoder  # shared
-        t = target_scores(table[:, :d], clicks, negatives, targets, user.prefix_states, user.empty, state_pos)
-        s = target_scores(table[:, d:], clicks, negatives, targets, user.prefix_states, user.empty, state_pos)
+        t = target_scores(table[:, :d], clicks, negatives, targets, user.prefix_states, user.empty)
+        s = target_scores(table[:, d:], clicks, negatives, targets, user.prefix_states, user.empty)
         n_targets = len(t.logits)
         teacher_ce = click_cross_entropy(t.logits)
         student_ce = click_cross_entropy(s.logits)
@@ -145,6 +145,6 @@ class NewsBertRecipe(StageRecipe):
         self.hidden_sum, self.hidden_news = [], 0
         w = cfg.newsbert.hidden_weight
         loss = teacher_ce.sum() + student_ce.sum() + distill.sum() + w * (user_mse.sum() + hidden)
-        return loss, {"loss_teacher_ce": float(teacher_ce.detach().sum()), "loss_ce": float(student_ce.detach().sum()),
-                      "loss_distill": float(distill.detach().sum()), "loss_hidden": float(hidden.detach()),
-                      "loss_user_mse": float(user_mse.detach().sum())}
+        return loss, {"loss_teacher_ce": teacher_ce.detach().sum(), "loss_ce": student_ce.detach().sum(),
+                      "loss_distill": distill.detach().sum(), "loss_hidden": hidden.detach(),
+                      "loss_user_mse": user_mse.detach().sum()}

@@ -15,7 +15,7 @@ from speedyrec.engine.batching import DynamicBatcher, SequenceBatch, SequenceSet
 from speedyrec.engine.cache import DeferredGradients, EmbeddingCache
 from speedyrec.engine.distributed import DistInfo
 from speedyrec.engine.encode import CentralizedEncoder, EncodeRows
-from speedyrec.engine.loss import click_cross_entropy, inbatch_logits, target_scores
+from speedyrec.engine.loss import TargetIndex, click_cross_entropy, inbatch_logits, target_scores
 from speedyrec.engine.ragged import Ragged
 from speedyrec.engine.trainer import StepOutput
 from speedyrec.models.news_inputs import NewsInputs, NewsTokens
@@ -68,9 +68,9 @@ def cache_replica_budget(device: torch.device) -> int:
     return int(psutil.virtual_memory().available * 0.25 / max(local_ranks, 1))
 
 
-# objective(table [U, W], news [U], clicks [B, L], negatives [B, L, K], targets [B, L], state_pos [B, L])
-#   -> (loss sum, counters); state_pos as in engine.loss.target_scores
-Objective = Callable[[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+# objective(table [U, W], news [U], clicks [B, L], negatives [B, L, K], targets: TargetIndex) -> (loss sum, counters)
+# (see engine.loss.target_scores); counters may be device tensors (the trainer reads them when it logs)
+Objective = Callable[[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor, TargetIndex], tuple[torch.Tensor, dict]]
 
 
 class SpeedyFeedWorkflow:
@@ -170,24 +170,24 @@ class SpeedyFeedWorkflow:
             loss = enc.table.sum() * 0.0 if enc.table.requires_grad else None
             return StepOutput(loss, 0, {})
         tokens = batch.tokens.to(self.device)
-        enc = self.encoder(batch.news, batch.lengths, tokens, self.step_no)
-        clicks, negatives, targets, state_pos = (t.to(self.device, non_blocking=True)
-                                                 for t in (batch.clicks, batch.negatives, batch.targets, batch.state_pos))
-        loss, extra = self.objective(enc.table, batch.news, clicks, negatives, targets, state_pos)
+        with self.inputs.word_vocabulary(self.model, tokens):
+            enc = self.encoder(batch.news, batch.lengths, tokens, self.step_no)
+        clicks, negatives = (t.to(self.device, non_blocking=True) for t in (batch.clicks, batch.negatives))
+        loss, extra = self.objective(enc.table, batch.news, clicks, negatives, batch.target_index.to(self.device))
         if enc.deferred is not None:  # the served rows' gradients reach the encoder; the loss value is unchanged
             loss = loss + (enc.deferred - enc.deferred.detach())
         n = batch.num_targets
         counters = {"clicks_trained": n, **batch.counters, **enc.counters, **extra}
         return StepOutput(loss, n, counters)
 
-    def click_loss(self, table, news, clicks, negatives, targets, state_pos) -> tuple[torch.Tensor, dict]:
+    def click_loss(self, table, news, clicks, negatives, targets: TargetIndex) -> tuple[torch.Tensor, dict]:
         """The model's autoregressive click loss, summed over the targets; with ``engine.inbatch_negatives``
         against every news of the batch its user did not click. Counts the negatives scored."""
         user = self.model.user_encoder
-        scores = target_scores(table, clicks, negatives, targets, user.prefix_states, user.empty, state_pos)
+        scores = target_scores(table, clicks, negatives, targets, user.prefix_states, user.empty)
         if self.cfg.engine.inbatch_negatives:
             logits = inbatch_logits(table, clicks, targets, scores)
-            scored = int(torch.isfinite(logits[:, 1:]).sum())  # masked entries are -inf
+            scored = torch.isfinite(logits[:, 1:]).sum()  # masked entries are -inf; read when the trainer logs
         else:  # K negatives per target, known without a device sync
             logits = scores.logits
             scored = logits.shape[0] * (logits.shape[1] - 1)
