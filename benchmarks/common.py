@@ -60,16 +60,18 @@ def source_commit() -> str:
 
 
 def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, timeout: int = 3600,
-            stage: str = "") -> dict:
-    """Run ``speedyrec.train`` with the overrides in a fresh process; return its stats, metrics and timing
-    (read from ``out_dir/<stage>/`` for a distillation stage)."""
+            stage: str = "", env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run ``speedyrec.train`` with the overrides in a fresh process (``env``, ``cwd``: its environment and folder,
+    e.g. a PYTHONPATH and a folder outside the checkout, to run another commit's code); return its stats,
+    metrics, timing and the targets/s of its logged windows (read from ``out_dir/<stage>/`` for a distillation
+    stage)."""
     out_dir = out_root / name
     cmd = [sys.executable, "-m", "speedyrec.train", f"out_dir={out_dir}", "train.log_every=0", *overrides]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "speedyrec.train", *cmd[3:]]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -79,6 +81,10 @@ def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, tim
     job = {"name": name, "command": " ".join(cmd[1:]), "stats": stats, "metrics": metrics, "process_seconds": elapsed}
     if (results / "dev_curve.json").exists():
         job["curve"] = json.loads((results / "dev_curve.json").read_text())["points"]
+    if (results / "log.jsonl").exists():
+        lines = map(json.loads, (results / "log.jsonl").read_text().splitlines())
+        job["log_rates"] = [r["targets_per_second"] for r in lines if r.get("kind") == "train" and
+                            "targets_per_second" in r]
     return job
 
 
