@@ -6,7 +6,9 @@
   exactly ``--width`` real tokens (no padding, no data pipeline, no user encoder, no optimizer): forward and
   backward of the summed news vectors, in tokens per second, the best of 5 blocks. Batches hold
   ``engine.chunk_tokens`` tokens, the size the engine encodes at once. Measured before and after the engine
-  run; the mean is the limit.
+  run; the mean is the limit. It runs on the engine run's device and in its precision (``train.amp`` resolved
+  the same way: bf16 autocast on a CPU with native bf16), with the word-embedding gather the engine uses, so the
+  fraction compares like with like.
 - Engine: ``python -m speedyrec.train`` with the same student for ``--steps`` steps on the synthetic default:
   useful tokens per second = the real tokens of the news it encoded (``valid_tokens``) over the training loop's
   seconds (``wall_seconds``), which include everything else a step does.
@@ -21,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks.common import machine, md_table, run_job, write_results
@@ -29,31 +32,47 @@ STUDENT = ["model.encoder=auto", "model.layers=2", "model.freeze_layers=0"]
 TINY = ["model.encoder=random:hidden=32,layers=2,heads=2,intermediate=64", "model.vocab_size=800"]
 
 
-def raw_throughput(overrides: list[str], width: int, chunk_tokens: int, iters: int) -> float:
-    """Tokens per second of the news encoder's forward+backward on packed [chunk_tokens / width, width] batches."""
+def raw_throughput(overrides: list[str], width: int, chunk_tokens: int, iters: int) -> tuple[float, str, str]:
+    """(tokens per second of the news encoder's forward+backward on packed [chunk_tokens / width, width] batches,
+    device, precision), on the device and in the precision a run with these overrides resolves."""
     from speedyrec.build import build_model
     from speedyrec.config import load_config
     from speedyrec.engine.distributed import DistInfo
+    from speedyrec.engine.precision import autocast_context
     from speedyrec.recipes.common import build_context
 
     cfg = load_config(None, ["out_dir=/tmp/speedyrec_limit", *overrides])
-    ctx = build_context(cfg, DistInfo())
-    model = build_model(cfg, ctx.parts, DistInfo()).train()
+    dist = DistInfo(device=torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    ctx = build_context(cfg, dist)  # resolves train.amp as the run does
+    model = build_model(cfg, ctx.parts, dist).train()
     rows = max(chunk_tokens // width, 1)
     g = torch.Generator().manual_seed(0)
     vocab = model.news_encoder.backbone.embeddings.word_embeddings.num_embeddings
-    ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (rows, width), generator=g)
-    mask = torch.ones((rows, width), dtype=torch.bool)
+    ids_host = torch.randint(1000 if vocab > 2000 else 5, vocab, (rows, width), generator=g)
+    ids, mask = ids_host.to(dist.device), torch.ones((rows, width), dtype=torch.bool, device=dist.device)
+    words = np.unique(ids_host.numpy())
+    backbone = model.news_encoder.backbone
+
+    def once():
+        with backbone.word_vocabulary(words), autocast_context(dist.device, cfg.train.amp):
+            out = model.news_encoder(ids, mask, dense=True)
+        out.float().sum().backward()
+
+    def sync():
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(3):  # warm up
-        model.news_encoder(ids, mask).sum().backward()
+        once()
     best = 0.0
     for _ in range(5):  # the best of 5 blocks: the limit is what the hardware can do, not what a busy moment allows
-        model.zero_grad(set_to_none=True)
+        sync()
         t0 = time.perf_counter()
         for _ in range(iters):
-            model.news_encoder(ids, mask).sum().backward()
+            once()
+        sync()
         best = max(best, rows * width * iters / (time.perf_counter() - t0))
-    return best
+    return best, dist.device.type, "bf16" if cfg.train.amp == "bf16" else "float32"
 
 
 def main(argv=None) -> dict:
@@ -69,14 +88,18 @@ def main(argv=None) -> dict:
     info = machine()
     chunk = 2048
     iters = 2 if a.quick else 8
-    before = raw_throughput(base, a.width, chunk, iters)
+    before, device, precision = raw_throughput(base, a.width, chunk, iters)
     with tempfile.TemporaryDirectory() as tmp:
         job = run_job("engine", [*base, f"train.max_steps={steps}", "eval.max_impressions=1"], Path(tmp))
-    after = raw_throughput(base, a.width, chunk, iters)
+    after, _, _ = raw_throughput(base, a.width, chunk, iters)
     raw = statistics.mean([before, after])
     s = job["stats"]
+    if (s["device"], s["precision"]) != (device, precision):
+        raise SystemExit(f"the engine ran on {s['device']} in {s['precision']}, the raw limit on {device} in "
+                         f"{precision}: they must match")
     engine = s["valid_tokens"] / s["wall_seconds"]
     payload = {"machine": info, "quick": a.quick, "model": model, "width": a.width, "chunk_tokens": chunk,
+               "device": device, "precision": precision,
                "raw_tokens_per_second": raw, "raw_before": before, "raw_after": after,
                "engine_useful_tokens_per_second": engine, "engine_fraction_of_limit": engine / raw,
                "engine": {"command": job["command"], "stats": s}}
@@ -86,7 +109,7 @@ def main(argv=None) -> dict:
              f"{s['data_efficiency']:.1%}"]]
     md = ["# The hardware limit and the engine\n",
           f"Device: {info['device']}, torch {info['torch']}, {info['threads']} threads; commit {info.get('commit', '?')}. "
-          f"Model: `{' '.join(model)}`.\n",
+          f"Model: `{' '.join(model)}`. Both measured on {device} in {precision}.\n",
           md_table(["", "tokens/s", "how"], rows),
           f"\n**The engine trains at {engine / raw:.0%} of the encoder's raw throughput.**\n"]
     write_results("limit_quick" if a.quick else "limit", payload, "\n".join(md), lambda path: plot(path, payload))

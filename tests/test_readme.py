@@ -85,3 +85,17 @@ def test_the_tune_verdict_is_written_from_the_sweep(monkeypatch):
     d["summary"] = {"defaults": row(0.750, None), "engine.negatives=1": row(0.749, 400.0)}
     text = readme.tune(d)[0]
     assert "so the defaults stand" in text and "`engine.negatives=1` (at 400 s, -0.10 points)" in text
+
+
+def test_the_readmes_main_job_time_was_measured_with_todays_defaults():
+    """The README states how long the main job takes, from benchmarks/results/main_job.json; that timing belongs to
+    the defaults it ran with. A changed default (a new default negatives count, say) makes the stated time a
+    promise nobody checked: time the job again."""
+    from speedyrec.config import defaults_digest
+
+    d = json.loads((readme.RESULTS / "main_job.json").read_text())
+    assert not d["quick"]
+    assert d["config_hash"] == defaults_digest(), (
+        "the defaults changed since the main job was timed: run python -m benchmarks.main_job, then "
+        "python -m benchmarks.readme")
+    assert d["seconds"] <= d["limit_seconds"], "the main job takes longer than the README promises"
