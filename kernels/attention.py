@@ -30,5 +30,26 @@ def padded_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
     mask = None
     if key_mask is not None and not (check_dense and bool(key_mask.all())):
         mask = key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    if qh.device.type == "cpu" and qh.dtype == torch.bfloat16:
+        out = explicit_attention(qh, kh, vh, mask, dropout_p, scale)
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return merge_heads(out)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v over heads: q [N, A, T, d], k, v [N, A, S, d], mask broadcastable to
+    [N, A, T, S] (True = attend) -> [N, A, T, d]; the softmax in float32 at least, dropout on its weights.
+
+    What SDPA's math path computes, written out: on a CPU in bf16 it runs 1.2-1.8x faster than SDPA with dropout
+    (measured on MiniLM's shapes, 16 to 256 tokens), and SDPA without dropout picks a flash kernel whose bf16
+    backward is about 15x slower than this (54 ms against 3.3 ms for 2,048 tokens of 12 heads)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(compute) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p, training=True)
+    return torch.matmul(weights.to(v.dtype), v)
