@@ -40,6 +40,7 @@ class DataConfig:
     synthetic_seed: int = 0
     synthetic_head_share: float = 0.6  # share of clicks on the most popular news ...
     synthetic_head_fraction: float = 0.1  # ... this fraction of the news
+    synthetic_history_mean: float = 0.0  # mean user history length; 0 = the calibrated ~32 of the real MIND slice
 
 
 @dataclass

@@ -270,3 +270,26 @@ def test_failed_generation_keeps_previous_data_set(tmp_path, monkeypatch):
         generate(out, users=60, seed=2)
     assert (out / "train" / "behaviors.tsv").read_bytes() == before and (out / "COMPLETE").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # the temporary directory is gone
+
+
+def test_history_mean_scales_the_histories_and_changes_nothing_else_by_default(tmp_path):
+    """data.synthetic_history_mean asks for histories of about that mean length (the where-it-pays sweep); 0 is
+    the calibrated default, byte for byte."""
+    def mean_history(root: Path) -> float:
+        _, rows, _ = read_split(root, "train")
+        per_user = {}
+        for r in rows:
+            per_user.setdefault(r[1], len(r[4]))  # every train line of a user carries the same history
+        return float(np.mean(list(per_user.values())))
+
+    generate(tmp_path / "default", users=400, seed=5)
+    generate(tmp_path / "zero", users=400, seed=5, history_mean=0.0)
+    assert (tmp_path / "default" / "train" / "behaviors.tsv").read_bytes() == \
+        (tmp_path / "zero" / "train" / "behaviors.tsv").read_bytes()
+    short, long = tmp_path / "short", tmp_path / "long"
+    generate(short, users=400, seed=5, history_mean=10)
+    generate(long, users=400, seed=5, history_mean=100)
+    m_short, m_default, m_long = mean_history(short), mean_history(tmp_path / "default"), mean_history(long)
+    assert 7 <= m_short <= 13 and 70 <= m_long <= 130 and m_short < m_default < m_long
+    with pytest.raises(ValueError, match="history_mean"):
+        generate(tmp_path / "bad", users=10, seed=5, history_mean=-1)

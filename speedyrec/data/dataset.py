@@ -40,7 +40,8 @@ def synthetic_dir(data_cfg) -> Path:
     if data_cfg.dir:
         return Path(data_cfg.dir)
     name = (f"u{data_cfg.synthetic_users}-s{data_cfg.synthetic_seed}"
-            f"-h{data_cfg.synthetic_head_share:g}-f{data_cfg.synthetic_head_fraction:g}")
+            f"-h{data_cfg.synthetic_head_share:g}-f{data_cfg.synthetic_head_fraction:g}"
+            + (f"-m{data_cfg.synthetic_history_mean:g}" if data_cfg.synthetic_history_mean else ""))
     return cache_dir_of(data_cfg) / "synthetic" / name
 
 
@@ -52,7 +53,8 @@ def ensure_synthetic(data_cfg) -> Path:
 
         log.info("generating the synthetic data set (%d users) into %s", data_cfg.synthetic_users, out)
         generate(out, users=data_cfg.synthetic_users, seed=data_cfg.synthetic_seed,
-                 head_share=data_cfg.synthetic_head_share, head_fraction=data_cfg.synthetic_head_fraction)
+                 head_share=data_cfg.synthetic_head_share, head_fraction=data_cfg.synthetic_head_fraction,
+                 history_mean=data_cfg.synthetic_history_mean)
     return out
 
 

@@ -778,7 +778,7 @@ def _flat_cdf(weights: np.ndarray) -> np.ndarray:
 class _World:
     """Everything that does not depend on the popularity exponent."""
 
-    def __init__(self, vocab: _Vocabulary, users: int, seed: int) -> None:
+    def __init__(self, vocab: _Vocabulary, users: int, seed: int, history_mean: float = 0.0) -> None:
         rng = np.random.default_rng([seed, _STREAM_WORLD])
         n_sub = len(vocab.subcategories)
         self.users = users
@@ -811,7 +811,10 @@ class _World:
         self.affinity = interest / vocab.sub_share[None, :]
 
         # Activity: history lengths and impression counts per user.
-        hist = np.rint(HISTORY_MEDIAN * np.exp(HISTORY_SIGMA * rng.standard_normal(users)))
+        # history_mean > 0 scales the calibrated lengths to that mean (before the caps), e.g. to ask how a method
+        # fares on logs with longer or shorter user histories; the same draws, so only the lengths change
+        scale = history_mean / (HISTORY_MEDIAN * np.exp(HISTORY_SIGMA ** 2 / 2)) if history_mean > 0 else 1.0
+        hist = np.rint(HISTORY_MEDIAN * scale * np.exp(HISTORY_SIGMA * rng.standard_normal(users)))
         hist = np.clip(hist, 1, HISTORY_MAX).astype(np.int64)
         hist[rng.random(users) < EMPTY_HISTORY_SHARE] = 0
         self.hist_len = np.minimum(hist, self.n_hist_news // 2)
@@ -1076,12 +1079,16 @@ def _write_lines(path: Path, lines) -> None:
 
 
 def generate(out_dir, users: int = 2000, seed: int = 0, head_share: float = 0.6, head_fraction: float = 0.1,
-             return_truth: bool = False):
+             return_truth: bool = False, history_mean: float = 0.0):
     """Write a synthetic MIND-format data set (train and dev) to ``out_dir`` and return its statistics.
 
-    Returns the summary dict, or ``(summary, GroundTruth)`` when ``return_truth`` is true. Any existing
-    ``out_dir`` is replaced only once the new data set is complete.
+    ``history_mean`` > 0: user histories of about that mean length instead of the calibrated ~32 (capped as
+    always by the news published before the log; the summary says what came out). Returns the summary dict, or
+    ``(summary, GroundTruth)`` when ``return_truth`` is true. Any existing ``out_dir`` is replaced only once the new
+    data set is complete.
     """
+    if history_mean < 0:
+        raise ValueError("history_mean must be >= 0 (0: the calibrated lengths)")
     if users < 1:
         raise ValueError("users must be at least 1")
     if not (0 < head_fraction < 1 and 0 < head_share < 1):
@@ -1089,7 +1096,7 @@ def generate(out_dir, users: int = 2000, seed: int = 0, head_share: float = 0.6,
     started = time.perf_counter()
     out_dir = Path(out_dir)
     vocab = _Vocabulary()
-    world = _World(vocab, users, seed)
+    world = _World(vocab, users, seed, history_mean)
     exponent, clicks = _calibrate(world, seed, head_share, head_fraction)
     if abs(clicks.head_share - head_share) > HEAD_SHARE_WARN:
         # Histories never repeat a news, so a tiny head cannot take most clicks in a small world.
@@ -1239,9 +1246,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--head-share", type=float, default=0.6, help="click share of the most popular news")
     parser.add_argument("--head-fraction", type=float, default=0.1, help="... this fraction of the news")
+    parser.add_argument("--history-mean", type=float, default=0.0,
+                        help="mean user history length (0: the calibrated ~32 of the real MIND slice)")
     args = parser.parse_args(argv)
     summary = generate(args.out, users=args.users, seed=args.seed, head_share=args.head_share,
-                       head_fraction=args.head_fraction)
+                       head_fraction=args.head_fraction, history_mean=args.history_mean)
     json.dump(summary, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0
