@@ -82,9 +82,9 @@ def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, tim
     if (results / "dev_curve.json").exists():
         job["curve"] = json.loads((results / "dev_curve.json").read_text())["points"]
     if (results / "log.jsonl").exists():
-        lines = map(json.loads, (results / "log.jsonl").read_text().splitlines())
-        job["log_rates"] = [r["targets_per_second"] for r in lines if r.get("kind") == "train" and
-                            "targets_per_second" in r]
+        lines = [r for r in map(json.loads, (results / "log.jsonl").read_text().splitlines()) if r.get("kind") == "train"]
+        job["log_rates"] = [r["targets_per_second"] for r in lines if "targets_per_second" in r]
+        job["log_tokens_per_second"] = [r["tokens_per_second"] for r in lines if "tokens_per_second" in r]
     return job
 
 

@@ -171,7 +171,7 @@ class Trainer:
                                                              "cache_hits", "served_age_sum")}
         self._seen = dict(now)
         tokens = d["valid_tokens"] + d["padded_tokens"]
-        return {"data_efficiency": d["valid_tokens"] / tokens if tokens else None,
+        return {"data_efficiency": d["valid_tokens"] / tokens if tokens else None, "valid_tokens": d["valid_tokens"],
                 "cache_hit_rate": d["cache_hits"] / d["cache_lookups"] if d["cache_lookups"] else None,
                 "served_age_mean": d["served_age_sum"] / d["cache_hits"] if d["cache_hits"] else None}
 
@@ -325,6 +325,8 @@ class Trainer:
                         scalars = {"loss": loss_log / max(n_log, 1.0), "lr": self.optimizer.param_groups[0]["lr"],
                                    "targets_per_second": clicks_log / max(dt, 1e-9), "epoch": st.epoch,
                                    **self._window()}
+                        # this rank's real tokens encoded per second in the window
+                        scalars["tokens_per_second"] = scalars.pop("valid_tokens") / max(dt, 1e-9)
                         log.info("step %d  epoch %d  loss %.4f  targets/s %.1f  lr %.2e%s", st.step, st.epoch,
                                  scalars["loss"], scalars["targets_per_second"], scalars["lr"], _extras(scalars))
                         bar.set_postfix_str(f"loss {scalars['loss']:.4f}{_extras(scalars)}", refresh=False)
