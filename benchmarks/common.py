@@ -78,7 +78,8 @@ def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, tim
     results = out_dir / stage if stage else out_dir
     stats = json.loads((results / "stats.json").read_text()) if (results / "stats.json").exists() else {}
     metrics = json.loads((results / "metrics.json").read_text())
-    job = {"name": name, "command": " ".join(cmd[1:]), "stats": stats, "metrics": metrics, "process_seconds": elapsed}
+    job = {"name": name, "command": " ".join(cmd[1:]), "stats": stats, "metrics": metrics, "process_seconds": elapsed,
+           "commit": source_commit()}  # tables are completed across sessions: each run says what code it ran
     if (results / "dev_curve.json").exists():
         job["curve"] = json.loads((results / "dev_curve.json").read_text())["points"]
     if (results / "log.jsonl").exists():

@@ -151,6 +151,8 @@ def summarize(runs: dict, models: dict, seeds: list[int], rounds: int, steps: in
             quality[model] = {
                 "auc": {v: [per[v][s]["auc"] for s in seeds if s in per[v]] for v in per},
                 "metrics": per, "seeds": [s for s in seeds if s in per["bf16"] and s in per["fp32"]],
+                "commits": {s: runs[f"quality_{model}_bf16_s{s}"].get("commit", "?") for s in seeds
+                            if f"quality_{model}_bf16_s{s}" in runs},
                 "bf16_minus_fp32_points": paired, "mean_points": statistics.mean(paired),
                 "keeps_quality": abs(statistics.mean(paired)) <= QUALITY_BAR}
     return {"speed": speed, "quality": quality, "steps": steps, "rounds": rounds, "baseline": baseline,
@@ -177,10 +179,10 @@ def report(d: dict) -> str:
                   md_table(["variant", "precision", "targets/s", "steady targets/s (last half of the log)",
                             "real tokens/s", "training peak MiB", "targets/s vs baseline"], rows)]
     for model, q in d["quality"].items():
-        rows = [[s, f"{q['metrics']['fp32'][s]['auc']:.4f}", f"{q['metrics']['bf16'][s]['auc']:.4f}", f"{p:+.2f}"]
-                for s, p in zip(q["seeds"], q["bf16_minus_fp32_points"])]
+        rows = [[s, f"{q['metrics']['fp32'][s]['auc']:.4f}", f"{q['metrics']['bf16'][s]['auc']:.4f}", f"{p:+.2f}",
+                 q["commits"].get(s, "?")] for s, p in zip(q["seeds"], q["bf16_minus_fp32_points"])]
         lines += [f"\n**Quality, {model}**: dev AUC after one epoch\n",
-                  md_table(["seed", "fp32", "bf16", "bf16 - fp32 (points)"], rows),
+                  md_table(["seed", "fp32", "bf16", "bf16 - fp32 (points)", "runs made at commit"], rows),
                   f"\nMean difference {q['mean_points']:+.2f} AUC points over {len(q['seeds'])} seed(s): bf16 "
                   + ("keeps" if q["keeps_quality"] else "does not keep")
                   + f" quality (bar: within {d['quality_bar_points']:.1f} points).\n"]

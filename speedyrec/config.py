@@ -70,8 +70,12 @@ class TrainConfig:
     # typical workflow's targets: the impressions' clicks (Recommenders), or every click of the user sequences
     # with the engine's negatives (speedyfeed's targets, for comparisons on identical targets)
     typical_targets: str = "impressions"
-    lr: float = 1e-4  # attention poolings, projections, user encoder
-    encoder_lr: float = 5e-5  # the pretrained transformer
+    # attention poolings, projections, user encoder / the pretrained transformer. -1 = auto: 4x the base rates
+    # (4e-4 / 2e-4) for stage=finetune with the speedyfeed workflow (chosen by benchmarks.speedup's sweep; +1 AUC
+    # point on the main job), the base rates (1e-4 / 5e-5) for the typical workflow and the distillation stages
+    # (their benchmarks were measured with them)
+    lr: float = -1.0
+    encoder_lr: float = -1.0
     weight_decay: float = 0.0
     warmup_steps: int = 0
     # click stages (finetune, finetune_teachers, distill_finetune, newsbert): constant, or linear decay to zero
@@ -355,9 +359,18 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+BASE_LR, BASE_ENCODER_LR = 1e-4, 5e-5  # train.lr and train.encoder_lr at multiple 1
+SPEEDYFEED_LR_MULTIPLE = 4  # train.lr=-1 (auto) for stage=finetune with the speedyfeed workflow
+
+
 def resolve_auto(cfg: Config) -> None:
     """Replace the ``auto`` values that depend on the stage by what they mean for it (the saved config.yaml
     then says what the run used)."""
+    mult = SPEEDYFEED_LR_MULTIPLE if cfg.stage == "finetune" and cfg.train.workflow == "speedyfeed" else 1
+    if cfg.train.lr == -1:
+        cfg.train.lr = BASE_LR * mult
+    if cfg.train.encoder_lr == -1:
+        cfg.train.encoder_lr = BASE_ENCODER_LR * mult
     if cfg.train.lr_schedule == "auto":
         cfg.train.lr_schedule = "linear" if cfg.stage == "finetune" else "constant"
     if cfg.engine.negatives == 0:
@@ -397,6 +410,9 @@ def validate(cfg: Config) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {v}")
+    for key, v in {"train.lr": cfg.train.lr, "train.encoder_lr": cfg.train.encoder_lr}.items():
+        if v < 0:  # -1 (auto) is resolved by now
+            raise ConfigError(f"config key '{key}' must be >= 0 (or -1: auto), got {v}")
     nonneg = {
         "data.title_tokens": cfg.data.title_tokens,
         "data.abstract_tokens": cfg.data.abstract_tokens,
