@@ -33,49 +33,90 @@ def _device(payload: dict) -> str:
 
 
 def speedup(d: dict) -> list[str]:
-    """The headline (time to quality) with the other three figures beside it, from one run of the benchmark."""
-    mode, t, head = d["mode"], d["seconds_to_target"], d["time_to_auc_speedup"]
-    typ, sf = d["epoch_runs"]["typical"], d["epoch_runs"]["speedyfeed"]
-    rate = {"typical": typ["stats"]["clicks_per_second"], "speedyfeed": sf["stats"]["clicks_per_second"]}
-    seq = d["typical_sequence_targets"]["stats"]["clicks_per_second"]
-    eq = d["auc_at_equal_time"]
+    """The headline (time to quality: smoothed, over seeds, beside its bound) with the other figures, from one run of
+    the benchmark."""
+    from benchmarks.speedup import SMOOTH, _median, headline_sentence
+
+    if "time_to_auc_speedup_smoothed" not in d:  # a result of the earlier single-seed benchmark
+        return []
+    mode, seeds = d["mode"], d["seeds"]
     fmt = lambda x, f: "not reached" if x is None else f.format(x)  # noqa: E731
-    frac = d["best_at_epoch_fraction"]["typical"]
-    cap_note = (f"the best of one full epoch, {typ['curve'][-1]['train_seconds']:.0f} s, reached at {frac:.0%} of it"
-                + (", so it was still improving" if frac > 0.9 else ""))
-    epochs = mode["epochs"]
-    missed = f" (its best in {epochs['speedyfeed']} epochs: {d['best_auc']['speedyfeed']:.4f})"
+    t_typ = _median([c["seconds_to_target"]["typical"] for c in seeds.values()])
+    t_sf = _median([c["seconds_to_target"]["speedyfeed"] for c in seeds.values()])
+    eq = d["auc_at_equal_time"]
+    precision = d["headline_runs"][next(iter(d["headline_runs"]))]["stats"].get("precision", "float32")
     return [
-        f"**Time to quality** (`python -m benchmarks.speedup`; {_device(d)}): the synthetic default "
-        f"({mode['users']:,} users), `{' '.join(mode['model'])}`, one process, both workflows in one run with the same "
-        f"learning-rate sweep ({', '.join('x%g' % m for m in d['lr_multiples'])} the defaults, {mode['cap']:g} s each); "
-        f"each workflow's best learning rate then trained for {epochs['typical']} (typical) / {epochs['speedyfeed']} "
-        "(speedyfeed) full epochs of the log, with a linear learning-rate decay over them, with dev AUC every "
-        f"{mode['every']['typical']:g} s (typical) / {mode['every']['speedyfeed']:g} s (speedyfeed) of training. "
-        f"Training seconds to the typical workflow's best dev AUC ({d['target_auc']:.4f}; {cap_note}): typical "
-        f"{fmt(t['typical'], '{:.0f} s')}, speedyfeed **{fmt(t['speedyfeed'], '{:.0f} s')}**"
-        + (f": **{head:.1f}x sooner**" if head else missed)
-        + f". Within 0.5 AUC points of that best ({d['near_target']['auc']:.4f}): typical "
-        f"{fmt(d['near_target']['typical'], '{:.0f} s')}, speedyfeed {fmt(d['near_target']['speedyfeed'], '{:.0f} s')}, "
-        f"{fmt(d['near_target']['speedup'], '{:.1f}x')} sooner.\n",
+        f"**Time to quality** (`python -m benchmarks.speedup`; {_device(d)}): the synthetic default with "
+        f"{mode['users']:,} users, `{' '.join(mode['model'])}`, {precision}, one process. Both workflows' learning rates "
+        f"come from the same sweep ({', '.join('x%g' % m for m in d['lr_multiples'])} the defaults) at "
+        f"{d['lr_sweep_steps']} optimizer steps each (typical x{d['best_lr_multiple']['typical']:g}, speedyfeed "
+        f"x{d['best_lr_multiple']['speedyfeed']:g}); each then trains with a linear decay planned over "
+        f"{mode['epochs']['typical']} (typical) / {mode['epochs']['speedyfeed']} (speedyfeed) epochs until its dev AUC "
+        f"stops improving ({mode['patience']['typical']} / {mode['patience']['speedyfeed']} evaluations every "
+        f"{mode['every']['typical']:g} s / {mode['every']['speedyfeed']:g} s of training), for seeds "
+        f"{', '.join(map(str, mode['seeds']))}. Per seed, the target is the typical workflow's best running mean of "
+        f"{SMOOTH} evaluations, and each workflow's time is when its own running mean first reaches it: "
+        f"{headline_sentence(d)}.\n",
         md_table(["figure", "what it counts", "typical", "speedyfeed", "ratio"], [
-            ["time to quality", "training seconds to the typical workflow's best dev AUC", fmt(t["typical"], "{:.0f} s"),
-             fmt(t["speedyfeed"], "{:.0f} s"), fmt(head, "{:.1f}x")],
-            ["cost per target", "training targets per second (each workflow's own targets)", f"{rate['typical']:.1f}",
-             f"{rate['speedyfeed']:.1f}", f"{d['per_target_speedup']:.1f}x"],
-            ["cost per target, same targets", "typical trained on every click of the user sequences", f"{seq:.1f}",
-             f"{rate['speedyfeed']:.1f}", f"{d['per_target_speedup_same_targets']:.1f}x"],
-            ["one epoch", "seconds for one epoch of the same log, at the measured rate",
+            ["time to quality", f"training seconds to the typical workflow's best running mean (median over seeds)",
+             fmt(t_typ, "{:.0f} s"), fmt(t_sf, "{:.0f} s"), fmt(d["time_to_auc_speedup_smoothed"], "{:.1f}x")],
+            ["one epoch (the bound)", "seconds for one epoch of the same log, at the measured rates",
              f"{d['epoch_seconds']['typical']:.0f}", f"{d['epoch_seconds']['speedyfeed']:.0f}", f"{d['epoch_speedup']:.1f}x"],
-            ["AUC at equal time", f"dev AUC after {eq['seconds']:.0f} s of training", fmt(eq["typical"], "{:.4f}"),
-             fmt(eq["speedyfeed"], "{:.4f}"), ""],
-            ["best AUC", "best dev AUC of the headline runs", f"{d['best_auc']['typical']:.4f}", f"{d['best_auc']['speedyfeed']:.4f}",
+            ["cost per target", "training targets per second (each workflow's own targets)",
+             f"{d['targets_per_second']['typical']:.1f}", f"{d['targets_per_second']['speedyfeed']:.1f}",
+             f"{d['per_target_speedup']:.1f}x"],
+            ["cost per target, same targets", "typical trained on every click of the user sequences", "",
+             f"{d['targets_per_second']['speedyfeed']:.1f}", f"{d['per_target_speedup_same_targets']:.1f}x"],
+            ["AUC at equal time", "dev AUC when the shorter run of a seed ended (median)",
+             fmt(_median([e["typical"] for e in eq.values()]), "{:.4f}"),
+             fmt(_median([e["speedyfeed"] for e in eq.values()]), "{:.4f}"), ""],
+            ["best AUC", "best running mean of the headline runs (median)", f"{d['best_auc']['typical']:.4f}",
+             f"{d['best_auc']['speedyfeed']:.4f}",
              f"{(d['best_auc']['speedyfeed'] - d['best_auc']['typical']) * 100:+.2f} points"]]),
-        "\nThe typical workflow's targets are the impressions' clicks, each against 4 impression negatives; "
-        f"speedyfeed's are every click of every user sequence (history included) against {d['default_negatives']} "
-        "negatives (`engine.negatives`), impression non-clicks first, random where the impression has too few. The sweep, the negatives ablation (1 vs 4), the token-budget variants and the cumulative "
-        "ablation with titles and with long text are in `benchmarks/results/speedup.md`.\n",
+        f"\nRead from single evaluations instead of the running mean, as the earlier headline was, the median is "
+        f"{fmt(d['time_to_auc_speedup_raw_median'], '{:.1f}x')}. The typical workflow's targets are the impressions' "
+        "clicks, each against 4 impression negatives; speedyfeed's are every click of every user sequence (history "
+        f"included) against {d['default_negatives']} negatives (`engine.negatives`). Per seed, the negatives ablation "
+        "(1 vs 4), the token-budget variant and the cumulative ablation with titles and with long text are in "
+        "`benchmarks/results/speedup.md`.\n",
     ]
+
+
+def precision(d: dict) -> list[str]:
+    """bf16 and torch.compile: what they buy per model, and what bf16 costs in quality."""
+    lines = [f"**bf16 and torch.compile** (`python -m benchmarks.precision`; {_device(d)}): training targets per "
+             f"second over {d['steps']} steps ({d['rounds']} interleaved rounds, medians), against commit "
+             f"{d['baseline']} in fp32 (before this engine's bf16 path, host-sync-free step and step vocabulary); "
+             "quality: one epoch per run, the bf16 - fp32 dev AUC paired by seed.\n"]
+    rows = []
+    for model, variants in d["speed"].items():
+        q = d["quality"].get(model)
+        for v, r in variants.items():
+            rows.append([model, v, f"{r['targets_per_second']:.1f}", f"{r['tokens_per_second']:,.0f}",
+                         f"{r['train_peak_rss_mb']:.0f}", "n/a" if r["over_baseline"] is None else f"{r['over_baseline']:.2f}x",
+                         (f"{q['mean_points']:+.2f} points over {len(q['seeds'])} seeds"
+                          if q and v == "bf16" else "")])
+    lines.append(md_table(["model", "variant", "targets/s", "real tokens/s", "training peak MiB", "vs baseline",
+                           "bf16 - fp32 dev AUC"], rows))
+    kept = [m for m, q in d["quality"].items() if q["keeps_quality"]]
+    compiled = []
+    for model, variants in d["speed"].items():
+        c, b = variants.get("bf16+compile"), variants.get("bf16")
+        if c and b:
+            steady = c["steady_targets_per_second"] or c["targets_per_second"]
+            compiled.append(f"{model} {c['targets_per_second'] / b['targets_per_second']:.2f}x eager bf16 over the "
+                            f"steps, compilation included, {steady / b['targets_per_second']:.2f}x after it")
+    lines.append(f"\nbf16 keeps quality (mean within {d['quality_bar_points']:.1f} AUC points) for: "
+                 f"{', '.join(kept) if kept else 'neither model'}. `train.compile`: {'; '.join(compiled) or 'not run'}.\n")
+    return lines
+
+
+def where_it_pays(d: dict) -> list[str]:
+    from benchmarks.where_it_pays import report
+
+    body = report(d).split("\n", 2)[2]  # without the page's title and settings line
+    return [f"**Where the engine pays** (`python -m benchmarks.where_it_pays`; {_device(d)}): speedyfeed against the "
+            f"typical workflow over the mean history length and the news text, {d['users']:,} users.\n", body]
 
 
 def token_store(d: dict) -> list[str]:
@@ -276,7 +317,7 @@ def durations(results: Path) -> list[str]:
             md_table(["benchmark", "full mode", "--quick"], rows)]
 
 
-SECTIONS = (("speedup", speedup), ("tune", tune), ("data_efficiency", data_efficiency), ("limit", limit), ("cache", cache),
+SECTIONS = (("speedup", speedup), ("where_it_pays", where_it_pays), ("precision", precision), ("tune", tune), ("data_efficiency", data_efficiency), ("limit", limit), ("cache", cache),
             ("buslm", buslm), ("scaling", scaling), ("multiteacher", multiteacher), ("pipeline", pipeline),
             ("quality", quality), ("context", context), ("token_store", token_store))
 

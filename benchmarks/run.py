@@ -15,14 +15,14 @@ import json
 import sys
 import time
 
-from benchmarks import (buslm, cache, context, data_efficiency, limit, main_job, multiteacher, pipeline, quality,
-                        readme, scaling, speedup, token_store, tune)
+from benchmarks import (buslm, cache, context, data_efficiency, limit, main_job, multiteacher, pipeline, precision,
+                        quality, readme, scaling, speedup, token_store, tune, where_it_pays)
 from benchmarks.common import RESULTS, machine
 
 
-# in this order: tune reads the typical workflow's best AUC from speedup's results
-BENCHMARKS = (main_job, token_store, data_efficiency, speedup, tune, cache, buslm, scaling, limit, context, multiteacher,
-              pipeline, quality)
+# in this order: where_it_pays reads the learning rates speedup chose, tune its typical workflow's best AUC
+BENCHMARKS = (main_job, token_store, data_efficiency, precision, speedup, where_it_pays, tune, cache, buslm, scaling,
+              limit, context, multiteacher, pipeline, quality)
 
 
 def main(argv=None) -> None:

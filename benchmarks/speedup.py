@@ -323,9 +323,9 @@ def headline_sentence(d: dict) -> str:
         return "speedyfeed did not reach the typical workflow's best running mean in any seed"
     reached = sum(x is not None for x in d["time_to_auc_speedup_seeds"])
     return (f"speedyfeed reaches the typical workflow's best dev AUC (read from a running mean of {SMOOTH} evaluations) "
-            f"**{head:.1f}x sooner** (median of {reached} of {n} seeds; range {rng[0]:.1f}x to {rng[1]:.1f}x), against a "
-            f"bound of {d['epoch_speedup']:.1f}x, the ratio of the two workflows' epochs of the same log: "
-            f"{d['fraction_of_epoch_bound']:.0%} of it")
+            f"**{head:.1f}x sooner** (median of {reached} of {n} seeds; range {rng[0]:.1f}x to {rng[1]:.1f}x), against "
+            f"{d['epoch_speedup']:.1f}x for one epoch of the same log, the bound when both workflows need the same "
+            f"epochs to get there: {d['fraction_of_epoch_bound']:.0%} of it")
 
 
 def report(d, typ_seq, ablation) -> str:
@@ -345,7 +345,7 @@ def report(d, typ_seq, ablation) -> str:
           f"{mode['patience']['speedyfeed']} evaluations without a new best, seeds "
           f"{', '.join(map(str, mode['seeds']))}. Times are training-loop seconds (data preparation and evaluation "
           "excluded).\n",
-          f"\n**{headline_sentence(d)}.**\n",
+          f"\n{headline_sentence(d)}.\n",
           "\n## Per seed\n\n",
           md_table(["seed", "target: typical's best running mean", "typical reaches it", "speedyfeed reaches it",
                     "speedup", "single-evaluation reading (earlier headline)", "typical stopped by",

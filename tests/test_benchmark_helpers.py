@@ -479,3 +479,52 @@ def test_limit_and_data_efficiency_draw_their_plots(tmp_path):
     data_efficiency.plot(tmp_path / "de.png", {"runs": {"titles": {"variants": {"fixed padding": r}, "best": r},
                                                         "buslm": {"variants": {"both (default)": r}, "best": r}}})
     assert (tmp_path / "limit.png").stat().st_size > 0 and (tmp_path / "de.png").stat().st_size > 0
+
+
+def test_times_are_read_from_a_running_mean_of_three_evaluations():
+    """One lucky evaluation does not make a crossing: the running mean must reach the target."""
+    from benchmarks.speedup import best_smoothed, seed_comparison, smoothed, smoothed_seconds_to
+
+    curve = lambda aucs: {"curve": [{"train_seconds": 10.0 * (i + 1), "auc": a} for i, a in enumerate(aucs)],  # noqa: E731
+                          "stats": {"clicks_not_reached": 0}}
+    lucky = curve([0.60, 0.70, 0.60, 0.64, 0.66, 0.68])
+    assert [round(a, 4) for _, a in smoothed(lucky)] == [0.6333, 0.6467, 0.6333, 0.66]
+    assert seconds_to(lucky, 0.70) == 20.0 and smoothed_seconds_to(lucky, 0.65) == 60.0
+    assert best_smoothed(lucky) == pytest.approx(0.66) and best_smoothed(curve([0.7, 0.7])) is None
+    typical = curve([0.60, 0.62, 0.64, 0.65, 0.66, 0.66, 0.65])  # best running mean 0.6567, reached at 60 s
+    fast = curve([0.64, 0.66, 0.68, 0.60])  # the mean reaches it at 30 s
+    c = seed_comparison(typical, fast)
+    assert c["target_auc"] == pytest.approx((0.65 + 0.66 + 0.66) / 3)
+    assert c["seconds_to_target"] == {"typical": 60.0, "speedyfeed": 30.0} and c["speedup"] == pytest.approx(2.0)
+    assert c["raw"]["target_auc"] == 0.66 and c["raw"]["speedup"] == pytest.approx(50.0 / 20.0)
+    slow = curve([0.60, 0.61, 0.62])
+    assert seed_comparison(typical, slow)["speedup"] is None
+
+
+def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, monkeypatch):
+    """Every point of the grid gets its rates and epoch times; time to quality at the ends of the history sweep."""
+    import benchmarks.common as common
+    import benchmarks.where_it_pays as wip
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    ran = []
+
+    def fake_run(name, overrides, root, may_run=True, committed=None, timeout=0):
+        ran.append(name)
+        hist = int(next(o for o in overrides if o.startswith("data.synthetic_history_mean=")).split("=")[1])
+        typical = "train.workflow=typical" in overrides
+        stats = {"clicks_per_second": 2.0 if typical else 20.0 * (1 + hist / 50),
+                 "clicks_in_data": 1000 if typical else 1000 * (1 + hist / 10), "valid_tokens": 600,
+                 "news_encoded": 40}
+        aucs = [0.60, 0.62, 0.63, 0.63] if typical else [0.62, 0.64, 0.64, 0.64]
+        return {"stats": stats, "curve": [{"train_seconds": (100.0 if typical else 10.0) * (i + 1), "auc": a}
+                                          for i, a in enumerate(aucs)]}
+
+    monkeypatch.setattr(wip, "run_job_kept", fake_run)
+    d = wip.main(["--out", str(tmp_path / "runs"), "--users", "100"])
+    assert len(d["points"]) == len(wip.HISTORIES) * len(wip.TEXTS)
+    p10 = next(p for p in d["points"] if p["history_mean"] == 10 and p["text"] == "titles")
+    assert p10["per_target_speedup"] == pytest.approx(12.0) and p10["epoch_speedup"] == pytest.approx(12.0 / 2.0)
+    assert p10["clicks_per_user"] == pytest.approx(20.0)
+    assert set(d["time_to_quality"]) == {"10", "100"} and d["time_to_quality"]["10"]["time_to_auc_speedup"] > 1
+    assert (tmp_path / "where_it_pays.md").read_text().count("|") > 20
