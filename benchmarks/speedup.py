@@ -50,7 +50,7 @@ SMOOTH = 3  # evaluations in the running mean that times are read from
 # other tables take about six hours on 2 cores (the typical workflow trains ~7 targets/s in bf16 here).
 FULL = {"users": 1000, "model": STUDENT, "sweep_steps": 200, "sweep_every": 25,
         "every": {"typical": 60.0, "speedyfeed": 20.0}, "patience": {"typical": 6, "speedyfeed": 10},
-        "epochs": {"typical": 4, "speedyfeed": 6}, "seeds": [0, 1, 2], "negatives_cap": 240.0, "ablation_steps": 10,
+        "epochs": {"typical": 5, "speedyfeed": 6}, "seeds": [0, 1, 2], "negatives_cap": 240.0, "ablation_steps": 10,
         "budgets": [5000], "typical_ablation_steps": 3, "eval": []}
 QUICK = {"users": 300, "model": TINY, "sweep_steps": 12, "sweep_every": 4, "every": {"typical": 5.0, "speedyfeed": 2.0},
          "patience": {"typical": 3, "speedyfeed": 3}, "epochs": {"typical": 1, "speedyfeed": 2}, "seeds": [0, 1],
