@@ -62,9 +62,7 @@ class FrozenPrefixCache:
         # flat positions of the real tokens in [R * S * T], news after news in layout order
         seg = np.asarray(lengths, dtype=np.int64).reshape(-1)
         starts = np.arange(len(seg), dtype=np.int64) * width
-        per_news = seg.reshape(len(news), -1).sum(axis=1)
         real = _ranges(starts, starts + seg)
-        first = np.concatenate([[0], np.cumsum(per_news)])  # news i's real tokens are real[first[i]:first[i + 1]]
         out = torch.zeros((*mask.shape, self.hidden), dtype=torch.float32, device=device)
         flat = out.view(-1, self.hidden)
         new = np.flatnonzero(~self.stored[news])
@@ -83,7 +81,7 @@ class FrozenPrefixCache:
             self.fills += 1
         self.hits += len(news) - len(new)
         src = _ranges(self.offsets[news], self.offsets[news + 1])
-        assert len(src) == len(real) == first[-1], "token layout changed since the cache was sized"
+        assert len(src) == len(real), "token layout changed since the cache was sized"
         rows = torch.from_numpy(np.ascontiguousarray(self.states[src])).to(device, non_blocking=True)
         flat.index_copy_(0, to_device(real, device), rows)
         return out
