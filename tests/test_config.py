@@ -146,3 +146,21 @@ def test_auto_defaults_are_resolved_per_stage_and_saved_resolved(tmp_path, stage
     assert (again.train.lr_schedule, again.engine.negatives) == (schedule, negatives)
     assert load_config(overrides=[f"stage={stage}", "engine.negatives=2"]).engine.negatives == 2
     assert load_config(overrides=[f"stage={stage}", "train.lr_schedule=constant"]).train.lr_schedule == "constant"
+
+
+@pytest.mark.parametrize("overrides, lrs", [
+    ([], (4e-4, 2e-4)), (["train.workflow=typical"], (1e-4, 5e-5)), (["stage=distill_finetune"], (1e-4, 5e-5)),
+    (["stage=pipeline"], (1e-4, 5e-5)), (["train.lr=0", "train.encoder_lr=3e-5"], (0.0, 3e-5))])
+def test_auto_learning_rates_are_four_times_the_base_for_speedyfeed_finetuning(overrides, lrs):
+    """train.lr and train.encoder_lr = -1 (auto): 4x the base rates where benchmarks.speedup chose them, the base
+    rates elsewhere; 0 means zero, not auto; a negative rate other than -1 is an error naming the key."""
+    cfg = load_config(overrides=overrides)
+    assert (cfg.train.lr, cfg.train.encoder_lr) == pytest.approx(lrs)
+    with pytest.raises(ConfigError, match="train.encoder_lr"):
+        load_config(overrides=["train.encoder_lr=-0.5"])
+
+
+def test_compile_is_refused_outside_finetuning():
+    assert load_config(overrides=["train.compile=true"]).train.compile
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(overrides=["train.compile=true", "stage=posttrain"])
