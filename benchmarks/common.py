@@ -98,18 +98,19 @@ def committed_runs(name: str, fresh: bool = False) -> dict:
 
 
 def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool = True, committed: dict | None = None,
-                 **kw) -> dict | None:
+                 check_defaults: bool = True, **kw) -> dict | None:
     """``run_job``, kept as ``out_root/NAME/job.json``: a later call with the same overrides reuses it, so an
     interrupted benchmark given the same ``--out`` continues where it stopped. ``committed``: the job as a
     results file holds it (a table measured across sessions, whose run folders are gone), reused when nothing is
     kept and it ran the same overrides. ``may_run`` false: None for a job neither kept nor committed (a benchmark
-    re-derived from the runs made so far)."""
+    re-derived from the runs made so far). ``check_defaults`` false: a run of other code (another commit), whose
+    defaults are its own."""
     kept = out_root / name / "job.json"
     if kept.exists():
         job = json.loads(kept.read_text())
         if job.get("overrides") != overrides:
             raise SystemExit(f"{kept} was run with other settings ({job.get('overrides')}); use another --out")
-        if changed := changed_defaults(out_root / name, overrides):
+        if check_defaults and (changed := changed_defaults(out_root / name, overrides)):
             raise SystemExit(f"{kept} was run with the same overrides but other defaults ({', '.join(changed)}); "
                              "use another --out")
         print(f"{name}: reusing {kept}", flush=True)
@@ -130,20 +131,26 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool 
 
 def changed_defaults(run_dir: Path, overrides: list[str]) -> list[str]:
     """Keys whose value the overrides give today differs from what the kept run saved in its config.yaml: a
-    default changed since (or a key was added), so the kept run no longer measures these overrides. A boolean
-    switch added since and off (false) is no difference: the kept run ran without the feature, as this one would."""
+    default changed since (or a key was added), so the kept run no longer measures these overrides. A key added
+    since whose value is off (false, 0, empty) is no difference: the kept run ran without it, as this one would. A
+    key the run resolves when it starts (RUNTIME_RESOLVED, e.g. train.amp=auto on the machine) is compared only when
+    set explicitly."""
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return []
     import yaml
 
-    from speedyrec.config import flat_config, load_config
+    from speedyrec.config import RUNTIME_RESOLVED, flat_config, load_config
     from speedyrec.recipes.resume import differing_keys
 
-    want = flat_config(load_config(overrides=[*overrides, f"out_dir={run_dir}", "train.log_every=0"]).to_dict())
+    # in the order run_job passes them: the overrides win
+    want = flat_config(load_config(overrides=[f"out_dir={run_dir}", "train.log_every=0", *overrides]).to_dict())
+
+    def matters(k, then, now):
+        return k in want and not (then is None and not now) and RUNTIME_RESOLVED.get(k, object()) != now
+
     return [f"{k}: {then!r} -> {now!r}"
-            for k, then, now in differing_keys(yaml.safe_load(saved.read_text()), want,
-                                               lambda k, then, now: k in want and not (then is None and now is False))]
+            for k, then, now in differing_keys(yaml.safe_load(saved.read_text()), want, matters)]
 
 
 def write_results(name: str, payload: dict, markdown: str, plot=None) -> None:

@@ -360,6 +360,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 BASE_LR, BASE_ENCODER_LR = 1e-4, 5e-5  # train.lr and train.encoder_lr at multiple 1
+# values a run resolves only when it starts, by the machine and the model (what config.yaml then records)
+RUNTIME_RESOLVED = {"train.amp": "auto", "model.freeze_layers": -1}
 SPEEDYFEED_LR_MULTIPLE = 4  # train.lr=-1 (auto) for stage=finetune with the speedyfeed workflow
 
 

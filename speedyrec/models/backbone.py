@@ -27,6 +27,7 @@ from torch import nn
 from speedyrec.config import ConfigError
 from speedyrec.engine.host_sync import to_device
 from speedyrec.kernels.attention import padded_self_attention
+from speedyrec.kernels.dropout import use_fast_dropout
 
 log = logging.getLogger("speedyrec.models")
 
@@ -156,6 +157,10 @@ class BertFamilyBackbone(nn.Module):
             raise ConfigError(f"model.freeze_layers={freeze_layers} exceeds the {n} layers kept")
         self.freeze_layers = freeze_layers
         self._vocabulary: StepVocabulary | None = None  # see word_vocabulary()
+        # dropout with a cheaper mask on CPUs (kernels/dropout.py): the same p, no parameters
+        use_fast_dropout(self.embeddings)
+        for layer in self.layers:
+            use_fast_dropout(layer)
         self.hidden_size = cfg.hidden_size
         self.heads = cfg.num_attention_heads
         self.position_offset = (cfg.pad_token_id + 1) if cfg.model_type in ROBERTA_LIKE else 0
