@@ -80,6 +80,10 @@ def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, tim
     metrics = json.loads((results / "metrics.json").read_text())
     job = {"name": name, "command": " ".join(cmd[1:]), "stats": stats, "metrics": metrics, "process_seconds": elapsed,
            "commit": source_commit()}  # tables are completed across sessions: each run says what code it ran
+    if (out_dir / "config.yaml").exists():  # and the settings it ran (a later session checks them: changed_defaults)
+        import yaml
+
+        job["config"] = yaml.safe_load((out_dir / "config.yaml").read_text())
     if (results / "dev_curve.json").exists():
         job["curve"] = json.loads((results / "dev_curve.json").read_text())["points"]
     if (results / "log.jsonl").exists():
@@ -90,21 +94,55 @@ def run_job(name: str, overrides: list[str], out_root: Path, nproc: int = 1, tim
 
 
 def committed_runs(name: str, fresh: bool = False) -> dict:
-    """The training jobs in benchmarks/results/NAME.json (its "runs"), for ``run_job_kept(committed=...)``: a
-    table measured across sessions continues in a checkout whose run folders are gone. Empty when ``fresh`` or
-    when nothing is committed."""
+    """The training jobs in benchmarks/results/NAME.json (its "runs") and in its ledger of finished runs
+    (results/ledger/NAME.json, see ``ledger_add``), for ``run_job_kept(committed=...)``: a table measured across
+    sessions continues in a checkout whose run folders are gone. Empty when ``fresh`` or when nothing is
+    committed."""
+    if fresh:
+        return {}
     path = RESULTS / f"{name}.json"
-    return {} if fresh or not path.exists() else json.loads(path.read_text())["runs"]
+    runs = json.loads(path.read_text())["runs"] if path.exists() else {}
+    return {**runs, **ledger_runs(name)}
+
+
+def ledger_path(name: str) -> Path:
+    return RESULTS / "ledger" / f"{name}.json"
+
+
+def ledger_runs(name: str) -> dict:
+    """The runs of benchmark ``name`` finished so far (its ledger), by run name."""
+    path = ledger_path(name)
+    return json.loads(path.read_text())["runs"] if path.exists() else {}
+
+
+def ledger_add(name: str, run: str, job: dict) -> None:
+    """Record a finished run of benchmark ``name`` in its ledger, at once: a benchmark longer than one session
+    (the speedup headline, the where-it-pays sweep) commits its ledger and the next session continues from it.
+    Every job says the commit it ran (``job["commit"]``), so a table completed across sessions shows its code."""
+    runs = ledger_runs(name)
+    if runs.get(run) == job:
+        return
+    runs[run] = job
+    path = ledger_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"benchmark": name, "runs": runs}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def ledger_clear(name: str) -> None:
+    """The benchmark finished and its results file holds its runs: the ledger is no longer needed."""
+    ledger_path(name).unlink(missing_ok=True)
 
 
 def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool = True, committed: dict | None = None,
-                 check_defaults: bool = True, **kw) -> dict | None:
+                 check_defaults: bool = True, ledger: str = "", **kw) -> dict | None:
     """``run_job``, kept as ``out_root/NAME/job.json``: a later call with the same overrides reuses it, so an
     interrupted benchmark given the same ``--out`` continues where it stopped. ``committed``: the job as a
     results file holds it (a table measured across sessions, whose run folders are gone), reused when nothing is
     kept and it ran the same overrides. ``may_run`` false: None for a job neither kept nor committed (a benchmark
     re-derived from the runs made so far). ``check_defaults`` false: a run of other code (another commit), whose
-    defaults are its own."""
+    defaults are its own. ``ledger``: the benchmark whose ledger records the job (run or kept; see ledger_add)."""
     kept = out_root / name / "job.json"
     if kept.exists():
         job = json.loads(kept.read_text())
@@ -115,30 +153,46 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool 
                              "use another --out")
         print(f"{name}: reusing {kept}", flush=True)
         note_reused(name)
+        if ledger:
+            ledger_add(ledger, name, job)
         return job
     if committed is not None and committed.get("overrides") == overrides:
-        print(f"{name}: reusing the committed run", flush=True)
-        note_reused(name)
-        return committed
+        changed = check_defaults and "config" in committed and changed_defaults(out_root / name, overrides,
+                                                                                 committed["config"])
+        if not changed:
+            print(f"{name}: reusing the committed run", flush=True)
+            note_reused(name)
+            if ledger:
+                ledger_add(ledger, name, committed)
+            return committed
+        print(f"{name}: the committed run had other defaults ({', '.join(changed)}): not reused", flush=True)
     if not may_run:
         note_not_run(name)
         return None
     print(f"{name}: running {' '.join(overrides)}", flush=True)
     job = {**run_job(name, overrides, out_root, **kw), "overrides": overrides}
     kept.write_text(json.dumps(job, indent=2) + "\n")
+    if ledger:
+        ledger_add(ledger, name, job)
     return job
 
 
-def changed_defaults(run_dir: Path, overrides: list[str]) -> list[str]:
-    """Keys whose value the overrides give today differs from what the kept run saved in its config.yaml: a
+def changed_defaults(run_dir: Path, overrides: list[str], saved_config: dict | None = None) -> list[str]:
+    """Keys whose value the overrides give today differs from what the kept run saved in its config.yaml (or
+    ``saved_config``, the config a committed job recorded; its out_dir is not compared): a
     default changed since (or a key was added), so the kept run no longer measures these overrides. A key added
     since whose value is off (false, 0, empty) is no difference: the kept run ran without it, as this one would. A
     key the run resolves when it starts (RUNTIME_RESOLVED, e.g. train.amp=auto on the machine) is compared only when
     set explicitly."""
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        return []
     import yaml
+
+    saved = run_dir / "config.yaml"
+    if saved_config is None:
+        if not saved.exists():
+            return []
+        saved_config = yaml.safe_load(saved.read_text())
+    else:
+        saved_config = {**saved_config, "out_dir": str(run_dir)}
 
     from speedyrec.config import RUNTIME_RESOLVED, flat_config, load_config
     from speedyrec.recipes.resume import differing_keys
@@ -150,7 +204,7 @@ def changed_defaults(run_dir: Path, overrides: list[str]) -> list[str]:
         return k in want and not (then is None and not now) and RUNTIME_RESOLVED.get(k, object()) != now
 
     return [f"{k}: {then!r} -> {now!r}"
-            for k, then, now in differing_keys(yaml.safe_load(saved.read_text()), want, matters)]
+            for k, then, now in differing_keys(saved_config, want, matters)]
 
 
 def write_results(name: str, payload: dict, markdown: str, plot=None) -> None:

@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import committed_runs, machine, md_table, run_job_kept, write_results
+from benchmarks.common import committed_runs, ledger_clear, ledger_runs, machine, md_table, run_job_kept, write_results
 
 MODELS = {"student": ["model.encoder=auto", "model.layers=2", "model.freeze_layers=0"],
           "teacher": ["model.encoder=auto"]}
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
                     overrides = [*data, *mo, *vo, *SPEED_LRS, f"train.max_steps={steps}", "eval.max_impressions=1",
                                  "train.log_every=5", f"train.seed={r}"]
                     job = run_job_kept(name, overrides, root, may_run=not a.kept_only and "speed" in parts,
-                                       committed=committed.get(name),
+                                       committed=committed.get(name), ledger="" if a.quick else "precision",
                                        **({**old, "check_defaults": False} if variant == "baseline" else {}))
                     if job is not None and variant == "baseline" and "precision" in job["stats"]:
                         raise SystemExit(f"{name} ran today's code, not {a.baseline}'s")
@@ -116,13 +116,15 @@ def main(argv=None) -> dict:
                     name = f"quality_{model}_{variant}_s{seed}"
                     overrides = [*data, *mo, *VARIANTS[variant], f"train.seed={seed}"]
                     job = run_job_kept(name, overrides, root, may_run=not a.kept_only and "quality" in parts,
-                                       committed=committed.get(name), timeout=4 * 3600)
+                                       committed=committed.get(name), ledger="" if a.quick else "precision", timeout=4 * 3600)
                     if job is not None:
                         runs[name] = job
     payload = summarize(runs, models, seeds, rounds, steps, a.baseline)
     payload.update(machine=info, quick=a.quick, runs=runs)
     md = report(payload)
     write_results("precision_quick" if a.quick else "precision", payload, md, lambda path: plot(path, payload))
+    if not a.quick and set(ledger_runs("precision")) <= set(payload["runs"]):  # the results file holds them all
+        ledger_clear("precision")
     print(md)
     return payload
 

@@ -25,7 +25,8 @@ and dynamic batching -> + cache -> + autoregressive loss [-> + BusLM]) in target
     python -m benchmarks.speedup [--quick] [--out DIR] [--lrs 1,4] [--seeds 0,1,2] [--users N] [--kept-only]
 
 ``--out`` keeps every run (``DIR/<run>/job.json``); a second call with the same ``--out`` reuses the runs
-already finished, so an interrupted benchmark continues, and ``--kept-only`` tabulates what has run so far. The
+already finished, so an interrupted benchmark continues. Each finished run is also recorded in
+results/ledger/speedup.json: committed, it lets the next session continue without the run folders. The
 data size (``users``) is chosen so that the whole benchmark takes about six hours here (2 cores): see FULL.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import committed_runs, machine, md_table, run_job_kept, write_results
+from benchmarks.common import committed_runs, ledger_clear, machine, md_table, run_job_kept, write_results
 from speedyrec.config import BASE_ENCODER_LR, BASE_LR, Config, load_config
 
 STUDENT = ["model.encoder=auto", "model.layers=2", "model.freeze_layers=0"]
@@ -162,7 +163,7 @@ def main(argv=None) -> dict:
 
         def kept(name, overrides, timeout=6 * 3600):
             job = run_job_kept(name, overrides, root, may_run=not a.kept_only, committed=committed.get(name),
-                               timeout=timeout)
+                               timeout=timeout, ledger="" if a.quick else "speedup")
             if job is None:
                 raise SystemExit(f"{name} has not run yet: run without --kept-only first")
             return job
@@ -295,6 +296,8 @@ def main(argv=None) -> dict:
         fig.savefig(path, dpi=120)
 
     write_results("speedup_quick" if a.quick else "speedup", payload, md, plot)
+    if not a.quick:  # speedup.json holds every run now
+        ledger_clear("speedup")
     print(md)
     return payload
 

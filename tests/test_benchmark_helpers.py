@@ -465,6 +465,42 @@ def test_a_kept_run_is_not_reused_after_a_default_changed(tmp_path):
     assert changed_defaults(run, [*overrides, "engine.inbatch_negatives=true"]) == ["engine.inbatch_negatives: None -> True"]
 
 
+def test_a_benchmark_longer_than_a_session_continues_from_its_committed_ledger(tmp_path, monkeypatch):
+    """run_job_kept(ledger=NAME) records every finished run in results/ledger/NAME.json at once; a later session
+    (another --out, the run folders gone) reuses it through committed_runs, unless the job's recorded config says
+    it ran under other defaults: then it runs again."""
+    from benchmarks import common
+    from speedyrec.config import flat_config, load_config
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    ran = []
+
+    def fake_run_job(name, overrides, out_root, **kw):
+        ran.append(name)
+        (out_root / name).mkdir(parents=True)
+        cfg = load_config(overrides=[f"out_dir={out_root / name}", "train.log_every=0", *overrides]).to_dict()
+        return {"name": name, "stats": {"steps": len(ran)}, "commit": "abc", "config": cfg}
+
+    monkeypatch.setattr(common, "run_job", fake_run_job)
+    overrides = ["data.synthetic_users=300"]
+    first = common.run_job_kept("a", overrides, tmp_path / "session1", ledger="bench")
+    assert ran == ["a"] and common.ledger_runs("bench") == {"a": first}
+    # the next session: a fresh --out, the ledger committed
+    committed = common.committed_runs("bench")
+    assert common.run_job_kept("a", overrides, tmp_path / "session2", committed=committed.get("a"),
+                               ledger="bench") == first
+    assert ran == ["a"]
+    # a default changed since the committed run: it is run again, and the ledger holds the new run
+    stale = {**first, "config": load_config(overrides=[*overrides, "train.lr_schedule=constant"]).to_dict()}
+    again = common.run_job_kept("a", overrides, tmp_path / "session3", committed=stale, ledger="bench")
+    assert ran == ["a", "a"] and common.ledger_runs("bench")["a"] == again
+    assert flat_config(again["config"])["train.lr_schedule"] == "linear"
+    # other overrides are another run; --fresh ignores the ledger; a finished benchmark clears it
+    assert common.committed_runs("bench", fresh=True) == {}
+    common.ledger_clear("bench")
+    assert common.committed_runs("bench") == {}
+
+
 def test_limit_and_data_efficiency_draw_their_plots(tmp_path):
     """The two tables without training runs draw a figure too (skipped where the [bench] extra is missing)."""
     pytest.importorskip("matplotlib")
@@ -509,7 +545,7 @@ def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, mon
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     ran = []
 
-    def fake_run(name, overrides, root, may_run=True, committed=None, timeout=0):
+    def fake_run(name, overrides, root, may_run=True, committed=None, timeout=0, ledger=""):
         ran.append(name)
         hist = int(next(o for o in overrides if o.startswith("data.synthetic_history_mean=")).split("=")[1])
         typical = "train.workflow=typical" in overrides
