@@ -69,6 +69,22 @@ def lr_overrides(mult: float) -> list[str]:
     return [f"train.lr={BASE_LR * mult:g}", f"train.encoder_lr={BASE_ENCODER_LR * mult:g}"]
 
 
+def chosen_multiples(quick: bool = False, lrs: tuple[float, ...] = (1.0, 4.0)) -> dict | None:
+    """The learning-rate multiples this benchmark's sweep chose per workflow: from its results file, or, while the
+    headline is still running across sessions, from the sweep runs in its ledger; None before the sweep has run."""
+    from benchmarks.common import RESULTS, ledger_runs
+
+    path = RESULTS / ("speedup_quick.json" if quick else "speedup.json")
+    done = json.loads(path.read_text()) if path.exists() else {}
+    if "lr_sweep_steps" in done:  # a results file of this benchmark (an older one swept at fewer steps)
+        return {wf: float(m) for wf, m in done["best_lr_multiple"].items()}
+    runs, steps = ({} if quick else ledger_runs("speedup")), (QUICK if quick else FULL)["sweep_steps"]
+    names = {wf: {m: f"{wf}_lr{m:g}_steps{steps}" for m in lrs} for wf in WORKFLOWS}
+    if not all(n in runs for ns in names.values() for n in ns.values()):
+        return None
+    return {wf: max(lrs, key=lambda m: best_smoothed(runs[ns[m]])) for wf, ns in names.items()}
+
+
 def best_auc(job: dict) -> float:
     return max(p["auc"] for p in job["curve"])
 

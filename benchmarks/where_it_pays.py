@@ -4,8 +4,8 @@
 
 A grid over how many clicks a user has (synthetic histories of mean length 10, 25, 50 and 100:
 ``data.synthetic_history_mean``) and how long a news is (titles: ``data.title_tokens=30``; titles and abstracts:
-also ``data.abstract_tokens=64``), with the speedup benchmark's model and learning rates (each workflow at the
-multiple its sweep chose), one process, the precision ``train.amp=auto`` resolves:
+also ``data.abstract_tokens=64``), with the speedup benchmark's model, one process, the precision ``train.amp=auto``
+resolves:
 
 - at every point, from short runs of each workflow (``--steps``): per target (speedyfeed's targets/s over the
   typical workflow's, each on its own targets) and per epoch (the seconds of one epoch of the same log at those
@@ -13,9 +13,9 @@ multiple its sweep chose), one process, the precision ``train.amp=auto`` resolve
   impression click, so its cost per target does not move with the history, while speedyfeed's targets are every
   click of a user's sequence, each news encoded once per batch: longer histories make speedyfeed's targets cheaper
   but its epochs longer;
-- at the shortest and the longest history, titles only: time to quality as the speedup benchmark measures it (the
-  typical workflow trained until its dev AUC plateaus; both timed to its best running mean of 3 evaluations;
-  one seed).
+- at the shortest and the longest history, titles only: time to quality as the speedup benchmark measures it (each
+  workflow at the learning rate its sweep chose, from speedup.json; the typical workflow trained until its dev AUC
+  plateaus; both timed to its best running mean of 3 evaluations; one seed).
 
 Which point is like what: the real MIND slice has histories of mean 32 and titles with abstracts (between 25 and
 50, titles + abstract); the SpeedyFeed paper's production log had 15.3 clicks per user on average, long-tailed and
@@ -29,17 +29,14 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import committed_runs, ledger_clear, ledger_runs, machine, md_table, run_job_kept, write_results
-from benchmarks.speedup import (FULL, QUICK, SMOOTH, best_smoothed, lr_overrides, rate, smoothed, smoothed_seconds_to)
+from benchmarks.speedup import (FULL, QUICK, SMOOTH, best_smoothed, chosen_multiples, lr_overrides, rate, smoothed,
+                               smoothed_seconds_to)
 
 HISTORIES = (10, 25, 50, 100)
 TEXTS = {"titles": ["data.title_tokens=30"], "titles + abstract": ["data.title_tokens=30", "data.abstract_tokens=64"]}
 
 
 def main(argv=None) -> dict:
-    import json
-
-    from benchmarks.common import RESULTS
-
     p = argparse.ArgumentParser(prog="benchmarks.where_it_pays", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random encoder, 300 users, few steps")
     p.add_argument("--users", type=int, default=0, help="synthetic users (default: the speedup benchmark's)")
@@ -53,10 +50,10 @@ def main(argv=None) -> dict:
     users = a.users or mode["users"]
     steps = a.steps or (3 if a.quick else 12)
     typ_steps = max(steps // 4, 2)
-    # the learning rates the speedup benchmark's sweep chose (x1 for both when it has not run)
-    sp = RESULTS / ("speedup_quick.json" if a.quick else "speedup.json")
-    chosen = json.loads(sp.read_text()).get("best_lr_multiple", {}) if sp.exists() else {}
-    mult = {wf: float(chosen.get(wf, 1.0)) for wf in ("typical", "speedyfeed")}
+    # the learning rates the speedup benchmark's sweep chose: time to quality waits for that sweep
+    mult = chosen_multiples(a.quick)
+    if mult is None:
+        print("the speedup benchmark's learning-rate sweep has not run: time to quality is left out", flush=True)
     info = machine()
     committed = {} if a.quick else committed_runs("where_it_pays", a.fresh)
     runs: dict[str, dict] = {}
@@ -73,19 +70,20 @@ def main(argv=None) -> dict:
 
         def base(history: int, text: str, wf: str) -> list[str]:
             return [f"data.synthetic_users={users}", f"data.synthetic_history_mean={history}", *TEXTS[text],
-                    *mode["model"], *mode["eval"], f"train.workflow={wf}", *lr_overrides(mult[wf])]
+                    *mode["model"], *mode["eval"], f"train.workflow={wf}"]
 
+        # rates at the default learning rates (a step costs the same at any rate), so the grid needs no sweep first
         for history in HISTORIES:
             for text in TEXTS:
                 for wf in ("typical", "speedyfeed"):
                     n = typ_steps if wf == "typical" else steps
                     kept(f"rate_h{history}_{_slug(text)}_{wf}", base(history, text, wf) +
                          [f"train.max_steps={n}", "eval.max_impressions=1"])
-        for history in (HISTORIES[0], HISTORIES[-1]):
+        for history in (HISTORIES[0], HISTORIES[-1]) if mult else ():
             for wf in ("typical", "speedyfeed"):
                 kept(f"quality_h{history}_{wf}", base(history, "titles", wf) +
-                     [f"train.epochs={mode['epochs'][wf]}", f"eval.every_seconds={mode['every'][wf]:g}",
-                      f"eval.patience={mode['patience'][wf]}"])
+                     [*lr_overrides(mult[wf]), f"train.epochs={mode['epochs'][wf]}",
+                      f"eval.every_seconds={mode['every'][wf]:g}", f"eval.patience={mode['patience'][wf]}"])
     payload = summarize(runs, mult, users, steps, typ_steps)
     payload.update(machine=info, quick=a.quick, runs=runs)
     md = report(payload)
@@ -149,8 +147,10 @@ def report(d: dict) -> str:
     return "\n".join([
         "# Where the engine pays: speedyfeed against the typical workflow across the shape of the data\n",
         f"Device: {m['device']}, torch {m['torch']}; commit {m.get('commit', '?')}. Synthetic data, {d['users']:,} users, "
-        f"histories of the given mean length; the speedup benchmark's model at learning rates x"
-        f"{d['lr_multiple']['typical']:g} (typical) / x{d['lr_multiple']['speedyfeed']:g} (speedyfeed). Rates from "
+        f"histories of the given mean length; the speedup benchmark's model ("
+        + (f"time to quality at its sweep's learning rates, x{d['lr_multiple']['typical']:g} typical / "
+           f"x{d['lr_multiple']['speedyfeed']:g} speedyfeed" if d["lr_multiple"] else
+           "time to quality waits for its learning-rate sweep") + "). Rates from "
         f"{d['typical_steps']} (typical) / {d['steps']} (speedyfeed) optimizer steps; an epoch is each workflow's "
         "own targets of the same log (typical: the impressions' clicks; speedyfeed: every click of the user "
         "sequences), at those rates.\n",

@@ -546,7 +546,7 @@ def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, mon
     ran = []
 
     def fake_run(name, overrides, root, may_run=True, committed=None, timeout=0, ledger=""):
-        ran.append(name)
+        ran.append((name, overrides))
         hist = int(next(o for o in overrides if o.startswith("data.synthetic_history_mean=")).split("=")[1])
         typical = "train.workflow=typical" in overrides
         stats = {"clicks_per_second": 2.0 if typical else 20.0 * (1 + hist / 50),
@@ -557,7 +557,29 @@ def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, mon
                                           for i, a in enumerate(aucs)]}
 
     monkeypatch.setattr(wip, "run_job_kept", fake_run)
+    # before the speedup benchmark's sweep has chosen the learning rates: the rate grid, no time to quality
     d = wip.main(["--out", str(tmp_path / "runs"), "--users", "100"])
+    assert len(d["points"]) == len(wip.HISTORIES) * len(wip.TEXTS) and d["time_to_quality"] == {}
+    assert not any(n.startswith("quality_") for n, _ in ran) and "waits for its learning-rate sweep" in (
+        tmp_path / "where_it_pays.md").read_text()
+    # the sweep's runs in the speedup ledger (the headline still running): the chosen rates are used
+    import json
+
+    from benchmarks.speedup import FULL
+
+    def sweep_job(aucs):
+        return {"curve": [{"train_seconds": i, "auc": a} for i, a in enumerate(aucs)]}
+
+    steps = FULL["sweep_steps"]
+    ledger = {f"typical_lr1_steps{steps}": sweep_job([0.6, 0.61, 0.62]), f"typical_lr4_steps{steps}": sweep_job([0.5] * 3),
+              f"speedyfeed_lr1_steps{steps}": sweep_job([0.6] * 3), f"speedyfeed_lr4_steps{steps}": sweep_job([0.7] * 3)}
+    (tmp_path / "ledger").mkdir()
+    (tmp_path / "ledger" / "speedup.json").write_text(json.dumps({"runs": ledger}))
+    ran.clear()
+    d = wip.main(["--out", str(tmp_path / "runs"), "--users", "100"])
+    assert d["lr_multiple"] == {"typical": 1.0, "speedyfeed": 4.0}
+    quality = [o for n, o in ran if n.startswith("quality_")]
+    assert len(quality) == 4 and all(("train.lr=0.0004" in o) == ("train.workflow=speedyfeed" in o) for o in quality)
     assert len(d["points"]) == len(wip.HISTORIES) * len(wip.TEXTS)
     p10 = next(p for p in d["points"] if p["history_mean"] == 10 and p["text"] == "titles")
     assert p10["per_target_speedup"] == pytest.approx(12.0) and p10["epoch_speedup"] == pytest.approx(12.0 / 2.0)
