@@ -163,6 +163,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--users", type=int, default=0, help="synthetic users (default: FULL's)")
     ap.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the runs kept in --out or committed")
     ap.add_argument("--fresh", action="store_true", help="run again what the committed results hold")
+    ap.add_argument("--sweep-only", action="store_true", help="run the learning-rate sweep, print its choice and stop "
+                    "(a long benchmark split into parts; the ledger keeps the runs)")
     a = ap.parse_args(argv)
     mode = dict(QUICK if a.quick else FULL)
     if a.users:
@@ -193,6 +195,9 @@ def main(argv=None) -> dict:
         score = {wf: {m: best_smoothed(sweep[wf][m]) for m in mults} for wf in WORKFLOWS}
         best_mult = {wf: max(mults, key=lambda m: score[wf][m]) for wf in WORKFLOWS}
         sf_mult = best_mult["speedyfeed"]
+        if a.sweep_only:
+            print(f"the sweep's scores (best running mean of {SMOOTH}): {score}; chosen: {best_mult}")
+            return {"lr_sweep_scores": score, "best_lr_multiple": best_mult}
 
         def planned(wf, seed):  # the chosen rate, the default schedule over the plan, stopped at the plateau
             return base + [f"train.workflow={wf}", *lr_overrides(best_mult[wf]), f"train.epochs={mode['epochs'][wf]}",

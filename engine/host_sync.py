@@ -84,6 +84,16 @@ def count_host_syncs():
             setattr(holder, name, original)
 
 
+_HOST_INT = torch.Tensor.__int__  # the unpatched read, for host_random_int
+
+
+def host_random_int(high: int = 2**62) -> int:
+    """A random integer in [0, high) from torch's CPU generator (seeded by ``torch.manual_seed``, saved in
+    checkpoints). The draw is a tensor on the host in every run, whatever the training device, so reading it never
+    waits for a device: it is read with the unpatched ``int``, and count_host_syncs does not count it."""
+    return _HOST_INT(torch.randint(0, high, (1,), device="cpu"))
+
+
 def to_device(array, device: torch.device) -> torch.Tensor:
     """A host array (e.g. indices worked out with the batch) on ``device``, sent without a synchronising copy:
     from pageable memory CUDA stages the bytes before returning, so the array may be reused at once."""

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speedyrec.engine.host_sync import host_random_int
+
 _LEVELS = 65536
 
 
@@ -27,7 +29,7 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
     if p >= 1.0:
         return x * 0.0
     drop = int(round(p * _LEVELS))
-    seed = int(torch.randint(0, 2**62, (1,)))  # torch's CPU generator: seeded, checkpointed, forked by audits
+    seed = host_random_int()  # torch's CPU generator: seeded, checkpointed, forked by audits
     bits = np.random.default_rng(seed).integers(-_LEVELS // 2, _LEVELS // 2, size=x.numel(), dtype=np.int16)
     keep = torch.from_numpy(bits).view(x.shape) >= drop - _LEVELS // 2  # dropped: the lowest `drop` of the levels
     return x * keep * (_LEVELS / (_LEVELS - drop))

@@ -54,3 +54,17 @@ def test_modules_are_swapped_in_place_and_state_dicts_do_not_change():
     model.eval()
     x = torch.randn(3, 4)
     torch.testing.assert_close(model(x), torch.relu(model[0](x)))
+
+
+def test_drawing_the_mask_is_not_a_host_device_sync():
+    """The mask's seed is read from torch's CPU generator, a host tensor in every run: the sync counter of the
+    training step (engine/host_sync.py) sees no call, while a plain int() of a tensor is still counted."""
+    from speedyrec.engine.host_sync import count_host_syncs
+
+    x = torch.randn(16, 8)
+    with count_host_syncs() as counts:
+        fast_dropout(x, 0.1)
+    assert sum(counts.values()) == 0
+    with count_host_syncs() as counts:
+        int(torch.randint(0, 9, (1,)))
+    assert counts["Tensor.__int__"] == 1
