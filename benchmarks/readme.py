@@ -325,11 +325,16 @@ SECTIONS = (("speedup", speedup), ("where_it_pays", where_it_pays), ("precision"
 def render(results: Path = RESULTS) -> str:
     parts = ["`python -m benchmarks.run [--quick]` runs them all; each writes `benchmarks/results/NAME.{json,md,png}` "
              "with the command, settings and machine. The figures below are read from those files; the machine they "
-             "ran on is shared and noisy, so compare ratios measured in one run. The long ones (`quality`, `cache`: "
-             "hours of training each) take `--out DIR`: every run is kept there, an interrupted invocation given the "
-             "same `--out` continues where it stopped, a run already in the committed results with the same settings "
-             "is reused (a table is completed across sessions and checkouts), and `--kept-only` re-derives the table "
-             "from the runs made so far without running anything.\n", *durations(results)]
+             "ran on is shared and noisy, so compare ratios measured in one run. The long ones (`quality`, `cache`, "
+             "`speedup`, `where_it_pays`, `precision`: hours of training each) take `--out DIR`: every run is kept "
+             "there, an interrupted invocation given the same `--out` continues where it stopped, a run already in the "
+             "committed results with the same settings and the same defaults is reused (a table is completed across "
+             "sessions and checkouts; a run whose recorded config differs from today's defaults runs again), and "
+             "`--kept-only` re-derives the table from the runs made so far without running anything. `speedup`, "
+             "`where_it_pays` and `precision` also record each finished run at once in "
+             "`benchmarks/results/ledger/NAME.json`: a benchmark longer than a working session commits its ledger and "
+             "continues from it in a fresh checkout; the ledger goes when the finished results hold every run. Each "
+             "run records the commit it ran.\n", *durations(results)]
     for name, fn in SECTIONS:
         d = _load(results, name)
         if d is not None and not d.get("quick"):
