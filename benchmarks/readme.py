@@ -89,26 +89,37 @@ def precision(d: dict) -> list[str]:
              f"{d['baseline']} in fp32 (before this engine's bf16 path, host-sync-free step and step vocabulary); "
              "quality: one epoch per run, the bf16 - fp32 dev AUC paired by seed.\n"]
     rows = []
+    steady0 = {m: (v.get("baseline") or {}).get("steady_targets_per_second") for m, v in d["speed"].items()}
     for model, variants in d["speed"].items():
         q = d["quality"].get(model)
         for v, r in variants.items():
-            rows.append([model, v, f"{r['targets_per_second']:.1f}", f"{r['tokens_per_second']:,.0f}",
-                         f"{r['train_peak_rss_mb']:.0f}", "n/a" if r["over_baseline"] is None else f"{r['over_baseline']:.2f}x",
+            st = r.get("steady_targets_per_second")
+            rows.append([model, v, f"{r['targets_per_second']:.1f}", _num(st, "{:.1f}"),
+                         f"{r['tokens_per_second']:,.0f}", f"{r['train_peak_rss_mb']:.0f}",
+                         "n/a" if r["over_baseline"] is None else f"{r['over_baseline']:.2f}x",
+                         _num(st / steady0[model] if st and steady0[model] else None, "{:.2f}x"),
                          (f"{q['mean_points']:+.2f} points over {len(q['seeds'])} seeds"
                           if q and v == "bf16" else "")])
-    lines.append(md_table(["model", "variant", "targets/s", "real tokens/s", "training peak MiB", "vs baseline",
-                           "bf16 - fp32 dev AUC"], rows))
+    lines.append(md_table(["model", "variant", "targets/s", "steady targets/s (last half of the log)", "real tokens/s",
+                           "training peak MiB", "vs baseline", "steady vs baseline", "bf16 - fp32 dev AUC"], rows))
     kept = [m for m, q in d["quality"].items() if q["keeps_quality"]]
     compiled = []
     for model, variants in d["speed"].items():
         c, b = variants.get("bf16+compile"), variants.get("bf16")
         if c and b:
-            steady = c["steady_targets_per_second"] or c["targets_per_second"]
+            cs, bs = (c["steady_targets_per_second"] or c["targets_per_second"],
+                      b["steady_targets_per_second"] or b["targets_per_second"])
             compiled.append(f"{model} {c['targets_per_second'] / b['targets_per_second']:.2f}x eager bf16 over the "
-                            f"steps, compilation included, {steady / b['targets_per_second']:.2f}x after it")
-    lines.append(f"\nbf16 keeps quality (mean within {d['quality_bar_points']:.1f} AUC points) for: "
-                 f"{', '.join(kept) if kept else 'neither model'}. `train.compile`: {'; '.join(compiled) or 'not run'}.\n")
+                            f"steps, compilation included, {cs / bs:.2f}x after it")
+    quality = (f"bf16 keeps quality (mean within {d['quality_bar_points']:.1f} AUC points) for: "
+               f"{', '.join(kept) if kept else 'neither model'}" if d["quality"] else
+               "bf16's quality over seeds: not measured yet (`--parts quality`)")
+    lines.append(f"\n{quality}. `train.compile`: {'; '.join(compiled) or 'not run'}.\n")
     return lines
+
+
+def _num(x, fmt):
+    return "n/a" if x is None else fmt.format(x)
 
 
 def where_it_pays(d: dict) -> list[str]:
