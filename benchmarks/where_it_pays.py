@@ -190,7 +190,10 @@ def plot(path, d: dict) -> None:
     ax[1].set_xscale("log")
     ax[1].set_xlabel("training seconds (log)")
     ax[1].set_ylabel(f"dev AUC, running mean of {SMOOTH}")
-    ax[1].legend(fontsize=7)
+    if ax[1].lines:
+        ax[1].legend(fontsize=7)
+    else:
+        ax[1].text(0.5, 0.5, "time to quality: not run yet", ha="center", va="center", transform=ax[1].transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
