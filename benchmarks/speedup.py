@@ -22,7 +22,7 @@ Then ``engine.negatives`` 1 against 4 and a smaller token budget (the seed-0 spe
 changed, over its first ``negatives_cap`` seconds), and the cumulative ablation (typical -> + centralized encoding
 and dynamic batching -> + cache -> + autoregressive loss [-> + BusLM]) in targets/s, titles only and long text.
 
-    python -m benchmarks.speedup [--quick] [--out DIR] [--lrs 1,4] [--seeds 0,1,2] [--users N] [--kept-only]
+    python -m benchmarks.speedup [--quick] [--out DIR] [--lrs 1,4,16] [--seeds 0,1,2] [--users N] [--kept-only]
 
 ``--out`` keeps every run (``DIR/<run>/job.json``); a second call with the same ``--out`` reuses the runs
 already finished, so an interrupted benchmark continues. Each finished run is also recorded in
@@ -49,11 +49,13 @@ SMOOTH = 3  # evaluations in the running mean that times are read from
 # full mode / quick mode (a tiny random encoder on 300 users: checks the harness, says nothing about speed).
 # Full mode's size: 1,000 users, so that 3 seeds of the typical workflow trained to its plateau, the sweep and the
 # other tables take about six hours on 2 cores (the typical workflow trains ~7 targets/s in bf16 here).
-FULL = {"users": 1000, "model": STUDENT, "sweep_steps": 200, "sweep_every": 25,
+# The sweep's grid: x1 and x4 left both workflows' best at x4, the grid's edge (typical's dev AUC still rising at its
+# 200th step), so x16 was added for both.
+FULL = {"users": 1000, "model": STUDENT, "lrs": (1.0, 4.0, 16.0), "sweep_steps": 200, "sweep_every": 25,
         "every": {"typical": 60.0, "speedyfeed": 20.0}, "patience": {"typical": 6, "speedyfeed": 10},
         "epochs": {"typical": 5, "speedyfeed": 6}, "seeds": [0, 1, 2], "negatives_cap": 240.0, "ablation_steps": 10,
         "budgets": [5000], "typical_ablation_steps": 3, "eval": []}
-QUICK = {"users": 300, "model": TINY, "sweep_steps": 12, "sweep_every": 4, "every": {"typical": 5.0, "speedyfeed": 2.0},
+QUICK = {"users": 300, "model": TINY, "lrs": (1.0, 4.0), "sweep_steps": 12, "sweep_every": 4, "every": {"typical": 5.0, "speedyfeed": 2.0},
          "patience": {"typical": 3, "speedyfeed": 3}, "epochs": {"typical": 1, "speedyfeed": 2}, "seeds": [0, 1],
          "negatives_cap": 8.0, "ablation_steps": 3, "budgets": [4000], "typical_ablation_steps": 2,
          "eval": ["eval.max_impressions=200"]}
@@ -69,7 +71,7 @@ def lr_overrides(mult: float) -> list[str]:
     return [f"train.lr={BASE_LR * mult:g}", f"train.encoder_lr={BASE_ENCODER_LR * mult:g}"]
 
 
-def chosen_multiples(quick: bool = False, lrs: tuple[float, ...] = (1.0, 4.0)) -> dict | None:
+def chosen_multiples(quick: bool = False) -> dict | None:
     """The learning-rate multiples this benchmark's sweep chose per workflow: from its results file, or, while the
     headline is still running across sessions, from the sweep runs in its ledger; None before the sweep has run."""
     from benchmarks.common import RESULTS, ledger_runs
@@ -78,7 +80,8 @@ def chosen_multiples(quick: bool = False, lrs: tuple[float, ...] = (1.0, 4.0)) -
     done = json.loads(path.read_text()) if path.exists() else {}
     if "lr_sweep_steps" in done:  # a results file of this benchmark (an older one swept at fewer steps)
         return {wf: float(m) for wf, m in done["best_lr_multiple"].items()}
-    runs, steps = ({} if quick else ledger_runs("speedup")), (QUICK if quick else FULL)["sweep_steps"]
+    mode = QUICK if quick else FULL
+    runs, steps, lrs = ({} if quick else ledger_runs("speedup")), mode["sweep_steps"], mode["lrs"]
     names = {wf: {m: f"{wf}_lr{m:g}_steps{steps}" for m in lrs} for wf in WORKFLOWS}
     if not all(n in runs for ns in names.values() for n in ns.values()):
         return None
@@ -158,7 +161,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="benchmarks.speedup", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny random encoder, 300 users: checks the harness")
     ap.add_argument("--out", default="", help="keep the runs here and reuse finished ones (default: a temporary folder)")
-    ap.add_argument("--lrs", default="1,4", help="learning-rate multiples of the defaults, swept for both workflows")
+    ap.add_argument("--lrs", default="", help="learning-rate multiples of the defaults, swept for both workflows "
+                    "(default: the mode's, 1,4,16; quick 1,4)")
     ap.add_argument("--seeds", default="", help="seeds of the headline runs (default 0,1,2)")
     ap.add_argument("--users", type=int, default=0, help="synthetic users (default: FULL's)")
     ap.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the runs kept in --out or committed")
@@ -171,7 +175,7 @@ def main(argv=None) -> dict:
         mode["users"] = a.users
     if a.seeds:
         mode["seeds"] = [int(x) for x in a.seeds.split(",")]
-    mults = [float(m) for m in a.lrs.split(",")]
+    mults = [float(m) for m in a.lrs.split(",")] if a.lrs else list(mode["lrs"])
     base = [f"data.synthetic_users={mode['users']}", *mode["model"], *mode["eval"]]
     info = machine()
     committed = {} if a.quick else committed_runs("speedup", a.fresh)

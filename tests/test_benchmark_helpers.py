@@ -571,9 +571,15 @@ def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, mon
         return {"curve": [{"train_seconds": i, "auc": a} for i, a in enumerate(aucs)]}
 
     steps = FULL["sweep_steps"]
+    assert FULL["lrs"] == (1.0, 4.0, 16.0)
     ledger = {f"typical_lr1_steps{steps}": sweep_job([0.6, 0.61, 0.62]), f"typical_lr4_steps{steps}": sweep_job([0.5] * 3),
               f"speedyfeed_lr1_steps{steps}": sweep_job([0.6] * 3), f"speedyfeed_lr4_steps{steps}": sweep_job([0.7] * 3)}
     (tmp_path / "ledger").mkdir()
+    (tmp_path / "ledger" / "speedup.json").write_text(json.dumps({"runs": ledger}))
+    ran.clear()
+    d = wip.main(["--out", str(tmp_path / "runs"), "--users", "100"])  # x16 not run yet: the sweep is not done
+    assert d["time_to_quality"] == {} and not any(n.startswith("quality_") for n, _ in ran)
+    ledger.update({f"typical_lr16_steps{steps}": sweep_job([0.55] * 3), f"speedyfeed_lr16_steps{steps}": sweep_job([0.65] * 3)})
     (tmp_path / "ledger" / "speedup.json").write_text(json.dumps({"runs": ledger}))
     ran.clear()
     d = wip.main(["--out", str(tmp_path / "runs"), "--users", "100"])
