@@ -4,7 +4,8 @@ The synthetic default data, the 2-layer MiniLM student (all layers trained), one
 ``train.amp=auto`` resolves (bf16 on a CPU with native bf16). The comparison is set up so that neither workflow is
 favoured:
 
-- the learning rate of each workflow is chosen by the same sweep (multiples of the defaults, ``--lrs``) at the same
+- the learning rate of each workflow is chosen by the same sweep (multiples of the defaults, ``--lrs``, grown by
+  a factor 4 past an edge where the best lies, at most twice: sweep_choice) at the same
   number of optimizer steps (``--sweep-steps``, >= 200), each a short run with the default schedule (a linear decay
   over those steps), scored by the best 3-evaluation running mean of its dev AUC;
 - each workflow then trains at its chosen learning rate, with the default schedule planned over ``epochs`` of the log,
@@ -45,12 +46,13 @@ TINY = ["model.encoder=random:hidden=32,layers=2,heads=2,intermediate=64", "mode
 LONG_TEXT = ["data.title_tokens=32", "data.abstract_tokens=64", "data.body_tokens=128"]
 WORKFLOWS = ("typical", "speedyfeed")
 SMOOTH = 3  # evaluations in the running mean that times are read from
+EXTEND = 2  # times the learning-rate grid may grow past an edge (sweep_choice)
 
 # full mode / quick mode (a tiny random encoder on 300 users: checks the harness, says nothing about speed).
 # Full mode's size: 1,000 users, so that 3 seeds of the typical workflow trained to its plateau, the sweep and the
 # other tables take about six hours on 2 cores (the typical workflow trains ~7 targets/s in bf16 here).
 # The sweep's grid: x1 and x4 left both workflows' best at x4, the grid's edge (typical's dev AUC still rising at its
-# 200th step), so x16 was added for both.
+# 200th step), so x16 was added for both; where a best still lies at an edge, sweep_choice grows that workflow's grid.
 FULL = {"users": 1000, "model": STUDENT, "lrs": (1.0, 4.0, 16.0), "sweep_steps": 200, "sweep_every": 25,
         "every": {"typical": 60.0, "speedyfeed": 20.0}, "patience": {"typical": 6, "speedyfeed": 10},
         "epochs": {"typical": 5, "speedyfeed": 6}, "seeds": [0, 1, 2], "negatives_cap": 240.0, "ablation_steps": 10,
@@ -71,6 +73,28 @@ def lr_overrides(mult: float) -> list[str]:
     return [f"train.lr={BASE_LR * mult:g}", f"train.encoder_lr={BASE_ENCODER_LR * mult:g}"]
 
 
+def sweep_choice(score_of, grid, extend: int = EXTEND) -> tuple[float | None, list[float]]:
+    """One workflow's learning-rate multiple: the best score (best running mean of SMOOTH dev evaluations) over
+    ``grid``; when the best is the grid's largest (smallest) multiple, the grid grows by a factor 4 that way, at
+    most ``extend`` times, so the choice is not an edge the grid happened to stop at. The same rule for both
+    workflows. ``score_of(m)``: the score of multiple m, None when its run is missing -> (None, the multiples
+    needed so far). Returns (chosen multiple, the multiples swept)."""
+    mults = sorted(float(m) for m in grid)
+    scores: dict[float, float | None] = {}
+    for left in range(extend, -1, -1):
+        scores.update({m: score_of(m) for m in mults if m not in scores})  # each multiple scored once
+        if any(scores[m] is None for m in mults):
+            return None, mults
+        best = max(mults, key=lambda m: scores[m])
+        if left and best == mults[-1]:
+            mults.append(best * 4)
+        elif left and best == mults[0] and len(mults) > 1:
+            mults.insert(0, best / 4)
+        else:
+            return best, mults
+    return best, mults
+
+
 def chosen_multiples(quick: bool = False) -> dict | None:
     """The learning-rate multiples this benchmark's sweep chose per workflow: from its results file, or, while the
     headline is still running across sessions, from the sweep runs in its ledger; None before the sweep has run."""
@@ -81,11 +105,13 @@ def chosen_multiples(quick: bool = False) -> dict | None:
     if "lr_sweep_steps" in done:  # a results file of this benchmark (an older one swept at fewer steps)
         return {wf: float(m) for wf, m in done["best_lr_multiple"].items()}
     mode = QUICK if quick else FULL
-    runs, steps, lrs = ({} if quick else ledger_runs("speedup")), mode["sweep_steps"], mode["lrs"]
-    names = {wf: {m: f"{wf}_lr{m:g}_steps{steps}" for m in lrs} for wf in WORKFLOWS}
-    if not all(n in runs for ns in names.values() for n in ns.values()):
-        return None
-    return {wf: max(lrs, key=lambda m: best_smoothed(runs[ns[m]])) for wf, ns in names.items()}
+    runs, steps = ({} if quick else ledger_runs("speedup")), mode["sweep_steps"]
+
+    def score_of(wf):
+        return lambda m: best_smoothed(runs[n]) if (n := f"{wf}_lr{m:g}_steps{steps}") in runs else None
+
+    chosen = {wf: sweep_choice(score_of(wf), mode["lrs"])[0] for wf in WORKFLOWS}
+    return None if None in chosen.values() else chosen
 
 
 def best_auc(job: dict) -> float:
@@ -192,12 +218,18 @@ def main(argv=None) -> dict:
 
         # the sweep: every learning rate of both workflows for the same number of optimizer steps
         steps = mode["sweep_steps"]
-        sweep = {wf: {m: kept(f"{wf}_lr{m:g}_steps{steps}",
-                              base + [f"train.workflow={wf}", *lr_overrides(m), f"train.max_steps={steps}",
-                                      "train.epochs=100", f"eval.every={mode['sweep_every']}"])
-                      for m in mults} for wf in WORKFLOWS}
-        score = {wf: {m: best_smoothed(sweep[wf][m]) for m in mults} for wf in WORKFLOWS}
-        best_mult = {wf: max(mults, key=lambda m: score[wf][m]) for wf in WORKFLOWS}
+        sweep: dict[str, dict[float, dict]] = {wf: {} for wf in WORKFLOWS}
+
+        def swept(wf):  # runs multiple m of the sweep for workflow wf (or reuses it) -> its score
+            def score_of(m):
+                sweep[wf][m] = kept(f"{wf}_lr{m:g}_steps{steps}",
+                                    base + [f"train.workflow={wf}", *lr_overrides(m), f"train.max_steps={steps}",
+                                            "train.epochs=100", f"eval.every={mode['sweep_every']}"])
+                return best_smoothed(sweep[wf][m])
+            return score_of
+
+        best_mult = {wf: sweep_choice(swept(wf), mults)[0] for wf in WORKFLOWS}
+        score = {wf: {m: best_smoothed(j) for m, j in sorted(sweep[wf].items())} for wf in WORKFLOWS}
         sf_mult = best_mult["speedyfeed"]
         if a.sweep_only:
             print(f"the sweep's scores (best running mean of {SMOOTH}): {score}; chosen: {best_mult}")
@@ -259,6 +291,7 @@ def main(argv=None) -> dict:
         equal[str(seed)] = {"seconds": t_eq, "typical": auc_at(h["typical"], t_eq), "speedyfeed": auc_at(h["speedyfeed"], t_eq)}
     payload = {
         "machine": info, "quick": a.quick, "mode": {k: v for k, v in mode.items()}, "lr_multiples": mults,
+        "lr_multiples_swept": {wf: sorted(sweep[wf]) for wf in WORKFLOWS},
         "lr_sweep_steps": steps, "lr_sweep_scores": {wf: {f"{m:g}": v for m, v in sc.items()} for wf, sc in score.items()},
         "best_lr_multiple": best_mult, "headline_lr_multiple": sf_mult,
         "time_to_auc_speedup_smoothed": smoothed_head,
@@ -278,7 +311,7 @@ def main(argv=None) -> dict:
         "negatives": {str(neg_default): _window_summary(sf, mode["negatives_cap"], seeds[str(mode["seeds"][0])]["target_auc"]),
                       str(neg_other_n): _window_summary(neg_other, mode["negatives_cap"],
                                                         seeds[str(mode["seeds"][0])]["target_auc"])},
-        "runs": {f"{wf}_lr{m:g}_steps{steps}": sweep[wf][m] for wf in WORKFLOWS for m in mults},
+        "runs": {f"{wf}_lr{m:g}_steps{steps}": sweep[wf][m] for wf in WORKFLOWS for m in sorted(sweep[wf])},
         "headline_runs": {f"{wf}_seed{seed}": h[wf] for seed, h in heads.items() for wf in WORKFLOWS},
         "typical_sequence_targets": typ_seq, f"speedyfeed_negatives{neg_other_n}": neg_other,
         "token_budgets": {"default": Config().engine.token_budget,

@@ -319,7 +319,7 @@ def test_cache_kept_only_tabulates_the_kept_runs_and_names_a_rows_seeds(tmp_path
     out = ["--lr-multiple", "4", "--out", str(tmp_path / "runs")]
     cache.main(["--gammas", "0,20,0@1,20@1", "--seeds", "0", *out])
     cache.main(["--gammas", "0,20,0@1", "--seeds", "0,1", *out])
-    assert len(ran) == 7
+    assert len(ran) == len(set(ran)) == 7  # each run once
     d = cache.main(["--gammas", "0,20,0@1,20@1", "--seeds", "0,1,2", "--kept-only", *out])
     assert len(ran) == 7 and d["seeds"] == [0, 1]
     assert d["summary"]["20"]["seeds"] == ["0", "1"] and d["summary"]["20@1"]["seeds"] == ["0"]
@@ -537,6 +537,46 @@ def test_times_are_read_from_a_running_mean_of_three_evaluations():
     assert seed_comparison(typical, slow)["speedup"] is None
 
 
+def test_the_learning_rate_sweep_grows_past_an_edge_where_the_best_lies():
+    """sweep_choice: an interior best is chosen as is; a best at the grid's edge grows the grid by 4x that way (at
+    most EXTEND times); a missing run says what is needed next instead of choosing."""
+    from benchmarks.speedup import EXTEND, sweep_choice
+
+    def curve(peak):  # a score peaking at multiple `peak`
+        return lambda m: -abs(__import__("math").log(m / peak))
+
+    assert sweep_choice(curve(4), [1, 4, 16]) == (4.0, [1.0, 4.0, 16.0])
+    assert sweep_choice(curve(64), [1, 4, 16]) == (64.0, [1.0, 4.0, 16.0, 64.0, 256.0])
+    assert sweep_choice(curve(0.25), [1, 4, 16]) == (0.25, [0.0625, 0.25, 1.0, 4.0, 16.0])
+    assert EXTEND == 2 and sweep_choice(curve(1e6), [1, 4, 16])[0] == 256.0  # grown twice, then the edge stands
+    scores = {1.0: 0.70, 4.0: 0.72, 16.0: 0.73}
+    assert sweep_choice(scores.get, [1, 4, 16]) == (None, [1.0, 4.0, 16.0, 64.0])
+
+
+def test_the_speedup_sweep_runs_the_grown_grid_for_each_workflow(tmp_path, monkeypatch):
+    """benchmarks.speedup --sweep-only: each workflow's grid grows on its own where its best lies at an edge, and
+    only there (the same rule for both; typical's best interior at x4 here, speedyfeed's past the grid's top)."""
+    import math
+
+    import benchmarks.speedup as sp
+
+    ran = []
+
+    def fake_run(name, overrides, root, may_run=True, committed=None, timeout=0, ledger=""):
+        ran.append(name)
+        m = float(name.split("_lr")[1].split("_")[0])
+        peak = 4.0 if name.startswith("typical") else 32.0
+        auc = 0.7 - 0.01 * abs(math.log(m / peak))
+        return {"curve": [{"train_seconds": i, "auc": auc} for i in range(3)]}
+
+    monkeypatch.setattr(sp, "run_job_kept", fake_run)
+    out = sp.main(["--quick", "--sweep-only", "--out", str(tmp_path)])
+    assert out["best_lr_multiple"] == {"typical": 4.0, "speedyfeed": 16.0}
+    assert sorted(out["lr_sweep_scores"]["typical"]) == [1.0, 4.0, 16.0]
+    assert sorted(out["lr_sweep_scores"]["speedyfeed"]) == [1.0, 4.0, 16.0, 64.0]
+    assert len(ran) == len(set(ran)) == 7  # each run once
+
+
 def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, monkeypatch):
     """Every point of the grid gets its rates and epoch times; time to quality at the ends of the history sweep."""
     import benchmarks.common as common
@@ -580,6 +620,11 @@ def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, mon
     d = wip.main(["--out", str(tmp_path / "runs"), "--users", "100"])  # x16 not run yet: the sweep is not done
     assert d["time_to_quality"] == {} and not any(n.startswith("quality_") for n, _ in ran)
     ledger.update({f"typical_lr16_steps{steps}": sweep_job([0.55] * 3), f"speedyfeed_lr16_steps{steps}": sweep_job([0.65] * 3)})
+    (tmp_path / "ledger" / "speedup.json").write_text(json.dumps({"runs": ledger}))
+    ran.clear()
+    d = wip.main(["--out", str(tmp_path / "runs"), "--users", "100"])  # typical's best at x1, the grid's edge: x0.25 runs next
+    assert d["time_to_quality"] == {}
+    ledger[f"typical_lr0.25_steps{steps}"] = sweep_job([0.58] * 3)
     (tmp_path / "ledger" / "speedup.json").write_text(json.dumps({"runs": ledger}))
     ran.clear()
     d = wip.main(["--out", str(tmp_path / "runs"), "--users", "100"])
