@@ -208,7 +208,8 @@ def changed_defaults(run_dir: Path, overrides: list[str], saved_config: dict | N
 
 
 def write_results(name: str, payload: dict, markdown: str, plot=None) -> None:
-    """benchmarks/results/NAME.{json,md[,png]}; ``plot(path)`` draws the figure when given. A payload whose
+    """benchmarks/results/NAME.{json,md[,png]}; ``plot(path)`` draws the figure when given. A ledger of NAME whose
+    runs the payload's ``runs`` all hold is no longer needed and goes. A payload whose
     ``machine`` came from ``machine()`` in this process records how long the benchmark ran so far, in
     ``machine.seconds`` (rewritten at every call), unless the process reused kept jobs: then its wall time
     misses their time, and it is recorded as ``machine.invocation_seconds`` beside ``machine.reused_jobs``. A
@@ -223,6 +224,8 @@ def write_results(name: str, payload: dict, markdown: str, plot=None) -> None:
             info["seconds"] = took
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if "runs" in payload and set(ledger_runs(name)) <= set(payload["runs"]):  # the results file holds them all
+        ledger_clear(name)
     (RESULTS / f"{name}.md").write_text(markdown)
     if plot is not None:
         try:

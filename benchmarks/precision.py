@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import committed_runs, ledger_clear, ledger_runs, machine, md_table, run_job_kept, write_results
+from benchmarks.common import committed_runs, machine, md_table, run_job_kept, write_results
 
 MODELS = {"student": ["model.encoder=auto", "model.layers=2", "model.freeze_layers=0"],
           "teacher": ["model.encoder=auto"]}
@@ -123,8 +123,6 @@ def main(argv=None) -> dict:
     payload.update(machine=info, quick=a.quick, runs=runs)
     md = report(payload)
     write_results("precision_quick" if a.quick else "precision", payload, md, lambda path: plot(path, payload))
-    if not a.quick and set(ledger_runs("precision")) <= set(payload["runs"]):  # the results file holds them all
-        ledger_clear("precision")
     print(md)
     return payload
 

@@ -28,7 +28,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import committed_runs, ledger_clear, ledger_runs, machine, md_table, run_job_kept, write_results
+from benchmarks.common import committed_runs, machine, md_table, run_job_kept, write_results
 from benchmarks.speedup import (FULL, QUICK, SMOOTH, best_smoothed, chosen_multiples, lr_overrides, rate, smoothed,
                                smoothed_seconds_to)
 
@@ -88,8 +88,6 @@ def main(argv=None) -> dict:
     payload.update(machine=info, quick=a.quick, runs=runs)
     md = report(payload)
     write_results("where_it_pays_quick" if a.quick else "where_it_pays", payload, md, lambda path: plot(path, payload))
-    if not a.quick and set(ledger_runs("where_it_pays")) <= set(payload["runs"]):  # the results file holds them all
-        ledger_clear("where_it_pays")
     print(md)
     return payload
 
