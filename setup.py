@@ -25,7 +25,7 @@ setup(
     package_data={"speedyrec": ["configs/*.yaml"], "speedyrec.data": ["stopwords_en.txt"]},
     install_requires=[
         "torch>=2.2",
-        "transformers>=4.40",
+        "transformers>=4.40,<5.25",  # 5.25 imports the PyPI package `kernels`, which our top-level kernels/ shadows
         "tokenizers>=0.15",
         "numpy>=1.24",
         "rank-bm25>=0.2.2",
