@@ -142,7 +142,8 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool 
     results file holds it (a table measured across sessions, whose run folders are gone), reused when nothing is
     kept and it ran the same overrides. ``may_run`` false: None for a job neither kept nor committed (a benchmark
     re-derived from the runs made so far). ``check_defaults`` false: a run of other code (another commit), whose
-    defaults are its own. ``ledger``: the benchmark whose ledger records the job (run or kept; see ledger_add)."""
+    defaults are its own. ``ledger``: the benchmark whose ledger records the job (run or kept; see ledger_add).
+    A file ``out_root/STOP`` stops the benchmark before its next new run (the one running finishes first)."""
     kept = out_root / name / "job.json"
     if kept.exists():
         job = json.loads(kept.read_text())
@@ -169,6 +170,8 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool 
     if not may_run:
         note_not_run(name)
         return None
+    if (out_root / "STOP").exists():  # a session ending: stop between runs, the finished ones are in the ledger
+        raise SystemExit(f"{out_root / 'STOP'} exists: stopped before {name}; remove it and run again to continue")
     print(f"{name}: running {' '.join(overrides)}", flush=True)
     job = {**run_job(name, overrides, out_root, **kw), "overrides": overrides}
     kept.write_text(json.dumps(job, indent=2) + "\n")

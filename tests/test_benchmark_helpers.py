@@ -501,6 +501,13 @@ def test_a_benchmark_longer_than_a_session_continues_from_its_committed_ledger(t
     assert common.ledger_runs("bench") == {"a": again}
     common.write_results("bench", {"runs": {"a": again}}, "")  # results that hold every run clear it
     assert common.ledger_runs("bench") == {} and common.committed_runs("bench") == {"a": again}
+    # a STOP file in --out ends the benchmark before its next new run; kept and committed runs still count
+    (tmp_path / "session4").mkdir()
+    (tmp_path / "session4" / "STOP").touch()
+    assert common.run_job_kept("a", overrides, tmp_path / "session4", committed=again) == again
+    with pytest.raises(SystemExit, match="STOP exists: stopped before b"):
+        common.run_job_kept("b", overrides, tmp_path / "session4", ledger="bench")
+    assert ran == ["a", "a"]
 
 
 def test_limit_and_data_efficiency_draw_their_plots(tmp_path):
