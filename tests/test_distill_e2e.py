@@ -177,6 +177,25 @@ def test_newsbert_trains_the_shared_layers_and_both_encoders(tmp_path, cache_dir
         assert torch.equal(teacher[k], trained[k])  # one module, shared
 
 
+def test_newsbert_losses_count_only_the_rows_it_trains_not_the_cache_audits(tmp_path, cache_dir, synthetic_small):
+    """The cache audit re-encodes hits twice without gradients; those passes must not join the hidden-state loss's
+    rows (they would shrink the real rows' gradient): the run with the audit trains exactly as the run without."""
+    runs = {}
+    for audit in (0, 4):
+        out = tmp_path / f"audit{audit}"
+        assert main(args(out, cache_dir, synthetic_small, "stage=newsbert", "newsbert.teacher_init=plm",
+                         "engine.cache_beta=1.0", "engine.cache_gamma=3", "engine.token_budget=600",
+                         f"engine.cache_audit={audit}", "train.max_steps=4")) == 0
+        runs[audit] = read(out / "newsbert/stats.json"), read(out / "newsbert/metrics.json")
+    (stats, metrics), (plain_stats, plain_metrics) = runs[4], runs[0]
+    assert stats["cache_hits"] > 0 and stats["cache_audit_rows"] > 0 and plain_stats["cache_audit_rows"] == 0
+    for k in ("loss_hidden", "loss_ce", "loss_distill", "loss_user_mse", "loss_teacher_ce"):
+        assert stats[k] == pytest.approx(plain_stats[k], rel=1e-6), k
+    for name in ("student", "teacher"):  # the same metrics and the same trained weights (checksum)
+        assert {k: v for k, v in metrics[name].items() if k != "seconds"} == \
+            {k: v for k, v in plain_metrics[name].items() if k != "seconds"}
+
+
 def test_newsbert_student_layers_must_divide_the_teachers(tmp_path, cache_dir, synthetic_small, capsys):
     rc = main(args(tmp_path / "o", cache_dir, synthetic_small, "stage=newsbert", "distill.student_layers=3"))
     assert rc == 2

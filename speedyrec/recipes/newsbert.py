@@ -113,7 +113,7 @@ class NewsBertRecipe(StageRecipe):
 
     def _encode_rows(self, tokens, rows):
         """Both encoders on the same rows: [R, 2D] (teacher | student); the student's hidden-state losses
-        against the teacher are kept for the step's objective."""
+        against the teacher are kept for the step's objective, for rows encoded with gradients only."""
         sel = NewsInputs.select(tokens, rows, self.trim)
         ids, mask = sel.input_ids, sel.mask
         t_enc, s_enc = self.model.teacher.news_encoder, self.model.student.news_encoder
@@ -121,10 +121,11 @@ class NewsBertRecipe(StageRecipe):
         s_states = s_enc.backbone.hidden_states(ids, mask)
         t_vec = t_enc.proj(t_enc.pool(t_states[-1], mask))
         s_vec = s_enc.proj(s_enc.pool(s_states[-1], mask))
-        hidden = newsbert_hidden_loss(s_states, t_states, mask)
-        hidden = hidden + (s_vec.float() - t_vec.detach().float()).pow(2).mean(-1)  # the pooled news vectors
-        self.hidden_sum.append(hidden.sum())
-        self.hidden_news += len(hidden)
+        if torch.is_grad_enabled():  # rows encoded without gradients (the cache audit's) are not trained
+            hidden = newsbert_hidden_loss(s_states, t_states, mask)
+            hidden = hidden + (s_vec.float() - t_vec.detach().float()).pow(2).mean(-1)  # the pooled news vectors
+            self.hidden_sum.append(hidden.sum())
+            self.hidden_news += len(hidden)
         valid = int(mask.sum())
         return torch.cat([t_vec, s_vec], dim=-1), valid, mask.numel() - valid
 
