@@ -194,7 +194,11 @@ class TeachersConfig:
 
     finetune_layers: int = 2  # the top layers trained (paper: 2)
     plain: bool = False  # also finetune the PLM without post-training (the paper's PLM-NR (FT))
-    seeds: bool = False  # the earlier paper: the last snapshot finetuned with M seeds, instead of M snapshots
+    # the earlier paper: the last snapshot finetuned M times, instead of M snapshots. The snapshot holds the
+    # transformer, pooling and projection, so teacher i differs from the others only in its user encoder's
+    # initialisation (seed train.seed + i) and in the dropout masks it draws; all M share the data order, because
+    # they train in one pass of the engine (the paper's seeds changed the order too)
+    seeds: bool = False
 
 
 @dataclass

@@ -123,6 +123,22 @@ def test_stages_one_at_a_time_with_the_earlier_papers_options(tmp_path, cache_di
     assert main([*common, "stage=finetune_teachers", "teachers.seeds=true"]) == 0
     teachers = read(out / "finetune_teachers/stats.json")
     assert teachers["teachers"] == 2 and teachers["shared_frozen_layers"] == 2  # one snapshot: every frozen layer shared
+    # what the seeds change, as the config says: the snapshot holds the transformer, pooling and projection (all
+    # post-trained), so the teachers start apart in their user encoders alone
+    from speedyrec.config import load_config
+    from speedyrec.distill.teachers import load_posttrained_recommender
+    from speedyrec.engine.distributed import DistInfo
+    from speedyrec.recipes.common import build_context
+    from speedyrec.recipes.finetune_teachers import teacher_plan
+
+    ctx = build_context(load_config(None, [*common, "stage=finetune_teachers", "teachers.seeds=true"]), DistInfo())
+    plan = teacher_plan(ctx)
+    assert [p for _, p, _ in plan] == [plan[0][1]] * 2 and [s for *_, s in plan] == [0, 1]
+    (a, _), (b, _) = (load_posttrained_recommender(ctx, path, 2, seed, name) for name, path, seed in plan)
+    sa, sb = a.state_dict(), b.state_dict()
+    differ = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("news_encoder") else "")
+              for k in sa if not torch.equal(sa[k], sb[k])}
+    assert differ == {"user_encoder"}
     early = [*common[:-1], f"distill.from_dir={out}", "train.amp=bf16"]
     assert main([*early, "stage=distill_finetune", "distill.learn_omega=true", "distill.ce_weight_ft=0.1"]) == 0
     stats = read(out / "distill_finetune/stats.json")
