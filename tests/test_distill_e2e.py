@@ -274,6 +274,32 @@ def test_the_fast_paths_change_the_cost_not_the_result(tmp_path, cache_dir, synt
             assert fm[model][k] == pytest.approx(nm[model][k], abs=2e-3), (model, k)
 
 
+def test_stage2_builds_its_own_bank_over_the_layers_its_teachers_share(tmp_path, cache_dir, synthetic_small,
+                                                                       pipeline_run):
+    """Stage II given another bank folder builds the bank itself: the two post-trained teachers share the PLM's
+    bottom layer (post-training trained the top 3 of 4), which runs once for both, and its vectors are the ones
+    finetune_teachers stored."""
+    import numpy as np
+
+    out, banks = tmp_path / "o", tmp_path / "banks"
+    assert main(args(out, cache_dir, synthetic_small, "stage=distill_finetune", f"distill.from_dir={pipeline_run}",
+                     f"distill.bank_dir={banks}")) == 0
+    stats = read(out / "distill_finetune/stats.json")
+    num_news = 750
+    assert stats["teachers"] == 2 and stats["shared_frozen_layers"] == 1
+    assert stats["bank_news_encoded"] == 2 * num_news
+    built = sorted(banks.iterdir())
+    assert len(built) == 2
+    for d in built:
+        stored = cache_dir / "banks" / d.name  # where the pipeline's finetune_teachers wrote the same teacher
+        assert np.load(d / "filled.npy").all()
+        np.testing.assert_allclose(np.load(d / "vectors.npy"), np.load(stored / "vectors.npy"), rtol=1e-4, atol=1e-5)
+    # a second run reads the bank it built
+    assert main(args(tmp_path / "again", cache_dir, synthetic_small, "stage=distill_finetune",
+                     f"distill.from_dir={pipeline_run}", f"distill.bank_dir={banks}")) == 0
+    assert read(tmp_path / "again/distill_finetune/stats.json")["bank_news_encoded"] == 0
+
+
 def test_two_gloo_ranks_finetune_teachers_and_stage2_in_bf16(tmp_path, cache_dir, synthetic_small, pipeline_run):
     """The M-teacher stack and Stage II on 2 ranks (uneven shards), bf16 autocast, global deduplication."""
     out = tmp_path / "ranks"

@@ -8,7 +8,7 @@ from torch import nn
 
 from speedyrec.distill.snapshots import SnapshotError, load_snapshot
 from speedyrec.models.checksum import weights_checksum
-from speedyrec.recipes.common import Context, build_news_encoder, build_recommender
+from speedyrec.recipes.common import Context, build_news_encoder, build_recommender, plm_layers
 
 
 def model_files(directory: Path, what: str, stage: str) -> list[Path]:
@@ -49,7 +49,9 @@ def load_posttrained_recommender(ctx: Context, path: Path | None, freeze_layers:
 
 def load_finetuned_recommender(ctx: Context, path: Path, layers: int = 0) -> tuple[nn.Module, dict, str]:
     """A finetuned model file (teacher or student) as a frozen news recommender; returns (model, snapshot,
-    checksum of its news encoder, which keys its teacher bank)."""
-    model = build_recommender(ctx, layers, 0, ctx.cfg.train.seed)
+    checksum of its news encoder, which keys its teacher bank). Every layer is frozen, so M teachers stacked in a
+    SharedPrefixStack run the layers they have in common (post-training left the PLM's bottom layers as they
+    were) once for all M."""
+    model = build_recommender(ctx, layers, layers or plm_layers(ctx), ctx.cfg.train.seed)
     snap = load_snapshot(model, path, f"model {Path(path).stem}")
     return freeze(model), snap, weights_checksum(model.news_encoder)

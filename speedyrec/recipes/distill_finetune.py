@@ -76,8 +76,12 @@ class DistillFinetuneRecipe(StageRecipe):
             checksums.append(checksum)
         self.inputs = inputs = NewsInputs(ctx.store)
         self.bank, build, self.online = None, BankBuild(), []
+        shared = None
         if di.bank:
             stack = SharedPrefixStack([t.news_encoder for t in teachers])
+            shared = stack.shared_depth
+            if dist.is_main:
+                log.info("teacher bank of %d teachers; shared frozen layers: %s", len(teachers), shared)
             # random negatives may be any news: the bank holds every news of the corpus
             self.bank, build = TeacherBank.open_or_build(stack, checksums, inputs, np.arange(ctx.store.num_news),
                                                          ctx.bank_dir(), dist,
@@ -112,7 +116,7 @@ class DistillFinetuneRecipe(StageRecipe):
         checksum = save_snapshot(path, student, changed, meta) if dist.is_main else ""
         stats = engine_stats(cfg, dist, trainer, workflow, ctx.data, setup)
         n = max(stats["clicks_trained"], 1)
-        stats.update({"teachers": len(files), "bank_seconds": build.seconds, "bank_news_encoded": build.news_encoded,
+        stats.update({"teachers": len(files), "shared_frozen_layers": shared, "bank_seconds": build.seconds, "bank_news_encoded": build.news_encoded,
                       "bank_padded_tokens": build.padded_tokens,
                       **{k: v / n for k, v in trainer.state.counters.items() if k.startswith("loss_")}})
         if model.log_omega is not None:
