@@ -32,7 +32,8 @@ METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 PIPELINE_LAYERS = 2  # the pipeline's own student (distill.student_layers' default)
 PLM_LAYERS = 6  # all-MiniLM-L6-v2: NewsBERT's teacher splits into blocks for a student of 1, 2, 3 or 6 layers
 TEACHER_ROWS = (("teacher_dp", "PLM-NR DP: post-trained, then finetuned teachers (mean of M)"),
-                ("teacher_ensemble", "the M post-trained teachers' mean score (what the student distills)"),
+                ("teacher_ensemble", "Ensemble-Teacher: the M post-trained teachers' mean score at test time "
+                                     "(the student distills their per-sample weighted scores, not this mean)"),
                 ("plain", "PLM-NR FT: the plainly finetuned teacher"))
 STUDENT_ROWS = (("student", "Tiny-NewsRec student"), ("student_plain", "the student finetuned without teachers"),
                 ("newsbert_student", "NewsBERT's student"))
@@ -300,7 +301,7 @@ def _plot(path, d: dict) -> None:
     t = d["table"]
     colors = {"teacher_dp": "#4c72b0", "teacher_ensemble": "#4c72b0", "plain": "#8c8c8c", "student": "#dd8452",
               "student_plain": "#8c8c8c", "newsbert_student": "#55a868"}
-    labels = {"teacher_dp": "teachers DP", "teacher_ensemble": "teachers' mean score", "plain": "teacher FT",
+    labels = {"teacher_dp": "teachers DP", "teacher_ensemble": "Ensemble-Teacher (mean score)", "plain": "teacher FT",
               "student": "Tiny-NewsRec", "student_plain": "student FT", "newsbert_student": "NewsBERT"}
     names = [n for n, _ in d["rows"] if n in t]
     base = [split_key(n)[0] for n in names]

@@ -93,7 +93,8 @@ class FinetuneTeachersRecipe(StageRecipe):
         bank, build = TeacherBank.open_or_build(self.stack, checksums, inputs, np.arange(ctx.store.num_news),
                                                 ctx.bank_dir(), dist, chunk_tokens=cfg.engine.chunk_tokens, amp=tc.amp)
         self.stack.close_caches()
-        # and the mean score of the post-trained teachers: what the student distills from sits near it
+        # and the post-trained teachers' mean score at test time (Ensemble-Teacher; the student distills per-sample
+        # weighted teachers, not this mean)
         members = [i for i, name in enumerate(self.names) if name != "plain"]
         results = evaluate_on_dev(ctx, self.models, inputs,
                                   encode_fn=lambda tokens: bank.read(tokens.news, dist.device).flatten(1),
