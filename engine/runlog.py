@@ -169,26 +169,23 @@ def _parse_event(b: bytes) -> dict:
 # -- the run log -----------------------------------------------------------------------------------------------
 class RunLog:
     """Scalars of a run (rank 0): one JSON line each in ``DIR/log.jsonl`` and a TensorBoard event file in DIR.
-    Both files exist from the start, so every run has them even if it logs nothing else."""
+    Both files exist from the start, so every run has them even if it logs nothing else. Each write opens, appends
+    and closes (writes are rare: logging steps and evaluations), so no file stays open after a stage."""
 
     def __init__(self, directory: Path):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(directory / "log.jsonl", "a", buffering=1)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.speedyrec"
-        self.events = open(directory / name, "ab")
-        self.events.write(_record(_event(time.time(), 0, file_version="brain.Event:2")))
-        self.events.flush()
+        self.jsonl = directory / "log.jsonl"
+        self.events = directory / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.speedyrec"
+        with open(self.events, "ab") as f:
+            f.write(_record(_event(time.time(), 0, file_version="brain.Event:2")))
         self.write("start", 0, {})
 
     def write(self, kind: str, step: int, scalars: dict[str, float | None]) -> None:
         """Record ``scalars`` at ``step`` under ``kind`` (train, dev, ...); None and NaN values are left out."""
         clean = {k: float(v) for k, v in scalars.items() if v is not None and not math.isnan(float(v))}
-        self.jsonl.write(json.dumps({"time": time.time(), "kind": kind, "step": int(step), **clean}) + "\n")
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"time": time.time(), "kind": kind, "step": int(step), **clean}) + "\n")
         if clean:
-            self.events.write(_record(_event(time.time(), int(step), scalars={f"{kind}/{k}": v for k, v in clean.items()})))
-            self.events.flush()
-
-    def close(self) -> None:
-        self.jsonl.close()
-        self.events.close()
+            with open(self.events, "ab") as f:
+                f.write(_record(_event(time.time(), int(step), scalars={f"{kind}/{k}": v for k, v in clean.items()})))

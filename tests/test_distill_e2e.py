@@ -300,6 +300,31 @@ def test_stage2_builds_its_own_bank_over_the_layers_its_teachers_share(tmp_path,
     assert read(tmp_path / "again/distill_finetune/stats.json")["bank_news_encoded"] == 0
 
 
+@pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated")  # gc.get_objects() touches it
+@pytest.mark.parametrize("bank", [True, False])
+def test_stage2_trains_without_the_teachers_plms_once_the_bank_is_built(tmp_path, cache_dir, synthetic_small,
+                                                                        pipeline_run, monkeypatch, bank):
+    """After the bank is built a step reads the bank's vectors and the teachers' user encoders only: when training
+    starts, the only transformer alive is the student's (the naive way keeps the M teachers' PLMs, which it runs)."""
+    import gc
+
+    from speedyrec.engine.trainer import Trainer
+    from speedyrec.models.backbone import BertFamilyBackbone
+
+    alive = []
+    fit = Trainer.fit
+
+    def counting_fit(self, *a, **kw):
+        gc.collect()
+        alive.append(sorted(len(o.layers) for o in gc.get_objects() if isinstance(o, BertFamilyBackbone)))
+        return fit(self, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "fit", counting_fit)
+    assert main(args(tmp_path / "o", cache_dir, synthetic_small, "stage=distill_finetune",
+                     f"distill.from_dir={pipeline_run}", f"distill.bank={str(bank).lower()}")) == 0
+    assert alive == [[2]] if bank else alive == [[2, 4, 4]]
+
+
 def test_two_gloo_ranks_finetune_teachers_and_stage2_in_bf16(tmp_path, cache_dir, synthetic_small, pipeline_run):
     """The M-teacher stack and Stage II on 2 ranks (uneven shards), bf16 autocast, global deduplication."""
     out = tmp_path / "ranks"

@@ -11,6 +11,7 @@ student.pt}``.
 """
 from __future__ import annotations
 
+import gc
 import logging
 
 import numpy as np
@@ -77,6 +78,8 @@ class DistillFinetuneRecipe(StageRecipe):
         self.inputs = inputs = NewsInputs(ctx.store)
         self.bank, build, self.online = None, BankBuild(), []
         shared = None
+        self.bank_dim = teachers[0].news_encoder.proj.out_features
+        self.teacher_users = [t.user_encoder for t in teachers]
         if di.bank:
             stack = SharedPrefixStack([t.news_encoder for t in teachers])
             shared = stack.shared_depth
@@ -86,12 +89,12 @@ class DistillFinetuneRecipe(StageRecipe):
             self.bank, build = TeacherBank.open_or_build(stack, checksums, inputs, np.arange(ctx.store.num_news),
                                                          ctx.bank_dir(), dist,
                                                          chunk_tokens=cfg.engine.chunk_tokens, amp=tc.amp)
-            del stack  # the teachers' PLMs are not needed any more
+            del stack  # from here on a step reads the bank and the teachers' user encoders only
         else:  # the naive way, for comparison: every teacher's whole PLM runs in every student step
             self.online = [t.news_encoder for t in teachers]
-        self.teacher_users = [t.user_encoder for t in teachers]
+        del teachers  # with the bank, the M teachers' PLMs are freed here: Stage II's memory does not grow with M
+        gc.collect()
         student, changed, start = build_student(ctx, ctx.from_dir("distill_posttrain") / "student.pt")
-        self.bank_dim = teachers[0].news_encoder.proj.out_features
         self.model = model = DistillModel(student, len(files), self.bank_dim, di.learn_omega).to(dist.device)
         if student.news_encoder.backbone.freeze_layers and cfg.engine.frozen_cache:
             inputs.enable_frozen_prefix(student.news_encoder.backbone.hidden_size,
@@ -116,7 +119,8 @@ class DistillFinetuneRecipe(StageRecipe):
         checksum = save_snapshot(path, student, changed, meta) if dist.is_main else ""
         stats = engine_stats(cfg, dist, trainer, workflow, ctx.data, setup)
         n = max(stats["clicks_trained"], 1)
-        stats.update({"teachers": len(files), "shared_frozen_layers": shared, "bank_seconds": build.seconds, "bank_news_encoded": build.news_encoded,
+        stats.update({"teachers": len(files), "shared_frozen_layers": shared, "bank_seconds": build.seconds,
+                      "bank_news_encoded": build.news_encoded,
                       "bank_padded_tokens": build.padded_tokens,
                       **{k: v / n for k, v in trainer.state.counters.items() if k.startswith("loss_")}})
         if model.log_omega is not None:
