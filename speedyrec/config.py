@@ -174,6 +174,9 @@ class DistillConfig:
     student_layers: int = 2  # N: the student is the first N layers of the PLM (paper: 1, 2 or 4)
     from_dir: str = ""  # where earlier stages wrote their outputs (out_dir/<stage>/); empty = out_dir
     stage1_teachers: int = 0  # teachers in Stage I: 0 = all M snapshots; 1 = the last one (the earlier paper)
+    # Stage I's embedding loss maps each teacher's vectors with a learned W_i h + b_i (the later paper's Eq.);
+    # false: plain MSE between teacher and student vectors (the earlier paper; both have model.dim dimensions)
+    stage1_projections: bool = True
     stage1_epochs: int = 2  # Stage I passes over the post-training news
     stage1_lr: float = 1e-4  # Stage I: pooling, projection and the teacher projections
     stage1_encoder_lr: float = 5e-5  # Stage I: the student's transformer

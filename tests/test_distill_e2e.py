@@ -118,8 +118,10 @@ def test_stages_one_at_a_time_with_the_earlier_papers_options(tmp_path, cache_di
     reading the pipeline's post-training snapshots."""
     out = tmp_path / "early"
     common = args(out, cache_dir, synthetic_small, f"distill.from_dir={pipeline_run}", "train.amp=bf16")
-    assert main([*common, "stage=distill_posttrain", "distill.stage1_teachers=1"]) == 0
+    assert main([*common, "stage=distill_posttrain", "distill.stage1_teachers=1", "distill.stage1_projections=false"]) == 0
     assert read(out / "distill_posttrain/stats.json")["teachers"] == 1
+    saved = torch.load(out / "distill_posttrain/student.pt", weights_only=False)
+    assert not any("projections" in k for k in saved["delta"])  # the earlier paper's Stage I has no W_i, b_i
     assert main([*common, "stage=finetune_teachers", "teachers.seeds=true"]) == 0
     teachers = read(out / "finetune_teachers/stats.json")
     assert teachers["teachers"] == 2 and teachers["shared_frozen_layers"] == 2  # one snapshot: every frozen layer shared

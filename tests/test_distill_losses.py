@@ -135,3 +135,12 @@ def test_target_scores_give_the_autoregressive_loss():
     # user 0's second target (click 1) is scored by the state after click 0, against news 0
     assert sc.logits[1].tolist() == pytest.approx([(table[0] @ table[1]).item(), (table[0] @ table[0]).item()], rel=1e-5)
     assert sc.logits[0].tolist() == pytest.approx([0.0, 0.0])  # the empty state scores 0
+
+
+def test_projected_mse_without_projections_is_the_plain_mse_of_the_earlier_paper():
+    from speedyrec.distill.losses import projected_mse
+
+    torch.manual_seed(0)
+    student, teachers = torch.randn(5, 3, 8), torch.randn(2, 5, 3, 8)
+    want = torch.stack([((teachers[i] - student) ** 2).mean((1, 2)) for i in range(2)], dim=1)  # [T, M]
+    torch.testing.assert_close(projected_mse(student, teachers, None), want)

@@ -53,11 +53,13 @@ class TeacherProjections(nn.Module):
         return out.reshape(*h.shape[:-1], self.weight.shape[1])
 
 
-def projected_mse(student: torch.Tensor, teachers: torch.Tensor, projections: TeacherProjections) -> torch.Tensor:
-    """MSE(W_i h_i + b_i, h_s) per sample and teacher, the mean over every element of a sample's vectors.
+def projected_mse(student: torch.Tensor, teachers: torch.Tensor, projections: TeacherProjections | None) -> torch.Tensor:
+    """MSE(W_i h_i + b_i, h_s) per sample and teacher, the mean over every element of a sample's vectors;
+    ``projections`` None: MSE(h_i, h_s) (the earlier paper's Stage I; D_t = D_s).
 
     student [T, ..., D_s]; teachers [M, T, ..., D_t] (constants) -> [T, M]."""
-    diff = projections(teachers.detach().float()) - student.float().unsqueeze(0)  # [M, T, ..., D_s]
+    mapped = teachers.detach().float() if projections is None else projections(teachers.detach().float())
+    diff = mapped - student.float().unsqueeze(0)  # [M, T, ..., D_s]
     return diff.pow(2).flatten(2).mean(-1).t()
 
 

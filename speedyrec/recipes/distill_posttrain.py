@@ -5,7 +5,8 @@ The teachers are frozen, so their title and body vectors come from the teacher b
 their shared frozen layers once for all of them) and a student step never runs a teacher's PLM. Per body:
 teacher weights alpha_i = softmax_i(-CE_i); loss = T^2 CE(sum_i alpha_i y_i / T, y_s / T)
 + emb_weight * sum_i alpha_i [MSE(W_i h_title_i + b_i, h_title_s) + MSE(W_i h_body_i + b_i, h_body_s)]
-+ ce_weight_dp * InfoNCE of the student. Writes ``out_dir/distill_posttrain/{metrics.json, stats.json, student.pt}``.
++ ce_weight_dp * InfoNCE of the student (``distill.stage1_projections=false``: the earlier paper's MSE(h_i, h_s),
+with no W_i, b_i). Writes ``out_dir/distill_posttrain/{metrics.json, stats.json, student.pt}``.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ class DistillPosttrainRecipe(StageRecipe):
 
         student = build_news_encoder(ctx, di.student_layers, student_freeze_layers(cfg))
         m = len(files)
-        self.model = model = NewsEncoderModel(student, projections=TeacherProjections(m, self.title_bank.dim, cfg.model.dim),
+        projections = TeacherProjections(m, self.title_bank.dim, cfg.model.dim) if di.stage1_projections else None
+        self.model = model = NewsEncoderModel(student, projections=projections,
                                               log_omega=omega_parameter(di.learn_omega)).to(dist.device)
         if student.backbone.freeze_layers and cfg.engine.frozen_cache:
             for name, inputs in (("title", data.titles), ("body", data.bodies)):
