@@ -63,6 +63,9 @@ def test_pipeline_writes_every_stage_and_the_table(pipeline_run):
     for m in summary["models"].values():
         check_click_metrics(m)
     assert summary["models"]["student"]["layers"] == 2 and summary["models"]["teacher_1"]["layers"] == 4
+    import yaml  # config.yaml is the config that ran: the baselines turned the plain teacher on
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["teachers"]["plain"] is True
     assert set(summary["seconds"]) == {"posttrain", "distill_posttrain", "finetune_teachers", "distill_finetune",
                                        "student_plain", "newsbert"}
     table = (out / "pipeline.md").read_text()
@@ -461,7 +464,8 @@ def test_teachers_from_reuses_the_teachers_and_changes_nothing_else(tmp_path, ca
 @pytest.mark.parametrize("extra, needle", [
     (("posttrain.teachers=3",), "its teachers were trained with other settings (posttrain.teachers: 2 there, 3 here)"),
     (("teachers_from=missing",), "its posttrain step has not finished"),
-    (("distill.student_layers=3", "pipeline.baselines=true"), "does not split into blocks for a 3-layer student")])
+    (("distill.student_layers=3", "pipeline.baselines=true"), "does not split into blocks for a 3-layer student"),
+    (("newsbert.teacher_layers=2", "pipeline.baselines=true"), "holds every layer of the PLM; leave newsbert.teacher_layers")])
 def test_teachers_from_and_newsbert_refusals_come_before_any_training(tmp_path, cache_dir, synthetic_small,
                                                                       pipeline_run, capsys, extra, needle):
     src = tmp_path / "missing" if extra[0] == "teachers_from=missing" else pipeline_run

@@ -88,10 +88,10 @@ class PipelineRecipe:
     def run(self) -> dict:
         ctx, cfg = self.ctx, self.cfg
         timer = Timer()
-        save_config(ctx)
         baselines = cfg.pipeline.baselines
         if baselines:
             cfg.teachers.plain = True
+        save_config(ctx)  # the config that runs (with the plain teacher the baselines need)
         steps = [("posttrain", PosttrainRecipe), ("distill_posttrain", DistillPosttrainRecipe),
                  ("finetune_teachers", FinetuneTeachersRecipe), ("distill_finetune", DistillFinetuneRecipe)]
         if baselines:
@@ -102,6 +102,10 @@ class PipelineRecipe:
                 raise ConfigError(f"pipeline.baselines: NewsBERT's teacher ({t_layers} layers) does not split into "
                                   f"blocks for a {n}-layer student (distill.student_layers); set newsbert.teacher_layers "
                                   "to a multiple, or pipeline.newsbert=false")
+            if cfg.newsbert.teacher_init != "plm" and t_layers != plm_layers(ctx):  # it would start from a snapshot
+                raise ConfigError(f"pipeline.baselines: NewsBERT's teacher starts from the last post-training snapshot "
+                                  f"(newsbert.teacher_init={cfg.newsbert.teacher_init}), which holds every layer of the "
+                                  "PLM; leave newsbert.teacher_layers at 0, or set newsbert.teacher_init=plm")
             steps.append(("newsbert", NewsBertRecipe))
         request = resume_request(cfg)
         if request not in ("", "auto"):
