@@ -64,8 +64,13 @@ def resolve_amp(amp: str, device: torch.device, cpu_auto: bool, dist_active: boo
     return "off", f"train.amp=auto: {device.type} without native bf16"
 
 
+def runs_bf16(device: torch.device, amp: str) -> bool:
+    """Whether ``amp`` means bf16 autocast (auto counts as bf16 on CUDA: a resolved run never passes auto)."""
+    return amp == "bf16" or (amp == "auto" and device.type == "cuda")
+
+
 def autocast_context(device: torch.device, amp: str):
-    """bf16 autocast for ``amp`` = bf16 (auto counts as bf16 on CUDA: a resolved run never passes auto)."""
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+    """bf16 autocast where runs_bf16, else nothing."""
+    if runs_bf16(device, amp):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -455,7 +455,7 @@ def test_teachers_from_reuses_the_teachers_and_changes_nothing_else(tmp_path, ca
     one = tmp_path / "one"
     assert main(args(one, cache_dir, synthetic_small, "stage=pipeline", "pipeline.baselines=true",
                      "distill.student_layers=1", f"pipeline.teachers_from={pipeline_run}",
-                     "train.heap_trim_every=7")) == 0  # housekeeping: no reason to refuse the teachers
+                     "train.heap_trim_every=7", "engine.prefetch=2")) == 0  # housekeeping: no reason to refuse them
     models = read(one / "metrics.json")["models"]
     assert {models[n]["layers"] for n in ("student", "student_plain", "newsbert_student")} == {1}
     check_click_metrics(models["newsbert_student"])
@@ -465,7 +465,8 @@ def test_teachers_from_reuses_the_teachers_and_changes_nothing_else(tmp_path, ca
     (("posttrain.teachers=3",), "its teachers were trained with other settings (posttrain.teachers: 2 there, 3 here)"),
     (("teachers_from=missing",), "its posttrain step has not finished"),
     (("distill.student_layers=3", "pipeline.baselines=true"), "does not split into blocks for a 3-layer student"),
-    (("newsbert.teacher_layers=2", "pipeline.baselines=true"), "holds every layer of the PLM; leave newsbert.teacher_layers")])
+    (("newsbert.teacher_layers=2", "pipeline.baselines=true"), "holds every layer of the PLM; leave newsbert.teacher_layers"),
+    (("engine.negatives=2",), "other settings (engine.negatives: 1 there, 2 here)")])
 def test_teachers_from_and_newsbert_refusals_come_before_any_training(tmp_path, cache_dir, synthetic_small,
                                                                       pipeline_run, capsys, extra, needle):
     src = tmp_path / "missing" if extra[0] == "teachers_from=missing" else pipeline_run

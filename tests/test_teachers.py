@@ -122,6 +122,11 @@ def test_teacher_bank_returns_what_the_teacher_computes_online(tmp_path):
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(AssertionError, match="outside the bank"):
         more.read(np.array([7]), torch.device("cpu"))
+    # vectors computed in bf16 are another bank: neither precision reads the other's
+    half, build = TeacherBank.open_or_build(stack, sums, inputs, wanted, tmp_path, DistInfo(), amp="bf16")
+    assert build.news_encoded == len(wanted) * 3 and half.directories != again.directories
+    assert not torch.equal(half.read(online, torch.device("cpu")), got)
+    assert TeacherBank.open_or_build(stack, sums, inputs, wanted, tmp_path, DistInfo(), amp="off")[1].news_encoded == 0
 
 
 def _saved_teacher(tmp_path):

@@ -2,8 +2,9 @@
 
 A teacher that teaches is frozen, so its vector for a news never changes: a student step reads it
 like a cache entry that never expires instead of running the teacher's PLM. Each teacher's vectors
-live in a memory-mapped float32 array [num_news, D] keyed by the teacher's weights checksum and the
-token store's digest, so a later run with the same teacher and tokens reuses them. Building is
+live in a memory-mapped float32 array [num_news, D] keyed by the teacher's weights checksum, the token store's
+digest and the precision they were computed in, so a later run with the same teacher, tokens and precision reuses
+them. Building is
 padding-free: news are grouped by exact token length, so every encoder call holds rows of one length,
 and M teachers are encoded together through a :class:`SharedPrefixStack` (their common frozen layers
 run once per news).
@@ -20,7 +21,7 @@ import torch
 
 from speedyrec.engine.distributed import DistInfo, all_gather_rows, barrier
 from speedyrec.engine.runlog import progress
-from speedyrec.engine.precision import autocast_context
+from speedyrec.engine.precision import autocast_context, runs_bf16
 from speedyrec.models.backbone import eval_mode
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
@@ -76,7 +77,9 @@ class TeacherBank:
         built where missing. Collective: every rank calls it; each encodes a share, rank 0 writes."""
         t0 = time.perf_counter()
         store_key = inputs.store.digest()[:16]
-        dirs = [Path(root) / f"{c[:24]}-{store_key}" for c in checksums]
+        # the precision the vectors are computed in keys them too: a bf16 run does not read an fp32 bank, nor back
+        precision = "bf16" if runs_bf16(dist.device, amp) else "fp32"
+        dirs = [Path(root) / f"{c[:24]}-{store_key}-{precision}" for c in checksums]
         news = np.unique(np.asarray(news, dtype=np.int64))
         num_news, dim = inputs.store.num_news, stack.dim
         need = []

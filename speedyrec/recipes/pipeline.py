@@ -32,10 +32,13 @@ METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 TEACHER_STEPS = ("posttrain", "finetune_teachers")
 # what the teachers were trained with must equal this run's (but teachers.plain may have been on there: a plain
 # teacher this run does not need is left unused); where outputs go, checkpoints, logging and heap trimming may
-# differ (a run made before one of these keys existed saved no value for it)
-TEACHER_KEYS = ("data.", "model.", "posttrain.", "teachers.", "train.")
+# differ, and the engine settings that change the cost, not the result (the frozen-layer caches, the cache audit
+# and global dedup are tested to train the same; prefetch and chunking change no value); a run made before one of
+# these keys existed saved no value for it
+TEACHER_KEYS = ("data.", "model.", "posttrain.", "teachers.", "train.", "engine.")
 FREE_KEYS = ("data.cache_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-             "train.heap_trim_every")
+             "train.heap_trim_every", "engine.frozen_cache", "engine.cache_audit", "engine.global_dedup",
+             "engine.prefetch", "engine.chunk_tokens")
 
 
 def teachers_depend_on(key: str, then, now) -> bool:
