@@ -165,6 +165,10 @@ class PosttrainConfig:
     snapshot_after: int = 120  # steps before the first snapshot (the loss has flattened by then)
     snapshot_every: int = 40  # K: steps between snapshots (paper: 500)
     holdout: int = 500  # news kept out of training, for the title-retrieval accuracy of every snapshot
+    # which news post-training (and Stage I) reads: all = every news with a title and a body, the dev and test
+    # candidates' text included (self-supervised, no labels are read, but transductive: the evaluation news' text
+    # shapes the teachers); train = only news the training log shows (its histories and impressions)
+    news: str = "all"
 
 
 @dataclass
@@ -526,6 +530,7 @@ def _validate_distillation(cfg: Config) -> None:
     if not 0.0 <= nb.momentum < 1.0:
         raise ConfigError(f"config key 'newsbert.momentum' must be in [0, 1), got {nb.momentum}")
     _choice("distill.student_init", di.student_init, ("stage1", "plm"))
+    _choice("posttrain.news", pt.news, ("all", "train"))
     _choice("newsbert.teacher_init", nb.teacher_init, ("auto", "plm", "posttrain"))
     if cfg.distill.student_layers <= 0:
         raise ConfigError(f"config key 'distill.student_layers' must be positive, got {cfg.distill.student_layers}")

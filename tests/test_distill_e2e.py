@@ -103,6 +103,25 @@ def test_pipeline_stage_outputs(pipeline_run):
             assert any(k.startswith("dev") for k in kinds), (stage, kinds)
 
 
+def test_posttraining_can_leave_out_the_news_the_training_log_never_shows(tmp_path, cache_dir, synthetic_small,
+                                                                          pipeline_run):
+    """posttrain.news=train reads no dev or test candidate's text: the news left out are exactly those of the news
+    files that no training history or impression shows (counted here from the files themselves)."""
+    news = {line.split("\t")[0] for split in ("train", "dev") for line in open(synthetic_small / split / "news.tsv")}
+    shown = set()
+    for line in open(synthetic_small / "train" / "behaviors.tsv"):
+        f = line.rstrip("\n").split("\t")
+        shown |= set(f[3].split()) | {c.rsplit("-", 1)[0] for c in f[4].split()}
+    everything = read(pipeline_run / "posttrain/stats.json")
+    assert everything["news_without_title_or_body"] == 0 and everything["news_outside_train"] == 0
+    out = tmp_path / "o"
+    assert main(args(out, cache_dir, synthetic_small, "stage=posttrain", "posttrain.news=train")) == 0
+    only = read(out / "posttrain/stats.json")
+    assert only["news_outside_train"] == len(news - shown) > 0
+    assert only["news_in_data"] + only["holdout_news"] == len(news & shown) == \
+        everything["news_in_data"] + everything["holdout_news"] - len(news - shown)
+
+
 def test_each_finetuned_teacher_starts_from_its_own_snapshot(pipeline_run):
     out = pipeline_run
     post = {s["name"]: s["checksum"] for s in read(out / "posttrain/metrics.json")["snapshots"]}

@@ -33,6 +33,7 @@ class TitleBodyData:
     train_news: np.ndarray  # int64: news with a title and a body, not held out
     holdout: np.ndarray  # int64: news kept out of training for the retrieval accuracy
     news_without_body: int  # news skipped for an empty title or body (counted, reported)
+    news_outside_train: int = 0  # posttrain.news=train: news left out because the training log never shows them
 
 
 def build_title_body_data(ctx) -> TitleBodyData:
@@ -42,14 +43,25 @@ def build_title_body_data(ctx) -> TitleBodyData:
     every = np.arange(titles.store.num_news)
     eligible = every[(titles.store.lengths(every) > 2) & (bodies.store.lengths(every) > 2)]
     skipped = len(every) - len(eligible)
+    outside = 0
+    if pt.news == "train":  # only what the training log shows: no dev or test candidate's text
+        train = ctx.data.train
+        seen = np.zeros(len(every), dtype=bool)
+        seen[train.history.values] = True
+        seen[train.candidates.values] = True
+        outside = int((~seen[eligible]).sum())
+        eligible = eligible[seen[eligible]]
+        if ctx.dist.is_main:
+            log.info("post-training: %d news outside the training log left out (posttrain.news=train)", outside)
     if len(eligible) < pt.holdout + pt.negatives + 1:
+        where = " and appear in the training log (posttrain.news=train)" if pt.news == "train" else ""
         raise DataError(f"post-training needs news with both a title and a body: {len(eligible)} of {len(every)} "
-                        f"have both, fewer than posttrain.holdout={pt.holdout} + posttrain.negatives + 1 "
+                        f"have both{where}, fewer than posttrain.holdout={pt.holdout} + posttrain.negatives + 1 "
                         f"(bodies come from bodies.tsv, or DocFeatures.tsv in the SpeedyRec layout)")
     perm = np.random.default_rng(HOLDOUT_SEED).permutation(eligible)
     if skipped and ctx.dist.is_main:
         log.warning("post-training: %d of %d news have an empty title or body and are skipped", skipped, len(every))
-    return TitleBodyData(titles, bodies, np.sort(perm[pt.holdout:]), np.sort(perm[: pt.holdout]), skipped)
+    return TitleBodyData(titles, bodies, np.sort(perm[pt.holdout:]), np.sort(perm[: pt.holdout]), skipped, outside)
 
 
 @dataclass

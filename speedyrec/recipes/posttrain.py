@@ -86,7 +86,8 @@ class PosttrainRecipe(StageRecipe):
         for inputs in (data.titles, data.bodies):
             inputs.close_frozen_prefix()
         stats = {**loop_stats(trainer, setup, per="news_trained"), "news_in_data": len(data.train_news),
-                 "holdout_news": len(data.holdout), "news_without_title_or_body": data.news_without_body}
+                 "holdout_news": len(data.holdout), "news_without_title_or_body": data.news_without_body,
+                 "news_outside_train": data.news_outside_train}
         metrics = {"initial": initial, "snapshots": self.snapshots, "loss_curve": self._curve()}
         if dist.is_main:
             write_json(self.out / "metrics.json", metrics)
