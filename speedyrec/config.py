@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -579,9 +580,17 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(config_yaml(cfg), encoding="utf-8")
 
 
-def defaults_digest() -> str:
-    """A short hash of the resolved default config (what ``speedyrec.train`` with no arguments runs, before the
-    machine resolves train.amp=auto): a timing of the main job belongs to the defaults that hash the same."""
+# sections stage=finetune never reads (the distillation stages'): their defaults do not change the main job
+NOT_READ_BY_THE_MAIN_JOB = ("posttrain.", "distill.", "teachers.", "newsbert.", "pipeline.")
+
+
+def defaults_digest(flat: dict | None = None) -> str:
+    """A short hash of the resolved default config as the main job (``speedyrec.train`` with no arguments, before
+    the machine resolves train.amp=auto) reads it, or of ``flat`` (a flat config dict, as a timing recorded it):
+    a timing of the main job belongs to the defaults that hash the same. Keys of the sections stage=finetune
+    never reads are left out, so a new distillation option does not void the main job's timing."""
     import hashlib
 
-    return hashlib.sha256(config_yaml(load_config(None, [])).encode()).hexdigest()[:16]
+    flat = flat_config(load_config(None, []).to_dict()) if flat is None else flat
+    kept = {k: v for k, v in sorted(flat.items()) if not k.startswith(NOT_READ_BY_THE_MAIN_JOB)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
