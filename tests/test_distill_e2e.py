@@ -81,16 +81,24 @@ def test_pipeline_stage_outputs(pipeline_run):
     stage1 = read(out / "distill_posttrain/metrics.json")
     assert set(stage1["teachers"]) == {"teacher_1", "teacher_2"}
     s1 = read(out / "distill_posttrain/stats.json")
-    assert s1["teachers"] == 2 and s1["bank_padded_tokens"] == 0 and s1["news_trained"] > 0
+    assert s1["teachers"] == 2 and s1["bank_padded_tokens"] == 0
+    # Stage I's 3 steps (train.max_steps) are the first 3 of the epoch's nearly equal batches of 16 post-training news
+    import numpy as np
+
+    n_post = read(out / "posttrain/stats.json")["news_in_data"]
+    assert n_post == 750 - 40  # every synthetic news has a title and a body; posttrain.holdout=40
+    assert s1["news_trained"] == sum(len(b) for b in np.array_split(np.arange(n_post), -(-n_post // 16))[:3])
     teachers = read(out / "finetune_teachers/stats.json")
     check_engine_stats(teachers)
     assert teachers["teachers"] == 3 and teachers["shared_frozen_layers"] == 1  # 4 layers: 3 post-trained, 2 finetuned
     # the teachers' stage leaves their news vectors in the bank; Stage II finds them there
-    assert teachers["bank_news_encoded"] > 0 and teachers["bank_padded_tokens"] == 0
+    assert teachers["bank_news_encoded"] == 3 * 750 and teachers["bank_padded_tokens"] == 0  # every news, 3 teachers
     stage2 = read(out / "distill_finetune/stats.json")
     check_engine_stats(stage2)
     assert stage2["teachers"] == 2 and stage2["bank_news_encoded"] == 0
-    assert all(stage2[k] > 0 for k in ("loss_distill", "loss_emb", "loss_ce"))
+    assert all(stage2[k] > 0 for k in ("loss_distill", "loss_emb"))
+    # 3 steps leave the student's click scores near chance: CE over a click and 1 negative about ln 2
+    assert stage2["loss_ce"] == pytest.approx(math.log(2), abs=0.1)
     nb = read(out / "newsbert/stats.json")
     check_engine_stats(nb)
     assert nb["teacher_layers"] == 4 and nb["student_layers"] == 2 and nb["loss_hidden"] > 0
@@ -212,9 +220,34 @@ def test_newsbert_trains_the_shared_layers_and_both_encoders(tmp_path, cache_dir
         names = [k for k in trained if k.startswith(prefix)]
         assert names and any(not torch.equal(trained[k], start[k]) for k in names), prefix
     teacher = torch.load(out / "newsbert/teacher.pt", weights_only=False)["delta"]
-    assert any(k.startswith("news_encoder.backbone.layers.3.") for k in teacher)
+    t_start = initial.teacher.state_dict()
+    for layer in range(4):  # the teacher's own transformer trained too, every layer of it
+        names = [k for k in teacher if k.startswith(f"news_encoder.backbone.layers.{layer}.")]
+        assert names and any(not torch.equal(teacher[k], t_start[k]) for k in names), layer
     for k in ("news_encoder.pool.query", "news_encoder.proj.weight", "user_encoder.empty"):
         assert torch.equal(teacher[k], trained[k])  # one module, shared
+
+
+def test_newsbert_applies_momentum_distillation_at_every_step(tmp_path, cache_dir, synthetic_small, monkeypatch):
+    """The momentum update runs as the trainer's gradient hook: once per optimizer step, after the backward (every
+    student layer has its gradient), with the configured beta; off (no hook) at newsbert.momentum=0."""
+    from speedyrec.recipes import newsbert
+
+    calls = []
+    real = newsbert.momentum_gradients
+
+    def recording(student_layers, teacher_layers, beta):
+        calls.append((len(student_layers), len(teacher_layers), beta,
+                      all(p.grad is not None for layer in student_layers for p in layer.parameters())))
+        return real(student_layers, teacher_layers, beta)
+
+    monkeypatch.setattr(newsbert, "momentum_gradients", recording)
+    for beta in (0.3, 0.0):
+        out = tmp_path / f"m{beta}"
+        assert main(args(out, cache_dir, synthetic_small, "stage=newsbert", "newsbert.teacher_init=plm",
+                         f"newsbert.momentum={beta}", "engine.token_budget=600")) == 0
+        steps = read(out / "newsbert/stats.json")["steps"]
+        assert steps == 3 and calls == [(2, 4, 0.3, True)] * steps
 
 
 def test_newsbert_losses_count_only_the_rows_it_trains_not_the_cache_audits(tmp_path, cache_dir, synthetic_small):
