@@ -29,11 +29,11 @@ MIN_TOKENS, MAX_TOKENS = 96, 510
 
 
 def load_model(layers: int, quick: bool):
-    from speedyrec.build import build_model
-    from speedyrec.config import load_config
     from speedyrec.engine.distributed import DistInfo
+
+    from speedyrec.build import build_context, build_model
+    from speedyrec.config import load_config
     from speedyrec.models.buslm import BusLMNewsEncoder
-    from speedyrec.recipes.common import build_context
 
     enc = (["model.encoder=random:hidden=32,layers=2,heads=2,intermediate=64", "model.vocab_size=800",
             "data.synthetic_users=300"] if quick else ["model.encoder=auto", f"model.layers={layers}"])

@@ -1,6 +1,7 @@
 """What M teachers cost: teacher finetuning and Stage II distillation, the speedyrec way against the naive way.
 
-``python -m benchmarks.multiteacher [--quick] [--teachers M] [--finetune-steps S] [--stage2-steps S] [--naive-steps S]``
+``python -m benchmarks.multiteacher [--quick] [--teachers M] [--finetune-steps S] [--stage2-steps S] [--naive-steps S]
+[--repeats R] [--out DIR]``
 
 Every run is a fresh ``speedyrec.train`` process on the synthetic default with all-MiniLM-L6-v2 teachers and
 its first 2 layers as the student; costs are the training loop's seconds (stats.json ``wall_seconds``).
@@ -19,21 +20,38 @@ steady: the frozen-layer caches fill in the first steps and take a small share o
 student alone train a full epoch unless --stage2-steps, because the bank is built once per stage and must be
 charged against the whole stage. Naive runs train --naive-steps and their cost per step is multiplied by the
 steps of the speedyrec run they stand beside (no naive run has a cache that warms up, so its cost per step is
-steady). The embedding cache is off in every run.
+steady). The embedding cache is off in every run, and every other setting that decides the cost is pinned (PINNED).
 Teachers' weights do not change the cost: they come from a few post-training and finetuning steps.
+
+The finetuning bound: one teacher is run twice, as is and with none of its transformer trained
+(``teachers.finetune_layers=0``); the second is the part M teachers can share at best, the difference what each
+pays for its own top layers. Stage II and the student alone run --repeats times, interleaved, each Stage II repeat
+compared with the student run of its round; the table gives the median and the range, and says whether the ratio
+is distinguishable from 1.00. Peak memory is the stage process's resident peak (stats.json ``peak_rss_mb``).
+Runs are kept in results/ledger/multiteacher.json as they finish, so the benchmark continues across sessions.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import machine, md_table, run_job, write_results
+from benchmarks.common import committed_runs, machine, md_table, run_job, run_job_kept, write_results
 from benchmarks.quality import TINY6
 
-BASE = ["data.synthetic_users=2000", "model.encoder=auto", "eval.max_impressions=20", "engine.cache=false"]
-QUICK_BASE = ["data.synthetic_users=300", *TINY6, "eval.max_impressions=20", "engine.cache=false"]
+# every setting that decides what a run costs, pinned: the student alone (stage=finetune) and Stage II would
+# otherwise resolve other defaults (stage=finetune takes 4 negatives per click and bf16 on this CPU, the
+# distillation stages 1 and float32), and a later change of a default would move the table without a word
+PINNED = ["engine.negatives=1", "train.amp=off", "train.lr_schedule=linear", "train.warmup_steps=0",
+          "train.grad_accum=1", "engine.token_budget=20000", "engine.buckets=2", "engine.chunk_tokens=2048",
+          "engine.dynamic_batching=true", "engine.dedup=true", "engine.autoregressive=true",
+          "engine.inbatch_negatives=false", "engine.random_negatives=uniform", "engine.cache=false",
+          "engine.frozen_cache=true", "data.title_tokens=30", "data.abstract_tokens=0", "data.max_history=50",
+          "teachers.finetune_layers=2", "distill.student_layers=2", "train.epochs=1"]
+BASE = ["data.synthetic_users=2000", "model.encoder=auto", "eval.max_impressions=20", *PINNED]
+QUICK_BASE = ["data.synthetic_users=300", *TINY6, "eval.max_impressions=20", *PINNED]
 
 
 def _link(dst: Path, src: Path) -> None:
@@ -46,11 +64,12 @@ def prepare(root: Path, m_max: int, base: list[str]) -> dict[str, Path]:
     """Post-training snapshots, finetuned teachers and a Stage I student (a few steps each), then one from_dir
     folder per M holding the first M of each, and one per teacher holding only it."""
     prep = root / "prep"
-    run_job("prep", [*base, "stage=posttrain", f"posttrain.teachers={m_max}", "posttrain.snapshot_after=2",
-                     "posttrain.snapshot_every=2", "posttrain.holdout=50"], root, stage="posttrain")
-    run_job("prep", [*base, "stage=finetune_teachers", "train.max_steps=2"], root, stage="finetune_teachers")
-    run_job("prep", [*base, "stage=distill_posttrain", "train.max_steps=2", "distill.stage1_epochs=1"], root,
-            stage="distill_posttrain")
+    if not (prep / "distill_posttrain" / "student.pt").exists():
+        run_job("prep", [*base, "stage=posttrain", f"posttrain.teachers={m_max}", "posttrain.snapshot_after=2",
+                         "posttrain.snapshot_every=2", "posttrain.holdout=50"], root, stage="posttrain")
+        run_job("prep", [*base, "stage=finetune_teachers", "train.max_steps=2"], root, stage="finetune_teachers")
+        run_job("prep", [*base, "stage=distill_posttrain", "train.max_steps=2", "distill.stage1_epochs=1"], root,
+                stage="distill_posttrain")
     dirs = {}
     for m in range(1, m_max + 1):
         d = root / f"teachers_{m}"
@@ -69,108 +88,180 @@ def prepare(root: Path, m_max: int, base: list[str]) -> dict[str, Path]:
 def cost(run: dict) -> dict:
     s = run["stats"]
     return {"loop_seconds": s["wall_seconds"], "steps": s["steps"], "clicks_trained": s["clicks_trained"],
-            "bank_seconds": s.get("bank_seconds", 0.0), "process_seconds": run["process_seconds"],
+            "bank_seconds": s.get("bank_seconds", 0.0), "bank_news_encoded": s.get("bank_news_encoded", 0),
+            "shared_frozen_layers": s.get("shared_frozen_layers"), "peak_rss_mb": s.get("peak_rss_mb"),
+            "train_peak_rss_mb": s.get("train_peak_rss_mb"), "process_seconds": run["process_seconds"],
             "command": run["command"]}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.multiteacher", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a tiny random encoder, 300 users, M up to 2, 6 steps per "
-                   "speedyrec run and 3 per naive run: checks the harness")
+                   "speedyrec run and 3 per naive run, one repeat: checks the harness")
     p.add_argument("--teachers", type=int, default=None, help="largest M (default 4; --quick: 2)")
     p.add_argument("--finetune-steps", type=int, default=None, help="steps per teacher-finetuning run (default 30)")
     p.add_argument("--stage2-steps", type=int, default=None, help="steps per Stage II / student run (default: an epoch)")
     p.add_argument("--naive-steps", type=int, default=None, help="steps per naive run (default 12)")
+    p.add_argument("--repeats", type=int, default=None, help="runs of every Stage II row and of the student alone, "
+                   "interleaved (default 3; --quick 1)")
+    p.add_argument("--out", default="", help="keep the runs here and reuse finished ones (default: a temporary folder); "
+                   "finished runs are also kept in results/ledger/multiteacher.json, so the table spans sessions")
     p.add_argument("--report", metavar="JSON", help="only re-render the tables from a results file's runs")
     a = p.parse_args(argv)
     if a.report:
         saved = json.loads(Path(a.report).read_text())
         return report(saved["runs"], max(f["teachers"] for f in saved["finetune"]), 0 if saved["stage2_full_epoch"]
-                      else saved["stage2_steps"], saved["naive_steps"], saved["machine"], saved["quick"])
+                      else saved["stage2_steps"], saved["naive_steps"], saved["machine"], saved["quick"],
+                      saved.get("repeats", 1))
     ft_steps = a.finetune_steps or (6 if a.quick else 30)
     s2_steps = a.stage2_steps if a.stage2_steps is not None else (6 if a.quick else 0)
     naive_steps = a.naive_steps or (3 if a.quick else 12)
+    repeats = a.repeats or (1 if a.quick else 3)
     m_max = a.teachers or (2 if a.quick else 4)
     base = QUICK_BASE if a.quick else BASE
     ft_limit = [f"train.max_steps={ft_steps}"]
     limit = [f"train.max_steps={s2_steps}"] if s2_steps else []
     info = machine()
+    committed = {} if a.quick else committed_runs("multiteacher")
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        dirs = prepare(root, m_max, base)
+        root = Path(a.out or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        dirs: dict[str, Path] = {}
+
+        def kept(name, overrides, stage=""):
+            # run in the --out folder, which the overrides' folders are relative to: a later session (another
+            # --out) then reuses the ledger's runs, whose overrides name no folder of this one
+            job = run_job_kept(name, overrides, root, committed=committed.get(name), stage=stage, cwd=root,
+                               ledger="" if a.quick else "multiteacher")
+            return cost(job)
+
+        def source(key):  # the prepared teachers (relative to --out), made on first use: none if every run is kept
+            if not dirs:
+                dirs.update(prepare(root, m_max, base))
+            return dirs[key].relative_to(root)
+
         runs: dict[str, dict] = {}
         for m in range(1, m_max + 1):
-            runs[f"finetune_ours_{m}"] = cost(run_job(f"finetune_ours_{m}", [
-                *base, "stage=finetune_teachers", f"distill.from_dir={dirs[f'first_{m}']}", *ft_limit], root,
-                stage="finetune_teachers"))
-            runs[f"finetune_naive_single_{m}"] = cost(run_job(f"finetune_naive_{m}", [
-                *base, "stage=finetune_teachers", f"distill.from_dir={dirs[f'only_{m}']}", "engine.frozen_cache=false",
-                f"train.max_steps={naive_steps}"], root, stage="finetune_teachers"))
-        runs["student"] = cost(run_job("student", [*base, "stage=finetune", "model.layers=2", "model.freeze_layers=0",
-                                                   *limit], root))
+            runs[f"finetune_ours_{m}"] = kept(f"finetune_ours_{m}", [
+                *base, "stage=finetune_teachers", f"distill.from_dir={source(f'first_{m}')}", *ft_limit],
+                stage="finetune_teachers")
+            runs[f"finetune_naive_single_{m}"] = kept(f"finetune_naive_{m}", [
+                *base, "stage=finetune_teachers", f"distill.from_dir={source(f'only_{m}')}", "engine.frozen_cache=false",
+                f"train.max_steps={naive_steps}"], stage="finetune_teachers")
+        # the bound's measurement: one teacher with nothing of its transformer trained (its every layer cached)
+        runs["finetune_ours_1_no_top"] = kept("finetune_ours_1_no_top", [
+            *base, "stage=finetune_teachers", f"distill.from_dir={source('first_1')}", "teachers.finetune_layers=0",
+            *ft_limit], stage="finetune_teachers")
+        for r in range(repeats):  # interleaved: a slow spell of the machine touches every row alike
+            runs[f"student_r{r}"] = kept(f"student_r{r}", [*base, "stage=finetune", "model.layers=2",
+                                                          "model.freeze_layers=0", f"train.seed={r}", *limit])
+            for m in range(1, m_max + 1):
+                runs[f"stage2_ours_{m}_r{r}"] = kept(f"stage2_ours_{m}_r{r}", [
+                    *base, "stage=distill_finetune", f"distill.from_dir={source(f'first_{m}')}",
+                    f"distill.bank_dir=banks_{m}_r{r}", f"train.seed={r}", *limit], stage="distill_finetune")
         for m in range(1, m_max + 1):
-            runs[f"stage2_ours_{m}"] = cost(run_job(f"stage2_ours_{m}", [
-                *base, "stage=distill_finetune", f"distill.from_dir={dirs[f'first_{m}']}",
-                f"distill.bank_dir={root / f'banks_{m}'}", *limit], root, stage="distill_finetune"))
-            runs[f"stage2_naive_{m}"] = cost(run_job(f"stage2_naive_{m}", [
-                *base, "stage=distill_finetune", f"distill.from_dir={dirs[f'first_{m}']}", "distill.bank=false",
-                f"train.max_steps={naive_steps}"], root, stage="distill_finetune"))
-    return report(runs, m_max, s2_steps, naive_steps, info, a.quick)
+            runs[f"stage2_naive_{m}"] = kept(f"stage2_naive_{m}", [
+                *base, "stage=distill_finetune", f"distill.from_dir={source(f'first_{m}')}", "distill.bank=false",
+                f"train.max_steps={naive_steps}"], stage="distill_finetune")
+    return report(runs, m_max, s2_steps, naive_steps, info, a.quick, repeats)
 
 
-def report(runs: dict, m_max: int, s2_steps: int, naive_steps: int, info: dict, quick: bool) -> dict:
+def finetune_bound(runs: dict, m: int) -> float:
+    """The least M teachers can cost, as a multiple of one: the part of one teacher's run that is not its own top
+    layers (measured: the run with teachers.finetune_layers=0, every layer cached) is shared at best, the rest
+    (its top layers' forward and backward) is paid once per teacher. f + M (1 - f), f = no-top / one."""
+    f = runs["finetune_ours_1_no_top"]["loop_seconds"] / runs["finetune_ours_1"]["loop_seconds"]
+    return f + m * (1.0 - f)
+
+
+def report(runs: dict, m_max: int, s2_steps: int, naive_steps: int, info: dict, quick: bool, repeats: int = 1) -> dict:
     ours_steps = runs["finetune_ours_1"]["steps"]
-    per_step = lambda r: r["loop_seconds"] / max(r["steps"], 1)
+    per_step = lambda r: r["loop_seconds"] / max(r["steps"], 1)  # noqa: E731
     one = runs["finetune_ours_1"]["loop_seconds"]
-    student = runs["student"]["loop_seconds"]
+    students = [runs[f"student_r{r}"] for r in range(repeats)]
+    student = statistics.median(s["loop_seconds"] for s in students)
     finetune, stage2 = [], []
     for m in range(1, m_max + 1):
         ours = runs[f"finetune_ours_{m}"]["loop_seconds"]
         naive = sum(per_step(runs[f"finetune_naive_single_{k}"]) for k in range(1, m + 1)) * ours_steps
+        bound = finetune_bound(runs, m)
         finetune.append({"teachers": m, "ours_seconds": ours, "naive_seconds": naive, "ours_over_one": ours / one,
+                         "bound_over_one": bound, "ours_over_bound": ours / one / bound,
                          "naive_over_one": naive / one, "naive_over_ours": naive / ours})
-        r = runs[f"stage2_ours_{m}"]
-        s2 = r["loop_seconds"] + r["bank_seconds"]
-        naive = per_step(runs[f"stage2_naive_{m}"]) * runs["student"]["steps"]
-        stage2.append({"teachers": m, "ours_seconds": s2, "ours_loop_seconds": r["loop_seconds"],
-                       "bank_seconds": r["bank_seconds"], "naive_seconds": naive, "ours_over_student": s2 / student,
-                       "ours_loop_over_student": r["loop_seconds"] / student, "naive_over_student": naive / student,
-                       "naive_over_ours": naive / s2})
-    s2_window = f"{runs['student']['steps']} steps" + (" (a full epoch)" if not s2_steps else "")
+        reps = [runs[f"stage2_ours_{m}_r{r}"] for r in range(repeats)]
+        # each repeat against the student run of the same round (same seed, neighbouring in time)
+        ratios = [(x["loop_seconds"] + x["bank_seconds"]) / s["loop_seconds"] for x, s in zip(reps, students)]
+        loop_ratios = [x["loop_seconds"] / s["loop_seconds"] for x, s in zip(reps, students)]
+        s2 = statistics.median(x["loop_seconds"] + x["bank_seconds"] for x in reps)
+        naive = per_step(runs[f"stage2_naive_{m}"]) * students[0]["steps"]
+        stage2.append({"teachers": m, "ours_seconds": s2,
+                       "ours_loop_seconds": statistics.median(x["loop_seconds"] for x in reps),
+                       "bank_seconds": statistics.median(x["bank_seconds"] for x in reps),
+                       "bank_news_encoded": reps[0]["bank_news_encoded"],
+                       "shared_frozen_layers": reps[0]["shared_frozen_layers"],
+                       "peak_rss_mb": max(x["peak_rss_mb"] or 0 for x in reps),
+                       "train_peak_rss_mb": max(x["train_peak_rss_mb"] or 0 for x in reps),
+                       "ours_over_student_repeats": ratios, "ours_over_student": statistics.median(ratios),
+                       "ours_loop_over_student": statistics.median(loop_ratios),
+                       "distinguishable_from_one": repeats > 1 and (min(ratios) > 1.0 or max(ratios) < 1.0),
+                       "naive_seconds": naive, "naive_over_student": naive / student, "naive_over_ours": naive / s2})
+    s2_window = f"{students[0]['steps']} steps" + (" (a full epoch)" if not s2_steps else "")
     conventional_one = per_step(runs["finetune_naive_single_1"]) * ours_steps
+    by_m = lambda rows, key: {str(r["teachers"]): r[key] for r in rows}  # noqa: E731
+    m4 = next((f for f in finetune if f["teachers"] == 4), None)
+    s4 = next((s for s in stage2 if s["teachers"] == 4), None)
     payload = {
-        "finetune_m4_over_one": next((f["ours_over_one"] for f in finetune if f["teachers"] == 4), None),
+        "finetune_m4_over_one": m4 and m4["ours_over_one"],
+        "finetune_m4_bound": m4 and m4["bound_over_one"],
+        "finetune_m4_over_bound": m4 and m4["ours_over_bound"],
         # the same M = 4 run against one teacher finetuned the conventional way (its whole PLM at every step)
-        "finetune_m4_over_one_conventional": next((f["ours_seconds"] / conventional_one for f in finetune
-                                                   if f["teachers"] == 4), None),
-        "stage2_m4_over_student": next((s["ours_over_student"] for s in stage2 if s["teachers"] == 4), None),
-        "machine": info, "quick": quick, "finetune_steps": ours_steps, "stage2_steps": runs["student"]["steps"],
-        "stage2_full_epoch": not s2_steps, "naive_steps": naive_steps,
-        "student_seconds": student, "one_teacher_seconds": one, "finetune": finetune, "stage2": stage2, "runs": runs,
+        "finetune_m4_over_one_conventional": m4 and m4["ours_seconds"] / conventional_one,
+        "stage2_m4_over_student": s4 and s4["ours_over_student"],
+        "stage2_m4_over_student_repeats": s4 and s4["ours_over_student_repeats"],
+        "stage2_peak_rss_mb": by_m(stage2, "peak_rss_mb"), "bank_seconds": by_m(stage2, "bank_seconds"),
+        "stage2_m4_peak_rss_over_m1": s4 and s4["peak_rss_mb"] / stage2[0]["peak_rss_mb"],
+        "machine": info, "quick": quick, "pinned": PINNED, "repeats": repeats, "finetune_steps": ours_steps,
+        "stage2_steps": students[0]["steps"], "stage2_full_epoch": not s2_steps, "naive_steps": naive_steps,
+        "student_seconds": student, "student_seconds_repeats": [s["loop_seconds"] for s in students],
+        "one_teacher_seconds": one, "one_teacher_no_top_seconds": runs["finetune_ours_1_no_top"]["loop_seconds"],
+        "finetune": finetune, "stage2": stage2, "runs": runs,
     }
-    fmt = lambda x: f"{x:.2f}x"
+    fmt = lambda x: f"{x:.2f}x"  # noqa: E731
+    f_shared = runs["finetune_ours_1_no_top"]["loop_seconds"] / one
+    spread = lambda xs: f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"  # noqa: E731
     md = ["# Multi-teacher cost: speedyrec vs the naive way\n",
           f"Device: {info['device']}, torch {info['torch']}. Synthetic default (2,000 users), all-MiniLM-L6-v2 "
           f"teachers (top 2 of 6 layers finetuned), its first 2 layers as the student. Costs are training-loop "
           f"seconds: teacher finetuning over its first {ours_steps} steps, Stage II and the student alone over "
-          f"{s2_window}; naive runs trained {naive_steps} steps, their cost per step times the same steps. The "
-          f"embedding cache is off everywhere. Command: `python -m benchmarks.multiteacher"
+          f"{s2_window}, {repeats} run(s) each, interleaved (median; range in brackets); naive runs trained "
+          f"{naive_steps} steps, their cost per step times the same steps. Every setting that decides the cost is "
+          f"pinned, the same for every run: `{' '.join(PINNED)}`. Command: `python -m benchmarks.multiteacher"
           f"{' --quick' if quick else ''}`.\n",
           "## Finetuning M teachers\n",
           f"One teacher alone: {one:.0f} s with speedyrec, {conventional_one:.0f} s the conventional way (its whole "
-          f"PLM at every step). A teacher's step is mostly its own top layers' forward and backward (82% of one "
-          f"teacher's first 20 steps in a py-spy profile; filling the frozen-layer caches took 15%), which no "
-          f"sharing removes: M teachers cost about M times one.\n",
-          md_table(["M", "speedyrec s", "vs one teacher", "naive s", "naive vs one teacher", "naive / speedyrec"],
-                   [[f["teachers"], f"{f['ours_seconds']:.0f}", fmt(f["ours_over_one"]), f"{f['naive_seconds']:.0f}",
-                     fmt(f["naive_over_one"]), fmt(f["naive_over_ours"])] for f in finetune]),
+          f"PLM at every step). The bound: the same teacher with none of its transformer trained (every layer "
+          f"cached) takes {runs['finetune_ours_1_no_top']['loop_seconds']:.0f} s, {f_shared:.0%} of one teacher's "
+          f"run; at best M teachers share that part and pay the rest (their own top layers' forward and backward) "
+          f"once each: {f_shared:.2f} + M x {1 - f_shared:.2f} times one teacher.\n",
+          md_table(["M", "speedyrec s", "vs one teacher", "bound", "speedyrec / bound", "naive s",
+                    "naive vs one teacher", "naive / speedyrec"],
+                   [[f["teachers"], f"{f['ours_seconds']:.0f}", fmt(f["ours_over_one"]), fmt(f["bound_over_one"]),
+                     f"{f['ours_over_bound']:.2f}", f"{f['naive_seconds']:.0f}", fmt(f["naive_over_one"]),
+                     fmt(f["naive_over_ours"])] for f in finetune]),
           "\n## Stage II: the student with M teachers\n",
-          f"The same student without teachers: {student:.0f} s. Speedyrec's cost includes building the bank.\n",
-          md_table(["M", "speedyrec s (loop + bank)", "vs student", "loop only vs student", "naive s",
-                    "naive vs student", "naive / speedyrec"],
+          f"The same student without teachers: {student:.0f} s (runs: "
+          f"{', '.join(f'{s:.0f}' for s in payload['student_seconds_repeats'])}). Speedyrec's cost includes building "
+          f"the bank, whose teachers run the layers they share once for all M. Peak memory: the process's resident "
+          f"peak (the bank's build included) and the training loop's.\n",
+          md_table(["M", "speedyrec s (loop + bank)", "vs student", "differs from 1.00", "loop only vs student",
+                    "bank s", "shared layers", "peak MiB (loop)", "naive s", "naive vs student", "naive / speedyrec"],
                    [[s["teachers"], f"{s['ours_loop_seconds']:.0f} + {s['bank_seconds']:.0f}",
-                     fmt(s["ours_over_student"]), fmt(s["ours_loop_over_student"]), f"{s['naive_seconds']:.0f}",
-                     fmt(s["naive_over_student"]), fmt(s["naive_over_ours"])] for s in stage2])]
+                     spread(s["ours_over_student_repeats"]),
+                     ("yes" if s["distinguishable_from_one"] else "no") if repeats > 1 else "one run",
+                     fmt(s["ours_loop_over_student"]), f"{s['bank_seconds']:.0f}", s["shared_frozen_layers"],
+                     f"{s['peak_rss_mb']:.0f} ({s['train_peak_rss_mb']:.0f})", f"{s['naive_seconds']:.0f}",
+                     fmt(s["naive_over_student"]), fmt(s["naive_over_ours"])] for s in stage2]),
+          "\n'differs from 1.00': yes when every repeat lies on the same side of 1.00."]
     name = "multiteacher_quick" if quick else "multiteacher"
     write_results(name, payload, "\n".join(md), plot=lambda path: _plot(path, finetune, stage2, one, student))
     print("\n".join(md))

@@ -26,7 +26,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, md_table, note_not_run, note_reused, run_job, source_commit, write_results
+from benchmarks.common import (RESULTS, machine, md_table, note_not_run, note_reused, run_job, source_commit,
+                               write_results)
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 PIPELINE_LAYERS = 2  # the pipeline's own student (distill.student_layers' default)
@@ -148,11 +149,13 @@ def main(argv=None) -> dict:
 def teachers_mean_score(run_dir: Path) -> dict:
     """Dev metrics of the mean score of a finished pipeline's post-trained teachers, for runs made before
     finetune_teachers evaluated it (their teachers are loaded from the run and evaluated again)."""
+    from speedyrec.engine.distributed import DistInfo
+
+    from speedyrec.build import build_context, plm_layers
     from speedyrec.config import load_config
     from speedyrec.distill.teachers import load_finetuned_recommender
-    from speedyrec.engine.distributed import DistInfo
     from speedyrec.models.news_inputs import NewsInputs
-    from speedyrec.recipes.common import build_context, evaluate_on_dev, plm_layers
+    from speedyrec.recipes.common import evaluate_on_dev
 
     ctx = build_context(load_config(str(run_dir / "config.yaml"), [f"out_dir={run_dir}"]), DistInfo())
     files = sorted((run_dir / "finetune_teachers" / "teachers").glob("teacher_*.pt"))

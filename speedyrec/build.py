@@ -1,10 +1,13 @@
-"""Components every recipe needs: data, tokenizer, token store and model, built rank-safely.
+"""Components every recipe needs: data, tokenizer, token store, model and the run context that holds them, built
+rank-safely; and the PLM as teachers and students use it (its first N layers, the first K frozen). Recipes import
+this module; nothing here (or in any other component) imports a recipe.
 
 Work that writes shared files (synthetic data, trained vocabularies, token stores) runs on rank 0
 first; the other ranks wait at a barrier and then read what it wrote.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +20,10 @@ from speedyrec.config import Config, ConfigError
 from speedyrec.data.dataset import Dataset, cache_dir_of, ensure_synthetic, load_dataset
 from speedyrec.data.token_store import TokenStore, build_or_load_field, text_digest, tokenizer_digest
 from speedyrec.engine.distributed import DistInfo, barrier
+from speedyrec.engine.precision import resolve_amp
 from speedyrec.models.backbone import (EncoderSpec, build_backbone, load_hf_tokenizer, parse_encoder_spec,
                                        train_wordpiece_tokenizer)
-from speedyrec.models.recommender import NewsRecommender
+from speedyrec.models.recommender import NewsEncoder, NewsRecommender
 
 log = logging.getLogger("speedyrec")
 
@@ -111,6 +115,13 @@ def build_token_store(cfg: Config, ds: Dataset, tokenizer, dist: DistInfo) -> To
     return TokenStore(fields, cls_id, sep_id, tokenizer.pad_token_id)
 
 
+def segments_of(cfg) -> list[str] | None:
+    """The BusLM segment layout when the engine uses it, else None (one concatenated sequence)."""
+    if cfg.train.workflow != "speedyfeed" or not cfg.engine.buslm:
+        return None
+    return list(cfg.engine.segments)
+
+
 def build_model(cfg: Config, parts: EncoderParts, dist: DistInfo) -> NewsRecommender:
     torch.manual_seed(cfg.train.seed)
     backbone = parts.backbone or build_backbone(parts.spec, parts.tokenizer, cfg.model)
@@ -133,3 +144,95 @@ def make_out_dir(cfg: Config) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@dataclass
+class Context:
+    """What every recipe of a run reads; a pipeline builds it once for all its stages."""
+
+    cfg: Config
+    dist: DistInfo
+    root: Path  # out_dir
+    data: Dataset
+    parts: EncoderParts
+    store: TokenStore  # the clicks stages' fields (data.title_tokens, ...)
+
+    def stage_dir(self, stage: str) -> Path:
+        d = self.root / stage
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def from_dir(self, stage: str) -> Path:
+        """Where an earlier stage's outputs are read: ``distill.from_dir`` (default out_dir) / stage."""
+        base = Path(self.cfg.distill.from_dir) if self.cfg.distill.from_dir else self.root
+        return base / stage
+
+    def bank_dir(self) -> Path:
+        return Path(self.cfg.distill.bank_dir) if self.cfg.distill.bank_dir else cache_dir_of(self.cfg.data) / "banks"
+
+    def field_store(self, field: str, max_tokens: int) -> TokenStore:
+        """A store of one text field cut to ``max_tokens`` (post-training's titles and bodies)."""
+        cache, dist = cache_dir_of(self.cfg.data), self.dist
+        tok = self.parts.tokenizer
+        digest = tokenizer_digest(tok)
+        ft = rank0_first(dist, lambda: build_or_load_field(cache, field, self.data.news.text[field], tok, max_tokens,
+                                                           digest)[0])
+        return TokenStore({field: ft}, self.store.cls_id, self.store.sep_id, self.store.pad_id)
+
+
+# stages whose train.amp=auto takes bf16 on a CPU with native bf16: measured to keep quality (benchmarks.precision);
+# the distillation stages keep float32 on CPUs, as their benchmarks were measured
+CPU_BF16_STAGES = ("finetune",)
+
+
+def build_context(cfg: Config, dist: DistInfo) -> Context:
+    cfg.train.amp, why = resolve_amp(cfg.train.amp, dist.device, cpu_auto=cfg.stage in CPU_BF16_STAGES,
+                                     dist_active=dist.active)
+    if dist.is_main:
+        log.info("precision: %s (%s)", "bf16 autocast" if cfg.train.amp == "bf16" else "float32", why)
+    root = make_out_dir(cfg)
+    data = build_dataset(cfg, dist)
+    parts = build_tokenizer(cfg, data, dist)
+    store = build_token_store(cfg, data, parts.tokenizer, dist)
+    return Context(cfg, dist, root, data, parts, store)
+
+
+# -- the PLM as teachers and students use it (layer by layer) --------------------------------------------
+def build_plm_backbone(ctx: Context, layers: int, freeze_layers: int) -> torch.nn.Module:
+    """The configured PLM with its first ``layers`` layers (0 = all), the first ``freeze_layers`` frozen.
+
+    The seed is reset first, so a randomly initialised encoder is the same base in every stage of a run, and a
+    student's N layers are the teachers' first N."""
+    if ctx.parts.spec.kind == "custom":
+        raise ConfigError(f"stage={ctx.cfg.stage} needs a BERT-family encoder run layer by layer (teachers share "
+                          f"and cache their frozen layers); model.encoder={ctx.cfg.model.encoder} is a custom class")
+    mc = dataclasses.replace(ctx.cfg.model, layers=layers, freeze_layers=freeze_layers)
+    torch.manual_seed(ctx.cfg.train.seed)
+    bb = build_backbone(ctx.parts.spec, ctx.parts.tokenizer, mc)
+    if not hasattr(bb, "frozen_layers"):
+        raise ConfigError(f"stage={ctx.cfg.stage} needs a BERT-family encoder run layer by layer; "
+                          f"{ctx.cfg.model.encoder} is run through its own forward")
+    return bb
+
+
+def plm_layers(ctx: Context) -> int:
+    """Transformer layers of the configured PLM (a teacher has them all)."""
+    spec = ctx.parts.spec
+    if spec.kind == "random":
+        return int(spec.shape["layers"])
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(spec.name).num_hidden_layers)
+
+
+def build_news_encoder(ctx: Context, layers: int, freeze_layers: int) -> NewsEncoder:
+    mc = ctx.cfg.model
+    return NewsEncoder(build_plm_backbone(ctx, layers, freeze_layers), mc.dim, mc.attention_dim)
+
+
+def build_recommender(ctx: Context, layers: int, freeze_layers: int, seed: int) -> NewsRecommender:
+    """A news recommender on the PLM; ``seed`` initialises its pooling, projection and user encoder."""
+    mc = ctx.cfg.model
+    backbone = build_plm_backbone(ctx, layers, freeze_layers)
+    torch.manual_seed(seed)
+    return NewsRecommender(backbone, mc.dim, mc.attention_dim)

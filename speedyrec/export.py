@@ -36,15 +36,13 @@ log = logging.getLogger("speedyrec")
 
 def export(run_dir: Path, out: Path | None = None, checkpoint: Path | None = None, overrides: list[str] | None = None,
            batch_size: int = 256, daily_recall: Path | None = None) -> dict:
-    from speedyrec.build import build_model
+    from speedyrec.build import build_context, build_model, segments_of
     from speedyrec.engine.checkpoint import step_dirs
     from speedyrec.engine.distributed import DistInfo
     from speedyrec.eval.evaluate import encode_news, user_vectors
     from speedyrec.eval.metrics import impression_metrics, metric_sums, metrics_from_sums
     from speedyrec.models.backbone import eval_mode
     from speedyrec.models.news_inputs import NewsInputs
-    from speedyrec.recipes.common import build_context
-    from speedyrec.recipes.finetune import segments_of
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

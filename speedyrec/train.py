@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from speedyrec.engine.distributed import init_distributed, shutdown
 
     runlog.QUIET = args.quiet
-    from speedyrec.recipes.common import build_context, save_config
+    from speedyrec.build import build_context
+    from speedyrec.recipes.common import save_config
 
     dist = init_distributed()
     try:

@@ -646,3 +646,46 @@ def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, mon
     assert p10["clicks_per_user"] == pytest.approx(20.0)
     assert set(d["time_to_quality"]) == {"10", "100"} and d["time_to_quality"]["10"]["time_to_auc_speedup"] > 1
     assert (tmp_path / "where_it_pays.md").read_text().count("|") > 20
+
+
+def test_multiteacher_reports_the_bound_the_repeats_and_memory(tmp_path, monkeypatch):
+    """The finetuning bound comes from the benchmark's own runs (one teacher with and without its top layers),
+    Stage II's ratio from repeats paired with the student's runs of the same round, and a ratio is called
+    distinguishable from 1.00 only when every repeat lies on one side of it."""
+    from benchmarks import common, multiteacher
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(multiteacher, "_plot", lambda *a, **k: None)
+
+    def c(seconds, steps=30, bank=0.0, rss=1000.0):
+        return {"loop_seconds": seconds, "steps": steps, "clicks_trained": 1, "bank_seconds": bank,
+                "bank_news_encoded": 10, "shared_frozen_layers": 3, "peak_rss_mb": rss, "train_peak_rss_mb": rss - 100,
+                "process_seconds": seconds + 5, "command": "x"}
+
+    runs = {"finetune_ours_1": c(100), "finetune_ours_1_no_top": c(20)}
+    for m in range(1, 5):
+        runs[f"finetune_ours_{m}"] = runs.get(f"finetune_ours_{m}") or c(100 + 85 * (m - 1))
+        runs[f"finetune_naive_single_{m}"] = c(60, steps=12)
+        runs[f"stage2_naive_{m}"] = c(50 * m, steps=12)
+    students = [400.0, 440.0, 420.0]
+    for r, s in enumerate(students):
+        runs[f"student_r{r}"] = c(s, steps=135)
+        for m in range(1, 5):
+            # M = 1 costs 0.95-1.02x its round's student (straddles 1.00); M = 4 costs more than every student
+            runs[f"stage2_ours_{m}_r{r}"] = c(s * (0.95 + 0.035 * r) if m == 1 else s * 1.05 + 20 * m, steps=135,
+                                              bank=5.0 * m, rss=1000.0 + 50 * m)
+    d = multiteacher.report(runs, 4, 0, 12, {"device": "cpu", "torch": "x"}, quick=False, repeats=3)
+    assert d["finetune_m4_bound"] == pytest.approx(0.2 + 4 * 0.8)
+    assert d["finetune_m4_over_one"] == pytest.approx(355 / 100)
+    assert d["finetune_m4_over_bound"] == pytest.approx(3.55 / 3.4)
+    reps = d["stage2_m4_over_student_repeats"]
+    assert reps == pytest.approx([(s * 1.05 + 80 + 20) / s for s in students])
+    assert d["stage2_m4_over_student"] == pytest.approx(sorted(reps)[1])
+    one = d["stage2"][0]
+    assert one["ours_over_student_repeats"] == pytest.approx([0.95 + 5 / 400, 0.985 + 5 / 440, 1.02 + 5 / 420])
+    assert not one["distinguishable_from_one"] and d["stage2"][3]["distinguishable_from_one"]
+    assert d["stage2_peak_rss_mb"] == {"1": 1050.0, "2": 1100.0, "3": 1150.0, "4": 1200.0}
+    assert d["bank_seconds"] == {"1": 5.0, "2": 10.0, "3": 15.0, "4": 20.0}
+    assert d["stage2_m4_peak_rss_over_m1"] == pytest.approx(1200 / 1050)
+    md = (tmp_path / "multiteacher.md").read_text()
+    assert "0.20 + M x 0.80" in md and "| 4 | 355 | 3.55x | 3.40x | 1.04 |" in md

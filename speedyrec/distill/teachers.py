@@ -6,9 +6,9 @@ from pathlib import Path
 
 from torch import nn
 
+from speedyrec.build import Context, build_news_encoder, build_recommender, plm_layers
 from speedyrec.distill.snapshots import SnapshotError, load_snapshot
 from speedyrec.models.checksum import weights_checksum
-from speedyrec.recipes.common import Context, build_news_encoder, build_recommender, plm_layers
 
 
 def model_files(directory: Path, what: str, stage: str) -> list[Path]:

@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from speedyrec.build import training_news_mask
 from speedyrec.data.faults import DataError
 from speedyrec.engine.distributed import DistInfo, all_gather_with_grad
 from speedyrec.engine.prefetch import prefetch
@@ -45,10 +46,7 @@ def build_title_body_data(ctx) -> TitleBodyData:
     skipped = len(every) - len(eligible)
     outside = 0
     if pt.news == "train":  # only what the training log shows: no dev or test candidate's text
-        train = ctx.data.train
-        seen = np.zeros(len(every), dtype=bool)
-        seen[train.history.values] = True
-        seen[train.candidates.values] = True
+        seen = training_news_mask(ctx.data)
         outside = int((~seen[eligible]).sum())
         eligible = eligible[seen[eligible]]
         if ctx.dist.is_main:

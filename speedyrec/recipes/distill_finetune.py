@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from speedyrec.build import Context, build_recommender
 from speedyrec.distill.bank import BankBuild, TeacherBank
 from speedyrec.distill.losses import (TeacherProjections, distillation_loss, embedding_loss, projected_mse,
                                       teacher_weights)
@@ -28,9 +29,8 @@ from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.engine.trainer import adamw
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
-from speedyrec.recipes.common import (Context, StageRecipe, Timer, build_recommender, engine_stats, engine_trainer,
-                                      evaluate_on_dev, non_backbone_names, student_freeze_layers, trainable_names,
-                                      write_json)
+from speedyrec.recipes.common import (StageRecipe, Timer, engine_stats, engine_trainer, evaluate_on_dev,
+                                      non_backbone_names, student_freeze_layers, trainable_names, write_json)
 from speedyrec.recipes.distill_posttrain import omega_of, omega_parameter
 from speedyrec.recipes.resume import StageCheckpoints
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from speedyrec.build import build_news_encoder, plm_layers
 from speedyrec.distill.bank import TeacherBank
 from speedyrec.distill.losses import (TeacherProjections, candidate_cross_entropy, distillation_loss, embedding_loss,
                                       projected_mse, teacher_weights)
@@ -26,8 +27,8 @@ from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_dat
 from speedyrec.engine.trainer import StepOutput, Trainer, adamw
 from speedyrec.models.checksum import weights_checksum
 from speedyrec.models.shared_prefix import SharedPrefixStack
-from speedyrec.recipes.common import (StageRecipe, Timer, build_news_encoder, loop_stats, non_backbone_names, plm_layers,
-                                      student_freeze_layers, trainable_names, write_json)
+from speedyrec.recipes.common import (StageRecipe, Timer, loop_stats, non_backbone_names, student_freeze_layers,
+                                      trainable_names, write_json)
 from speedyrec.recipes.posttrain import NewsEncoderModel, encoder_param_groups
 from speedyrec.recipes.resume import starts_over
 

@@ -6,22 +6,15 @@ import time
 
 import torch
 
-from speedyrec.build import build_model
+from speedyrec.build import Context, build_model, segments_of
 from speedyrec.engine.distributed import all_reduce_sum
 from speedyrec.engine.trainer import Trainer, adamw
 from speedyrec.eval.evaluate import evaluate
 from speedyrec.models.news_inputs import NewsInputs
-from speedyrec.recipes.common import Context, Timer, engine_stats, save_config, write_json
+from speedyrec.recipes.common import Timer, engine_stats, save_config, write_json
 from speedyrec.recipes.resume import StageCheckpoints
 
 log = logging.getLogger("speedyrec")
-
-
-def segments_of(cfg) -> list[str] | None:
-    """The BusLM segment layout when the engine uses it, else None (one concatenated sequence)."""
-    if cfg.train.workflow != "speedyfeed" or not cfg.engine.buslm:
-        return None
-    return list(cfg.engine.segments)
 
 
 class FinetuneRecipe:

@@ -17,17 +17,18 @@ import logging
 import numpy as np
 from torch import nn
 
+from speedyrec.build import Context, plm_layers
 from speedyrec.config import ConfigError
-from speedyrec.distill.snapshots import save_snapshot
 from speedyrec.distill.bank import TeacherBank
+from speedyrec.distill.snapshots import save_snapshot
 from speedyrec.distill.teachers import load_posttrained_recommender, model_files
 from speedyrec.engine.loss import autoregressive_loss
 from speedyrec.engine.trainer import adamw
 from speedyrec.models.checksum import weights_checksum
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
-from speedyrec.recipes.common import (Context, StageRecipe, Timer, engine_stats, engine_trainer, evaluate_on_dev,
-                                      non_backbone_names, plm_layers, trainable_names, write_json)
+from speedyrec.recipes.common import (StageRecipe, Timer, engine_stats, engine_trainer, evaluate_on_dev,
+                                      non_backbone_names, trainable_names, write_json)
 from speedyrec.recipes.resume import StageCheckpoints
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 

@@ -17,6 +17,7 @@ import logging
 import torch
 from torch import nn
 
+from speedyrec.build import build_recommender, plm_layers
 from speedyrec.config import ConfigError
 from speedyrec.distill.losses import distillation_loss, momentum_gradients, newsbert_hidden_loss
 from speedyrec.distill.snapshots import load_snapshot, save_snapshot
@@ -24,8 +25,8 @@ from speedyrec.distill.teachers import model_files
 from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.engine.trainer import adamw
 from speedyrec.models.news_inputs import NewsInputs
-from speedyrec.recipes.common import (StageRecipe, Timer, build_recommender, engine_stats, engine_trainer,
-                                      evaluate_on_dev, non_backbone_names, plm_layers, write_json)
+from speedyrec.recipes.common import (StageRecipe, Timer, engine_stats, engine_trainer, evaluate_on_dev,
+                                      non_backbone_names, write_json)
 from speedyrec.recipes.resume import StageCheckpoints
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 

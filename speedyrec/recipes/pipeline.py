@@ -15,9 +15,10 @@ import json
 import logging
 from pathlib import Path
 
+from speedyrec.build import Context, plm_layers
 from speedyrec.config import ConfigError
 from speedyrec.engine.distributed import barrier
-from speedyrec.recipes.common import Context, Timer, plm_layers, save_config, student_freeze_layers, write_json
+from speedyrec.recipes.common import Timer, save_config, student_freeze_layers, write_json
 from speedyrec.recipes.distill_finetune import DistillFinetuneRecipe
 from speedyrec.recipes.distill_posttrain import DistillPosttrainRecipe
 from speedyrec.recipes.finetune import FinetuneRecipe

@@ -14,14 +14,14 @@ import math
 import numpy as np
 from torch import nn
 
+from speedyrec.build import build_news_encoder, plm_layers
 from speedyrec.config import ConfigError
 from speedyrec.distill.losses import candidate_cross_entropy
 from speedyrec.distill.snapshots import save_snapshot
 from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_data, describe_retrieval, encode_pairs,
-                                         model_retrieval, retrieval_of)
+                                          model_retrieval, retrieval_of)
 from speedyrec.engine.trainer import StepOutput, Trainer, adamw
-from speedyrec.recipes.common import (StageRecipe, Timer, build_news_encoder, loop_stats, non_backbone_names,
-                                      plm_layers, trainable_names, write_json)
+from speedyrec.recipes.common import StageRecipe, Timer, loop_stats, non_backbone_names, trainable_names, write_json
 from speedyrec.recipes.resume import starts_over
 
 log = logging.getLogger("speedyrec")
