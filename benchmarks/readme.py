@@ -141,25 +141,44 @@ def multiteacher(d: dict) -> list[str]:
     ft, s2 = d["finetune"], d["stage2"]
     ms = [r["teachers"] for r in ft]
     head = ["", *[f"M = {m}" for m in ms]]
+    repeated = d.get("repeats", 1) > 1
+
+    def stage2_cell(r):
+        reps = r.get("ours_over_student_repeats")
+        return f"{r['ours_over_student']:.2f}x" + (f" ({min(reps):.2f}-{max(reps):.2f})" if repeated and reps else "")
+
     rows = [
         [f"Stage II, speedyrec (loop + bank build), vs the student alone ({d['student_seconds']:.0f} s)",
-         *[f"{r['ours_over_student']:.2f}x" for r in s2]],
+         *[stage2_cell(r) for r in s2]],
         ["Stage II, naive (teachers' PLMs run online), vs the student alone", *[f"{r['naive_over_student']:.2f}x" for r in s2]],
         [f"finetuning M teachers, speedyrec, vs one teacher ({d['one_teacher_seconds']:.0f} s, first "
          f"{d['finetune_steps']} steps)", *[f"{r['ours_over_one']:.2f}x" for r in ft]],
         ["finetuning M teachers, naive (each alone, whole PLM every step), vs one teacher",
          *[f"{r['naive_over_one']:.2f}x" for r in ft]],
     ]
+    if "bound_over_one" in ft[0]:
+        rows.insert(3, ["the bound: shared part once, each teacher's top layers once each", *[f"{r['bound_over_one']:.2f}x"
+                                                                                        for r in ft]])
+    if "bank_seconds" in d and "peak_rss_mb" in s2[0]:
+        rows += [["Stage II bank build, s", *[f"{r['bank_seconds']:.0f}" for r in s2]],
+                 ["Stage II peak resident memory, MiB", *[f"{r['peak_rss_mb']:.0f}" for r in s2]]]
+    how = (f"{d['repeats']} interleaved runs of every Stage II row and of the student (median, range in brackets)"
+           if repeated else "one run per row")
+    how += (", every cost-relevant setting pinned" if "pinned" in d else
+            ", measured before the settings that decide the cost were pinned (each run took its stage's defaults of "
+            "that commit, which have changed since): superseded when the benchmark is run again")
+    bound = (f" Finetuning 4 teachers is {d['finetune_m4_over_bound']:.2f}x its bound (one teacher's run with and "
+             "without its top layers, measured in the same run)." if d.get("finetune_m4_over_bound") else "")
     return [
         f"**Multi-teacher cost** (`python -m benchmarks.multiteacher`; {_device(d)}): all-MiniLM-L6-v2 teachers (top 2 "
-        "of 6 layers finetuned), its first 2 layers as the student, every configuration a fresh process in one run, "
-        "costs in training-loop seconds.\n",
+        f"of 6 layers finetuned), its first 2 layers as the student, every configuration a fresh process, {how}; costs "
+        "in training-loop seconds.\n",
         md_table(head, rows),
         f"\nHeadlines: Stage II with 4 teachers costs {d['stage2_m4_over_student']:.2f}x the student alone; finetuning 4 "
         f"teachers costs {d['finetune_m4_over_one']:.2f}x finetuning one with speedyrec and "
-        f"{d['finetune_m4_over_one_conventional']:.2f}x one finetuned the conventional way. Sharing removes the frozen "
-        "layers and the data pipeline, but a teacher's step is mostly its own trainable layers, so M teachers cost "
-        "about M times one.\n",
+        f"{d['finetune_m4_over_one_conventional']:.2f}x one finetuned the conventional way.{bound} Sharing removes the "
+        "frozen layers and the data pipeline, but a teacher's step is mostly its own trainable layers, so M teachers "
+        "cost about M times one.\n",
     ]
 
 

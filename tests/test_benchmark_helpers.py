@@ -1,6 +1,8 @@
 """The arithmetic the benchmark tables rest on: time to a target AUC, AUC at a time, R², BusLM's cutting."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -95,7 +97,6 @@ def fake_quality(tmp_path, monkeypatch):
 def test_quality_reuses_committed_seeds_with_the_same_settings_and_reruns_the_rest(tmp_path, fake_quality):
     """A seed takes an hour: seeds measured by an earlier invocation are taken from the results file, and the
     table is the mean and spread over all requested seeds (teachers: mean of M within a seed)."""
-    import json
 
     quality, ran = fake_quality
     quality.main(["--seeds", "0", "--layers", "2", "--out", str(tmp_path / "a")])
@@ -116,7 +117,6 @@ def test_quality_reuses_committed_seeds_with_the_same_settings_and_reruns_the_re
 def test_quality_students_of_other_sizes_link_their_seeds_teachers(tmp_path, fake_quality):
     """Each other student size runs once per seed with the seed's teachers linked; NewsBERT's 4-layer student is
     not run (6 teacher layers do not split into 4 blocks) and the table says so; reruns reuse every run."""
-    import json
 
     from benchmarks.readme import quality as readme_quality
 
@@ -171,7 +171,6 @@ def test_quality_continues_a_run_interrupted_in_out_with_resume_auto(tmp_path, f
 def test_tune_changes_one_knob_per_run_and_reports_time_to_the_speedup_target(tmp_path, monkeypatch):
     """The defaults' run and one run per other value of each knob, nothing else changed; times to the typical
     workflow's best AUC read from the speedup results; epochs counted in targets."""
-    import json
 
     import benchmarks.common as common
     import benchmarks.tune as tune
@@ -369,7 +368,6 @@ def test_cache_equal_time_row_trains_for_the_no_cache_rows_time_and_committed_ru
     (the median over seeds of the time ratio, so one slowed run does not decide it; a finished run keeps its length
     when a seed added later moves the median), and is paired with no cache; a run in the committed results with
     the same overrides is reused rather than run again (a table measured across sessions), unless --fresh."""
-    import json
 
     import benchmarks.cache as cache
 
@@ -433,7 +431,6 @@ def test_cache_paired_differences_follow_each_seed():
 def test_a_kept_run_is_not_reused_after_a_default_changed(tmp_path):
     """run_job_kept compares the kept run's saved config with what its overrides give today: the same overrides
     under another default (here the schedule a run of the old default saved) are refused, not silently reused."""
-    import json
 
     from benchmarks.common import changed_defaults, run_job_kept
     from speedyrec.config import dump_config, load_config
@@ -612,7 +609,6 @@ def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, mon
     assert not any(n.startswith("quality_") for n, _ in ran) and "waits for its learning-rate sweep" in (
         tmp_path / "where_it_pays.md").read_text()
     # the sweep's runs in the speedup ledger (the headline still running): the chosen rates are used
-    import json
 
     from benchmarks.speedup import FULL
 
@@ -689,3 +685,7 @@ def test_multiteacher_reports_the_bound_the_repeats_and_memory(tmp_path, monkeyp
     assert d["stage2_m4_peak_rss_over_m1"] == pytest.approx(1200 / 1050)
     md = (tmp_path / "multiteacher.md").read_text()
     assert "0.20 + M x 0.80" in md and "| 4 | 355 | 3.55x | 3.40x | 1.04 |" in md
+    from benchmarks import readme  # the README's section reads the same payload
+
+    section = "\n".join(readme.multiteacher(json.loads((tmp_path / "multiteacher.json").read_text())))
+    assert "3 interleaved runs" in section and "1.04x its bound" in section and "| Stage II peak resident" in section

@@ -402,7 +402,12 @@ def test_two_gloo_ranks_finetune_teachers_and_stage2_in_bf16(tmp_path, cache_dir
         assert stats["world_size"] == 2
         for m in read(out / stage / "metrics.json").values():
             check_click_metrics(m)
-    assert read(out / "distill_finetune/stats.json")["bank_news_encoded"] == 0  # built by the teachers' stage
+    stage2 = read(out / "distill_finetune/stats.json")
+    assert stage2["bank_news_encoded"] == 0  # built by the teachers' stage
+    # loss means are over the clicks of both ranks: near chance, ln 2 for a click and 1 negative, as on one rank
+    assert stage2["loss_ce"] == pytest.approx(math.log(2), abs=0.1)
+    teachers = read(out / "finetune_teachers/stats.json")
+    assert all(teachers[f"loss_{t}"] == pytest.approx(math.log(2), abs=0.15) for t in ("teacher_1", "teacher_2"))
 
 
 class _Crash(RuntimeError):

@@ -18,8 +18,10 @@ from speedyrec.data.dataset import Dataset
 from speedyrec.engine.distributed import DistInfo, all_reduce_sum
 from speedyrec.engine.memory import peak_rss_mb, process_peak_rss_mb
 from speedyrec.engine.trainer import Trainer
+from speedyrec.distill.title_body import TitleBodyBatches, build_title_body_data
 from speedyrec.eval.evaluate import evaluate_models
 from speedyrec.models.news_inputs import NewsInputs
+from speedyrec.recipes.resume import StageCheckpoints, starts_over
 
 log = logging.getLogger("speedyrec")
 
@@ -32,13 +34,94 @@ EXTREME_COUNTERS = (("served_age_max", "max"), ("audit_cos_min", "min"))  # redu
 
 class StageRecipe:
     """A recipe of one stage: it reads the run context and writes out_dir/<stage>/; ``run()`` returns
-    {"seconds", "metrics", "stats"}."""
+    {"seconds", "metrics", "stats"} (``finish``). The click stages share their loop (``fit_on_clicks``) and their
+    statistics (``click_stats``); each recipe keeps only its model, its encoding and its objective."""
 
     stage = ""
 
     def __init__(self, ctx: Context):
         self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
         self.out = ctx.stage_dir(self.stage)
+        self.timer = Timer()
+        self.setup_seconds = 0.0
+
+    def fit_on_clicks(self, model: torch.nn.Module, optimizer, workflow, identity: dict | None = None,
+                      **trainer_kw) -> Trainer:
+        """Train ``model`` on clicks with the engine: checkpoints that continue only a run of the same ``identity``
+        (what the stage learns from, by checksum), resumed where one is found, train.epochs of the workflow's
+        batches, the final checkpoint. ``trainer_kw``: the stage's own trainer options (a gradient hook, clip
+        groups). Everything before this call is the stage's setup time."""
+        ckpt = StageCheckpoints(self.cfg, self.dist, self.out, workflow, identity)
+        trainer = engine_trainer(self.ctx, model, optimizer, workflow, self.out, **trainer_kw, **ckpt.trainer_kwargs())
+        ckpt.resume(trainer)
+        self.setup_seconds = self.timer()
+        trainer.fit(self.cfg.train.epochs, workflow.batches, workflow.step)
+        ckpt.save_final(trainer)
+        return trainer
+
+    def click_stats(self, trainer: Trainer, workflow, losses, **extra) -> dict:
+        """stats.json of a click stage: the engine's counters (engine_stats), each of ``losses`` (counter names) as
+        its mean per click trained over all ranks, and ``extra``."""
+        stats = engine_stats(self.cfg, self.dist, trainer, workflow, self.ctx.data, self.setup_seconds)
+        stats.update(loss_means(trainer, self.dist, losses, stats["clicks_trained"]))
+        stats.update(extra)
+        return stats
+
+    def finish(self, metrics: dict, stats: dict) -> dict:
+        """Write metrics.json and stats.json (rank 0) and return the stage's result."""
+        if self.dist.is_main:
+            write_json(self.out / "metrics.json", metrics)
+            write_json(self.out / "stats.json", stats)
+        return {"seconds": self.timer(), "metrics": metrics, "stats": stats}
+
+
+class TitleBodyStage(StageRecipe):
+    """What post-training and Stage I share: the title-body data (``prepare_title_body``), the frozen layers' output
+    cached per field, one loop over shuffled batches of bodies (``fit_on_title_body``) and its statistics. A stage
+    supplies ``step(batch) -> StepOutput``."""
+
+    def prepare_title_body(self):
+        """The stage's data and batches; a stage that finished before is started over (it keeps no checkpoints)."""
+        cfg, dist, pt = self.cfg, self.dist, self.cfg.posttrain
+        starts_over(self.stage, cfg, dist)
+        self.data = build_title_body_data(self.ctx)
+        self.batches = TitleBodyBatches(self.data.train_news, self.data, pt.batch_size, pt.negatives, cfg.train.seed,
+                                        dist, pin=dist.device.type == "cuda")
+        return self.data
+
+    def cache_frozen_fields(self, encoder: torch.nn.Module) -> None:
+        """The output of the encoder's frozen layers, computed once per news and field (engine.frozen_cache)."""
+        bb = encoder.backbone
+        if bb.freeze_layers and self.cfg.engine.frozen_cache:
+            for name, inputs in (("title", self.data.titles), ("body", self.data.bodies)):
+                inputs.enable_frozen_prefix(bb.hidden_size, self.out / f"frozen_{name}_rank{self.dist.rank}.npy")
+
+    def fit_on_title_body(self, model: torch.nn.Module, optimizer, epochs: int, bodies: int, **trainer_kw) -> Trainer:
+        """Train ``epochs`` passes (``bodies`` in all, for the progress bar) with the train.* settings;
+        ``trainer_kw``: the stage's own (its step limit, its periodic work). Closes the frozen-layer caches."""
+        tc = self.cfg.train
+        trainer = Trainer(model, optimizer, self.dist, grad_clip=tc.grad_clip, amp=tc.amp, warmup_steps=tc.warmup_steps,
+                          log_every=tc.log_every, log_dir=self.out, progress_total=bodies, progress_unit="body",
+                          heap_trim_every=tc.heap_trim_every, **trainer_kw)
+        self.setup_seconds = self.timer()
+        trainer.fit(epochs, self.batches.epoch, self.step)
+        for inputs in (self.data.titles, self.data.bodies):
+            inputs.close_frozen_prefix()
+        return trainer
+
+    def title_body_stats(self, trainer: Trainer, **extra) -> dict:
+        return {**loop_stats(trainer, self.setup_seconds, per="news_trained"), **extra}
+
+
+def loss_means(trainer: Trainer, dist: DistInfo, names, per: float) -> dict:
+    """The counters ``names`` summed over ranks, each divided by ``per`` (the samples trained on all ranks). The
+    names are the recipe's, not read from the counters: a rank whose every step was empty (uneven shards) holds
+    none, and every rank must reduce the same vector."""
+    counters = trainer.read_counters()
+    vec = torch.tensor([float(counters.get(k, 0.0)) for k in names], dtype=torch.float64, device=dist.device)
+    all_reduce_sum(vec)
+    n = max(per, 1.0)
+    return {k: v / n for k, v in zip(names, vec.tolist())}
 
 
 def save_config(ctx: Context) -> None:

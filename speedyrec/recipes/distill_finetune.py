@@ -29,10 +29,9 @@ from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.engine.trainer import adamw
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
-from speedyrec.recipes.common import (StageRecipe, Timer, engine_stats, engine_trainer, evaluate_on_dev,
-                                      non_backbone_names, student_freeze_layers, trainable_names, write_json)
+from speedyrec.recipes.common import (StageRecipe, evaluate_on_dev, non_backbone_names, student_freeze_layers,
+                                      trainable_names)
 from speedyrec.recipes.distill_posttrain import omega_of, omega_parameter
-from speedyrec.recipes.resume import StageCheckpoints
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
 log = logging.getLogger("speedyrec")
@@ -67,7 +66,6 @@ class DistillFinetuneRecipe(StageRecipe):
 
     def run(self) -> dict:
         ctx, cfg, dist, tc, di = self.ctx, self.cfg, self.dist, self.cfg.train, self.cfg.distill
-        timer = Timer()
         files = [f for f in model_files(ctx.from_dir("finetune_teachers") / "teachers", "finetuned teachers",
                                         "finetune_teachers") if f.stem != "plain"]  # the plain teacher is a baseline
         teachers, checksums = [], []
@@ -103,12 +101,7 @@ class DistillFinetuneRecipe(StageRecipe):
         extra = [p for n, p in model.named_parameters() if not n.startswith("student.")]
         groups = student.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay) + [{"params": extra, "lr": tc.lr}]
         # a checkpoint continues only with the same teachers (they key the bank) and the same Stage I student
-        ckpt = StageCheckpoints(cfg, dist, self.out, workflow, {"teachers": checksums, "student_from": start})
-        trainer = engine_trainer(ctx, model, adamw(groups), workflow, self.out, **ckpt.trainer_kwargs())
-        ckpt.resume(trainer)
-        setup = timer()
-        trainer.fit(tc.epochs, workflow.batches, workflow.step)
-        ckpt.save_final(trainer)
+        trainer = self.fit_on_clicks(model, adamw(groups), workflow, {"teachers": checksums, "student_from": start})
         result = evaluate_on_dev(ctx, [student], inputs)[0]
         trainer.log_scalars("dev", result)
         inputs.close_frozen_prefix()
@@ -117,19 +110,12 @@ class DistillFinetuneRecipe(StageRecipe):
                 "teachers": [str(f) for f in files], "student_init": di.student_init, "metrics": result}
         changed |= trainable_names(student) | non_backbone_names(student)
         checksum = save_snapshot(path, student, changed, meta) if dist.is_main else ""
-        stats = engine_stats(cfg, dist, trainer, workflow, ctx.data, setup)
-        n = max(stats["clicks_trained"], 1)
-        stats.update({"teachers": len(files), "shared_frozen_layers": shared, "bank_seconds": build.seconds,
-                      "bank_news_encoded": build.news_encoded,
-                      "bank_padded_tokens": build.padded_tokens,
-                      **{k: v / n for k, v in trainer.state.counters.items() if k.startswith("loss_")}})
+        stats = self.click_stats(trainer, workflow, ("loss_distill", "loss_emb", "loss_ce"), teachers=len(files),
+                                 shared_frozen_layers=shared, bank_seconds=build.seconds,
+                                 bank_news_encoded=build.news_encoded, bank_padded_tokens=build.padded_tokens)
         if model.log_omega is not None:
             stats["omega"] = float(model.log_omega.detach().exp())
-        metrics = {"student": {**result, "path": str(path), "checksum": checksum}}
-        if dist.is_main:
-            write_json(self.out / "metrics.json", metrics)
-            write_json(self.out / "stats.json", stats)
-        return {"seconds": timer(), "metrics": metrics, "stats": stats}
+        return self.finish({"student": {**result, "path": str(path), "checksum": checksum}}, stats)
 
     def objective(self, table, news, clicks, negatives, targets):
         di, dev = self.cfg.distill, table.device

@@ -22,15 +22,12 @@ from speedyrec.distill.losses import (TeacherProjections, candidate_cross_entrop
                                       projected_mse, teacher_weights)
 from speedyrec.distill.snapshots import save_snapshot
 from speedyrec.distill.teachers import freeze, load_posttrained_encoder, model_files
-from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_data, describe_retrieval, encode_pairs,
-                                          model_retrieval, retrieval_accuracy)
-from speedyrec.engine.trainer import StepOutput, Trainer, adamw
+from speedyrec.distill.title_body import describe_retrieval, encode_pairs, model_retrieval, retrieval_accuracy
+from speedyrec.engine.trainer import StepOutput, adamw
 from speedyrec.models.checksum import weights_checksum
 from speedyrec.models.shared_prefix import SharedPrefixStack
-from speedyrec.recipes.common import (StageRecipe, Timer, loop_stats, non_backbone_names, student_freeze_layers,
-                                      trainable_names, write_json)
+from speedyrec.recipes.common import TitleBodyStage, non_backbone_names, student_freeze_layers, trainable_names
 from speedyrec.recipes.posttrain import NewsEncoderModel, encoder_param_groups
-from speedyrec.recipes.resume import starts_over
 
 log = logging.getLogger("speedyrec")
 
@@ -44,14 +41,12 @@ def omega_of(log_omega: nn.Parameter | None) -> torch.Tensor | float:
     return 1.0 if log_omega is None else log_omega.exp()
 
 
-class DistillPosttrainRecipe(StageRecipe):
+class DistillPosttrainRecipe(TitleBodyStage):
     stage = "distill_posttrain"
 
     def run(self) -> dict:
-        ctx, cfg, dist, pt, di = self.ctx, self.cfg, self.dist, self.cfg.posttrain, self.cfg.distill
-        timer = Timer()
-        starts_over(self.stage, cfg, dist)
-        self.data = data = build_title_body_data(ctx)
+        ctx, cfg, dist, di = self.ctx, self.cfg, self.dist, self.cfg.distill
+        data = self.prepare_title_body()
         files = model_files(ctx.from_dir("posttrain") / "snapshots", "post-training snapshots", "posttrain")
         if di.stage1_teachers:
             files = files[-di.stage1_teachers:]  # the last (most post-trained) ones; 1 = the earlier paper
@@ -74,41 +69,28 @@ class DistillPosttrainRecipe(StageRecipe):
         projections = TeacherProjections(m, self.title_bank.dim, cfg.model.dim) if di.stage1_projections else None
         self.model = model = NewsEncoderModel(student, projections=projections,
                                               log_omega=omega_parameter(di.learn_omega)).to(dist.device)
-        if student.backbone.freeze_layers and cfg.engine.frozen_cache:
-            for name, inputs in (("title", data.titles), ("body", data.bodies)):
-                inputs.enable_frozen_prefix(student.backbone.hidden_size, self.out / f"frozen_{name}_rank{dist.rank}.npy")
+        self.cache_frozen_fields(student)
         optimizer = adamw(encoder_param_groups(model, student.backbone, di.stage1_lr, di.stage1_encoder_lr),
                           weight_decay=cfg.train.weight_decay)
-        batches = TitleBodyBatches(data.train_news, data, pt.batch_size, pt.negatives, cfg.train.seed, dist,
-                                   pin=dist.device.type == "cuda")
         initial = self._student_retrieval()
-        trainer = Trainer(model, optimizer, dist, grad_clip=cfg.train.grad_clip, amp=cfg.train.amp,
-                          max_steps=cfg.train.max_steps, max_seconds=cfg.train.max_seconds,
-                          warmup_steps=cfg.train.warmup_steps, log_every=cfg.train.log_every, log_dir=self.out,
-                          progress_total=di.stage1_epochs * len(data.train_news), progress_unit="body",
-                          heap_trim_every=cfg.train.heap_trim_every)
-        setup = timer()
-        trainer.fit(di.stage1_epochs, batches.epoch, self.step)
-        for inputs in (data.titles, data.bodies):
-            inputs.close_frozen_prefix()
+        trainer = self.fit_on_title_body(model, optimizer, di.stage1_epochs, di.stage1_epochs * len(data.train_news),
+                                         max_steps=cfg.train.max_steps, max_seconds=cfg.train.max_seconds)
         final = self._student_retrieval()
         path = self.out / "student.pt"
         meta = {"encoder": cfg.model.encoder, "stage": self.stage, "layers": di.student_layers,
                 "teachers": [str(f) for f in files], "retrieval": final}
         checksum = save_snapshot(path, student, trainable_names(student) | non_backbone_names(student), meta) \
             if dist.is_main else ""
-        stats = {"teachers": m, **loop_stats(trainer, setup, per="news_trained"), "bank_seconds": bank_seconds,
-                 "bank_news_encoded": tb.news_encoded + bb.news_encoded,
-                 "bank_padded_tokens": tb.padded_tokens + bb.padded_tokens}
+        stats = {"teachers": m, **self.title_body_stats(trainer, bank_seconds=bank_seconds,
+                                                        bank_news_encoded=tb.news_encoded + bb.news_encoded,
+                                                        bank_padded_tokens=tb.padded_tokens + bb.padded_tokens)}
         metrics = {"student": {"initial": initial, "final": final, "checksum": checksum, "path": str(path)},
                    "teachers": teacher_metrics}
         if dist.is_main:
-            write_json(self.out / "metrics.json", metrics)
-            write_json(self.out / "stats.json", stats)
             log.info("Stage I: student held-out title retrieval %s (before %s); teachers: %s", describe_retrieval(final),
                      describe_retrieval(initial),
                      "; ".join(f"{k} {describe_retrieval(v)}" for k, v in teacher_metrics.items()) or "n/a")
-        return {"seconds": timer(), "metrics": metrics, "stats": stats}
+        return self.finish(metrics, stats)
 
     def step(self, batch) -> StepOutput:
         if batch is None:

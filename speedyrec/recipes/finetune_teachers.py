@@ -27,9 +27,7 @@ from speedyrec.engine.trainer import adamw
 from speedyrec.models.checksum import weights_checksum
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
-from speedyrec.recipes.common import (StageRecipe, Timer, engine_stats, engine_trainer, evaluate_on_dev,
-                                      non_backbone_names, trainable_names, write_json)
-from speedyrec.recipes.resume import StageCheckpoints
+from speedyrec.recipes.common import StageRecipe, evaluate_on_dev, non_backbone_names, trainable_names
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
 log = logging.getLogger("speedyrec")
@@ -54,7 +52,6 @@ class FinetuneTeachersRecipe(StageRecipe):
 
     def run(self) -> dict:
         ctx, cfg, dist, tc = self.ctx, self.cfg, self.dist, self.cfg.train
-        timer = Timer()
         layers = plm_layers(ctx)
         if cfg.teachers.finetune_layers > layers:
             raise ConfigError(f"teachers.finetune_layers={cfg.teachers.finetune_layers} but model.encoder has {layers} layers")
@@ -75,19 +72,13 @@ class FinetuneTeachersRecipe(StageRecipe):
                                       dim=len(self.models) * self.dim, objective=self.objective)
         self.trim = cfg.engine.dynamic_batching
         groups = [g for m in self.models for g in m.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay)]
-        # a checkpoint continues only from the same post-trained snapshots
-        ckpt = StageCheckpoints(cfg, dist, self.out, workflow,
-                                {"teachers": [snap["checksum"] if snap else "plm" for snap in snaps]})
-        trainer = engine_trainer(ctx, team, adamw(groups), workflow, self.out,
-                                 clip_groups=[[p for p in m.parameters() if p.requires_grad] for m in self.models],
-                                 **ckpt.trainer_kwargs())
-        ckpt.resume(trainer)
-        setup = timer()
         if dist.is_main:
             log.info("finetuning %d teachers (%s) together; shared frozen layers: %s", len(plan), ", ".join(self.names),
                      self.stack.shared_depth)
-        trainer.fit(tc.epochs, workflow.batches, workflow.step)
-        ckpt.save_final(trainer)
+        # a checkpoint continues only from the same post-trained snapshots
+        trainer = self.fit_on_clicks(team, adamw(groups), workflow,
+                                     {"teachers": [snap["checksum"] if snap else "plm" for snap in snaps]},
+                                     clip_groups=[[p for p in m.parameters() if p.requires_grad] for m in self.models])
         # the finetuned teachers' news vectors, for Stage II and for this evaluation: built now, while the caches
         # hold every news's frozen layers, only each teacher's top layers run
         checksums = [weights_checksum(m.news_encoder) for m in self.models]
@@ -114,17 +105,10 @@ class FinetuneTeachersRecipe(StageRecipe):
             trainer.log_scalars(f"dev_{name}", result)
         if len(results) > len(plan):
             metrics["ensemble"] = {**results[-1], "members": [self.names[i] for i in members]}
-        stats = engine_stats(cfg, dist, trainer, workflow, ctx.data, setup)
-        stats["teachers"] = len(plan)
-        stats.update(bank_seconds=build.seconds, bank_news_encoded=build.news_encoded, bank_padded_tokens=build.padded_tokens)
-        stats["shared_frozen_layers"] = self.stack.shared_depth
-        n = max(stats["clicks_trained"], 1)
-        for name in self.names:
-            stats[f"loss_{name}"] = trainer.state.counters.get(f"loss_{name}", 0.0) / n
-        if dist.is_main:
-            write_json(self.out / "metrics.json", metrics)
-            write_json(self.out / "stats.json", stats)
-        return {"seconds": timer(), "metrics": metrics, "stats": stats}
+        stats = self.click_stats(trainer, workflow, [f"loss_{name}" for name in self.names], teachers=len(plan),
+                                 bank_seconds=build.seconds, bank_news_encoded=build.news_encoded,
+                                 bank_padded_tokens=build.padded_tokens, shared_frozen_layers=self.stack.shared_depth)
+        return self.finish(metrics, stats)
 
     def _encode_rows(self, tokens, rows):
         sel = NewsInputs.select(tokens, rows, self.trim)

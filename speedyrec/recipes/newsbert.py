@@ -25,12 +25,12 @@ from speedyrec.distill.teachers import model_files
 from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.engine.trainer import adamw
 from speedyrec.models.news_inputs import NewsInputs
-from speedyrec.recipes.common import (StageRecipe, Timer, engine_stats, engine_trainer, evaluate_on_dev,
-                                      non_backbone_names, write_json)
-from speedyrec.recipes.resume import StageCheckpoints
+from speedyrec.recipes.common import StageRecipe, evaluate_on_dev, non_backbone_names
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
 log = logging.getLogger("speedyrec")
+
+LOSSES = ("loss_teacher_ce", "loss_ce", "loss_distill", "loss_hidden", "loss_user_mse")  # the objective's counters
 
 
 class NewsBertModel(nn.Module):
@@ -57,7 +57,6 @@ class NewsBertRecipe(StageRecipe):
 
     def run(self) -> dict:
         ctx, cfg, dist, tc, nb = self.ctx, self.cfg, self.dist, self.cfg.train, self.cfg.newsbert
-        timer = Timer()
         n = cfg.distill.student_layers
         t_layers = nb.teacher_layers or plm_layers(ctx)
         if t_layers % n:
@@ -84,13 +83,8 @@ class NewsBertRecipe(StageRecipe):
         groups = [{"params": [p for p in t_bb.parameters()] + [p for p in s_bb.parameters()], "lr": tc.encoder_lr},
                   {"params": [p for name, p in model.named_parameters() if ".backbone." not in name], "lr": tc.lr}]
         hook = (lambda: momentum_gradients(list(s_bb.layers), list(t_bb.layers), nb.momentum)) if nb.momentum else None
-        ckpt = StageCheckpoints(cfg, dist, self.out, workflow, {"teacher_from": start})
-        trainer = engine_trainer(ctx, model, adamw(groups, weight_decay=tc.weight_decay), workflow,
-                                 self.out, grad_hook=hook, **ckpt.trainer_kwargs())
-        ckpt.resume(trainer)
-        setup = timer()
-        trainer.fit(tc.epochs, workflow.batches, workflow.step)
-        ckpt.save_final(trainer)
+        trainer = self.fit_on_clicks(model, adamw(groups, weight_decay=tc.weight_decay), workflow,
+                                     {"teacher_from": start}, grad_hook=hook)
         results = evaluate_on_dev(ctx, [student, teacher], inputs)
         metrics = {"student": results[0], "teacher": results[1]}
         for name, m in metrics.items():
@@ -103,14 +97,9 @@ class NewsBertRecipe(StageRecipe):
                 everything = {k for k in m.state_dict()} if name == "student" else changed | {
                     k for k, p in m.named_parameters() if p.requires_grad} | non_backbone_names(m)
                 metrics[name]["checksum"] = save_snapshot(self.out / f"{name}.pt", m, everything, meta)
-        stats = engine_stats(cfg, dist, trainer, workflow, ctx.data, setup)
-        cnt = max(stats["clicks_trained"], 1)
-        stats.update({k: v / cnt for k, v in trainer.state.counters.items() if k.startswith("loss_")})
-        stats["teacher_layers"], stats["student_layers"], stats["momentum"] = t_layers, n, nb.momentum
-        if dist.is_main:
-            write_json(self.out / "metrics.json", metrics)
-            write_json(self.out / "stats.json", stats)
-        return {"seconds": timer(), "metrics": metrics, "stats": stats}
+        stats = self.click_stats(trainer, workflow, LOSSES, teacher_layers=t_layers, student_layers=n,
+                                 momentum=nb.momentum)
+        return self.finish(metrics, stats)
 
     def _encode_rows(self, tokens, rows):
         """Both encoders on the same rows: [R, 2D] (teacher | student); the student's hidden-state losses

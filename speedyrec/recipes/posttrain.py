@@ -18,11 +18,9 @@ from speedyrec.build import build_news_encoder, plm_layers
 from speedyrec.config import ConfigError
 from speedyrec.distill.losses import candidate_cross_entropy
 from speedyrec.distill.snapshots import save_snapshot
-from speedyrec.distill.title_body import (TitleBodyBatches, build_title_body_data, describe_retrieval, encode_pairs,
-                                          model_retrieval, retrieval_of)
-from speedyrec.engine.trainer import StepOutput, Trainer, adamw
-from speedyrec.recipes.common import StageRecipe, Timer, loop_stats, non_backbone_names, trainable_names, write_json
-from speedyrec.recipes.resume import starts_over
+from speedyrec.distill.title_body import describe_retrieval, encode_pairs, model_retrieval, retrieval_of
+from speedyrec.engine.trainer import StepOutput, adamw
+from speedyrec.recipes.common import Timer, TitleBodyStage, non_backbone_names, trainable_names
 
 log = logging.getLogger("speedyrec")
 
@@ -49,54 +47,37 @@ def snapshot_steps(pt) -> list[int]:
     return [pt.snapshot_after + k * pt.snapshot_every for k in range(pt.teachers)]
 
 
-class PosttrainRecipe(StageRecipe):
+class PosttrainRecipe(TitleBodyStage):
     stage = "posttrain"
 
     def run(self) -> dict:
         ctx, cfg, dist, pt = self.ctx, self.cfg, self.dist, self.cfg.posttrain
-        timer = Timer()
-        starts_over(self.stage, cfg, dist)
-        self.data = data = build_title_body_data(ctx)
+        data = self.prepare_title_body()
         layers = plm_layers(ctx)
         if pt.train_layers > layers:
             raise ConfigError(f"posttrain.train_layers={pt.train_layers} but model.encoder has {layers} layers")
         encoder = build_news_encoder(ctx, 0, layers - pt.train_layers)
         self.model = model = NewsEncoderModel(encoder).to(dist.device)
-        hidden = encoder.backbone.hidden_size
-        if cfg.engine.frozen_cache:
-            for name, inputs in (("title", data.titles), ("body", data.bodies)):
-                inputs.enable_frozen_prefix(hidden, self.out / f"frozen_{name}_rank{dist.rank}.npy")
+        self.cache_frozen_fields(encoder)
         optimizer = adamw(encoder_param_groups(model, encoder.backbone, pt.lr, pt.encoder_lr),
                           weight_decay=cfg.train.weight_decay)
-        self.batches = TitleBodyBatches(data.train_news, data, pt.batch_size, pt.negatives, cfg.train.seed, dist,
-                                        pin=dist.device.type == "cuda")
         self.steps = snapshot_steps(pt)
         self.changed = trainable_names(encoder) | non_backbone_names(encoder)
         self.snapshots: list[dict] = []
         self.losses: list[float] = []
         initial = self._retrieval()
-        trainer = Trainer(model, optimizer, dist, grad_clip=cfg.train.grad_clip, amp=cfg.train.amp,
-                          max_steps=self.steps[-1], warmup_steps=cfg.train.warmup_steps, log_every=cfg.train.log_every,
-                          periodic=self._periodic, periodic_every=1, log_dir=self.out,
-                          progress_total=self.steps[-1] * pt.batch_size, progress_unit="body",
-                          heap_trim_every=cfg.train.heap_trim_every)
         epochs = math.ceil(self.steps[-1] / self.batches.steps_per_epoch())
-        setup = timer()
-        trainer.fit(epochs, self.batches.epoch, self.step)
-        for inputs in (data.titles, data.bodies):
-            inputs.close_frozen_prefix()
-        stats = {**loop_stats(trainer, setup, per="news_trained"), "news_in_data": len(data.train_news),
-                 "holdout_news": len(data.holdout), "news_without_title_or_body": data.news_without_body,
-                 "news_outside_train": data.news_outside_train}
-        metrics = {"initial": initial, "snapshots": self.snapshots, "loss_curve": self._curve()}
+        trainer = self.fit_on_title_body(model, optimizer, epochs, self.steps[-1] * pt.batch_size,
+                                         max_steps=self.steps[-1], periodic=self._periodic, periodic_every=1)
+        stats = self.title_body_stats(trainer, news_in_data=len(data.train_news), holdout_news=len(data.holdout),
+                                      news_without_title_or_body=data.news_without_body,
+                                      news_outside_train=data.news_outside_train)
         if dist.is_main:
-            write_json(self.out / "metrics.json", metrics)
-            write_json(self.out / "stats.json", stats)
             for s in self.snapshots:
                 log.info("posttrain snapshot %s: step %d, loss %.4f, held-out title retrieval %s (initial %s)",
                          s["name"], s["step"], s["loss"], describe_retrieval(retrieval_of(s)),
                          describe_retrieval(initial))
-        return {"seconds": timer(), "metrics": metrics, "stats": stats}
+        return self.finish({"initial": initial, "snapshots": self.snapshots, "loss_curve": self._curve()}, stats)
 
     def step(self, batch) -> StepOutput:
         if batch is None:
