@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from speedyrec.engine.distributed import DistInfo, all_gather_rows, barrier
-from speedyrec.engine.runlog import progress
 from speedyrec.engine.precision import autocast_context, runs_bf16
+from speedyrec.engine.runlog import progress
 from speedyrec.models.backbone import eval_mode
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack

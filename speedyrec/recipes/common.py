@@ -15,10 +15,10 @@ import torch
 from speedyrec.build import Context
 from speedyrec.config import Config, dump_config
 from speedyrec.data.dataset import Dataset
+from speedyrec.distill.title_body import TitleBodyBatches, build_title_body_data
 from speedyrec.engine.distributed import DistInfo, all_reduce_sum
 from speedyrec.engine.memory import peak_rss_mb, process_peak_rss_mb
 from speedyrec.engine.trainer import Trainer
-from speedyrec.distill.title_body import TitleBodyBatches, build_title_body_data
 from speedyrec.eval.evaluate import evaluate_models
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.recipes.resume import StageCheckpoints, starts_over
