@@ -70,8 +70,8 @@ class DistillFinetuneRecipe(StageRecipe):
                                         "finetune_teachers") if f.stem != "plain"]  # the plain teacher is a baseline
         teachers, checksums = [], []
         for f in files:
-            model, _, checksum = load_finetuned_recommender(ctx, f)
-            teachers.append(model.to(dist.device))
+            teacher, _, checksum = load_finetuned_recommender(ctx, f)
+            teachers.append(teacher.to(dist.device))
             checksums.append(checksum)
         self.inputs = inputs = NewsInputs(ctx.store)
         self.bank, build, self.online = None, BankBuild(), []
@@ -90,7 +90,7 @@ class DistillFinetuneRecipe(StageRecipe):
             del stack  # from here on a step reads the bank and the teachers' user encoders only
         else:  # the naive way, for comparison: every teacher's whole PLM runs in every student step
             self.online = [t.news_encoder for t in teachers]
-        del teachers  # with the bank, the M teachers' PLMs are freed here: Stage II's memory does not grow with M
+        del teachers, teacher  # with the bank, the M teachers' PLMs are freed here: memory does not grow with M
         gc.collect()
         student, changed, start = build_student(ctx, ctx.from_dir("distill_posttrain") / "student.pt")
         self.model = model = DistillModel(student, len(files), self.bank_dim, di.learn_omega).to(dist.device)
