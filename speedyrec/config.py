@@ -200,7 +200,7 @@ class DistillConfig:
 class TeachersConfig:
     """``finetune_teachers``: the post-trained teachers finetuned on clicks, together, on the engine."""
 
-    finetune_layers: int = 2  # the top layers trained (paper: 2)
+    finetune_layers: int = 2  # the top layers trained (paper: 2); 0: only pooling, projection and user encoder train
     plain: bool = False  # also finetune the PLM without post-training (the paper's PLM-NR (FT))
     # the earlier paper: the last snapshot finetuned M times, instead of M snapshots. The snapshot holds the
     # transformer, pooling and projection, so teacher i differs from the others only in its user encoder's
@@ -504,11 +504,12 @@ def _validate_distillation(cfg: Config) -> None:
     pt, di, nb = cfg.posttrain, cfg.distill, cfg.newsbert
     positive = {"posttrain.teachers": pt.teachers, "posttrain.train_layers": pt.train_layers,
                 "posttrain.negatives": pt.negatives, "posttrain.snapshot_after": pt.snapshot_after,
-                "posttrain.snapshot_every": pt.snapshot_every, "distill.stage1_epochs": di.stage1_epochs,
-                "teachers.finetune_layers": cfg.teachers.finetune_layers}
+                "posttrain.snapshot_every": pt.snapshot_every, "distill.stage1_epochs": di.stage1_epochs}
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {v}")
+    if cfg.teachers.finetune_layers < 0:
+        raise ConfigError(f"config key 'teachers.finetune_layers' must be >= 0, got {cfg.teachers.finetune_layers}")
     for key, v in {"posttrain.lr": pt.lr, "posttrain.encoder_lr": pt.encoder_lr, "distill.stage1_lr": di.stage1_lr,
                    "distill.stage1_encoder_lr": di.stage1_encoder_lr, "distill.temperature": di.temperature,
                    "distill.temperature_ft": di.temperature_ft}.items():

@@ -179,6 +179,22 @@ def test_stages_one_at_a_time_with_the_earlier_papers_options(tmp_path, cache_di
     check_click_metrics(read(out / "distill_finetune/metrics.json")["student"])
 
 
+def test_teachers_with_no_transformer_layer_trained(tmp_path, cache_dir, synthetic_small, pipeline_run):
+    """teachers.finetune_layers=0 (what benchmarks.multiteacher's bound measures): every layer is read from the
+    caches, only pooling, projection and user encoder train; the saved teachers' transformers are their snapshots'."""
+    out = tmp_path / "o"
+    assert main(args(out, cache_dir, synthetic_small, "stage=finetune_teachers", f"distill.from_dir={pipeline_run}",
+                     "teachers.finetune_layers=0")) == 0
+    stats = read(out / "finetune_teachers/stats.json")
+    check_engine_stats(stats)
+    for k in (1, 2):
+        snap = torch.load(pipeline_run / f"posttrain/snapshots/teacher_{k}.pt", weights_only=False)["delta"]
+        saved = torch.load(out / f"finetune_teachers/teachers/teacher_{k}.pt", weights_only=False)["delta"]
+        layers = [n for n in saved if ".backbone." in n]
+        assert layers and all(torch.equal(saved[n], snap[n.removeprefix("news_encoder.")]) for n in layers)
+        assert any(n.startswith("user_encoder.") for n in saved)
+
+
 def test_a_tampered_snapshot_is_refused(tmp_path, cache_dir, synthetic_small, pipeline_run, capsys):
     import shutil
 
