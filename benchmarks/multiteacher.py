@@ -64,6 +64,7 @@ def prepare(root: Path, m_max: int, base: list[str]) -> dict[str, Path]:
     """Post-training snapshots, finetuned teachers and a Stage I student (a few steps each), then one from_dir
     folder per M holding the first M of each, and one per teacher holding only it."""
     prep = root / "prep"
+    base = [o for o in base if not o.startswith("train.lr_schedule=")]  # the title-body stages refuse it
     if not (prep / "distill_posttrain" / "student.pt").exists():
         run_job("prep", [*base, "stage=posttrain", f"posttrain.teachers={m_max}", "posttrain.snapshot_after=2",
                          "posttrain.snapshot_every=2", "posttrain.holdout=50"], root, stage="posttrain")
