@@ -29,10 +29,9 @@ MIN_TOKENS, MAX_TOKENS = 96, 510
 
 
 def load_model(layers: int, quick: bool):
-    from speedyrec.engine.distributed import DistInfo
-
     from speedyrec.build import build_context, build_model
     from speedyrec.config import load_config
+    from speedyrec.engine.distributed import DistInfo
     from speedyrec.models.buslm import BusLMNewsEncoder
 
     enc = (["model.encoder=random:hidden=32,layers=2,heads=2,intermediate=64", "model.vocab_size=800",

@@ -53,7 +53,6 @@ def efficiency(ctx, segments, *, dynamic: bool, dedup: bool, centralized: bool, 
     from speedyrec.engine.batching import DynamicBatcher
     from speedyrec.engine.distributed import DistInfo
     from speedyrec.engine.encode import CentralizedEncoder
-
     from speedyrec.models.news_inputs import NewsInputs
     from speedyrec.workflows.speedyfeed import build_sequences
 
@@ -89,10 +88,9 @@ SWEEP = [dict(buckets=b, chunk_tokens=c) for b in (2, 4) for c in (1024, 2048, 4
 
 
 def measure(overrides: list[str], segments, quick: bool) -> dict:
-    from speedyrec.engine.distributed import DistInfo
-
     from speedyrec.build import build_context
     from speedyrec.config import load_config
+    from speedyrec.engine.distributed import DistInfo
 
     cfg = load_config(None, ["out_dir=/tmp/speedyrec_data_efficiency", *overrides])
     ctx = build_context(cfg, DistInfo())

@@ -49,11 +49,10 @@ def exact_length_chunks(lengths: np.ndarray, chunk_tokens: int) -> list[np.ndarr
 def raw_throughput(overrides: list[str], chunk_tokens: int, block_tokens: int) -> tuple[float, str, str, float]:
     """(real tokens per second of the news encoder's forward+backward on exact-length chunks of the log's news,
     device, precision, mean tokens per news), on the device and in the precision a run with these overrides resolves."""
-    from speedyrec.engine.distributed import DistInfo
-    from speedyrec.engine.precision import autocast_context
-
     from speedyrec.build import build_context, build_model
     from speedyrec.config import load_config
+    from speedyrec.engine.distributed import DistInfo
+    from speedyrec.engine.precision import autocast_context
     from speedyrec.models.news_inputs import NewsInputs
 
     cfg = load_config(None, ["out_dir=/tmp/speedyrec_limit", *overrides])

@@ -149,11 +149,10 @@ def main(argv=None) -> dict:
 def teachers_mean_score(run_dir: Path) -> dict:
     """Dev metrics of the mean score of a finished pipeline's post-trained teachers, for runs made before
     finetune_teachers evaluated it (their teachers are loaded from the run and evaluated again)."""
-    from speedyrec.engine.distributed import DistInfo
-
     from speedyrec.build import build_context, plm_layers
     from speedyrec.config import load_config
     from speedyrec.distill.teachers import load_finetuned_recommender
+    from speedyrec.engine.distributed import DistInfo
     from speedyrec.models.news_inputs import NewsInputs
     from speedyrec.recipes.common import evaluate_on_dev
 

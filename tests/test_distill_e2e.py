@@ -157,11 +157,10 @@ def test_stages_one_at_a_time_with_the_earlier_papers_options(tmp_path, cache_di
     assert teachers["teachers"] == 2 and teachers["shared_frozen_layers"] == 2  # one snapshot: every frozen layer shared
     # what the seeds change, as the config says: the snapshot holds the transformer, pooling and projection (all
     # post-trained), so the teachers start apart in their user encoders alone
-    from speedyrec.engine.distributed import DistInfo
-
     from speedyrec.build import build_context
     from speedyrec.config import load_config
     from speedyrec.distill.teachers import load_posttrained_recommender
+    from speedyrec.engine.distributed import DistInfo
     from speedyrec.recipes.finetune_teachers import teacher_plan
 
     ctx = build_context(load_config(None, [*common, "stage=finetune_teachers", "teachers.seeds=true"]), DistInfo())
@@ -220,10 +219,9 @@ def test_a_stage_without_its_inputs_says_what_to_run(tmp_path, cache_dir, synthe
 
 
 def test_newsbert_trains_the_shared_layers_and_both_encoders(tmp_path, cache_dir, synthetic_small):
-    from speedyrec.engine.distributed import DistInfo
-
     from speedyrec.build import build_context, build_recommender
     from speedyrec.config import load_config
+    from speedyrec.engine.distributed import DistInfo
     from speedyrec.recipes.newsbert import NewsBertModel
 
     out = tmp_path / "nb"
@@ -384,7 +382,6 @@ def test_stage2_trains_without_the_teachers_plms_once_the_bank_is_built(tmp_path
     import gc
 
     from speedyrec.engine.trainer import Trainer
-
     from speedyrec.models.backbone import BertFamilyBackbone
 
     alive = []
@@ -496,10 +493,9 @@ def test_the_other_click_stages_resume_exactly(tmp_path, cache_dir, synthetic_sm
 
 
 def test_a_checkpoint_of_other_teachers_is_refused(tmp_path):
+    from speedyrec.config import Config, ConfigError
     from speedyrec.engine.distributed import DistInfo
     from speedyrec.engine.trainer import Trainer
-
-    from speedyrec.config import Config, ConfigError
     from speedyrec.recipes.resume import StageCheckpoints
 
     cfg = Config()

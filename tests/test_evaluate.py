@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
 from sklearn.metrics import roc_auc_score
+
+from conftest import tiny_overrides
 
 
 def test_evaluate_models_and_their_mean_score_match_a_per_impression_reference(tmp_path, cache_dir, synthetic_small):
-    from speedyrec.engine.distributed import DistInfo
-
     from speedyrec.build import build_context, build_recommender
     from speedyrec.config import load_config
+    from speedyrec.engine.distributed import DistInfo
     from speedyrec.eval.evaluate import encode_news, evaluate_models
     from speedyrec.models.news_inputs import NewsInputs
 

@@ -14,10 +14,10 @@ from collections import Counter
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tiny_overrides
-from speedyrec.engine.host_sync import count_host_syncs
 
+from conftest import tiny_overrides
 from speedyrec.config import load_config
+from speedyrec.engine.host_sync import count_host_syncs
 
 STEPS = 4
 
@@ -25,9 +25,8 @@ STEPS = 4
 def _fit_counting(overrides: list[str], steps: int) -> tuple[Counter, dict]:
     """Build a finetune run in this process, train ``steps`` optimizer steps while counting host syncs; returns the
     counts and the run's frozen-prefix fills (the calls that stored new news' frozen states)."""
-    from speedyrec.engine.distributed import init_distributed
-
     from speedyrec.build import build_context
+    from speedyrec.engine.distributed import init_distributed
     from speedyrec.recipes.finetune import FinetuneRecipe
 
     cfg = load_config(None, [*overrides, f"train.max_steps={steps}"])
@@ -127,9 +126,8 @@ def test_two_ranks_wait_once_per_micro_batch_and_for_the_replicated_cache(tmp_pa
 def test_on_cuda_the_default_step_runs_under_sync_debug_error(tmp_path, cache_dir, synthetic_small):
     """The same step as above on a GPU, with every synchronising CUDA call an error (after a first step, which
     builds the cache and the optimizer's state)."""
-    from speedyrec.engine.distributed import init_distributed
-
     from speedyrec.build import build_context
+    from speedyrec.engine.distributed import init_distributed
     from speedyrec.recipes.finetune import FinetuneRecipe
 
     cfg = load_config(None, [*_args(cache_dir, synthetic_small), f"out_dir={tmp_path / 'run'}",
