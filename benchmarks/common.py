@@ -186,7 +186,8 @@ def changed_defaults(run_dir: Path, overrides: list[str], saved_config: dict | N
     default changed since (or a key was added), so the kept run no longer measures these overrides. A key added
     since whose value is off (false, 0, empty) is no difference: the kept run ran without it, as this one would. A
     key the run resolves when it starts (RUNTIME_RESOLVED, e.g. train.amp=auto on the machine) is compared only when
-    set explicitly."""
+    set explicitly. A stage=finetune run ignores the sections that stage never reads (NOT_READ_BY_THE_MAIN_JOB:
+    the distillation stages' options), as the main job's timing does."""
     import yaml
 
     saved = run_dir / "config.yaml"
@@ -197,14 +198,16 @@ def changed_defaults(run_dir: Path, overrides: list[str], saved_config: dict | N
     else:
         saved_config = {**saved_config, "out_dir": str(run_dir)}
 
-    from speedyrec.config import RUNTIME_RESOLVED, flat_config, load_config
+    from speedyrec.config import NOT_READ_BY_THE_MAIN_JOB, RUNTIME_RESOLVED, flat_config, load_config
     from speedyrec.recipes.resume import differing_keys
 
     # in the order run_job passes them: the overrides win
     want = flat_config(load_config(overrides=[f"out_dir={run_dir}", "train.log_every=0", *overrides]).to_dict())
+    unread = NOT_READ_BY_THE_MAIN_JOB if want["stage"] == "finetune" else ()
 
     def matters(k, then, now):
-        return k in want and not (then is None and not now) and RUNTIME_RESOLVED.get(k, object()) != now
+        return (k in want and not (then is None and not now) and RUNTIME_RESOLVED.get(k, object()) != now
+                and not k.startswith(unread))
 
     return [f"{k}: {then!r} -> {now!r}"
             for k, then, now in differing_keys(saved_config, want, matters)]

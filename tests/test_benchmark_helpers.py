@@ -460,6 +460,14 @@ def test_a_kept_run_is_not_reused_after_a_default_changed(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     assert changed_defaults(run, overrides) == []
     assert changed_defaults(run, [*overrides, "engine.inbatch_negatives=true"]) == ["engine.inbatch_negatives: None -> True"]
+    # a finetune run never reads the distillation sections: an option added there since does not void it (the
+    # main job's timing ignores them too), while a distillation stage's run compares them
+    del saved["distill"]["stage1_projections"]
+    saved["posttrain"]["news"] = "train"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert changed_defaults(run, overrides) == []
+    other_stage = changed_defaults(run, [*overrides, "stage=posttrain"])
+    assert {"distill.stage1_projections: None -> True", "posttrain.news: 'train' -> 'all'"} <= set(other_stage)
 
 
 def test_a_benchmark_longer_than_a_session_continues_from_its_committed_ledger(tmp_path, monkeypatch):
