@@ -45,6 +45,14 @@ STUDENT = ["model.encoder=auto", "model.layers=2", "model.freeze_layers=0"]
 TINY = ["model.encoder=random:hidden=32,layers=2,heads=2,intermediate=64", "model.vocab_size=800"]
 LONG_TEXT = ["data.title_tokens=32", "data.abstract_tokens=64", "data.body_tokens=128"]
 WORKFLOWS = ("typical", "speedyfeed")
+# A third arm: the speedyfeed workflow trained on the typical workflow's targets, the impression clicks with their
+# impressions' non-clicked news (engine.targets=impressions; history clicks are context). Stated before it ran:
+# the default arm's runs had shown that 87.5% of its targets are history clicks with random negatives while dev
+# ranks impressions' candidates. Same sweep, same rule, same patience and evaluation interval as the default arm;
+# its plan is the typical workflow's number of epochs (the same targets).
+IMPRESSIONS = "speedyfeed_impressions"
+ARM_OVERRIDES = {"typical": ["train.workflow=typical"], "speedyfeed": ["train.workflow=speedyfeed"],
+                 IMPRESSIONS: ["train.workflow=speedyfeed", "engine.targets=impressions"]}
 SMOOTH = 3  # evaluations in the running mean that times are read from
 EXTEND = 2  # times the learning-rate grid may grow past an edge (sweep_choice)
 
@@ -54,11 +62,14 @@ EXTEND = 2  # times the learning-rate grid may grow past an edge (sweep_choice)
 # The sweep's grid: x1 and x4 left both workflows' best at x4, the grid's edge (typical's dev AUC still rising at its
 # 200th step), so x16 was added for both; where a best still lies at an edge, sweep_choice grows that workflow's grid.
 FULL = {"users": 1000, "model": STUDENT, "lrs": (1.0, 4.0, 16.0), "sweep_steps": 200, "sweep_every": 25,
-        "every": {"typical": 60.0, "speedyfeed": 20.0}, "patience": {"typical": 6, "speedyfeed": 10},
-        "epochs": {"typical": 5, "speedyfeed": 6}, "seeds": [0, 1, 2], "negatives_cap": 240.0, "ablation_steps": 10,
+        "every": {"typical": 60.0, "speedyfeed": 20.0, IMPRESSIONS: 20.0},
+        "patience": {"typical": 6, "speedyfeed": 10, IMPRESSIONS: 10},
+        "epochs": {"typical": 5, "speedyfeed": 6, IMPRESSIONS: 5}, "seeds": [0, 1, 2], "negatives_cap": 240.0, "ablation_steps": 10,
         "budgets": [5000], "typical_ablation_steps": 3, "eval": []}
-QUICK = {"users": 300, "model": TINY, "lrs": (1.0, 4.0), "sweep_steps": 12, "sweep_every": 4, "every": {"typical": 5.0, "speedyfeed": 2.0},
-         "patience": {"typical": 3, "speedyfeed": 3}, "epochs": {"typical": 1, "speedyfeed": 2}, "seeds": [0, 1],
+QUICK = {"users": 300, "model": TINY, "lrs": (1.0, 4.0), "sweep_steps": 12, "sweep_every": 4,
+         "every": {"typical": 5.0, "speedyfeed": 2.0, IMPRESSIONS: 2.0},
+         "patience": {"typical": 3, "speedyfeed": 3, IMPRESSIONS: 3}, "epochs": {"typical": 1, "speedyfeed": 2, IMPRESSIONS: 1},
+         "seeds": [0, 1],
          "negatives_cap": 8.0, "ablation_steps": 3, "budgets": [4000], "typical_ablation_steps": 2,
          "eval": ["eval.max_impressions=200"]}
 
@@ -178,6 +189,32 @@ def seed_comparison(typ: dict, sf: dict) -> dict:
             "stopped_by": {wf: _stop_reason(j) for wf, j in (("typical", typ), ("speedyfeed", sf))}}
 
 
+def arm_summary(heads: dict, arm: str) -> dict:
+    """The time-to-quality figures of one arm against the typical workflow over the seeds' headline runs
+    (``heads``: seed -> arm -> job), keyed "typical" / "speedyfeed" (the arm) whichever the arm is."""
+    seeds = {str(seed): seed_comparison(h["typical"], h[arm]) for seed, h in heads.items()}
+    reached = [c["speedup"] for c in seeds.values() if c["speedup"] is not None]
+    raw = [c["raw"]["speedup"] for c in seeds.values() if c["raw"]["speedup"] is not None]
+    pair = {"typical": "typical", "speedyfeed": arm}
+    rates = {k: statistics.median(rate(h[wf]) for h in heads.values()) for k, wf in pair.items()}
+    first = heads[next(iter(heads))]
+    epoch = {k: first[wf]["stats"]["clicks_in_data"] / rates[k] for k, wf in pair.items()}
+    epoch_speedup = epoch["typical"] / epoch["speedyfeed"]
+    head = statistics.median(reached) if reached else None
+    equal = {}
+    for seed, h in heads.items():
+        t_eq = min(h["typical"]["curve"][-1]["train_seconds"], h[arm]["curve"][-1]["train_seconds"])
+        equal[str(seed)] = {"seconds": t_eq, "typical": auc_at(h["typical"], t_eq), "speedyfeed": auc_at(h[arm], t_eq)}
+    return {"time_to_auc_speedup_smoothed": head,
+            "time_to_auc_speedup_seeds": [seeds[str(s)]["speedup"] for s in heads],
+            "time_to_auc_speedup_range": [min(reached), max(reached)] if reached else None,
+            "time_to_auc_speedup_raw_median": statistics.median(raw) if raw else None,
+            "epoch_speedup": epoch_speedup, "fraction_of_epoch_bound": head / epoch_speedup if head else None,
+            "per_target_speedup": rates["speedyfeed"] / rates["typical"], "targets_per_second": rates,
+            "epoch_seconds": epoch, "seeds": seeds, "auc_at_equal_time": equal,
+            "best_auc": {k: statistics.median(c["best_smoothed"][k] for c in seeds.values()) for k in pair}}
+
+
 def _stop_reason(job: dict) -> str:
     s = job["stats"]
     return "the plan's end" if s["clicks_not_reached"] == 0 else "patience"
@@ -218,12 +255,12 @@ def main(argv=None) -> dict:
 
         # the sweep: every learning rate of both workflows for the same number of optimizer steps
         steps = mode["sweep_steps"]
-        sweep: dict[str, dict[float, dict]] = {wf: {} for wf in WORKFLOWS}
+        sweep: dict[str, dict[float, dict]] = {wf: {} for wf in ARM_OVERRIDES}
 
         def swept(wf):  # runs multiple m of the sweep for workflow wf (or reuses it) -> its score
             def score_of(m):
                 sweep[wf][m] = kept(f"{wf}_lr{m:g}_steps{steps}",
-                                    base + [f"train.workflow={wf}", *lr_overrides(m), f"train.max_steps={steps}",
+                                    base + [*ARM_OVERRIDES[wf], *lr_overrides(m), f"train.max_steps={steps}",
                                             "train.epochs=100", f"eval.every={mode['sweep_every']}"])
                 return best_smoothed(sweep[wf][m])
             return score_of
@@ -236,14 +273,14 @@ def main(argv=None) -> dict:
             return {"lr_sweep_scores": score, "best_lr_multiple": best_mult}
 
         def planned(wf, seed):  # the chosen rate, the default schedule over the plan, stopped at the plateau
-            return base + [f"train.workflow={wf}", *lr_overrides(best_mult[wf]), f"train.epochs={mode['epochs'][wf]}",
+            return base + [*ARM_OVERRIDES[wf], *lr_overrides(best_mult[wf]), f"train.epochs={mode['epochs'][wf]}",
                            f"eval.every_seconds={mode['every'][wf]:g}", f"eval.patience={mode['patience'][wf]}",
                            f"train.seed={seed}"]
 
         heads = {seed: {wf: kept(f"{wf}_lr{best_mult[wf]:g}_seed{seed}", planned(wf, seed)) for wf in WORKFLOWS}
                  for seed in mode["seeds"]}
         first = heads[mode["seeds"][0]]
-        typ, sf = first["typical"], first["speedyfeed"]
+        sf = first["speedyfeed"]
         # (a) on identical targets: the typical workflow trained on every click of the user sequences
         typ_seq = kept("typical_sequence_targets",
                        base + [f"train.max_steps={mode['typical_ablation_steps']}", "eval.max_impressions=1",
@@ -276,43 +313,33 @@ def main(argv=None) -> dict:
                                                        "eval.max_impressions=1", *fields, *extra, *lr_overrides(sf_mult)])))
             ablation[text] = rows
         budgets = {b: capped_run(f"speedyfeed_budget{b}", f"engine.token_budget={b}") for b in mode.get("budgets", [])}
+        # the impression-targets arm: its own sweep by the same rule, then its headline runs
+        best_mult[IMPRESSIONS] = sweep_choice(swept(IMPRESSIONS), mults)[0]
+        score[IMPRESSIONS] = {m: best_smoothed(j) for m, j in sorted(sweep[IMPRESSIONS].items())}
+        for seed in mode["seeds"]:
+            heads[seed][IMPRESSIONS] = kept(f"{IMPRESSIONS}_lr{best_mult[IMPRESSIONS]:g}_seed{seed}",
+                                            planned(IMPRESSIONS, seed))
 
-    seeds = {str(seed): seed_comparison(h["typical"], h["speedyfeed"]) for seed, h in heads.items()}
-    reached = [c["speedup"] for c in seeds.values() if c["speedup"] is not None]
-    raw = [c["raw"]["speedup"] for c in seeds.values() if c["raw"]["speedup"] is not None]
-    rates = {wf: statistics.median(rate(h[wf]) for h in heads.values()) for wf in WORKFLOWS}
-    epoch = {wf: typ["stats"]["clicks_in_data"] / rates[wf] if wf == "typical" else
-             sf["stats"]["clicks_in_data"] / rates[wf] for wf in WORKFLOWS}
-    epoch_speedup = epoch["typical"] / epoch["speedyfeed"]
-    smoothed_head = statistics.median(reached) if reached else None
-    equal = {}
-    for seed, h in heads.items():
-        t_eq = min(h["typical"]["curve"][-1]["train_seconds"], h["speedyfeed"]["curve"][-1]["train_seconds"])
-        equal[str(seed)] = {"seconds": t_eq, "typical": auc_at(h["typical"], t_eq), "speedyfeed": auc_at(h["speedyfeed"], t_eq)}
+    summary = arm_summary(heads, "speedyfeed")
+    seeds, epoch_speedup, smoothed_head = summary["seeds"], summary["epoch_speedup"], summary["time_to_auc_speedup_smoothed"]
+    reached = [x for x in summary["time_to_auc_speedup_seeds"] if x is not None]
     payload = {
         "machine": info, "quick": a.quick, "mode": {k: v for k, v in mode.items()}, "lr_multiples": mults,
-        "lr_multiples_swept": {wf: sorted(sweep[wf]) for wf in WORKFLOWS},
+        "lr_multiples_swept": {wf: sorted(sweep[wf]) for wf in sweep},
         "lr_sweep_steps": steps, "lr_sweep_scores": {wf: {f"{m:g}": v for m, v in sc.items()} for wf, sc in score.items()},
         "best_lr_multiple": best_mult, "headline_lr_multiple": sf_mult,
-        "time_to_auc_speedup_smoothed": smoothed_head,
-        "time_to_auc_speedup_seeds": [seeds[str(s)]["speedup"] for s in mode["seeds"]],
-        "time_to_auc_speedup_range": [min(reached), max(reached)] if reached else None,
-        "time_to_auc_speedup_raw_median": statistics.median(raw) if raw else None,
-        "epoch_speedup": epoch_speedup,
-        "fraction_of_epoch_bound": smoothed_head / epoch_speedup if smoothed_head else None,
-        "per_target_speedup": rates["speedyfeed"] / rates["typical"],
-        "per_target_speedup_same_targets": rates["speedyfeed"] / rate(typ_seq),
-        "targets_per_second": rates, "epoch_seconds": epoch,
+        **summary,
+        "per_target_speedup_same_targets": summary["targets_per_second"]["speedyfeed"] / rate(typ_seq),
         # the quality level other benchmarks time their runs to: the median over seeds of typical's best running mean
         "target_auc": statistics.median(c["target_auc"] for c in seeds.values()),
-        "seeds": seeds, "auc_at_equal_time": equal,
-        "best_auc": {wf: statistics.median(c["best_smoothed"][wf] for c in seeds.values()) for wf in WORKFLOWS},
+        # the same figures for the speedyfeed workflow on impression targets (its "speedyfeed" keys are that arm)
+        "impression_targets": {"lr_multiple": best_mult[IMPRESSIONS], **arm_summary(heads, IMPRESSIONS)},
         "default_negatives": neg_default,
         "negatives": {str(neg_default): _window_summary(sf, mode["negatives_cap"], seeds[str(mode["seeds"][0])]["target_auc"]),
                       str(neg_other_n): _window_summary(neg_other, mode["negatives_cap"],
                                                         seeds[str(mode["seeds"][0])]["target_auc"])},
-        "runs": {f"{wf}_lr{m:g}_steps{steps}": sweep[wf][m] for wf in WORKFLOWS for m in sorted(sweep[wf])},
-        "headline_runs": {f"{wf}_seed{seed}": h[wf] for seed, h in heads.items() for wf in WORKFLOWS},
+        "runs": {f"{wf}_lr{m:g}_steps{steps}": sweep[wf][m] for wf in sweep for m in sorted(sweep[wf])},
+        "headline_runs": {f"{wf}_seed{seed}": h[wf] for seed, h in heads.items() for wf in h},
         "typical_sequence_targets": typ_seq, f"speedyfeed_negatives{neg_other_n}": neg_other,
         "token_budgets": {"default": Config().engine.token_budget,
                           **{str(b): {**_window_summary(j, mode["negatives_cap"], seeds[str(mode["seeds"][0])]["target_auc"]),
@@ -326,7 +353,7 @@ def main(argv=None) -> dict:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-        for wf, color in (("typical", "grey"), ("speedyfeed", "tab:blue")):
+        for wf, color in (("typical", "grey"), ("speedyfeed", "tab:blue"), (IMPRESSIONS, "tab:green")):
             for i, (seed, h) in enumerate(heads.items()):
                 sm = smoothed(h[wf])
                 ax[0].plot([max(t, 1.0) for t, _ in sm], [v for _, v in sm], color=color, lw=1.0,
@@ -377,16 +404,22 @@ def _f(x, fmt="{:.4f}", none="not reached"):
     return none if x is None else fmt.format(x)
 
 
-def headline_sentence(d: dict) -> str:
-    """The headline as the README and speedup.md state it: smoothed, over seeds, beside its bound."""
-    head, rng, n = d["time_to_auc_speedup_smoothed"], d["time_to_auc_speedup_range"], len(d["mode"]["seeds"])
+def headline_sentence(d: dict, arm: str = "speedyfeed") -> str:
+    """The headline as the README and speedup.md state it: smoothed, over seeds, beside its bound; for the default
+    arm, or (arm=IMPRESSIONS) the speedyfeed workflow on impression targets."""
+    a = d if arm == "speedyfeed" else d["impression_targets"]
+    who = "speedyfeed" if arm == "speedyfeed" else "speedyfeed on impression targets (engine.targets=impressions)"
+    head, rng, n = a["time_to_auc_speedup_smoothed"], a["time_to_auc_speedup_range"], len(d["mode"]["seeds"])
     if head is None:
-        return "speedyfeed did not reach the typical workflow's best running mean in any seed"
-    reached = sum(x is not None for x in d["time_to_auc_speedup_seeds"])
-    return (f"speedyfeed reaches the typical workflow's best dev AUC (read from a running mean of {SMOOTH} evaluations) "
+        return (f"{who} did not reach the typical workflow's best running mean (read from a running mean of {SMOOTH} "
+                f"evaluations) in any of {n} seeds: its best running mean, median over seeds, is "
+                f"{a['best_auc']['speedyfeed']:.4f} against typical's {a['best_auc']['typical']:.4f}; one epoch of the "
+                f"same log takes {a['epoch_speedup']:.1f}x less time")
+    reached = sum(x is not None for x in a["time_to_auc_speedup_seeds"])
+    return (f"{who} reaches the typical workflow's best dev AUC (read from a running mean of {SMOOTH} evaluations) "
             f"**{head:.1f}x sooner** (median of {reached} of {n} seeds; range {rng[0]:.1f}x to {rng[1]:.1f}x), against "
-            f"{d['epoch_speedup']:.1f}x for one epoch of the same log, the bound when both workflows need the same "
-            f"epochs to get there: {d['fraction_of_epoch_bound']:.0%} of it")
+            f"{a['epoch_speedup']:.1f}x for one epoch of the same log, the bound when both workflows need the same "
+            f"epochs to get there: {a['fraction_of_epoch_bound']:.0%} of it")
 
 
 def report(d, typ_seq, ablation) -> str:
@@ -418,7 +451,7 @@ def report(d, typ_seq, ablation) -> str:
                      _f(c["best_smoothed"]["speedyfeed"])] for s, c in seeds.items()]),
           "\n## The four figures\n\n",
           md_table(["figure", "what it counts", "typical", "speedyfeed", "speedyfeed / typical"], [
-              ["(c) time to quality", f"median over seeds of the seconds to the typical workflow's best running mean",
+              ["(c) time to quality", "median over seeds of the seconds to the typical workflow's best running mean",
                _f(statistics.median([c["seconds_to_target"]["typical"] for c in seeds.values()]), "{:.0f} s"),
                _f(_median([c["seconds_to_target"]["speedyfeed"] for c in seeds.values()]), "{:.0f} s"),
                _f(d["time_to_auc_speedup_smoothed"], "{:.1f}x")],
@@ -437,6 +470,7 @@ def report(d, typ_seq, ablation) -> str:
               ["(d') best AUC", "best running mean of the headline runs, median over seeds",
                f"{d['best_auc']['typical']:.4f}", f"{d['best_auc']['speedyfeed']:.4f}",
                f"{(d['best_auc']['speedyfeed'] - d['best_auc']['typical']) * 100:+.2f} points"]]),
+          impression_section(d),
           "\n## The learning-rate sweep and the headline runs\n\n"]
     rows = []
     for name, job in {**d["runs"], **d["headline_runs"]}.items():
@@ -479,6 +513,35 @@ def report(d, typ_seq, ablation) -> str:
     md.append("\nThe cache serves a row with probability 1 - exp(-beta t) at step t, so in these short runs it is barely "
               "on; its hit rate over whole runs is in the headline runs (`headline_runs` in speedup.json).\n")
     return "".join(md)
+
+
+def impression_section(d: dict) -> str:
+    """The speedyfeed workflow on the typical workflow's targets (engine.targets=impressions), timed the same way."""
+    a, mode = d["impression_targets"], d["mode"]
+    seeds = a["seeds"]
+    return "".join([
+        f"\n## Speedyfeed on impression targets (engine.targets=impressions, lr x{a['lr_multiple']:g})\n\n"
+        "The default arm trains every click of a user's sequence; in this log most of them are history clicks, which "
+        "have no impression and get random negatives, while dev ranks an impression's candidates. This arm trains the "
+        "typical workflow's targets (each impression click against its impression's non-clicked news) with the "
+        "engine's centralized encoding, cache and one pass per user (the history is context). Its learning rate comes "
+        f"from the same sweep and rule, its plan is {mode['epochs'][IMPRESSIONS]} epochs, dev AUC every "
+        f"{mode['every'][IMPRESSIONS]:g} s, patience {mode['patience'][IMPRESSIONS]}; the typical runs are the same.\n\n",
+        f"{headline_sentence(d, IMPRESSIONS)}.\n\n",
+        md_table(["seed", "target: typical's best running mean", "typical reaches it", "this arm reaches it", "speedup",
+                  "this arm stopped by", "this arm's best running mean"],
+                 [[s, f"{c['target_auc']:.4f}", _f(c["seconds_to_target"]["typical"], "{:.0f} s"),
+                   _f(c["seconds_to_target"]["speedyfeed"], "{:.0f} s"), _f(c["speedup"], "{:.1f}x"),
+                   c["stopped_by"]["speedyfeed"], _f(c["best_smoothed"]["speedyfeed"])] for s, c in seeds.items()]),
+        "\n",
+        md_table(["figure", "typical", "this arm", "this arm / typical"], [
+            ["(a) training targets per second (the same targets)", f"{a['targets_per_second']['typical']:.1f}",
+             f"{a['targets_per_second']['speedyfeed']:.1f}", f"{a['per_target_speedup']:.1f}x"],
+            ["(b) one epoch: the bound", f"{a['epoch_seconds']['typical']:.0f} s", f"{a['epoch_seconds']['speedyfeed']:.0f} s",
+             f"{a['epoch_speedup']:.1f}x"],
+            ["(d') best running mean, median over seeds", f"{a['best_auc']['typical']:.4f}",
+             f"{a['best_auc']['speedyfeed']:.4f}",
+             f"{(a['best_auc']['speedyfeed'] - a['best_auc']['typical']) * 100:+.2f} points"]])])
 
 
 def _median(values):

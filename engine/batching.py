@@ -3,7 +3,10 @@
 A *unit* is what the loss trains on: with the autoregressive loss, a user sequence cut into chunks of at
 most ``max_history`` target clicks, each chunk led (``chunk_context``) by up to ``max_history`` earlier clicks
 that are context only, so a target at the start of a chunk still sees its history; without it, one click
-with the window of at most ``max_history`` clicks before it (the click is the only target).
+with the window of at most ``max_history`` clicks before it (the click is the only target). With
+``targets="impressions"`` only clicks made in an impression of the log are targets (scored against that
+impression's non-clicked news, as the typical workflow and evaluation are); history clicks without an impression
+are context, and a unit without a target is not formed.
 
 A click is scored from the user state before the first click of its impression: clicks of one impression
 are adjacent in a sequence (ordered by candidate position) but happened together, so none is context for
@@ -77,7 +80,10 @@ class Units:
     targets_from: np.ndarray  # int64: position in the window of the first target (0 = all are targets)
 
 
-def make_units(seqs: SequenceSet, max_history: int, autoregressive: bool, chunk_context: bool = False) -> Units:
+def make_units(seqs: SequenceSet, max_history: int, autoregressive: bool, chunk_context: bool = False,
+               target_mask: np.ndarray | None = None) -> Units:
+    """The units of one epoch. ``target_mask`` (bool per click of ``seqs.clicks.values``; None = every click):
+    the clicks that may be targets; the others are context only, and a unit without a target is left out."""
     starts, lengths = seqs.clicks.offsets[:-1], seqs.clicks.lengths()
     if autoregressive:
         n_chunks = -(-lengths // max_history)
@@ -86,13 +92,25 @@ def make_units(seqs: SequenceSet, max_history: int, autoregressive: bool, chunk_
         first_target = starts[seq] + k * max_history
         length = np.minimum(max_history, lengths[seq] - k * max_history)
         context = np.minimum(k * max_history, max_history) if chunk_context else np.zeros(len(seq), dtype=np.int64)
-        return Units(first_target - context, length + context, context.astype(np.int64))
-    # one unit per click: the click and the (at most) max_history clicks before it in its sequence
-    click = np.arange(int(seqs.clicks.offsets[-1]), dtype=np.int64)
-    seq = seqs.clicks.row_ids()
-    pos = click - starts[seq]
-    hist = np.minimum(pos, max_history)
-    return Units(click - hist, hist + 1, hist)
+        units = Units(first_target - context, length + context, context.astype(np.int64))
+    else:  # one unit per click: the click and the (at most) max_history clicks before it in its sequence
+        click = np.arange(int(seqs.clicks.offsets[-1]), dtype=np.int64)
+        seq = seqs.clicks.row_ids()
+        pos = click - starts[seq]
+        hist = np.minimum(pos, max_history)
+        units = Units(click - hist, hist + 1, hist)
+    if target_mask is None:
+        return units
+    keep = unit_targets(units, target_mask) > 0
+    return Units(units.start[keep], units.length[keep], units.targets_from[keep])
+
+
+def unit_targets(units: Units, target_mask: np.ndarray | None) -> np.ndarray:
+    """Targets per unit: its clicks from ``targets_from`` on that ``target_mask`` allows (None: all of them)."""
+    if target_mask is None:
+        return units.length - units.targets_from
+    before = np.concatenate([[0], np.cumsum(target_mask, dtype=np.int64)])
+    return before[units.start + units.length] - before[units.start + units.targets_from]
 
 
 class DynamicBatcher:
@@ -100,7 +118,7 @@ class DynamicBatcher:
                  *, token_budget: int, buckets: int, dynamic: bool, dedup: bool, autoregressive: bool,
                  max_history: int, negatives: int, batch_size: int, fixed_width: int, seed: int, rank: int,
                  world: int, prefetch_depth: int = 4, pin: bool = False, fill_cdf: np.ndarray | None = None,
-                 chunk_context: bool = False):
+                 chunk_context: bool = False, targets: str = "all"):
         self.seqs = seqs
         self.news_lengths = np.asarray(news_lengths, dtype=np.int64)
         self.prepare_tokens = prepare_tokens
@@ -109,8 +127,13 @@ class DynamicBatcher:
         self.seed, self.rank, self.world = seed, rank, world
         self.prefetch_depth, self.pin = prefetch_depth, pin
         self.fill_cdf = fill_cdf
-        self.units = make_units(seqs, max_history, autoregressive, chunk_context)
-        self.targets_per_epoch = int((self.units.length - self.units.targets_from).sum())
+        # targets "impressions": only clicks with an impression (whose negatives are its non-clicked news) are
+        # targets; clicks of histories without one are context (engine.targets)
+        if targets not in ("all", "impressions"):
+            raise ValueError(f"targets must be 'all' or 'impressions', got {targets!r}")
+        self.target_mask = seqs.click_pool >= 0 if targets == "impressions" else None
+        self.units = make_units(seqs, max_history, autoregressive, chunk_context, self.target_mask)
+        self.targets_per_epoch = int(unit_targets(self.units, self.target_mask).sum())
         self.sequences_dropped = 0  # units of finished epochs that never reached a batch (must stay 0)
 
     def __len__(self) -> int:
@@ -138,6 +161,8 @@ class DynamicBatcher:
         clicks = self.seqs.clicks.values[click_idx].astype(np.int64)
         pos_in_unit = np.arange(len(click_idx)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         is_target = pos_in_unit >= np.repeat(u.targets_from[units], lengths)
+        if self.target_mask is not None:
+            is_target &= self.target_mask[click_idx]
         state_pos = impression_run_starts(self.seqs.click_pool[click_idx], pos_in_unit)
         t_idx = click_idx[is_target]
         pools = self.seqs.negative_pools(t_idx)

@@ -19,6 +19,7 @@ import yaml
 
 STAGES = ("finetune", "posttrain", "distill_posttrain", "finetune_teachers", "distill_finetune", "pipeline", "newsbert")
 IMPLEMENTED_STAGES = STAGES
+TITLE_BODY_STAGES = ("posttrain", "distill_posttrain")  # the stages that train on titles and bodies, not clicks
 
 
 class ConfigError(ValueError):
@@ -124,6 +125,10 @@ class EngineConfig:
     # (benchmarks.tune: +0.95 AUC points at the end of training, at half the targets per second), 1 for the
     # distillation stages (their results in benchmarks/ were measured with it)
     negatives: int = 0
+    # which clicks are training targets: all (every click of a user's sequence, SpeedyFeed's autoregressive loss;
+    # a history click without an impression gets random negatives) | impressions (only clicks made in an impression,
+    # scored against its non-clicked news, as evaluation scores them; history clicks are context)
+    targets: str = "all"
     # stage=finetune: score each click also against every news of the rank's batch its user did not click (no
     # extra encoding; the count depends on the batch, so on engine.token_budget and the number of ranks)
     inbatch_negatives: bool = False
@@ -465,6 +470,12 @@ def validate(cfg: Config) -> None:
     if cfg.engine.cache_beta < 0:
         raise ConfigError(f"config key 'engine.cache_beta' must be >= 0, got {cfg.engine.cache_beta}")
     _choice("engine.random_negatives", cfg.engine.random_negatives, ("uniform", "popularity"))
+    _choice("engine.targets", cfg.engine.targets, ("all", "impressions"))
+    if cfg.engine.targets != "all" and (cfg.train.workflow != "speedyfeed" or cfg.stage in TITLE_BODY_STAGES):
+        raise ConfigError("engine.targets chooses the click targets of the speedyfeed workflow's loss: it needs "
+                          "train.workflow=speedyfeed and a stage that trains on clicks (the typical workflow trains "
+                          "impression clicks already; posttrain and distill_posttrain train on titles and bodies); "
+                          f"got stage={cfg.stage}, train.workflow={cfg.train.workflow}")
     if cfg.train.workflow == "typical":
         for key in ("buslm", "refine"):
             if getattr(cfg.engine, key):

@@ -591,6 +591,49 @@ def test_the_speedup_sweep_runs_the_grown_grid_for_each_workflow(tmp_path, monke
     assert len(ran) == len(set(ran)) == 7  # each run once
 
 
+def test_the_speedup_report_times_each_arm_against_the_same_typical_runs(tmp_path, monkeypatch):
+    """benchmarks.speedup end to end on fake runs: the default arm that never reaches typical's best running mean is
+    reported as not reached (with both bests), the impression-targets arm gets its own sweep by the same rule, its
+    own headline runs (engine.targets=impressions) and its speedup against the same typical runs."""
+    import math
+
+    import benchmarks.common as common
+    import benchmarks.speedup as sp
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    ran = {}
+
+    def fake_run(name, overrides, root, may_run=True, committed=None, timeout=0, ledger=""):
+        ran[name] = overrides
+        arm = sp.IMPRESSIONS if "engine.targets=impressions" in overrides else (
+            "typical" if "train.workflow=typical" in overrides else "speedyfeed")
+        top, dt, rate_ = {"typical": (0.74, 10.0, 5.0), "speedyfeed": (0.73, 1.0, 200.0),
+                          sp.IMPRESSIONS: (0.75, 2.0, 40.0)}[arm]
+        m = float(name.split("_lr")[1].split("_")[0]) if "_lr" in name else 4.0
+        top -= 0.01 * abs(math.log(m / 4.0))  # every arm's sweep peaks at x4 (grown past the quick grid's edge)
+        curve = [{"train_seconds": dt * (i + 1), "auc": top - 0.05 / (i + 1), "step": i + 1} for i in range(8)]
+        stats = {"clicks_per_second": rate_, "clicks_in_data": 1000 if arm == "speedyfeed" else 100,
+                 "clicks_not_reached": 0, "steps": 8, "wall_seconds": 8 * dt, "clicks_trained": rate_ * 8 * dt,
+                 "data_efficiency": 0.9, "news_encoded": 10, "cache_hits": 1, "cache_lookups": 2, "precision": "bf16"}
+        return {"curve": curve, "stats": stats}
+
+    monkeypatch.setattr(sp, "run_job_kept", fake_run)
+    monkeypatch.setattr(sp, "default_negatives", lambda: 4)
+    d = sp.main(["--quick", "--out", str(tmp_path / "out")])
+    assert d["time_to_auc_speedup_seeds"] == [None, None] and d["time_to_auc_speedup_smoothed"] is None
+    imp = d["impression_targets"]
+    # typical's best running mean (0.7328) is reached at its 8th evaluation (80 s), the arm's at its 5th (10 s)
+    assert imp["time_to_auc_speedup_seeds"] == [pytest.approx(8.0)] * 2 and imp["time_to_auc_speedup_smoothed"] == 8.0
+    assert imp["epoch_speedup"] == pytest.approx((100 / 5.0) / (100 / 40.0))
+    assert d["best_lr_multiple"][sp.IMPRESSIONS] == imp["lr_multiple"]
+    arm_runs = [n for n in ran if n.startswith(sp.IMPRESSIONS)]
+    assert {n for n in arm_runs if "_steps" in n} == {f"{sp.IMPRESSIONS}_lr{m:g}_steps12" for m in (1, 4, 16)}
+    assert all("engine.targets=impressions" in ran[n] for n in arm_runs) and len(arm_runs) == 3 + 2
+    md = (tmp_path / "results" / "speedup_quick.md").read_text()
+    assert "did not reach the typical workflow's best running mean" in md and "0.7228 against typical's 0.7328" in md
+    assert "speedyfeed on impression targets (engine.targets=impressions) reaches" in md and "**8.0x sooner**" in md
+
+
 def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, monkeypatch):
     """Every point of the grid gets its rates and epoch times; time to quality at the ends of the history sweep."""
     import benchmarks.common as common

@@ -74,6 +74,16 @@ def test_inbatch_negatives_are_refused_where_they_would_not_apply(extra):
         load_config(None, ["engine.inbatch_negatives=true", *extra])
 
 
+@pytest.mark.parametrize("extra", [["train.workflow=typical"], ["stage=posttrain"], ["stage=distill_posttrain"]])
+def test_impression_targets_are_refused_where_no_click_loss_takes_them(extra):
+    for stage in ("finetune", "finetune_teachers", "distill_finetune", "newsbert", "pipeline"):
+        assert load_config(None, [f"stage={stage}", "engine.targets=impressions"]).engine.targets == "impressions"
+    with pytest.raises(ConfigError, match="engine.targets"):
+        load_config(None, ["engine.targets=impressions", *extra])
+    with pytest.raises(ConfigError, match="engine.targets"):
+        load_config(None, ["engine.targets=impression"])
+
+
 @pytest.mark.parametrize("extra", [["engine.cache=false"], ["engine.cache_gamma=0"], ["train.workflow=typical"]])
 def test_deferred_cache_gradients_need_the_cache(extra):
     load_config(None, ["engine.cache_deferred_grad=true"])

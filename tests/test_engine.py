@@ -76,6 +76,34 @@ def test_every_click_is_trained_once_per_epoch(world, kw):
     assert np.array_equal(got, np.sort(seqs.clicks.values.astype(np.int64)))  # each click exactly once
 
 
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("kw", [{}, {"autoregressive": False}, {"chunk_context": True},
+                                {"dynamic": False, "token_budget": 1}])
+def test_impression_targets_train_each_impression_click_once_with_its_impression_negatives(world, kw):
+    """targets=impressions: each click made in an impression is a target once per epoch, no history click is,
+    every unit formed has a target, and a target's negatives come from its impression while it has enough of
+    them (random fills only for the impression's shortfall, where targets=all fills every history click)."""
+    seqs = make_sequences(huge=300)
+    pool_len = seqs.pools.lengths()
+    trained, fills, fills_all, units = [], 0, 0, 0
+    for rank in range(world):
+        b = batcher(seqs, rank=rank, world=world, targets="impressions", **kw)
+        for batch in b.epoch(0):
+            assert batch.targets.any(dim=1).all()
+            trained.append(targets_of(batch)[0])
+            fills += batch.counters["negatives_random"]
+            units += batch.counters["sequences_trained"]
+        assert b.sequences_dropped == 0
+        fills_all += sum(x.counters["negatives_random"] for x in batcher(seqs, rank=rank, world=world, **kw).epoch(0))
+    assert units == len(b)
+    want = seqs.clicks.values[seqs.click_pool >= 0].astype(np.int64)
+    assert b.targets_per_epoch == len(want)
+    assert np.array_equal(np.sort(np.concatenate(trained)), np.sort(want))
+    # a pool of p news (the click itself at most once among them) leaves at most 2 - (p - 1) random fills
+    worst = np.maximum(0, 2 - (pool_len[seqs.click_pool[seqs.click_pool >= 0]] - 1)).sum()
+    assert fills <= worst < fills_all
+
+
 def test_the_same_clicks_get_the_same_negatives_whatever_the_world_size():
     seqs = make_sequences()
     def pairs(world):
@@ -367,12 +395,14 @@ def test_impression_run_starts_by_a_loop():
     assert impression_run_starts(pools, pos).tolist() == want == [0, 1, 2, 2, 2, 5, 5, 7, 0, 0, 0, 3]
 
 
+@pytest.mark.parametrize("targets", ["all", "impressions"])
 @pytest.mark.parametrize("chunk_context", [False, True])
-def test_a_click_never_sees_its_own_impression_and_context_is_not_trained(chunk_context):
+def test_a_click_never_sees_its_own_impression_and_context_is_not_trained(chunk_context, targets):
     """Slow reference: every target is scored from a user state pooled, one by one, over the clicks before it
-    in its unit that belong to another impression; context positions are never targets."""
+    in its unit that belong to another impression; context positions are never targets. With
+    targets=impressions the history clicks are context as well: only impression clicks are targets, each once."""
     seqs = impression_sequences()
-    b = batcher(seqs, token_budget=10**9, buckets=1, max_history=4, chunk_context=chunk_context)
+    b = batcher(seqs, token_budget=10**9, buckets=1, max_history=4, chunk_context=chunk_context, targets=targets)
     batch = next(iter(b.epoch(0)))
     assert batch.counters["sequences_trained"] == len(b)
     model, user = BagEncoder(), UserEncoder(8, 4)
@@ -391,9 +421,11 @@ def test_a_click_never_sees_its_own_impression_and_context_is_not_trained(chunk_
         seq = int(np.searchsorted(starts, lo, side="right") - 1)
         # context: up to max_history clicks before the chunk's first target, when asked; none otherwise
         assert first_target == (min(4, idx[0] + first_target - starts[seq]) if chunk_context else 0)
+        may_train = seqs.click_pool[idx] >= 0 if targets == "impressions" else np.ones(len(idx), dtype=bool)
+        assert may_train[first_target:].any()  # a unit without a target is not formed
         for t in range(len(idx)):
-            assert bool(batch.targets[row, t]) == (t >= first_target)
-            if t < first_target:
+            assert bool(batch.targets[row, t]) == (t >= first_target and may_train[t])
+            if not batch.targets[row, t]:
                 continue
             seen.append(int(idx[t]))
             u = state_before(model, user, seqs, idx, t)
@@ -402,8 +434,9 @@ def test_a_click_never_sees_its_own_impression_and_context_is_not_trained(chunk_
             scores = model(cids, cmask) @ u
             ref = ref + torch.logsumexp(scores, 0) - scores[0]
             n_ref += 1
-    assert sorted(seen) == list(range(len(seqs.clicks.values)))  # every click a target exactly once
-    assert n == n_ref
+    trainable = np.flatnonzero(seqs.click_pool >= 0) if targets == "impressions" else np.arange(len(seqs.clicks.values))
+    assert sorted(seen) == trainable.tolist()  # every click that may train is a target exactly once
+    assert n == n_ref == b.targets_per_epoch
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -100,7 +100,7 @@ class SpeedyFeedWorkflow:
             max_history=cfg.data.max_history, negatives=ec.negatives, batch_size=cfg.train.batch_size,
             fixed_width=fixed_width, seed=cfg.train.seed, rank=dist.rank, world=dist.world,
             prefetch_depth=ec.prefetch, pin=self.device.type == "cuda", fill_cdf=self._fill_cdf(ec, store.num_news),
-            chunk_context=ec.chunk_context)
+            chunk_context=ec.chunk_context, targets=ec.targets)
         dim = dim or cfg.model.dim
         cache = None
         if ec.cache and ec.cache_gamma > 0:
@@ -125,8 +125,9 @@ class SpeedyFeedWorkflow:
 
     @property
     def clicks_in_data(self) -> int:
-        """Training targets of one epoch: every click of every user sequence (history included), plus
-        clicks on unknown news, which cannot be trained (counted apart)."""
+        """Training targets of one epoch: every click of every user sequence (history included; with
+        engine.targets=impressions the impression clicks only), plus clicks on unknown news, which cannot be
+        trained (counted apart)."""
         return self.batcher.targets_per_epoch + self.unknown_clicks
 
     @property
