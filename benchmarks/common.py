@@ -185,6 +185,7 @@ def changed_defaults(run_dir: Path, overrides: list[str], saved_config: dict | N
     ``saved_config``, the config a committed job recorded; its out_dir is not compared): a
     default changed since (or a key was added), so the kept run no longer measures these overrides. A key added
     since whose value is off (false, 0, empty) is no difference: the kept run ran without it, as this one would. A
+    key added since at its AS_BEFORE value (what runs without it did) is no difference either. A
     key the run resolves when it starts (RUNTIME_RESOLVED, e.g. train.amp=auto on the machine) is compared only when
     set explicitly. A stage=finetune run ignores the sections that stage never reads (NOT_READ_BY_THE_MAIN_JOB:
     the distillation stages' options), as the main job's timing does."""
@@ -198,7 +199,7 @@ def changed_defaults(run_dir: Path, overrides: list[str], saved_config: dict | N
     else:
         saved_config = {**saved_config, "out_dir": str(run_dir)}
 
-    from speedyrec.config import NOT_READ_BY_THE_MAIN_JOB, RUNTIME_RESOLVED, flat_config, load_config
+    from speedyrec.config import AS_BEFORE, NOT_READ_BY_THE_MAIN_JOB, RUNTIME_RESOLVED, flat_config, load_config
     from speedyrec.recipes.resume import differing_keys
 
     # in the order run_job passes them: the overrides win
@@ -206,7 +207,8 @@ def changed_defaults(run_dir: Path, overrides: list[str], saved_config: dict | N
     unread = NOT_READ_BY_THE_MAIN_JOB if want["stage"] == "finetune" else ()
 
     def matters(k, then, now):
-        return (k in want and not (then is None and not now) and RUNTIME_RESOLVED.get(k, object()) != now
+        added_as_before = then is None and (not now or AS_BEFORE.get(k, object()) == now)
+        return (k in want and not added_as_before and RUNTIME_RESOLVED.get(k, object()) != now
                 and not k.startswith(unread))
 
     return [f"{k}: {then!r} -> {now!r}"

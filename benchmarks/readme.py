@@ -58,14 +58,15 @@ def speedup(d: dict) -> list[str]:
         f"{SMOOTH} evaluations, and each workflow's time is when its own running mean first reaches it: "
         f"{headline_sentence(d)}.\n",
         md_table(["figure", "what it counts", "typical", "speedyfeed", "ratio"], [
-            ["time to quality", f"training seconds to the typical workflow's best running mean (median over seeds)",
+            ["time to quality", "training seconds to the typical workflow's best running mean (median over seeds)",
              fmt(t_typ, "{:.0f} s"), fmt(t_sf, "{:.0f} s"), fmt(d["time_to_auc_speedup_smoothed"], "{:.1f}x")],
             ["one epoch (the bound)", "seconds for one epoch of the same log, at the measured rates",
              f"{d['epoch_seconds']['typical']:.0f}", f"{d['epoch_seconds']['speedyfeed']:.0f}", f"{d['epoch_speedup']:.1f}x"],
             ["cost per target", "training targets per second (each workflow's own targets)",
              f"{d['targets_per_second']['typical']:.1f}", f"{d['targets_per_second']['speedyfeed']:.1f}",
              f"{d['per_target_speedup']:.1f}x"],
-            ["cost per target, same targets", "typical trained on every click of the user sequences", "",
+            ["cost per target, same targets", "typical trained on every click of the user sequences",
+             f"{d['typical_sequence_targets']['stats']['clicks_per_second']:.1f}",
              f"{d['targets_per_second']['speedyfeed']:.1f}", f"{d['per_target_speedup_same_targets']:.1f}x"],
             ["AUC at equal time", "dev AUC when the shorter run of a seed ended (median)",
              fmt(_median([e["typical"] for e in eq.values()]), "{:.4f}"),
@@ -79,7 +80,24 @@ def speedup(d: dict) -> list[str]:
         f"included) against {d['default_negatives']} negatives (`engine.negatives`). Per seed, the negatives ablation "
         "(1 vs 4), the token-budget variant and the cumulative ablation with titles and with long text are in "
         "`benchmarks/results/speedup.md`.\n",
+        *_impression_arm(d),
     ]
+
+
+def _impression_arm(d: dict) -> list[str]:
+    """The speedyfeed workflow on the typical workflow's targets (engine.targets=impressions), when it has run."""
+    from benchmarks.speedup import IMPRESSIONS, headline_sentence
+
+    if "impression_targets" not in d:
+        return []
+    a, mode = d["impression_targets"], d["mode"]
+    return [f"\n**Speedyfeed on impression targets** (`engine.targets=impressions`: only clicks made in an impression "
+            "are targets, each against its impression's non-clicked news, the history is context; learning rate "
+            f"x{a['lr_multiple']:g} from the same sweep, a plan of {mode['epochs'][IMPRESSIONS]} epochs, the same "
+            f"patience and typical runs): {headline_sentence(d, IMPRESSIONS)}. On the same targets it trains "
+            f"{a['targets_per_second']['speedyfeed']:.1f} targets/s against typical's "
+            f"{a['targets_per_second']['typical']:.1f} ({a['per_target_speedup']:.1f}x); best running mean "
+            f"{a['best_auc']['speedyfeed']:.4f} against {a['best_auc']['typical']:.4f} (median over seeds).\n"]
 
 
 def precision(d: dict) -> list[str]:

@@ -466,6 +466,11 @@ def test_a_kept_run_is_not_reused_after_a_default_changed(tmp_path):
     saved["posttrain"]["news"] = "train"
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     assert changed_defaults(run, overrides) == []
+    # a key added since, at the value that does what runs without it did (AS_BEFORE), is no difference either
+    del saved["engine"]["targets"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert changed_defaults(run, overrides) == []
+    assert changed_defaults(run, [*overrides, "engine.targets=impressions"]) == ["engine.targets: None -> 'impressions'"]
     other_stage = changed_defaults(run, [*overrides, "stage=posttrain"])
     assert {"distill.stage1_projections: None -> True", "posttrain.news: 'train' -> 'all'"} <= set(other_stage)
 

@@ -107,3 +107,10 @@ def test_the_readmes_main_job_time_was_measured_with_todays_defaults():
     assert defaults_digest(changed) == defaults_digest(d["defaults"])
     for key in ("engine.negatives", "train.lr", "model.layers"):
         assert defaults_digest({**d["defaults"], key: -1}) != defaults_digest(d["defaults"]), key
+    # a key added since counts only away from the value that does what the timed run did
+    from speedyrec.config import AS_BEFORE
+
+    for key, before in AS_BEFORE.items():
+        assert defaults_digest({**d["defaults"], key: before}) == defaults_digest({k: v for k, v in d["defaults"].items()
+                                                                                   if k != key})
+        assert defaults_digest({**d["defaults"], key: f"not {before}"}) != defaults_digest(d["defaults"]), key
