@@ -38,7 +38,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import committed_runs, ledger_clear, machine, md_table, run_job_kept, write_results
+from benchmarks.common import committed_runs, machine, md_table, run_job_kept, write_results
 from speedyrec.config import BASE_ENCODER_LR, BASE_LR, Config, load_config
 
 STUDENT = ["model.encoder=auto", "model.layers=2", "model.freeze_layers=0"]
@@ -380,9 +380,9 @@ def main(argv=None) -> dict:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
 
+    # the ledger stays: speedup.json keeps the sweep's runs by name but the others under their roles, and a later
+    # invocation (another arm, another seed) reuses every finished run from the ledger
     write_results("speedup_quick" if a.quick else "speedup", payload, md, plot)
-    if not a.quick:  # speedup.json holds every run now
-        ledger_clear("speedup")
     print(md)
     return payload
 
