@@ -65,7 +65,7 @@ def prepare(root: Path, m_max: int, base: list[str]) -> dict[str, Path]:
     folder per M holding the first M of each, and one per teacher holding only it."""
     prep = root / "prep"
     base = [o for o in base if not o.startswith("train.lr_schedule=")]  # the title-body stages refuse it
-    if not (prep / "distill_posttrain" / "student.pt").exists():
+    if not (prep / "distill_posttrain" / "student.safetensors").exists():
         run_job("prep", [*base, "stage=posttrain", f"posttrain.teachers={m_max}", "posttrain.snapshot_after=2",
                          "posttrain.snapshot_every=2", "posttrain.holdout=50"], root, stage="posttrain")
         run_job("prep", [*base, "stage=finetune_teachers", "train.max_steps=2"], root, stage="finetune_teachers")
@@ -75,13 +75,13 @@ def prepare(root: Path, m_max: int, base: list[str]) -> dict[str, Path]:
     for m in range(1, m_max + 1):
         d = root / f"teachers_{m}"
         for k in range(1, m + 1):
-            _link(d / "posttrain/snapshots" / f"teacher_{k}.pt", prep / "posttrain/snapshots" / f"teacher_{k}.pt")
-            _link(d / "finetune_teachers/teachers" / f"teacher_{k}.pt",
-                  prep / "finetune_teachers/teachers" / f"teacher_{k}.pt")
-        _link(d / "distill_posttrain/student.pt", prep / "distill_posttrain/student.pt")
+            _link(d / "posttrain/snapshots" / f"teacher_{k}.safetensors", prep / "posttrain/snapshots" / f"teacher_{k}.safetensors")
+            _link(d / "finetune_teachers/teachers" / f"teacher_{k}.safetensors",
+                  prep / "finetune_teachers/teachers" / f"teacher_{k}.safetensors")
+        _link(d / "distill_posttrain/student.safetensors", prep / "distill_posttrain/student.safetensors")
         dirs[f"first_{m}"] = d
         only = root / f"only_{m}"
-        _link(only / "posttrain/snapshots" / f"teacher_{m}.pt", prep / "posttrain/snapshots" / f"teacher_{m}.pt")
+        _link(only / "posttrain/snapshots" / f"teacher_{m}.safetensors", prep / "posttrain/snapshots" / f"teacher_{m}.safetensors")
         dirs[f"only_{m}"] = only
     return dirs
 

@@ -157,7 +157,7 @@ def teachers_mean_score(run_dir: Path) -> dict:
     from speedyrec.recipes.common import evaluate_on_dev
 
     ctx = build_context(load_config(str(run_dir / "config.yaml"), [f"out_dir={run_dir}"]), DistInfo())
-    files = sorted((run_dir / "finetune_teachers" / "teachers").glob("teacher_*.pt"))
+    files = sorted((run_dir / "finetune_teachers" / "teachers").glob("teacher_*.safetensors"))
     models = [load_finetuned_recommender(ctx, f)[0] for f in files]
     *each, result = evaluate_on_dev(ctx, models, NewsInputs(ctx.store), ensemble=list(range(len(models))))
     # each member evaluated again, beside the AUC the run reported for it: the models loaded are the run's

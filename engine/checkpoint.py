@@ -1,19 +1,25 @@
-"""Checkpoints that continue a run exactly, on any number of ranks.
+"""Checkpoints that continue a run exactly, on any number of ranks, and that load without running code.
 
 A checkpoint is a directory ``checkpoints/step_N/``:
 
-- ``model.pt`` (rank 0): model, optimizer, step, epoch, the run's config, the world size and what the recipe
-  adds (e.g. the dev curve);
-- ``rank{r}.pt`` (every rank): what differs by rank: the RNG states of torch (CPU and CUDA), numpy and
-  Python; the loader position (micro-batches done in the epoch), the counters and loop time; the workflow's
-  state (the embedding cache, so a resumed run serves the rows an uninterrupted one would);
-- ``meta.json``: step, world size and the files with their sizes.
+- ``model.safetensors`` + ``model.json`` (rank 0): model, optimizer, step, epoch, the run's config, the world
+  size and what the recipe adds (e.g. the dev curve);
+- ``rank{r}.safetensors`` + ``rank{r}.json`` (every rank): what differs by rank: the RNG states of torch (CPU and
+  CUDA), numpy and Python; the loader position (micro-batches done in the epoch), the counters and loop time; the
+  workflow's state (the embedding cache, so a resumed run serves the rows an uninterrupted one would);
+- ``meta.json``: the format, step, world size and the files with their sizes.
+
+Tensors and arrays are in safetensors, the rest in JSON (``engine.safe_io``): opening a checkpoint someone sent
+parses data and runs nothing. Checkpoints of earlier versions (``model.pt``, pickles) are refused with the
+command that converts them (``python -m speedyrec.checkpoint convert``), which the user runs on files they trust.
 
 Every file is written to a temporary name, flushed to disk (fsync) and renamed; the directory is assembled as
 ``.step_N.tmp`` and renamed to ``step_N`` only once every rank has written its part, so a ``step_N`` is
-complete by construction, and a crash while saving leaves the earlier checkpoints as they were. Resuming
-takes the newest checkpoint that every rank can read; one that cannot be read (truncated, corrupt, written by
-another world size) is skipped with a warning that names it.
+complete by construction, and a failed write (a full disk) leaves the earlier checkpoints as they were. Whether
+a save failed is agreed by a collective, so every rank raises the same CheckpointError (or, with
+``train.checkpoint_errors=warn``, every rank goes on) and none waits at a barrier for a rank that gave up.
+Resuming takes the newest checkpoint that every rank can read; one that cannot be read (truncated, corrupt,
+written by another world size) is skipped with a warning that names it.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import numpy as np
 import torch
 
 from speedyrec.engine.distributed import DistInfo, barrier
+from speedyrec.engine.safe_io import load_tree, save_tree, write_bytes
 
 log = logging.getLogger("speedyrec.train")
 
@@ -56,28 +63,42 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    # the states are CPU byte tensors whatever device the checkpoint was loaded to
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _write(obj, path: Path) -> None:
-    """torch.save to a temporary name, fsync, rename: the file is whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
+FORMAT = "speedyrec-checkpoint/2"  # /1 (model.pt, rank{r}.pt) was pickled; see speedyrec.checkpoint convert
+
+
+def _write(obj, stem: Path) -> None:
+    """``stem.safetensors`` and ``stem.json``, each whole or absent (engine.safe_io)."""
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        save_tree(obj, stem)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         hint = ("the disk is full: free space or lower train.keep_checkpoints" if e.errno == errno.ENOSPC else
                 "check that out_dir is writable")
-        raise CheckpointError(f"cannot write checkpoint file {path}: {e.strerror or e}; {hint}. Earlier checkpoints "
-                              "are untouched.") from e
+        raise CheckpointError(f"cannot write checkpoint file {stem}.safetensors/.json: {e.strerror or e}; {hint}. "
+                              "Earlier checkpoints are untouched.") from e
+
+
+def _agree(error: Exception | None, dist: DistInfo, tmp: Path) -> None:
+    """Collective: raise on every rank when the save failed on any (this rank's error, or one that names the
+    rank that failed), after rank 0 removed the partial directory; a barrier otherwise."""
+    flag = torch.tensor([dist.rank + 1.0 if error is not None else 0.0], device=dist.device)
+    if dist.active:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() == 0:
+        return
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is not None:
+        raise error  # a CheckpointError, or a TypeError for state that cannot be stored (a bug, never a warning)
+    raise CheckpointError(f"rank {int(flag.item()) - 1} could not write its part of checkpoint {tmp.name}; earlier "
+                          "checkpoints are untouched")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,68 +116,100 @@ def _fsync_dir(path: Path) -> None:
 
 def save(root: Path, dist: DistInfo, step: int, shared: dict, own: dict, keep: int = 0) -> Path:
     """Write checkpoint ``root/step_{step}`` (collective: every rank calls it). ``shared``: what rank 0 writes
-    (model, optimizer, config, ...); ``own``: this rank's state. ``keep`` > 0 keeps only the newest ``keep``."""
+    (model, optimizer, config, ...); ``own``: this rank's state. ``keep`` > 0 keeps only the newest ``keep``.
+    Raises CheckpointError on every rank when any rank's part could not be written."""
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
+    error = None
     if dist.is_main:
         try:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         except OSError as e:
-            raise CheckpointError(f"cannot create {tmp}: {e.strerror or e}; check that out_dir is writable") from e
-    barrier()
-    _write({**own, "rank": dist.rank, "world": dist.world}, tmp / f"rank{dist.rank}.pt")
+            error = CheckpointError(f"cannot create {tmp}: {e.strerror or e}; check that out_dir is writable")
+    _agree(error, dist, tmp)
+    try:
+        _write({**own, "rank": dist.rank, "world": dist.world}, tmp / f"rank{dist.rank}")
+        if dist.is_main:
+            _write({**shared, "step": step, "world": dist.world}, tmp / "model")
+    except (CheckpointError, TypeError) as e:
+        error = e
+    _agree(error, dist, tmp)
     if dist.is_main:
-        _write({**shared, "step": step, "world": dist.world}, tmp / "model.pt")
-    barrier()
-    if dist.is_main:
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        meta = tmp / "meta.json"
-        with open(meta, "w") as f:
-            json.dump({"step": step, "world": dist.world, "files": files}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. the end of a run that checkpointed there)
-            shutil.rmtree(final)
-        tmp.replace(final)
-        _fsync_dir(root)
-        if keep > 0:
-            for old in step_dirs(root)[keep:]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            write_bytes(tmp / "meta.json", json.dumps({"format": FORMAT, "step": step, "world": dist.world,
+                                                       "files": files}).encode())
+            _fsync_dir(tmp)
+            if final.exists():  # the same step saved again (e.g. the end of a run that checkpointed there)
+                shutil.rmtree(final)
+            tmp.replace(final)
+            _fsync_dir(root)
+        except OSError as e:
+            error = CheckpointError(f"cannot complete checkpoint {final}: {e.strerror or e}. Earlier checkpoints are "
+                                    "untouched.")
+    _agree(error, dist, tmp)
+    if dist.is_main and keep > 0:
+        for old in step_dirs(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
+def is_old_format(directory: Path) -> bool:
+    """A checkpoint an earlier version pickled (model.pt, rank{r}.pt)."""
+    return (directory / "model.pt").exists() or any(directory.glob("rank*.pt"))
+
+
+def old_format_error(directory: Path) -> CheckpointError:
+    return CheckpointError(f"checkpoint {directory} was written by an earlier speedyrec as pickles (model.pt), which "
+                           "this version does not open: opening a pickle can run any code it carries. If you trust "
+                           f"its origin, convert it once: python -m speedyrec.checkpoint convert {directory}")
+
+
+def read_part(directory: Path, name: str, device: torch.device | str = "cpu") -> dict:
+    """One part of a checkpoint (``model`` or ``rank{r}``), tensors on ``device``; nothing in it runs."""
+    if is_old_format(directory):
+        raise old_format_error(directory)
+    return load_tree(directory / name, device)
+
+
 def _read(directory: Path, dist: DistInfo) -> tuple[dict, dict]:
+    if is_old_format(directory):
+        raise old_format_error(directory)
     meta = json.loads((directory / "meta.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"format {meta.get('format')!r}, this version reads {FORMAT}")
     if meta["world"] != dist.world:
         raise CheckpointError(f"written by {meta['world']} ranks, this run has {dist.world}")
     for name, size in meta["files"].items():
         actual = (directory / name).stat().st_size
         if actual != size:
             raise CheckpointError(f"{name} has {actual} bytes, {size} were written")
-    shared = torch.load(directory / "model.pt", map_location=dist.device, weights_only=False)
-    own = torch.load(directory / f"rank{dist.rank}.pt", map_location=dist.device, weights_only=False)
-    return shared, own
+    return read_part(directory, "model", dist.device), read_part(directory, f"rank{dist.rank}", dist.device)
 
 
 def load_newest(root: Path, dist: DistInfo) -> tuple[Path, dict, dict] | None:
     """The newest checkpoint under ``root`` that every rank reads: (directory, shared, own), or None if there is
     none. Unreadable ones are skipped with a warning naming them (collective)."""
     for directory in step_dirs(root):
-        try:
-            shared, own = _read(directory, dist)
-            ok = 1.0
-        except Exception as e:  # noqa: BLE001 - any failure to read means: not this one
-            shared = own = None
-            ok = 0.0
-            log.warning("checkpoint %s cannot be read on rank %d (%s): skipping it", directory, dist.rank,
-                        str(e).splitlines()[0][:200])
+        shared = own = None
+        if is_old_format(directory):  # not skipped: the run would start over and lose what it holds
+            ok = -1.0
+        else:
+            try:
+                shared, own = _read(directory, dist)
+                ok = 1.0
+            except Exception as e:  # noqa: BLE001 - any failure to read means: not this one
+                ok = 0.0
+                log.warning("checkpoint %s cannot be read on rank %d (%s): skipping it", directory, dist.rank,
+                            str(e).splitlines()[0][:200])
         flag = torch.tensor([ok], device=dist.device)
         if dist.active:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        if flag.item() == -1.0:
+            raise old_format_error(directory)
         if flag.item() == 1.0:
             return directory, shared, own
         if ok and dist.is_main:
@@ -166,7 +219,9 @@ def load_newest(root: Path, dist: DistInfo) -> tuple[Path, dict, dict] | None:
 
 def load_path(path: Path, dist: DistInfo) -> tuple[Path, dict, dict]:
     """A checkpoint named by the user (a step_N directory, or its model.pt)."""
-    directory = path.parent if path.name == "model.pt" else path
+    directory = path.parent if path.name in ("model.pt", "model.json", "model.safetensors") else path
+    if is_old_format(directory):
+        raise old_format_error(directory)
     if not (directory / "meta.json").is_file():
         raise CheckpointError(f"train.resume={path}: no checkpoint there (expected a checkpoints/step_N directory)")
     try:

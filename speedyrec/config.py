@@ -96,6 +96,9 @@ class TrainConfig:
     resume: str = ""  # checkpoint path, or "auto" for the newest in out_dir
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 3  # keep the newest N checkpoints (0 = all)
+    # a checkpoint that cannot be written (a full disk): error (the run stops, naming the file and the cause) |
+    # warn (the run goes on without it); either way the earlier checkpoints stay whole
+    checkpoint_errors: str = "error"
     log_every: int = 20
     # hand freed heap memory back to the system (glibc malloc_trim) every this many optimizer steps; 0 = never.
     # Varying batch shapes fragment the heap, whose resident size otherwise grows with the epoch (benchmarks.scaling)
@@ -411,6 +414,7 @@ def validate(cfg: Config) -> None:
     _choice("train.amp", cfg.train.amp, ("auto", "bf16", "off"))
     _choice("train.typical_targets", cfg.train.typical_targets, ("impressions", "sequence"))
     _choice("train.lr_schedule", cfg.train.lr_schedule, ("auto", "constant", "linear"))  # auto is resolved by now
+    _choice("train.checkpoint_errors", cfg.train.checkpoint_errors, ("error", "warn"))
     positive = {
         "model.dim": cfg.model.dim,
         "model.attention_dim": cfg.model.attention_dim,
@@ -597,7 +601,7 @@ NOT_READ_BY_THE_MAIN_JOB = ("posttrain.", "distill.", "teachers.", "newsbert.", 
 # keys added after runs were recorded, each with the value that does what those runs did (a recorded config without
 # the key ran as this value; the tests of the default behaviour pass unchanged with it): at this value the key is no
 # difference to a recorded run, for the benchmarks that reuse runs and for the main job's timing
-AS_BEFORE = {"engine.targets": "all"}
+AS_BEFORE = {"engine.targets": "all", "train.checkpoint_errors": "error"}
 
 
 def defaults_digest(flat: dict | None = None) -> str:

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, tiny_overrides
+from safetensors.torch import save_file
 
+from speedyrec.distill.snapshots import read_snapshot
 from speedyrec.train import main
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
@@ -52,9 +54,10 @@ def pipeline_run(tmp_path_factory, cache_dir, synthetic_small):
 
 def test_pipeline_writes_every_stage_and_the_table(pipeline_run):
     out = pipeline_run
-    for f in ("posttrain/snapshots/teacher_1.pt", "posttrain/snapshots/teacher_2.pt", "distill_posttrain/student.pt",
-              "finetune_teachers/teachers/teacher_1.pt", "finetune_teachers/teachers/teacher_2.pt",
-              "finetune_teachers/teachers/plain.pt", "distill_finetune/student.pt", "newsbert/student.pt",
+    for f in ("posttrain/snapshots/teacher_1.safetensors", "posttrain/snapshots/teacher_2.safetensors",
+              "distill_posttrain/student.safetensors", "finetune_teachers/teachers/teacher_1.safetensors",
+              "finetune_teachers/teachers/teacher_2.safetensors", "finetune_teachers/teachers/plain.safetensors",
+              "distill_finetune/student.safetensors", "newsbert/student.safetensors",
               "student_plain/metrics.json", "pipeline.md", "config.yaml"):
         assert (out / f).is_file(), f
     summary = read(out / "metrics.json")
@@ -136,7 +139,7 @@ def test_each_finetuned_teacher_starts_from_its_own_snapshot(pipeline_run):
     teachers = read(out / "finetune_teachers/metrics.json")
     assert teachers.pop("ensemble")["members"] == ["teacher_1", "teacher_2"]  # the plain teacher is no member
     for name, m in teachers.items():
-        meta = torch.load(m["path"], weights_only=False)["meta"]
+        meta = read_snapshot(m["path"])["meta"]
         if name == "plain":
             assert meta["from"] == "plm" and meta["posttrain_checksum"] is None
         else:
@@ -150,7 +153,7 @@ def test_stages_one_at_a_time_with_the_earlier_papers_options(tmp_path, cache_di
     common = args(out, cache_dir, synthetic_small, f"distill.from_dir={pipeline_run}", "train.amp=bf16")
     assert main([*common, "stage=distill_posttrain", "distill.stage1_teachers=1", "distill.stage1_projections=false"]) == 0
     assert read(out / "distill_posttrain/stats.json")["teachers"] == 1
-    saved = torch.load(out / "distill_posttrain/student.pt", weights_only=False)
+    saved = read_snapshot(out / "distill_posttrain/student.safetensors")
     assert not any("projections" in k for k in saved["delta"])  # the earlier paper's Stage I has no W_i, b_i
     assert main([*common, "stage=finetune_teachers", "teachers.seeds=true"]) == 0
     teachers = read(out / "finetune_teachers/stats.json")
@@ -187,8 +190,8 @@ def test_teachers_with_no_transformer_layer_trained(tmp_path, cache_dir, synthet
     stats = read(out / "finetune_teachers/stats.json")
     check_engine_stats(stats)
     for k in (1, 2):
-        snap = torch.load(pipeline_run / f"posttrain/snapshots/teacher_{k}.pt", weights_only=False)["delta"]
-        saved = torch.load(out / f"finetune_teachers/teachers/teacher_{k}.pt", weights_only=False)["delta"]
+        snap = read_snapshot(pipeline_run / f"posttrain/snapshots/teacher_{k}.safetensors")["delta"]
+        saved = read_snapshot(out / f"finetune_teachers/teachers/teacher_{k}.safetensors")["delta"]
         layers = [n for n in saved if ".backbone." in n]
         assert layers and all(torch.equal(saved[n], snap[n.removeprefix("news_encoder.")]) for n in layers)
         assert any(n.startswith("user_encoder.") for n in saved)
@@ -200,11 +203,12 @@ def test_a_tampered_snapshot_is_refused(tmp_path, cache_dir, synthetic_small, pi
     src = pipeline_run / "posttrain"
     dst = tmp_path / "runs" / "posttrain"
     shutil.copytree(src / "snapshots", dst / "snapshots")
-    path = dst / "snapshots" / "teacher_2.pt"
-    snap = torch.load(path, weights_only=False)
+    path = dst / "snapshots" / "teacher_2.safetensors"
+    snap = read_snapshot(path)
     name = next(k for k in snap["delta"] if "layers" in k and k.endswith("weight"))
     snap["delta"][name] = snap["delta"][name] + 0.01  # another model's weights under this teacher's checksum
-    torch.save(snap, path)
+    save_file(snap["delta"], path, metadata={"format": snap["format"], "checksum": snap["checksum"],
+                                             "meta": json.dumps(snap["meta"])})
     rc = main(args(tmp_path / "o", cache_dir, synthetic_small, "stage=finetune_teachers",
                    f"distill.from_dir={tmp_path / 'runs'}"))
     assert rc == 2
@@ -230,12 +234,12 @@ def test_newsbert_trains_the_shared_layers_and_both_encoders(tmp_path, cache_dir
     cfg = load_config(None, argv)
     ctx = build_context(cfg, DistInfo())
     initial = NewsBertModel(build_recommender(ctx, 4, 0, cfg.train.seed), build_recommender(ctx, 2, 0, cfg.train.seed))
-    trained = torch.load(out / "newsbert/student.pt", weights_only=False)["delta"]
+    trained = read_snapshot(out / "newsbert/student.safetensors")["delta"]
     start = initial.student.state_dict()
     for prefix in ("news_encoder.pool.", "news_encoder.proj.", "user_encoder.", "news_encoder.backbone.layers.1."):
         names = [k for k in trained if k.startswith(prefix)]
         assert names and any(not torch.equal(trained[k], start[k]) for k in names), prefix
-    teacher = torch.load(out / "newsbert/teacher.pt", weights_only=False)["delta"]
+    teacher = read_snapshot(out / "newsbert/teacher.safetensors")["delta"]
     t_start = initial.teacher.state_dict()
     for layer in range(4):  # the teacher's own transformer trained too, every layer of it
         names = [k for k in teacher if k.startswith(f"news_encoder.backbone.layers.{layer}.")]
@@ -316,8 +320,8 @@ def test_two_gloo_ranks_post_train_like_one(tmp_path, cache_dir, synthetic_small
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for k in (1, 2):
-        a = torch.load(one / f"posttrain/snapshots/teacher_{k}.pt", weights_only=False)["delta"]
-        b = torch.load(two / f"posttrain/snapshots/teacher_{k}.pt", weights_only=False)["delta"]
+        a = read_snapshot(one / f"posttrain/snapshots/teacher_{k}.safetensors")["delta"]
+        b = read_snapshot(two / f"posttrain/snapshots/teacher_{k}.safetensors")["delta"]
         for name in a:
             torch.testing.assert_close(a[name], b[name], atol=2e-4, rtol=1e-3, msg=name)
     for m in read(two / "metrics.json")["models"].values():
@@ -402,7 +406,7 @@ def test_two_gloo_ranks_finetune_teachers_and_stage2_in_bf16(tmp_path, cache_dir
     """The M-teacher stack and Stage II on 2 ranks (uneven shards), bf16 autocast, global deduplication."""
     out = tmp_path / "ranks"
     (out / "distill_posttrain").mkdir(parents=True)
-    (out / "distill_posttrain" / "student.pt").symlink_to(pipeline_run / "distill_posttrain" / "student.pt")
+    (out / "distill_posttrain" / "student.safetensors").symlink_to(pipeline_run / "distill_posttrain" / "student.safetensors")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     for stage, from_dir in (("finetune_teachers", pipeline_run), ("distill_finetune", out)):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
@@ -512,7 +516,7 @@ def test_teachers_from_reuses_the_teachers_and_changes_nothing_else(tmp_path, ca
     """A pipeline linking another's post-training and finetuned teachers trains the same student as that
     pipeline did (same settings), without touching the teachers; a 1-layer student learns from them too, under
     another heap-trim cadence (housekeeping, not a setting the teachers depend on)."""
-    before = {p: p.read_bytes() for p in (pipeline_run / "finetune_teachers").rglob("*.pt")}
+    before = {p: p.read_bytes() for p in (pipeline_run / "finetune_teachers").rglob("*.safetensors")}
     same = tmp_path / "same"
     assert main(args(same, cache_dir, synthetic_small, "stage=pipeline", f"pipeline.teachers_from={pipeline_run}")) == 0
     for step in ("posttrain", "finetune_teachers"):
@@ -522,7 +526,7 @@ def test_teachers_from_reuses_the_teachers_and_changes_nothing_else(tmp_path, ca
     assert set(got["seconds"]) == {"distill_posttrain", "distill_finetune"}
     for name in ("student", "teacher_1", "teacher_2"):
         assert got["models"][name] == ref["models"][name], name
-    assert {p: p.read_bytes() for p in (pipeline_run / "finetune_teachers").rglob("*.pt")} == before
+    assert {p: p.read_bytes() for p in (pipeline_run / "finetune_teachers").rglob("*.safetensors")} == before
     assert "linked from" in (same / "pipeline.md").read_text()
 
     one = tmp_path / "one"

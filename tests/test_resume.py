@@ -91,8 +91,8 @@ def test_an_unreadable_checkpoint_is_skipped_with_a_warning(tmp_path, cache_dir,
         (out / f).unlink()
     ckpts = sorted((out / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
     newest, before = ckpts[-1], ckpts[-2]
-    data = (newest / "model.pt").read_bytes()
-    (newest / "model.pt").write_bytes(data[: len(data) // 2])  # truncated, as a full disk would leave it
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated, as a full disk would leave it
     (out / "checkpoints" / ".step_999.tmp").mkdir()  # an interrupted save: never a candidate
     assert main(args(out, cache_dir, synthetic_small, "train.resume=auto")) == 0
     log = (out / "train.log").read_text()  # the run's own log (the copied one holds the first run's lines too)
@@ -177,31 +177,136 @@ def test_a_missing_resume_path_and_an_unwritable_out_dir_say_what_to_do(tmp_path
         locked.chmod(0o700)
 
 
-def test_a_full_disk_while_checkpointing_is_a_clear_error_and_loses_nothing(tmp_path, cache_dir, synthetic_small,
-                                                                           straight, capsys, monkeypatch):
-    import errno
+class FullDisk:
+    """``safe_io.OPEN`` for a disk that takes ``capacity`` bytes in all, then fails half way through a write."""
 
+    def __init__(self, capacity: int):
+        self.left = capacity
+
+    def __call__(self, path, mode="r", *a, **kw):
+        import errno
+
+        f = open(path, mode, *a, **kw)
+        disk = self
+
+        class Writer:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def write(self, data):
+                n = len(data)
+                if n > disk.left:
+                    f.write(data[: disk.left])  # what fitted stays in the partial file
+                    disk.left = 0
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                disk.left -= n
+                return f.write(data)
+
+            def flush(self):
+                f.flush()
+
+            def fileno(self):
+                return f.fileno()
+
+        return Writer()
+
+
+def _checkpoint_bytes(step_dir: Path) -> int:
+    meta = json.loads((step_dir / "meta.json").read_text())
+    return sum(meta["files"].values()) + (step_dir / "meta.json").stat().st_size
+
+
+def _disk_for_two_checkpoints(straight: Path) -> int:
+    """Bytes for the first two checkpoints of the run, then half of the third's model file."""
+    first = sorted((straight / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))[0]
+    return 2 * _checkpoint_bytes(first) + 1000 + (first / "model.safetensors").stat().st_size // 2
+
+
+@pytest.mark.parametrize("mode", ["error", "warn"])
+def test_a_full_disk_while_checkpointing_loses_nothing(tmp_path, cache_dir, synthetic_small, straight, capsys,
+                                                       monkeypatch, mode):
+    """A checkpoint write that fails half way leaves the earlier checkpoints whole and loadable, and no partial
+    directory. train.checkpoint_errors=error: the run stops naming the file and the cause, and once space is freed
+    it resumes to the uninterrupted run's end; =warn: it trains on to the end and says which checkpoints it lost."""
+    import hashlib
+
+    from speedyrec.engine import checkpoint, safe_io
+    from speedyrec.engine.distributed import DistInfo
+
+    out = tmp_path / mode
+    monkeypatch.setattr(safe_io, "OPEN", FullDisk(_disk_for_two_checkpoints(straight)))
+    rc = main(args(out, cache_dir, synthetic_small, f"train.checkpoint_errors={mode}"))
+    kept = checkpoint.step_dirs(out / "checkpoints")
+    assert [p.name for p in kept] == ["step_4", "step_2"]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no partial directory left
+    digest = {f: hashlib.sha256(f.read_bytes()).hexdigest() for d in kept for f in sorted(d.iterdir())}
+    directory, shared, own = checkpoint.load_newest(out / "checkpoints", DistInfo())
+    assert directory == kept[0] and shared["step"] == own["step"] == 4
+    if mode == "error":
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert "model.safetensors" in err and "disk is full" in err and "Earlier checkpoints are untouched" in err
+        assert not (out / "metrics.json").exists()
+        monkeypatch.setattr(safe_io, "OPEN", open)  # space freed: resume and finish as if nothing happened
+        assert main(args(out, cache_dir, synthetic_small, "train.resume=auto")) == 0
+    else:
+        assert rc == 0
+        log = (out / "train.log").read_text()
+        assert "disk is full" in log and "Training goes on without this checkpoint" in log
+        assert {f: hashlib.sha256(f.read_bytes()).hexdigest() for d in kept for f in sorted(d.iterdir())} == digest
+    assert_same_run(out, straight)
+
+
+def test_a_pickled_checkpoint_is_refused_without_running_it(tmp_path, cache_dir, synthetic_small, straight, capsys):
+    """A checkpoint in the earlier pickle format, crafted so that unpickling it creates a file: resuming from it and
+    exporting it refuse it with the command that converts it, and the file is never created; the converter's
+    weights-only unpickler refuses it too. A genuine old checkpoint converts and then resumes exactly."""
     import torch
 
+    from speedyrec import checkpoint as convert_cli
     from speedyrec.engine import checkpoint
+    from speedyrec.engine.distributed import DistInfo
+    from speedyrec.export import main as export_main
 
-    real, calls = torch.save, {"n": 0}
+    marker = tmp_path / "pwned"
 
-    def save(obj, f, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] > 4:  # two checkpoints (rank0.pt + model.pt each) fit, then the disk is full
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(obj, f, *a, **kw)
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
 
-    out = tmp_path / "full"
-    monkeypatch.setattr(checkpoint.torch, "save", save)
-    assert main(args(out, cache_dir, synthetic_small)) == 2
-    err = capsys.readouterr().err
-    assert "rank0.pt" in err and "disk is full" in err and "Earlier checkpoints are untouched" in err
-    assert [p.name for p in checkpoint.step_dirs(out / "checkpoints")] == ["step_4", "step_2"]
-    monkeypatch.setattr(checkpoint.torch, "save", real)  # space freed: resume and finish as if nothing happened
+    out = tmp_path / "crafted"
+    shutil.copytree(straight, out)
+    for f in ("metrics.json", "stats.json"):
+        (out / f).unlink()
+    newest = checkpoint.step_dirs(out / "checkpoints")[0]
+    shared = checkpoint.read_part(newest, "model")
+    own = checkpoint.read_part(newest, "rank0")
+    for p in newest.iterdir():
+        p.unlink()
+    torch.save({**shared, "x": Payload()}, newest / "model.pt")
+    torch.save(own, newest / "rank0.pt")
+    (newest / "meta.json").write_text(json.dumps({"step": shared["step"], "world": 1, "files": {}}))
+    assert not marker.exists()  # saving does not run it; loading would
+    for argv in (args(out, cache_dir, synthetic_small, "train.resume=auto"),
+                 args(out, cache_dir, synthetic_small, f"train.resume={newest}")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "python -m speedyrec.checkpoint convert" in err and "earlier speedyrec as pickles" in err
+    assert export_main([str(out), "--checkpoint", str(newest)]) != 0
+    assert "python -m speedyrec.checkpoint convert" in capsys.readouterr().err
+    assert convert_cli.main(["convert", str(newest)]) == 1
+    assert "does not load as data only" in capsys.readouterr().err
+    assert not marker.exists() and (newest / "model.pt").exists()  # refused, left as it was
+    # a genuine old-format checkpoint: converted deliberately, it resumes to the uninterrupted run's end
+    torch.save(shared, newest / "model.pt")
+    assert convert_cli.main(["convert", str(out)]) == 0
+    assert not list(newest.glob("*.pt")) and checkpoint.load_newest(out / "checkpoints", DistInfo())[0] == newest
     assert main(args(out, cache_dir, synthetic_small, "train.resume=auto")) == 0
     assert_same_run(out, straight)
+    assert not marker.exists()
 
 
 # -- 2 ranks: torchrun's elastic restart after a rank is killed --------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from speedyrec.data.token_store import FieldTokens, TokenStore
 from speedyrec.distill.bank import TeacherBank, equal_length_chunks
-from speedyrec.distill.snapshots import SnapshotError, load_snapshot, save_snapshot
+from speedyrec.distill.snapshots import SnapshotError, load_snapshot, read_snapshot, save_snapshot
 from speedyrec.engine.distributed import DistInfo
 from speedyrec.models.backbone import BertFamilyBackbone, random_bert
 from speedyrec.models.checksum import weights_checksum
@@ -136,7 +136,7 @@ def _saved_teacher(tmp_path):
         for p in enc.backbone.layers[3].parameters():
             p.add_(1.0)  # "post-trained"
     changed = {n for n, p in enc.named_parameters() if p.requires_grad}
-    path = tmp_path / "teacher_1.pt"
+    path = tmp_path / "teacher_1.safetensors"
     save_snapshot(path, enc, changed, {"encoder": "random"})
     return enc, path
 
@@ -172,8 +172,48 @@ def test_checksum_catches_another_base_encoder(tmp_path):
 
 
 def test_not_a_snapshot_is_a_clear_error(tmp_path):
-    torch.save({"model": {}}, tmp_path / "x.pt")
+    from safetensors.torch import save_file
+
+    (tmp_path / "x.safetensors").write_bytes(b"not a model")
     with pytest.raises(SnapshotError, match="not a speedyrec snapshot"):
-        load_snapshot(_fresh_base(), tmp_path / "x.pt", "teacher")
+        load_snapshot(_fresh_base(), tmp_path / "x.safetensors", "teacher")
+    save_file({"w": torch.zeros(2)}, tmp_path / "y.safetensors")  # safetensors, but no snapshot's header
+    with pytest.raises(SnapshotError, match="not a speedyrec snapshot.*None"):
+        load_snapshot(_fresh_base(), tmp_path / "y.safetensors", "teacher")
     with pytest.raises(SnapshotError, match="no model file"):
-        load_snapshot(_fresh_base(), tmp_path / "missing.pt", "teacher")
+        load_snapshot(_fresh_base(), tmp_path / "missing.safetensors", "teacher")
+
+
+def test_a_pickled_snapshot_is_refused_unopened_and_converts_when_trusted(tmp_path):
+    """A snapshot of the earlier pickle format is refused with the command that converts it, without unpickling
+    it (a crafted one would create a file); the converter reads only data, so the crafted one stays refused and
+    a genuine one converts to the weights it held. A folder of old snapshots names the converter too."""
+    from speedyrec import checkpoint as convert_cli
+    from speedyrec.distill.teachers import model_files
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    enc, path = _saved_teacher(tmp_path)
+    snap = read_snapshot(path)
+    old = {"format": "speedyrec-snapshot/1", "delta": snap["delta"], "checksum": snap["checksum"], "meta": snap["meta"]}
+    crafted = tmp_path / "crafted" / "teacher_1.pt"
+    crafted.parent.mkdir()
+    torch.save({**old, "meta": {"encoder": Payload()}}, crafted)
+    with pytest.raises(SnapshotError, match="older speedyrec as a pickle.*speedyrec.checkpoint convert"):
+        load_snapshot(_fresh_base(), crafted, "teacher 1")
+    with pytest.raises(SnapshotError, match="older speedyrec as pickles.*speedyrec.checkpoint convert"):
+        model_files(crafted.parent, "teachers", "finetune_teachers")
+    assert convert_cli.main(["convert", str(crafted)]) == 1 and crafted.exists()
+    assert not marker.exists()
+    genuine = tmp_path / "genuine" / "teacher_1.pt"
+    genuine.parent.mkdir()
+    torch.save(old, genuine)
+    assert convert_cli.main(["convert", str(genuine.parent)]) == 0 and not genuine.exists()
+    fresh = _fresh_base()
+    load_snapshot(fresh, model_files(genuine.parent, "teachers", "finetune_teachers")[0], "teacher 1")
+    for (name, a), b in zip(enc.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -20,6 +20,7 @@ import torch
 
 from conftest import tiny_overrides
 from speedyrec.config import load_config
+from speedyrec.engine.checkpoint import read_part
 from speedyrec.engine.memory import HeapTrimmer
 from speedyrec.train import main
 
@@ -147,7 +148,7 @@ def test_typical_workflow_writes_outputs_and_keeps_invariants(typical_run):
     assert stats["valid_tokens"] + stats["padded_tokens"] == stats["news_encoded"] * 16
     assert stats["malformed_rows"] == 0 and stats["unknown_news_ids"] == 0
     assert (out / "train.log").is_file()
-    assert (out / "checkpoints" / f"step_{stats['steps']}" / "model.pt").is_file()
+    assert (out / "checkpoints" / f"step_{stats['steps']}" / "model.safetensors").is_file()
 
 
 # -- 2. the SpeedyFeed workflow -----------------------------------------------------------------------------
@@ -381,7 +382,8 @@ def test_two_ranks_train_the_whole_epoch(name, two_rank_runs, speedyfeed_run):
     for f in ("config.yaml", "metrics.json", "stats.json", "train.log"):
         assert (out / f).is_file(), f
     newest = sorted((out / "checkpoints").glob("step_*"))[-1]
-    assert {p.name for p in newest.iterdir()} == {"model.pt", "rank0.pt", "rank1.pt", "meta.json"}  # every rank's part
+    assert {p.name for p in newest.iterdir()} == {f"{part}.{ext}" for part in ("model", "rank0", "rank1")
+                                                  for ext in ("safetensors", "json")} | {"meta.json"}  # every rank's part
     assert load_config(str(out / "config.yaml")).engine.global_dedup is (name == "global_dedup")
     stats, metrics = read_json(out / "stats.json"), read_json(out / "metrics.json")
     check_metrics(metrics)
@@ -454,7 +456,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, cache_dir, synthetic_sma
     log = capsys.readouterr().out
     assert "resumed from" in log and "at step 3" in log
     assert second["steps"] == 6
-    assert torch.load(out / "checkpoints" / "step_6" / "model.pt", weights_only=False)["step"] == 6
+    assert read_part(out / "checkpoints" / "step_6", "model")["step"] == 6
     assert len(list((out / "checkpoints").glob("step_*"))) == 3  # train.keep_checkpoints
     check_metrics(metrics)
     check_stats(second, full_epoch=False)

@@ -8,15 +8,19 @@ load, another base encoder, a changed tokenizer vocabulary) is an error, never a
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
 from torch import nn
 
 from speedyrec.config import ConfigError
+from speedyrec.engine.safe_io import is_pickle, write_bytes
 from speedyrec.models.checksum import weights_checksum
 
-FORMAT = "speedyrec-snapshot/1"
+FORMAT = "speedyrec-snapshot/2"  # /1 was a pickle (torch.save), no longer read: python -m speedyrec.checkpoint convert
+SUFFIX = ".safetensors"
 
 
 class SnapshotError(ConfigError):
@@ -24,29 +28,40 @@ class SnapshotError(ConfigError):
 
 
 def save_snapshot(path: Path, module: nn.Module, changed: set[str], meta: dict) -> str:
-    """Write ``module``'s tensors named in ``changed`` (state-dict names) and its full checksum; returns it."""
+    """Write ``module``'s tensors named in ``changed`` (state-dict names) and its full checksum, as a safetensors
+    file (the format, checksum and ``meta`` in its header's metadata, as strings); returns the checksum."""
     state = module.state_dict()
     unknown = sorted(changed - state.keys())
     assert not unknown, f"not in the module: {unknown[:3]}"
     checksum = weights_checksum(state)
-    payload = {"format": FORMAT, "delta": {k: state[k].detach().cpu().clone() for k in sorted(changed)},
-               "checksum": checksum, "meta": meta}
+    delta = {k: state[k].detach().cpu().contiguous().clone() for k in sorted(changed)}
+    header = {"format": FORMAT, "checksum": checksum, "meta": json.dumps(meta)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    write_bytes(path, st_save(delta, metadata=header))
     return checksum
 
 
 def read_snapshot(path: Path) -> dict:
+    """{"format", "delta" (name -> tensor), "checksum", "meta"} of the snapshot at ``path``; reads only the
+    safetensors format, which holds data and nothing that runs."""
     path = Path(path)
     if not path.is_file():
         raise SnapshotError(f"no model file at {path}")
-    snap = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(snap, dict) or snap.get("format") != FORMAT:
-        raise SnapshotError(f"{path} is not a speedyrec snapshot (expected format {FORMAT})")
-    return snap
+    if is_pickle(path):
+        raise SnapshotError(f"{path} was written by an older speedyrec as a pickle, which this version does not open "
+                            "(opening a pickle can run any code it carries). If you trust its origin, convert it: "
+                            f"python -m speedyrec.checkpoint convert {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            delta = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SnapshotError(f"{path} is not a speedyrec snapshot ({str(e).splitlines()[0][:200]})") from e
+    if header.get("format") != FORMAT:
+        raise SnapshotError(f"{path} is not a speedyrec snapshot (expected format {FORMAT}, found "
+                            f"{header.get('format')!r})")
+    return {"format": FORMAT, "delta": delta, "checksum": header["checksum"], "meta": json.loads(header["meta"])}
 
 
 def apply_delta(module: nn.Module, snap: dict, path: Path) -> None:

@@ -7,13 +7,17 @@ from pathlib import Path
 from torch import nn
 
 from speedyrec.build import Context, build_news_encoder, build_recommender, plm_layers
-from speedyrec.distill.snapshots import SnapshotError, load_snapshot
+from speedyrec.distill.snapshots import SUFFIX, SnapshotError, load_snapshot
 from speedyrec.models.checksum import weights_checksum
 
 
 def model_files(directory: Path, what: str, stage: str) -> list[Path]:
-    """``<name>_<k>.pt`` files of a stage's output folder, in order of k."""
-    files = sorted(Path(directory).glob("*.pt"), key=lambda p: _number(p.stem))
+    """``<name>_<k>.safetensors`` files of a stage's output folder, in order of k."""
+    files = sorted(Path(directory).glob(f"*{SUFFIX}"), key=lambda p: _number(p.stem))
+    if not files and (old := sorted(Path(directory).glob("*.pt"))):
+        raise SnapshotError(f"{directory} holds {what} written by an older speedyrec as pickles ({old[0].name}, ...), "
+                            "which this version does not open (opening a pickle can run any code it carries). If you "
+                            f"trust their origin, convert them: python -m speedyrec.checkpoint convert {directory}")
     if not files:
         raise SnapshotError(f"no {what} in {directory}: run stage={stage} first (or set distill.from_dir to the "
                             f"out_dir of a run that did)")

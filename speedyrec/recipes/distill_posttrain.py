@@ -6,7 +6,7 @@ their shared frozen layers once for all of them) and a student step never runs a
 teacher weights alpha_i = softmax_i(-CE_i); loss = T^2 CE(sum_i alpha_i y_i / T, y_s / T)
 + emb_weight * sum_i alpha_i [MSE(W_i h_title_i + b_i, h_title_s) + MSE(W_i h_body_i + b_i, h_body_s)]
 + ce_weight_dp * InfoNCE of the student (``distill.stage1_projections=false``: the earlier paper's MSE(h_i, h_s),
-with no W_i, b_i). Writes ``out_dir/distill_posttrain/{metrics.json, stats.json, student.pt}``.
+with no W_i, b_i). Writes ``out_dir/distill_posttrain/{metrics.json, stats.json, student.safetensors}``.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class DistillPosttrainRecipe(TitleBodyStage):
         trainer = self.fit_on_title_body(model, optimizer, di.stage1_epochs, di.stage1_epochs * len(data.train_news),
                                          max_steps=cfg.train.max_steps, max_seconds=cfg.train.max_seconds)
         final = self._student_retrieval()
-        path = self.out / "student.pt"
+        path = self.out / "student.safetensors"
         meta = {"encoder": cfg.model.encoder, "stage": self.stage, "layers": di.student_layers,
                 "teachers": [str(f) for f in files], "retrieval": final}
         checksum = save_snapshot(path, student, trainable_names(student) | non_backbone_names(student), meta) \

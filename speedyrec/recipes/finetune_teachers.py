@@ -8,7 +8,7 @@ reads, batches, deduplicates and caches each batch once for all M (the cache row
 by side), and each teacher is trained on its own loss, clipped on its own, as if trained alone (the data
 order is shared). At the end every teacher's news vectors go into the teacher bank that Stage II reads (and this stage's
 evaluation too): the caches hold every news's frozen layers by then, so only each teacher's top layers run.
-Writes ``out_dir/finetune_teachers/{metrics.json, stats.json, teachers/<name>.pt}``.
+Writes ``out_dir/finetune_teachers/{metrics.json, stats.json, teachers/<name>.safetensors}``.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ class FinetuneTeachersRecipe(StageRecipe):
             meta = {"encoder": cfg.model.encoder, "stage": self.stage, "name": name, "layers": layers,
                     "from": str(path) if path else "plm", "posttrain_checksum": snap["checksum"] if snap else None,
                     "finetune_layers": cfg.teachers.finetune_layers, "metrics": result}
-            file = self.out / "teachers" / f"{name}.pt"
+            file = self.out / "teachers" / f"{name}.safetensors"
             checksum = save_snapshot(file, model, changed, meta) if dist.is_main else ""
             metrics[name] = {**result, "path": str(file), "checksum": checksum, "from": meta["from"]}
             trainer.log_scalars(f"dev_{name}", result)

@@ -8,7 +8,7 @@ teacher's click scores, and MSE losses: its embeddings' and each layer's output 
 and its user vectors against the teacher's. Momentum distillation then mixes each student layer's
 gradient with the mean gradient of its teacher block: g_s <- (1 - beta) g_s + beta * mean(g_block).
 Both run on the engine: one batch, each news encoded by both (the cache rows hold both vectors).
-Writes ``out_dir/newsbert/{metrics.json, stats.json, student.pt, teacher.pt}``.
+Writes ``out_dir/newsbert/{metrics.json, stats.json, student.safetensors, teacher.safetensors}``.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class NewsBertRecipe(StageRecipe):
         """The post-training snapshot the teacher starts from, or None for the plain PLM."""
         init = self.cfg.newsbert.teacher_init
         folder = self.ctx.from_dir("posttrain") / "snapshots"
-        if init == "plm" or (init == "auto" and not any(folder.glob("*.pt"))):
+        if init == "plm" or (init == "auto" and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.pt"))):
             return None
         return model_files(folder, "post-training snapshots", "posttrain")[-1]
 
@@ -96,7 +96,7 @@ class NewsBertRecipe(StageRecipe):
                         "teacher_from": str(snap_path) if snap_path else "plm", "metrics": metrics[name]}
                 everything = {k for k in m.state_dict()} if name == "student" else changed | {
                     k for k, p in m.named_parameters() if p.requires_grad} | non_backbone_names(m)
-                metrics[name]["checksum"] = save_snapshot(self.out / f"{name}.pt", m, everything, meta)
+                metrics[name]["checksum"] = save_snapshot(self.out / f"{name}.safetensors", m, everything, meta)
         stats = self.click_stats(trainer, workflow, LOSSES, teacher_layers=t_layers, student_layers=n,
                                  momentum=nb.momentum)
         return self.finish(metrics, stats)

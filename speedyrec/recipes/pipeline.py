@@ -37,7 +37,8 @@ TEACHER_STEPS = ("posttrain", "finetune_teachers")
 # and global dedup are tested to train the same; prefetch and chunking change no value); a run made before one of
 # these keys existed saved no value for it
 TEACHER_KEYS = ("data.", "model.", "posttrain.", "teachers.", "train.", "engine.")
-FREE_KEYS = ("data.cache_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+FREE_KEYS = ("data.cache_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
+             "train.checkpoint_errors", "train.log_every",
              "train.heap_trim_every", "engine.frozen_cache", "engine.cache_audit", "engine.global_dedup",
              "engine.prefetch", "engine.chunk_tokens")
 

@@ -4,7 +4,7 @@ Only the top ``posttrain.train_layers`` layers (with pooling and projection) tra
 output is computed once per news (the frozen-prefix cache). After ``posttrain.snapshot_after`` steps a
 snapshot is kept every ``posttrain.snapshot_every`` steps until ``posttrain.teachers`` are kept; each is
 scored by its held-out title retrieval. Writes ``out_dir/posttrain/{metrics.json, stats.json,
-snapshots/teacher_<k>.pt}``.
+snapshots/teacher_<k>.safetensors}``.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class PosttrainRecipe(TitleBodyStage):
         recent = self.losses[-self.cfg.posttrain.snapshot_every:]
         entry = {"name": name, "step": step, "loss": float(np.mean(recent)) if recent else float("nan"),
                  **self._retrieval()}
-        path = self.out / "snapshots" / f"{name}.pt"
+        path = self.out / "snapshots" / f"{name}.safetensors"
         if self.dist.is_main:
             meta = {"encoder": self.cfg.model.encoder, "stage": self.stage, "name": name, "step": step,
                     "layers": len(self.model.news_encoder.backbone.layers),

@@ -19,8 +19,8 @@ log = logging.getLogger("speedyrec")
 
 # settings that may change between a checkpoint and its resumption (how long, how often, where to report)
 RESUMABLE_CHANGES = ("out_dir", "train.resume", "train.max_steps", "train.max_seconds", "train.epochs",
-                     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.heap_trim_every",
-                     "eval.")
+                     "train.checkpoint_every", "train.keep_checkpoints", "train.checkpoint_errors", "train.log_every",
+                     "train.heap_trim_every", "eval.")
 
 
 def differing_keys(saved: dict, now: dict, matters=lambda key, then, now: True) -> list[tuple[str, object, object]]:
@@ -81,7 +81,13 @@ class StageCheckpoints:
         shared.update(config=self.cfg.to_dict(), identity=self.identity, curve=self.curve)
         if hasattr(self.workflow, "state_dict"):
             own["workflow"] = self.workflow.state_dict()
-        checkpoint.save(self.root, self.dist, trainer.state.step, shared, own, keep=self.cfg.train.keep_checkpoints)
+        try:
+            checkpoint.save(self.root, self.dist, trainer.state.step, shared, own,
+                            keep=self.cfg.train.keep_checkpoints)
+        except checkpoint.CheckpointError as e:  # raised on every rank alike (checkpoint.save agrees on it)
+            if self.cfg.train.checkpoint_errors != "warn":
+                raise
+            log.warning("%s Training goes on without this checkpoint (train.checkpoint_errors=warn).", e)
 
     def save_final(self, trainer: Trainer) -> None:
         """The end of training, for a stage that goes on with other work (banks, evaluation) and checkpoints at
