@@ -11,7 +11,11 @@ with ``key=value`` overrides on top (e.g. ``data.dir=`` another copy of the data
 - ``prediction.txt``: MIND's leaderboard format, ``position [r1,r2,...]``, each candidate's rank by score
   (1 = first) in the order the behaviors file lists the known candidates;
 - ``export.json``: counts and the dev metrics recomputed from the written vectors, which equal those of
-  evaluation.
+  evaluation;
+- ``news_encoder/``: the trained news encoder as a Hugging Face model folder with its tokenizer, heads and a
+  small module that applies them (``speedyrec.hf_export``): ``AutoModel.from_pretrained`` loads it without
+  speedyrec, and ``model.encoder=<it>`` trains it again. Skipped, and said in export.json, for a model a plain
+  transformer cannot reproduce (BusLM, refined text, a custom encoder).
 
 Candidates whose news id is not in the news file cannot be scored: the data layer drops and counts them
 (``unknown_news_ids``, also in ``export.json``): a prediction file for MIND's leaderboard needs the news file
@@ -30,6 +34,7 @@ import torch
 
 from speedyrec.config import ConfigError, load_config
 from speedyrec.data.faults import DataError
+from speedyrec.engine.checkpoint import CheckpointError
 
 log = logging.getLogger("speedyrec")
 
@@ -37,7 +42,7 @@ log = logging.getLogger("speedyrec")
 def export(run_dir: Path, out: Path | None = None, checkpoint: Path | None = None, overrides: list[str] | None = None,
            batch_size: int = 256, daily_recall: Path | None = None) -> dict:
     from speedyrec.build import build_context, build_model, segments_of
-    from speedyrec.engine.checkpoint import step_dirs
+    from speedyrec.engine.checkpoint import is_old_format, old_format_error, read_part, step_dirs
     from speedyrec.engine.distributed import DistInfo
     from speedyrec.eval.evaluate import encode_news, user_vectors
     from speedyrec.eval.metrics import impression_metrics, metric_sums, metrics_from_sums
@@ -52,16 +57,18 @@ def export(run_dir: Path, out: Path | None = None, checkpoint: Path | None = Non
     if cfg.stage != "finetune":
         raise ConfigError(f"{run_dir} is a stage={cfg.stage} run; export reads finetune runs (a model trained on clicks)")
     if checkpoint:
-        ckpt_path = Path(checkpoint) / "model.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
+        ckpt_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     else:
         newest = step_dirs(run_dir / "checkpoints")
-        ckpt_path = newest[0] / "model.pt" if newest else run_dir / "checkpoints" / "step_N" / "model.pt"
-    if not ckpt_path.is_file():
-        raise ConfigError(f"no checkpoint at {ckpt_path}: pass --checkpoint, or train with the default checkpointing")
+        ckpt_dir = newest[0] if newest else run_dir / "checkpoints" / "step_N"
+    if is_old_format(ckpt_dir):
+        raise old_format_error(ckpt_dir)
+    if not (ckpt_dir / "model.safetensors").is_file():
+        raise ConfigError(f"no checkpoint in {ckpt_dir}: pass --checkpoint, or train with the default checkpointing")
     dist = DistInfo()
     ctx = build_context(cfg, dist)
     model = build_model(cfg, ctx.parts, dist)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = read_part(ckpt_dir, "model")
     model.load_state_dict(state["model"])
     inputs = NewsInputs(ctx.store, segments_of(cfg))
     amp = cfg.train.amp
@@ -91,7 +98,7 @@ def export(run_dir: Path, out: Path | None = None, checkpoint: Path | None = Non
         lines.append(f"{k + 1} [{','.join(map(str, rank.tolist()))}]\n")
     (out / "prediction.txt").write_text("".join(lines))
     metrics = metrics_from_sums(metric_sums(impression_metrics(scores, labels, cand.offsets)))
-    summary = {"run_dir": str(run_dir), "checkpoint": str(ckpt_path), "step": state.get("step"),
+    summary = {"run_dir": str(run_dir), "checkpoint": str(ckpt_dir), "step": state.get("step"),
                "news": int(len(news_np)), "dim": int(news_np.shape[1]), "impressions": int(len(dev)),
                "unknown_news_ids": ctx.data.faults.as_dict().get("unknown_news_ids"), "dev_metrics": metrics}
     # Recall@K: every dev impression's user retrieves from all news, its history left out; and, when given, the
@@ -105,8 +112,13 @@ def export(run_dir: Path, out: Path | None = None, checkpoint: Path | None = Non
         with torch.no_grad(), eval_mode(model):
             summary["recall_daily"] = recall_daily(Path(daily_recall), model, news, ctx.data.news, cfg.data.max_history,
                                                    dist.device, amp)
+    from speedyrec.hf_export import export_news_encoder
+
+    summary["news_encoder"] = export_news_encoder(cfg, model, ctx.parts.tokenizer, out / "news_encoder",
+                                                  {"run_dir": str(run_dir), "checkpoint": str(ckpt_dir)})
     (out / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
 
 
 def _ids(field: str) -> list[str]:
@@ -171,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = export(Path(a.run_dir), Path(a.out) if a.out else None, Path(a.checkpoint) if a.checkpoint else None,
                    a.overrides, a.batch_size, Path(a.daily_recall) if a.daily_recall else None)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"speedyrec.export: {e}", file=sys.stderr)
         return 2
     m = s["dev_metrics"]

@@ -118,3 +118,58 @@ def test_without_faiss_recall_is_exact_only_and_says_so(monkeypatch):
     rng = np.random.default_rng(4)
     r = recall_both(rng.normal(size=(5, 8)), rng.normal(size=(300, 8)), [np.array([1, 2])] * 5)
     assert r["hnsw"] is None and "faiss" in r["note"] and r["exact"]["users"] == 5
+
+
+def test_the_exported_news_encoder_loads_with_plain_transformers(tmp_path, cache_dir, synthetic_small, monkeypatch):
+    """export writes the news encoder as a Hugging Face folder: transformers alone (AutoModel, AutoTokenizer, offline)
+    and the folder's head module give every news the vector speedyrec exported for it (max abs difference <= 1e-5),
+    the user head gives the user encoder's vectors, and model.encoder=<folder> trains again."""
+    import importlib.util
+    import sys
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from speedyrec.build import build_context, build_model
+    from speedyrec.config import load_config
+    from speedyrec.engine.checkpoint import read_part, step_dirs
+    from speedyrec.engine.distributed import DistInfo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = tmp_path / "run"
+    argv = tiny_overrides(run, cache_dir, "data.format=synthetic", f"data.dir={synthetic_small}",
+                          "data.title_tokens=16", "train.max_steps=3", "eval.max_impressions=60")
+    assert train_main(argv) == 0
+    assert export_main([str(run), "train.amp=off"]) == 0  # vectors in float32, as transformers computes them here
+    folder = run / "export" / "news_encoder"
+    assert json.loads((run / "export" / "export.json").read_text())["news_encoder"] == {"path": str(folder)}
+    tokenizer, plm = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    assert plm.config.num_hidden_layers == 2
+    spec = importlib.util.spec_from_file_location("speedyrec_head", folder / "speedyrec_head.py")
+    head = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "speedyrec_head", head)
+    spec.loader.exec_module(head)
+    news_head, user_head = head.load_heads(folder)
+
+    cfg = load_config(str(run / "config.yaml"), [f"out_dir={run}"])
+    ctx = build_context(cfg, DistInfo())
+    titles = ctx.data.news.text["title"]
+    batch = tokenizer(titles, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        vectors = news_head(plm(**batch).last_hidden_state, batch["attention_mask"])
+    exported = torch.from_numpy(np.load(run / "export" / "news_vectors.npy"))
+    assert vectors.shape == exported.shape
+    assert (vectors - exported).abs().max().item() <= 1e-5
+    # the user head against speedyrec's user encoder, on histories with padding and an empty one
+    model = build_model(cfg, ctx.parts, DistInfo())
+    model.load_state_dict(read_part(step_dirs(run / "checkpoints")[0], "model")["model"])
+    hist = exported[torch.randint(0, len(exported), (4, 7), generator=torch.Generator().manual_seed(0))]
+    mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4, [False] * 7, [True] + [False] * 6])
+    with torch.no_grad():
+        assert (user_head(hist, mask) - model.user_encoder(hist, mask)).abs().max().item() <= 1e-5
+    # and it is an encoder speedyrec trains again
+    again = tmp_path / "again"
+    assert train_main(tiny_overrides(again, cache_dir, "data.format=synthetic", f"data.dir={synthetic_small}",
+                                     f"model.encoder={folder}", "data.title_tokens=16", "train.max_steps=2",
+                                     "eval.max_impressions=20")) == 0
+    assert json.loads((again / "metrics.json").read_text())["impressions"] == 20

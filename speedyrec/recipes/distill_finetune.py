@@ -7,7 +7,7 @@ autoregressive loss every prefix of a user's history is a target, and every targ
 target: beta_i = softmax_i(-omega CE_i); loss = T_FT^2 CE(sum_i beta_i y_i / T_FT, y_s / T_FT)
 + emb_weight * sum_i beta_i [MSE(W_n,i n_i + b, n_s) + MSE(W_u,i u_i + b, u_s)] + ce_weight_ft * CE(y_s, y),
 the news MSE over the target's candidates. Writes ``out_dir/distill_finetune/{metrics.json, stats.json,
-student.pt}``.
+student.safetensors}``.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from speedyrec.distill.teachers import load_finetuned_recommender, model_files
 from speedyrec.engine.encode import length_chunks
 from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.engine.trainer import adamw
+from speedyrec.hf_export import export_news_encoder
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
 from speedyrec.recipes.common import (StageRecipe, evaluate_on_dev, non_backbone_names, student_freeze_layers,
@@ -92,7 +93,7 @@ class DistillFinetuneRecipe(StageRecipe):
             self.online = [t.news_encoder for t in teachers]
         del teachers, teacher  # with the bank, the M teachers' PLMs are freed here: memory does not grow with M
         gc.collect()
-        student, changed, start = build_student(ctx, ctx.from_dir("distill_posttrain") / "student.pt")
+        student, changed, start = build_student(ctx, ctx.from_dir("distill_posttrain") / "student.safetensors")
         self.model = model = DistillModel(student, len(files), self.bank_dim, di.learn_omega).to(dist.device)
         if student.news_encoder.backbone.freeze_layers and cfg.engine.frozen_cache:
             inputs.enable_frozen_prefix(student.news_encoder.backbone.hidden_size,
@@ -105,17 +106,20 @@ class DistillFinetuneRecipe(StageRecipe):
         result = evaluate_on_dev(ctx, [student], inputs)[0]
         trainer.log_scalars("dev", result)
         inputs.close_frozen_prefix()
-        path = self.out / "student.pt"
+        path = self.out / "student.safetensors"
         meta = {"encoder": cfg.model.encoder, "stage": self.stage, "layers": di.student_layers,
                 "teachers": [str(f) for f in files], "student_init": di.student_init, "metrics": result}
         changed |= trainable_names(student) | non_backbone_names(student)
         checksum = save_snapshot(path, student, changed, meta) if dist.is_main else ""
+        exported = (export_news_encoder(cfg, student, ctx.parts.tokenizer, self.out / "news_encoder",
+                                        {"stage": self.stage, "checksum": checksum}) if dist.is_main else {})
         stats = self.click_stats(trainer, workflow, ("loss_distill", "loss_emb", "loss_ce"), teachers=len(files),
                                  shared_frozen_layers=shared, bank_seconds=build.seconds,
                                  bank_news_encoded=build.news_encoded, bank_padded_tokens=build.padded_tokens)
         if model.log_omega is not None:
             stats["omega"] = float(model.log_omega.detach().exp())
-        return self.finish({"student": {**result, "path": str(path), "checksum": checksum}}, stats)
+        return self.finish({"student": {**result, "path": str(path), "checksum": checksum, "news_encoder": exported}},
+                           stats)
 
     def objective(self, table, news, clicks, negatives, targets):
         di, dev = self.cfg.distill, table.device
