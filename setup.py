@@ -22,7 +22,7 @@ setup(
         "speedyrec.engine": "engine",
         "speedyrec.kernels": "kernels",
     },
-    package_data={"speedyrec": ["configs/*.yaml"], "speedyrec.data": ["stopwords_en.txt"]},
+    package_data={"speedyrec": ["configs/*.yaml"], "speedyrec.data": ["stopwords_en.txt", "synthetic_vocabulary.json"]},
     install_requires=[
         "torch>=2.2",
         "transformers>=4.40,<5.25",  # 5.25 imports the PyPI package `kernels`, which our top-level kernels/ shadows
