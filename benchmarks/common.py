@@ -13,6 +13,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 _LIVE: list[dict] = []  # the machine() dicts of this process: write_results times only those
 _REUSED: list[str] = []  # kept training jobs this process reused instead of running (see write_results)
 
+# every benchmark, in the order benchmarks.run runs them (where_it_pays reads the learning rates speedup chose, tune
+# its typical workflow's best AUC) and the README's durations table lists them
+BENCHMARK_ORDER = ("main_job", "token_store", "data_efficiency", "precision", "speedup", "where_it_pays", "tune",
+                   "cache", "buslm", "scaling", "limit", "context", "multiteacher", "pipeline", "quality")
 
 def machine() -> dict:
     import torch

@@ -337,14 +337,13 @@ def _jobs_seconds(o, seen: set) -> float:
 def durations(results: Path) -> list[str]:
     """How long each benchmark took: full mode from its result (the whole benchmark when it recorded that,
     else the training jobs it kept), --quick from the last ``benchmarks.run --quick``."""
-    from benchmarks.run import BENCHMARKS
+    from benchmarks.common import BENCHMARK_ORDER
 
     path = results / "run_durations.json"
     runs = json.loads(path.read_text()) if path.exists() else {}
     quick = runs.get("quick", {}).get("seconds", {})
     rows, total = [], 0.0
-    for bench in BENCHMARKS:
-        name = bench.__name__.split(".")[-1]
+    for name in BENCHMARK_ORDER:
         d = _load(results, name)
         full = "not run"
         if d is not None and not d.get("quick"):

@@ -11,18 +11,15 @@ durations go to ``results/run_durations.json`` too.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
 
-from benchmarks import (buslm, cache, context, data_efficiency, limit, main_job, multiteacher, pipeline, precision,
-                        quality, readme, scaling, speedup, token_store, tune, where_it_pays)
-from benchmarks.common import RESULTS, machine
+from benchmarks import readme
+from benchmarks.common import BENCHMARK_ORDER, RESULTS, machine
 
-
-# in this order: where_it_pays reads the learning rates speedup chose, tune its typical workflow's best AUC
-BENCHMARKS = (main_job, token_store, data_efficiency, precision, speedup, where_it_pays, tune, cache, buslm, scaling,
-              limit, context, multiteacher, pipeline, quality)
+BENCHMARKS = tuple(importlib.import_module(f"benchmarks.{name}") for name in BENCHMARK_ORDER)
 
 
 def main(argv=None) -> None:
