@@ -74,6 +74,13 @@ def test_inbatch_negatives_are_refused_where_they_would_not_apply(extra):
         load_config(None, ["engine.inbatch_negatives=true", *extra])
 
 
+def test_auto_targets_are_impressions_for_finetuning_and_every_click_for_distillation():
+    assert load_config(None, []).engine.targets == "impressions"
+    assert load_config(None, ["train.workflow=typical"]).engine.targets == "all"
+    for stage in ("finetune_teachers", "distill_finetune", "newsbert", "pipeline", "posttrain"):
+        assert load_config(None, [f"stage={stage}"]).engine.targets == "all", stage
+
+
 @pytest.mark.parametrize("extra", [["train.workflow=typical"], ["stage=posttrain"], ["stage=distill_posttrain"]])
 def test_impression_targets_are_refused_where_no_click_loss_takes_them(extra):
     for stage in ("finetune", "finetune_teachers", "distill_finetune", "newsbert", "pipeline"):
