@@ -161,7 +161,11 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool 
         if ledger:
             ledger_add(ledger, name, job)
         return job
-    if committed is not None and committed.get("overrides") == overrides:
+    # a committed job is this run when it ran these overrides, or (its config recorded) other overrides that
+    # resolve to the same settings: a default that changed since is named in the overrides to keep a run's meaning
+    same = committed is not None and (committed.get("overrides") == overrides or (
+        check_defaults and "config" in committed and not _runtime_keys_differ(committed.get("overrides", []), overrides)))
+    if same:
         changed = check_defaults and "config" in committed and changed_defaults(out_root / name, overrides,
                                                                                  committed["config"])
         if not changed:
@@ -182,6 +186,17 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool 
     if ledger:
         ledger_add(ledger, name, job)
     return job
+
+
+def _runtime_keys_differ(a: list[str], b: list[str]) -> bool:
+    """Whether two override lists set a key resolved at run time (RUNTIME_RESOLVED: train.amp=auto, ...)
+    differently: a recorded config holds what such a key resolved to, which cannot tell "auto" from the value."""
+    from speedyrec.config import RUNTIME_RESOLVED
+
+    def runtime(overrides):
+        return {o for o in overrides if o.split("=", 1)[0] in RUNTIME_RESOLVED}
+
+    return runtime(a) != runtime(b)
 
 
 def changed_defaults(run_dir: Path, overrides: list[str], saved_config: dict | None = None) -> list[str]:

@@ -467,10 +467,11 @@ def test_a_kept_run_is_not_reused_after_a_default_changed(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     assert changed_defaults(run, overrides) == []
     # a key added since, at the value that does what runs without it did (AS_BEFORE), is no difference either
+    # (a run without engine.targets trained every click: today's default, impressions, differs; named, it does not)
     del saved["engine"]["targets"]
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert changed_defaults(run, overrides) == []
-    assert changed_defaults(run, [*overrides, "engine.targets=impressions"]) == ["engine.targets: None -> 'impressions'"]
+    assert changed_defaults(run, overrides) == ["engine.targets: None -> 'impressions'"]
+    assert changed_defaults(run, [*overrides, "engine.targets=all"]) == []
     other_stage = changed_defaults(run, [*overrides, "stage=posttrain"])
     assert {"distill.stage1_projections: None -> True", "posttrain.news: 'train' -> 'all'"} <= set(other_stage)
 
@@ -505,6 +506,13 @@ def test_a_benchmark_longer_than_a_session_continues_from_its_committed_ledger(t
     again = common.run_job_kept("a", overrides, tmp_path / "session3", committed=stale, ledger="bench")
     assert ran == ["a", "a"] and common.ledger_runs("bench")["a"] == again
     assert flat_config(again["config"])["train.lr_schedule"] == "linear"
+    # other overrides that resolve to the same settings are the same run (a default that changed is named); a key
+    # resolved at run time set otherwise is not, nor are settings that differ
+    named = [*overrides, "train.lr_schedule=linear"]
+    assert common.run_job_kept("a", named, tmp_path / "named", committed=again) == again and len(ran) == 2
+    common.run_job_kept("a", [*named, "train.amp=auto"], tmp_path / "amp", committed=again)
+    common.run_job_kept("a", [*overrides, "train.lr_schedule=constant"], tmp_path / "other", committed=again)
+    assert ran == ["a"] * 4
     # other overrides are another run; --fresh ignores the ledger; a finished benchmark clears it
     assert common.committed_runs("bench", fresh=True) == {}
     common.write_results("bench", {"runs": {}}, "")  # results that miss a ledger run leave the ledger
@@ -517,7 +525,7 @@ def test_a_benchmark_longer_than_a_session_continues_from_its_committed_ledger(t
     assert common.run_job_kept("a", overrides, tmp_path / "session4", committed=again) == again
     with pytest.raises(SystemExit, match="STOP exists: stopped before b"):
         common.run_job_kept("b", overrides, tmp_path / "session4", ledger="bench")
-    assert ran == ["a", "a"]
+    assert ran == ["a"] * 4
 
 
 def test_limit_and_data_efficiency_draw_their_plots(tmp_path):
@@ -597,9 +605,10 @@ def test_the_speedup_sweep_runs_the_grown_grid_for_each_workflow(tmp_path, monke
 
 
 def test_the_speedup_report_times_each_arm_against_the_same_typical_runs(tmp_path, monkeypatch):
-    """benchmarks.speedup end to end on fake runs: the default arm that never reaches typical's best running mean is
-    reported as not reached (with both bests), the impression-targets arm gets its own sweep by the same rule, its
-    own headline runs (engine.targets=impressions) and its speedup against the same typical runs."""
+    """benchmarks.speedup end to end on fake runs: the headline is the arm the defaults train (impression targets),
+    with its own sweep by the same rule, its own headline runs (engine.targets=impressions) and its speedup against
+    the typical runs; the every-click arm (engine.targets=all), which never reaches typical's best running mean
+    here, is reported as not reached, with both bests, against the same typical runs."""
     import math
 
     import benchmarks.common as common
@@ -610,6 +619,7 @@ def test_the_speedup_report_times_each_arm_against_the_same_typical_runs(tmp_pat
 
     def fake_run(name, overrides, root, may_run=True, committed=None, timeout=0, ledger=""):
         ran[name] = overrides
+        assert "train.workflow=typical" in overrides or any(o.startswith("engine.targets=") for o in overrides)
         arm = sp.IMPRESSIONS if "engine.targets=impressions" in overrides else (
             "typical" if "train.workflow=typical" in overrides else "speedyfeed")
         top, dt, rate_ = {"typical": (0.74, 10.0, 5.0), "speedyfeed": (0.73, 1.0, 200.0),
@@ -625,18 +635,22 @@ def test_the_speedup_report_times_each_arm_against_the_same_typical_runs(tmp_pat
     monkeypatch.setattr(sp, "run_job_kept", fake_run)
     monkeypatch.setattr(sp, "default_negatives", lambda: 4)
     d = sp.main(["--quick", "--out", str(tmp_path / "out")])
-    assert d["time_to_auc_speedup_seeds"] == [None, None] and d["time_to_auc_speedup_smoothed"] is None
-    imp = d["impression_targets"]
+    every = d["all_click_targets"]
+    assert every["time_to_auc_speedup_seeds"] == [None, None] and every["time_to_auc_speedup_smoothed"] is None
+    assert d["headline_arm"] == sp.IMPRESSIONS
+    imp = d
     # typical's best running mean (0.7328) is reached at its 8th evaluation (80 s), the arm's at its 5th (10 s)
     assert imp["time_to_auc_speedup_seeds"] == [pytest.approx(8.0)] * 2 and imp["time_to_auc_speedup_smoothed"] == 8.0
     assert imp["epoch_speedup"] == pytest.approx((100 / 5.0) / (100 / 40.0))
-    assert d["best_lr_multiple"][sp.IMPRESSIONS] == imp["lr_multiple"]
+    assert d["best_lr_multiple"][sp.IMPRESSIONS] == d["headline_lr_multiple"]
+    assert sp.chosen_multiples(quick=True) == {"typical": 4.0, "speedyfeed": 4.0}
     arm_runs = [n for n in ran if n.startswith(sp.IMPRESSIONS)]
     assert {n for n in arm_runs if "_steps" in n} == {f"{sp.IMPRESSIONS}_lr{m:g}_steps12" for m in (1, 4, 16)}
     assert all("engine.targets=impressions" in ran[n] for n in arm_runs) and len(arm_runs) == 3 + 2
     md = (tmp_path / "results" / "speedup_quick.md").read_text()
-    assert "did not reach the typical workflow's best running mean" in md and "0.7228 against typical's 0.7328" in md
-    assert "speedyfeed on impression targets (engine.targets=impressions) reaches" in md and "**8.0x sooner**" in md
+    assert "every click a target (engine.targets=all) did not reach the typical workflow's best running mean" in md
+    assert "0.7228 against typical's 0.7328" in md
+    assert "speedyfeed (its defaults: impression targets) reaches" in md and "**8.0x sooner**" in md
 
 
 def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, monkeypatch):
@@ -673,14 +687,15 @@ def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, mon
 
     steps = FULL["sweep_steps"]
     assert FULL["lrs"] == (1.0, 4.0, 16.0)
+    sf = "speedyfeed_impressions"  # the arm speedyfeed's defaults train
     ledger = {f"typical_lr1_steps{steps}": sweep_job([0.6, 0.61, 0.62]), f"typical_lr4_steps{steps}": sweep_job([0.5] * 3),
-              f"speedyfeed_lr1_steps{steps}": sweep_job([0.6] * 3), f"speedyfeed_lr4_steps{steps}": sweep_job([0.7] * 3)}
+              f"{sf}_lr1_steps{steps}": sweep_job([0.6] * 3), f"{sf}_lr4_steps{steps}": sweep_job([0.7] * 3)}
     (tmp_path / "ledger").mkdir()
     (tmp_path / "ledger" / "speedup.json").write_text(json.dumps({"runs": ledger}))
     ran.clear()
     d = wip.main(["--out", str(tmp_path / "runs"), "--users", "100"])  # x16 not run yet: the sweep is not done
     assert d["time_to_quality"] == {} and not any(n.startswith("quality_") for n, _ in ran)
-    ledger.update({f"typical_lr16_steps{steps}": sweep_job([0.55] * 3), f"speedyfeed_lr16_steps{steps}": sweep_job([0.65] * 3)})
+    ledger.update({f"typical_lr16_steps{steps}": sweep_job([0.55] * 3), f"{sf}_lr16_steps{steps}": sweep_job([0.65] * 3)})
     (tmp_path / "ledger" / "speedup.json").write_text(json.dumps({"runs": ledger}))
     ran.clear()
     d = wip.main(["--out", str(tmp_path / "runs"), "--users", "100"])  # typical's best at x1, the grid's edge: x0.25 runs next
