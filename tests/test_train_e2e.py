@@ -121,6 +121,12 @@ def speedyfeed_run(tmp_path_factory, cache_dir, synthetic_small):
     return _shared_run(tmp_path_factory, cache_dir, synthetic_small, "speedyfeed", SPEEDYFEED_EXTRA)
 
 
+@pytest.fixture(scope="module")
+def every_click_run(tmp_path_factory, cache_dir, synthetic_small):
+    """SpeedyFeed's own loss: every click of a user's sequence a target (history clicks against random news)."""
+    return _shared_run(tmp_path_factory, cache_dir, synthetic_small, "every_click", ("engine.targets=all",))
+
+
 # -- 1. the typical workflow -------------------------------------------------------------------------------
 def test_typical_workflow_writes_outputs_and_keeps_invariants(typical_run):
     argv, out, stats, metrics = typical_run
@@ -152,8 +158,9 @@ def test_typical_workflow_writes_outputs_and_keeps_invariants(typical_run):
 
 
 # -- 2. the SpeedyFeed workflow -----------------------------------------------------------------------------
-def test_speedyfeed_full_epoch_trains_every_click_once(speedyfeed_run, typical_run):
-    _, out, stats, metrics = speedyfeed_run
+@pytest.mark.parametrize("targets", ["default", "every_click"])
+def test_speedyfeed_full_epoch_trains_every_click_once(targets, speedyfeed_run, every_click_run, typical_run):
+    _, out, stats, metrics = speedyfeed_run if targets == "default" else every_click_run
     check_metrics(metrics)
     check_stats(stats, full_epoch=True)
     assert stats["workflow"] == "speedyfeed"
@@ -172,8 +179,11 @@ def test_speedyfeed_full_epoch_trains_every_click_once(speedyfeed_run, typical_r
     negatives = load_config(str(out / "config.yaml")).engine.negatives
     assert negatives == 4  # the finetune default (engine.negatives=auto)
     assert stats["news_encoded"] < stats["clicks_trained"] * (1 + negatives) / 2
-    # histories are clicks too: the autoregressive epoch holds more targets than the impressions' clicks
-    assert stats["clicks_in_data"] > typical_run[2]["clicks_in_data"]
+    if targets == "default":  # engine.targets=auto: the impressions' clicks, as the typical workflow counts them
+        assert load_config(str(out / "config.yaml")).engine.targets == "impressions"
+        assert stats["clicks_in_data"] == typical_run[2]["clicks_in_data"]
+    else:  # histories are clicks too: the autoregressive epoch holds more targets than the impressions' clicks
+        assert stats["clicks_in_data"] > typical_run[2]["clicks_in_data"]
     # dynamic batching pads far less than fixed padding
     assert stats["data_efficiency"] > typical_run[2]["data_efficiency"]
 
@@ -215,13 +225,12 @@ ABLATIONS = {
     "frozen_prefix": ("model.freeze_layers=1",),
     "grad_accum": ("train.grad_accum=2",),
     "inbatch_negatives": ("engine.inbatch_negatives=true",),
-    "impression_targets": ("engine.targets=impressions",),
 }
 ABLATION_STEPS = 3
 
 
 @pytest.mark.parametrize("name", list(ABLATIONS))
-def test_ablation_keeps_the_invariants(name, tmp_path, cache_dir, synthetic_small, speedyfeed_run, typical_run):
+def test_ablation_keeps_the_invariants(name, tmp_path, cache_dir, synthetic_small, speedyfeed_run):
     out = tmp_path / name
     extra = ABLATIONS[name]
     stats, metrics = run_job(synthetic_args(out, cache_dir, synthetic_small, "data.title_tokens=16",
@@ -231,12 +240,8 @@ def test_ablation_keeps_the_invariants(name, tmp_path, cache_dir, synthetic_smal
     check_stats(stats, full_epoch=False)
     assert stats["steps"] == ABLATION_STEPS
     assert 0 < stats["clicks_trained"] < stats["clicks_in_data"]
-    # the ablations change how targets are batched and encoded, never what an epoch holds; impression targets
-    # are the typical workflow's (counted by its own code), the histories' clicks context only
-    if name == "impression_targets":
-        assert stats["clicks_in_data"] == typical_run[2]["clicks_in_data"] < speedyfeed_run[2]["clicks_in_data"]
-    else:
-        assert stats["clicks_in_data"] == speedyfeed_run[2]["clicks_in_data"]
+    # the ablations change how targets are batched and encoded, never what an epoch holds
+    assert stats["clicks_in_data"] == speedyfeed_run[2]["clicks_in_data"]
     assert stats["clicks_unknown_news"] == 0
     saved = load_config(str(out / "config.yaml"))
     if name == "no_autoregressive":
@@ -557,7 +562,7 @@ def test_refine_is_rejected_in_the_typical_workflow(tmp_path, cache_dir, capsys)
     assert_one_line_error(capsys, "engine.refine", "typical")
 
 
-def test_typical_workflow_on_speedyfeeds_targets(tmp_path, cache_dir, synthetic_small, speedyfeed_run):
+def test_typical_workflow_on_speedyfeeds_targets(tmp_path, cache_dir, synthetic_small, every_click_run):
     """train.typical_targets=sequence: the typical workflow trains every click of the user sequences, each
     from the clicks before its impression (at most max_history), with the engine's negatives."""
     import numpy as np
@@ -571,7 +576,7 @@ def test_typical_workflow_on_speedyfeeds_targets(tmp_path, cache_dir, synthetic_
     wf = TypicalWorkflow(ds.train, store, None, max_history=10, negatives=2, batch_size=64, seed=0, rank=0, world=1,
                          device=torch.device("cpu"), targets="sequence")
     seqs = wf.seqs
-    assert wf.clicks_in_data == speedyfeed_run[2]["clicks_in_data"]  # identical targets
+    assert wf.clicks_in_data == every_click_run[2]["clicks_in_data"]  # identical targets
     inst = np.random.default_rng(0).choice(len(seqs.clicks.values), 200, replace=False)
     positives, pools, histories, _ = wf._sequence_instances(inst)
     seq_of = seqs.clicks.row_ids()
@@ -587,7 +592,7 @@ def test_typical_workflow_on_speedyfeeds_targets(tmp_path, cache_dir, synthetic_
     out = tmp_path / "run"
     stats, _ = run_job(synthetic_args(out, cache_dir, synthetic_small, *TYPICAL_EXTRA, "train.typical_targets=sequence",
                                       "train.max_steps=3"), out)
-    assert stats["clicks_in_data"] == speedyfeed_run[2]["clicks_in_data"] and stats["clicks_trained"] == 3 * 64
+    assert stats["clicks_in_data"] == every_click_run[2]["clicks_in_data"] and stats["clicks_trained"] == 3 * 64
 
 
 def test_dev_curve_and_early_stopping(tmp_path, cache_dir, synthetic_small, capsys):
