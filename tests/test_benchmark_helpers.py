@@ -710,7 +710,7 @@ def test_where_it_pays_tabulates_per_target_and_per_epoch_speedups(tmp_path, mon
     assert len(d["points"]) == len(wip.HISTORIES) * len(wip.TEXTS)
     p10 = next(p for p in d["points"] if p["history_mean"] == 10 and p["text"] == "titles")
     assert p10["per_target_speedup"] == pytest.approx(12.0) and p10["epoch_speedup"] == pytest.approx(12.0 / 2.0)
-    assert p10["clicks_per_user"] == pytest.approx(20.0)
+    assert p10["targets_per_user"] == pytest.approx(20.0)
     assert set(d["time_to_quality"]) == {"10", "100"} and d["time_to_quality"]["10"]["time_to_auc_speedup"] > 1
     assert (tmp_path / "where_it_pays.md").read_text().count("|") > 20
 
