@@ -135,7 +135,9 @@ def _f(x, fmt="{:.1f}x", none="not reached"):
 
 def report(d: dict) -> str:
     m = d["machine"]
-    rows = [[p["history_mean"], f"{p['targets_per_user']:.1f}", p["text"],
+    old_form = any("clicks_per_user" in p for p in d["points"])  # measured when speedyfeed trained every click
+    per_user = "clicks_per_user" if old_form else "targets_per_user"
+    rows = [[p["history_mean"], f"{p[per_user]:.1f}", p["text"],
              f"{p['tokens_per_news']:.1f}", f"{p['targets_per_second']['typical']:.1f}",
              f"{p['targets_per_second']['speedyfeed']:.1f}", f"{p['per_target_speedup']:.1f}x",
              f"{p['epoch_seconds']['typical']:.0f} / {p['epoch_seconds']['speedyfeed']:.0f}",
@@ -150,9 +152,12 @@ def report(d: dict) -> str:
         + (f"time to quality at its sweep's learning rates, x{d['lr_multiple']['typical']:g} typical / "
            f"x{d['lr_multiple']['speedyfeed']:g} speedyfeed" if d["lr_multiple"] else
            "time to quality waits for its learning-rate sweep") + "). Rates from "
-        f"{d['typical_steps']} (typical) / {d['steps']} (speedyfeed) optimizer steps; an epoch is the impressions' "
-        "clicks of the same log (speedyfeed's defaults), at those rates.\n",
-        md_table(["history mean (asked)", "targets per user (impression clicks)", "text", "real tokens per news",
+        f"{d['typical_steps']} (typical) / {d['steps']} (speedyfeed) optimizer steps; an epoch is "
+        + ("each workflow's own targets of the same log (typical: the impressions' clicks; speedyfeed, measured "
+           "before its default became impression targets: every click of the user sequences)" if old_form else
+           "the impressions' clicks of the same log (speedyfeed's defaults)") + ", at those rates.\n",
+        md_table(["history mean (asked)", "clicks per user (generated)" if old_form else
+                  "targets per user (impression clicks)", "text", "real tokens per news",
                   "typical targets/s", "speedyfeed targets/s", "per target", "epoch s (typical / speedyfeed)",
                   "per epoch"], rows),
         f"\nTime to quality, titles, one seed: the typical workflow trained until its dev AUC plateaus, both timed "

@@ -9,6 +9,22 @@ def test_readme_benchmark_section_is_what_the_results_say():
     assert readme.main(["--check"]) == 0, "run: python -m benchmarks.readme"
 
 
+def test_the_readme_is_short_and_its_links_lead_somewhere():
+    """The README is what a newcomer reads in five minutes (<= 200 lines); the detail lives in the files it links,
+    which exist, and its table gives each benchmark with results a figure and its details page."""
+    import re
+
+    text = readme.README.read_text()
+    assert len(text.splitlines()) <= 200
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    assert {"docs/configuration.md", "docs/operations.md", "benchmarks/README.md"} <= set(links)
+    for link in links:
+        if not link.startswith("http"):
+            assert (readme.README.parent / link).is_file(), link
+    table = text.split(readme.TABLE_BEGIN)[1].split(readme.TABLE_END)[0]
+    assert "| `speedup` |" in table and "sooner" in table and "| `main_job` |" in table
+
+
 def test_a_missing_or_quick_result_is_left_out(tmp_path):
     (tmp_path / "token_store.json").write_text(json.dumps(
         {"machine": {"device": "cpu", "torch": "x"}, "news": 10, "tokens": 100, "build_seconds": 1.0,
