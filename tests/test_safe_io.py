@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,3 +93,50 @@ def test_a_pickle_is_recognised_by_its_first_bytes(tmp_path):
             break
     assert (tmp_path / "t.safetensors").read_bytes()[:1] == b"\x80"
     assert not is_pickle(tmp_path / "t.safetensors")
+
+
+def _failing_rank_worker(rank, world, init_file, root, failing_rank, out_dir):
+    import errno
+    import json as _json
+
+    import torch.distributed as dist
+
+    from speedyrec.engine import checkpoint, safe_io
+    from speedyrec.engine.distributed import DistInfo
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    info = DistInfo(rank, world, rank, torch.device("cpu"))
+    shared, own = {"model": {"w": torch.ones(3)}}, {"rng": rng_state()}
+    checkpoint.save(Path(root), info, 1, shared, own)  # a good one first
+    if rank == failing_rank:
+        def full_disk(path, mode="r", *a, **kw):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        safe_io.OPEN = full_disk
+    try:
+        checkpoint.save(Path(root), info, 2, shared, own)
+        outcome = "saved"
+    except checkpoint.CheckpointError as e:  # every rank, not only the one whose disk failed
+        outcome = str(e)
+    Path(out_dir, f"rank{rank}.json").write_text(_json.dumps(outcome))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_rank_that_cannot_write_its_part_stops_every_rank_alike(tmp_path, failing_rank):
+    """Two gloo ranks; one cannot write its part of a checkpoint: both raise CheckpointError (none waits at a
+    barrier for the other), the partial directory is gone and the earlier checkpoint is whole."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from speedyrec.engine import checkpoint
+
+    root = tmp_path / "checkpoints"
+    mp.spawn(_failing_rank_worker, args=(2, str(tmp_path / "init"), str(root), failing_rank, str(tmp_path)), nprocs=2,
+             join=True)
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(o != "saved" for o in outcomes)
+    assert "disk is full" in outcomes[failing_rank]
+    assert f"rank {failing_rank} could not write its part" in outcomes[1 - failing_rank]
+    assert [p.name for p in root.iterdir()] == ["step_1"]
+    assert checkpoint.read_part(root / "step_1", "model")["model"]["w"].tolist() == [1.0, 1.0, 1.0]
