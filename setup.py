@@ -27,6 +27,7 @@ setup(
         "torch>=2.2",
         "transformers>=4.40,<5.25",  # 5.25 imports the PyPI package `kernels`, which our top-level kernels/ shadows
         "tokenizers>=0.15",
+        "safetensors>=0.4",  # checkpoints, snapshots and exports: tensors that load without running code
         "numpy>=1.24",
         "rank-bm25>=0.2.2",
         "nltk>=3.8",
