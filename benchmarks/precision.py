@@ -13,7 +13,7 @@ layers trained (the main job's model; its frozen layers' output is computed once
   run from a ``git archive`` of it; ``fp32`` and ``bf16``: today's code with ``train.amp=off`` / ``bf16``;
   ``bf16+compile``: with ``train.compile=true``, whose compilation counts in its time (the steady rate after it,
   from the log, is given beside).
-- Quality: fp32 and bf16, one full epoch each (the defaults' targets), for each seed: the final dev metrics, the
+- Quality: fp32 and bf16, each trained as the defaults train (``train.epochs`` of the defaults' targets), for each seed: the final dev metrics, the
   bf16 - fp32 AUC difference paired by seed, and its mean. bf16 keeps quality when the mean difference is within
   0.2 AUC points.
 
@@ -179,7 +179,7 @@ def report(d: dict) -> str:
     lines = ["# bf16 and torch.compile: speed and quality\n",
              f"Device: {m['device']}, torch {m['torch']}, {m['threads']} threads; commit {m.get('commit', '?')}. "
              f"Speed: {d['steps']} optimizer steps per run, {d['rounds']} interleaved round(s), medians; baseline = "
-             f"commit {d['baseline']} in fp32. Quality: one epoch per run, final dev metrics.\n"]
+             f"commit {d['baseline']} in fp32. Quality: each run trained as the defaults train (train.epochs), final dev metrics.\n"]
     for model, variants in d["speed"].items():
         rows = [[v, r["precision"], f"{r['targets_per_second']:.1f}",
                  "n/a" if r["steady_targets_per_second"] is None else f"{r['steady_targets_per_second']:.1f}",
@@ -191,7 +191,7 @@ def report(d: dict) -> str:
     for model, q in d["quality"].items():
         rows = [[s, f"{q['metrics']['fp32'][s]['auc']:.4f}", f"{q['metrics']['bf16'][s]['auc']:.4f}", f"{p:+.2f}",
                  q["commits"].get(s, "?")] for s, p in zip(q["seeds"], q["bf16_minus_fp32_points"])]
-        lines += [f"\n**Quality, {model}**: dev AUC after one epoch\n",
+        lines += [f"\n**Quality, {model}**: dev AUC at the end of training\n",
                   md_table(["seed", "fp32", "bf16", "bf16 - fp32 (points)", "runs made at commit"], rows),
                   f"\nMean difference {q['mean_points']:+.2f} AUC points over {len(q['seeds'])} seed(s): bf16 "
                   + ("keeps" if q["keeps_quality"] else "does not keep")
