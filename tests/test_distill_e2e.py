@@ -58,6 +58,7 @@ def test_pipeline_writes_every_stage_and_the_table(pipeline_run):
               "distill_posttrain/student.safetensors", "finetune_teachers/teachers/teacher_1.safetensors",
               "finetune_teachers/teachers/teacher_2.safetensors", "finetune_teachers/teachers/plain.safetensors",
               "distill_finetune/student.safetensors", "newsbert/student.safetensors",
+              "distill_finetune/news_encoder/config.json", "distill_finetune/news_encoder/speedyrec_head.py",
               "student_plain/metrics.json", "pipeline.md", "config.yaml"):
         assert (out / f).is_file(), f
     summary = read(out / "metrics.json")
