@@ -138,9 +138,7 @@ def save(root: Path, dist: DistInfo, step: int, shared: dict, own: dict, keep: i
     _agree(error, dist, tmp)
     if dist.is_main:
         try:
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-            write_bytes(tmp / "meta.json", json.dumps({"format": FORMAT, "step": step, "world": dist.world,
-                                                       "files": files}).encode())
+            write_meta(tmp, step, dist.world)
             _fsync_dir(tmp)
             if final.exists():  # the same step saved again (e.g. the end of a run that checkpointed there)
                 shutil.rmtree(final)
@@ -155,6 +153,15 @@ def save(root: Path, dist: DistInfo, step: int, shared: dict, own: dict, keep: i
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def write_meta(directory: Path, step: int, world: int) -> None:
+    """``directory/meta.json``: the format, step, world size and the parts' files with their sizes (what reading
+    checks a checkpoint against)."""
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir())
+             if p.suffix in (".safetensors", ".json") and p.name != "meta.json"}
+    write_bytes(directory / "meta.json", json.dumps({"format": FORMAT, "step": step, "world": world,
+                                                     "files": files}).encode())
 
 
 def is_old_format(directory: Path) -> bool:
@@ -176,8 +183,6 @@ def read_part(directory: Path, name: str, device: torch.device | str = "cpu") ->
 
 
 def _read(directory: Path, dist: DistInfo) -> tuple[dict, dict]:
-    if is_old_format(directory):
-        raise old_format_error(directory)
     meta = json.loads((directory / "meta.json").read_text())
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"format {meta.get('format')!r}, this version reads {FORMAT}")

@@ -29,6 +29,7 @@ from safetensors.torch import save as st_save
 OPEN = open  # how files are opened for writing (a test replaces it with a disk that fails)
 CHUNK = 1 << 20
 
+
 def pack(obj, tensors: dict[str, torch.Tensor], where: str = "") -> object:
     """``obj`` as a JSON-able tree; its tensors and arrays go into ``tensors`` (CPU, contiguous, none sharing
     memory with another: safetensors stores each on its own)."""

@@ -21,7 +21,7 @@ import torch
 
 from speedyrec.distill import snapshots
 from speedyrec.engine import checkpoint
-from speedyrec.engine.safe_io import save_tree, write_bytes
+from speedyrec.engine.safe_io import save_tree
 
 
 def _numpy_globals() -> list:
@@ -54,14 +54,7 @@ def convert_checkpoint(directory: Path) -> list[Path]:
     meta_path = directory / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     model = loaded.get("model", {})
-    files = {}
-    for stem in loaded:
-        for suffix in (".safetensors", ".json"):
-            f = directory / f"{stem}{suffix}"
-            files[f.name] = f.stat().st_size
-    meta.update(format=checkpoint.FORMAT, step=meta.get("step", model.get("step")),
-                world=meta.get("world", model.get("world")), files=files)
-    write_bytes(meta_path, json.dumps(meta).encode())
+    checkpoint.write_meta(directory, meta.get("step", model.get("step")), meta.get("world", model.get("world")))
     for p in parts:
         p.unlink(missing_ok=True)
     return [directory / f"{stem}.safetensors" for stem in loaded]
@@ -72,12 +65,8 @@ def convert_snapshot(path: Path) -> Path:
     snap = load_pickle(path)
     if not isinstance(snap, dict) or snap.get("format") != "speedyrec-snapshot/1":
         raise ValueError(f"{path} is not a speedyrec snapshot of the pickled format; not converted")
-    from safetensors.torch import save as st_save
-
     out = path.with_suffix(snapshots.SUFFIX)
-    delta = {k: v.contiguous() for k, v in snap["delta"].items()}
-    header = {"format": snapshots.FORMAT, "checksum": snap["checksum"], "meta": json.dumps(snap["meta"])}
-    write_bytes(out, st_save(delta, metadata=header))
+    snapshots.write_snapshot_file(out, snap["delta"], snap["checksum"], snap["meta"])
     path.unlink()
     return out
 

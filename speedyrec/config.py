@@ -571,7 +571,7 @@ def _validate_distillation(cfg: Config) -> None:
                            ("eval.patience", cfg.eval.patience)):
             if value:
                 raise ConfigError(f"{key} is supported by stage=finetune only (yet); stage={cfg.stage} runs without it")
-    if cfg.stage in ("posttrain", "distill_posttrain"):  # minutes long; in a pipeline they run again on resume
+    if cfg.stage in TITLE_BODY_STAGES:  # minutes long; in a pipeline they run again on resume
         for key, value in (("train.resume", cfg.train.resume), ("train.checkpoint_every", cfg.train.checkpoint_every),
                            ("train.lr_schedule", cfg.train.lr_schedule != "constant")):
             if value:

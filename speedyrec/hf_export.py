@@ -57,30 +57,28 @@ def attention_pool(x, mask, weight, bias, query):
     return torch.einsum("bl,blh->bh", weights.to(x.dtype), x)
 
 
-class NewsHead(torch.nn.Module):
+class _Head(torch.nn.Module):
     def __init__(self, tensors):
         super().__init__()
         self.t = dict(tensors)
 
+    def pool(self, x, mask):
+        t = self.t
+        return attention_pool(x, mask, t["pool.proj.weight"], t["pool.proj.bias"], t["pool.query"])
+
+
+class NewsHead(_Head):
     def forward(self, token_states, attention_mask):
         """token_states [N, T, H] (the transformer's last_hidden_state), attention_mask [N, T] -> [N, dim]."""
-        t = self.t
-        pooled = attention_pool(token_states, attention_mask, t["pool.proj.weight"], t["pool.proj.bias"],
-                                t["pool.query"])
-        return pooled @ t["proj.weight"].t() + t["proj.bias"]
+        return self.pool(token_states, attention_mask) @ self.t["proj.weight"].t() + self.t["proj.bias"]
 
 
-class UserHead(torch.nn.Module):
-    def __init__(self, tensors):
-        super().__init__()
-        self.t = dict(tensors)
-
+class UserHead(_Head):
     def forward(self, history, mask):
         """history [B, L, dim] (news vectors, oldest first), mask [B, L] -> user vectors [B, dim]."""
-        t = self.t
-        pooled = attention_pool(history, mask, t["pool.proj.weight"], t["pool.proj.bias"], t["pool.query"])
+        pooled = self.pool(history, mask)
         empty = ~mask.bool().any(dim=1, keepdim=True)
-        return torch.where(empty, t["empty"].to(pooled.dtype).expand_as(pooled), pooled)
+        return torch.where(empty, self.t["empty"].to(pooled.dtype).expand_as(pooled), pooled)
 
 
 def load_heads(folder):

@@ -34,12 +34,17 @@ def save_snapshot(path: Path, module: nn.Module, changed: set[str], meta: dict) 
     unknown = sorted(changed - state.keys())
     assert not unknown, f"not in the module: {unknown[:3]}"
     checksum = weights_checksum(state)
-    delta = {k: state[k].detach().cpu().contiguous().clone() for k in sorted(changed)}
+    write_snapshot_file(path, {k: state[k] for k in sorted(changed)}, checksum, meta)
+    return checksum
+
+
+def write_snapshot_file(path: Path, delta: dict, checksum: str, meta: dict) -> None:
+    """The snapshot file itself: ``delta``'s tensors, and the format, checksum and ``meta`` in the header."""
+    delta = {k: t.detach().cpu().contiguous().clone() for k, t in delta.items()}
     header = {"format": FORMAT, "checksum": checksum, "meta": json.dumps(meta)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(path, st_save(delta, metadata=header))
-    return checksum
 
 
 def read_snapshot(path: Path) -> dict:
