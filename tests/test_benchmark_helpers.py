@@ -760,3 +760,31 @@ def test_multiteacher_reports_the_bound_the_repeats_and_memory(tmp_path, monkeyp
 
     section = "\n".join(readme.multiteacher(json.loads((tmp_path / "multiteacher.json").read_text())))
     assert "3 interleaved runs" in section and "1.04x its bound" in section and "| Stage II peak resident" in section
+
+
+def test_batched_top_layers_compute_what_the_sequential_layers_do_and_are_reported(tmp_path, monkeypatch):
+    """The batched-teachers experiment times the same arithmetic in every variant (the vmap variant's output is
+    checked against the engine's sequential layers inside measure), and multiteacher.md states its verdict from
+    the figures: a batched variant is called faster only when its median is below the sequential one's."""
+    from transformers import BertConfig
+
+    from benchmarks import batched_layers, multiteacher
+
+    cfg = BertConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    b = batched_layers.measure(cfg, 2, 2, 64, 8, repeats=1, warmup=0)
+    assert b["rows"] == 8 and b["tokens"] == 64
+    for p in ("fp32", "bf16"):
+        assert len(b[p]["vmap_over_sequential_repeats"]) == 1
+        assert b[p]["vmap_over_sequential"] == pytest.approx(b[p]["vmap_ms"] / b[p]["sequential_ms"])
+        assert ("vmap_over_sequential" in b[p]["faster"]) == (b[p]["vmap_over_sequential"] < 1.0)
+    slower = {**b, "batched_faster": False}
+    for p in ("fp32", "bf16"):  # bmm faster in one round of two: not counted as faster
+        slower[p] = {**b[p], "vmap_over_sequential_repeats": [1.4, 1.5], "bmm_over_linears_repeats": [0.9, 1.1],
+                     "faster": [], "linears_share": 0.27, "bmm_saves_at_most": 0.01}
+    md = "\n".join(multiteacher._batched_md(slower))
+    assert "keeps its M sequential calls" in md and "| fp32 |" in md and "1.45 (1.40-1.50)" in md and "| 27% |" in md
+
+    real_vmap = torch.func.vmap  # a vmap variant that computed something else is refused, not timed
+    monkeypatch.setattr(torch.func, "vmap", lambda fn, **kw: (lambda *a: real_vmap(fn, **kw)(*a) + 1.0))
+    with pytest.raises(AssertionError, match="does not compute"):
+        batched_layers.measure(cfg, 2, 2, 64, 8, repeats=1, warmup=0)
