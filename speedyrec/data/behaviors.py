@@ -12,6 +12,7 @@ from speedyrec.data.news import NewsTable
 from speedyrec.data.ragged import Ragged
 
 _IMPRESSION_TOKEN = re.compile(r"^(\S+)-([01])$")
+NO_LABEL = -1  # a candidate of a label-less impression (MIND's test split lists ``N123``, not ``N123-0``)
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Behaviors:
     labels: np.ndarray  # int8, aligned with candidates.values
     unknown_clicks: np.ndarray  # int64 [I]
     history_is_prefix: bool = False  # histories are the user's earlier clicks in this log (no separate history)
+    # what a prediction file needs, kept where the reader was asked to (dev and test logs):
+    listing: "Listing | None" = None
 
     def __len__(self) -> int:
         return len(self.user)
@@ -40,8 +43,21 @@ class Behaviors:
         rows = np.asarray(rows, dtype=np.int64)
         cand = self.candidates.take(rows)
         label_rows = Ragged(self.candidates.offsets, self.labels).take(rows)
+        listing = None
+        if self.listing is not None:
+            listing = self.listing.take(rows, self.candidates.offsets)
         return Behaviors(self.users, self.user[rows], self.time[rows], self.history.take(rows), cand,
-                         label_rows.values, self.unknown_clicks[rows], self.history_is_prefix)
+                         label_rows.values, self.unknown_clicks[rows], self.history_is_prefix, listing)
+
+    def in_file_order(self) -> "Behaviors":
+        """The same impressions in the order the file lists them (readers sort MIND's by time)."""
+        if self.listing is None:
+            return self
+        return self.take(np.argsort(self.listing.file_row, kind="stable"))
+
+    def labelled(self) -> bool:
+        return bool((self.labels != NO_LABEL).all()) and (self.listing is None or
+                                                         bool((self.listing.slots.values != NO_LABEL).all()))
 
     def clicks(self) -> int:
         return int(self.labels.sum())
@@ -51,6 +67,26 @@ class Behaviors:
         neg = self.labels == 0
         return Ragged.from_lengths(np.bincount(self.candidates.row_ids()[neg], minlength=len(self)),
                                    self.candidates.values[neg])
+
+
+@dataclass
+class Listing:
+    """An impression log as its file lists it, for files that must answer it line by line (MIND's prediction
+    file): every impression's id and place in the file, and every candidate the line lists, in its order,
+    including the ones the news file lacks (which ``Behaviors.candidates`` leaves out).
+
+    ``slots`` holds, per impression, the label of each listed candidate (NO_LABEL when the file gives none);
+    ``candidate_slot`` [len(candidates.values)] the listed place of each kept candidate (the pieces of a glued
+    token share its place)."""
+
+    ids: np.ndarray  # str [I]: the file's impression id (MIND's first column; ``<file>:<line>`` for logs without)
+    file_row: np.ndarray  # int64 [I]: the impression's place among the rows read, in file order
+    slots: Ragged  # int8 labels
+    candidate_slot: np.ndarray  # int32, aligned with Behaviors.candidates.values
+
+    def take(self, rows: np.ndarray, candidate_offsets: np.ndarray) -> "Listing":
+        slot = Ragged(candidate_offsets, self.candidate_slot).take(rows).values
+        return Listing(self.ids[rows], self.file_row[rows], self.slots.take(rows), slot)
 
 
 @dataclass
@@ -65,6 +101,10 @@ class _Builder:
     candidates: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     unknown_clicks: list[int] = field(default_factory=list)
+    listing: bool = False  # keep a Listing (see add())
+    ids: list[str] = field(default_factory=list)
+    slots: list[np.ndarray] = field(default_factory=list)
+    candidate_slot: list[np.ndarray] = field(default_factory=list)
     _widths: tuple = ()
 
     def __post_init__(self):
@@ -112,21 +152,36 @@ class _Builder:
 
     def lookup(self, tokens: list[str], where: str) -> tuple[np.ndarray, np.ndarray]:
         """Indices of ids (glued ids split); returns (indices, known mask)."""
-        ids: list[str] = []
-        for t in tokens:
-            ids.extend(self.split_glued(t, where))
-        idx = self.news.lookup(ids)
-        known = idx >= 0
-        n_unknown = int((~known).sum())
-        if n_unknown:
-            first = ids[int(np.argmin(known))]
-            self.faults.fault("unknown_news_ids", where, f"news id {first!r} is not in the news table", n_unknown)
+        idx, known, _ = self.lookup_listed(tokens, [0] * len(tokens), where)
         return idx, known
 
+    def lookup_listed(self, tokens: list[str], labels: list[int], where: str) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """Candidates as listed (one label each): (indices, known mask, (labels, listed place of each index))
+        with glued ids split into pieces that share their token's place."""
+        ids, piece_labels, places = [], [], []
+        for k, (tok, label) in enumerate(zip(tokens, labels)):
+            pieces = self.split_glued(tok, where)
+            ids.extend(pieces)
+            piece_labels.extend([label] * len(pieces))
+            places.extend([k] * len(pieces))
+        idx = self.news.lookup(ids)
+        known = idx >= 0
+        if n_unknown := int((~known).sum()):
+            first = ids[int(np.argmin(known))]
+            self.faults.fault("unknown_news_ids", where, f"news id {first!r} is not in the news table", n_unknown)
+        return idx, known, (np.asarray(piece_labels, dtype=np.int8), np.asarray(places, dtype=np.int64))
+
     def add(self, user: int, time: int, history: np.ndarray, cand: np.ndarray, labels: np.ndarray,
-            unknown_clicks: int, where: str) -> None:
+            unknown_clicks: int, where: str, listed: tuple | None = None) -> None:
+        """``listed`` = (impression id, labels of every listed candidate, listed place of each of ``cand``), kept
+        when the builder keeps a listing."""
         if len(history) == 0:
             self.faults.fault("empty_histories", where, "the user history is empty")
+        if self.listing:
+            imp_id, slot_labels, cand_slot = listed
+            self.ids.append(imp_id)
+            self.slots.append(np.asarray(slot_labels, dtype=np.int8))
+            self.candidate_slot.append(np.asarray(cand_slot, dtype=np.int32))
         self.user.append(user)
         self.time.append(time)
         self.history.append(history.astype(np.int32))
@@ -145,6 +200,10 @@ class _Builder:
                                            _concat(self.candidates)),
             labels=_concat(self.labels, np.int8),
             unknown_clicks=np.asarray(self.unknown_clicks, dtype=np.int64),
+            listing=Listing(np.asarray(self.ids, dtype=str), np.arange(len(self.user), dtype=np.int64),
+                            Ragged.from_lengths(np.array([len(x) for x in self.slots], dtype=np.int64),
+                                                _concat(self.slots, np.int8)),
+                            _concat(self.candidate_slot)) if self.listing else None,
         )
 
 
@@ -172,12 +231,15 @@ def parse_mind_time(text: str) -> int:
     return ((days * 24 + hour) * 60 + minute) * 60 + second
 
 
-def read_mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int) -> Behaviors:
+def read_mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int,
+                        listing: bool = False, labels_optional: bool = False) -> Behaviors:
     """MIND ``behaviors.tsv``: impression_id, user_id, time, history (ids), impressions (id-label).
 
-    Rows are sorted by time (stable) after reading.
+    Rows are sorted by time (stable) after reading; ``listing`` keeps each impression's id, place in the file and
+    listed candidates (:class:`Listing`). ``labels_optional``: a candidate may come without its label (MIND's
+    test split), stored as NO_LABEL; otherwise such a token is a bad token, counted and left out.
     """
-    b = _Builder(news, faults)
+    b = _Builder(news, faults, listing=listing)
     for path in paths:
         for lineno, line in read_rows(path, faults, max_line_bytes):
             where = f"{path}:{lineno}"
@@ -185,7 +247,7 @@ def read_mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, ma
             if len(cols) != 5:
                 faults.fault("malformed_rows", where, f"expected 5 tab-separated columns, found {len(cols)}")
                 continue
-            _, user_id, time_text, history_text, imp_text = cols
+            imp_id, user_id, time_text, history_text, imp_text = cols
             user_id = user_id.strip()
             if not user_id:
                 faults.fault("malformed_rows", where, "empty user id")
@@ -197,19 +259,20 @@ def read_mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, ma
                 continue
             hist, known = b.lookup(history_text.split(), where)
             hist = hist[known]
-            cand_ids, labels = [], []
+            cand_ids, slot_labels = [], []
             for tok in imp_text.split():
                 m = _IMPRESSION_TOKEN.match(tok)
-                if m is None:
+                if m is not None:
+                    cand_ids.append(m.group(1))
+                    slot_labels.append(int(m.group(2)))
+                elif labels_optional:
+                    cand_ids.append(tok)
+                    slot_labels.append(NO_LABEL)
+                else:
                     faults.fault("bad_impression_tokens", where, f"impression token {tok!r} is not <news_id>-<0|1>")
-                    continue
-                pieces = b.split_glued(m.group(1), where)
-                cand_ids.extend(pieces)
-                labels.extend([int(m.group(2))] * len(pieces))
-            cand, known = b.lookup(cand_ids, where)
-            labels = np.asarray(labels, dtype=np.int8)
-            unknown_clicks = int(labels[~known].sum())
-            b.add(b.user_id(user_id), t, hist, cand[known], labels[known], unknown_clicks, where)
+            cand, known, (labels, places) = b.lookup_listed(cand_ids, slot_labels, where)
+            b.add(b.user_id(user_id), t, hist, cand[known], labels[known], int((labels[~known] == 1).sum()), where,
+                  (imp_id.strip() or f"{path.name}:{lineno}", slot_labels, places[known]))
     beh = b.build()
     order = np.argsort(beh.time, kind="stable")
     return beh.take(order) if len(order) else beh
@@ -260,8 +323,9 @@ def read_speedyrec_train(paths: list[Path], news: NewsTable, faults: FaultLog, m
 
 
 def read_speedyrec_test(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int) -> Behaviors:
-    """SpeedyRec test impressions: ``user_id \\t history(;) \\t clicked(;) \\t non-clicked(;)``."""
-    b = _Builder(news, faults)
+    """SpeedyRec test impressions: ``user_id \\t history(;) \\t clicked(;) \\t non-clicked(;)``; the listing
+    names each impression ``<file>:<line>`` and lists its clicked news, then its non-clicked ones."""
+    b = _Builder(news, faults, listing=True)
     for path in paths:
         for lineno, line in read_rows(path, faults, max_line_bytes):
             where = f"{path}:{lineno}"
@@ -271,9 +335,9 @@ def read_speedyrec_test(paths: list[Path], news: NewsTable, faults: FaultLog, ma
                 continue
             user = b.user_id(f"{path.name}:{cols[0].strip()}")
             hist, hk = b.lookup(_split_ids(cols[1]), where)
-            pos, pk = b.lookup(_split_ids(cols[2]), where)
-            neg, nk = b.lookup(_split_ids(cols[3]), where)
-            cand = np.concatenate([pos[pk], neg[nk]])
-            labels = np.concatenate([np.ones(int(pk.sum())), np.zeros(int(nk.sum()))])
-            b.add(user, lineno, hist[hk], cand, labels, int((~pk).sum()), where)
+            pos, neg = _split_ids(cols[2]), _split_ids(cols[3])
+            slot_labels = [1] * len(pos) + [0] * len(neg)
+            cand, known, (labels, places) = b.lookup_listed(pos + neg, slot_labels, where)
+            b.add(user, lineno, hist[hk], cand[known], labels[known], int((labels[~known] == 1).sum()), where,
+                  (f"{path.name}:{lineno}", slot_labels, places[known]))
     return b.build()

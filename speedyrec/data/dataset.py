@@ -16,6 +16,7 @@ log = logging.getLogger("speedyrec.data")
 
 TRAIN_DIRS = ("train", "MINDsmall_train", "MINDlarge_train", "MINDdemo_train")
 DEV_DIRS = ("dev", "valid", "MINDsmall_dev", "MINDlarge_dev", "MINDdemo_dev")
+TEST_DIRS = ("test", "MINDsmall_test", "MINDlarge_test", "MINDdemo_test")
 
 
 @dataclass
@@ -86,8 +87,9 @@ def _read_mind_layout(root: Path, cfg, faults: FaultLog) -> tuple[NewsTable, Beh
         read_mind_news(_require(root / "news.tsv", f"data.dir={root}"), news, faults, mlb)
         if (root / "bodies.tsv").is_file():
             read_bodies(root / "bodies.tsv", news, faults, mlb)
-        beh = read_mind_behaviors([root / "behaviors.tsv"], news, faults, mlb)
+        beh = read_mind_behaviors([root / "behaviors.tsv"], news, faults, mlb, listing=True)
         train, dev = split_by_time(beh, cfg.dev_fraction)
+        train.listing = None  # only dev is answered line by line
         return news, train, dev
     train_dir, dev_dir = _first_dir(root, TRAIN_DIRS), _first_dir(root, DEV_DIRS)
     if train_dir is None:
@@ -101,10 +103,31 @@ def _read_mind_layout(root: Path, cfg, faults: FaultLog) -> tuple[NewsTable, Beh
             read_bodies(d / "bodies.tsv", news, faults, mlb)
     train = read_mind_behaviors([_require(train_dir / "behaviors.tsv", f"data.dir={root}")], news, faults, mlb)
     if dev_dir is not None:
-        dev = read_mind_behaviors([_require(dev_dir / "behaviors.tsv", f"data.dir={root}")], news, faults, mlb)
+        dev = read_mind_behaviors([_require(dev_dir / "behaviors.tsv", f"data.dir={root}")], news, faults, mlb,
+                                  listing=True)
     else:
         train, dev = split_by_time(train, cfg.dev_fraction)
     return news, train, dev
+
+
+def read_test_split(ds: Dataset, cfg) -> tuple[Behaviors, Path]:
+    """The test split of a MIND-layout ``data.dir`` (``test/``, ``MINDlarge_test/``, ...: its own news.tsv and
+    behaviors.tsv, candidates with or without labels), in file order with its listing. Its news file's new ids
+    are appended to ``ds.news`` (the indices of the news already read do not change). Faults are counted in
+    ``ds.faults``. Returns (impressions, the split's folder)."""
+    if cfg.format == "speedyrec":
+        raise DataError("data.format=speedyrec has no test split to predict: its testdata/ impressions are the dev "
+                        "set (export without --split test)")
+    test_dir = _first_dir(ds.root, TEST_DIRS)
+    if test_dir is None:
+        raise DataError(f"data.dir={ds.root} has no test split: expected one of the folders {', '.join(TEST_DIRS)} "
+                        "with news.tsv and behaviors.tsv (MIND-large's is MINDlarge_test)")
+    read_mind_news(_require(test_dir / "news.tsv", f"test split {test_dir}"), ds.news, ds.faults, cfg.max_line_bytes)
+    if (test_dir / "bodies.tsv").is_file():
+        read_bodies(test_dir / "bodies.tsv", ds.news, ds.faults, cfg.max_line_bytes)
+    beh = read_mind_behaviors([_require(test_dir / "behaviors.tsv", f"test split {test_dir}")], ds.news, ds.faults,
+                              cfg.max_line_bytes, listing=True, labels_optional=True)
+    return beh.in_file_order(), test_dir
 
 
 def _read_speedyrec_layout(root: Path, cfg, faults: FaultLog) -> tuple[NewsTable, Behaviors, Behaviors]:
