@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speedyrec.engine.distributed import DistInfo, barrier
+from speedyrec.engine.distributed import DistInfo, barrier, broadcast_bytes
 from speedyrec.engine.safe_io import load_tree, save_tree, write_bytes
 
 log = logging.getLogger("speedyrec.train")
@@ -197,8 +197,13 @@ def _read(directory: Path, dist: DistInfo) -> tuple[dict, dict]:
 
 def load_newest(root: Path, dist: DistInfo) -> tuple[Path, dict, dict] | None:
     """The newest checkpoint under ``root`` that every rank reads: (directory, shared, own), or None if there is
-    none. Unreadable ones are skipped with a warning naming them (collective)."""
-    for directory in step_dirs(root):
+    none. Unreadable ones are skipped with a warning naming them (collective). Rank 0 lists the checkpoints and
+    every rank tries the same ones, in the same order: ranks that listed their own could run different numbers
+    of collectives and hang."""
+    names = [d.name for d in step_dirs(root)] if dist.is_main else None
+    if dist.active:
+        names = json.loads(broadcast_bytes(json.dumps(names).encode() if dist.is_main else None, dist.device))
+    for directory in (Path(root) / name for name in names):
         shared = own = None
         if is_old_format(directory):  # not skipped: the run would start over and lose what it holds
             ok = -1.0

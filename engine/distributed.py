@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    attempt: int = 0  # torchrun's restarts of this job so far, the same on every rank (see init_distributed)
 
     @property
     def is_main(self) -> bool:
@@ -42,30 +44,68 @@ def init_distributed() -> DistInfo:
         if "OMP_NUM_THREADS" not in os.environ:
             # Processes on one machine share its cores; oversubscribing them slows every rank down.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+    attempt = _env_restart_count()
     if world > 1 and not dist.is_initialized():
         device_id = device if backend == "nccl" else None
-        store = _attempt_store(world)
+        store, attempt = _attempt_store(world, rank, attempt)
         if store is None:
             dist.init_process_group(backend=backend, device_id=device_id)
         else:
             dist.init_process_group(backend=backend, device_id=device_id, store=store, rank=rank, world_size=world)
-    return DistInfo(rank, world, local_rank, device)
+        attempt = _agreed_attempt(attempt, device)
+    global ATTEMPT
+    ATTEMPT = attempt
+    return DistInfo(rank, world, local_rank, device, attempt)
 
 
-def _attempt_store(world: int):
-    """The store for this attempt's process group, when torchrun restarts groups on one shared store.
+ATTEMPT = 0  # this process's DistInfo.attempt, for code that has no DistInfo at hand (recipes.resume)
+JOIN_TIMEOUT_S = float(os.environ.get("SPEEDYREC_JOIN_TIMEOUT", "300"))
+
+
+def _env_restart_count() -> int:
+    """torchrun's restart count for this node's agent. Not the same on every node: an agent whose own workers
+    failed counts a restart, while the agent of a healthy node restarts its workers for the new membership
+    without counting one. Only a hint, agreed on below."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def _attempt_store(world: int, rank: int, hint: int):
+    """(the store for this attempt's process group, the attempt number), when torchrun restarts groups on one
+    shared store; (None, hint) where the default env:// initialisation is safe.
 
     torchrun's agent hosts one TCPStore for the whole job and hands it to every restarted group
     (``--max-restarts``), but the group's keys are not namespaced by attempt: the workers of a restarted group
-    can read the previous attempt's peer addresses and fail to connect to a dead process ("Connection refused",
-    intermittently, depending on who writes first). Prefixing the keys with the restart count gives every
-    attempt its own namespace. None where the default env:// initialisation is safe."""
+    can read the previous attempt's peer addresses and fail to connect to a dead process. So every attempt gets
+    its own namespace, and all ranks must name the same one: not from TORCHELASTIC_RESTART_COUNT, which differs
+    between nodes (see _env_restart_count), but from a counter in the job's store that each global rank bumps
+    once per start of its worker. Every attempt starts every rank once (torchrun stops and restarts all workers
+    of all nodes together), so rank r's count is the same for every r: the attempt, agreed by construction.
+    A worker that died before reaching this point would leave its count behind; the join below then times out
+    with an error naming that, instead of waiting in a namespace no peer uses."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return None, hint
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=default_pg_timeout)
-    return dist.PrefixStore(f"speedyrec/attempt_{attempt}/", store)
+    attempt = store.add(f"speedyrec/starts/rank_{rank}", 1) - 1
+    ns = dist.PrefixStore(f"speedyrec/attempt_{attempt}/", store)
+    ns.add("joined", 1)
+    t0 = time.monotonic()
+    while (joined := ns.add("joined", 0)) < world:
+        if time.monotonic() - t0 > JOIN_TIMEOUT_S:
+            raise RuntimeError(f"rank {rank}: only {joined} of {world} ranks joined attempt {attempt} of this job "
+                               f"within {JOIN_TIMEOUT_S:.0f} s (SPEEDYREC_JOIN_TIMEOUT): the other ranks are in "
+                               "another attempt (a worker that died before joining its group leaves its count "
+                               "behind) or did not start; launch the job again")
+        time.sleep(0.05)
+    return ns, attempt
+
+
+def _agreed_attempt(attempt: int, device: torch.device) -> int:
+    """The attempt every rank uses: the largest any rank reports (agreed by a collective, so that the resume
+    decision is the same everywhere even where the attempt came from a per-node counter)."""
+    t = torch.tensor([attempt], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def shutdown(wait_for_others: bool = True) -> None:
@@ -178,3 +218,54 @@ def reduce_gradients(params: list[torch.nn.Parameter], scale: float) -> None:
             n = p.grad.numel()
             p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
+
+
+def broadcast_bytes(data: bytes | None, device: torch.device) -> bytes:
+    """Rank 0's ``data`` on every rank (the others pass None); the bytes themselves, never a pickle."""
+    if not dist.is_initialized():
+        return data or b""
+    n = torch.tensor([len(data) if data is not None else 0], dtype=torch.long, device=device)
+    dist.broadcast(n, 0)
+    buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if dist.get_rank() == 0 and n.item()
+           else torch.zeros(int(n.item()), dtype=torch.uint8, device=device))
+    if n.item():
+        dist.broadcast(buf, 0)
+    return bytes(buf.cpu().numpy().tobytes())
+
+
+_VIEWS: dict[str, bool] = {}
+
+
+def sees_rank0_directory(directory, device: torch.device, tag: str = "view") -> bool:
+    """Whether this rank sees the directory rank 0 sees at the same path (collective): rank 0 writes a fresh
+    random token into ``directory/.speedyrec_<tag>``, broadcasts it, and each rank reads the file back. False
+    where the path is another filesystem's (another node's local disk). Remembered per directory."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    key = f"{directory.resolve()}|{tag}"
+    if not dist.is_initialized():
+        return True
+    if key in _VIEWS:
+        return _VIEWS[key]
+    token = None
+    if dist.get_rank() == 0:
+        token = os.urandom(16).hex().encode()
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f".speedyrec_{tag}").write_bytes(token)
+    token = broadcast_bytes(token, device)
+    try:
+        seen = (directory / f".speedyrec_{tag}").read_bytes() == token
+    except OSError:
+        seen = False
+    _VIEWS[key] = seen
+    return seen
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (collective)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

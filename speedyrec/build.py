@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch.distributed as torch_dist
 from speedyrec.config import Config, ConfigError
 from speedyrec.data.dataset import Dataset, cache_dir_of, ensure_synthetic, load_dataset
 from speedyrec.data.token_store import TokenStore, build_or_load_field, text_digest, tokenizer_digest
-from speedyrec.engine.distributed import DistInfo, barrier
+from speedyrec.engine.distributed import DistInfo, barrier, broadcast_bytes, sees_rank0_directory
 from speedyrec.engine.precision import resolve_amp
 from speedyrec.models.backbone import (EncoderSpec, build_backbone, load_hf_tokenizer, parse_encoder_spec,
                                        train_wordpiece_tokenizer)
@@ -28,9 +29,14 @@ from speedyrec.models.recommender import NewsEncoder, NewsRecommender
 log = logging.getLogger("speedyrec")
 
 
-def rank0_first(dist: DistInfo, fn):
-    """Run fn on rank 0, then on the other ranks (which find its files ready)."""
-    if dist.is_main:
+def rank0_first(dist: DistInfo, fn, directory: Path | None = None):
+    """Run fn on the ranks that build into ``directory`` first, then on the others (which find its files ready).
+    The builders are rank 0 and, where ``directory`` is node-local (a rank does not see the files rank 0 writes
+    there), the first rank of every other node, so that each node builds its own copy once."""
+    builder = dist.is_main
+    if directory is not None and dist.active and not sees_rank0_directory(directory, dist.device, "cache"):
+        builder = dist.local_rank == 0
+    if builder:
         out = fn()
         barrier()
     else:
@@ -41,7 +47,8 @@ def rank0_first(dist: DistInfo, fn):
 
 def build_dataset(cfg: Config, dist: DistInfo) -> Dataset:
     if cfg.data.format == "synthetic":
-        rank0_first(dist, lambda: ensure_synthetic(cfg.data) if dist.is_main else None)
+        # every rank calls it: the builders generate, the others find the set complete
+        rank0_first(dist, lambda: ensure_synthetic(cfg.data), cache_dir_of(cfg.data))
     ds = load_dataset(cfg.data)
     if dist.is_main:
         ds.faults.warn()
@@ -69,8 +76,22 @@ def build_tokenizer(cfg: Config, ds: Dataset, dist: DistInfo) -> EncoderParts:
         return EncoderParts(spec, load_hf_tokenizer(spec.name), None)
     texts = ds.news.text["title"] + ds.news.text["abstract"]
     cache = cache_dir_of(cfg.data) / "tokenizers" / f"wordpiece-{text_digest(texts)[:16]}-{cfg.model.vocab_size}.json"
-    tok = rank0_first(dist, lambda: train_wordpiece_tokenizer(texts, cfg.model.vocab_size, cache))
-    return EncoderParts(spec, tok, None)
+    if not dist.active:
+        return EncoderParts(spec, train_wordpiece_tokenizer(texts, cfg.model.vocab_size, cache), None)
+    # WordPiece training is not deterministic (the same texts give another vocabulary in another process): rank 0
+    # trains (or reads its cache) and every rank uses its file, written into its own cache where that is node-local
+    payload = None
+    if dist.is_main:
+        train_wordpiece_tokenizer(texts, cfg.model.vocab_size, cache)
+        payload = cache.read_bytes()
+    payload = broadcast_bytes(payload, dist.device)
+    if not dist.is_main and not (cache.is_file() and cache.read_bytes() == payload):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(payload)
+        os.replace(tmp, cache)
+    barrier()
+    return EncoderParts(spec, train_wordpiece_tokenizer(texts, cfg.model.vocab_size, cache), None)
 
 
 def _quiet_spec(text: str) -> EncoderSpec:
@@ -107,7 +128,7 @@ def build_token_store(cfg: Config, ds: Dataset, tokenizer, dist: DistInfo) -> To
                              f", refined to the top {cfg.engine.refine_topk} BM25 words" if refine else "")
         return fields
 
-    fields = rank0_first(dist, build)
+    fields = rank0_first(dist, build, cache)
     cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     if cls_id is None or sep_id is None or tokenizer.pad_token_id is None:
@@ -176,7 +197,7 @@ class Context:
         tok = self.parts.tokenizer
         digest = tokenizer_digest(tok)
         ft = rank0_first(dist, lambda: build_or_load_field(cache, field, self.data.news.text[field], tok, max_tokens,
-                                                           digest)[0])
+                                                           digest)[0], cache)
         return TokenStore({field: ft}, self.store.cls_id, self.store.sep_id, self.store.pad_id)
 
 

@@ -74,6 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("stage %s, workflow %s, %d rank(s) on %s; outputs in %s", cfg.stage, cfg.train.workflow, dist.world,
              dist.device.type, cfg.out_dir)
+    if dist.active:
+        from speedyrec.engine.distributed import all_true, sees_rank0_directory
+
+        mine = sees_rank0_directory(cfg.out_dir, dist.device, "out_dir")
+        if not all_true(mine, dist.device):  # every rank knows: all stop, none waits for another
+            print(f"speedyrec: rank {dist.rank} {'sees' if mine else 'does not see'} the file rank 0 wrote into "
+                  f"out_dir={cfg.out_dir}, and not every rank does: out_dir must be one directory shared by every "
+                  "node (a shared filesystem: checkpoints and outputs are written there by all ranks); the caches "
+                  "(data.cache_dir) may be node-local", file=sys.stderr)
+            shutdown()
+            return 2
     from speedyrec.recipes.resume import restart_count
 
     if restart_count():  # said once here; every training stage then resumes from its own newest checkpoint

@@ -345,9 +345,12 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_it_ends_as_an_un
 
 
 def test_a_torchrun_restart_resumes_by_itself(monkeypatch):
+    """The resume decision reads the attempt agreed when the group formed, not this node's restart counter."""
+    from speedyrec.engine import distributed
     from speedyrec.recipes.resume import elastic_restart
 
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    assert elastic_restart() == ""
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setattr(distributed, "ATTEMPT", 0)
+    assert elastic_restart() == ""
+    monkeypatch.setattr(distributed, "ATTEMPT", 1)
     assert elastic_restart() == "auto"

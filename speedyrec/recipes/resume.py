@@ -8,7 +8,6 @@ learns from (the teachers' checksums, which also key the teacher bank): it conti
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from speedyrec.config import ConfigError, flat_config
@@ -18,9 +17,10 @@ from speedyrec.engine.trainer import Trainer, checkpoint_state, restore_state
 log = logging.getLogger("speedyrec")
 
 # settings that may change between a checkpoint and its resumption (how long, how often, where to report)
+# data.cache_dir: where content-keyed caches live, which may differ by node (node-local disks) and by launch
 RESUMABLE_CHANGES = ("out_dir", "train.resume", "train.max_steps", "train.max_seconds", "train.epochs",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.checkpoint_errors", "train.log_every",
-                     "train.heap_trim_every", "eval.")
+                     "train.heap_trim_every", "eval.", "data.cache_dir")
 
 
 def differing_keys(saved: dict, now: dict, matters=lambda key, then, now: True) -> list[tuple[str, object, object]]:
@@ -47,8 +47,11 @@ def check_same_config(directory: Path, saved: dict, now: dict) -> None:
 
 
 def restart_count() -> int:
-    """How many times torchrun has restarted this group after a failure (--max-restarts); 0 on a first start."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    """How many times torchrun has restarted this job's group (--max-restarts); 0 on a first start. The same on
+    every rank of every node: agreed when the group formed (engine.distributed.init_distributed)."""
+    from speedyrec.engine import distributed
+
+    return distributed.ATTEMPT
 
 
 def elastic_restart() -> str:

@@ -1,0 +1,110 @@
+"""Several nodes, as two torchrun launches on localhost (one worker each, c10d rendezvous): a worker killed mid-epoch
+is restarted with its peer in one restart, and the run ends as an uninterrupted one; each node may keep its own
+caches; nodes that do not share out_dir stop at once with an error saying so."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from test_resume import TWO, args, assert_same_run, env, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher() -> list[str]:
+    exe = Path(sys.executable).parent / "torchrun"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def node(port: int, restarts: int, overrides: list[str], log: Path) -> subprocess.Popen:
+    """One of two nodes: one worker, rendezvous on localhost:port."""
+    cmd = [*launcher(), "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+           f"--rdzv-id=speedyrec-{port}", f"--max-restarts={restarts}", "--monitor-interval=0.5", "-m",
+           "speedyrec.train", "--quiet", *overrides]
+    return subprocess.Popen(cmd, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+
+
+def finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600.0) -> list[int]:
+    t0 = time.time()
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, timeout - (time.time() - t0)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the nodes did not finish:\n" + "\n".join(f.read_text()[-3000:] for f in logs))
+    return [p.returncode for p in procs]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir, synthetic_small):
+    """The uninterrupted 2-rank run (one launch, two workers)."""
+    out = tmp_path_factory.mktemp("ref2") / "run"
+    cmd = [*launcher(), "--standalone", "--nproc_per_node=2", "-m", "speedyrec.train", "--quiet",
+           *args(out, cache_dir, synthetic_small, *TWO)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_two_nodes_restart_together_after_a_worker_is_killed(tmp_path, cache_dir, synthetic_small, reference):
+    """Node B's worker is SIGKILLed mid-epoch under --max-restarts=1. torchrun counts a restart on B's agent only
+    (A's agent restarts its worker for the new membership without counting one), so the two workers start again
+    with different TORCHELASTIC_RESTART_COUNTs; they still form one group, agree that this is a restart, resume
+    from the last checkpoint and end with the uninterrupted run's metrics and counters. Each node has its own
+    cache directory, seeded with the reference's tokenizer (WordPiece training is not deterministic: see
+    test_nodes_with_their_own_caches_use_rank_0s_tokenizer) and building its own token store."""
+    out, port = tmp_path / "run", free_port()
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    for k in "ab":
+        shutil.copytree(cache_dir / "tokenizers", tmp_path / f"cache_{k}" / "tokenizers")
+    procs = [node(port, 1, args(out, tmp_path / f"cache_{k}", synthetic_small, *TWO), log)
+             for k, log in zip("ab", logs)]
+    wait_for(out / "checkpoints" / "step_4", procs[0])
+    victims = [c for p in procs for c in psutil.Process(p.pid).children(recursive=True)
+               if "speedyrec.train" in " ".join(c.cmdline()) and c.environ().get("RANK") == "1"]
+    assert len(victims) == 1
+    victims[0].kill()
+    assert finish(procs, logs) == [0, 0], "\n".join(f.read_text()[-3000:] for f in logs)
+    text = "\n".join(f.read_text() for f in logs)
+    assert "torchrun restart 1" in text and "resumed from" in text, text[-4000:]
+    assert_same_run(out, reference)
+    # each node built its own token store, in its own cache directory
+    for k in "ab":
+        assert list((tmp_path / f"cache_{k}" / "tokens").iterdir())
+
+
+def test_nodes_with_their_own_caches_use_rank_0s_tokenizer(tmp_path, synthetic_small):
+    """Two nodes with empty node-local caches: rank 0 trains the tokenizer and the other node writes the same
+    file into its cache (trained there, it would be another vocabulary, so the ranks would read other tokens)."""
+    out, port = tmp_path / "run", free_port()
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [node(port, 0, args(out, tmp_path / f"cache_{k}", synthetic_small, "train.max_steps=2"), log)
+             for k, log in zip("ab", logs)]
+    assert finish(procs, logs) == [0, 0], "\n".join(f.read_text()[-3000:] for f in logs)
+    files = [sorted((tmp_path / f"cache_{k}" / "tokenizers").glob("*.json")) for k in "ab"]
+    assert len(files[0]) == len(files[1]) == 1 and files[0][0].read_bytes() == files[1][0].read_bytes()
+
+
+def test_nodes_that_do_not_share_out_dir_stop_at_once(tmp_path, cache_dir, synthetic_small):
+    port = free_port()
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    t0 = time.time()
+    procs = [node(port, 0, args(tmp_path / f"out_{k}", cache_dir, synthetic_small), log) for k, log in zip("ab", logs)]
+    codes = finish(procs, logs, timeout=300)
+    took = time.time() - t0
+    text = "\n".join(f.read_text() for f in logs)
+    assert codes != [0, 0] and "out_dir must be one directory shared by every node" in text, text[-3000:]
+    assert not (tmp_path / "out_a" / "metrics.json").exists() and not (tmp_path / "out_b" / "metrics.json").exists()
+    assert took < 120, took  # start-up and the check, not a collective's timeout
