@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from speedyrec.engine.distributed import DistInfo, all_gather_rows
+from speedyrec.engine.distributed import DistInfo, all_gather_rows, all_true
 from speedyrec.engine.hashing import hash_uniform
 from speedyrec.engine.host_sync import to_device
 
@@ -70,7 +70,8 @@ class EmbeddingCache:
         self.gamma, self.beta, self.seed = gamma, beta, seed
         self.dist = dist
         self.world = dist.world
-        self.sharded = dist.world > 1 and num_items * dim * 4 > max_bytes
+        # every rank must agree (a sharded lookup is a collective): shard when a replica exceeds any rank's budget
+        self.sharded = dist.world > 1 and not all_true(num_items * dim * 4 <= max_bytes, device)
         rows = -(-num_items // self.world) if self.sharded else num_items
         self.dim = dim
         self.emb = torch.zeros((rows, dim + 1), dtype=torch.float32, device=device)  # last column: writing step

@@ -90,6 +90,8 @@ def _sharded_worker(rank, world, init_file, out_file):
     replicated = EmbeddingCache(40, 4, **kw)
     assert sharded.sharded and not replicated.sharded
     assert sharded.emb.shape[0] == 20  # each rank holds half the rows
+    # the decision is the ranks' together: a replica that fits on rank 0 but not on rank 1 is sharded on both
+    assert EmbeddingCache(40, 4, max_bytes=1 if rank == 1 else 1 << 30, **kw).sharded
     rng = np.random.default_rng(100 + rank)
     log = []
     for step in range(12):
@@ -107,7 +109,8 @@ def _sharded_worker(rank, world, init_file, out_file):
 
 def test_sharded_cache_serves_what_a_replicated_one_serves(tmp_path):
     """Two gloo ranks with different ids per step: the sharded cache (rows on their owner rank, collective
-    lookups) returns exactly the replicated cache's hits and rows."""
+    lookups) returns exactly the replicated cache's hits and rows; ranks whose memory budgets differ agree to
+    shard."""
     import torch.multiprocessing as mp
 
     mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "hits")), nprocs=2)
