@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from test_resume import TWO, args, assert_same_run, env, wait_for
 
@@ -80,6 +81,14 @@ def test_two_nodes_restart_together_after_a_worker_is_killed(tmp_path, cache_dir
     text = "\n".join(f.read_text() for f in logs)
     assert "torchrun restart 1" in text and "resumed from" in text, text[-4000:]
     assert_same_run(out, reference)
+    # the replicated embedding cache is saved once, in the shared part, not once per rank
+    from speedyrec.engine.checkpoint import read_part, step_dirs
+
+    newest = step_dirs(out / "checkpoints")[0]
+    shared = read_part(newest, "model", torch.device("cpu"))
+    assert len(shared["workflow_cache"]["rows"]) > 0 and not shared["workflow_cache"]["sharded"]
+    for r in (0, 1):
+        assert "cache" not in read_part(newest, f"rank{r}", torch.device("cpu")).get("workflow", {})
     # each node built its own token store, in its own cache directory
     for k in "ab":
         assert list((tmp_path / f"cache_{k}" / "tokens").iterdir())

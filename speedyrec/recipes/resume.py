@@ -84,6 +84,9 @@ class StageCheckpoints:
         shared.update(config=self.cfg.to_dict(), identity=self.identity, curve=self.curve)
         if hasattr(self.workflow, "state_dict"):
             own["workflow"] = self.workflow.state_dict()
+            cache = own["workflow"].get("cache")
+            if cache is not None and not cache["sharded"]:  # a replica, the same rows on every rank: saved once
+                shared["workflow_cache"] = own["workflow"].pop("cache")
         try:
             checkpoint.save(self.root, self.dist, trainer.state.step, shared, own,
                             keep=self.cfg.train.keep_checkpoints)
@@ -120,7 +123,10 @@ class StageCheckpoints:
                               "give this run another out_dir or remove the checkpoints")
         restore_state(trainer, shared, own)
         if hasattr(self.workflow, "load_state_dict"):
-            self.workflow.load_state_dict(own.get("workflow", {}))
+            state = dict(own.get("workflow", {}))
+            if "workflow_cache" in shared:
+                state["cache"] = shared["workflow_cache"]
+            self.workflow.load_state_dict(state)
         if hasattr(self.workflow, "after_step"):  # cache stamps continue from the resumed step
             self.workflow.after_step(trainer.state.step)
         self.curve[:] = list(shared.get("curve", []))
