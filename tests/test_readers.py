@@ -223,3 +223,50 @@ def test_sequences_keep_an_impressions_clicks_adjacent(fmt, mind_sample, speedyr
     for imp in np.unique(pools[real]):
         at = np.flatnonzero(pools == imp)
         assert (np.diff(at) == 1).all() and len(set(seq_of[at])) == 1, f"impression {imp} is split: {at}"
+
+
+def _same_behaviors(a, b) -> None:
+    import numpy as np
+
+    assert a.users == b.users
+    for name in ("user", "time", "labels", "unknown_clicks"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    for name in ("history", "candidates"):
+        np.testing.assert_array_equal(getattr(a, name).offsets, getattr(b, name).offsets, err_msg=name)
+        np.testing.assert_array_equal(getattr(a, name).values, getattr(b, name).values, err_msg=name)
+    assert (a.listing is None) == (b.listing is None)
+    if a.listing is not None:
+        for name in ("ids", "file_row", "candidate_slot"):
+            np.testing.assert_array_equal(getattr(a.listing, name), getattr(b.listing, name), err_msg=name)
+        np.testing.assert_array_equal(a.listing.slots.offsets, b.listing.slots.offsets)
+        np.testing.assert_array_equal(a.listing.slots.values, b.listing.slots.values)
+
+
+@pytest.mark.parametrize("listing,labels_optional", [(False, False), (True, False), (True, True)])
+def test_the_bulk_mind_reader_equals_the_line_by_line_one(tmp_path, mind_sample, synthetic_small, listing,
+                                                          labels_optional):
+    """The bulk reader (split every line, then look every id up at once) gives the line-by-line reader's arrays
+    and fault counts on the real sample (96% unknown ids), the synthetic data, crafted bad rows and glued ids."""
+    from speedyrec.data.behaviors import read_mind_behaviors, read_mind_behaviors_by_line
+    from speedyrec.data.faults import FaultLog
+    from speedyrec.data.news import NewsTable, read_mind_news
+
+    glued = tmp_path / "glued"
+    _write(glued / "news.tsv", "".join(f"{i}\tc\ts\ttitle {i}\t\n" for i in ("N1", "N2", "N3", "N45", "N67")))
+    _write(glued / "behaviors.tsv",
+           "1\tU1\t11/11/2019 9:05:01 AM\tN1N2 N45 N1N9\tN1N3-1 N2-0 N45N67-0 N9N8-1\n"  # glued: known, half, none
+           "2\tU2\t11/11/2019 8:05:01 AM\tN2N45N1\tN3 N1-1 N2N3\n"  # three glued; label-less tokens
+           "3\tU1\t11/11/2019 8:05:01 AM\t\t\n")  # nothing at all
+    cases = [mind_sample, synthetic_small / "train", _bad_mind_dir(tmp_path), glued]
+    for d in cases:
+        news = NewsTable()
+        read_mind_news(d / "news.tsv", news, FaultLog(), 1 << 20)
+        got = []
+        for read in (read_mind_behaviors_by_line, read_mind_behaviors):
+            faults = FaultLog()
+            got.append((read([d / "behaviors.tsv"], news, faults, 1000, listing, labels_optional), faults))
+        (a, fa), (b, fb) = got
+        _same_behaviors(a, b)
+        assert fa.as_dict() == fb.as_dict(), d
+        if d == glued:
+            assert fa.counts["glued_ids"] >= 5 and len(a) == 3

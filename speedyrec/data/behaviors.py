@@ -1,6 +1,7 @@
 """Impression logs: one row per impression, histories and candidates as news indices (CSR)."""
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,7 +239,19 @@ def read_mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, ma
     Rows are sorted by time (stable) after reading; ``listing`` keeps each impression's id, place in the file and
     listed candidates (:class:`Listing`). ``labels_optional``: a candidate may come without its label (MIND's
     test split), stored as NO_LABEL; otherwise such a token is a bad token, counted and left out.
+
+    Lines are split in one pass and every id is looked up in bulk afterwards (:func:`_read_mind_bulk`); under
+    ``data.strict`` the line-by-line reader runs instead, so that the first fault in file order stops it. Both
+    give the same arrays and counts (tests/test_readers.py).
     """
+    if faults.strict:
+        return read_mind_behaviors_by_line(paths, news, faults, max_line_bytes, listing, labels_optional)
+    return _read_mind_bulk(paths, news, faults, max_line_bytes, listing, labels_optional)
+
+
+def read_mind_behaviors_by_line(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int,
+                                listing: bool = False, labels_optional: bool = False) -> Behaviors:
+    """:func:`read_mind_behaviors` one line at a time (each id looked up, and checked for glued ids, as read)."""
     b = _Builder(news, faults, listing=listing)
     for path in paths:
         for lineno, line in read_rows(path, faults, max_line_bytes):
@@ -276,6 +289,151 @@ def read_mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, ma
     beh = b.build()
     order = np.argsort(beh.time, kind="stable")
     return beh.take(order) if len(order) else beh
+
+
+_LABELLED = re.compile(r"\s*(?:\S+-[01](?:\s+|$))*")
+_NO_LABEL_CHAR = chr(ord("0") + NO_LABEL)  # "/": labels are kept as characters until one conversion at the end
+
+
+def _read_mind_bulk(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int, listing: bool,
+                    labels_optional: bool) -> Behaviors:
+    """:func:`read_mind_behaviors`: a pass over the lines that only splits them (tokens gathered in flat lists),
+    then one lookup of every id, the glued-id check only for the rare unknown tokens that can be glued, and the
+    arrays built with numpy. Same arrays, counters and first examples as the line-by-line reader."""
+    b = _Builder(news, faults, listing=listing)
+    user_of, times, imp_ids, wheres = [], [], [], []
+    h_tok, h_len, c_tok, c_lab, c_len = [], [], [], [], []
+    parsed_times: dict[str, int] = {}
+    for path in paths:
+        for lineno, line in read_rows(path, faults, max_line_bytes):
+            where = f"{path}:{lineno}"
+            cols = line.split("\t")
+            if len(cols) != 5:
+                faults.fault("malformed_rows", where, f"expected 5 tab-separated columns, found {len(cols)}")
+                continue
+            imp_id, user_id, time_text, history_text, imp_text = cols
+            user_id = user_id.strip()
+            if not user_id:
+                faults.fault("malformed_rows", where, "empty user id")
+                continue
+            time_text = time_text.strip()
+            t = parsed_times.get(time_text)
+            if t is None:
+                try:
+                    t = parsed_times[time_text] = parse_mind_time(time_text)
+                except ValueError:
+                    faults.fault("malformed_rows", where, f"unparsable time {time_text!r}")
+                    continue
+            hist = history_text.split()
+            toks = imp_text.split()
+            if _LABELLED.fullmatch(imp_text):  # every token <id>-<0|1>: one regex over the line, in C
+                c_tok.extend([x[:-2] for x in toks])
+                c_lab.extend([x[-1] for x in toks])
+                c_len.append(len(toks))
+            else:
+                n = 0
+                for x in toks:
+                    if len(x) > 2 and x[-2] == "-" and x[-1] in "01":
+                        c_tok.append(x[:-2])
+                        c_lab.append(x[-1])
+                    elif labels_optional:
+                        c_tok.append(x)
+                        c_lab.append(_NO_LABEL_CHAR)
+                    else:
+                        faults.fault("bad_impression_tokens", where, f"impression token {x!r} is not <news_id>-<0|1>")
+                        continue
+                    n += 1
+                c_len.append(n)
+            h_tok.extend(hist)
+            h_len.append(len(hist))
+            user_of.append(b.user_id(user_id))
+            times.append(t)
+            imp_ids.append(imp_id.strip() or f"{path.name}:{lineno}")
+            wheres.append(where)
+    n_rows = len(user_of)
+    h_idx, h_len, h_place = _bulk_lookup(b, h_tok, np.asarray(h_len, dtype=np.int64), wheres)
+    labels_listed = (np.frombuffer("".join(c_lab).encode(), dtype=np.uint8).astype(np.int16) - ord("0")).astype(np.int8)
+    c_len_listed = np.asarray(c_len, dtype=np.int64)
+    c_idx, c_len, c_place = _bulk_lookup(b, c_tok, c_len_listed, wheres)
+    c_labels = np.repeat(labels_listed, np.bincount(c_place, minlength=len(c_tok)))  # a glued token's pieces share it
+    # unknown ids, counted per line (history first, then candidates) as the line-by-line reader counts them
+    h_rows = np.repeat(np.arange(n_rows), h_len)
+    c_rows = np.repeat(np.arange(n_rows), c_len)
+    h_known, c_known = h_idx >= 0, c_idx >= 0
+    _count_unknown(faults, wheres, h_rows[~h_known], c_rows[~c_known], h_tok, c_tok, h_place[~h_known],
+                   c_place[~c_known])
+    h_kept = np.bincount(h_rows[h_known], minlength=n_rows)
+    empty = np.flatnonzero(h_kept == 0)
+    for r in empty[: faults.max_examples]:
+        faults.fault("empty_histories", wheres[r], "the user history is empty")
+    if len(empty) > faults.max_examples:
+        faults.counts["empty_histories"] += len(empty) - faults.max_examples
+    unknown_clicks = np.bincount(c_rows[~c_known], weights=(c_labels[~c_known] == 1), minlength=n_rows).astype(np.int64)
+    lst = None
+    if listing:
+        within = c_place - np.repeat(np.r_[0, np.cumsum(c_len_listed)[:-1]], c_len)  # listed place in its line
+        lst = Listing(np.asarray(imp_ids, dtype=str), np.arange(n_rows, dtype=np.int64),
+                      Ragged.from_lengths(c_len_listed, labels_listed), within[c_known].astype(np.int32))
+    beh = Behaviors(b.users, np.asarray(user_of, dtype=np.int64), np.asarray(times, dtype=np.int64),
+                    Ragged.from_lengths(h_kept.astype(np.int64), h_idx[h_known].astype(np.int32)),
+                    Ragged.from_lengths(np.bincount(c_rows[c_known], minlength=n_rows).astype(np.int64),
+                                        c_idx[c_known].astype(np.int32)),
+                    c_labels[c_known].astype(np.int8), unknown_clicks, listing=lst)
+    order = np.argsort(beh.time, kind="stable")
+    return beh.take(order) if len(order) else beh
+
+
+def _bulk_lookup(b: _Builder, tokens: list[str], lengths: np.ndarray, wheres: list[str]):
+    """Indices of the tokens of every line (lengths per line), glued ids split into their pieces: (indices [P],
+    pieces per line [R], the listed token each piece came from [P])."""
+    get = b.news.index.get
+    idx = np.fromiter(map(get, tokens, itertools.repeat(-1)), dtype=np.int64, count=len(tokens))
+    place = np.arange(len(tokens), dtype=np.int64)
+    widths = b._widths
+    unknown = np.flatnonzero(idx < 0)
+    if not widths or not len(unknown):
+        return idx, lengths, place
+    # only an unknown token whose length is no id length, and at least two ids long, may be glued
+    sizes = np.fromiter(map(len, map(tokens.__getitem__, unknown.tolist())), dtype=np.int64, count=len(unknown))
+    maybe = unknown[~np.isin(sizes, widths) & (sizes >= 2 * widths[0])]
+    if not len(maybe):
+        return idx, lengths, place
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    pieces = {}
+    for i in maybe:
+        split = b.split_glued(tokens[i], wheres[rows[i]])
+        if len(split) > 1:
+            pieces[int(i)] = np.fromiter((get(p, -1) for p in split), dtype=np.int64, count=len(split))
+    if not pieces:
+        return idx, lengths, place
+    counts = np.ones(len(tokens), dtype=np.int64)
+    for i, v in pieces.items():
+        counts[i] = len(v)
+    out = np.repeat(idx, counts)
+    starts = np.cumsum(counts) - counts
+    for i, v in pieces.items():
+        out[starts[i]:starts[i] + len(v)] = v
+    return out, np.bincount(rows, weights=counts, minlength=len(lengths)).astype(np.int64), np.repeat(place, counts)
+
+
+def _count_unknown(faults: FaultLog, wheres: list[str], h_rows, c_rows, h_tok, c_tok, h_place, c_place) -> None:
+    """unknown_news_ids as the line-by-line reader counts it: one fault per line and list (history, then
+    candidates) with that list's unknown ids, naming its first; the first few kept as examples."""
+    events = []  # (row, list, first unknown token, count)
+    for rows, toks, place, kind in ((h_rows, h_tok, h_place, 0), (c_rows, c_tok, c_place, 1)):
+        if len(rows):
+            starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+            counts = np.diff(np.r_[starts, len(rows)])
+            events.extend(zip(rows[starts].tolist(), [kind] * len(starts), place[starts].tolist(), counts.tolist()))
+    events.sort(key=lambda e: (e[0], e[1]))
+    total = 0
+    for k, (row, kind, first, n) in enumerate(events):
+        if k < faults.max_examples:
+            tok = (h_tok if kind == 0 else c_tok)[first]
+            faults.fault("unknown_news_ids", wheres[row], f"news id {tok!r} is not in the news table", n)
+        else:
+            total += n
+    faults.counts["unknown_news_ids"] += total
 
 
 def _split_ids(text: str) -> list[str]:
