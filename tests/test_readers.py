@@ -242,12 +242,16 @@ def _same_behaviors(a, b) -> None:
         np.testing.assert_array_equal(a.listing.slots.values, b.listing.slots.values)
 
 
-@pytest.mark.parametrize("listing,labels_optional", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("listing,labels_optional,chunk", [(False, False, 20_000), (True, False, 7), (True, True, 1)])
 def test_the_bulk_mind_reader_equals_the_line_by_line_one(tmp_path, mind_sample, synthetic_small, listing,
-                                                          labels_optional):
-    """The bulk reader (split every line, then look every id up at once) gives the line-by-line reader's arrays
-    and fault counts on the real sample (96% unknown ids), the synthetic data, crafted bad rows and glued ids."""
+                                                          labels_optional, chunk, monkeypatch):
+    """The bulk reader (split lines, then look every id of a chunk of lines up at once) gives the line-by-line
+    reader's arrays and fault counts on the real sample (96% unknown ids), the synthetic data, crafted bad rows and
+    glued ids, whatever the chunk size."""
+    from speedyrec.data import behaviors
     from speedyrec.data.behaviors import read_mind_behaviors, read_mind_behaviors_by_line
+
+    monkeypatch.setattr(behaviors, "CHUNK_LINES", chunk)
     from speedyrec.data.faults import FaultLog
     from speedyrec.data.news import NewsTable, read_mind_news
 
@@ -270,3 +274,27 @@ def test_the_bulk_mind_reader_equals_the_line_by_line_one(tmp_path, mind_sample,
         assert fa.as_dict() == fb.as_dict(), d
         if d == glued:
             assert fa.counts["glued_ids"] >= 5 and len(a) == 3
+
+
+def test_a_parsed_log_is_kept_and_read_back_with_its_faults(tmp_path, monkeypatch):
+    """The second load reads the parsed arrays from the cache (the parser is not called) and reports the same
+    fault counters; a changed file is parsed again."""
+    import speedyrec.data.dataset as dataset
+
+    d = _bad_mind_dir(tmp_path)
+    cfg = _data_cfg("data.format=mind", f"data.dir={d}", "data.dev_fraction=0.3", "data.max_line_bytes=1000",
+                    f"data.cache_dir={tmp_path / 'cache'}")
+    first = load_dataset(cfg)
+    parsed = dataset.read_mind_behaviors
+    monkeypatch.setattr(dataset, "read_mind_behaviors", lambda *a, **k: pytest.fail("parsed again"))
+    second = load_dataset(cfg)
+    _same_behaviors(first.train, second.train)
+    _same_behaviors(first.dev, second.dev)
+    assert first.faults.as_dict() == second.faults.as_dict() and first.faults.counts["malformed_rows"] == 4
+    assert second.faults.examples["unknown_news_ids"] == first.faults.examples["unknown_news_ids"]
+    calls = []
+    monkeypatch.setattr(dataset, "read_mind_behaviors", lambda *a, **k: calls.append(1) or parsed(*a, **k))
+    with open(d / "behaviors.tsv", "ab") as f:
+        f.write(b"10\tU10\t11/12/2019 6:00:00 PM\tN2\tN1-1 N3-0\n")
+    third = load_dataset(cfg)
+    assert calls and len(third.train) + len(third.dev) == len(first.train) + len(first.dev) + 1

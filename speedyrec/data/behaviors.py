@@ -295,15 +295,19 @@ _LABELLED = re.compile(r"\s*(?:\S+-[01](?:\s+|$))*")
 _NO_LABEL_CHAR = chr(ord("0") + NO_LABEL)  # "/": labels are kept as characters until one conversion at the end
 
 
+CHUNK_LINES = 20_000  # lines split before their ids are looked up: bounds the token strings held at once
+
+
 def _read_mind_bulk(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int, listing: bool,
                     labels_optional: bool) -> Behaviors:
     """:func:`read_mind_behaviors`: a pass over the lines that only splits them (tokens gathered in flat lists),
-    then one lookup of every id, the glued-id check only for the rare unknown tokens that can be glued, and the
-    arrays built with numpy. Same arrays, counters and first examples as the line-by-line reader."""
+    then, every CHUNK_LINES lines, one lookup of every id, the glued-id check only for the rare unknown tokens that
+    can be glued, and the chunk's arrays built with numpy. Same arrays, counters and first examples as the
+    line-by-line reader."""
     b = _Builder(news, faults, listing=listing)
-    user_of, times, imp_ids, wheres = [], [], [], []
-    h_tok, h_len, c_tok, c_lab, c_len = [], [], [], [], []
     parsed_times: dict[str, int] = {}
+    parts: list[Behaviors] = []
+    chunk = _Chunk()
     for path in paths:
         for lineno, line in read_rows(path, faults, max_line_bytes):
             where = f"{path}:{lineno}"
@@ -324,63 +328,105 @@ def _read_mind_bulk(paths: list[Path], news: NewsTable, faults: FaultLog, max_li
                 except ValueError:
                     faults.fault("malformed_rows", where, f"unparsable time {time_text!r}")
                     continue
-            hist = history_text.split()
             toks = imp_text.split()
             if _LABELLED.fullmatch(imp_text):  # every token <id>-<0|1>: one regex over the line, in C
-                c_tok.extend([x[:-2] for x in toks])
-                c_lab.extend([x[-1] for x in toks])
-                c_len.append(len(toks))
+                chunk.c_tok.extend([x[:-2] for x in toks])
+                chunk.c_lab.extend([x[-1] for x in toks])
+                chunk.c_len.append(len(toks))
             else:
                 n = 0
                 for x in toks:
                     if len(x) > 2 and x[-2] == "-" and x[-1] in "01":
-                        c_tok.append(x[:-2])
-                        c_lab.append(x[-1])
+                        chunk.c_tok.append(x[:-2])
+                        chunk.c_lab.append(x[-1])
                     elif labels_optional:
-                        c_tok.append(x)
-                        c_lab.append(_NO_LABEL_CHAR)
+                        chunk.c_tok.append(x)
+                        chunk.c_lab.append(_NO_LABEL_CHAR)
                     else:
                         faults.fault("bad_impression_tokens", where, f"impression token {x!r} is not <news_id>-<0|1>")
                         continue
                     n += 1
-                c_len.append(n)
-            h_tok.extend(hist)
-            h_len.append(len(hist))
-            user_of.append(b.user_id(user_id))
-            times.append(t)
-            imp_ids.append(imp_id.strip() or f"{path.name}:{lineno}")
-            wheres.append(where)
-    n_rows = len(user_of)
-    h_idx, h_len, h_place = _bulk_lookup(b, h_tok, np.asarray(h_len, dtype=np.int64), wheres)
-    labels_listed = (np.frombuffer("".join(c_lab).encode(), dtype=np.uint8).astype(np.int16) - ord("0")).astype(np.int8)
-    c_len_listed = np.asarray(c_len, dtype=np.int64)
-    c_idx, c_len, c_place = _bulk_lookup(b, c_tok, c_len_listed, wheres)
-    c_labels = np.repeat(labels_listed, np.bincount(c_place, minlength=len(c_tok)))  # a glued token's pieces share it
-    # unknown ids, counted per line (history first, then candidates) as the line-by-line reader counts them
-    h_rows = np.repeat(np.arange(n_rows), h_len)
-    c_rows = np.repeat(np.arange(n_rows), c_len)
-    h_known, c_known = h_idx >= 0, c_idx >= 0
-    _count_unknown(faults, wheres, h_rows[~h_known], c_rows[~c_known], h_tok, c_tok, h_place[~h_known],
-                   c_place[~c_known])
-    h_kept = np.bincount(h_rows[h_known], minlength=n_rows)
-    empty = np.flatnonzero(h_kept == 0)
-    for r in empty[: faults.max_examples]:
-        faults.fault("empty_histories", wheres[r], "the user history is empty")
-    if len(empty) > faults.max_examples:
-        faults.counts["empty_histories"] += len(empty) - faults.max_examples
-    unknown_clicks = np.bincount(c_rows[~c_known], weights=(c_labels[~c_known] == 1), minlength=n_rows).astype(np.int64)
-    lst = None
-    if listing:
-        within = c_place - np.repeat(np.r_[0, np.cumsum(c_len_listed)[:-1]], c_len)  # listed place in its line
-        lst = Listing(np.asarray(imp_ids, dtype=str), np.arange(n_rows, dtype=np.int64),
-                      Ragged.from_lengths(c_len_listed, labels_listed), within[c_known].astype(np.int32))
-    beh = Behaviors(b.users, np.asarray(user_of, dtype=np.int64), np.asarray(times, dtype=np.int64),
-                    Ragged.from_lengths(h_kept.astype(np.int64), h_idx[h_known].astype(np.int32)),
-                    Ragged.from_lengths(np.bincount(c_rows[c_known], minlength=n_rows).astype(np.int64),
-                                        c_idx[c_known].astype(np.int32)),
-                    c_labels[c_known].astype(np.int8), unknown_clicks, listing=lst)
+                chunk.c_len.append(n)
+            hist = history_text.split()
+            chunk.h_tok.extend(hist)
+            chunk.h_len.append(len(hist))
+            chunk.user.append(b.user_id(user_id))
+            chunk.time.append(t)
+            chunk.ids.append(imp_id.strip() or f"{path.name}:{lineno}")
+            chunk.wheres.append(where)
+            if len(chunk.user) == CHUNK_LINES:
+                parts.append(chunk.build(b, faults, listing, sum(len(p) for p in parts)))
+                chunk = _Chunk()
+    if chunk.user or not parts:
+        parts.append(chunk.build(b, faults, listing, sum(len(p) for p in parts)))
+    beh = _concat_behaviors(parts) if len(parts) > 1 else parts[0]
     order = np.argsort(beh.time, kind="stable")
     return beh.take(order) if len(order) else beh
+
+
+@dataclass
+class _Chunk:
+    """Lines split but not looked up yet."""
+
+    user: list = field(default_factory=list)
+    time: list = field(default_factory=list)
+    ids: list = field(default_factory=list)
+    wheres: list = field(default_factory=list)
+    h_tok: list = field(default_factory=list)
+    h_len: list = field(default_factory=list)
+    c_tok: list = field(default_factory=list)
+    c_lab: list = field(default_factory=list)
+    c_len: list = field(default_factory=list)
+
+    def build(self, b: _Builder, faults: FaultLog, listing: bool, row0: int) -> Behaviors:
+        n_rows, wheres = len(self.user), self.wheres
+        h_idx, h_len, h_place = _bulk_lookup(b, self.h_tok, np.asarray(self.h_len, dtype=np.int64), wheres)
+        labels_listed = (np.frombuffer("".join(self.c_lab).encode(), dtype=np.uint8).astype(np.int16)
+                         - ord("0")).astype(np.int8)
+        c_len_listed = np.asarray(self.c_len, dtype=np.int64)
+        c_idx, c_len, c_place = _bulk_lookup(b, self.c_tok, c_len_listed, wheres)
+        c_labels = np.repeat(labels_listed, np.bincount(c_place, minlength=len(self.c_tok)))  # pieces share it
+        # unknown ids, counted per line (history first, then candidates) as the line-by-line reader counts them
+        h_rows = np.repeat(np.arange(n_rows), h_len)
+        c_rows = np.repeat(np.arange(n_rows), c_len)
+        h_known, c_known = h_idx >= 0, c_idx >= 0
+        _count_unknown(faults, wheres, h_rows[~h_known], c_rows[~c_known], self.h_tok, self.c_tok,
+                       h_place[~h_known], c_place[~c_known])
+        h_kept = np.bincount(h_rows[h_known], minlength=n_rows)
+        empty = np.flatnonzero(h_kept == 0)
+        for r in empty[: faults.max_examples]:
+            faults.fault("empty_histories", wheres[r], "the user history is empty")
+        if len(empty) > faults.max_examples:
+            faults.counts["empty_histories"] += len(empty) - faults.max_examples
+        unknown_clicks = np.bincount(c_rows[~c_known], weights=(c_labels[~c_known] == 1),
+                                     minlength=n_rows).astype(np.int64)
+        lst = None
+        if listing:
+            within = c_place - np.repeat(np.cumsum(c_len_listed) - c_len_listed, c_len)  # listed place in its line
+            lst = Listing(np.asarray(self.ids, dtype=str), row0 + np.arange(n_rows, dtype=np.int64),
+                          Ragged.from_lengths(c_len_listed, labels_listed), within[c_known].astype(np.int32))
+        return Behaviors(b.users, np.asarray(self.user, dtype=np.int64), np.asarray(self.time, dtype=np.int64),
+                         Ragged.from_lengths(h_kept.astype(np.int64), h_idx[h_known].astype(np.int32)),
+                         Ragged.from_lengths(np.bincount(c_rows[c_known], minlength=n_rows).astype(np.int64),
+                                             c_idx[c_known].astype(np.int32)),
+                         c_labels[c_known].astype(np.int8), unknown_clicks, listing=lst)
+
+
+def _cat_ragged(parts: list[Ragged]) -> Ragged:
+    return Ragged.from_lengths(np.concatenate([p.lengths() for p in parts]), np.concatenate([p.values for p in parts]))
+
+
+def _concat_behaviors(parts: list[Behaviors]) -> Behaviors:
+    """Behaviors of consecutive chunks of one read, as one."""
+    lst = None
+    if parts[0].listing is not None:
+        ls = [p.listing for p in parts]
+        lst = Listing(np.concatenate([x.ids for x in ls]), np.concatenate([x.file_row for x in ls]),
+                      _cat_ragged([x.slots for x in ls]), np.concatenate([x.candidate_slot for x in ls]))
+    return Behaviors(parts[0].users, np.concatenate([p.user for p in parts]), np.concatenate([p.time for p in parts]),
+                     _cat_ragged([p.history for p in parts]), _cat_ragged([p.candidates for p in parts]),
+                     np.concatenate([p.labels for p in parts]), np.concatenate([p.unknown_clicks for p in parts]),
+                     listing=lst)
 
 
 def _bulk_lookup(b: _Builder, tokens: list[str], lengths: np.ndarray, wheres: list[str]):

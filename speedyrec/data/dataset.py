@@ -11,6 +11,7 @@ import numpy as np
 from speedyrec.data.behaviors import Behaviors, read_mind_behaviors, read_speedyrec_test, read_speedyrec_train
 from speedyrec.data.faults import DataError, FaultLog
 from speedyrec.data.news import NewsTable, read_bodies, read_doc_features, read_mind_news
+from speedyrec.data.parse_cache import cached_read
 
 log = logging.getLogger("speedyrec.data")
 
@@ -80,6 +81,15 @@ def split_by_time(beh: Behaviors, dev_fraction: float) -> tuple[Behaviors, Behav
     return beh.take(order[: n - n_dev]), beh.take(order[n - n_dev :])
 
 
+def _mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, cfg, listing: bool = False,
+                    labels_optional: bool = False) -> Behaviors:
+    """A MIND behaviors file, parsed once per content and news table (speedyrec.data.parse_cache)."""
+    settings = {"reader": "mind", "listing": listing, "labels_optional": labels_optional,
+                "max_line_bytes": cfg.max_line_bytes}
+    return cached_read(lambda p, n, f: read_mind_behaviors(p, n, f, cfg.max_line_bytes, listing, labels_optional),
+                       paths, news, faults, cache_dir_of(cfg), settings)
+
+
 def _read_mind_layout(root: Path, cfg, faults: FaultLog) -> tuple[NewsTable, Behaviors, Behaviors]:
     news = NewsTable()
     mlb = cfg.max_line_bytes
@@ -87,7 +97,7 @@ def _read_mind_layout(root: Path, cfg, faults: FaultLog) -> tuple[NewsTable, Beh
         read_mind_news(_require(root / "news.tsv", f"data.dir={root}"), news, faults, mlb)
         if (root / "bodies.tsv").is_file():
             read_bodies(root / "bodies.tsv", news, faults, mlb)
-        beh = read_mind_behaviors([root / "behaviors.tsv"], news, faults, mlb, listing=True)
+        beh = _mind_behaviors([root / "behaviors.tsv"], news, faults, cfg, listing=True)
         train, dev = split_by_time(beh, cfg.dev_fraction)
         train.listing = None  # only dev is answered line by line
         return news, train, dev
@@ -101,10 +111,10 @@ def _read_mind_layout(root: Path, cfg, faults: FaultLog) -> tuple[NewsTable, Beh
     for d in split_dirs:
         if (d / "bodies.tsv").is_file():
             read_bodies(d / "bodies.tsv", news, faults, mlb)
-    train = read_mind_behaviors([_require(train_dir / "behaviors.tsv", f"data.dir={root}")], news, faults, mlb)
+    train = _mind_behaviors([_require(train_dir / "behaviors.tsv", f"data.dir={root}")], news, faults, cfg)
     if dev_dir is not None:
-        dev = read_mind_behaviors([_require(dev_dir / "behaviors.tsv", f"data.dir={root}")], news, faults, mlb,
-                                  listing=True)
+        dev = _mind_behaviors([_require(dev_dir / "behaviors.tsv", f"data.dir={root}")], news, faults, cfg,
+                              listing=True)
     else:
         train, dev = split_by_time(train, cfg.dev_fraction)
     return news, train, dev
@@ -125,8 +135,8 @@ def read_test_split(ds: Dataset, cfg) -> tuple[Behaviors, Path]:
     read_mind_news(_require(test_dir / "news.tsv", f"test split {test_dir}"), ds.news, ds.faults, cfg.max_line_bytes)
     if (test_dir / "bodies.tsv").is_file():
         read_bodies(test_dir / "bodies.tsv", ds.news, ds.faults, cfg.max_line_bytes)
-    beh = read_mind_behaviors([_require(test_dir / "behaviors.tsv", f"test split {test_dir}")], ds.news, ds.faults,
-                              cfg.max_line_bytes, listing=True, labels_optional=True)
+    beh = _mind_behaviors([_require(test_dir / "behaviors.tsv", f"test split {test_dir}")], ds.news, ds.faults, cfg,
+                          listing=True, labels_optional=True)
     return beh.in_file_order(), test_dir
 
 
