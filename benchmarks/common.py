@@ -16,7 +16,7 @@ _REUSED: list[str] = []  # kept training jobs this process reused instead of run
 # every benchmark, in the order benchmarks.run runs them (where_it_pays reads the learning rates speedup chose, tune
 # its typical workflow's best AUC) and the README's durations table lists them
 BENCHMARK_ORDER = ("main_job", "token_store", "data_efficiency", "precision", "speedup", "where_it_pays", "tune",
-                   "cache", "buslm", "scaling", "limit", "context", "multiteacher", "pipeline", "quality")
+                   "cache", "buslm", "scaling", "limit", "context", "multiteacher", "pipeline", "quality", "scale")
 
 def machine() -> dict:
     import torch

@@ -272,6 +272,21 @@ def scaling(d: dict) -> list[str]:
             md_table(["users", "targets", "train s", "setup peak MiB", "training peak MiB"], rows)]
 
 
+def scale(d: dict) -> list[str]:
+    rows = [[f"{r['lines']:,}", f"{r['before']['seconds']:.1f}", f"{r['builder']['seconds']:.1f}",
+             f"{r['reader']['seconds']:.2f}", f"{r['before']['peak_rss_mb']:.0f}", f"{r['builder']['peak_rss_mb']:.0f}",
+             f"{r['reader']['peak_rss_mb']:.0f}"] for r in d["rows"]]
+    m = d["mind_large_setup_peak_rss_mb"]
+    return [f"**Setup at scale** (`python -m benchmarks.scale`; {_device(d)}): MIND-large-shaped logs loaded by the "
+            f"line-by-line reader (before), by the bulk reader writing the parse cache (the rank that parses) and from "
+            f"that cache (every other rank, every restart). Parsing is **{d['parse_speedup']:.1f}x** faster per line "
+            f"(goal 10x); a rank that reads the cache loads {d['restart_speedup']:.0f}x sooner. Peak resident memory "
+            f"extrapolated to MIND-large's 2.6M lines: {m['before']:,.0f} MiB before, {m['builder']:,.0f} MiB for the "
+            f"rank that parses, {m['reader']:,.0f} MiB for the others (goal 1 GiB).\n",
+            md_table(["lines", "before s", "parse s", "cache read s", "before peak MiB", "parse peak MiB",
+                      "cache read peak MiB"], rows)]
+
+
 def limit(d: dict) -> list[str]:
     both = f", both on {d['device']} in {d['precision']}" if "precision" in d else ""
     return [f"**Hardware limit** (`python -m benchmarks.limit`; {_device(d)}): the encoder's raw forward+backward "
@@ -369,7 +384,7 @@ def durations(results: Path) -> list[str]:
 
 SECTIONS = (("speedup", speedup), ("where_it_pays", where_it_pays), ("precision", precision), ("tune", tune), ("data_efficiency", data_efficiency), ("limit", limit), ("cache", cache),
             ("buslm", buslm), ("scaling", scaling), ("multiteacher", multiteacher), ("pipeline", pipeline),
-            ("quality", quality), ("context", context), ("token_store", token_store))
+            ("quality", quality), ("context", context), ("token_store", token_store), ("scale", scale))
 
 
 def render(results: Path = RESULTS) -> str:
@@ -451,6 +466,9 @@ HEADLINES = {
                 lambda d: f"{_pts(d['auc_gain_mean'] * 100)}, time x{d['time_ratio']:.2f}"),
     "scaling": ("training time and memory as the log grows",
                 lambda d: f"linear (r2 {d['r2']:.4f}); peak memory x{d['train_peak_growth']:.2f} over the sizes"),
+    "scale": ("setup on MIND-large-shaped logs: parse speed, and peak memory per rank at MIND-large",
+              lambda d: f"parsing {d['parse_speedup']:.1f}x faster; "
+                        f"{d['mind_large_setup_peak_rss_mb_per_rank'] / 1024:.1f} GiB per rank"),
     "token_store": ("tokenized news on disk, for 1M news",
                     lambda d: f"built in {d['build_seconds']:.0f} s, loaded in {d['load_seconds']:.2f} s"),
     "multiteacher": ("Tiny-NewsRec's cost: M = 4 teachers against one",
