@@ -298,3 +298,27 @@ def test_a_parsed_log_is_kept_and_read_back_with_its_faults(tmp_path, monkeypatc
         f.write(b"10\tU10\t11/12/2019 6:00:00 PM\tN2\tN1-1 N3-0\n")
     third = load_dataset(cfg)
     assert calls and len(third.train) + len(third.dev) == len(first.train) + len(first.dev) + 1
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 8 << 20])
+def test_rows_read_in_blocks_are_the_rows_read_line_by_line(tmp_path, block):
+    """Every quirk read_rows handles (BOM, CRLF, blank and whitespace-only lines, invalid UTF-8, overlong lines, a
+    last line without its newline), also across block boundaries, gives the same rows and counts in blocks."""
+    from speedyrec.data.faults import FaultLog, read_row_blocks, read_rows
+
+    files = {
+        "quirks": b"\xef\xbb\xbfa\tb\r\n\n   \n\t\x0b\nc d\nbad \xff\xfe bytes\n" + b"x" * 40 + b"\nlong\xff" * 3
+                  + b"\n" + b"y" * 30 + b"\n\xc3\xa9t\xc3\xa9\nlast",
+        "empty": b"",
+        "newlines": b"\n\n\r\n",
+        "overlong_last": b"ok\n" + b"z" * 31,
+        "exact": b"q" * 30 + b"\n" + b"r" * 30,
+    }
+    for name, data in files.items():
+        path = tmp_path / f"{name}.tsv"
+        path.write_bytes(data)
+        fa, fb = FaultLog(), FaultLog()
+        rows = list(read_rows(path, fa, 30))
+        blocks = [(n, t) for numbers, texts in read_row_blocks(path, fb, 30, block) for n, t in zip(numbers, texts)]
+        assert blocks == rows, name
+        assert fa.as_dict() == fb.as_dict() and fa.examples == fb.examples, name

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from speedyrec.data.faults import FaultLog, read_rows
+from speedyrec.data.faults import FaultLog, read_row_blocks, read_rows
 from speedyrec.data.news import NewsTable
 from speedyrec.data.ragged import Ragged
 
@@ -232,6 +233,42 @@ def parse_mind_time(text: str) -> int:
     return ((days * 24 + hour) * 60 + minute) * 60 + second
 
 
+def parse_mind_times(stamps: list[str]) -> dict[str, int | None]:
+    """:func:`parse_mind_time` of many stamps with numpy (None where it raises): the fields of all stamps are cut
+    out in a few string calls and checked and converted as arrays; a stamp that is not plainly
+    ``M/D/YYYY h:mm:ss AM`` is parsed on its own."""
+    out: dict[str, int | None] = {}
+    if not stamps:
+        return out
+    parts = " ".join(stamps).split(" ")
+    fields = None
+    if len(parts) == 3 * len(stamps):
+        date, clock, half = parts[0::3], parts[1::3], parts[2::3]
+        d, c = "/".join(date).split("/"), ":".join(clock).split(":")
+        if len(d) == len(c) == 3 * len(stamps) and all(x.isascii() and x.isdigit() for x in (*d, *c)):
+            fields = np.asarray(d, dtype=np.int64).reshape(-1, 3), np.asarray(c, dtype=np.int64).reshape(-1, 3), half
+    if fields is None:
+        for s in stamps:
+            try:
+                out[s] = parse_mind_time(s)
+            except ValueError:
+                out[s] = None
+        return out
+    (month, day, year), (hour, minute, second) = fields[0].T, fields[1].T
+    half = np.asarray(fields[2])
+    ok = ((1 <= month) & (month <= 12) & (1 <= day) & (day <= 31) & (1 <= hour) & (hour <= 12) & (minute < 60)
+          & (second < 61) & ((half == "AM") | (half == "PM")))
+    hour = hour % 12 + np.where(half == "PM", 12, 0)
+    y = year - 1
+    days = y * 365 + y // 4 - y // 100 + y // 400 - 719162
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    days += _DAYS_BEFORE_MONTH[np.clip(month - 1, 0, 11)] + ((month > 2) & leap) + day - 1
+    seconds = ((days * 24 + hour) * 60 + minute) * 60 + second
+    for s, good, t in zip(stamps, ok.tolist(), seconds.tolist()):
+        out[s] = t if good else None
+    return out
+
+
 def read_mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int,
                         listing: bool = False, labels_optional: bool = False) -> Behaviors:
     """MIND ``behaviors.tsv``: impression_id, user_id, time, history (ids), impressions (id-label).
@@ -291,77 +328,114 @@ def read_mind_behaviors_by_line(paths: list[Path], news: NewsTable, faults: Faul
     return beh.take(order) if len(order) else beh
 
 
-_LABELLED = re.compile(r"\s*(?:\S+-[01](?:\s+|$))*")
-_NO_LABEL_CHAR = chr(ord("0") + NO_LABEL)  # "/": labels are kept as characters until one conversion at the end
-
-
 CHUNK_LINES = 20_000  # lines split before their ids are looked up: bounds the token strings held at once
 
 
 def _read_mind_bulk(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int, listing: bool,
                     labels_optional: bool) -> Behaviors:
-    """:func:`read_mind_behaviors`: a pass over the lines that only splits them (tokens gathered in flat lists),
-    then, every CHUNK_LINES lines, one lookup of every id, the glued-id check only for the rare unknown tokens that
-    can be glued, and the chunk's arrays built with numpy. Same arrays, counters and first examples as the
-    line-by-line reader."""
+    """:func:`read_mind_behaviors` in blocks of lines: a block is decoded and cut into columns in a few calls, each
+    column's tokens split in one call over the whole column, every id looked up in one pass, the glued-id check
+    run only for the rare unknown tokens that can be glued, and the arrays built with numpy; a line with a fault
+    (wrong column count, empty user, bad time, a token without its label) goes through the line-by-line rules.
+    Same arrays, counters and first examples as the line-by-line reader."""
     b = _Builder(news, faults, listing=listing)
-    parsed_times: dict[str, int] = {}
+    times: dict[str, int] = {}
     parts: list[Behaviors] = []
-    chunk = _Chunk()
+    rows = 0
     for path in paths:
-        for lineno, line in read_rows(path, faults, max_line_bytes):
-            where = f"{path}:{lineno}"
-            cols = line.split("\t")
-            if len(cols) != 5:
-                faults.fault("malformed_rows", where, f"expected 5 tab-separated columns, found {len(cols)}")
-                continue
-            imp_id, user_id, time_text, history_text, imp_text = cols
-            user_id = user_id.strip()
-            if not user_id:
-                faults.fault("malformed_rows", where, "empty user id")
-                continue
-            time_text = time_text.strip()
-            t = parsed_times.get(time_text)
-            if t is None:
-                try:
-                    t = parsed_times[time_text] = parse_mind_time(time_text)
-                except ValueError:
-                    faults.fault("malformed_rows", where, f"unparsable time {time_text!r}")
-                    continue
-            toks = imp_text.split()
-            if _LABELLED.fullmatch(imp_text):  # every token <id>-<0|1>: one regex over the line, in C
-                chunk.c_tok.extend([x[:-2] for x in toks])
-                chunk.c_lab.extend([x[-1] for x in toks])
-                chunk.c_len.append(len(toks))
-            else:
-                n = 0
-                for x in toks:
-                    if len(x) > 2 and x[-2] == "-" and x[-1] in "01":
-                        chunk.c_tok.append(x[:-2])
-                        chunk.c_lab.append(x[-1])
-                    elif labels_optional:
-                        chunk.c_tok.append(x)
-                        chunk.c_lab.append(_NO_LABEL_CHAR)
-                    else:
-                        faults.fault("bad_impression_tokens", where, f"impression token {x!r} is not <news_id>-<0|1>")
-                        continue
-                    n += 1
-                chunk.c_len.append(n)
-            hist = history_text.split()
-            chunk.h_tok.extend(hist)
-            chunk.h_len.append(len(hist))
-            chunk.user.append(b.user_id(user_id))
-            chunk.time.append(t)
-            chunk.ids.append(imp_id.strip() or f"{path.name}:{lineno}")
-            chunk.wheres.append(where)
-            if len(chunk.user) == CHUNK_LINES:
-                parts.append(chunk.build(b, faults, listing, sum(len(p) for p in parts)))
-                chunk = _Chunk()
-    if chunk.user or not parts:
-        parts.append(chunk.build(b, faults, listing, sum(len(p) for p in parts)))
+        for numbers, lines in read_row_blocks(path, faults, max_line_bytes):
+            for s0 in range(0, len(lines), CHUNK_LINES):
+                chunk = _split_lines(path, numbers[s0:s0 + CHUNK_LINES], lines[s0:s0 + CHUNK_LINES], b, faults, times,
+                                     labels_optional, listing)
+                if chunk.user:
+                    parts.append(chunk.build(b, faults, listing, rows))
+                    rows += len(chunk.user)
+    if not parts:
+        parts.append(_Chunk(wheres=_Where(Path(), [])).build(b, faults, listing, 0))
     beh = _concat_behaviors(parts) if len(parts) > 1 else parts[0]
     order = np.argsort(beh.time, kind="stable")
     return beh.take(order) if len(order) else beh
+
+
+_TAIL, _HEAD, _LAST = operator.itemgetter(slice(-2, None)), operator.itemgetter(slice(None, -2)), operator.itemgetter(-1)
+_LABEL_TAILS = {"-0", "-1"}
+_NO_LABEL_CHAR = chr(ord("0") + NO_LABEL)  # "/": labels are kept as characters until one conversion at the end
+
+
+class _Where:
+    """``file:line`` of a chunk's rows, made only for the few that a fault names."""
+
+    def __init__(self, path: Path, numbers: list[int]):
+        self.path, self.numbers = path, numbers
+
+    def __getitem__(self, row: int) -> str:
+        return f"{self.path}:{self.numbers[row]}"
+
+
+def _split_lines(path: Path, numbers: list[int], lines: list[str], b: _Builder, faults: FaultLog,
+                 times: dict[str, int], labels_optional: bool, listing: bool) -> "_Chunk":
+    """A chunk's lines cut into columns and tokens (ids not looked up yet); faulty lines counted and left out."""
+    cols = [line.split("\t") for line in lines]
+    if set(map(len, cols)) != {5}:
+        keep = []
+        for k, c in enumerate(cols):
+            if len(c) == 5:
+                keep.append(k)
+            else:
+                faults.fault("malformed_rows", f"{path}:{numbers[k]}", f"expected 5 tab-separated columns, found {len(c)}")
+        cols, numbers = [cols[k] for k in keep], [numbers[k] for k in keep]
+    if not cols:
+        return _Chunk(wheres=_Where(path, []))
+    imp_ids, users, stamps, hists, imps = (list(x) for x in zip(*cols))
+    users = [u.strip() for u in users]
+    stamps = [s.strip() for s in stamps]
+    times.update(parse_mind_times(list(set(stamps) - times.keys())))
+    when = list(map(times.get, stamps))
+    if "" in users or None in when:
+        keep = []
+        for k, (u, t) in enumerate(zip(users, when)):
+            if not u:
+                faults.fault("malformed_rows", f"{path}:{numbers[k]}", "empty user id")
+            elif t is None:
+                faults.fault("malformed_rows", f"{path}:{numbers[k]}", f"unparsable time {stamps[k]!r}")
+            else:
+                keep.append(k)
+        numbers, imp_ids, users, when, hists, imps = ([x[k] for k in keep]
+                                                      for x in (numbers, imp_ids, users, when, hists, imps))
+    chunk = _Chunk(wheres=_Where(path, numbers))
+    tokens = " ".join(imps).split()
+    if not tokens or (min(map(len, tokens)) > 2 and set(map(_TAIL, tokens)) <= _LABEL_TAILS):
+        # every candidate <id>-<0|1>: cut in C over the whole chunk
+        chunk.c_tok = list(map(_HEAD, tokens))
+        chunk.c_lab = list(map(_LAST, tokens))
+        chunk.c_len = list(map(len, map(str.split, imps)))
+    else:
+        for k, text in enumerate(imps):
+            n = 0
+            for x in text.split():
+                if len(x) > 2 and x[-2] == "-" and x[-1] in "01":
+                    chunk.c_tok.append(x[:-2])
+                    chunk.c_lab.append(x[-1])
+                elif labels_optional:
+                    chunk.c_tok.append(x)
+                    chunk.c_lab.append(_NO_LABEL_CHAR)
+                else:
+                    faults.fault("bad_impression_tokens", f"{path}:{numbers[k]}",
+                                 f"impression token {x!r} is not <news_id>-<0|1>")
+                    continue
+                n += 1
+            chunk.c_len.append(n)
+    chunk.h_tok = " ".join(hists).split()
+    chunk.h_len = list(map(len, map(str.split, hists)))
+    index = b.user_index
+    known = len(index)
+    chunk.user = [index.setdefault(u, len(index)) for u in users]
+    if len(index) > known:  # the new users, in the order they came
+        b.users.extend(reversed(list(itertools.islice(reversed(index), len(index) - known))))
+    chunk.time = when
+    if listing:
+        chunk.ids = [i.strip() or f"{path.name}:{n}" for i, n in zip(imp_ids, numbers)]
+    return chunk
 
 
 @dataclass
@@ -371,7 +445,7 @@ class _Chunk:
     user: list = field(default_factory=list)
     time: list = field(default_factory=list)
     ids: list = field(default_factory=list)
-    wheres: list = field(default_factory=list)
+    wheres: "_Where | list" = field(default_factory=list)
     h_tok: list = field(default_factory=list)
     h_len: list = field(default_factory=list)
     c_tok: list = field(default_factory=list)

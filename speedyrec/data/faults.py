@@ -97,3 +97,71 @@ def read_rows(path: Path, faults: FaultLog, max_line_bytes: int) -> Iterator[tup
                 faults.fault("invalid_utf8_rows", f"{path}:{lineno}", f"invalid UTF-8 at byte {e.start}")
                 text = raw.decode("utf-8", errors="replace")
             yield lineno, text
+
+
+def read_row_blocks(path: Path, faults: FaultLog, max_line_bytes: int,
+                    block_bytes: int = 8 << 20) -> Iterator[tuple[list[int], list[str]]]:
+    """:func:`read_rows` a block of lines at a time: (line numbers, texts) of the block's non-blank lines, with
+    the same skips, repairs and counts. A block is decoded in one call; only a block with an overlong line or
+    invalid UTF-8 is looked at line by line."""
+    with open(path, "rb") as f:
+        lineno, carry = 0, b""
+        while True:
+            data = f.read(block_bytes)
+            at_end = not data
+            data = carry + data
+            if at_end:
+                raws, carry = ([data] if data else []), b""
+            else:
+                cut = data.rfind(b"\n")
+                if cut < 0:  # no line ends in it yet; an overlong one keeps only enough of itself to be counted
+                    carry = data[: max_line_bytes + 1]
+                    continue
+                raws, carry = data[:cut].split(b"\n"), data[cut + 1:]
+                if len(carry) > max_line_bytes:
+                    carry = carry[: max_line_bytes + 1]
+            numbers = range(lineno + 1, lineno + 1 + len(raws))
+            lineno += len(raws)
+            yield _block_rows(path, faults, max_line_bytes, numbers, raws, bom=numbers.start == 1)
+            if at_end:
+                return
+
+
+_BLANK = " \t\n\r\x0b\x0c"  # what bytes.strip() strips: a line of only these is blank
+
+
+def _block_rows(path: Path, faults: FaultLog, max_line_bytes: int, numbers: range, raws: list[bytes], bom: bool):
+    """The rows of one block of whole lines; ``bom``: its first line is the file's first (a BOM there goes, once
+    the line's length was checked with it, as read_rows does)."""
+    overlong = any(len(r) > max_line_bytes for r in raws)
+    if bom and raws and raws[0].startswith(b"\xef\xbb\xbf") and len(raws[0]) <= max_line_bytes:
+        raws = [raws[0][3:], *raws[1:]]
+    if not overlong:
+        try:
+            block = b"\n".join(raws).decode("utf-8")
+        except UnicodeDecodeError:
+            block = None
+        if block is not None:
+            texts = block.split("\n")
+            if "\r" in block:
+                texts = [t.rstrip("\r") for t in texts]
+            if all(texts) and not any(map(str.isspace, texts)):  # no blank line (checked in C)
+                return list(numbers), texts
+            keep = [k for k, t in enumerate(texts) if t.strip(_BLANK)]
+            return [numbers[k] for k in keep], [texts[k] for k in keep]
+    out_n, out_t = [], []
+    for n, raw in zip(numbers, raws):
+        if len(raw) > max_line_bytes:
+            faults.fault("overlong_rows", f"{path}:{n}", f"line longer than {max_line_bytes} bytes")
+            continue
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            faults.fault("invalid_utf8_rows", f"{path}:{n}", f"invalid UTF-8 at byte {e.start}")
+            text = raw.decode("utf-8", errors="replace")
+        out_n.append(n)
+        out_t.append(text)
+    return out_n, out_t
