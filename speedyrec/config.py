@@ -31,7 +31,7 @@ class DataConfig:
     dir: str = ""  # empty: the embedded synthetic default, generated on first use
     format: str = "synthetic"  # mind | speedyrec | synthetic
     strict: bool = False  # stop at the first bad row with file:line and the reason
-    cache_dir: str = ""  # tokenized stores; empty: $SPEEDYREC_CACHE or ~/.cache/speedyrec
+    cache_dir: str = ""  # tokenized stores, parsed logs; empty: $SPEEDYREC_CACHE or ~/.cache/speedyrec
     title_tokens: int = 30  # maximum tokens per field, special tokens included; 0 = field unused
     abstract_tokens: int = 0
     body_tokens: int = 0
