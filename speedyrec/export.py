@@ -1,4 +1,6 @@
-"""Vectors and predictions from a trained run: ``python -m speedyrec.export RUN_DIR [--out DIR] [key=value ...]``.
+"""Vectors and predictions from a trained run: ``python -m speedyrec.export RUN_DIR [--split dev|test] [--out DIR]
+[key=value ...]``, or ``torchrun --nproc_per_node=N -m speedyrec.export ...``: every rank encodes a share of the news on
+its device, rank 0 writes.
 
 Reads ``RUN_DIR/config.yaml`` and the newest checkpoint (``RUN_DIR/checkpoints/step_N/``, or ``--checkpoint``),
 with ``key=value`` overrides on top (e.g. ``data.dir=`` another copy of the data in the same format). Writes to
@@ -52,7 +54,7 @@ def export(run_dir: Path, out: Path | None = None, checkpoint: Path | None = Non
     from speedyrec.build import build_context, build_model, build_token_store, segments_of
     from speedyrec.data.dataset import read_test_split
     from speedyrec.engine.checkpoint import is_old_format, old_format_error, read_part, step_dirs
-    from speedyrec.engine.distributed import DistInfo
+    from speedyrec.engine.distributed import init_distributed
     from speedyrec.eval.evaluate import encode_news, user_vectors
     from speedyrec.eval.metrics import impression_metrics, metric_sums, metrics_from_sums
     from speedyrec.models.backbone import eval_mode
@@ -76,7 +78,7 @@ def export(run_dir: Path, out: Path | None = None, checkpoint: Path | None = Non
         raise old_format_error(ckpt_dir)
     if not (ckpt_dir / "model.safetensors").is_file():
         raise ConfigError(f"no checkpoint in {ckpt_dir}: pass --checkpoint, or train with the default checkpointing")
-    dist = DistInfo()
+    dist = init_distributed()  # one process, or every rank of a torchrun launch: each encodes a share of the news
     ctx = build_context(cfg, dist)  # the run's news, tokenizer and token store, as it trained
     model = build_model(cfg, ctx.parts, dist)
     state = read_part(ckpt_dir, "model")
@@ -88,7 +90,8 @@ def export(run_dir: Path, out: Path | None = None, checkpoint: Path | None = Non
         imps, split_dir = read_test_split(ctx.data, cfg.data)
         if len(ctx.data.news) > known_news:
             store = build_token_store(cfg, ctx.data, ctx.parts.tokenizer, dist)
-        ctx.data.faults.warn()
+        if dist.is_main:
+            ctx.data.faults.warn()
     else:
         imps, split_dir = ctx.data.dev, None
         if cfg.eval.max_impressions:  # the impressions the run evaluated: the first ones by time
@@ -101,7 +104,9 @@ def export(run_dir: Path, out: Path | None = None, checkpoint: Path | None = Non
         news = encode_news(model, inputs, all_news, dist, batch_size, amp)  # [N, D]
         hist = imps.history.padded(cfg.data.max_history, fill=-1, keep="last")
         users = user_vectors(model.user_encoder, news, hist, dist.device, amp)  # [I, D]
-    news_np, users_np = news.numpy(), users.numpy()
+    news_np, users_np = news.cpu().numpy(), users.cpu().numpy()
+    if not dist.is_main:  # its share of the news is encoded and gathered; rank 0 writes everything
+        return {}
     listing = listing_of(imps)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "news_vectors.npy", news_np)
@@ -257,12 +262,18 @@ def main(argv: list[str] | None = None) -> int:
                     "evaluation set, with truth.txt) or test (MIND's test split under data.dir, labels not needed)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from speedyrec.engine.distributed import shutdown
+
     try:
         s = export(Path(a.run_dir), Path(a.out) if a.out else None, Path(a.checkpoint) if a.checkpoint else None,
                    a.overrides, a.batch_size, Path(a.daily_recall) if a.daily_recall else None, a.split)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"speedyrec.export: {e}", file=sys.stderr)
+        shutdown(wait_for_others=False)
         return 2
+    shutdown()
+    if not s:  # not rank 0
+        return 0
     where = a.out or Path(a.run_dir) / "export"
     print(f"exported {s['news']} news and {s['impressions']} {a.split} user vectors (dim {s['dim']}) and "
           f"{where}/prediction.zip ({s['candidates_listed']} candidates ranked, {s['candidates_unknown_news']} of them "

@@ -159,6 +159,29 @@ def test_the_label_less_test_split_is_predicted_in_its_order_and_agrees_with_dev
     assert same > 900 and differ >= 1
 
 
+def test_export_on_two_ranks_writes_what_one_process_writes(trained, tmp_path):
+    """torchrun export: each rank encodes a share of the news, rank 0 writes the same files as one process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_resume import env
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert export_main([str(trained), "--out", str(one)]) == 0
+    exe = Path(sys.executable).parent / "torchrun"
+    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    proc = subprocess.run([*launcher, "--standalone", "--nproc_per_node=2", "-m", "speedyrec.export", str(trained),
+                           "--out", str(two)], env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(np.load(two / "news_vectors.npy"), np.load(one / "news_vectors.npy"), atol=1e-5)
+    np.testing.assert_allclose(np.load(two / "user_vectors.npy"), np.load(one / "user_vectors.npy"), atol=1e-5)
+    a, b = _lines(one / "prediction.txt"), _lines(two / "prediction.txt")
+    assert [x.split(" ")[0] for x in a] == [x.split(" ")[0] for x in b]
+    assert sum(x == y for x, y in zip(a, b)) >= 0.99 * len(a)  # ranks equal but where two scores are within 1e-5
+    assert (two / "truth.txt").read_text() == (one / "truth.txt").read_text()
+
+
 def test_a_test_split_is_required_and_named(trained, mind_sample, tmp_path):
     """A data.dir without a test folder: --split test says which folders it looked for."""
     from speedyrec.data.dataset import TEST_DIRS
