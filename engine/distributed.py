@@ -59,6 +59,13 @@ def init_distributed() -> DistInfo:
 
 
 ATTEMPT = 0  # this process's DistInfo.attempt, for code that has no DistInfo at hand (recipes.resume)
+# bytes this process put into or got out of the collectives below: an all-reduce's or broadcast's buffer, an
+# all-gather's whole output (it grows with the world size). The trainer reads it around each step.
+COMM_BYTES = [0]
+
+
+def _comm(*tensors: torch.Tensor) -> None:
+    COMM_BYTES[0] += sum(t.numel() * t.element_size() for t in tensors)
 JOIN_TIMEOUT_S = float(os.environ.get("SPEEDYREC_JOIN_TIMEOUT", "300"))
 
 
@@ -129,6 +136,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (a no-op in one process); returns t."""
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        _comm(t)
     return t
 
 
@@ -142,12 +150,14 @@ def all_gather_rows(t: torch.Tensor, sizes: list[int] | None = None) -> list[tor
         n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.long)
         gathered = [torch.zeros_like(n) for _ in range(world)]
         dist.all_gather(gathered, n)
+        _comm(*gathered)
         sizes = [int(s.item()) for s in gathered]
     width = max(sizes)
     padded = t.new_zeros((width,) + tuple(t.shape[1:]))
     padded[: t.shape[0]] = t
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded)
+    _comm(*out)
     return [o[:s] for o, s in zip(out, sizes)]
 
 
@@ -165,6 +175,7 @@ class _GatherRows(torch.autograd.Function):
         ctx.rank, ctx.width = dist.get_rank(), block.shape[0]
         out = block.new_empty((world * block.shape[0],) + tuple(block.shape[1:]))
         dist.all_gather_into_tensor(out, block.contiguous())
+        _comm(out)
         return out
 
     @staticmethod
@@ -173,9 +184,11 @@ class _GatherRows(torch.autograd.Function):
         if dist.get_backend() == "nccl":
             out = grad.new_empty((ctx.width,) + tuple(grad.shape[1:]))
             dist.reduce_scatter_tensor(out, grad)
+            _comm(grad)
             return out
         grad = grad.clone()
         dist.all_reduce(grad)
+        _comm(grad)
         return grad[ctx.rank * ctx.width : (ctx.rank + 1) * ctx.width]
 
 

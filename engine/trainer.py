@@ -20,7 +20,7 @@ import torch
 
 from speedyrec.engine.cache import OptimizerClock
 from speedyrec.engine.checkpoint import rng_state, set_rng_state
-from speedyrec.engine.distributed import DistInfo, all_reduce_sum, reduce_gradients
+from speedyrec.engine.distributed import COMM_BYTES, DistInfo, all_reduce_sum, reduce_gradients
 from speedyrec.engine.memory import HeapTrimmer, peak_rss_mb, reset_peak_rss
 from speedyrec.engine.precision import autocast_context
 from speedyrec.engine.runlog import RunLog, progress
@@ -109,6 +109,7 @@ class Trainer:
         self._stop = False
         self.state = TrainState()
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._grad_bytes = sum(p.numel() * p.element_size() for p in self.params)
         # gradients stay allocated across steps, zeroed in place: a gradient that arrives sparse (an embedding table
         # read through a step vocabulary) is then added into resident memory, and a parameter a step does not reach
         # steps with a zero gradient on every rank, as reduce_gradients gives it
@@ -280,6 +281,7 @@ class Trainer:
             self._excluded = excluded = 0.0
             self.model.train()
             while not self.done():
+                comm_mark = COMM_BYTES[0]
                 batch = next(batches, None)
                 # one collective per micro-batch on several ranks: whether anyone still has a batch, and the
                 # global targets when every rank's batch says how many it holds (see _agree)
@@ -310,8 +312,11 @@ class Trainer:
                 bar.update(targets)
                 micro += 1
                 if micro % self.grad_accum:
+                    self.count({"collective_bytes": COMM_BYTES[0] - comm_mark})
                     continue
                 self._optimizer_step(window_targets, synced=True)
+                # DDP all-reduced every trainable gradient in its buckets during the backward (unused ones too)
+                self.count({"collective_bytes": COMM_BYTES[0] - comm_mark + (self._grad_bytes if self.ddp else 0)})
                 clicks_log += window_targets
                 n_log += window_targets
                 window_targets = 0.0
@@ -342,7 +347,9 @@ class Trainer:
                     self.model.train()
                 self._excluded = excluded
             if micro % self.grad_accum:  # a partial accumulation window at the end of the epoch
+                comm_mark = COMM_BYTES[0]
                 self._optimizer_step(window_targets, synced=False)
+                self.count({"collective_bytes": COMM_BYTES[0] - comm_mark})
                 clicks_log += window_targets
                 n_log += window_targets
                 window_targets = 0.0

@@ -3,6 +3,7 @@ is restarted with its peer in one restart, and the run ends as an uninterrupted 
 caches; nodes that do not share out_dir stop at once with an error saying so."""
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -89,6 +90,11 @@ def test_two_nodes_restart_together_after_a_worker_is_killed(tmp_path, cache_dir
     assert len(shared["workflow_cache"]["rows"]) > 0 and not shared["workflow_cache"]["sharded"]
     for r in (0, 1):
         assert "cache" not in read_part(newest, f"rank{r}", torch.device("cpu")).get("workflow", {})
+    # collective bytes per step: at least every trainable gradient (summed over ranks at each step; the optimizer
+    # holds one moment per trainable parameter, an independent count of them), plus a little for the batch's gathers
+    grads = sum(v["exp_avg"].numel() * v["exp_avg"].element_size() for v in shared["optimizer"]["state"].values())
+    per_step = json.loads((out / "stats.json").read_text())["collective_bytes_per_step"]
+    assert grads <= per_step <= grads + 2_000_000, (grads, per_step)
     # each node built its own token store, in its own cache directory
     for k in "ab":
         assert list((tmp_path / f"cache_{k}" / "tokens").iterdir())

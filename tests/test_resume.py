@@ -22,7 +22,7 @@ from speedyrec.train import main
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 # counters that must match exactly: the same targets trained, the same news encoded, the same cache reads
 COUNTERS = ("clicks_trained", "sequences_trained", "news_encoded", "cache_lookups", "cache_hits", "valid_tokens",
-            "padded_tokens", "negatives_random", "steps")
+            "padded_tokens", "negatives_random", "steps", "collective_bytes")
 # dropout on, a small token budget so that a run has many steps, the cache reading from the start
 COMMON = ("data.title_tokens=16", "engine.token_budget=1500", "engine.cache_beta=0.5", "model.dropout=0.1",
           "eval.max_impressions=60", "train.checkpoint_every=2")

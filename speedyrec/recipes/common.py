@@ -28,7 +28,8 @@ log = logging.getLogger("speedyrec")
 ENGINE_COUNTERS = ("clicks_trained", "news_encoded", "cache_lookups", "cache_hits", "served_age_sum",
                    "served_stamp_age_sum", "valid_tokens",
                    "padded_tokens", "sequences_trained", "negatives_random", "negatives_scored", "deferred_grad_rows",
-                   "audit_rows", "audit_cos_sum", "audit_noise_cos_sum", "heap_trims", "heap_trim_seconds")
+                   "audit_rows", "audit_cos_sum", "audit_noise_cos_sum", "heap_trims", "heap_trim_seconds",
+                   "collective_bytes")
 EXTREME_COUNTERS = (("served_age_max", "max"), ("audit_cos_min", "min"))  # reduced over ranks by max / min
 
 
@@ -194,6 +195,8 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
     stats["clicks_not_reached"] = expected - stats["clicks_trained"]  # a run stopped by max_steps/max_seconds
     stats["epochs"] = epochs_run
     stats["steps"] = st.step
+    # bytes one rank moved through collectives per optimizer step (see engine.distributed.COMM_BYTES), mean of ranks
+    stats["collective_bytes_per_step"] = stats["collective_bytes"] / dist.world / max(st.step, 1)
     stats["workflow"] = cfg.train.workflow
     stats["world_size"] = dist.world
     stats["device"] = str(dist.device.type)
