@@ -16,6 +16,9 @@ Each process reports its load seconds, its peak resident memory (``ru_maxrss``) 
 load (the interpreter and its imports). Peak memory is fitted as a line through the three sizes and extrapolated
 to MIND-large's 2.6M lines; the parse speedup is the per-line time of
 ``before`` over ``builder`` (median over sizes), and ``reader`` over ``before`` is what a restart saves.
+
+Then the main job's defaults train a few steps on 1, 2 and 4 gloo ranks: collective bytes per step and the
+checkpoint's size (shared part, ranks' parts) against the world size, fitted and read at 32 ranks.
 """
 from __future__ import annotations
 
@@ -101,6 +104,38 @@ def run_child(mode: str, data: Path, cache: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+WORLDS = (1, 2, 4)
+WORLD_TARGET = 32
+
+
+def world_run(root: Path, world: int, quick: bool) -> dict:
+    """The main job's defaults for a few steps on ``world`` gloo ranks (one torchrun launch): collective bytes per
+    step (stats.json) and the size of its checkpoint, in all and by part."""
+    from benchmarks.quality import TINY6
+
+    out = root / f"world_{world}"
+    shutil.rmtree(out, ignore_errors=True)
+    exe = Path(sys.executable).parent / "torchrun"
+    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    steps = 2 if quick else 4
+    overrides = [f"out_dir={out}", f"train.max_steps={steps}", f"train.checkpoint_every={steps}",
+                 "train.keep_checkpoints=1", "eval.max_impressions=20", *(TINY6 + ["data.synthetic_users=300"]
+                                                                          if quick else [])]
+    proc = subprocess.run([*launcher, "--standalone", f"--nproc_per_node={world}", "-m", "speedyrec.train", "--quiet",
+                           *overrides], capture_output=True, text=True, timeout=3600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    stats = json.loads((out / "stats.json").read_text())
+    ckpt = next((out / "checkpoints").glob("step_*"))
+    parts = {f.name: f.stat().st_size for f in ckpt.iterdir()}
+    return {"world": world, "steps": stats["steps"], "collective_bytes_per_step": stats["collective_bytes_per_step"],
+            "checkpoint_bytes": sum(parts.values()),
+            "checkpoint_shared_bytes": sum(v for k, v in parts.items() if k.startswith("model")),
+            "checkpoint_rank_bytes": sum(v for k, v in parts.items() if k.startswith("rank")),
+            "overrides": overrides}
+
+
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares line y = a + b x."""
     b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
@@ -134,6 +169,7 @@ def main(argv=None) -> dict:
                 row[mode] = run_child(mode, data, cache)
             rows.append(row)
             print(json.dumps(row), flush=True)
+        worlds = [world_run(root, w, a.quick) for w in WORLDS]
     per_line = {m: [r[m]["seconds"] / r["lines"] * 1e6 for r in rows] for m in MODES}
     speedups = [b / f for b, f in zip(per_line["before"], per_line["builder"])]
     lines = [r["lines"] for r in rows]
@@ -142,6 +178,12 @@ def main(argv=None) -> dict:
         a0, b0 = fit(lines, [r[m]["peak_rss_mb"] for r in rows])
         extrapolated[m] = {"intercept_mb": a0, "mb_per_million_lines": b0 * 1e6,
                            "mind_large_mb": a0 + b0 * MIND_LARGE_LINES}
+    at32 = {}
+    for key in ("collective_bytes_per_step", "checkpoint_bytes", "checkpoint_shared_bytes", "checkpoint_rank_bytes"):
+        # one rank runs no collective at all: the collective line goes through the runs of 2 ranks and more
+        pts = [(w["world"], w[key]) for w in worlds if w["world"] > 1 or key != "collective_bytes_per_step"]
+        a0, b0 = fit([p[0] for p in pts], [p[1] for p in pts])
+        at32[key] = a0 + b0 * WORLD_TARGET
     payload = {
         "parse_speedup": statistics.median(speedups),
         "restart_speedup": statistics.median(b / r for b, r in zip(per_line["before"], per_line["reader"])),
@@ -150,6 +192,7 @@ def main(argv=None) -> dict:
                                                      extrapolated["reader"]["mind_large_mb"]),
         "mind_large_setup_peak_rss_mb": {m: extrapolated[m]["mind_large_mb"] for m in MODES},
         "us_per_line": per_line, "speedups": speedups, "extrapolation": extrapolated, "rows": rows,
+        "worlds": worlds, "at_world_32": at32,
         "machine": info, "quick": a.quick,
     }
     md = ["# Setup at scale: parsing MIND-large-shaped logs\n",
@@ -171,7 +214,21 @@ def main(argv=None) -> dict:
           "Peak resident memory, a line through the three sizes, at MIND-large's 2.6M lines (goal: 1 GiB per rank):\n",
           md_table(["mode", "MiB at 0 lines", "MiB per million lines", "MiB at MIND-large"],
                    [[m, f"{extrapolated[m]['intercept_mb']:.0f}", f"{extrapolated[m]['mb_per_million_lines']:.0f}",
-                     f"{extrapolated[m]['mind_large_mb']:.0f}"] for m in MODES])]
+                     f"{extrapolated[m]['mind_large_mb']:.0f}"] for m in MODES]),
+          "\n## Collectives and checkpoints against the world size\n",
+          f"The main job's defaults ({'a tiny encoder, ' if a.quick else ''}{worlds[0]['steps']} steps, a checkpoint "
+          "at the end) on 1, 2 and 4 gloo ranks of this machine, a line through them read at 32 ranks (for "
+          "collectives through 2 and 4 ranks: one rank runs none). Collective bytes: what one rank puts into or gets out of collectives per optimizer step (an all-reduce's buffer, an "
+          "all-gather's whole output, DDP's gradient buckets; stats.json `collective_bytes_per_step`). Checkpoint: "
+          "the step's folder, its shared part (model, optimizer, the replicated embedding cache, once) and the ranks' "
+          "own parts (RNG states, loader positions, counters).\n",
+          md_table(["ranks", "collective MB per step", "checkpoint MB", "shared part MB", "ranks' parts MB"],
+                   [[w["world"], f"{w['collective_bytes_per_step'] / 1e6:.2f}", f"{w['checkpoint_bytes'] / 1e6:.1f}",
+                     f"{w['checkpoint_shared_bytes'] / 1e6:.1f}", f"{w['checkpoint_rank_bytes'] / 1e6:.2f}"]
+                    for w in worlds]
+                   + [[f"{WORLD_TARGET} (fitted)", f"{at32['collective_bytes_per_step'] / 1e6:.2f}",
+                       f"{at32['checkpoint_bytes'] / 1e6:.1f}", f"{at32['checkpoint_shared_bytes'] / 1e6:.1f}",
+                       f"{at32['checkpoint_rank_bytes'] / 1e6:.2f}"]])]
     write_results("scale_quick" if a.quick else "scale", payload, "\n".join(md),
                   plot=lambda path: _plot(path, rows))
     print("\n".join(md))
