@@ -49,8 +49,10 @@ def build_dataset(cfg: Config, dist: DistInfo) -> Dataset:
     if cfg.data.format == "synthetic":
         # every rank calls it: the builders generate, the others find the set complete
         rank0_first(dist, lambda: ensure_synthetic(cfg.data), cache_dir_of(cfg.data))
-    # the builders parse (and keep the parsed logs in the cache), the other ranks read them from it
-    ds = rank0_first(dist, lambda: load_dataset(cfg.data), cache_dir_of(cfg.data))
+    if cfg.data.format == "speedyrec" or cfg.data.strict:  # no parse cache: every rank parses, all at once
+        ds = load_dataset(cfg.data)
+    else:  # the builders parse (and keep the parsed logs in the cache), the other ranks read them from it
+        ds = rank0_first(dist, lambda: load_dataset(cfg.data), cache_dir_of(cfg.data))
     if dist.is_main:
         ds.faults.warn()
         log.info("data: %d news, %d train impressions (%d clicks), %d dev impressions, from %s",
