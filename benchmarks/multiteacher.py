@@ -45,14 +45,15 @@ from benchmarks.common import committed_runs, machine, md_table, run_job, run_jo
 from benchmarks.quality import TINY6
 
 # every setting that decides what a run costs, pinned: the student alone (stage=finetune) and Stage II would
-# otherwise resolve other defaults (stage=finetune takes 4 negatives per click and bf16 on this CPU, the
-# distillation stages 1 and float32), and a later change of a default would move the table without a word
+# otherwise resolve other defaults (stage=finetune takes 4 negatives per click, bf16 on this CPU and only the
+# impressions' clicks as targets, the distillation stages 1, float32 and every click), and a later change of a
+# default would move the table without a word
 PINNED = ["engine.negatives=1", "train.amp=off", "train.lr_schedule=linear", "train.warmup_steps=0",
           "train.grad_accum=1", "engine.token_budget=20000", "engine.buckets=2", "engine.chunk_tokens=2048",
           "engine.dynamic_batching=true", "engine.dedup=true", "engine.autoregressive=true",
           "engine.inbatch_negatives=false", "engine.random_negatives=uniform", "engine.cache=false",
           "engine.frozen_cache=true", "data.title_tokens=30", "data.abstract_tokens=0", "data.max_history=50",
-          "teachers.finetune_layers=2", "distill.student_layers=2", "train.epochs=1"]
+          "teachers.finetune_layers=2", "distill.student_layers=2", "train.epochs=1", "engine.targets=all"]
 BASE = ["data.synthetic_users=2000", "model.encoder=auto", "eval.max_impressions=20", *PINNED]
 QUICK_BASE = ["data.synthetic_users=300", *TINY6, "eval.max_impressions=20", *PINNED]
 

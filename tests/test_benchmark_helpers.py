@@ -788,3 +788,19 @@ def test_batched_top_layers_compute_what_the_sequential_layers_do_and_are_report
     monkeypatch.setattr(torch.func, "vmap", lambda fn, **kw: (lambda *a: real_vmap(fn, **kw)(*a) + 1.0))
     with pytest.raises(AssertionError, match="does not compute"):
         batched_layers.measure(cfg, 2, 2, 64, 8, repeats=1, warmup=0)
+
+
+def test_multiteacher_compares_a_student_and_stage_ii_that_train_alike():
+    """The student alone and Stage II differ only by the teachers: every engine and training setting resolves alike
+    (a default that differs by stage, as engine.targets does, would compare runs of different lengths)."""
+    from benchmarks.multiteacher import BASE
+    from speedyrec.config import load_config
+
+    student = load_config(None, [*BASE, "stage=finetune", "model.layers=2", "model.freeze_layers=0"]).to_dict()
+    stage2 = load_config(None, [*BASE, "stage=distill_finetune"]).to_dict()
+    for section in ("engine", "train"):
+        differ = {k: (v, stage2[section][k]) for k, v in student[section].items() if stage2[section][k] != v}
+        if section == "train":  # each stage's own learning rates: they change what is learnt, not the cost
+            differ.pop("lr", None)
+            differ.pop("encoder_lr", None)
+        assert not differ, (section, differ)
