@@ -4,7 +4,7 @@
 Full mode on this machine (2 cores), about 15.5 hours: speedup about 2.5 h, quality about 70 min per seed for the
 2-layer pipeline plus about 30 min per seed for each other student size (3 seeds, sizes 1, 2 and 4), multiteacher
 about 70 min, tune about 90 min, context about 60 min, pipeline about 40 min, cache about 55 min per seed, scaling
-about 22 min, buslm 12 min, data_efficiency 5 min, limit 4 min (tune and cache estimated: measured at 65 and 30 min
+about 22 min, buslm 12 min, scale about 10 min, data_efficiency 5 min, limit 4 min (tune and cache estimated: measured at 65 and 30 min
 before the default became 4 negatives per click, which halves the targets per second). Each run records its duration; the README's durations
 table shows them. ``--quick`` checks every harness on tiny random models and leaves the README alone; its
 durations go to ``results/run_durations.json`` too.
