@@ -140,13 +140,14 @@ def ledger_clear(name: str) -> None:
 
 
 def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool = True, committed: dict | None = None,
-                 check_defaults: bool = True, ledger: str = "", **kw) -> dict | None:
+                 check_defaults: bool = True, ledger: str = "", before_run=None, **kw) -> dict | None:
     """``run_job``, kept as ``out_root/NAME/job.json``: a later call with the same overrides reuses it, so an
     interrupted benchmark given the same ``--out`` continues where it stopped. ``committed``: the job as a
     results file holds it (a table measured across sessions, whose run folders are gone), reused when nothing is
     kept and it ran the same overrides. ``may_run`` false: None for a job neither kept nor committed (a benchmark
     re-derived from the runs made so far). ``check_defaults`` false: a run of other code (another commit), whose
     defaults are its own. ``ledger``: the benchmark whose ledger records the job (run or kept; see ledger_add).
+    ``before_run()``: called just before the job runs (not when it is reused), e.g. to make what it reads.
     A file ``out_root/STOP`` stops the benchmark before its next new run (the one running finishes first)."""
     kept = out_root / name / "job.json"
     if kept.exists():
@@ -180,6 +181,8 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool 
         return None
     if (out_root / "STOP").exists():  # a session ending: stop between runs, the finished ones are in the ledger
         raise SystemExit(f"{out_root / 'STOP'} exists: stopped before {name}; remove it and run again to continue")
+    if before_run is not None:
+        before_run()
     print(f"{name}: running {' '.join(overrides)}", flush=True)
     job = {**run_job(name, overrides, out_root, **kw), "overrides": overrides}
     kept.write_text(json.dumps(job, indent=2) + "\n")

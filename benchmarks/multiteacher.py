@@ -64,6 +64,11 @@ def _link(dst: Path, src: Path) -> None:
         dst.symlink_to(src.resolve())
 
 
+def from_dir(kind: str, m: int) -> str:
+    """The distill.from_dir folder (under --out) of the first M teachers (kind "first") or of teacher M alone."""
+    return f"teachers_{m}" if kind == "first" else f"only_{m}"
+
+
 def prepare(root: Path, m_max: int, base: list[str]) -> dict[str, Path]:
     """Post-training snapshots, finetuned teachers and a Stage I student (a few steps each), then one from_dir
     folder per M holding the first M of each, and one per teacher holding only it."""
@@ -77,14 +82,14 @@ def prepare(root: Path, m_max: int, base: list[str]) -> dict[str, Path]:
                 stage="distill_posttrain")
     dirs = {}
     for m in range(1, m_max + 1):
-        d = root / f"teachers_{m}"
+        d = root / from_dir("first", m)
         for k in range(1, m + 1):
             _link(d / "posttrain/snapshots" / f"teacher_{k}.safetensors", prep / "posttrain/snapshots" / f"teacher_{k}.safetensors")
             _link(d / "finetune_teachers/teachers" / f"teacher_{k}.safetensors",
                   prep / "finetune_teachers/teachers" / f"teacher_{k}.safetensors")
         _link(d / "distill_posttrain/student.safetensors", prep / "distill_posttrain/student.safetensors")
         dirs[f"first_{m}"] = d
-        only = root / f"only_{m}"
+        only = root / from_dir("only", m)
         _link(only / "posttrain/snapshots" / f"teacher_{m}.safetensors", prep / "posttrain/snapshots" / f"teacher_{m}.safetensors")
         dirs[f"only_{m}"] = only
     return dirs
@@ -137,13 +142,16 @@ def main(argv=None) -> dict:
             # run in the --out folder, which the overrides' folders are relative to: a later session (another
             # --out) then reuses the ledger's runs, whose overrides name no folder of this one
             job = run_job_kept(name, overrides, root, committed=committed.get(name), stage=stage, cwd=root,
-                               ledger="" if a.quick else "multiteacher")
+                               ledger="" if a.quick else "multiteacher", before_run=prepared)
             return cost(job)
 
-        def source(key):  # the prepared teachers (relative to --out), made on first use: none if every run is kept
+        def prepared():  # the teachers, made before the first run that is not kept: none if every run is kept
             if not dirs:
                 dirs.update(prepare(root, m_max, base))
-            return dirs[key].relative_to(root)
+
+        def source(key):  # the folder (relative to --out) prepare() makes for the first M teachers / teacher M
+            kind, m = key.rsplit("_", 1)
+            return Path(from_dir(kind, int(m)))
 
         runs: dict[str, dict] = {}
         for m in range(1, m_max + 1):
