@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -123,7 +124,7 @@ def world_run(root: Path, world: int, quick: bool) -> dict:
                                                                           if quick else [])]
     proc = subprocess.run([*launcher, "--standalone", f"--nproc_per_node={world}", "-m", "speedyrec.train", "--quiet",
                            *overrides], capture_output=True, text=True, timeout=3600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     stats = json.loads((out / "stats.json").read_text())

@@ -88,15 +88,22 @@ def read_rows(path: Path, faults: FaultLog, max_line_bytes: int) -> Iterator[tup
                 continue
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            raw = raw.rstrip(b"\n").rstrip(b"\r")
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                faults.fault("invalid_utf8_rows", f"{path}:{lineno}", f"invalid UTF-8 at byte {e.start}")
-                text = raw.decode("utf-8", errors="replace")
-            yield lineno, text
+            text = _line_text(path, lineno, raw.rstrip(b"\n"), faults)
+            if text is not None:
+                yield lineno, text
+
+
+def _line_text(path: Path, lineno: int, raw: bytes, faults: FaultLog) -> str | None:
+    """One line without its newline: its carriage returns stripped, None when blank, invalid UTF-8 replaced and
+    counted."""
+    raw = raw.rstrip(b"\r")
+    if not raw.strip():
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        faults.fault("invalid_utf8_rows", f"{path}:{lineno}", f"invalid UTF-8 at byte {e.start}")
+        return raw.decode("utf-8", errors="replace")
 
 
 def read_row_blocks(path: Path, faults: FaultLog, max_line_bytes: int,
@@ -154,14 +161,8 @@ def _block_rows(path: Path, faults: FaultLog, max_line_bytes: int, numbers: rang
         if len(raw) > max_line_bytes:
             faults.fault("overlong_rows", f"{path}:{n}", f"line longer than {max_line_bytes} bytes")
             continue
-        raw = raw.rstrip(b"\r")
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            faults.fault("invalid_utf8_rows", f"{path}:{n}", f"invalid UTF-8 at byte {e.start}")
-            text = raw.decode("utf-8", errors="replace")
-        out_n.append(n)
-        out_t.append(text)
+        text = _line_text(path, n, raw, faults)
+        if text is not None:
+            out_n.append(n)
+            out_t.append(text)
     return out_n, out_t
