@@ -101,7 +101,20 @@ def cost(run: dict) -> dict:
             "bank_seconds": s.get("bank_seconds", 0.0), "bank_news_encoded": s.get("bank_news_encoded", 0),
             "shared_frozen_layers": s.get("shared_frozen_layers"), "peak_rss_mb": s.get("peak_rss_mb"),
             "train_peak_rss_mb": s.get("train_peak_rss_mb"), "process_seconds": run["process_seconds"],
-            "command": run["command"]}
+            "command": run["command"], "commit": run.get("commit")}
+
+
+def _provenance(runs: dict) -> str:
+    """Which commit made which runs, when the ledger holds runs of several (sessions reuse each other's runs)."""
+    by: dict[str, list[str]] = {}
+    for name, r in runs.items():
+        by.setdefault(r.get("commit") or "this session", []).append(name)
+    if len(by) < 2:
+        return ""
+    parts = [f"{commit}: {', '.join(sorted(names))}" for commit, names in by.items()]
+    return (" The runs were made at several commits (a later session reuses the ledger's runs, so compare rows "
+            "across commits knowing what changed between them: `git diff A B -- engine speedyrec`): "
+            + "; ".join(parts) + ".")
 
 
 def main(argv=None) -> dict:
@@ -269,7 +282,7 @@ def report(runs: dict, m_max: int, s2_steps: int, naive_steps: int, info: dict, 
           f"{s2_window}, {repeats} run(s) each, interleaved (median; range in brackets); naive runs trained "
           f"{naive_steps} steps, their cost per step times the same steps. Every setting that decides the cost is "
           f"pinned, the same for every run: `{' '.join(PINNED)}`. Command: `python -m benchmarks.multiteacher"
-          f"{' --quick' if quick else ''}`.\n",
+          f"{' --quick' if quick else ''}`.{_provenance(runs)}\n",
           "## Finetuning M teachers\n",
           f"One teacher alone: {one:.0f} s with speedyrec, {conventional_one:.0f} s the conventional way (its whole "
           f"PLM at every step). The bound: the same teacher with none of its transformer trained (every layer "
