@@ -279,7 +279,8 @@ def report(runs: dict, m_max: int, s2_steps: int, naive_steps: int, info: dict, 
           f"Device: {info['device']}, torch {info['torch']}. Synthetic default (2,000 users), all-MiniLM-L6-v2 "
           f"teachers (top 2 of 6 layers finetuned), its first 2 layers as the student. Costs are training-loop "
           f"seconds: teacher finetuning over its first {ours_steps} steps, Stage II and the student alone over "
-          f"{s2_window}, {repeats} run(s) each, interleaved (median; range in brackets); naive runs trained "
+          f"{s2_window}, {repeats} run(s) each, interleaved where one session made them (median; range in brackets); "
+          f"naive runs trained "
           f"{naive_steps} steps, their cost per step times the same steps. Every setting that decides the cost is "
           f"pinned, the same for every run: `{' '.join(PINNED)}`. Command: `python -m benchmarks.multiteacher"
           f"{' --quick' if quick else ''}`.{_provenance(runs)}\n",
@@ -315,12 +316,22 @@ def report(runs: dict, m_max: int, s2_steps: int, naive_steps: int, info: dict, 
     return payload
 
 
+WORTH_BUILDING = 0.05  # the share of the top layers' time a batched layer must save to be worth its code
+
+
 def _batched_md(b: dict | None) -> list[str]:
     if not b:
         return []
-    verdict = ("faster in every round for at least one precision: worth building into SharedPrefixStack"
-               if b["batched_faster"] else "not faster in every round in either precision, so the engine keeps its "
-               "M sequential calls and the bound above stands")
+    faster = [p for p in ("fp32", "bf16") if b[p]["faster"]]
+    saves = max((b[p]["bmm_saves_at_most"] for p in faster), default=0.0)
+    keep = "so the engine keeps its M sequential calls and the bound above stands"
+    if faster and saves >= WORTH_BUILDING:
+        verdict = f"faster in every round in {' and '.join(faster)}, saving up to {saves:.0%}: worth building"
+    elif faster:
+        verdict = (f"bmm is faster in every round in {' and '.join(faster)} but saves at most {saves:.0%} of the "
+                   f"layers' time (under the {WORTH_BUILDING:.0%} a batched layer would have to earn), {keep}")
+    else:
+        verdict = f"not faster in every round in either precision, {keep}"
     spread = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"  # noqa: E731
     return ["\n## The teachers' top layers as one batched call\n",
             f"Could batching lower the bound? The {b['teachers']} teachers' top {b['top_layers']} layers, forward and "
