@@ -322,3 +322,58 @@ def test_rows_read_in_blocks_are_the_rows_read_line_by_line(tmp_path, block):
         blocks = [(n, t) for numbers, texts in read_row_blocks(path, fb, 30, block) for n, t in zip(numbers, texts)]
         assert blocks == rows, name
         assert fa.as_dict() == fb.as_dict() and fa.examples == fb.examples, name
+
+
+@pytest.mark.parametrize("block", [16, 97, 8 << 20])
+@pytest.mark.parametrize("listing,labels_optional", [(False, False), (True, False), (True, True)])
+def test_plain_lines_cut_with_numpy_and_faulty_ones_between_them_read_as_line_by_line(tmp_path, monkeypatch, block,
+                                                                                      listing, labels_optional):
+    """The bulk reader cuts plain lines with numpy over the block's bytes and sends every other line through the
+    text rules, in file order: plain and faulty lines interleaved, users first seen on either kind, blocks that cut
+    lines anywhere, ids too long or not ASCII for the byte keys: the line-by-line reader's arrays, counters and
+    examples, and both paths were taken."""
+    from speedyrec.data import behaviors
+    from speedyrec.data.behaviors import read_mind_behaviors, read_mind_behaviors_by_line
+    from speedyrec.data.faults import FaultLog
+    from speedyrec.data.news import NewsTable, read_mind_news
+
+    monkeypatch.setattr(behaviors, "BLOCK_BYTES", block)
+    ids = [f"N{i}" for i in range(1, 10)] + ["N123456789", "Né1", "N12345678"]
+    _write(tmp_path / "news.tsv", "".join(f"{i}\tc\ts\ttitle {i}\t\n" for i in ids))
+    t = "11/11/2019 9:0{}:01 AM"
+    lines = [
+        f"1\tU1\t{t.format(5)}\tN1 N2\tN3-1 N4-0",  # plain
+        f"2\tU2\t{t.format(4)}\tN1 N77\tN3-0",  # unknown id: text
+        f"3\tU2\t{t.format(4)}\tN2\tN3-1 N5-0",  # plain; U2 first seen on a text line
+        f"4\tU3\tnot a time\tN1\tN2-1",  # bad time: text, skipped
+        f"5\tU3\t{t.format(3)}\tN5\tN6-1",  # plain; U3's first kept line
+        f"6\t  \t{t.format(3)}\tN1\tN2-1",  # a blank user: text, skipped
+        f"7\tU4\t{t.format(2)}\tN123456789 N12345678\tN2-1 N123456789-0",  # ids of 10 and 9 bytes: text
+        f"8\tU5\t{t.format(2)}\tNé1\tN2-0",  # a non-ASCII id: text
+        f"9\tU6\t{t.format(1)}\t\tN2-1",  # empty history: text
+        f" 10 \t U7 \t {t.format(1)} \t N1  N2 \tN3-1  N4-0 ",  # blanks around fields and tokens: plain
+        f"11\tU8\t{t.format(6)}\tN1\tN2-1\r",  # CR: text
+        f"12\tU9\t{t.format(6)}\tN1\tN2 N3-1",  # a token without its label: text
+        f"13\tU1\t{t.format(7)}\tN1N2\tN3-1",  # glued ids: text
+        f"14\tU10\t{t.format(7)}\tN9\tN8-0 N7-1 N1-0",  # plain
+        f"15\tU11\t{t.format(7)}\tN1\tN2-1\textra",  # six columns: text
+        f"\tU12\t{t.format(8)}\tN1\tN2-x",  # no impression id, a bad label: text
+        f"\tU12\t{t.format(8)}\tN1\tN2-1",  # no impression id: plain
+        "",
+        f"18\tU13\t{t.format(9)}\tN4\t",  # no candidates: plain
+    ]
+    _write(tmp_path / "behaviors.tsv", "\n".join(lines) + "\n")
+    news = NewsTable()
+    read_mind_news(tmp_path / "news.tsv", news, FaultLog(), 1 << 20)
+    seen = []
+    real = behaviors._plain_lines
+    monkeypatch.setattr(behaviors, "_plain_lines", lambda *a: seen.append(real(*a)) or seen[-1])
+    got = []
+    for read in (read_mind_behaviors_by_line, read_mind_behaviors):
+        faults = FaultLog()
+        got.append((read([tmp_path / "behaviors.tsv"], news, faults, 1000, listing, labels_optional), faults))
+    (a, fa), (b, fb) = got
+    _same_behaviors(a, b)
+    assert fa.as_dict() == fb.as_dict() and fa.examples == fb.examples
+    plain = sum(int(p.plain.sum()) for p in seen)
+    assert plain == 7 and sum(len(p.plain) for p in seen) == len(lines)

@@ -4,12 +4,13 @@ from __future__ import annotations
 import itertools
 import operator
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from speedyrec.data.faults import FaultLog, read_row_blocks, read_rows
+from speedyrec.data.faults import FaultLog, block_rows, read_line_bytes, read_rows
 from speedyrec.data.news import NewsTable
 from speedyrec.data.ragged import Ragged
 
@@ -107,10 +108,14 @@ class _Builder:
     ids: list[str] = field(default_factory=list)
     slots: list[np.ndarray] = field(default_factory=list)
     candidate_slot: list[np.ndarray] = field(default_factory=list)
-    _widths: tuple = ()
+    _width_cache: tuple | None = None
 
-    def __post_init__(self):
-        self._widths = tuple(sorted({len(i) for i in self.news.ids}))
+    @property
+    def _widths(self) -> tuple:
+        """The id lengths of the news table, shortest first (computed once, when a token may be glued ids)."""
+        if self._width_cache is None:
+            self._width_cache = tuple(sorted({len(i) for i in self.news.ids}))
+        return self._width_cache
 
     def user_id(self, key: str) -> int:
         u = self.user_index.get(key)
@@ -245,7 +250,9 @@ def parse_mind_times(stamps: list[str]) -> dict[str, int | None]:
     if len(parts) == 3 * len(stamps):
         date, clock, half = parts[0::3], parts[1::3], parts[2::3]
         d, c = "/".join(date).split("/"), ":".join(clock).split(":")
-        if len(d) == len(c) == 3 * len(stamps) and all(x.isascii() and x.isdigit() for x in (*d, *c)):
+        digits = "".join(d) + "".join(c)
+        if len(d) == len(c) == 3 * len(stamps) and "" not in d and "" not in c and digits.isascii() \
+                and digits.isdigit():
             fields = np.asarray(d, dtype=np.int64).reshape(-1, 3), np.asarray(c, dtype=np.int64).reshape(-1, 3), half
     if fields is None:
         for s in stamps:
@@ -331,30 +338,253 @@ def read_mind_behaviors_by_line(paths: list[Path], news: NewsTable, faults: Faul
 CHUNK_LINES = 20_000  # lines split before their ids are looked up: bounds the token strings held at once
 
 
+BLOCK_BYTES = 1 << 20  # bytes of whole lines read and cut at once (arrays the allocator reuses, not maps anew)
+
+
 def _read_mind_bulk(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int, listing: bool,
                     labels_optional: bool) -> Behaviors:
-    """:func:`read_mind_behaviors` in blocks of lines: a block is decoded and cut into columns in a few calls, each
-    column's tokens split in one call over the whole column, every id looked up in one pass, the glued-id check
-    run only for the rare unknown tokens that can be glued, and the arrays built with numpy; a line with a fault
-    (wrong column count, empty user, bad time, a token without its label) goes through the line-by-line rules.
-    Same arrays, counters and first examples as the line-by-line reader."""
+    """:func:`read_mind_behaviors` in blocks of bytes. A block's plain lines (ASCII, five columns, every news id known
+    and at most 8 bytes, every candidate ``<id>-<0|1>``, a history, a user and a valid time: nearly every line of a
+    clean log) are cut and looked up with numpy over the block's bytes (:func:`_plain_lines`). The other lines go,
+    in file order between the plain ones, through the text path: decoded and checked as read_rows does, columns
+    and tokens split per chunk of lines, ids looked up in one pass, glued ids split, faults counted by the
+    line-by-line rules (:func:`_split_lines`). Same arrays, counters and first examples as the line-by-line reader:
+    a plain line has no fault to count, and every other line is read by the rules that count them."""
     b = _Builder(news, faults, listing=listing)
+    table = _IdTable(news)
     times: dict[str, int] = {}
     parts: list[Behaviors] = []
     rows = 0
     for path in paths:
-        for numbers, lines in read_row_blocks(path, faults, max_line_bytes):
-            for s0 in range(0, len(lines), CHUNK_LINES):
-                chunk = _split_lines(path, numbers[s0:s0 + CHUNK_LINES], lines[s0:s0 + CHUNK_LINES], b, faults, times,
-                                     labels_optional, listing)
-                if chunk.user:
-                    parts.append(chunk.build(b, faults, listing, rows))
-                    rows += len(chunk.user)
+        for first, data in read_line_bytes(path, max_line_bytes, BLOCK_BYTES):
+            plain = _plain_lines(data, table, max_line_bytes, times)
+            for plain_run, i, j in _runs(plain.plain):
+                if plain_run:
+                    part = plain.build(data, i, j, path, first, b, listing, rows)
+                    parts.append(part)
+                    rows += len(part)
+                    continue
+                raws = [data[a:e] for a, e in zip(plain.start[i:j].tolist(), plain.end[i:j].tolist())]
+                numbers, lines = block_rows(path, faults, max_line_bytes, range(first + i, first + j), raws)
+                for s0 in range(0, len(lines), CHUNK_LINES):
+                    chunk = _split_lines(path, numbers[s0:s0 + CHUNK_LINES], lines[s0:s0 + CHUNK_LINES], b, faults,
+                                         times, labels_optional, listing)
+                    if chunk.user:
+                        parts.append(chunk.build(b, faults, listing, rows))
+                        rows += len(chunk.user)
     if not parts:
         parts.append(_Chunk(wheres=_Where(Path(), [])).build(b, faults, listing, 0))
     beh = _concat_behaviors(parts) if len(parts) > 1 else parts[0]
     order = np.argsort(beh.time, kind="stable")
     return beh.take(order) if len(order) else beh
+
+
+def _runs(flags: np.ndarray):
+    """(flag, start, end) of each maximal run of equal flags."""
+    if not len(flags):
+        return
+    cuts = np.flatnonzero(flags[1:] != flags[:-1]) + 1
+    starts, ends = np.r_[0, cuts], np.r_[cuts, len(flags)]
+    for a, e in zip(starts.tolist(), ends.tolist()):
+        yield bool(flags[a]), a, e
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# the low n bytes of a little-endian 64-bit word: a token of n bytes read as the 8 bytes from its start
+_LOW_BYTES = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
+
+
+class _IdTable:
+    """The news ids of at most 8 ASCII bytes as 64-bit keys (the bytes themselves, zero-padded: two ids share a key
+    only if they are the same id), in an open-addressing hash table numpy probes for many keys at once."""
+
+    def __init__(self, news: NewsTable):
+        if len(news.index) == len(news.ids):  # each id once: id k is news k
+            ids, values = news.ids, np.arange(len(news.ids), dtype=np.int64)
+        else:
+            ids, values = list(news.index), np.fromiter(news.index.values(), dtype=np.int64, count=len(news.index))
+        text = "\n".join(ids)
+        raw = text.encode()
+        if len(raw) != len(text):  # some ids are not ASCII: no token of a plain line is one of them
+            keep = [k for k, i in enumerate(ids) if i.isascii()]
+            ids, values = [ids[k] for k in keep], values[keep]
+            text = "\n".join(ids)
+            raw = text.encode()
+        size = 1 << max(10, (2 * len(ids)).bit_length())  # at most a quarter full
+        self.shift, self.mask = np.uint64(64 - size.bit_length() + 1), size - 1
+        self.keys = np.zeros(size, dtype=np.uint64)
+        self.values = np.full(size, -1, dtype=np.int64)
+        if not ids:
+            return
+        buf = np.frombuffer(raw, dtype=np.uint8)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        starts = np.r_[0, np.cumsum(lengths + 1)[:-1]]
+        # an id with a blank or control byte can never be one token of a plain line
+        odd = (buf <= 32) | (buf == 127)
+        odd[starts[1:] - 1] = False  # the newlines between ids
+        bad = np.flatnonzero(odd)
+        blank = np.zeros(len(ids), dtype=bool)
+        blank[np.searchsorted(starts, bad, side="right") - 1] = True
+        ok = (lengths > 0) & (lengths <= 8) & ~blank
+        keys = _windows(buf)[starts[ok]] & _LOW_BYTES[lengths[ok]]
+        values = values[ok]
+        slot = self._hash(keys)
+        todo = np.arange(len(keys))
+        while len(todo):  # each round: every id whose slot is free, one per slot, takes it; the rest probe on
+            free = todo[self.keys[slot[todo]] == 0]
+            taken, first = np.unique(slot[free], return_index=True)
+            self.keys[taken], self.values[taken] = keys[free[first]], values[free[first]]
+            placed = np.zeros(len(keys), dtype=bool)
+            placed[free[first]] = True
+            todo = todo[~placed[todo]]
+            slot[todo] = (slot[todo] + 1) & self.mask
+
+    def _hash(self, keys: np.ndarray) -> np.ndarray:
+        return ((keys * _GOLDEN) >> self.shift).astype(np.int64)
+
+    def lookup(self, words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """News index of each token of 1 to 8 bytes at ``starts`` (``words``: the block's 8-byte windows, see
+        :func:`_windows`); -1 if unknown."""
+        keys = words[starts] & _LOW_BYTES[lengths]
+        slot = self._hash(keys)
+        found = self.keys[slot]
+        out = np.where(found == keys, self.values[slot], -1)
+        # a slot taken by another key: probe on (an empty slot ends the search)
+        todo = np.flatnonzero((found != keys) & (found != 0))
+        slot = slot[todo]
+        while len(todo):
+            slot = (slot + 1) & self.mask
+            found = self.keys[slot]
+            hit = found == keys[todo]
+            out[todo[hit]] = self.values[slot[hit]]
+            go = ~hit & (found != 0)
+            todo, slot = todo[go], slot[go]
+        return out
+
+
+@dataclass
+class _PlainLines:
+    """A block's lines (byte ranges, without their newline), which of them are plain, and the plain ones' fields:
+    tab positions, and their history and candidate ids and labels, line after line."""
+
+    start: np.ndarray
+    end: np.ndarray
+    plain: np.ndarray  # bool per line
+    tabs: np.ndarray  # [lines, 4] (rows of non-plain lines unused)
+    time: np.ndarray  # seconds, per line (non-plain lines unused)
+    h_idx: np.ndarray
+    h_at: np.ndarray  # per line + 1: offsets into h_idx (0 tokens for non-plain lines)
+    c_idx: np.ndarray
+    c_lab: np.ndarray
+    c_at: np.ndarray
+
+    def build(self, data: bytes, i: int, j: int, path: Path, first: int, b: _Builder, listing: bool,
+              row0: int) -> Behaviors:
+        """Behaviors of the plain lines i..j-1 (a run of them), users registered in file order."""
+        t = self.tabs[i:j].tolist()
+        a = self.start[i:j].tolist()
+        users = [data[x[0] + 1:x[1]].decode().strip() for x in t]
+        index = b.user_index
+        known = len(index)
+        user = [index.setdefault(u, len(index)) for u in users]
+        if len(index) > known:
+            b.users.extend(reversed(list(itertools.islice(reversed(index), len(index) - known))))
+        h_at, c_at = self.h_at[i:j + 1], self.c_at[i:j + 1]
+        c_len = np.diff(c_at)
+        lst = None
+        if listing:
+            ids = [data[s:x[0]].decode().strip() or f"{path.name}:{first + i + k}" for k, (s, x) in enumerate(zip(a, t))]
+            labels = self.c_lab[c_at[0]:c_at[-1]]
+            lst = Listing(np.asarray(ids, dtype=str), row0 + np.arange(j - i, dtype=np.int64),
+                          Ragged.from_lengths(c_len, labels.copy()),
+                          (np.arange(c_at[-1] - c_at[0]) - np.repeat(c_at[:-1] - c_at[0], c_len)).astype(np.int32))
+        return Behaviors(b.users, np.asarray(user, dtype=np.int64), self.time[i:j].copy(),
+                         Ragged.from_lengths(np.diff(h_at), self.h_idx[h_at[0]:h_at[-1]].astype(np.int32)),
+                         Ragged.from_lengths(c_len, self.c_idx[c_at[0]:c_at[-1]].astype(np.int32)),
+                         self.c_lab[c_at[0]:c_at[-1]].copy(), np.zeros(j - i, dtype=np.int64), listing=lst)
+
+
+def _windows(buf: np.ndarray) -> np.ndarray:
+    """[len(buf)] uint64: element k is the 8 bytes buf[k : k + 8] (zeros past the end), as the machine reads them
+    (an unaligned view of one padded copy). Keys are little-endian, so a token's bytes are its word's low bytes."""
+    if sys.byteorder != "little":
+        raise NotImplementedError("the plain-line reader reads 8 bytes as a little-endian word")
+    padded = np.concatenate([buf, np.zeros(8, dtype=np.uint8)])
+    return np.ndarray(shape=(len(buf),), dtype=np.uint64, buffer=padded, offset=0, strides=(1,))
+
+
+def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[str, int]) -> _PlainLines:
+    """Cut a block of whole lines (joined by newlines) with numpy: which lines are plain (see _read_mind_bulk), and
+    their tabs, times, ids and labels. ``times``: the stamps parsed so far (read and extended)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    # every byte that separates (tab, newline, space) or disqualifies a line (other controls, non-ASCII)
+    special = np.flatnonzero((buf <= 32) | (buf >= 128))
+    kind = buf[special]
+    is_nl = kind == 10
+    nl = special[is_nl]
+    start = np.r_[0, nl + 1].astype(np.int64)
+    end = np.r_[nl, len(buf)].astype(np.int64)
+    n = len(start)
+    is_tab = kind == 9
+    odd = ~(is_nl | is_tab | (kind == 32))
+    plain = (np.bincount(np.searchsorted(nl, special[is_tab]), minlength=n) == 4) & (end - start <= max_line_bytes)
+    if odd.any():
+        plain[np.searchsorted(nl, special[odd])] = False
+    # separators with a virtual one before the block and one after it: tokens lie between consecutive ones
+    sep = np.r_[-1, special[~odd], len(buf)]
+    sep_nl = np.r_[True, is_nl[~odd], True]
+    sep_tab = np.r_[False, is_tab[~odd], False]
+    ctab = np.cumsum(sep_tab)
+    line_start_sep = np.maximum.accumulate(np.where(sep_nl, np.arange(len(sep)), 0))
+    col = ctab - ctab[line_start_sep]  # tabs of its line before the token that follows each separator
+    sep_line = np.cumsum(sep_nl) - 1
+    tabs = np.zeros((n, 4), dtype=np.int64)
+    tab_pos = sep[sep_tab]
+    tab_line = sep_line[sep_tab]
+    four = plain[tab_line]
+    tabs[plain] = tab_pos[four].reshape(-1, 4)
+    tok_start = sep[:-1] + 1
+    tok_len = sep[1:] - tok_start
+    tok_line, tok_col = sep_line[:-1], col[:-1]
+    keep = (tok_len > 0) & plain[tok_line] & (tok_col >= 1)
+    tok_start, tok_len, tok_line, tok_col = tok_start[keep], tok_len[keep], tok_line[keep], tok_col[keep]
+    plain &= np.bincount(tok_line[tok_col == 1], minlength=n) > 0  # a user id that is not all blanks
+    keep = tok_col >= 3
+    tok_start, tok_len, tok_line, tok_col = tok_start[keep], tok_len[keep], tok_line[keep], tok_col[keep]
+    hist = tok_col == 3
+    h_start, h_len, h_line = tok_start[hist], tok_len[hist], tok_line[hist]
+    c_start, c_len, c_line = tok_start[~hist], tok_len[~hist], tok_line[~hist]
+    # a candidate is <id>-<0|1>
+    c_end = c_start + c_len
+    labelled = (c_len > 2) & (buf[np.maximum(c_end - 2, 0)] == 45) & ((buf[c_end - 1] == 48) | (buf[c_end - 1] == 49))
+    c_lab = (buf[c_end - 1].astype(np.int16) - 48).astype(np.int8)
+    c_len = c_len - 2
+    bad = np.concatenate([h_line[(h_len > 8)], c_line[~labelled | (c_len > 8)]])
+    plain[bad] = False
+    short_h, short_c = h_len <= 8, labelled & (c_len <= 8)
+    words = _windows(buf)
+    h_idx = np.full(len(h_start), -1, dtype=np.int64)
+    h_idx[short_h] = table.lookup(words, h_start[short_h], h_len[short_h])
+    c_idx = np.full(len(c_start), -1, dtype=np.int64)
+    c_idx[short_c] = table.lookup(words, c_start[short_c], c_len[short_c])
+    plain[h_line[h_idx < 0]] = False  # unknown (or glued) ids: the text path splits and counts them
+    plain[c_line[c_idx < 0]] = False
+    plain &= np.bincount(h_line, minlength=n) > 0  # an empty history is a fault to count
+    # the time stamps, parsed once per distinct stamp; a line whose stamp does not parse is not plain
+    time = np.zeros(n, dtype=np.int64)
+    rows = np.flatnonzero(plain)
+    stamps = [data[a + 1:e].decode().strip() for a, e in zip(tabs[rows, 1].tolist(), tabs[rows, 2].tolist())]
+    times.update(parse_mind_times(list(set(stamps) - times.keys())))
+    when = list(map(times.__getitem__, stamps))
+    if None in when:
+        ok = np.array([w is not None for w in when])
+        plain[rows[~ok]] = False
+        rows, when = rows[ok], [w for w in when if w is not None]
+    time[rows] = when
+    hk, ck = plain[h_line], plain[c_line]
+    h_at = np.r_[0, np.cumsum(np.bincount(h_line[hk], minlength=n))]
+    c_at = np.r_[0, np.cumsum(np.bincount(c_line[ck], minlength=n))]
+    return _PlainLines(start, end, plain, tabs, time, h_idx[hk], h_at, c_idx[ck], c_lab[ck], c_at)
 
 
 _TAIL, _HEAD, _LAST = operator.itemgetter(slice(-2, None)), operator.itemgetter(slice(None, -2)), operator.itemgetter(-1)
@@ -454,18 +684,18 @@ class _Chunk:
 
     def build(self, b: _Builder, faults: FaultLog, listing: bool, row0: int) -> Behaviors:
         n_rows, wheres = len(self.user), self.wheres
-        h_idx, h_len, h_place = _bulk_lookup(b, self.h_tok, np.asarray(self.h_len, dtype=np.int64), wheres)
+        h_idx, h_len, h_place, h_names = _bulk_lookup(b, self.h_tok, np.asarray(self.h_len, dtype=np.int64), wheres)
         labels_listed = (np.frombuffer("".join(self.c_lab).encode(), dtype=np.uint8).astype(np.int16)
                          - ord("0")).astype(np.int8)
         c_len_listed = np.asarray(self.c_len, dtype=np.int64)
-        c_idx, c_len, c_place = _bulk_lookup(b, self.c_tok, c_len_listed, wheres)
+        c_idx, c_len, c_place, c_names = _bulk_lookup(b, self.c_tok, c_len_listed, wheres)
         c_labels = np.repeat(labels_listed, np.bincount(c_place, minlength=len(self.c_tok)))  # pieces share it
         # unknown ids, counted per line (history first, then candidates) as the line-by-line reader counts them
         h_rows = np.repeat(np.arange(n_rows), h_len)
         c_rows = np.repeat(np.arange(n_rows), c_len)
         h_known, c_known = h_idx >= 0, c_idx >= 0
-        _count_unknown(faults, wheres, h_rows[~h_known], c_rows[~c_known], self.h_tok, self.c_tok,
-                       h_place[~h_known], c_place[~c_known])
+        _count_unknown(faults, wheres, h_rows[~h_known], c_rows[~c_known], h_names, c_names,
+                       np.flatnonzero(~h_known), np.flatnonzero(~c_known))
         h_kept = np.bincount(h_rows[h_known], minlength=n_rows)
         empty = np.flatnonzero(h_kept == 0)
         for r in empty[: faults.max_examples]:
@@ -505,27 +735,28 @@ def _concat_behaviors(parts: list[Behaviors]) -> Behaviors:
 
 def _bulk_lookup(b: _Builder, tokens: list[str], lengths: np.ndarray, wheres: list[str]):
     """Indices of the tokens of every line (lengths per line), glued ids split into their pieces: (indices [P],
-    pieces per line [R], the listed token each piece came from [P])."""
+    pieces per line [R], the listed token each piece came from [P], each piece's text [P])."""
     get = b.news.index.get
     idx = np.fromiter(map(get, tokens, itertools.repeat(-1)), dtype=np.int64, count=len(tokens))
     place = np.arange(len(tokens), dtype=np.int64)
     widths = b._widths
     unknown = np.flatnonzero(idx < 0)
     if not widths or not len(unknown):
-        return idx, lengths, place
+        return idx, lengths, place, tokens
     # only an unknown token whose length is no id length, and at least two ids long, may be glued
     sizes = np.fromiter(map(len, map(tokens.__getitem__, unknown.tolist())), dtype=np.int64, count=len(unknown))
     maybe = unknown[~np.isin(sizes, widths) & (sizes >= 2 * widths[0])]
     if not len(maybe):
-        return idx, lengths, place
+        return idx, lengths, place, tokens
     rows = np.repeat(np.arange(len(lengths)), lengths)
-    pieces = {}
+    pieces, texts = {}, {}
     for i in maybe:
         split = b.split_glued(tokens[i], wheres[rows[i]])
         if len(split) > 1:
             pieces[int(i)] = np.fromiter((get(p, -1) for p in split), dtype=np.int64, count=len(split))
+            texts[int(i)] = split
     if not pieces:
-        return idx, lengths, place
+        return idx, lengths, place, tokens
     counts = np.ones(len(tokens), dtype=np.int64)
     for i, v in pieces.items():
         counts[i] = len(v)
@@ -533,12 +764,15 @@ def _bulk_lookup(b: _Builder, tokens: list[str], lengths: np.ndarray, wheres: li
     starts = np.cumsum(counts) - counts
     for i, v in pieces.items():
         out[starts[i]:starts[i] + len(v)] = v
-    return out, np.bincount(rows, weights=counts, minlength=len(lengths)).astype(np.int64), np.repeat(place, counts)
+    names = [p for i, tok in enumerate(tokens) for p in texts.get(i, (tok,))]
+    return (out, np.bincount(rows, weights=counts, minlength=len(lengths)).astype(np.int64), np.repeat(place, counts),
+            names)
 
 
 def _count_unknown(faults: FaultLog, wheres: list[str], h_rows, c_rows, h_tok, c_tok, h_place, c_place) -> None:
     """unknown_news_ids as the line-by-line reader counts it: one fault per line and list (history, then
-    candidates) with that list's unknown ids, naming its first; the first few kept as examples."""
+    candidates) with that list's unknown ids, naming its first (``*_tok[*_place]``: the unknown ids' texts, glued
+    ids' pieces included); the first few kept as examples."""
     events = []  # (row, list, first unknown token, count)
     for rows, toks, place, kind in ((h_rows, h_tok, h_place, 0), (c_rows, c_tok, c_place, 1)):
         if len(rows):

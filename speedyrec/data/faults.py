@@ -111,36 +111,46 @@ def read_row_blocks(path: Path, faults: FaultLog, max_line_bytes: int,
     """:func:`read_rows` a block of lines at a time: (line numbers, texts) of the block's non-blank lines, with
     the same skips, repairs and counts. A block is decoded in one call; only a block with an overlong line or
     invalid UTF-8 is looked at line by line."""
+    for first, data in read_line_bytes(path, max_line_bytes, block_bytes):
+        raws = data.split(b"\n")
+        numbers = range(first, first + len(raws))
+        yield block_rows(path, faults, max_line_bytes, numbers, raws)
+
+
+def read_line_bytes(path: Path, max_line_bytes: int, block_bytes: int = 8 << 20) -> Iterator[tuple[int, bytes]]:
+    """A file's whole lines in blocks: (number of the block's first line, its lines joined by newlines, without the
+    last newline); nothing decoded, checked or counted yet (:func:`block_rows` does that). A line that outgrows
+    ``max_line_bytes`` before its newline keeps only its first ``max_line_bytes + 1`` bytes: enough to be counted
+    as overlong."""
     with open(path, "rb") as f:
         lineno, carry = 0, b""
         while True:
             data = f.read(block_bytes)
-            at_end = not data
-            data = carry + data
-            if at_end:
-                raws, carry = ([data] if data else []), b""
-            else:
-                cut = data.rfind(b"\n")
-                if cut < 0:  # no line ends in it yet; an overlong one keeps only enough of itself to be counted
-                    carry = data[: max_line_bytes + 1]
-                    continue
-                raws, carry = data[:cut].split(b"\n"), data[cut + 1:]
-                if len(carry) > max_line_bytes:
-                    carry = carry[: max_line_bytes + 1]
-            numbers = range(lineno + 1, lineno + 1 + len(raws))
-            lineno += len(raws)
-            yield _block_rows(path, faults, max_line_bytes, numbers, raws, bom=numbers.start == 1)
-            if at_end:
+            if not data:
+                if carry:
+                    yield lineno + 1, carry
                 return
+            data = carry + data
+            cut = data.rfind(b"\n")
+            if cut < 0:  # no line ends in it yet; an overlong one keeps only enough of itself to be counted
+                carry = data[: max_line_bytes + 1]
+                continue
+            block, carry = data[:cut], data[cut + 1:]
+            if len(carry) > max_line_bytes:
+                carry = carry[: max_line_bytes + 1]
+            yield lineno + 1, block
+            lineno += block.count(b"\n") + 1
 
 
 _BLANK = " \t\n\r\x0b\x0c"  # what bytes.strip() strips: a line of only these is blank
 
 
-def _block_rows(path: Path, faults: FaultLog, max_line_bytes: int, numbers: range, raws: list[bytes], bom: bool):
-    """The rows of one block of whole lines; ``bom``: its first line is the file's first (a BOM there goes, once
-    the line's length was checked with it, as read_rows does)."""
+def block_rows(path: Path, faults: FaultLog, max_line_bytes: int, numbers, raws: list[bytes]):
+    """(line numbers, texts) of the non-blank lines among ``raws`` (lines without their newline, numbered
+    ``numbers``), skipped, repaired and counted as read_rows does. A BOM goes from line 1, once the line's length
+    was checked with it."""
     overlong = any(len(r) > max_line_bytes for r in raws)
+    bom = len(numbers) > 0 and numbers[0] == 1
     if bom and raws and raws[0].startswith(b"\xef\xbb\xbf") and len(raws[0]) <= max_line_bytes:
         raws = [raws[0][3:], *raws[1:]]
     if not overlong:
