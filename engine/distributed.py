@@ -62,6 +62,11 @@ ATTEMPT = 0  # this process's DistInfo.attempt, for code that has no DistInfo at
 # bytes this process put into or got out of the collectives below: an all-reduce's or broadcast's buffer, an
 # all-gather's whole output (it grows with the world size). The trainer reads it around each step.
 COMM_BYTES = [0]
+# Synchronizing collectives this process has completed: collectives whose result its host has read (the trainer's
+# agreement before every micro-batch, barriers), so that every rank had entered them. Every rank counts the same
+# ones in the same order (a collective is called by all ranks), so "rank A wrote x before its k-th, and I have
+# completed my k-th" means x was written before I look (speedyrec.models.frozen_prefix shares a node's cache so).
+SYNC_ROUNDS = [0]
 
 
 def _comm(*tensors: torch.Tensor) -> None:
@@ -130,6 +135,7 @@ def shutdown(wait_for_others: bool = True) -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+        SYNC_ROUNDS[0] += 1
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

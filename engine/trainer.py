@@ -20,7 +20,7 @@ import torch
 
 from speedyrec.engine.cache import OptimizerClock
 from speedyrec.engine.checkpoint import rng_state, set_rng_state
-from speedyrec.engine.distributed import COMM_BYTES, DistInfo, all_reduce_sum, reduce_gradients
+from speedyrec.engine.distributed import COMM_BYTES, SYNC_ROUNDS, DistInfo, all_reduce_sum, reduce_gradients
 from speedyrec.engine.memory import HeapTrimmer, peak_rss_mb, reset_peak_rss
 from speedyrec.engine.precision import autocast_context
 from speedyrec.engine.runlog import RunLog, progress
@@ -381,7 +381,8 @@ class Trainer:
         t = torch.tensor([float(batch is not None), float(mine), float(says)], dtype=torch.float64,
                          device=self.dist.device)
         all_reduce_sum(t)
-        has, targets, saying = t.tolist()
+        has, targets, saying = t.tolist()  # the host waits for every rank's part: a synchronizing round
+        SYNC_ROUNDS[0] += 1
         return has > 0, targets if saying == self.dist.world else None
 
     def _no_sync(self, skip: bool):

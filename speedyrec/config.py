@@ -146,6 +146,10 @@ class EngineConfig:
     prefetch: int = 4  # batches prepared ahead by the loader thread
     # frozen layers' output computed once per news and reused (false: recomputed at every step, the conventional way)
     frozen_cache: bool = True
+    # where the frozen-prefix caches live: one copy per node, mapped by all its ranks, so node-local scratch (not the
+    # shared out_dir); "" = the system's temporary folder. Size per cache: real tokens of all news x hidden x 2
+    # bytes under bf16 autocast (4 in float32), plus 4 bytes per news (speedyrec.models.frozen_prefix)
+    frozen_cache_dir: str = ""
 
 
 @dataclass

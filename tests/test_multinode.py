@@ -123,3 +123,30 @@ def test_nodes_that_do_not_share_out_dir_stop_at_once(tmp_path, cache_dir, synth
     assert codes != [0, 0] and "out_dir must be one directory shared by every node" in text, text[-3000:]
     assert not (tmp_path / "out_a" / "metrics.json").exists() and not (tmp_path / "out_b" / "metrics.json").exists()
     assert took < 120, took  # start-up and the check, not a collective's timeout
+
+
+def test_a_node_s_ranks_share_one_frozen_prefix_cache(tmp_path, cache_dir, synthetic_small):
+    """Two ranks of one node with frozen layers map one frozen-prefix cache in engine.frozen_cache_dir: the run
+    ends with the metrics of the same run without the cache (each rank serves the other's rows only once they
+    are whole), the node computes each news about once (two ranks with caches of their own would compute the
+    news both train on twice), and nothing is left in the folder."""
+    common = ("model.freeze_layers=1", "train.amp=off", "train.max_steps=6", "train.checkpoint_every=0")
+    runs = {}
+    for cached in ("true", "false"):
+        out = tmp_path / f"cache_{cached}"
+        cmd = [*launcher(), "--standalone", "--nproc_per_node=2", "-m", "speedyrec.train", "--quiet",
+               *args(out, cache_dir, synthetic_small, *common, f"engine.frozen_cache={cached}",
+                     f"engine.frozen_cache_dir={tmp_path / 'scratch'}")]
+        proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[cached] = (json.loads((out / "metrics.json").read_text()), json.loads((out / "stats.json").read_text()))
+    (m_on, s_on), (m_off, s_off) = runs["true"], runs["false"]
+    for k in ("auc", "mrr", "ndcg5", "ndcg10"):
+        assert abs(m_on[k] - m_off[k]) <= 1e-6, (k, m_on[k], m_off[k])
+    assert s_on["news_encoded"] == s_off["news_encoded"] and "frozen_news_computed" not in s_off
+    news = len({line.split("\t", 1)[0] for split in ("train", "dev")
+                for line in (synthetic_small / split / "news.tsv").open()})
+    stored = s_on["frozen_news_computed"] - s_on["frozen_news_pending"]
+    print("frozen cache:", {k: v for k, v in s_on.items() if k.startswith("frozen_")}, "news", news)
+    assert s_on["frozen_news_served"] > 0 and stored <= news * 1.1, (stored, news)
+    assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]

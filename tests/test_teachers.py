@@ -12,6 +12,7 @@ from speedyrec.distill.snapshots import SnapshotError, load_snapshot, read_snaps
 from speedyrec.engine.distributed import DistInfo
 from speedyrec.models.backbone import BertFamilyBackbone, random_bert
 from speedyrec.models.checksum import weights_checksum
+from speedyrec.models.frozen_prefix import FrozenCachePlace
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.recommender import NewsEncoder
 from speedyrec.models.shared_prefix import SharedPrefixStack, shared_frozen_depth
@@ -64,7 +65,8 @@ def test_shared_prefix_stack_equals_each_teacher_alone(tmp_path, cached):
     stack = SharedPrefixStack(teachers)
     inputs = NewsInputs(_store())
     if cached:
-        stack.enable_caches(inputs.lengths(np.arange(40)), tmp_path)
+        stack.enable_caches(inputs.lengths(np.arange(40)), FrozenCachePlace(tmp_path, torch.float32, True, False),
+                            "teachers")
     rng = np.random.default_rng(3)
     for _ in range(4):  # overlapping batches: later ones read the caches
         news = rng.integers(0, 40, 15)

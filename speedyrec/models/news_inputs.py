@@ -14,7 +14,7 @@ import torch
 
 from speedyrec.data.token_store import TokenStore
 from speedyrec.engine.host_sync import to_device
-from speedyrec.models.frozen_prefix import FrozenPrefixCache
+from speedyrec.models.frozen_prefix import FrozenCachePlace, FrozenPrefixCache
 
 
 @dataclass
@@ -82,8 +82,9 @@ class NewsInputs:
             return contextlib.nullcontext()
         return backbone.word_vocabulary(tokens.vocab)
 
-    def enable_frozen_prefix(self, hidden: int, path) -> None:
-        self.frozen = FrozenPrefixCache(self.lengths(np.arange(self.store.num_news)), hidden, path)
+    def enable_frozen_prefix(self, hidden: int, place: FrozenCachePlace, name: str) -> None:
+        """Cache the frozen layers' output of every news, in the node's cache ``name`` at ``place``."""
+        self.frozen = place.open(self.lengths(np.arange(self.store.num_news)), hidden, name)
 
     def close_frozen_prefix(self) -> None:
         if self.frozen is not None:

@@ -10,13 +10,12 @@ every step, exactly as one encoder alone would.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from speedyrec.models.frozen_prefix import FrozenPrefixCache
+from speedyrec.models.frozen_prefix import FrozenCachePlace, FrozenPrefixCache
 
 
 def _same_weights(modules: list[nn.Module]) -> bool:
@@ -66,15 +65,15 @@ class SharedPrefixStack(nn.Module):
         bb = self.encoders[i].backbone
         return getattr(bb, "freeze_layers", 0) - (self.shared_depth or 0)
 
-    def enable_caches(self, real_tokens: np.ndarray, directory: Path) -> None:
-        """File-backed caches of the shared prefix and of each encoder's own frozen layers, for news whose
-        real token counts in the encoder layout are ``real_tokens`` [num_news]."""
+    def enable_caches(self, real_tokens: np.ndarray, place: FrozenCachePlace, prefix: str) -> None:
+        """The node's caches (at ``place``, names from ``prefix``) of the shared prefix and of each encoder's own
+        frozen layers, for news whose real token counts in the encoder layout are ``real_tokens`` [num_news]."""
         hidden = self.encoders[0].backbone.hidden_size
         if self.shared_depth is not None:
-            self.shared_cache = FrozenPrefixCache(real_tokens, hidden, Path(directory) / "shared_prefix.npy")
+            self.shared_cache = place.open(real_tokens, hidden, f"{prefix}_shared_prefix")
         for i in range(len(self)):
             if self.own_frozen(i) > 0:
-                self.own_caches[i] = FrozenPrefixCache(real_tokens, hidden, Path(directory) / f"frozen_{i}.npy")
+                self.own_caches[i] = place.open(real_tokens, hidden, f"{prefix}_frozen_{i}")
 
     def close_caches(self) -> None:
         for c in [self.shared_cache, *self.own_caches]:

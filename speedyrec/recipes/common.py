@@ -20,6 +20,7 @@ from speedyrec.engine.distributed import DistInfo, all_reduce_sum
 from speedyrec.engine.memory import peak_rss_mb, process_peak_rss_mb
 from speedyrec.engine.trainer import Trainer
 from speedyrec.eval.evaluate import evaluate_models
+from speedyrec.models.frozen_prefix import frozen_cache_place
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.recipes.resume import StageCheckpoints, starts_over
 
@@ -94,8 +95,9 @@ class TitleBodyStage(StageRecipe):
         """The output of the encoder's frozen layers, computed once per news and field (engine.frozen_cache)."""
         bb = encoder.backbone
         if bb.freeze_layers and self.cfg.engine.frozen_cache:
+            place = frozen_cache_place(self.cfg, self.dist, self.out)
             for name, inputs in (("title", self.data.titles), ("body", self.data.bodies)):
-                inputs.enable_frozen_prefix(bb.hidden_size, self.out / f"frozen_{name}_rank{self.dist.rank}.npy")
+                inputs.enable_frozen_prefix(bb.hidden_size, place, f"{self.stage}_{name}")
 
     def fit_on_title_body(self, model: torch.nn.Module, optimizer, epochs: int, bodies: int, **trainer_kw) -> Trainer:
         """Train ``epochs`` passes (``bodies`` in all, for the progress bar) with the train.* settings;
@@ -170,6 +172,10 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
     st = trainer.state
     local = {k: float(st.counters.get(k, 0.0)) for k in ENGINE_COUNTERS}
     local["sequences_dropped"] = float(getattr(workflow, "sequences_dropped", 0))
+    frozen = getattr(getattr(workflow, "inputs", None), "frozen", None)
+    if frozen is not None:  # the frozen-prefix cache (on or off alike on every rank): the node's ranks share one
+        local.update(frozen_news_computed=float(frozen.computed), frozen_news_served=float(frozen.hits),
+                     frozen_news_pending=float(frozen.pending))
     vec = torch.tensor(list(local.values()), dtype=torch.float64, device=dist.device)
     all_reduce_sum(vec)
     # the slowest rank's loop time, and the largest of any rank: resident memory now, the peak of setup (data

@@ -28,6 +28,7 @@ from speedyrec.engine.encode import length_chunks
 from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.engine.trainer import adamw
 from speedyrec.hf_export import export_news_encoder
+from speedyrec.models.frozen_prefix import frozen_cache_place
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
 from speedyrec.recipes.common import (StageRecipe, evaluate_on_dev, non_backbone_names, student_freeze_layers,
@@ -97,7 +98,7 @@ class DistillFinetuneRecipe(StageRecipe):
         self.model = model = DistillModel(student, len(files), self.bank_dim, di.learn_omega).to(dist.device)
         if student.news_encoder.backbone.freeze_layers and cfg.engine.frozen_cache:
             inputs.enable_frozen_prefix(student.news_encoder.backbone.hidden_size,
-                                        self.out / f"frozen_prefix_rank{dist.rank}.npy")
+                                        frozen_cache_place(cfg, dist, self.out), "student")
         workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, student, dist, objective=self.objective)
         extra = [p for n, p in model.named_parameters() if not n.startswith("student.")]
         groups = student.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay) + [{"params": extra, "lr": tc.lr}]

@@ -10,6 +10,7 @@ from speedyrec.build import Context, build_model, segments_of
 from speedyrec.engine.distributed import all_reduce_sum
 from speedyrec.engine.trainer import Trainer, adamw
 from speedyrec.eval.evaluate import evaluate
+from speedyrec.models.frozen_prefix import frozen_cache_place
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.recipes.common import Timer, engine_stats, save_config, write_json
 from speedyrec.recipes.resume import StageCheckpoints
@@ -46,7 +47,7 @@ class FinetuneRecipe:
         self.inputs = NewsInputs(self.store, segments_of(cfg))
         if cfg.model.freeze_layers > 0 and cfg.train.workflow == "speedyfeed" and cfg.engine.frozen_cache:
             self.inputs.enable_frozen_prefix(self.model.news_encoder.backbone.hidden_size,
-                                             self.out_dir / f"frozen_prefix_rank{dist.rank}.npy")
+                                             frozen_cache_place(cfg, dist, self.out_dir), "finetune")
         tc = cfg.train
         self.optimizer = adamw(self.model.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay))
         self.workflow = self._make_workflow()

@@ -25,6 +25,7 @@ from speedyrec.distill.teachers import load_posttrained_recommender, model_files
 from speedyrec.engine.loss import autoregressive_loss
 from speedyrec.engine.trainer import adamw
 from speedyrec.models.checksum import weights_checksum
+from speedyrec.models.frozen_prefix import frozen_cache_place
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
 from speedyrec.recipes.common import StageRecipe, evaluate_on_dev, non_backbone_names, trainable_names
@@ -66,7 +67,8 @@ class FinetuneTeachersRecipe(StageRecipe):
         self.stack = SharedPrefixStack([m.news_encoder for m in self.models])
         inputs = NewsInputs(ctx.store)
         if cfg.engine.frozen_cache:
-            self.stack.enable_caches(inputs.lengths(np.arange(ctx.store.num_news)), self.out / f"frozen_rank{dist.rank}")
+            self.stack.enable_caches(inputs.lengths(np.arange(ctx.store.num_news)),
+                                     frozen_cache_place(cfg, dist, self.out), "teachers")
         self.dim = cfg.model.dim
         workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, None, dist, encode_rows=self._encode_rows,
                                       dim=len(self.models) * self.dim, objective=self.objective)

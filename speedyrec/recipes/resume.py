@@ -17,10 +17,11 @@ from speedyrec.engine.trainer import Trainer, checkpoint_state, restore_state
 log = logging.getLogger("speedyrec")
 
 # settings that may change between a checkpoint and its resumption (how long, how often, where to report)
-# data.cache_dir: where content-keyed caches live, which may differ by node (node-local disks) and by launch
+# data.cache_dir, engine.frozen_cache_dir: where content-keyed caches live, which may differ by node (node-local
+# disks) and by launch
 RESUMABLE_CHANGES = ("out_dir", "train.resume", "train.max_steps", "train.max_seconds", "train.epochs",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.checkpoint_errors", "train.log_every",
-                     "train.heap_trim_every", "eval.", "data.cache_dir")
+                     "train.heap_trim_every", "eval.", "data.cache_dir", "engine.frozen_cache_dir")
 
 
 def differing_keys(saved: dict, now: dict, matters=lambda key, then, now: True) -> list[tuple[str, object, object]]:
