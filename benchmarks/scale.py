@@ -3,19 +3,22 @@
 ``python -m benchmarks.scale [--quick] [--out DIR]``
 
 Logs shaped like MIND-large's (issue 31: 37 candidates and a history of 33 news on average per impression, 3.1
-impressions per user, about 590 bytes a line, MIND-large's 130k news ids) are generated at 1/40, 1/20 and 1/10 of
-its 2.6M train and dev lines. Each size is loaded by ``load_dataset`` (the news file, the log, the time split into
-train and dev) in a fresh process, three ways:
+impressions per user, about 590 bytes a line, MIND-large's 130k news ids; its layout: a train/ and a dev/ folder,
+85% of the lines in train) are generated at 1/40, 1/20 and 1/10 of its 2.6M train and dev lines. Each size is set
+up in fresh processes, each standing for rank 0 of a launch on W ranks: the news file and the logs read
+(``load_dataset``), then the training sequences built:
 
-- ``before``: the line-by-line reader, no parse cache (the reader before issue 31);
-- ``builder``: the bulk reader, parsing and writing the parse cache (rank 0 of a first start, or the first rank of
-  a node with a node-local cache);
-- ``reader``: the parse cache read back (every other rank, and every rank of a restart).
+- ``before``: the line-by-line reader, no parse cache, every user's sequences built (every rank did all of it
+  before issue 31, then kept 1/W of the units);
+- ``builder_W``: the bulk reader, parsing and writing the parse cache (rank 0 of a first start, or the first rank
+  of a node with a node-local cache), then this rank's users' sequences only (``user_share``);
+- ``reader_W``: the parse cache read back mapped (every other rank, every rank of a restart), then this rank's
+  users' sequences only.
 
-Each process reports its load seconds, its peak resident memory (``ru_maxrss``) and its resident memory before the
-load (the interpreter and its imports). Peak memory is fitted as a line through the three sizes and extrapolated
-to MIND-large's 2.6M lines; the parse speedup is the per-line time of
-``before`` over ``builder`` (median over sizes), and ``reader`` over ``before`` is what a restart saves.
+Each process reports its load seconds, the log parse's own seconds, its peak resident memory (``ru_maxrss``) and
+its resident memory before the load (the interpreter and its imports). Peak memory is fitted as a line through the
+three sizes and extrapolated to MIND-large's 2.6M lines, for W = 8 (one 8-GPU node) and W = 32; the parse speedup
+is the log parse's time per line of ``before`` over ``builder`` (median over sizes).
 
 Then the main job's defaults train a few steps on 1, 2 and 4 gloo ranks: collective bytes per step and the
 checkpoint's size (shared part, ranks' parts) against the world size, fitted and read at 32 ranks.
@@ -41,24 +44,31 @@ from benchmarks.common import machine, md_table, write_results
 MIND_LARGE_LINES = 2_600_000
 MIND_LARGE_NEWS = 130_000
 FRACTIONS = (40, 20, 10)
-MODES = ("before", "builder", "reader")
+RANKS = (8, 32)
+MODES = ("before",) + tuple(f"{m}_{w}" for w in RANKS for m in ("builder", "reader"))
+TRAIN_SHARE = 0.855  # MIND-large: 2.23M of its 2.61M train and dev lines are train
 
 
 def generate(out: Path, lines: int, news: int, seed: int = 0) -> None:
-    """news.tsv and behaviors.tsv in MIND's format: 3.1 impressions per user, histories of mean 33 (geometric),
-    37 candidates of mean (1 to 74), one or two clicked."""
+    """train/ and dev/ in MIND's format (all news in train/news.tsv): 3.1 impressions per user, histories of mean 33
+    (geometric), 37 candidates of mean (1 to 74), one or two clicked; dev's impressions after train's."""
     rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "dev"):
+        (out / split).mkdir(parents=True, exist_ok=True)
     ids = [f"N{i + 1}" for i in range(news)]
-    with open(out / "news.tsv", "w") as f:
+    with open(out / "train" / "news.tsv", "w") as f:
         for i in ids:
             f.write(f"{i}\tnews\tworld\ta short title of news {i}\tits abstract\t\t[]\t[]\n")
+    (out / "dev" / "news.tsv").write_text("")
     users = max(int(lines / 3.1), 1)
     pop = rng.zipf(1.3, size=4_000_000) % news  # popular news get most clicks
     pos = 0
     t0 = 1573466400  # 11/11/2019
-    with open(out / "behaviors.tsv", "w") as f:
+    n_train = int(lines * TRAIN_SHARE)
+    files = [open(out / split / "behaviors.tsv", "w") for split in ("train", "dev")]
+    try:
         for k in range(lines):
+            dev = k >= n_train
             u = rng.integers(users)
             h = int(min(rng.geometric(1 / 33), 400))
             c = int(rng.integers(1, 74))
@@ -70,22 +80,26 @@ def generate(out: Path, lines: int, news: int, seed: int = 0) -> None:
             pos += c
             clicked = set(rng.choice(c, size=min(c, 1 + int(rng.random() < 0.3)), replace=False).tolist())
             imps = " ".join(f"{ids[j]}-{int(n in clicked)}" for n, j in enumerate(cand))
-            t = time.gmtime(t0 + int(rng.integers(6 * 86400)))
+            t = time.gmtime(t0 + (5 * 86400 if dev else 0) + int(rng.integers(86400 if dev else 5 * 86400)))
             stamp = f"{t.tm_mon}/{t.tm_mday}/{t.tm_year} {(t.tm_hour % 12) or 12}:{t.tm_min:02d}:{t.tm_sec:02d} " \
                     f"{'AM' if t.tm_hour < 12 else 'PM'}"
-            f.write(f"{k + 1}\tU{u}\t{stamp}\t{hist}\t{imps}\n")
+            files[dev].write(f"{k + 1}\tU{u}\t{stamp}\t{hist}\t{imps}\n")
+    finally:
+        for f in files:
+            f.close()
 
 
 def child(mode: str, data: Path, cache: Path) -> dict:
-    """One load in this process (see the module's docstring)."""
+    """One rank's setup in this process (see the module's docstring)."""
     from speedyrec.config import load_config
     from speedyrec.data import dataset
-    from speedyrec.data.behaviors import read_mind_behaviors_by_line
+    from speedyrec.data.behaviors import read_mind_behaviors_by_line, user_share
+    from speedyrec.workflows.speedyfeed import build_sequences
 
     if mode == "before":
         dataset.read_mind_behaviors = read_mind_behaviors_by_line
         dataset.cache_dir_of = lambda cfg: None  # no parse cache
-    parse = [0.0]  # seconds in the log reader itself (the news file's reading and the split excluded)
+    parse = [0.0]  # seconds in the log reader itself (the news file's reading excluded)
     reader = dataset.read_mind_behaviors
 
     def timed(*args, **kw):
@@ -103,9 +117,15 @@ def child(mode: str, data: Path, cache: Path) -> dict:
     t = time.perf_counter()
     ds = dataset.load_dataset(cfg)
     seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    world = 1 if mode == "before" else int(mode.rsplit("_", 1)[1])
+    train = ds.train if world == 1 else user_share(ds.train, 0, world)
+    seqs = build_sequences(train, len(ds.news))
+    seq_seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": mode, "seconds": seconds, "parse_seconds": parse[0], "peak_rss_mb": peak, "rss_before_mb": base,
-            "setup_mb": peak - base, "impressions": len(ds.train) + len(ds.dev), "news": len(ds.news)}
+    return {"mode": mode, "seconds": seconds, "parse_seconds": parse[0], "sequence_seconds": seq_seconds,
+            "sequences": len(seqs.clicks), "peak_rss_mb": peak, "rss_before_mb": base, "setup_mb": peak - base,
+            "impressions": len(ds.train) + len(ds.dev), "news": len(ds.news)}
 
 
 def run_child(mode: str, data: Path, cache: Path) -> dict:
@@ -172,27 +192,31 @@ def main(argv=None) -> dict:
         for frac in fractions:
             lines = MIND_LARGE_LINES // frac
             data = root / f"mind_large_1_{frac}"
-            if not (data / "behaviors.tsv").is_file():
+            if not (data / "dev" / "behaviors.tsv").is_file():
                 generate(data, lines, news)
             cache = root / f"cache_1_{frac}"
-            shutil.rmtree(cache, ignore_errors=True)
-            row = {"fraction": f"1/{frac}", "lines": lines, "bytes": (data / "behaviors.tsv").stat().st_size}
-            for mode in MODES:  # in this order: the builder writes the cache the reader reads
+            row = {"fraction": f"1/{frac}", "lines": lines,
+                   "bytes": sum((data / s / "behaviors.tsv").stat().st_size for s in ("train", "dev"))}
+            for mode in MODES:  # in this order: a builder writes the cache the reader after it reads
+                if mode.startswith(("before", "builder")):
+                    shutil.rmtree(cache, ignore_errors=True)
                 row[mode] = run_child(mode, data, cache)
             rows.append(row)
             print(json.dumps(row), flush=True)
         worlds = [world_run(root, w, a.quick) for w in WORLDS]
     per_line = {m: [r[m]["seconds"] / r["lines"] * 1e6 for r in rows] for m in MODES}
-    # the log's parse itself (the reader's own seconds), and the whole load (the news file and the split too)
-    parse_us = {m: [r[m]["parse_seconds"] / r["lines"] * 1e6 for r in rows] for m in ("before", "builder")}
-    speedups = [b / f for b, f in zip(parse_us["before"], parse_us["builder"])]
-    load_speedups = [b / f for b, f in zip(per_line["before"], per_line["builder"])]
+    # the log's parse itself (the reader's own seconds), and the whole load (the news file and the cache too)
+    parse_us = {m: [r[m]["parse_seconds"] / r["lines"] * 1e6 for r in rows] for m in ("before", "builder_8")}
+    speedups = [b / f for b, f in zip(parse_us["before"], parse_us["builder_8"])]
+    load_speedups = [b / f for b, f in zip(per_line["before"], per_line["builder_8"])]
     lines = [r["lines"] for r in rows]
     extrapolated = {}
     for m in MODES:
         a0, b0 = fit(lines, [r[m]["peak_rss_mb"] for r in rows])
         extrapolated[m] = {"intercept_mb": a0, "mb_per_million_lines": b0 * 1e6,
                            "mind_large_mb": a0 + b0 * MIND_LARGE_LINES}
+    at_large = {m: extrapolated[m]["mind_large_mb"] for m in MODES}
+    per_rank = {w: max(at_large[f"builder_{w}"], at_large[f"reader_{w}"]) for w in RANKS}
     at32 = {}
     for key in ("collective_bytes_per_step", "checkpoint_bytes", "checkpoint_shared_bytes", "checkpoint_rank_bytes"):
         # one rank runs no collective at all: the collective line goes through the runs of 2 ranks and more
@@ -202,37 +226,41 @@ def main(argv=None) -> dict:
     payload = {
         "parse_speedup": statistics.median(speedups),
         "load_speedup": statistics.median(load_speedups), "parse_us_per_line": parse_us,
-        "restart_speedup": statistics.median(b / r for b, r in zip(per_line["before"], per_line["reader"])),
-        # the worst rank: the one that parses (rank 0 of a first start); the others read the cache
-        "mind_large_setup_peak_rss_mb_per_rank": max(extrapolated["builder"]["mind_large_mb"],
-                                                     extrapolated["reader"]["mind_large_mb"]),
-        "mind_large_setup_peak_rss_mb": {m: extrapolated[m]["mind_large_mb"] for m in MODES},
+        "restart_speedup": statistics.median(b / r for b, r in zip(per_line["before"], per_line["reader_8"])),
+        # the worst rank of an 8-rank node: the one that parses (rank 0 of a first start) or one that reads the cache
+        "mind_large_setup_peak_rss_mb_per_rank": per_rank[8],
+        "mind_large_setup_peak_rss_mb_per_rank_by_ranks": per_rank,
+        "mind_large_setup_peak_rss_mb": at_large,
         "us_per_line": per_line, "speedups": speedups, "extrapolation": extrapolated, "rows": rows,
         "worlds": worlds, "at_world_32": at32,
         "machine": info, "quick": a.quick,
     }
     md = ["# Setup at scale: parsing MIND-large-shaped logs\n",
           f"Device: {info['device']}. MIND-large-shaped logs (37 candidates, history mean 33, 3.1 impressions per user, "
-          f"{news:,} news) at {', '.join(r['fraction'] for r in rows)} of MIND-large's {MIND_LARGE_LINES:,} train and "
-          "dev lines; each loaded by `load_dataset` in a fresh process: `before` the line-by-line reader without a "
-          "parse cache, `builder` the bulk reader parsing and writing the cache (the rank that parses), `reader` "
-          "the cache read back (every other rank, every restart). Parse: the log reader's own seconds per line; load: "
-          f"all of `load_dataset` (the news file of {news:,} news, the time split and the cache's writing too). "
-          f"Command: `python -m benchmarks.scale{' --quick' if a.quick else ''}`.\n",
-          md_table(["lines", "MB", "before parse µs/line", "builder parse µs/line", "parse speedup", "before load s",
-                    "builder load s", "reader load s", "before peak MiB", "builder peak MiB", "reader peak MiB"],
-                   [[f"{r['lines']:,}", f"{r['bytes'] / 1e6:.0f}", f"{pb:.1f}", f"{pf:.1f}", f"{s:.1f}x",
-                     f"{r['before']['seconds']:.1f}", f"{r['builder']['seconds']:.1f}",
-                     f"{r['reader']['seconds']:.2f}", f"{r['before']['peak_rss_mb']:.0f}",
-                     f"{r['builder']['peak_rss_mb']:.0f}", f"{r['reader']['peak_rss_mb']:.0f}"]
-                    for r, s, pb, pf in zip(rows, speedups, parse_us["before"], parse_us["builder"])]),
+          f"{news:,} news; train/ and dev/ folders) at {', '.join(r['fraction'] for r in rows)} of MIND-large's "
+          f"{MIND_LARGE_LINES:,} train and dev lines. Each process sets up rank 0 of a launch on W ranks: "
+          "`load_dataset`, then the training sequences. `before`: the line-by-line reader without a parse cache, "
+          "every user's sequences (what every rank did before); `builder_W`: the bulk reader parsing and writing the "
+          "cache (the rank that parses), then its own users' sequences; `reader_W`: the cache read back mapped (every "
+          "other rank, every restart), then its own users' sequences. Parse: the log reader's own time per line; load: "
+          f"all of `load_dataset` (the news file of {news:,} news and the cache's writing too). Command: "
+          f"`python -m benchmarks.scale{' --quick' if a.quick else ''}`.\n",
+          md_table(["lines", "MB", "before parse µs/line", "parse µs/line", "parse speedup", "before load s",
+                    "load s", "cache read s"],
+                   [[f"{r['lines']:,}", f"{r['bytes'] / 1e6:.0f}", f"{pb:.1f}", f"{pf:.1f}", f"{sp:.1f}x",
+                     f"{r['before']['seconds']:.1f}", f"{r['builder_8']['seconds']:.1f}",
+                     f"{r['reader_8']['seconds']:.2f}"]
+                    for r, sp, pb, pf in zip(rows, speedups, parse_us["before"], parse_us["builder_8"])]),
           f"\nParsing the log: {payload['parse_speedup']:.1f}x faster per line (median over the sizes; goal 10x); the "
           f"whole load {payload['load_speedup']:.1f}x; a rank that reads the cache instead of parsing loads "
           f"{payload['restart_speedup']:.0f}x sooner than one that parses line by line.\n",
-          "Peak resident memory, a line through the three sizes, at MIND-large's 2.6M lines (goal: 1 GiB per rank):\n",
-          md_table(["mode", "MiB at 0 lines", "MiB per million lines", "MiB at MIND-large"],
-                   [[m, f"{extrapolated[m]['intercept_mb']:.0f}", f"{extrapolated[m]['mb_per_million_lines']:.0f}",
-                     f"{extrapolated[m]['mind_large_mb']:.0f}"] for m in MODES]),
+          "Peak resident memory of a rank's setup (MiB; the interpreter and its imports included), and a line through "
+          "the three sizes read at MIND-large's 2.6M lines (goal: 1 GiB per rank):\n",
+          md_table(["mode"] + [f"{r['lines']:,} lines" for r in rows] + ["MiB per million lines", "at MIND-large"],
+                   [[m] + [f"{r[m]['peak_rss_mb']:.0f}" for r in rows]
+                    + [f"{extrapolated[m]['mb_per_million_lines']:.0f}", f"{at_large[m]:,.0f}"] for m in MODES]),
+          "\nPer rank at MIND-large, the worse of the rank that parses and the ranks that read: "
+          + ", ".join(f"{per_rank[w]:,.0f} MiB on {w} ranks" for w in RANKS) + ".\n",
           "\n## Collectives and checkpoints against the world size\n",
           f"The main job's defaults ({'a tiny encoder, ' if a.quick else ''}{worlds[0]['steps']} steps, a checkpoint "
           "at the end) on 1, 2 and 4 gloo ranks of this machine, a line through them read at 32 ranks (for "
@@ -258,7 +286,7 @@ def _plot(path, rows) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     lines = [r["lines"] for r in rows]
-    for m, style in zip(MODES, ("o-", "s-", "^-")):
+    for m, style in zip(MODES, ("o-", "s-", "^-", "s--", "^--")):
         axes[0].plot(lines, [r[m]["seconds"] for r in rows], style, label=m)
         axes[1].plot(lines, [r[m]["peak_rss_mb"] for r in rows], style, label=m)
     axes[0].set_ylabel("load seconds")

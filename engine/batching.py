@@ -118,13 +118,16 @@ class DynamicBatcher:
                  *, token_budget: int, buckets: int, dynamic: bool, dedup: bool, autoregressive: bool,
                  max_history: int, negatives: int, batch_size: int, fixed_width: int, seed: int, rank: int,
                  world: int, prefetch_depth: int = 4, pin: bool = False, fill_cdf: np.ndarray | None = None,
-                 chunk_context: bool = False, targets: str = "all"):
+                 chunk_context: bool = False, targets: str = "all", stream: int = 0):
         self.seqs = seqs
         self.news_lengths = np.asarray(news_lengths, dtype=np.int64)
         self.prepare_tokens = prepare_tokens
         self.token_budget, self.buckets, self.dynamic, self.dedup = token_budget, buckets, dynamic, dedup
         self.negatives, self.batch_size, self.fixed_width = negatives, batch_size, fixed_width
         self.seed, self.rank, self.world = seed, rank, world
+        # what tells this batcher's random draws from another's over the same click positions: a rank that holds
+        # only its own users' sequences (rank=0, world=1 here) passes its rank, so that ranks draw apart
+        self.stream = stream
         self.prefetch_depth, self.pin = prefetch_depth, pin
         self.fill_cdf = fill_cdf
         # targets "impressions": only clicks with an impression (whose negatives are its non-clicked news) are
@@ -167,7 +170,9 @@ class DynamicBatcher:
         t_idx = click_idx[is_target]
         pools = self.seqs.negative_pools(t_idx)
         negs, fills = sample_negatives(pools, self.negatives, clicks[is_target], self.seqs.num_news,
-                                        seed=int(hash64(self.seed, epoch)), row_keys=t_idx, fill_cdf=self.fill_cdf)
+                                        seed=int(hash64(self.seed, epoch, self.stream) if self.stream
+                                                 else hash64(self.seed, epoch)),
+                                        row_keys=t_idx, fill_cdf=self.fill_cdf)
         news_len = self.news_lengths[clicks].copy()
         news_len[is_target] = np.maximum(news_len[is_target], self.news_lengths[negs].max(axis=1))
         heads = np.cumsum(lengths) - lengths

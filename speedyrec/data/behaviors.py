@@ -72,6 +72,43 @@ class Behaviors:
                                    self.candidates.values[neg])
 
 
+def user_owners(beh: Behaviors, world: int) -> np.ndarray:
+    """The rank that trains each user [len(beh.users)], users balanced by their clicks: the history a user starts
+    with plus their impressions' clicks, heaviest first, dealt to ranks 0..W-1, W-1..0, 0..W-1, ... (ties by user
+    index: every rank computes the same owners from the same log)."""
+    n_users = len(beh.users)
+    click_rows = np.searchsorted(beh.candidates.offsets, np.flatnonzero(np.asarray(beh.labels) == 1), side="right") - 1
+    weight = np.bincount(np.asarray(beh.user)[click_rows], minlength=n_users)
+    if not beh.history_is_prefix and len(beh):
+        users, first = np.unique(np.asarray(beh.user), return_index=True)
+        weight[users] += np.diff(np.asarray(beh.history.offsets))[first]
+    order = np.lexsort((np.arange(n_users), -weight))
+    k = np.arange(n_users)
+    dealt = np.where((k // world) % 2 == 0, k % world, world - 1 - k % world)
+    owner = np.empty(n_users, dtype=np.int32)
+    owner[order] = dealt
+    return owner
+
+
+def user_share(beh: Behaviors, rank: int, world: int, chunk_rows: int = 1 << 16) -> Behaviors:
+    """The impressions of the users ``rank`` trains (:func:`user_owners`), in their order. Read in chunks of rows:
+    where ``beh`` is mapped from the parse cache, the pages a chunk read are handed back before the next one
+    (speedyrec.data.parse_cache.release), so a rank's resident memory holds its share, not the whole log."""
+    from speedyrec.data.parse_cache import release
+
+    mine = user_owners(beh, world)[np.asarray(beh.user)] == rank
+    release(beh)
+    parts = []
+    for a in range(0, len(beh), chunk_rows):
+        rows = a + np.flatnonzero(mine[a:a + chunk_rows])
+        if len(rows):
+            parts.append(beh.take(rows))
+        release(beh)
+    if not parts:
+        return beh.take(np.zeros(0, dtype=np.int64))
+    return _concat_behaviors(parts) if len(parts) > 1 else parts[0]
+
+
 @dataclass
 class Listing:
     """An impression log as its file lists it, for files that must answer it line by line (MIND's prediction

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -89,6 +90,16 @@ def load(directory: Path) -> tuple[Behaviors, dict]:
     return beh, meta["faults"]
 
 
+def release(beh: Behaviors) -> None:
+    """Hand the pages of ``beh``'s arrays mapped from the cache back to the system (they stay in the page cache
+    for the node's other ranks, and are read again from it when touched). Arrays in memory are left alone."""
+    for name in _ARRAYS:
+        arr = _get(beh, name)
+        m = getattr(arr, "_mmap", None) if isinstance(arr, np.memmap) else None
+        if m is not None and hasattr(m, "madvise"):
+            m.madvise(mmap.MADV_DONTNEED)
+
+
 def _snapshot(faults: FaultLog) -> tuple[dict, dict]:
     return dict(faults.counts), {k: list(v) for k, v in faults.examples.items()}
 
@@ -122,4 +133,5 @@ def cached_read(read, paths: list[Path], news: NewsTable, faults: FaultLog, cach
     beh = read(paths, news, faults)
     directory.parent.mkdir(parents=True, exist_ok=True)
     save(directory, beh, _added(faults, before))
-    return beh
+    del beh  # the rank that parsed reads the arrays mapped, as the others do: its parse's memory goes back
+    return load(directory)[0]

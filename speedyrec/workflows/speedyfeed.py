@@ -9,11 +9,11 @@ import numpy as np
 import psutil
 import torch
 
-from speedyrec.data.behaviors import Behaviors
+from speedyrec.data.behaviors import Behaviors, user_share
 from speedyrec.data.dataset import Dataset
 from speedyrec.engine.batching import DynamicBatcher, SequenceBatch, SequenceSet
 from speedyrec.engine.cache import DeferredGradients, EmbeddingCache
-from speedyrec.engine.distributed import DistInfo
+from speedyrec.engine.distributed import DistInfo, all_reduce_sum
 from speedyrec.engine.encode import CentralizedEncoder, EncodeRows
 from speedyrec.engine.loss import TargetIndex, click_cross_entropy, inbatch_logits, target_scores
 from speedyrec.engine.ragged import Ragged
@@ -91,14 +91,18 @@ class SpeedyFeedWorkflow:
         self.step_no = 0
         self.inputs = inputs
         store = inputs.store
-        self.seqs = build_sequences(data.train, store.num_news)
+        # several ranks: each builds and keeps the sequences of its own users only (a fixed share, balanced by
+        # clicks), shuffled within the rank every epoch; the epoch's totals are summed over ranks
+        train = user_share(data.train, dist.rank, dist.world) if dist.active else data.train
+        self.seqs = build_sequences(train, store.num_news)
+        del train
         news_lengths = self.inputs.lengths(np.arange(store.num_news))
         fixed_width = inputs.max_len
         self.batcher = DynamicBatcher(
             self.seqs, news_lengths, self.inputs.prepare, token_budget=ec.token_budget, buckets=ec.buckets,
             dynamic=ec.dynamic_batching, dedup=ec.dedup, autoregressive=ec.autoregressive,
             max_history=cfg.data.max_history, negatives=ec.negatives, batch_size=cfg.train.batch_size,
-            fixed_width=fixed_width, seed=cfg.train.seed, rank=dist.rank, world=dist.world,
+            fixed_width=fixed_width, seed=cfg.train.seed, rank=0, world=1, stream=dist.rank,
             prefetch_depth=ec.prefetch, pin=self.device.type == "cuda", fill_cdf=self._fill_cdf(ec, store.num_news),
             chunk_context=ec.chunk_context, targets=ec.targets)
         dim = dim or cfg.model.dim
@@ -115,12 +119,21 @@ class SpeedyFeedWorkflow:
                                           chunk_tokens=ec.chunk_tokens if ec.dynamic_batching else None,
                                           seed=cfg.train.seed, audit=ec.cache_audit, deferred=deferred)
         self.unknown_clicks = int(data.train.unknown_clicks.sum())
+        self._totals = [self.batcher.targets_per_epoch, len(self.batcher)]
+        if dist.active:
+            t = torch.tensor(self._totals, dtype=torch.float64, device=self.device)
+            all_reduce_sum(t)
+            self._totals = [int(x) for x in t.tolist()]
 
     def _fill_cdf(self, ec, num_news: int) -> np.ndarray | None:
         """Random negatives' distribution: uniform, or click popularity^0.75 (word2vec's smoothing)."""
         if ec.random_negatives == "uniform":
             return None
         counts = np.bincount(self.seqs.clicks.values, minlength=num_news).astype(np.float64)
+        if self.dist.active:  # the whole log's popularity, not this rank's users'
+            t = torch.from_numpy(counts).to(self.device)
+            all_reduce_sum(t)
+            counts = t.cpu().numpy()
         return np.cumsum((counts + 1.0) ** 0.75)
 
     @property
@@ -128,12 +141,12 @@ class SpeedyFeedWorkflow:
         """Training targets of one epoch: every click of every user sequence (history included; with
         engine.targets=impressions the impression clicks only), plus clicks on unknown news, which cannot be
         trained (counted apart)."""
-        return self.batcher.targets_per_epoch + self.unknown_clicks
+        return self._totals[0] + self.unknown_clicks
 
     @property
     def sequences_in_data(self) -> int:
         """Units (sequence chunks, or single-click instances without the autoregressive loss) per epoch."""
-        return len(self.batcher)
+        return self._totals[1]
 
     @property
     def sequences_dropped(self) -> int:
