@@ -38,10 +38,21 @@ class Ragged:
         return np.diff(self.offsets)
 
     def take(self, rows: np.ndarray) -> "Ragged":
-        """The given rows, in that order, as a new Ragged."""
+        """The given rows, in that order, as a new Ragged. Gathered in pieces of about TAKE_PIECE values, so that
+        the positions a piece builds (24 bytes a value at most) stay small however large the take."""
         rows = np.asarray(rows, dtype=np.int64)
         starts, ends = self.offsets[rows], self.offsets[rows + 1]
-        return Ragged.from_lengths(ends - starts, self.values[ragged_positions(starts, ends)])
+        lengths = ends - starts
+        at = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=at[1:])
+        total = int(at[-1])
+        if total <= TAKE_PIECE:
+            return Ragged(at, self.values[ragged_positions(starts, ends)])
+        out = np.empty(total, dtype=self.values.dtype)
+        cuts = np.searchsorted(at, np.arange(TAKE_PIECE, total, TAKE_PIECE), side="right")
+        for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(rows)].tolist()):
+            out[at[a]:at[b]] = self.values[ragged_positions(starts[a:b], ends[a:b])]
+        return Ragged(at, out)
 
     def row_ids(self) -> np.ndarray:
         """For each value, the row it belongs to (int64 [len(values)])."""
@@ -55,6 +66,9 @@ class Ragged:
         else:
             ends = np.minimum(ends, starts + width)
         return gather_padded(self.values, starts, ends, width, fill)
+
+
+TAKE_PIECE = 1 << 22  # values one piece of Ragged.take gathers
 
 
 def ragged_positions(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -699,3 +699,19 @@ def test_linear_learning_rate_decay_follows_the_targets_trained_and_resumes_exac
     assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(rates[1])
     with pytest.raises(ValueError, match="run's length"):
         Trainer(model, opt, DistInfo(), lr_schedule="linear")
+
+
+@pytest.mark.parametrize("piece", [1, 3, 7, 1 << 22])
+def test_ragged_take_in_pieces_equals_the_take_of_every_row(monkeypatch, piece):
+    """Ragged.take gathers in pieces of TAKE_PIECE values (bounded positions, however large the take): the rows
+    asked for, in their order, repeats, empty rows and rows longer than a piece included."""
+    from speedyrec.engine import ragged
+
+    monkeypatch.setattr(ragged, "TAKE_PIECE", piece)
+    rng = np.random.default_rng(0)
+    r = ragged.Ragged.from_lengths(np.array([0, 5, 1, 0, 12, 3, 2]), rng.integers(0, 100, 23).astype(np.int32))
+    for rows in ([], [4], [6, 4, 4, 0, 1, 3, 2, 5], rng.integers(0, 7, 40).tolist()):
+        got = r.take(np.asarray(rows, dtype=np.int64))
+        want = [r.row(i).tolist() for i in rows]
+        assert [got.row(i).tolist() for i in range(len(rows))] == want
+        assert got.values.dtype == np.int32 and got.offsets.dtype == np.int64 and len(got) == len(rows)

@@ -77,8 +77,12 @@ def user_owners(beh: Behaviors, world: int) -> np.ndarray:
     with plus their impressions' clicks, heaviest first, dealt to ranks 0..W-1, W-1..0, 0..W-1, ... (ties by user
     index: every rank computes the same owners from the same log)."""
     n_users = len(beh.users)
-    click_rows = np.searchsorted(beh.candidates.offsets, np.flatnonzero(np.asarray(beh.labels) == 1), side="right") - 1
-    weight = np.bincount(np.asarray(beh.user)[click_rows], minlength=n_users)
+    weight = np.zeros(n_users, dtype=np.int64)
+    offsets, user = np.asarray(beh.candidates.offsets), np.asarray(beh.user)
+    piece = 1 << 24
+    for a in range(0, len(beh.labels), piece):  # in pieces: a click mask of the whole log would be its size again
+        clicks = a + np.flatnonzero(np.asarray(beh.labels[a:a + piece]) == 1)
+        weight += np.bincount(user[np.searchsorted(offsets, clicks, side="right") - 1], minlength=n_users)
     if not beh.history_is_prefix and len(beh):
         users, first = np.unique(np.asarray(beh.user), return_index=True)
         weight[users] += np.diff(np.asarray(beh.history.offsets))[first]
@@ -590,41 +594,42 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     """Cut a block of whole lines (joined by newlines) with numpy: which lines are plain (see _read_mind_bulk), and
     their tabs, times, ids and labels. ``times``: the stamps parsed so far (read and extended)."""
     buf = np.frombuffer(data, dtype=np.uint8)
-    # every byte that separates (tab, newline, space) or disqualifies a line (other controls, non-ASCII)
+    # every byte that separates (tab, newline, space) or disqualifies a line (other controls, non-ASCII); tokens
+    # lie between consecutive ones (a virtual one after the block ends the last)
     special = np.flatnonzero((buf <= 32) | (buf >= 128))
     kind = buf[special]
     is_nl = kind == 10
-    nl = special[is_nl]
+    nl_at = np.flatnonzero(is_nl)  # the newlines' places among the special bytes
+    nl = special[nl_at]
     start = np.r_[0, nl + 1].astype(np.int64)
     end = np.r_[nl, len(buf)].astype(np.int64)
     n = len(start)
     is_tab = kind == 9
+    tab_at = np.flatnonzero(is_tab)
+    tab_line = np.searchsorted(nl, special[tab_at])
+    plain = (np.bincount(tab_line, minlength=n) == 4) & (end - start <= max_line_bytes)
     odd = ~(is_nl | is_tab | (kind == 32))
-    plain = (np.bincount(np.searchsorted(nl, special[is_tab]), minlength=n) == 4) & (end - start <= max_line_bytes)
     if odd.any():
         plain[np.searchsorted(nl, special[odd])] = False
-    # separators with a virtual one before the block and one after it: tokens lie between consecutive ones
-    sep = np.r_[-1, special[~odd], len(buf)]
-    sep_nl = np.r_[True, is_nl[~odd], True]
-    sep_tab = np.r_[False, is_tab[~odd], False]
-    ctab = np.cumsum(sep_tab)
-    line_start_sep = np.maximum.accumulate(np.where(sep_nl, np.arange(len(sep)), 0))
-    col = ctab - ctab[line_start_sep]  # tabs of its line before the token that follows each separator
-    sep_line = np.cumsum(sep_nl) - 1
+    lines = np.flatnonzero(plain)
+    at = tab_at[plain[tab_line]].reshape(-1, 4)  # the plain lines' tabs, as places among the special bytes
     tabs = np.zeros((n, 4), dtype=np.int64)
-    tab_pos = sep[sep_tab]
-    tab_line = sep_line[sep_tab]
-    four = plain[tab_line]
-    tabs[plain] = tab_pos[four].reshape(-1, 4)
-    tok_start = sep[:-1] + 1
-    tok_len = sep[1:] - tok_start
-    tok_line, tok_col = sep_line[:-1], col[:-1]
-    keep = (tok_len > 0) & plain[tok_line] & (tok_col >= 1)
-    tok_start, tok_len, tok_line, tok_col = tok_start[keep], tok_len[keep], tok_line[keep], tok_col[keep]
-    plain &= np.bincount(tok_line[tok_col == 1], minlength=n) > 0  # a user id that is not all blanks
-    keep = tok_col >= 3
-    tok_start, tok_len, tok_line, tok_col = tok_start[keep], tok_len[keep], tok_line[keep], tok_col[keep]
-    hist = tok_col == 3
+    tabs[lines] = special[at]
+    # a user id that is not all blanks: its field holds more bytes than the spaces in it
+    blank = tabs[lines, 1] - tabs[lines, 0] - 1 == at[:, 1] - at[:, 0] - 1
+    # the tokens after the third tab (history, then candidates after the fourth) up to the line's end: a running
+    # sum marks every special byte of that stretch with its line + 1
+    last = np.r_[nl_at, len(special)][lines]
+    mark = np.zeros(len(special) + 1, dtype=np.int64)
+    mark[at[:, 2]] = lines + 1
+    mark[last] -= lines + 1
+    region = np.cumsum(mark[:-1])
+    sep = np.r_[special, len(buf)]
+    gap = np.diff(sep)
+    k = np.flatnonzero((region > 0) & (gap > 1))
+    tok_start, tok_len, tok_line = sep[k] + 1, gap[k] - 1, region[k] - 1
+    plain[lines[blank]] = False
+    hist = tok_start < tabs[tok_line, 3]
     h_start, h_len, h_line = tok_start[hist], tok_len[hist], tok_line[hist]
     c_start, c_len, c_line = tok_start[~hist], tok_len[~hist], tok_line[~hist]
     # a candidate is <id>-<0|1>
@@ -632,14 +637,16 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     labelled = (c_len > 2) & (buf[np.maximum(c_end - 2, 0)] == 45) & ((buf[c_end - 1] == 48) | (buf[c_end - 1] == 49))
     c_lab = (buf[c_end - 1].astype(np.int16) - 48).astype(np.int8)
     c_len = c_len - 2
-    bad = np.concatenate([h_line[(h_len > 8)], c_line[~labelled | (c_len > 8)]])
-    plain[bad] = False
+    plain[h_line[h_len > 8]] = False
+    plain[c_line[~labelled | (c_len > 8)]] = False
     short_h, short_c = h_len <= 8, labelled & (c_len <= 8)
-    words = _windows(buf)
+    # one lookup for both lists' ids
+    idx = table.lookup(_windows(buf), np.r_[h_start[short_h], c_start[short_c]],
+                       np.r_[h_len[short_h], c_len[short_c]])
     h_idx = np.full(len(h_start), -1, dtype=np.int64)
-    h_idx[short_h] = table.lookup(words, h_start[short_h], h_len[short_h])
     c_idx = np.full(len(c_start), -1, dtype=np.int64)
-    c_idx[short_c] = table.lookup(words, c_start[short_c], c_len[short_c])
+    n_h = int(short_h.sum())
+    h_idx[short_h], c_idx[short_c] = idx[:n_h], idx[n_h:]
     plain[h_line[h_idx < 0]] = False  # unknown (or glued) ids: the text path splits and counts them
     plain[c_line[c_idx < 0]] = False
     plain &= np.bincount(h_line, minlength=n) > 0  # an empty history is a fault to count

@@ -82,7 +82,7 @@ def load(directory: Path) -> tuple[Behaviors, dict]:
     a = {name: np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
     listing = None
     if meta["listing"]:
-        b = {name: np.load(directory / f"listing.{name}.npy", allow_pickle=False) for name in _LISTING}
+        b = {name: np.load(directory / f"listing.{name}.npy", mmap_mode="r", allow_pickle=False) for name in _LISTING}
         listing = Listing(b["ids"], b["file_row"], Ragged(b["slots.offsets"], b["slots.values"]), b["candidate_slot"])
     beh = Behaviors(meta["users"], a["user"], a["time"], Ragged(a["history.offsets"], a["history.values"]),
                     Ragged(a["candidates.offsets"], a["candidates.values"]), a["labels"], a["unknown_clicks"],
