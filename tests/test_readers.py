@@ -271,7 +271,7 @@ def test_the_bulk_mind_reader_equals_the_line_by_line_one(tmp_path, mind_sample,
             got.append((read([d / "behaviors.tsv"], news, faults, 1000, listing, labels_optional), faults))
         (a, fa), (b, fb) = got
         _same_behaviors(a, b)
-        assert fa.as_dict() == fb.as_dict(), d
+        assert fa.as_dict() == fb.as_dict() and fa.examples == fb.examples, d
         if d == glued:
             assert fa.counts["glued_ids"] >= 5 and len(a) == 3
 
@@ -377,3 +377,35 @@ def test_plain_lines_cut_with_numpy_and_faulty_ones_between_them_read_as_line_by
     assert fa.as_dict() == fb.as_dict() and fa.examples == fb.examples
     plain = sum(int(p.plain.sum()) for p in seen)
     assert plain == 7 and sum(len(p.plain) for p in seen) == len(lines)
+
+
+@pytest.mark.parametrize("piece", [7, 1 << 16])
+def test_a_training_log_spooled_into_the_cache_equals_its_parse_in_memory(tmp_path, monkeypatch, synthetic_small,
+                                                                           mind_sample, piece):
+    """The rank that parses a training log writes it part by part into the cache's folder and sorts it there in
+    pieces (its memory holds a block, not the log): the arrays, counts and examples of the parse in memory, and of
+    the line-by-line reader; the second load reads them back."""
+    import numpy as np
+
+    from speedyrec.data import behaviors
+    from speedyrec.data.behaviors import read_mind_behaviors, read_mind_behaviors_by_line
+    from speedyrec.data.faults import FaultLog
+    from speedyrec.data.news import NewsTable, read_mind_news
+    from speedyrec.data.parse_cache import cached_read
+
+    monkeypatch.setattr(behaviors._Spool, "PIECE", piece)
+    monkeypatch.setattr(behaviors, "BLOCK_BYTES", 4096)
+    for k, d in enumerate([synthetic_small / "train", mind_sample, _bad_mind_dir(tmp_path)]):
+        news = NewsTable()
+        read_mind_news(d / "news.tsv", news, FaultLog(), 1 << 20)
+        path = [d / "behaviors.tsv"]
+        fa, fb, fc = FaultLog(), FaultLog(), FaultLog()
+        plain = read_mind_behaviors_by_line(path, news, fa, 1000)
+        read = lambda p, n, f, spool: read_mind_behaviors(p, n, f, 1000, spool=spool)  # noqa: E731
+        spooled = cached_read(read, path, news, fb, tmp_path / f"cache{k}", {"case": k})
+        assert isinstance(spooled.candidates.values, np.memmap) and not list((tmp_path / f"cache{k}").rglob("*.raw"))
+        _same_behaviors(plain, spooled)
+        assert fa.as_dict() == fb.as_dict() and fa.examples == fb.examples
+        again = cached_read(lambda *a: pytest.fail("parsed again"), path, news, fc, tmp_path / f"cache{k}", {"case": k})
+        _same_behaviors(plain, again)
+        assert fc.as_dict() == fa.as_dict()

@@ -12,7 +12,7 @@ import numpy as np
 
 from speedyrec.data.faults import FaultLog, block_rows, read_line_bytes, read_rows
 from speedyrec.data.news import NewsTable
-from speedyrec.data.ragged import Ragged
+from speedyrec.data.ragged import Ragged, ragged_positions
 
 _IMPRESSION_TOKEN = re.compile(r"^(\S+)-([01])$")
 NO_LABEL = -1  # a candidate of a label-less impression (MIND's test split lists ``N123``, not ``N123-0``)
@@ -318,7 +318,7 @@ def parse_mind_times(stamps: list[str]) -> dict[str, int | None]:
 
 
 def read_mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int,
-                        listing: bool = False, labels_optional: bool = False) -> Behaviors:
+                        listing: bool = False, labels_optional: bool = False, spool: Path | None = None) -> Behaviors:
     """MIND ``behaviors.tsv``: impression_id, user_id, time, history (ids), impressions (id-label).
 
     Rows are sorted by time (stable) after reading; ``listing`` keeps each impression's id, place in the file and
@@ -328,10 +328,14 @@ def read_mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, ma
     Lines are split in one pass and every id is looked up in bulk afterwards (:func:`_read_mind_bulk`); under
     ``data.strict`` the line-by-line reader runs instead, so that the first fault in file order stops it. Both
     give the same arrays and counts (tests/test_readers.py).
+
+    ``spool``: a folder for the parse cache's files. A log without a listing (a training log) is then parsed into
+    files there as it is read and sorted from them, and comes back mapped from them: the parse holds one block of
+    the log in memory, not the log (:class:`_Spool`).
     """
     if faults.strict:
         return read_mind_behaviors_by_line(paths, news, faults, max_line_bytes, listing, labels_optional)
-    return _read_mind_bulk(paths, news, faults, max_line_bytes, listing, labels_optional)
+    return _read_mind_bulk(paths, news, faults, max_line_bytes, listing, labels_optional, spool)
 
 
 def read_mind_behaviors_by_line(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int,
@@ -383,7 +387,7 @@ BLOCK_BYTES = 1 << 20  # bytes of whole lines read and cut at once (arrays the a
 
 
 def _read_mind_bulk(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int, listing: bool,
-                    labels_optional: bool) -> Behaviors:
+                    labels_optional: bool, spool: Path | None = None) -> Behaviors:
     """:func:`read_mind_behaviors` in blocks of bytes. A block's plain lines (ASCII, five columns, every news id known
     and at most 8 bytes, every candidate ``<id>-<0|1>``, a history, a user and a valid time: nearly every line of a
     clean log) are cut and looked up with numpy over the block's bytes (:func:`_plain_lines`). The other lines go,
@@ -394,15 +398,18 @@ def _read_mind_bulk(paths: list[Path], news: NewsTable, faults: FaultLog, max_li
     b = _Builder(news, faults, listing=listing)
     table = _IdTable(news)
     times: dict[str, int] = {}
+    sink = _Spool(spool) if spool is not None and not listing else None
     parts: list[Behaviors] = []
     rows = 0
     for path in paths:
         for first, data in read_line_bytes(path, max_line_bytes, BLOCK_BYTES):
+            if len(times) > 1 << 18:  # the stamps seen lately are the likely ones: the memo stays small
+                times.clear()
             plain = _plain_lines(data, table, max_line_bytes, times)
             for plain_run, i, j in _runs(plain.plain):
                 if plain_run:
                     part = plain.build(data, i, j, path, first, b, listing, rows)
-                    parts.append(part)
+                    sink.add(part) if sink else parts.append(part)
                     rows += len(part)
                     continue
                 raws = [data[a:e] for a, e in zip(plain.start[i:j].tolist(), plain.end[i:j].tolist())]
@@ -411,8 +418,11 @@ def _read_mind_bulk(paths: list[Path], news: NewsTable, faults: FaultLog, max_li
                     chunk = _split_lines(path, numbers[s0:s0 + CHUNK_LINES], lines[s0:s0 + CHUNK_LINES], b, faults,
                                          times, labels_optional, listing)
                     if chunk.user:
-                        parts.append(chunk.build(b, faults, listing, rows))
+                        part = chunk.build(b, faults, listing, rows)
+                        sink.add(part) if sink else parts.append(part)
                         rows += len(chunk.user)
+    if sink:
+        return sink.sorted(b.users)
     if not parts:
         parts.append(_Chunk(wheres=_Where(Path(), [])).build(b, faults, listing, 0))
     if listing:  # dev and test logs: the listing's arrays too
@@ -454,6 +464,78 @@ def _concat_sorted(parts: list[Behaviors]) -> Behaviors:
         del whole
     return Behaviors(parts[0].users, out["user"], out["time"], out["history"], out["candidates"], out["labels"],
                      out["unknown_clicks"])
+
+
+class _Spool:
+    """A log's arrays written part by part to files in ``directory`` as they are parsed, then sorted by time into the
+    parse cache's ``.npy`` files there, in pieces: what the parse holds at once is a block and a piece, not the log."""
+
+    # field -> (dtype, how a part gives it)
+    FIELDS = {"user": (np.int64, lambda p: p.user), "time": (np.int64, lambda p: p.time),
+              "unknown_clicks": (np.int64, lambda p: p.unknown_clicks),
+              "history.lengths": (np.int64, lambda p: p.history.lengths()),
+              "history.values": (np.int32, lambda p: p.history.values),
+              "candidates.lengths": (np.int64, lambda p: p.candidates.lengths()),
+              "candidates.values": (np.int32, lambda p: p.candidates.values), "labels": (np.int8, lambda p: p.labels)}
+    PIECE = 1 << 16  # rows gathered at once while sorting
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.files = {k: open(self.directory / f"{k}.raw", "wb") for k in self.FIELDS}
+
+    def add(self, part: Behaviors) -> None:
+        for k, (dtype, get) in self.FIELDS.items():
+            np.ascontiguousarray(get(part), dtype=dtype).tofile(self.files[k])
+
+    def _raw(self, k: str) -> np.ndarray:
+        path = self.directory / f"{k}.raw"
+        dtype = self.FIELDS[k][0]
+        if path.stat().st_size == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+
+    def sorted(self, users: list[str]) -> Behaviors:
+        """The log in time order (stable), written as ``<field>.npy`` and returned mapped from those files."""
+        from speedyrec.data.parse_cache import drop_pages
+
+        for f in self.files.values():
+            f.close()
+        d = self.directory
+        time = np.array(self._raw("time"))
+        order = np.argsort(time, kind="stable")
+        np.save(d / "time.npy", time[order], allow_pickle=False)
+        del time
+        for k in ("user", "unknown_clicks"):
+            np.save(d / f"{k}.npy", np.array(self._raw(k))[order], allow_pickle=False)
+        for name, extra in (("history", None), ("candidates", "labels")):
+            lengths = np.array(self._raw(f"{name}.lengths"))
+            src = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=src[1:])
+            dst = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths[order], out=dst[1:])
+            del lengths
+            np.save(d / f"{name}.offsets.npy", dst, allow_pickle=False)
+            pairs = [(self._raw(f"{name}.values"), f"{name}.values")] + ([(self._raw(extra), extra)] if extra else [])
+            outs = [np.lib.format.open_memmap(d / f"{out}.npy", mode="w+", dtype=raw.dtype, shape=(int(dst[-1]),))
+                    for raw, out in pairs]
+            for a in range(0, len(order), self.PIECE):
+                rows = order[a:a + self.PIECE]
+                pos = ragged_positions(src[rows], src[rows + 1])
+                lo, hi = int(dst[a]), int(dst[min(a + self.PIECE, len(order))])
+                for (raw, _), out in zip(pairs, outs):
+                    out[lo:hi] = raw[pos]
+                drop_pages(*[raw for raw, _ in pairs], *outs)  # the pages of this piece go back (see drop_pages)
+            for out in outs:
+                out.flush()
+            del outs, pairs
+        for k in self.FIELDS:
+            (d / f"{k}.raw").unlink()
+        a = {k: np.load(d / f"{k}.npy", mmap_mode="r", allow_pickle=False)
+             for k in ("user", "time", "history.offsets", "history.values", "candidates.offsets", "candidates.values",
+                       "labels", "unknown_clicks")}
+        return Behaviors(users, a["user"], a["time"], Ragged(a["history.offsets"], a["history.values"]),
+                         Ragged(a["candidates.offsets"], a["candidates.values"]), a["labels"], a["unknown_clicks"])
 
 
 def _runs(flags: np.ndarray):
@@ -686,15 +768,17 @@ def _split_lines(path: Path, numbers: list[int], lines: list[str], b: _Builder, 
                  times: dict[str, int], labels_optional: bool, listing: bool) -> "_Chunk":
     """A chunk's lines cut into columns and tokens (ids not looked up yet); faulty lines counted and left out."""
     cols = [line.split("\t") for line in lines]
+    malformed = []  # (line number, why): counted in line order once both checks below have run
     if set(map(len, cols)) != {5}:
         keep = []
         for k, c in enumerate(cols):
             if len(c) == 5:
                 keep.append(k)
             else:
-                faults.fault("malformed_rows", f"{path}:{numbers[k]}", f"expected 5 tab-separated columns, found {len(c)}")
+                malformed.append((numbers[k], f"expected 5 tab-separated columns, found {len(c)}"))
         cols, numbers = [cols[k] for k in keep], [numbers[k] for k in keep]
     if not cols:
+        _count_malformed(faults, path, malformed)
         return _Chunk(wheres=_Where(path, []))
     imp_ids, users, stamps, hists, imps = (list(x) for x in zip(*cols))
     users = [u.strip() for u in users]
@@ -705,13 +789,14 @@ def _split_lines(path: Path, numbers: list[int], lines: list[str], b: _Builder, 
         keep = []
         for k, (u, t) in enumerate(zip(users, when)):
             if not u:
-                faults.fault("malformed_rows", f"{path}:{numbers[k]}", "empty user id")
+                malformed.append((numbers[k], "empty user id"))
             elif t is None:
-                faults.fault("malformed_rows", f"{path}:{numbers[k]}", f"unparsable time {stamps[k]!r}")
+                malformed.append((numbers[k], f"unparsable time {stamps[k]!r}"))
             else:
                 keep.append(k)
         numbers, imp_ids, users, when, hists, imps = ([x[k] for k in keep]
                                                       for x in (numbers, imp_ids, users, when, hists, imps))
+    _count_malformed(faults, path, malformed)
     chunk = _Chunk(wheres=_Where(path, numbers))
     tokens = " ".join(imps).split()
     if not tokens or (min(map(len, tokens)) > 2 and set(map(_TAIL, tokens)) <= _LABEL_TAILS):
@@ -748,6 +833,11 @@ def _split_lines(path: Path, numbers: list[int], lines: list[str], b: _Builder, 
     return chunk
 
 
+def _count_malformed(faults: FaultLog, path: Path, malformed: list[tuple[int, str]]) -> None:
+    for number, why in sorted(malformed, key=lambda m: m[0]):
+        faults.fault("malformed_rows", f"{path}:{number}", why)
+
+
 @dataclass
 class _Chunk:
     """Lines split but not looked up yet."""
@@ -764,11 +854,19 @@ class _Chunk:
 
     def build(self, b: _Builder, faults: FaultLog, listing: bool, row0: int) -> Behaviors:
         n_rows, wheres = len(self.user), self.wheres
-        h_idx, h_len, h_place, h_names = _bulk_lookup(b, self.h_tok, np.asarray(self.h_len, dtype=np.int64), wheres)
+        # glued ids are counted after both lists are looked up, in the line-by-line reader's order (by line, its
+        # history before its candidates, token by token)
         labels_listed = (np.frombuffer("".join(self.c_lab).encode(), dtype=np.uint8).astype(np.int16)
                          - ord("0")).astype(np.int8)
         c_len_listed = np.asarray(self.c_len, dtype=np.int64)
-        c_idx, c_len, c_place, c_names = _bulk_lookup(b, self.c_tok, c_len_listed, wheres)
+        deferred = b.faults = _Deferred()
+        try:
+            h_idx, h_len, h_place, h_names = _bulk_lookup(b, self.h_tok, np.asarray(self.h_len, dtype=np.int64),
+                                                          wheres, 0)
+            c_idx, c_len, c_place, c_names = _bulk_lookup(b, self.c_tok, c_len_listed, wheres, 1)
+        finally:
+            b.faults = faults
+        deferred.emit(faults)
         c_labels = np.repeat(labels_listed, np.bincount(c_place, minlength=len(self.c_tok)))  # pieces share it
         # unknown ids, counted per line (history first, then candidates) as the line-by-line reader counts them
         h_rows = np.repeat(np.arange(n_rows), h_len)
@@ -813,7 +911,22 @@ def _concat_behaviors(parts: list[Behaviors]) -> Behaviors:
                      listing=lst)
 
 
-def _bulk_lookup(b: _Builder, tokens: list[str], lengths: np.ndarray, wheres: list[str]):
+class _Deferred:
+    """Faults recorded with a sort key (``key`` at the time of the call) and counted later in that order."""
+
+    def __init__(self):
+        self.items: list[tuple] = []
+        self.key: tuple = ()
+
+    def fault(self, *args, **kw) -> None:
+        self.items.append((self.key, len(self.items), args, kw))
+
+    def emit(self, faults: FaultLog) -> None:
+        for _, _, args, kw in sorted(self.items, key=lambda x: (x[0], x[1])):
+            faults.fault(*args, **kw)
+
+
+def _bulk_lookup(b: _Builder, tokens: list[str], lengths: np.ndarray, wheres: list[str], kind: int = 0):
     """Indices of the tokens of every line (lengths per line), glued ids split into their pieces: (indices [P],
     pieces per line [R], the listed token each piece came from [P], each piece's text [P])."""
     get = b.news.index.get
@@ -831,6 +944,8 @@ def _bulk_lookup(b: _Builder, tokens: list[str], lengths: np.ndarray, wheres: li
     rows = np.repeat(np.arange(len(lengths)), lengths)
     pieces, texts = {}, {}
     for i in maybe:
+        if isinstance(b.faults, _Deferred):
+            b.faults.key = (int(rows[i]), kind, int(i))
         split = b.split_glued(tokens[i], wheres[rows[i]])
         if len(split) > 1:
             pieces[int(i)] = np.fromiter((get(p, -1) for p in split), dtype=np.int64, count=len(split))

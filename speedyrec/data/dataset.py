@@ -86,7 +86,8 @@ def _mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, cfg, l
     """A MIND behaviors file, parsed once per content and news table (speedyrec.data.parse_cache)."""
     settings = {"reader": "mind", "listing": listing, "labels_optional": labels_optional,
                 "max_line_bytes": cfg.max_line_bytes}
-    return cached_read(lambda p, n, f: read_mind_behaviors(p, n, f, cfg.max_line_bytes, listing, labels_optional),
+    return cached_read(lambda p, n, f, spool: read_mind_behaviors(p, n, f, cfg.max_line_bytes, listing, labels_optional,
+                                                                  spool),
                        paths, news, faults, cache_dir_of(cfg), settings)
 
 

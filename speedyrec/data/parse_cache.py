@@ -58,13 +58,18 @@ def _get(obj, dotted: str):
     return obj
 
 
+def _aside(directory: Path) -> Path:
+    return directory.with_name(directory.name + f".tmp{os.getpid()}")
+
+
 def save(directory: Path, beh: Behaviors, faults_added: dict) -> None:
-    """Write ``beh`` and the faults its parse added into ``directory`` (written aside, then renamed)."""
-    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write ``beh`` and the faults its parse added into ``directory`` (written aside, then renamed). Arrays whose
+    files a spooling parse wrote aside already (:class:`speedyrec.data.behaviors._Spool`) are kept."""
+    tmp = _aside(directory)
+    tmp.mkdir(parents=True, exist_ok=True)
     for name in _ARRAYS:
-        np.save(tmp / f"{name}.npy", _get(beh, name), allow_pickle=False)
+        if not (tmp / f"{name}.npy").is_file():
+            np.save(tmp / f"{name}.npy", _get(beh, name), allow_pickle=False)
     if beh.listing is not None:
         for name in _LISTING:
             np.save(tmp / f"listing.{name}.npy", _get(beh.listing, name), allow_pickle=False)
@@ -90,14 +95,19 @@ def load(directory: Path) -> tuple[Behaviors, dict]:
     return beh, meta["faults"]
 
 
-def release(beh: Behaviors) -> None:
-    """Hand the pages of ``beh``'s arrays mapped from the cache back to the system (they stay in the page cache
-    for the node's other ranks, and are read again from it when touched). Arrays in memory are left alone."""
-    for name in _ARRAYS:
-        arr = _get(beh, name)
+def drop_pages(*arrays) -> None:
+    """Hand the pages of file-mapped arrays back to the system: they leave this process's resident memory and stay
+    in the page cache (written back first where they were written: a shared file mapping keeps its data), from
+    where a later touch reads them again. Arrays in memory are left alone."""
+    for arr in arrays:
         m = getattr(arr, "_mmap", None) if isinstance(arr, np.memmap) else None
         if m is not None and hasattr(m, "madvise"):
             m.madvise(mmap.MADV_DONTNEED)
+
+
+def release(beh: Behaviors) -> None:
+    """:func:`drop_pages` of ``beh``'s arrays mapped from the cache (the node's other ranks read the same pages)."""
+    drop_pages(*(_get(beh, name) for name in _ARRAYS))
 
 
 def _snapshot(faults: FaultLog) -> tuple[dict, dict]:
@@ -120,17 +130,21 @@ def replay(faults: FaultLog, added: dict) -> None:
 
 def cached_read(read, paths: list[Path], news: NewsTable, faults: FaultLog, cache_dir: Path | None,
                 settings: dict) -> Behaviors:
-    """``read(paths, news, faults)`` through the cache in ``cache_dir`` (None, or a strict FaultLog: no cache;
-    a strict run must stop at the first fault in file order, which only a parse finds)."""
+    """``read(paths, news, faults, spool)`` through the cache in ``cache_dir`` (None, or a strict FaultLog: no cache;
+    a strict run must stop at the first fault in file order, which only a parse finds). ``spool``: the folder the
+    cache's files are written in before it is renamed into place (None without a cache); a reader may put its
+    arrays there itself, as ``<name>.npy``."""
     if cache_dir is None or faults.strict:
-        return read(paths, news, faults)
+        return read(paths, news, faults, None)
     directory = Path(cache_dir) / "behaviors" / cache_key(paths, news, settings)
     if (directory / "meta.json").is_file():
         beh, added = load(directory)
         replay(faults, added)
         return beh
     before = _snapshot(faults)
-    beh = read(paths, news, faults)
+    tmp = _aside(directory)
+    shutil.rmtree(tmp, ignore_errors=True)
+    beh = read(paths, news, faults, tmp)  # a reader may write its arrays there as it parses
     directory.parent.mkdir(parents=True, exist_ok=True)
     save(directory, beh, _added(faults, before))
     del beh  # the rank that parsed reads the arrays mapped, as the others do: its parse's memory goes back
