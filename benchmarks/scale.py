@@ -97,7 +97,8 @@ def child(mode: str, data: Path, cache: Path) -> dict:
     from speedyrec.workflows.speedyfeed import build_sequences
 
     if mode == "before":
-        dataset.read_mind_behaviors = read_mind_behaviors_by_line
+        dataset.read_mind_behaviors = lambda paths, news, faults, mlb, listing, optional, spool=None: \
+            read_mind_behaviors_by_line(paths, news, faults, mlb, listing, optional)  # it keeps all in memory
         dataset.cache_dir_of = lambda cfg: None  # no parse cache
     parse = [0.0]  # seconds in the log reader itself (the news file's reading excluded)
     reader = dataset.read_mind_behaviors
