@@ -403,7 +403,7 @@ def _read_mind_bulk(paths: list[Path], news: NewsTable, faults: FaultLog, max_li
     rows = 0
     for path in paths:
         for first, data in read_line_bytes(path, max_line_bytes, BLOCK_BYTES):
-            if len(times) > 1 << 18:  # the stamps seen lately are the likely ones: the memo stays small
+            if len(times) > 1 << 16:  # the stamps seen lately are the likely ones: the memo stays small
                 times.clear()
             plain = _plain_lines(data, table, max_line_bytes, times)
             for plain_run, i, j in _runs(plain.plain):
@@ -477,7 +477,7 @@ class _Spool:
               "history.values": (np.int32, lambda p: p.history.values),
               "candidates.lengths": (np.int64, lambda p: p.candidates.lengths()),
               "candidates.values": (np.int32, lambda p: p.candidates.values), "labels": (np.int8, lambda p: p.labels)}
-    PIECE = 1 << 16  # rows gathered at once while sorting
+    PIECE = 1 << 14  # rows gathered at once while sorting (their positions take 24 bytes a value)
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
