@@ -409,3 +409,38 @@ def test_a_training_log_spooled_into_the_cache_equals_its_parse_in_memory(tmp_pa
         again = cached_read(lambda *a: pytest.fail("parsed again"), path, news, fc, tmp_path / f"cache{k}", {"case": k})
         _same_behaviors(plain, again)
         assert fc.as_dict() == fa.as_dict()
+
+
+def test_stamps_read_in_place_equal_the_text_parser():
+    """Stamps read from the bytes in place (the plain-line path) give parse_mind_time's seconds, and are refused
+    exactly where it raises for the canonical form; any other form is left to the text path (never misread)."""
+    import numpy as np
+
+    from speedyrec.data.behaviors import _stamps_in_bytes, parse_mind_time
+
+    rng = np.random.default_rng(0)
+    canonical = [f"{m}/{d}/{y} {h}:{mi:02d}:{s:02d} {half}"
+                 for m, d, y, h, mi, s, half in zip(rng.integers(0, 15, 3000), rng.integers(0, 34, 3000),
+                                                    rng.choice([1999, 2000, 2019, 2020, 2100], 3000),
+                                                    rng.integers(0, 14, 3000), rng.integers(0, 62, 3000),
+                                                    rng.integers(0, 63, 3000), rng.choice(["AM", "PM"], 3000))]
+    canonical += ["12/31/2019 12:59:59 PM", "1/1/1970 12:00:00 AM", "2/29/2020 1:02:03 AM", "2/29/2019 1:02:03 AM"]
+    other = [" 11/11/2019 9:05:01 AM", "11/11/2019 9:05:01 AM ", "11-11-2019 9:05:01 AM", "11/11/19 9:05:01 AM",
+             "11/11/2019 9:5:01 AM", "11/11/2019 09:05:01 am", "11/11/2019  9:05:01 AM", "111/1/2019 9:05:01 AM",
+             "11/11/2019 9:05:01 XM", "", "x" * 22, "11/11/2019 123:05:01 AM", "a1/11/2019 9:05:01 AM"]
+    stamps = canonical + other
+    data = "\t".join(stamps).encode()
+    buf = np.frombuffer(data, dtype=np.uint8)
+    starts = np.concatenate([[0], np.cumsum([len(s) + 1 for s in stamps])[:-1]])
+    seconds, ok = _stamps_in_bytes(buf, starts, starts + np.array([len(s) for s in stamps]))
+    for s, sec, good in zip(stamps, seconds.tolist(), ok.tolist()):
+        try:
+            want = parse_mind_time(s)
+        except ValueError:
+            want = None
+        if s in canonical:
+            assert good == (want is not None), s
+        if good:
+            assert sec == want, s
+    assert not ok[len(canonical):].any()
+    assert ok[:len(canonical)].sum() > 1000  # most canonical stamps are in range

@@ -304,17 +304,59 @@ def parse_mind_times(stamps: list[str]) -> dict[str, int | None]:
         return out
     (month, day, year), (hour, minute, second) = fields[0].T, fields[1].T
     half = np.asarray(fields[2])
-    ok = ((1 <= month) & (month <= 12) & (1 <= day) & (day <= 31) & (1 <= hour) & (hour <= 12) & (minute < 60)
-          & (second < 61) & ((half == "AM") | (half == "PM")))
-    hour = hour % 12 + np.where(half == "PM", 12, 0)
-    y = year - 1
-    days = y * 365 + y // 4 - y // 100 + y // 400 - 719162
-    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
-    days += _DAYS_BEFORE_MONTH[np.clip(month - 1, 0, 11)] + ((month > 2) & leap) + day - 1
-    seconds = ((days * 24 + hour) * 60 + minute) * 60 + second
+    seconds, ok = _stamp_seconds(month, day, year, hour, minute, second, half == "PM")
+    ok &= (half == "AM") | (half == "PM")
     for s, good, t in zip(stamps, ok.tolist(), seconds.tolist()):
         out[s] = t if good else None
     return out
+
+
+def _stamp_seconds(month, day, year, hour, minute, second, pm) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds since 1970, whether the fields are in range) of MIND stamps given as arrays of their fields, as
+    :func:`parse_mind_time` computes them."""
+    ok = ((1 <= month) & (month <= 12) & (1 <= day) & (day <= 31) & (1 <= hour) & (hour <= 12) & (minute < 60)
+          & (second < 61))
+    hour = hour % 12 + np.where(pm, 12, 0)
+    y = year - 1
+    days = y * 365 + y // 4 - y // 100 + y // 400 - 719162
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    days = days + _DAYS_BEFORE_MONTH[np.clip(month - 1, 0, 11)] + ((month > 2) & leap) + day - 1
+    return ((days * 24 + hour) * 60 + minute) * 60 + second, ok
+
+
+def _stamps_in_bytes(buf: np.ndarray, a: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MIND stamps read in place: the fields buf[a:e] of the form ``M/D/YYYY h:mm:ss AM`` exactly (no blanks around,
+    one- or two-digit month, day and hour) -> (seconds, ok). ok is False for any other field (the caller reads those
+    as text), and for one out of range (as parse_mind_time would refuse it)."""
+    n = len(a)
+    d = lambda at: buf[np.clip(at, 0, len(buf) - 1)].astype(np.int64) - 48  # noqa: E731
+    digit = lambda v: (v >= 0) & (v <= 9)  # noqa: E731
+    size = e - a
+    ok = (size >= 19) & (size <= 22)
+    pm = d(e - 2) == ord("P") - 48
+    ok &= ((d(e - 2) == ord("A") - 48) | pm) & (d(e - 1) == ord("M") - 48) & (d(e - 3) == -16)
+    sec1, sec0, min1, min0 = d(e - 5), d(e - 4), d(e - 8), d(e - 7)
+    ok &= digit(sec1) & digit(sec0) & digit(min1) & digit(min0) & (d(e - 6) == 10) & (d(e - 9) == 10)
+    h0, h1 = d(e - 10), d(e - 11)
+    two_h = digit(h1)
+    ok &= digit(h0) & (two_h | (h1 == -16))
+    ye = e - 12 - two_h  # the year's last digit, after which comes the blank before the hour
+    ok &= ~two_h | (d(e - 12) == -16)
+    y3, y2, y1, y0 = d(ye - 3), d(ye - 2), d(ye - 1), d(ye)
+    ok &= digit(y3) & digit(y2) & digit(y1) & digit(y0) & (d(ye - 4) == -1)  # '/' before the year
+    d0, d1 = d(ye - 5), d(ye - 6)
+    two_d = digit(d1)
+    slash = ye - 6 - two_d  # the '/' after the month
+    ok &= digit(d0) & (two_d | (d1 == -1)) & (d(slash) == -1)
+    m_size = slash - a
+    m1, m0 = d(a), d(a + 1)
+    ok &= ((m_size == 1) & digit(m1)) | ((m_size == 2) & digit(m1) & digit(m0))
+    month = np.where(m_size == 2, m1 * 10 + m0, m1)
+    day = np.where(two_d, d1 * 10 + d0, d0)
+    hour = np.where(two_h, h1 * 10 + h0, h0)
+    seconds, valid = _stamp_seconds(month, day, y3 * 1000 + y2 * 100 + y1 * 10 + y0, hour, min1 * 10 + min0,
+                                    sec1 * 10 + sec0, pm)
+    return (seconds if n else np.zeros(0, dtype=np.int64)), ok & valid
 
 
 def read_mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, max_line_bytes: int,
@@ -599,12 +641,15 @@ class _IdTable:
             slot[todo] = (slot[todo] + 1) & self.mask
 
     def _hash(self, keys: np.ndarray) -> np.ndarray:
-        return ((keys * _GOLDEN) >> self.shift).astype(np.int64)
+        h = keys * _GOLDEN
+        h >>= self.shift
+        return h.view(np.int64)  # below 2**63 after the shift
 
     def lookup(self, words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """News index of each token of 1 to 8 bytes at ``starts`` (``words``: the block's 8-byte windows, see
         :func:`_windows`); -1 if unknown."""
-        keys = words[starts] & _LOW_BYTES[lengths]
+        keys = words[starts]
+        keys &= _LOW_BYTES[lengths]
         slot = self._hash(keys)
         found = self.keys[slot]
         out = np.where(found == keys, self.values[slot], -1)
@@ -640,9 +685,7 @@ class _PlainLines:
     def build(self, data: bytes, i: int, j: int, path: Path, first: int, b: _Builder, listing: bool,
               row0: int) -> Behaviors:
         """Behaviors of the plain lines i..j-1 (a run of them), users registered in file order."""
-        t = self.tabs[i:j].tolist()
-        a = self.start[i:j].tolist()
-        users = [data[x[0] + 1:x[1]].decode().strip() for x in t]
+        users = [data[s + 1:e].strip().decode() for s, e in zip(self.tabs[i:j, 0].tolist(), self.tabs[i:j, 1].tolist())]
         index = b.user_index
         known = len(index)
         user = [index.setdefault(u, len(index)) for u in users]
@@ -652,7 +695,8 @@ class _PlainLines:
         c_len = np.diff(c_at)
         lst = None
         if listing:
-            ids = [data[s:x[0]].decode().strip() or f"{path.name}:{first + i + k}" for k, (s, x) in enumerate(zip(a, t))]
+            ids = [data[s:e].strip().decode() or f"{path.name}:{first + i + k}"
+                   for k, (s, e) in enumerate(zip(self.start[i:j].tolist(), self.tabs[i:j, 0].tolist()))]
             labels = self.c_lab[c_at[0]:c_at[-1]]
             lst = Listing(np.asarray(ids, dtype=str), row0 + np.arange(j - i, dtype=np.int64),
                           Ragged.from_lengths(c_len, labels.copy()),
@@ -683,8 +727,8 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     is_nl = kind == 10
     nl_at = np.flatnonzero(is_nl)  # the newlines' places among the special bytes
     nl = special[nl_at]
-    start = np.r_[0, nl + 1].astype(np.int64)
-    end = np.r_[nl, len(buf)].astype(np.int64)
+    start = np.concatenate(([0], nl + 1))
+    end = np.concatenate((nl, [len(buf)]))
     n = len(start)
     is_tab = kind == 9
     tab_at = np.flatnonzero(is_tab)
@@ -701,12 +745,12 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     blank = tabs[lines, 1] - tabs[lines, 0] - 1 == at[:, 1] - at[:, 0] - 1
     # the tokens after the third tab (history, then candidates after the fourth) up to the line's end: a running
     # sum marks every special byte of that stretch with its line + 1
-    last = np.r_[nl_at, len(special)][lines]
+    last = np.concatenate((nl_at, [len(special)]))[lines]
     mark = np.zeros(len(special) + 1, dtype=np.int64)
     mark[at[:, 2]] = lines + 1
     mark[last] -= lines + 1
     region = np.cumsum(mark[:-1])
-    sep = np.r_[special, len(buf)]
+    sep = np.concatenate((special, [len(buf)]))
     gap = np.diff(sep)
     k = np.flatnonzero((region > 0) & (gap > 1))
     tok_start, tok_len, tok_line = sep[k] + 1, gap[k] - 1, region[k] - 1
@@ -723,8 +767,8 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     plain[c_line[~labelled | (c_len > 8)]] = False
     short_h, short_c = h_len <= 8, labelled & (c_len <= 8)
     # one lookup for both lists' ids
-    idx = table.lookup(_windows(buf), np.r_[h_start[short_h], c_start[short_c]],
-                       np.r_[h_len[short_h], c_len[short_c]])
+    idx = table.lookup(_windows(buf), np.concatenate((h_start[short_h], c_start[short_c])),
+                       np.concatenate((h_len[short_h], c_len[short_c])))
     h_idx = np.full(len(h_start), -1, dtype=np.int64)
     c_idx = np.full(len(c_start), -1, dtype=np.int64)
     n_h = int(short_h.sum())
@@ -735,7 +779,10 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     # the time stamps, parsed once per distinct stamp; a line whose stamp does not parse is not plain
     time = np.zeros(n, dtype=np.int64)
     rows = np.flatnonzero(plain)
-    stamps = [data[a + 1:e].decode().strip() for a, e in zip(tabs[rows, 1].tolist(), tabs[rows, 2].tolist())]
+    seconds, read = _stamps_in_bytes(buf, tabs[rows, 1] + 1, tabs[rows, 2])
+    time[rows[read]] = seconds[read]
+    rows = rows[~read]  # stamps of another form (blanks around them, say), or out of range: read as text
+    stamps = [data[a + 1:e].strip().decode() for a, e in zip(tabs[rows, 1].tolist(), tabs[rows, 2].tolist())]
     times.update(parse_mind_times(list(set(stamps) - times.keys())))
     when = list(map(times.__getitem__, stamps))
     if None in when:
@@ -744,8 +791,10 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
         rows, when = rows[ok], [w for w in when if w is not None]
     time[rows] = when
     hk, ck = plain[h_line], plain[c_line]
-    h_at = np.r_[0, np.cumsum(np.bincount(h_line[hk], minlength=n))]
-    c_at = np.r_[0, np.cumsum(np.bincount(c_line[ck], minlength=n))]
+    h_at = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(h_line[hk], minlength=n), out=h_at[1:])
+    c_at = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(c_line[ck], minlength=n), out=c_at[1:])
     return _PlainLines(start, end, plain, tabs, time, h_idx[hk], h_at, c_idx[ck], c_lab[ck], c_at)
 
 
