@@ -345,7 +345,7 @@ def test_plain_lines_cut_with_numpy_and_faulty_ones_between_them_read_as_line_by
         f"1\tU1\t{t.format(5)}\tN1 N2\tN3-1 N4-0",  # plain
         f"2\tU2\t{t.format(4)}\tN1 N77\tN3-0",  # unknown id: text
         f"3\tU2\t{t.format(4)}\tN2\tN3-1 N5-0",  # plain; U2 first seen on a text line
-        f"4\tU3\tnot a time\tN1\tN2-1",  # bad time: text, skipped
+        "4\tU3\tnot a time\tN1\tN2-1",  # bad time: text, skipped
         f"5\tU3\t{t.format(3)}\tN5\tN6-1",  # plain; U3's first kept line
         f"6\t  \t{t.format(3)}\tN1\tN2-1",  # a blank user: text, skipped
         f"7\tU4\t{t.format(2)}\tN123456789 N12345678\tN2-1 N123456789-0",  # ids of 10 and 9 bytes: text
@@ -444,3 +444,22 @@ def test_stamps_read_in_place_equal_the_text_parser():
             assert sec == want, s
     assert not ok[len(canonical):].any()
     assert ok[:len(canonical)].sum() > 1000  # most canonical stamps are in range
+
+
+def test_the_key_table_finds_what_it_holds_as_it_grows():
+    """The numpy hash table of ids and users: every key inserted (in batches, the table doubling on the way) is
+    found with its value, and keys never inserted are not (-1), colliding slots included."""
+    import numpy as np
+
+    from speedyrec.data.behaviors import _KeyTable
+
+    rng = np.random.default_rng(0)
+    keys = np.unique(rng.integers(1, 1 << 40, 6000).astype(np.uint64))
+    rng.shuffle(keys)
+    held, others = keys[:5000], keys[5000:]
+    table = _KeyTable()
+    for part in np.array_split(np.arange(len(held)), 7):
+        table.insert(held[part], part.astype(np.int64) * 3)
+    assert len(table.keys) >= 2 * len(held) and table.count == len(held)
+    np.testing.assert_array_equal(table.find(held), np.arange(len(held)) * 3)
+    assert (table.find(others) == -1).all()

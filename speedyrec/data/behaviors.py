@@ -150,6 +150,7 @@ class _Builder:
     slots: list[np.ndarray] = field(default_factory=list)
     candidate_slot: list[np.ndarray] = field(default_factory=list)
     _width_cache: tuple | None = None
+    user_keys: "_KeyTable | None" = None  # plain lines' user ids (of 1 to 8 bytes) -> their index (see _PlainLines)
 
     @property
     def _widths(self) -> tuple:
@@ -595,43 +596,35 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _LOW_BYTES = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
 
 
-class _IdTable:
-    """The news ids of at most 8 ASCII bytes as 64-bit keys (the bytes themselves, zero-padded: two ids share a key
-    only if they are the same id), in an open-addressing hash table numpy probes for many keys at once."""
+class _KeyTable:
+    """Keys of 1 to 8 ASCII bytes as 64-bit words (the bytes themselves, zero-padded: two keys are equal only if
+    their bytes are) mapped to values, in an open-addressing hash table numpy probes and fills for many keys at
+    once; it doubles when half full."""
 
-    def __init__(self, news: NewsTable):
-        if len(news.index) == len(news.ids):  # each id once: id k is news k
-            ids, values = news.ids, np.arange(len(news.ids), dtype=np.int64)
-        else:
-            ids, values = list(news.index), np.fromiter(news.index.values(), dtype=np.int64, count=len(news.index))
-        text = "\n".join(ids)
-        raw = text.encode()
-        if len(raw) != len(text):  # some ids are not ASCII: no token of a plain line is one of them
-            keep = [k for k, i in enumerate(ids) if i.isascii()]
-            ids, values = [ids[k] for k in keep], values[keep]
-            text = "\n".join(ids)
-            raw = text.encode()
-        size = 1 << max(10, (2 * len(ids)).bit_length())  # at most a quarter full
+    def __init__(self, expected: int = 0):
+        self._alloc(1 << max(10, (2 * expected).bit_length()))  # at most half full
+
+    def _alloc(self, size: int) -> None:
         self.shift, self.mask = np.uint64(64 - size.bit_length() + 1), size - 1
         self.keys = np.zeros(size, dtype=np.uint64)
         self.values = np.full(size, -1, dtype=np.int64)
-        if not ids:
-            return
-        buf = np.frombuffer(raw, dtype=np.uint8)
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        starts = np.r_[0, np.cumsum(lengths + 1)[:-1]]
-        # an id with a blank or control byte can never be one token of a plain line
-        odd = (buf <= 32) | (buf == 127)
-        odd[starts[1:] - 1] = False  # the newlines between ids
-        bad = np.flatnonzero(odd)
-        blank = np.zeros(len(ids), dtype=bool)
-        blank[np.searchsorted(starts, bad, side="right") - 1] = True
-        ok = (lengths > 0) & (lengths <= 8) & ~blank
-        keys = _windows(buf)[starts[ok]] & _LOW_BYTES[lengths[ok]]
-        values = values[ok]
+        self.count = 0
+
+    def _hash(self, keys: np.ndarray) -> np.ndarray:
+        h = keys * _GOLDEN
+        h >>= self.shift
+        return h.view(np.int64)  # below 2**63 after the shift
+
+    def insert(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add keys not in the table yet (distinct among themselves) with their values."""
+        if 2 * (self.count + len(keys)) > len(self.keys):
+            old = self.keys != 0
+            old_keys, old_values = self.keys[old], self.values[old]
+            self._alloc(1 << (2 * (self.count + len(keys))).bit_length())
+            self.insert(old_keys, old_values)
         slot = self._hash(keys)
         todo = np.arange(len(keys))
-        while len(todo):  # each round: every id whose slot is free, one per slot, takes it; the rest probe on
+        while len(todo):  # each round: every key whose slot is free, one per slot, takes it; the rest probe on
             free = todo[self.keys[slot[todo]] == 0]
             taken, first = np.unique(slot[free], return_index=True)
             self.keys[taken], self.values[taken] = keys[free[first]], values[free[first]]
@@ -639,17 +632,10 @@ class _IdTable:
             placed[free[first]] = True
             todo = todo[~placed[todo]]
             slot[todo] = (slot[todo] + 1) & self.mask
+        self.count += len(keys)
 
-    def _hash(self, keys: np.ndarray) -> np.ndarray:
-        h = keys * _GOLDEN
-        h >>= self.shift
-        return h.view(np.int64)  # below 2**63 after the shift
-
-    def lookup(self, words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """News index of each token of 1 to 8 bytes at ``starts`` (``words``: the block's 8-byte windows, see
-        :func:`_windows`); -1 if unknown."""
-        keys = words[starts]
-        keys &= _LOW_BYTES[lengths]
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """The value of each key; -1 where it is not in the table."""
         slot = self._hash(keys)
         found = self.keys[slot]
         out = np.where(found == keys, self.values[slot], -1)
@@ -665,6 +651,48 @@ class _IdTable:
             todo, slot = todo[go], slot[go]
         return out
 
+    @staticmethod
+    def keys_at(words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The keys of the tokens of 1 to 8 bytes at ``starts`` (``words``: the block's 8-byte windows, see
+        :func:`_windows`)."""
+        keys = words[starts]
+        keys &= _LOW_BYTES[lengths]
+        return keys
+
+    def lookup(self, words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        return self.find(self.keys_at(words, starts, lengths))
+
+
+class _IdTable(_KeyTable):
+    """The news table's ids of at most 8 ASCII bytes (without blanks: a token has none) -> their news index."""
+
+    def __init__(self, news: NewsTable):
+        if len(news.index) == len(news.ids):  # each id once: id k is news k
+            ids, values = news.ids, np.arange(len(news.ids), dtype=np.int64)
+        else:
+            ids, values = list(news.index), np.fromiter(news.index.values(), dtype=np.int64, count=len(news.index))
+        text = "\n".join(ids)
+        raw = text.encode()
+        if len(raw) != len(text):  # some ids are not ASCII: no token of a plain line is one of them
+            keep = [k for k, i in enumerate(ids) if i.isascii()]
+            ids, values = [ids[k] for k in keep], values[keep]
+            text = "\n".join(ids)
+            raw = text.encode()
+        super().__init__(len(ids))
+        if not ids:
+            return
+        buf = np.frombuffer(raw, dtype=np.uint8)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        starts = np.concatenate(([0], np.cumsum(lengths + 1)[:-1]))
+        # an id with a blank or control byte can never be one token of a plain line
+        odd = (buf <= 32) | (buf == 127)
+        odd[starts[1:] - 1] = False  # the newlines between ids
+        bad = np.flatnonzero(odd)
+        blank = np.zeros(len(ids), dtype=bool)
+        blank[np.searchsorted(starts, bad, side="right") - 1] = True
+        ok = (lengths > 0) & (lengths <= 8) & ~blank
+        self.insert(self.keys_at(_windows(buf), starts[ok], lengths[ok]), values[ok])
+
 
 @dataclass
 class _PlainLines:
@@ -676,6 +704,7 @@ class _PlainLines:
     plain: np.ndarray  # bool per line
     tabs: np.ndarray  # [lines, 4] (rows of non-plain lines unused)
     time: np.ndarray  # seconds, per line (non-plain lines unused)
+    user_key: np.ndarray  # uint64 per line: the user id's key when it is 1 to 8 bytes without blanks, else 0
     h_idx: np.ndarray
     h_at: np.ndarray  # per line + 1: offsets into h_idx (0 tokens for non-plain lines)
     c_idx: np.ndarray
@@ -685,10 +714,21 @@ class _PlainLines:
     def build(self, data: bytes, i: int, j: int, path: Path, first: int, b: _Builder, listing: bool,
               row0: int) -> Behaviors:
         """Behaviors of the plain lines i..j-1 (a run of them), users registered in file order."""
-        users = [data[s + 1:e].strip().decode() for s, e in zip(self.tabs[i:j, 0].tolist(), self.tabs[i:j, 1].tolist())]
+        # users met before are found by their key; the others (and ids with blanks or of 9 bytes and more) go
+        # through the dictionary in file order, which numbers new users as the line-by-line reader does
+        if b.user_keys is None:
+            b.user_keys = _KeyTable()
+        keys = self.user_key[i:j]
+        user = b.user_keys.find(keys)
         index = b.user_index
         known = len(index)
-        user = [index.setdefault(u, len(index)) for u in users]
+        miss = np.flatnonzero(user < 0)
+        if len(miss):
+            t0, t1 = self.tabs[i:j, 0][miss].tolist(), self.tabs[i:j, 1][miss].tolist()
+            user[miss] = [index.setdefault(data[s + 1:e].strip().decode(), len(index)) for s, e in zip(t0, t1)]
+            clean = miss[keys[miss] != 0]
+            new_keys, once = np.unique(keys[clean], return_index=True)
+            b.user_keys.insert(new_keys, user[clean[once]])
         if len(index) > known:
             b.users.extend(reversed(list(itertools.islice(reversed(index), len(index) - known))))
         h_at, c_at = self.h_at[i:j + 1], self.c_at[i:j + 1]
@@ -701,7 +741,7 @@ class _PlainLines:
             lst = Listing(np.asarray(ids, dtype=str), row0 + np.arange(j - i, dtype=np.int64),
                           Ragged.from_lengths(c_len, labels.copy()),
                           (np.arange(c_at[-1] - c_at[0]) - np.repeat(c_at[:-1] - c_at[0], c_len)).astype(np.int32))
-        return Behaviors(b.users, np.asarray(user, dtype=np.int64), self.time[i:j].copy(),
+        return Behaviors(b.users, user.astype(np.int64), self.time[i:j].copy(),
                          Ragged.from_lengths(np.diff(h_at), self.h_idx[h_at[0]:h_at[-1]].astype(np.int32)),
                          Ragged.from_lengths(c_len, self.c_idx[c_at[0]:c_at[-1]].astype(np.int32)),
                          self.c_lab[c_at[0]:c_at[-1]].copy(), np.zeros(j - i, dtype=np.int64), listing=lst)
@@ -742,7 +782,12 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     tabs = np.zeros((n, 4), dtype=np.int64)
     tabs[lines] = special[at]
     # a user id that is not all blanks: its field holds more bytes than the spaces in it
-    blank = tabs[lines, 1] - tabs[lines, 0] - 1 == at[:, 1] - at[:, 0] - 1
+    u_size, u_blanks = tabs[lines, 1] - tabs[lines, 0] - 1, at[:, 1] - at[:, 0] - 1
+    blank = u_size == u_blanks
+    words = _windows(buf)
+    user_key = np.zeros(n, dtype=np.uint64)
+    keyed = (u_blanks == 0) & (u_size > 0) & (u_size <= 8)
+    user_key[lines[keyed]] = _KeyTable.keys_at(words, tabs[lines[keyed], 0] + 1, u_size[keyed])
     # the tokens after the third tab (history, then candidates after the fourth) up to the line's end: a running
     # sum marks every special byte of that stretch with its line + 1
     last = np.concatenate((nl_at, [len(special)]))[lines]
@@ -767,7 +812,7 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     plain[c_line[~labelled | (c_len > 8)]] = False
     short_h, short_c = h_len <= 8, labelled & (c_len <= 8)
     # one lookup for both lists' ids
-    idx = table.lookup(_windows(buf), np.concatenate((h_start[short_h], c_start[short_c])),
+    idx = table.lookup(words, np.concatenate((h_start[short_h], c_start[short_c])),
                        np.concatenate((h_len[short_h], c_len[short_c])))
     h_idx = np.full(len(h_start), -1, dtype=np.int64)
     c_idx = np.full(len(c_start), -1, dtype=np.int64)
@@ -795,7 +840,7 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     np.cumsum(np.bincount(h_line[hk], minlength=n), out=h_at[1:])
     c_at = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(c_line[ck], minlength=n), out=c_at[1:])
-    return _PlainLines(start, end, plain, tabs, time, h_idx[hk], h_at, c_idx[ck], c_lab[ck], c_at)
+    return _PlainLines(start, end, plain, tabs, time, user_key, h_idx[hk], h_at, c_idx[ck], c_lab[ck], c_at)
 
 
 _TAIL, _HEAD, _LAST = operator.itemgetter(slice(-2, None)), operator.itemgetter(slice(None, -2)), operator.itemgetter(-1)
