@@ -439,7 +439,7 @@ def _read_mind_bulk(paths: list[Path], news: NewsTable, faults: FaultLog, max_li
     line-by-line rules (:func:`_split_lines`). Same arrays, counters and first examples as the line-by-line reader:
     a plain line has no fault to count, and every other line is read by the rules that count them."""
     b = _Builder(news, faults, listing=listing)
-    table = _IdTable(news)
+    table = _IdTable.of(news)
     times: dict[str, int] = {}
     sink = _Spool(spool) if spool is not None and not listing else None
     parts: list[Behaviors] = []
@@ -665,6 +665,15 @@ class _KeyTable:
 
 class _IdTable(_KeyTable):
     """The news table's ids of at most 8 ASCII bytes (without blanks: a token has none) -> their news index."""
+
+    @classmethod
+    def of(cls, news: NewsTable) -> "_IdTable":
+        """The table of ``news``, made once per news table and size (train and dev logs read the same table; a
+        test split's news file adds ids)."""
+        kept = news.__dict__.get("_id_table")
+        if kept is None or kept[0] != len(news):
+            kept = news.__dict__["_id_table"] = (len(news), cls(news))
+        return kept[1]
 
     def __init__(self, news: NewsTable):
         if len(news.index) == len(news.ids):  # each id once: id k is news k
