@@ -471,8 +471,8 @@ HEADLINES = {
                 lambda d: f"linear (r2 {d['r2']:.4f}); peak memory x{d['train_peak_growth']:.2f} over the sizes"),
     "scale": ("setup on MIND-large-shaped logs: parse speed, and peak memory per rank at MIND-large",
               lambda d: f"parsing {d['parse_speedup']:.1f}x faster; on 8 ranks "
-                        f"{d['mind_large_setup_peak_rss_mb']['builder_8'] / 1024:.1f} GiB for the rank that parses, "
-                        f"{d['mind_large_setup_peak_rss_mb']['reader_8'] / 1024:.1f} GiB for the others"),
+                        f"{d['mind_large_setup_peak_rss_mb']['builder_8']:,.0f} MiB for the rank that parses, "
+                        f"{d['mind_large_setup_peak_rss_mb']['reader_8']:,.0f} MiB for the others"),
     "token_store": ("tokenized news on disk, for 1M news",
                     lambda d: f"built in {d['build_seconds']:.0f} s, loaded in {d['load_seconds']:.2f} s"),
     "multiteacher": ("Tiny-NewsRec's cost: M = 4 teachers against one",
