@@ -771,7 +771,7 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     buf = np.frombuffer(data, dtype=np.uint8)
     # every byte that separates (tab, newline, space) or disqualifies a line (other controls, non-ASCII); tokens
     # lie between consecutive ones (a virtual one after the block ends the last)
-    special = np.flatnonzero((buf <= 32) | (buf >= 128))
+    special = np.flatnonzero(buf.view(np.int8) <= 32)  # as signed bytes, 128..255 are negative
     kind = buf[special]
     is_nl = kind == 10
     nl_at = np.flatnonzero(is_nl)  # the newlines' places among the special bytes
