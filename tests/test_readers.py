@@ -399,16 +399,21 @@ def test_a_training_log_spooled_into_the_cache_equals_its_parse_in_memory(tmp_pa
         news = NewsTable()
         read_mind_news(d / "news.tsv", news, FaultLog(), 1 << 20)
         path = [d / "behaviors.tsv"]
-        fa, fb, fc = FaultLog(), FaultLog(), FaultLog()
-        plain = read_mind_behaviors_by_line(path, news, fa, 1000)
-        read = lambda p, n, f, spool: read_mind_behaviors(p, n, f, 1000, spool=spool)  # noqa: E731
-        spooled = cached_read(read, path, news, fb, tmp_path / f"cache{k}", {"case": k})
-        assert isinstance(spooled.candidates.values, np.memmap) and not list((tmp_path / f"cache{k}").rglob("*.raw"))
-        _same_behaviors(plain, spooled)
-        assert fa.as_dict() == fb.as_dict() and fa.examples == fb.examples
-        again = cached_read(lambda *a: pytest.fail("parsed again"), path, news, fc, tmp_path / f"cache{k}", {"case": k})
-        _same_behaviors(plain, again)
-        assert fc.as_dict() == fa.as_dict()
+        for listing in (False, True):  # a training log, and a dev log with its listing
+            fa, fb, fc = FaultLog(), FaultLog(), FaultLog()
+            plain = read_mind_behaviors_by_line(path, news, fa, 1000, listing)
+            read = lambda p, n, f, spool: read_mind_behaviors(p, n, f, 1000, listing, spool=spool)  # noqa: E731
+            cache = tmp_path / f"cache{k}"
+            spooled = cached_read(read, path, news, fb, cache, {"case": k, "listing": listing})
+            assert isinstance(spooled.candidates.values, np.memmap) and not list(cache.rglob("*.raw"))
+            assert listing == isinstance(getattr(spooled.listing, "candidate_slot", None), np.memmap)
+            _same_behaviors(plain, spooled)
+            assert fa.as_dict() == fb.as_dict() and fa.examples == fb.examples
+            again = cached_read(lambda *a: pytest.fail("parsed again"), path, news, fc, cache,
+                                {"case": k, "listing": listing})
+            _same_behaviors(plain, again)
+            assert fc.as_dict() == fa.as_dict()
+            np.testing.assert_array_equal(plain.in_file_order().user, again.in_file_order().user)
 
 
 def test_stamps_read_in_place_equal_the_text_parser():

@@ -372,9 +372,9 @@ def read_mind_behaviors(paths: list[Path], news: NewsTable, faults: FaultLog, ma
     ``data.strict`` the line-by-line reader runs instead, so that the first fault in file order stops it. Both
     give the same arrays and counts (tests/test_readers.py).
 
-    ``spool``: a folder for the parse cache's files. A log without a listing (a training log) is then parsed into
-    files there as it is read and sorted from them, and comes back mapped from them: the parse holds one block of
-    the log in memory, not the log (:class:`_Spool`).
+    ``spool``: a folder for the parse cache's files. The log is then parsed into files there as it is read, sorted
+    from them, and comes back mapped from them: the parse holds one block of the log in memory (and a listing's
+    impression ids), not the log (:class:`_Spool`).
     """
     if faults.strict:
         return read_mind_behaviors_by_line(paths, news, faults, max_line_bytes, listing, labels_optional)
@@ -441,7 +441,7 @@ def _read_mind_bulk(paths: list[Path], news: NewsTable, faults: FaultLog, max_li
     b = _Builder(news, faults, listing=listing)
     table = _IdTable.of(news)
     times: dict[str, int] = {}
-    sink = _Spool(spool) if spool is not None and not listing else None
+    sink = _Spool(spool, listing) if spool is not None else None
     parts: list[Behaviors] = []
     rows = 0
     for path in paths:
@@ -511,7 +511,8 @@ def _concat_sorted(parts: list[Behaviors]) -> Behaviors:
 
 class _Spool:
     """A log's arrays written part by part to files in ``directory`` as they are parsed, then sorted by time into the
-    parse cache's ``.npy`` files there, in pieces: what the parse holds at once is a block and a piece, not the log."""
+    parse cache's ``.npy`` files there, in pieces: what the parse holds at once is a block and a piece, not the log
+    (and, for a log with a listing, its impression ids)."""
 
     # field -> (dtype, how a part gives it)
     FIELDS = {"user": (np.int64, lambda p: p.user), "time": (np.int64, lambda p: p.time),
@@ -520,20 +521,29 @@ class _Spool:
               "history.values": (np.int32, lambda p: p.history.values),
               "candidates.lengths": (np.int64, lambda p: p.candidates.lengths()),
               "candidates.values": (np.int32, lambda p: p.candidates.values), "labels": (np.int8, lambda p: p.labels)}
+    LISTING = {"listing.file_row": (np.int64, lambda p: p.listing.file_row),
+               "listing.slots.lengths": (np.int64, lambda p: p.listing.slots.lengths()),
+               "listing.slots.values": (np.int8, lambda p: p.listing.slots.values),
+               "listing.candidate_slot": (np.int32, lambda p: p.listing.candidate_slot)}
     PIECE = 1 << 14  # rows gathered at once while sorting (their positions take 24 bytes a value)
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, listing: bool = False):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.files = {k: open(self.directory / f"{k}.raw", "wb") for k in self.FIELDS}
+        self.fields = {**self.FIELDS, **(self.LISTING if listing else {})}
+        self.listing = listing
+        self.ids: list[np.ndarray] = []
+        self.files = {k: open(self.directory / f"{k}.raw", "wb") for k in self.fields}
 
     def add(self, part: Behaviors) -> None:
-        for k, (dtype, get) in self.FIELDS.items():
+        for k, (dtype, get) in self.fields.items():
             np.ascontiguousarray(get(part), dtype=dtype).tofile(self.files[k])
+        if self.listing:
+            self.ids.append(part.listing.ids)
 
     def _raw(self, k: str) -> np.ndarray:
         path = self.directory / f"{k}.raw"
-        dtype = self.FIELDS[k][0]
+        dtype = self.fields[k][0]
         if path.stat().st_size == 0:
             return np.zeros(0, dtype=dtype)
         return np.memmap(path, dtype=dtype, mode="r")
@@ -549,9 +559,17 @@ class _Spool:
         order = np.argsort(time, kind="stable")
         np.save(d / "time.npy", time[order], allow_pickle=False)
         del time
-        for k in ("user", "unknown_clicks"):
+        for k in ("user", "unknown_clicks") + (("listing.file_row",) if self.listing else ()):
             np.save(d / f"{k}.npy", np.array(self._raw(k))[order], allow_pickle=False)
-        for name, extra in (("history", None), ("candidates", "labels")):
+        if self.listing:
+            ids = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=str)
+            np.save(d / "listing.ids.npy", ids[order], allow_pickle=False)
+            del ids
+        # each ragged field, and the arrays aligned with its values
+        ragged = [("history", []), ("candidates", ["labels"] + (["listing.candidate_slot"] if self.listing else []))]
+        if self.listing:
+            ragged.append(("listing.slots", []))
+        for name, aligned in ragged:
             lengths = np.array(self._raw(f"{name}.lengths"))
             src = np.zeros(len(lengths) + 1, dtype=np.int64)
             np.cumsum(lengths, out=src[1:])
@@ -559,7 +577,7 @@ class _Spool:
             np.cumsum(lengths[order], out=dst[1:])
             del lengths
             np.save(d / f"{name}.offsets.npy", dst, allow_pickle=False)
-            pairs = [(self._raw(f"{name}.values"), f"{name}.values")] + ([(self._raw(extra), extra)] if extra else [])
+            pairs = [(self._raw(f"{name}.values"), f"{name}.values")] + [(self._raw(k), k) for k in aligned]
             outs = [np.lib.format.open_memmap(d / f"{out}.npy", mode="w+", dtype=raw.dtype, shape=(int(dst[-1]),))
                     for raw, out in pairs]
             for a in range(0, len(order), self.PIECE):
@@ -572,13 +590,20 @@ class _Spool:
             for out in outs:
                 out.flush()
             del outs, pairs
-        for k in self.FIELDS:
+        for k in self.fields:
             (d / f"{k}.raw").unlink()
         a = {k: np.load(d / f"{k}.npy", mmap_mode="r", allow_pickle=False)
              for k in ("user", "time", "history.offsets", "history.values", "candidates.offsets", "candidates.values",
                        "labels", "unknown_clicks")}
+        listing = None
+        if self.listing:
+            b = {k: np.load(d / f"listing.{k}.npy", mmap_mode="r", allow_pickle=False)
+                 for k in ("ids", "file_row", "slots.offsets", "slots.values", "candidate_slot")}
+            listing = Listing(b["ids"], b["file_row"], Ragged(b["slots.offsets"], b["slots.values"]),
+                              b["candidate_slot"])
         return Behaviors(users, a["user"], a["time"], Ragged(a["history.offsets"], a["history.values"]),
-                         Ragged(a["candidates.offsets"], a["candidates.values"]), a["labels"], a["unknown_clicks"])
+                         Ragged(a["candidates.offsets"], a["candidates.values"]), a["labels"], a["unknown_clicks"],
+                         listing=listing)
 
 
 def _runs(flags: np.ndarray):

@@ -72,7 +72,8 @@ def save(directory: Path, beh: Behaviors, faults_added: dict) -> None:
             np.save(tmp / f"{name}.npy", _get(beh, name), allow_pickle=False)
     if beh.listing is not None:
         for name in _LISTING:
-            np.save(tmp / f"listing.{name}.npy", _get(beh.listing, name), allow_pickle=False)
+            if not (tmp / f"listing.{name}.npy").is_file():
+                np.save(tmp / f"listing.{name}.npy", _get(beh.listing, name), allow_pickle=False)
     meta = {"users": beh.users, "history_is_prefix": beh.history_is_prefix, "listing": beh.listing is not None,
             "faults": faults_added}
     (tmp / "meta.json").write_text(json.dumps(meta))
