@@ -242,6 +242,22 @@ def _same_behaviors(a, b) -> None:
         np.testing.assert_array_equal(a.listing.slots.values, b.listing.slots.values)
 
 
+def _readers_agree(path: Path, news, listing: bool, labels_optional: bool):
+    """The line-by-line reader and read_mind_behaviors on one file: the same arrays, counters and examples. Returns
+    the line-by-line reader's result and its faults."""
+    from speedyrec.data.behaviors import read_mind_behaviors, read_mind_behaviors_by_line
+    from speedyrec.data.faults import FaultLog
+
+    got = []
+    for read in (read_mind_behaviors_by_line, read_mind_behaviors):
+        faults = FaultLog()
+        got.append((read([path], news, faults, 1000, listing, labels_optional), faults))
+    (a, fa), (b, fb) = got
+    _same_behaviors(a, b)
+    assert fa.as_dict() == fb.as_dict() and fa.examples == fb.examples, path
+    return a, fa
+
+
 @pytest.mark.parametrize("listing,labels_optional,chunk", [(False, False, 20_000), (True, False, 7), (True, True, 1)])
 def test_the_bulk_mind_reader_equals_the_line_by_line_one(tmp_path, mind_sample, synthetic_small, listing,
                                                           labels_optional, chunk, monkeypatch):
@@ -249,7 +265,6 @@ def test_the_bulk_mind_reader_equals_the_line_by_line_one(tmp_path, mind_sample,
     reader's arrays and fault counts on the real sample (96% unknown ids), the synthetic data, crafted bad rows and
     glued ids, whatever the chunk size."""
     from speedyrec.data import behaviors
-    from speedyrec.data.behaviors import read_mind_behaviors, read_mind_behaviors_by_line
 
     monkeypatch.setattr(behaviors, "CHUNK_LINES", chunk)
     from speedyrec.data.faults import FaultLog
@@ -265,13 +280,7 @@ def test_the_bulk_mind_reader_equals_the_line_by_line_one(tmp_path, mind_sample,
     for d in cases:
         news = NewsTable()
         read_mind_news(d / "news.tsv", news, FaultLog(), 1 << 20)
-        got = []
-        for read in (read_mind_behaviors_by_line, read_mind_behaviors):
-            faults = FaultLog()
-            got.append((read([d / "behaviors.tsv"], news, faults, 1000, listing, labels_optional), faults))
-        (a, fa), (b, fb) = got
-        _same_behaviors(a, b)
-        assert fa.as_dict() == fb.as_dict() and fa.examples == fb.examples, d
+        a, fa = _readers_agree(d / "behaviors.tsv", news, listing, labels_optional)
         if d == glued:
             assert fa.counts["glued_ids"] >= 5 and len(a) == 3
 
@@ -303,8 +312,14 @@ def test_a_parsed_log_is_kept_and_read_back_with_its_faults(tmp_path, monkeypatc
 @pytest.mark.parametrize("block", [1, 7, 64, 8 << 20])
 def test_rows_read_in_blocks_are_the_rows_read_line_by_line(tmp_path, block):
     """Every quirk read_rows handles (BOM, CRLF, blank and whitespace-only lines, invalid UTF-8, overlong lines, a
-    last line without its newline), also across block boundaries, gives the same rows and counts in blocks."""
-    from speedyrec.data.faults import FaultLog, read_row_blocks, read_rows
+    last line without its newline), also across block boundaries, gives the same rows and counts in blocks of bytes
+    (read_line_bytes) decoded by block_rows."""
+    from speedyrec.data.faults import FaultLog, block_rows, read_line_bytes, read_rows
+
+    def read_row_blocks(path, faults, max_line_bytes, block_bytes):  # the byte blocks decoded as the readers do
+        for first, data in read_line_bytes(path, max_line_bytes, block_bytes):
+            raws = data.split(b"\n")
+            yield block_rows(path, faults, max_line_bytes, range(first, first + len(raws)), raws)
 
     files = {
         "quirks": b"\xef\xbb\xbfa\tb\r\n\n   \n\t\x0b\nc d\nbad \xff\xfe bytes\n" + b"x" * 40 + b"\nlong\xff" * 3
@@ -333,7 +348,6 @@ def test_plain_lines_cut_with_numpy_and_faulty_ones_between_them_read_as_line_by
     lines anywhere, ids too long or not ASCII for the byte keys: the line-by-line reader's arrays, counters and
     examples, and both paths were taken."""
     from speedyrec.data import behaviors
-    from speedyrec.data.behaviors import read_mind_behaviors, read_mind_behaviors_by_line
     from speedyrec.data.faults import FaultLog
     from speedyrec.data.news import NewsTable, read_mind_news
 
@@ -368,13 +382,7 @@ def test_plain_lines_cut_with_numpy_and_faulty_ones_between_them_read_as_line_by
     seen = []
     real = behaviors._plain_lines
     monkeypatch.setattr(behaviors, "_plain_lines", lambda *a: seen.append(real(*a)) or seen[-1])
-    got = []
-    for read in (read_mind_behaviors_by_line, read_mind_behaviors):
-        faults = FaultLog()
-        got.append((read([tmp_path / "behaviors.tsv"], news, faults, 1000, listing, labels_optional), faults))
-    (a, fa), (b, fb) = got
-    _same_behaviors(a, b)
-    assert fa.as_dict() == fb.as_dict() and fa.examples == fb.examples
+    _readers_agree(tmp_path / "behaviors.tsv", news, listing, labels_optional)
     plain = sum(int(p.plain.sum()) for p in seen)
     assert plain == 7 and sum(len(p.plain) for p in seen) == len(lines)
 

@@ -468,45 +468,9 @@ def _read_mind_bulk(paths: list[Path], news: NewsTable, faults: FaultLog, max_li
         return sink.sorted(b.users)
     if not parts:
         parts.append(_Chunk(wheres=_Where(Path(), [])).build(b, faults, listing, 0))
-    if listing:  # dev and test logs: the listing's arrays too
-        beh = _concat_behaviors(parts) if len(parts) > 1 else parts[0]
-        order = np.argsort(beh.time, kind="stable")
-        return beh.take(order) if len(order) else beh
-    return _concat_sorted(parts)
-
-
-def _concat_sorted(parts: list[Behaviors]) -> Behaviors:
-    """The parts (consecutive, without listings) as one log in time order (stable), made one array at a time: each
-    part's copy of an array is dropped once the whole array is made, and the unsorted array once the sorted one is,
-    so that the reader holds the log plus one array at most (not the parts, the log and its sorted copy at once)."""
-    time = np.concatenate([p.time for p in parts])
-    order = np.argsort(time, kind="stable")
-    out = {"time": time[order]}
-    del time
-    for name in ("user", "unknown_clicks"):
-        whole = np.concatenate([getattr(p, name) for p in parts])
-        for p in parts:
-            setattr(p, name, None)
-        out[name] = whole[order]
-        del whole
-    for name in ("history", "candidates"):
-        lengths = np.concatenate([getattr(p, name).lengths() for p in parts])
-        values = np.concatenate([getattr(p, name).values for p in parts])
-        if name == "candidates":
-            labels = np.concatenate([p.labels for p in parts])
-            for p in parts:
-                p.labels = None
-        for p in parts:
-            setattr(p, name, None)
-        whole = Ragged.from_lengths(lengths, values)
-        del values
-        out[name] = whole.take(order)
-        if name == "candidates":
-            out["labels"] = Ragged(whole.offsets, labels).take(order).values
-            del labels
-        del whole
-    return Behaviors(parts[0].users, out["user"], out["time"], out["history"], out["candidates"], out["labels"],
-                     out["unknown_clicks"])
+    beh = _concat_behaviors(parts) if len(parts) > 1 else parts[0]
+    order = np.argsort(beh.time, kind="stable")
+    return beh.take(order) if len(order) else beh
 
 
 class _Spool:
@@ -550,7 +514,7 @@ class _Spool:
 
     def sorted(self, users: list[str]) -> Behaviors:
         """The log in time order (stable), written as ``<field>.npy`` and returned mapped from those files."""
-        from speedyrec.data.parse_cache import drop_pages
+        from speedyrec.data.parse_cache import drop_pages, mapped
 
         for f in self.files.values():
             f.close()
@@ -592,18 +556,7 @@ class _Spool:
             del outs, pairs
         for k in self.fields:
             (d / f"{k}.raw").unlink()
-        a = {k: np.load(d / f"{k}.npy", mmap_mode="r", allow_pickle=False)
-             for k in ("user", "time", "history.offsets", "history.values", "candidates.offsets", "candidates.values",
-                       "labels", "unknown_clicks")}
-        listing = None
-        if self.listing:
-            b = {k: np.load(d / f"listing.{k}.npy", mmap_mode="r", allow_pickle=False)
-                 for k in ("ids", "file_row", "slots.offsets", "slots.values", "candidate_slot")}
-            listing = Listing(b["ids"], b["file_row"], Ragged(b["slots.offsets"], b["slots.values"]),
-                              b["candidate_slot"])
-        return Behaviors(users, a["user"], a["time"], Ragged(a["history.offsets"], a["history.values"]),
-                         Ragged(a["candidates.offsets"], a["candidates.values"]), a["labels"], a["unknown_clicks"],
-                         listing=listing)
+        return mapped(d, users, False, self.listing)
 
 
 def _runs(flags: np.ndarray):

@@ -106,17 +106,6 @@ def _line_text(path: Path, lineno: int, raw: bytes, faults: FaultLog) -> str | N
         return raw.decode("utf-8", errors="replace")
 
 
-def read_row_blocks(path: Path, faults: FaultLog, max_line_bytes: int,
-                    block_bytes: int = 8 << 20) -> Iterator[tuple[list[int], list[str]]]:
-    """:func:`read_rows` a block of lines at a time: (line numbers, texts) of the block's non-blank lines, with
-    the same skips, repairs and counts. A block is decoded in one call; only a block with an overlong line or
-    invalid UTF-8 is looked at line by line."""
-    for first, data in read_line_bytes(path, max_line_bytes, block_bytes):
-        raws = data.split(b"\n")
-        numbers = range(first, first + len(raws))
-        yield block_rows(path, faults, max_line_bytes, numbers, raws)
-
-
 def read_line_bytes(path: Path, max_line_bytes: int, block_bytes: int = 8 << 20) -> Iterator[tuple[int, bytes]]:
     """A file's whole lines in blocks: (number of the block's first line, its lines joined by newlines, without the
     last newline); nothing decoded, checked or counted yet (:func:`block_rows` does that). A line that outgrows

@@ -85,15 +85,20 @@ def save(directory: Path, beh: Behaviors, faults_added: dict) -> None:
 
 def load(directory: Path) -> tuple[Behaviors, dict]:
     meta = json.loads((directory / "meta.json").read_text())
+    return mapped(directory, meta["users"], meta["history_is_prefix"], meta["listing"]), meta["faults"]
+
+
+def mapped(directory: Path, users: list[str], history_is_prefix: bool, listing: bool) -> Behaviors:
+    """The Behaviors whose arrays are the ``.npy`` files in ``directory`` (the cache's, or a spooling parse's before
+    it is renamed into place), mapped read-only."""
     a = {name: np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
-    listing = None
-    if meta["listing"]:
+    lst = None
+    if listing:
         b = {name: np.load(directory / f"listing.{name}.npy", mmap_mode="r", allow_pickle=False) for name in _LISTING}
-        listing = Listing(b["ids"], b["file_row"], Ragged(b["slots.offsets"], b["slots.values"]), b["candidate_slot"])
-    beh = Behaviors(meta["users"], a["user"], a["time"], Ragged(a["history.offsets"], a["history.values"]),
-                    Ragged(a["candidates.offsets"], a["candidates.values"]), a["labels"], a["unknown_clicks"],
-                    meta["history_is_prefix"], listing)
-    return beh, meta["faults"]
+        lst = Listing(b["ids"], b["file_row"], Ragged(b["slots.offsets"], b["slots.values"]), b["candidate_slot"])
+    return Behaviors(users, a["user"], a["time"], Ragged(a["history.offsets"], a["history.values"]),
+                     Ragged(a["candidates.offsets"], a["candidates.values"]), a["labels"], a["unknown_clicks"],
+                     history_is_prefix, lst)
 
 
 def drop_pages(*arrays) -> None:

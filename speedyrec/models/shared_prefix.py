@@ -10,7 +10,6 @@ every step, exactly as one encoder alone would.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from torch import nn
