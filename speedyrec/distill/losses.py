@@ -69,10 +69,12 @@ def embedding_loss(weights: torch.Tensor, *per_pair_mse: torch.Tensor) -> torch.
 
 
 def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference over the real tokens of each row: a, b [N, T, H], mask [N, T] -> [N]."""
+    """Mean squared difference over the real tokens of each row: a, b [N, T, H], mask [N, T] -> [N] (or BusLM's
+    segments: a, b [N, S, T, H], mask [N, S, T])."""
     m = mask.to(a.dtype).unsqueeze(-1)
     sq = (a.float() - b.float()).pow(2) * m
-    return sq.sum((1, 2)) / (m.sum((1, 2)) * a.shape[-1]).clamp(min=1)
+    dims = tuple(range(1, a.dim()))
+    return sq.sum(dims) / (m.sum(dims) * a.shape[-1]).clamp(min=1)
 
 
 def newsbert_hidden_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
@@ -80,8 +82,8 @@ def newsbert_hidden_loss(student_states: list[torch.Tensor], teacher_states: lis
     """NewsBERT Eq. 1 per news: MSE of the embeddings' outputs plus, for every student layer i, the MSE
     between its output and the output of teacher block i (teacher layer i * K). The teacher is a constant.
 
-    student_states: N + 1 tensors [R, T, H] (embeddings, then each layer); teacher_states: N * K + 1.
-    -> [R]."""
+    student_states: N + 1 tensors [R, T, H] (embeddings, then each layer; BusLM: [R, S, T, H] with mask
+    [R, S, T]); teacher_states: N * K + 1. -> [R]."""
     n = len(student_states) - 1
     k = (len(teacher_states) - 1) // n
     assert n * k + 1 == len(teacher_states), "teacher layers must be a multiple of the student's"

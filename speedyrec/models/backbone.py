@@ -246,16 +246,20 @@ class BertFamilyBackbone(nn.Module):
         tokens alone (what the frozen-prefix cache stores)."""
         return self.frozen_layers(self.frozen_embed(input_ids), mask, 0, self.freeze_layers, dense)
 
-    def hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    def hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor,
+                      extra: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The embeddings' output and every layer's output, [N, T, H] each (L + 1 tensors), with autograd
-        where the layers train (what layer-to-layer distillation compares)."""
-        states = [self.frozen_embed(input_ids) if self.freeze_layers > 0 else self.embed(input_ids)]
+        where the layers train (what layer-to-layer distillation compares). ``extra`` joins as in :meth:`forward`
+        (the last frozen output includes it), so the last state is what :meth:`forward` returns."""
+        frozen = self.freeze_layers
+        states = [self.frozen_embed(input_ids) if frozen > 0 else self.embed(input_ids, extra=extra)]
+        for i in range(frozen):
+            states.append(self.frozen_layers(states[-1], mask, i, i + 1))
+        if frozen > 0 and extra is not None:
+            states[-1] = states[-1] + extra
         attend = self._plain_attention(mask)
-        for i in range(len(self.layers)):
-            if i < self.freeze_layers:
-                states.append(self.frozen_layers(states[-1], mask, i, i + 1))
-            else:
-                states.append(self.run_layer(i, states[-1], attend))
+        for i in range(frozen, len(self.layers)):
+            states.append(self.run_layer(i, states[-1], attend))
         return states
 
     def _plain_attention(self, mask: torch.Tensor, dense: bool | None = None):

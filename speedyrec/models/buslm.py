@@ -113,15 +113,48 @@ class BusLMNewsEncoder(nn.Module):
 
         A pure function of the tokens, so it may be cached and passed back to :meth:`forward` as ``start_states``.
         """
-        bb = self.backbone
+        return self.frozen_layers(self.frozen_embed(input_ids), mask, 0, self.backbone.freeze_layers)
+
+    def frozen_embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of segments [N, S, T] without autograd and in eval mode -> [N, S, T, H]."""
         n, s, t = input_ids.shape
-        token_mask = mask.bool()
-        present = token_mask.any(dim=-1)
-        modules = [m for m in (getattr(bb, "embeddings", None), *bb.layers[: bb.freeze_layers]) if m is not None]
+        modules = [m for m in (getattr(self.backbone, "embeddings", None),) if m is not None]
         with torch.no_grad(), eval_mode(*modules):
             h = self._embed(input_ids, None)
-            h = self._layers(h, token_mask, present, range(bb.freeze_layers))
         return h.view(n, s, t, h.shape[-1])
+
+    def frozen_layers(self, h: torch.Tensor, mask: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Frozen layers start..end-1, with the bus, on token states h [N, S, T, H] of segments ``mask`` [N, S, T],
+        without autograd and in eval mode -> [N, S, T, H] (what a stack of teachers shares and caches)."""
+        bb = self.backbone
+        assert end <= bb.freeze_layers, "only frozen layers run without autograd"
+        n, s, t, hidden = h.shape
+        token_mask = mask.bool()
+        with torch.no_grad(), eval_mode(*bb.layers[start:end]):
+            h = self._layers(h.reshape(n * s, t, hidden), token_mask, token_mask.any(dim=-1), range(start, end))
+        return h.view(n, s, t, hidden)
+
+    def hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor,
+                      extra_embeddings: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The embeddings' output and every layer's output, with the bus, [N, S, T, H] each (L + 1 tensors), with
+        autograd where the layers train (what NewsBERT's layer-to-layer distillation compares). ``extra_embeddings``
+        join as in :meth:`token_states`, so the last state is what it returns. Positions outside a segment's
+        tokens are not defined (zeros where packed): compare them under the mask."""
+        bb = self.backbone
+        n, s, t = input_ids.shape
+        frozen = bb.freeze_layers
+        states = [self.frozen_embed(input_ids) if frozen > 0
+                  else self._embed(input_ids, extra_embeddings).view(n, s, t, bb.hidden_size)]
+        for i in range(frozen):
+            states.append(self.frozen_layers(states[-1], mask, i, i + 1))
+        if frozen > 0 and extra_embeddings is not None:
+            states[-1] = states[-1] + extra_embeddings
+        token_mask = mask.bool()
+        present = token_mask.any(dim=-1)
+        for i in range(frozen, len(bb.layers)):
+            h = self._layers(states[-1].reshape(n * s, t, bb.hidden_size), token_mask, present, range(i, i + 1))
+            states.append(h.view(n, s, t, bb.hidden_size))
+        return states
 
     def token_states(self, input_ids: torch.Tensor, mask: torch.Tensor, extra_embeddings: torch.Tensor | None = None,
                      start_states: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,7 +245,9 @@ class BusLMNewsEncoder(nn.Module):
 
         See :meth:`token_states` for ``extra_embeddings`` and ``start_states``.
         """
-        states = self.token_states(input_ids, mask, extra_embeddings, start_states)
+        return self.pool_states(self.token_states(input_ids, mask, extra_embeddings, start_states), mask)
+
+    def pool_states(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer token states [N, S, T, H] of segments ``mask`` [N, S, T] -> news vectors [N, D]."""
         segments = self.segment_vectors(states, mask)
-        news = self.segment_pool(segments, mask.bool().any(dim=-1))
-        return self.proj(news)
+        return self.proj(self.segment_pool(segments, mask.bool().any(dim=-1)))

@@ -16,3 +16,13 @@ def weights_checksum(weights: nn.Module | dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def news_checksum(model: nn.Module) -> str:
+    """What a news recommender's news vectors are a function of: its news encoder's weights and, with refined text,
+    its frequency embedding (the checksum of the news encoder alone when it has none)."""
+    state = dict(model.news_encoder.state_dict())
+    frequency = getattr(model, "frequency", None)
+    if frequency is not None:
+        state.update({f"frequency.{k}": v for k, v in frequency.state_dict().items()})
+    return weights_checksum(state)

@@ -15,6 +15,7 @@ import torch
 from speedyrec.data.token_store import TokenStore
 from speedyrec.engine.host_sync import to_device
 from speedyrec.models.frozen_prefix import FrozenCachePlace, FrozenPrefixCache
+from speedyrec.models.recommender import frequency_embeddings
 
 
 @dataclass
@@ -115,9 +116,7 @@ class NewsInputs:
         """
         sel = self.select(tokens, rows, trim)
         ids, mask, counts, news, lengths = sel.input_ids, sel.mask, sel.counts, sel.news, sel.lengths
-        extra = None
-        if counts is not None and getattr(model, "frequency", None) is not None:
-            extra = model.frequency(counts.clamp(max=model.frequency.num_embeddings - 1))
+        extra = frequency_embeddings(getattr(model, "frequency", None), counts)
         encoder = model.news_encoder
         start = None
         if self.frozen is not None and getattr(encoder.backbone, "freeze_layers", 0) > 0:

@@ -22,6 +22,14 @@ class AdditiveAttention(nn.Module):
         return additive_attention_pool(x, mask, self.proj.weight, self.proj.bias, self.query)
 
 
+def frequency_embeddings(frequency: nn.Embedding | None, counts: torch.Tensor | None) -> torch.Tensor | None:
+    """The frequency embedding of refined tokens: word counts [..., T] -> [..., T, H]; None without a frequency
+    embedding (engine.refine off) or without counts (raw text)."""
+    if frequency is None or counts is None:
+        return None
+    return frequency(counts.clamp(max=frequency.num_embeddings - 1))
+
+
 class NewsEncoder(nn.Module):
     """Backbone token states -> attention pooling -> linear layer to ``dim``."""
 
@@ -38,6 +46,23 @@ class NewsEncoder(nn.Module):
             return self.backbone.frozen_forward(input_ids, mask)
         return self.backbone.frozen_forward(input_ids, mask, dense)
 
+    def frozen_embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The frozen embeddings' output [N, T, H]."""
+        return self.backbone.frozen_embed(input_ids)
+
+    def frozen_layers(self, h: torch.Tensor, mask: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Frozen layers start..end-1 on token states h [N, T, H] -> [N, T, H]."""
+        return self.backbone.frozen_layers(h, mask, start, end)
+
+    def hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor,
+                      extra_embeddings: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The embeddings' output and every layer's, [N, T, H] each (see BertFamilyBackbone.hidden_states)."""
+        return self.backbone.hidden_states(input_ids, mask, extra=extra_embeddings)
+
+    def pool_states(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer token states [N, T, H] -> news vectors [N, D]."""
+        return self.proj(self.pool(states, mask))
+
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, extra_embeddings: torch.Tensor | None = None,
                 start_states: torch.Tensor | None = None, dense: bool | None = None) -> torch.Tensor:
         """input_ids, mask [N, T] -> news vectors [N, D].
@@ -50,7 +75,7 @@ class NewsEncoder(nn.Module):
             states = self.backbone(input_ids, mask)
         else:
             states = self.backbone(input_ids, mask, start_states=start_states, extra=extra_embeddings, dense=dense)
-        return self.proj(self.pool(states, mask))
+        return self.pool_states(states, mask)
 
 
 class UserEncoder(nn.Module):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from speedyrec.models.frozen_prefix import FrozenCachePlace, FrozenPrefixCache
+from speedyrec.models.recommender import frequency_embeddings
 
 
 def _same_weights(modules: list[nn.Module]) -> bool:
@@ -43,14 +44,23 @@ def shared_frozen_depth(backbones: list[nn.Module]) -> int | None:
 
 
 class SharedPrefixStack(nn.Module):
-    """M news encoders (same output size D) encoding the same news: ids, mask [R, T] -> vectors [R, M, D]."""
+    """M news encoders (same output size D, same kind: one sequence [R, T] or BusLM segments [R, S, T]) encoding the
+    same news: ids, mask [R, T] (or [R, S, T]) -> vectors [R, M, D].
 
-    def __init__(self, encoders: list[nn.Module]):
+    ``frequencies``: each encoder's frequency embedding of refined text (None where it has none); it joins each
+    encoder where its training started (after its frozen layers), as in the encoder's own forward."""
+
+    def __init__(self, encoders: list[nn.Module], frequencies: list[nn.Module | None] | None = None):
         super().__init__()
         dims = {e.proj.out_features for e in encoders}
         if len(dims) != 1:
             raise ValueError(f"the stacked encoders must share one output size; got {sorted(dims)}")
+        if len({type(e) for e in encoders}) != 1:
+            raise ValueError("the stacked encoders must read news in one layout (all BusLM, or none)")
         self.encoders = nn.ModuleList(encoders)
+        # not registered: the recommenders own them (and move them); they hold no dropout
+        self.frequencies = list(frequencies) if frequencies is not None else [None] * len(encoders)
+        assert len(self.frequencies) == len(encoders)
         self.dim = dims.pop()
         self.shared_depth = shared_frozen_depth([e.backbone for e in encoders])
         self.shared_cache: FrozenPrefixCache | None = None
@@ -80,9 +90,10 @@ class SharedPrefixStack(nn.Module):
                 c.close()
         self.shared_cache, self.own_caches = None, [None] * len(self)
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, news: np.ndarray | None = None) -> torch.Tensor:
-        """input_ids, mask [R, T] of the news ``news`` [R] (their ids, for the caches; None: no caching)
-        -> news vectors [R, M, D]."""
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, news: np.ndarray | None = None,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, mask [R, T] (BusLM: [R, S, T]) of the news ``news`` [R] (their ids, for the caches; None: no
+        caching); ``counts``: the refined tokens' word counts, same shape (None: raw text) -> news vectors [R, M, D]."""
         def rows(sel) -> torch.Tensor:
             return torch.as_tensor(sel, device=input_ids.device)
 
@@ -94,18 +105,19 @@ class SharedPrefixStack(nn.Module):
         base = None
         s = self.shared_depth
         if s is not None:
-            bb0 = self.encoders[0].backbone
-            base = cached(self.shared_cache, lambda sel: bb0.frozen_layers(
-                bb0.frozen_embed(input_ids[rows(sel)]), mask[rows(sel)], 0, s))
+            enc0 = self.encoders[0]
+            base = cached(self.shared_cache, lambda sel: enc0.frozen_layers(
+                enc0.frozen_embed(input_ids[rows(sel)]), mask[rows(sel)], 0, s))
         out = []
         for i, enc in enumerate(self.encoders):
-            bb = enc.backbone
             start = base
             if self.own_frozen(i) > 0:
                 if base is None:
-                    compute = lambda sel, bb=bb: bb.frozen_forward(input_ids[rows(sel)], mask[rows(sel)])
+                    compute = lambda sel, enc=enc: enc.frozen_forward(input_ids[rows(sel)], mask[rows(sel)])
                 else:
-                    compute = lambda sel, bb=bb: bb.frozen_layers(base[rows(sel)], mask[rows(sel)], s, bb.freeze_layers)
+                    compute = lambda sel, enc=enc: enc.frozen_layers(base[rows(sel)], mask[rows(sel)], s,
+                                                                     enc.backbone.freeze_layers)
                 start = cached(self.own_caches[i], compute)
-            out.append(enc(input_ids, mask, start_states=start))
+            extra = frequency_embeddings(self.frequencies[i], counts)
+            out.append(enc(input_ids, mask, extra_embeddings=extra, start_states=start))
         return torch.stack(out, dim=1)
