@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
 def teachers_mean_score(run_dir: Path) -> dict:
     """Dev metrics of the mean score of a finished pipeline's post-trained teachers, for runs made before
     finetune_teachers evaluated it (their teachers are loaded from the run and evaluated again)."""
-    from speedyrec.build import build_context, plm_layers
+    from speedyrec.build import build_context, plm_layers, segments_of
     from speedyrec.config import load_config
     from speedyrec.distill.teachers import load_finetuned_recommender
     from speedyrec.engine.distributed import DistInfo
@@ -159,7 +159,8 @@ def teachers_mean_score(run_dir: Path) -> dict:
     ctx = build_context(load_config(str(run_dir / "config.yaml"), [f"out_dir={run_dir}"]), DistInfo())
     files = sorted((run_dir / "finetune_teachers" / "teachers").glob("teacher_*.safetensors"))
     models = [load_finetuned_recommender(ctx, f)[0] for f in files]
-    *each, result = evaluate_on_dev(ctx, models, NewsInputs(ctx.store), ensemble=list(range(len(models))))
+    *each, result = evaluate_on_dev(ctx, models, NewsInputs(ctx.store, segments_of(ctx.cfg)),
+                                    ensemble=list(range(len(models))))
     # each member evaluated again, beside the AUC the run reported for it: the models loaded are the run's
     return {**result, "members": [f.stem for f in files], "layers": plm_layers(ctx), "evaluated_after_the_run": True,
             "member_auc": [r["auc"] for r in each]}

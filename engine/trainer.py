@@ -337,14 +337,15 @@ class Trainer:
                         bar.set_postfix_str(f"loss {scalars['loss']:.4f}{_extras(scalars)}", refresh=False)
                         self.log_scalars("train", scalars)
                     t_log, clicks_log, n_log = time.perf_counter(), 0.0, 0.0
+                self._excluded = excluded
+                if self._periodic_due():  # before this step's checkpoint, which then holds what it found (a dev curve)
+                    excluded += self.periodic(st.step)
+                    self.model.train()
+                    self._excluded = excluded
                 if self.checkpoint_every and st.step % self.checkpoint_every == 0 and self.checkpoint_fn:
                     tc = time.perf_counter()
                     self.checkpoint_fn(self)
                     excluded += time.perf_counter() - tc
-                self._excluded = excluded
-                if self._periodic_due():
-                    excluded += self.periodic(st.step)
-                    self.model.train()
                 self._excluded = excluded
             if micro % self.grad_accum:  # a partial accumulation window at the end of the epoch
                 comm_mark = COMM_BYTES[0]

@@ -21,6 +21,7 @@ from speedyrec.config import Config, ConfigError
 from speedyrec.data.dataset import Dataset, cache_dir_of, ensure_synthetic, load_dataset
 from speedyrec.data.token_store import TokenStore, build_or_load_field, text_digest, tokenizer_digest
 from speedyrec.engine.distributed import DistInfo, barrier, broadcast_bytes, sees_rank0_directory
+from speedyrec.engine.encode import auto_chunk_tokens
 from speedyrec.engine.precision import resolve_amp
 from speedyrec.models.backbone import (EncoderSpec, build_backbone, load_hf_tokenizer, parse_encoder_spec,
                                        train_wordpiece_tokenizer)
@@ -146,6 +147,27 @@ def segments_of(cfg) -> list[str] | None:
     return list(cfg.engine.segments)
 
 
+def news_encoding(cfg) -> dict:
+    """How the click stages feed a news to its encoder: BusLM's segments (None: one concatenated sequence) and
+    refined text (its top-k BM25 words; 0: the raw text). Teachers and the students that learn from them must agree
+    on it; model files record it."""
+    return {"segments": segments_of(cfg), "refine_topk": cfg.engine.refine_topk if cfg.engine.refine else 0}
+
+
+def apply_buslm(model: NewsRecommender, cfg) -> NewsRecommender:
+    """``model`` with its news encoder run as BusLM (sharing its transformer, token pooling and projection; a new
+    segment pooling) when the config encodes news in segments; unchanged otherwise. Applied after a plain news
+    encoder's weights are loaded (post-training snapshots hold no segment pooling). The segment pooling is drawn
+    without moving the global random state: whatever is initialised after it (a student's teacher projections)
+    starts as it would without BusLM."""
+    if segments_of(cfg) is not None:
+        from speedyrec.models.buslm import BusLMNewsEncoder
+
+        with torch.random.fork_rng(devices=[]):  # built on the CPU, then moved to the projection's device
+            model.news_encoder = BusLMNewsEncoder.from_news_encoder(model.news_encoder)
+    return model
+
+
 def build_model(cfg: Config, parts: EncoderParts, dist: DistInfo) -> NewsRecommender:
     torch.manual_seed(cfg.train.seed)
     backbone = parts.backbone or build_backbone(parts.spec, parts.tokenizer, cfg.model)
@@ -153,11 +175,7 @@ def build_model(cfg: Config, parts: EncoderParts, dist: DistInfo) -> NewsRecomme
         raise ConfigError("engine.refine adds a frequency embedding to the token embeddings and needs a BERT-family "
                           f"encoder run layer by layer; {type(backbone).__name__} is not one")
     model = NewsRecommender(backbone, cfg.model.dim, cfg.model.attention_dim, frequency_embedding=cfg.engine.refine)
-    if cfg.train.workflow == "speedyfeed" and cfg.engine.buslm:
-        from speedyrec.models.buslm import BusLMNewsEncoder
-
-        model.news_encoder = BusLMNewsEncoder.from_news_encoder(model.news_encoder)
-    model = model.to(dist.device)
+    model = apply_buslm(model, cfg).to(dist.device)
     if dist.active:  # every rank starts from rank 0's parameters
         for t in list(model.parameters()) + list(model.buffers()):
             torch_dist.broadcast(t.data, src=0)
@@ -214,6 +232,8 @@ def build_context(cfg: Config, dist: DistInfo) -> Context:
                                      dist_active=dist.active)
     if dist.is_main:
         log.info("precision: %s (%s)", "bf16 autocast" if cfg.train.amp == "bf16" else "float32", why)
+    if cfg.engine.chunk_tokens == 0:
+        cfg.engine.chunk_tokens = auto_chunk_tokens(dist.device)
     root = make_out_dir(cfg)
     data = build_dataset(cfg, dist)
     parts = build_tokenizer(cfg, data, dist)
@@ -255,8 +275,10 @@ def build_news_encoder(ctx: Context, layers: int, freeze_layers: int) -> NewsEnc
 
 
 def build_recommender(ctx: Context, layers: int, freeze_layers: int, seed: int) -> NewsRecommender:
-    """A news recommender on the PLM; ``seed`` initialises its pooling, projection and user encoder."""
+    """A news recommender on the PLM, with the frequency embedding of refined text under engine.refine (its news
+    encoder reads one sequence: BusLM is :func:`apply_buslm`); ``seed`` initialises its pooling, projection and
+    user encoder."""
     mc = ctx.cfg.model
     backbone = build_plm_backbone(ctx, layers, freeze_layers)
     torch.manual_seed(seed)
-    return NewsRecommender(backbone, mc.dim, mc.attention_dim)
+    return NewsRecommender(backbone, mc.dim, mc.attention_dim, frequency_embedding=ctx.cfg.engine.refine)

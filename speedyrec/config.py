@@ -112,7 +112,9 @@ class EngineConfig:
     dynamic_batching: bool = True
     token_budget: int = 20000  # per batch: distinct news x the bucket's padded length
     buckets: int = 2
-    chunk_tokens: int = 2048  # encode a batch's news in length-sorted chunks of at most this many padded tokens
+    # encode a batch's news in length-sorted chunks of at most this many padded tokens; 0 = auto, by the device:
+    # 2048 on a CPU, 65536 on a GPU (speedyrec.engine.encode.auto_chunk_tokens says why)
+    chunk_tokens: int = 0
     random_negatives: str = "uniform"  # when an impression has too few non-clicks: uniform | popularity
     cache: bool = True
     cache_beta: float = 2e-3
@@ -138,9 +140,14 @@ class EngineConfig:
     # stage=finetune: score each click also against every news of the rank's batch its user did not click (no
     # extra encoding; the count depends on the batch, so on engine.token_budget and the number of ranks)
     inbatch_negatives: bool = False
+    # BusLM: a news's fields encoded as segments joined by a bus (speedyfeed workflow). Every click stage reads news
+    # this way (finetune, the teachers, the teacher bank, Stage II's student, NewsBERT, the plain student);
+    # posttrain and Stage I encode a title and a body each as one sequence, and the click stages start from them
     buslm: bool = False
     # one BusLM segment per entry; a field named k times is cut into k consecutive segments (long bodies)
     segments: list = field(default_factory=lambda: ["title", "abstract", "body"])
+    # content refinement: each field cut to its top refine_topk BM25 words, with a learned word-count embedding;
+    # every click stage alike (posttrain and Stage I read the raw text)
     refine: bool = False
     refine_topk: int = 32
     prefetch: int = 4  # batches prepared ahead by the loader thread
@@ -156,9 +163,12 @@ class EngineConfig:
 class EvalConfig:
     batch_size: int = 256  # news per encoder call when building the evaluation news table
     max_impressions: int = 0  # 0 = all dev impressions
-    every: int = 0  # evaluate every N optimizer steps as well as at the end; 0 = only at the end
+    # every click stage (finetune, finetune_teachers, distill_finetune, newsbert, the pipeline's): evaluate every N
+    # optimizer steps as well as at the end; 0 = only at the end. A stage's points go to its dev_curve.json
+    every: int = 0
     every_seconds: float = 0.0  # ... or every this many seconds of training (evaluation time excluded)
-    # stop training after this many periodic evaluations without a new best dev AUC; 0 = never stop early
+    # stop training after this many periodic evaluations without a new best dev AUC (the teachers' mean AUC in
+    # finetune_teachers, the student's in newsbert); 0 = never stop early
     patience: int = 0
 
 
@@ -388,7 +398,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 BASE_LR, BASE_ENCODER_LR = 1e-4, 5e-5  # train.lr and train.encoder_lr at multiple 1
 # values a run resolves only when it starts, by the machine and the model (what config.yaml then records)
-RUNTIME_RESOLVED = {"train.amp": "auto", "model.freeze_layers": -1}
+RUNTIME_RESOLVED = {"train.amp": "auto", "model.freeze_layers": -1, "engine.chunk_tokens": 0}
 SPEEDYFEED_LR_MULTIPLE = 4  # train.lr=-1 (auto) for stage=finetune with the speedyfeed workflow
 
 
@@ -433,7 +443,6 @@ def validate(cfg: Config) -> None:
         "train.negatives": cfg.train.negatives,
         "data.max_history": cfg.data.max_history,
         "engine.token_budget": cfg.engine.token_budget,
-        "engine.chunk_tokens": cfg.engine.chunk_tokens,
         "engine.buckets": cfg.engine.buckets,
         "engine.negatives": cfg.engine.negatives,
         "engine.refine_topk": cfg.engine.refine_topk,
@@ -454,6 +463,7 @@ def validate(cfg: Config) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.heap_trim_every": cfg.train.heap_trim_every,
+        "engine.chunk_tokens": cfg.engine.chunk_tokens,
         "engine.cache_gamma": cfg.engine.cache_gamma,
         "engine.cache_audit": cfg.engine.cache_audit,
         "eval.every": cfg.eval.every,
@@ -567,14 +577,20 @@ def _validate_distillation(cfg: Config) -> None:
         if cfg.train.workflow != "speedyfeed":
             raise ConfigError(f"stage={cfg.stage} trains on the SpeedyFeed engine; train.workflow=typical is the "
                               "baseline of stage=finetune only")
+    if cfg.stage in TITLE_BODY_STAGES:
+        # the click stages' settings: in stage=pipeline they apply to its click stages, here they would do nothing
         for key in ("buslm", "refine"):
             if getattr(cfg.engine, key):
-                raise ConfigError(f"engine.{key} is not supported by stage={cfg.stage} yet: teachers, banks and "
-                                  "students encode news as one concatenated sequence; use it with stage=finetune")
+                raise ConfigError(f"engine.{key} sets how the click stages read a news; stage={cfg.stage} encodes "
+                                  "a title and a body each as one sequence of raw text (posttrain.title_tokens, "
+                                  "posttrain.body_tokens). In stage=pipeline it applies to the click stages, which "
+                                  "start from what this stage trains")
         for key, value in (("eval.every", cfg.eval.every), ("eval.every_seconds", cfg.eval.every_seconds),
                            ("eval.patience", cfg.eval.patience)):
             if value:
-                raise ConfigError(f"{key} is supported by stage=finetune only (yet); stage={cfg.stage} runs without it")
+                raise ConfigError(f"{key} evaluates a click stage on dev impressions; stage={cfg.stage} trains on "
+                                  "titles and bodies and has none (it measures held-out title retrieval instead). In "
+                                  "stage=pipeline it applies to the click stages")
     if cfg.stage in TITLE_BODY_STAGES:  # minutes long; in a pipeline they run again on resume
         for key, value in (("train.resume", cfg.train.resume), ("train.checkpoint_every", cfg.train.checkpoint_every),
                            ("train.lr_schedule", cfg.train.lr_schedule != "constant")):

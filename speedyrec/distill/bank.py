@@ -2,15 +2,17 @@
 
 A teacher that teaches is frozen, so its vector for a news never changes: a student step reads it
 like a cache entry that never expires instead of running the teacher's PLM. Each teacher's vectors
-live in a memory-mapped float32 array [num_news, D] keyed by the teacher's weights checksum, the token store's
-digest and the precision they were computed in, so a later run with the same teacher, tokens and precision reuses
-them. Building is
+live in a memory-mapped float32 array [num_news, D] keyed by the checksum of what the teacher's news vectors depend
+on (news encoder, and frequency embedding with refined text), the token store's digest (refined text is other
+tokens), the precision they were computed in and the BusLM segment layout, so a later run with the same teacher,
+tokens, precision and layout reuses them. Building is
 padding-free: news are grouped by exact token length, so every encoder call holds rows of one length,
 and M teachers are encoded together through a :class:`SharedPrefixStack` (their common frozen layers
 run once per news).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -79,7 +81,10 @@ class TeacherBank:
         store_key = inputs.store.digest()[:16]
         # the precision the vectors are computed in keys them too: a bf16 run does not read an fp32 bank, nor back
         precision = "bf16" if runs_bf16(dist.device, amp) else "fp32"
-        dirs = [Path(root) / f"{c[:24]}-{store_key}-{precision}" for c in checksums]
+        # and the layout the news are read in: the same tokens cut into other BusLM segments are another input
+        layout = "" if inputs.segments is None else \
+            "-segments-" + hashlib.sha256(",".join(inputs.segments).encode()).hexdigest()[:8]
+        dirs = [Path(root) / f"{c[:24]}-{store_key}-{precision}{layout}" for c in checksums]
         news = np.unique(np.asarray(news, dtype=np.int64))
         num_news, dim = inputs.store.num_news, stack.dim
         need = []
@@ -90,7 +95,8 @@ class TeacherBank:
         build = BankBuild()
         if len(todo):
             which = [i for i, n in enumerate(need) if len(n)]
-            sub = stack if len(which) == len(stack) else SharedPrefixStack([stack.encoders[i] for i in which])
+            sub = stack if len(which) == len(stack) else \
+                SharedPrefixStack([stack.encoders[i] for i in which], [stack.frequencies[i] for i in which])
             ids, vecs, valid, padded = _encode_share(sub, inputs, todo, dist, chunk_tokens, amp)
             ids = torch.cat(all_gather_rows(torch.from_numpy(ids).to(dist.device))).cpu().numpy()
             vecs = torch.cat(all_gather_rows(vecs)).cpu().numpy()
@@ -112,7 +118,8 @@ def _encode_share(stack: SharedPrefixStack, inputs: NewsInputs, news: np.ndarray
     with torch.no_grad(), eval_mode(stack), autocast_context(dist.device, amp):
         for rows in chunks:
             tokens = inputs.prepare(news[rows]).to(dist.device)
-            parts.append(stack(tokens.input_ids, tokens.mask, news[rows]).float())  # the stack's caches, if on
+            # the stack's caches, if on
+            parts.append(stack(tokens.input_ids, tokens.mask, news[rows], tokens.counts).float())
             v = int(tokens.mask.sum())
             valid, padded = valid + v, padded + tokens.mask.numel() - v
             ids.append(news[rows])

@@ -6,9 +6,11 @@ from pathlib import Path
 
 from torch import nn
 
-from speedyrec.build import Context, build_news_encoder, build_recommender, plm_layers
-from speedyrec.distill.snapshots import SUFFIX, SnapshotError, load_snapshot
-from speedyrec.models.checksum import weights_checksum
+from speedyrec.build import Context, apply_buslm, build_news_encoder, build_recommender, news_encoding, plm_layers
+from speedyrec.config import ConfigError
+from speedyrec.distill.snapshots import (SUFFIX, SnapshotError, apply_delta, load_snapshot, read_snapshot,
+                                         verify_checksum)
+from speedyrec.models.checksum import news_checksum
 
 
 def model_files(directory: Path, what: str, stage: str) -> list[Path]:
@@ -45,17 +47,42 @@ def load_posttrained_encoder(ctx: Context, path: Path, freeze_layers: int) -> tu
 
 def load_posttrained_recommender(ctx: Context, path: Path | None, freeze_layers: int, seed: int, name: str):
     """A news recommender whose news encoder starts from the post-training snapshot at ``path`` (None: the plain
-    PLM), user encoder initialised with ``seed``. Returns (model, snapshot or None)."""
+    PLM), user encoder initialised with ``seed``, reading news as the click stages do (BusLM's segments and refined
+    text where the config asks: the snapshot's transformer, pooling and projection are BusLM's, its segment pooling
+    and the frequency embedding start fresh). Returns (model, snapshot or None)."""
     model = build_recommender(ctx, 0, freeze_layers, seed)
     snap = None if path is None else load_snapshot(model.news_encoder, path, f"teacher {name}")
-    return model, snap
+    return apply_buslm(model, ctx.cfg), snap
+
+
+def encoding_in_words(encoding: dict) -> str:
+    segments, topk = encoding.get("segments"), encoding.get("refine_topk", 0)
+    buslm = f"engine.buslm=true, engine.segments={segments}" if segments else "engine.buslm=false"
+    return f"{buslm}, " + (f"engine.refine=true, engine.refine_topk={topk}" if topk else "engine.refine=false")
 
 
 def load_finetuned_recommender(ctx: Context, path: Path, layers: int = 0) -> tuple[nn.Module, dict, str]:
     """A finetuned model file (teacher or student) as a frozen news recommender; returns (model, snapshot,
-    checksum of its news encoder, which keys its teacher bank). Every layer is frozen, so M teachers stacked in a
-    SharedPrefixStack run the layers they have in common (post-training left the PLM's bottom layers as they
-    were) once for all M."""
-    model = build_recommender(ctx, layers, layers or plm_layers(ctx), ctx.cfg.train.seed)
-    snap = load_snapshot(model, path, f"model {Path(path).stem}")
-    return freeze(model), snap, weights_checksum(model.news_encoder)
+    checksum of what its news vectors depend on, which keys its teacher bank). Every parameter is frozen; the
+    layers it trained stay above ``freeze_layers`` (the frequency embedding of refined text joins there, as in its
+    training: the file's ``frozen_layers``), and the layers below, frozen then too, are what M teachers stacked in a
+    SharedPrefixStack run once for all M where they have them in common (post-training left the PLM's bottom layers
+    as they were). The file must have been trained on news read as this run reads them (BusLM, refined text): a
+    ConfigError otherwise."""
+    snap = read_snapshot(path)
+    meta = snap["meta"]
+    # files written before model files recorded it read one concatenated sequence of raw text
+    saved = meta.get("news_encoding", {"segments": None, "refine_topk": 0})
+    now = news_encoding(ctx.cfg)
+    if saved != now:
+        raise ConfigError(f"{path} was trained on news read with {encoding_in_words(saved)}; this run reads them "
+                          f"with {encoding_in_words(now)}. A teacher and the student it teaches see the same input "
+                          "(and the teacher bank is built from it): set these keys as the teachers' run did, or "
+                          "finetune the teachers again with this run's")
+    depth = layers or plm_layers(ctx)
+    # files written before it was recorded read raw text: where their frozen part ends changes no vector
+    frozen = min(int(meta.get("frozen_layers", depth)), depth)
+    model = apply_buslm(build_recommender(ctx, layers, frozen, ctx.cfg.train.seed), ctx.cfg)
+    apply_delta(model, snap, path)
+    verify_checksum(model, snap, path, f"model {Path(path).stem}")
+    return freeze(model), snap, news_checksum(model)

@@ -47,14 +47,18 @@ class StageRecipe:
         self.timer = Timer()
         self.setup_seconds = 0.0
 
-    def fit_on_clicks(self, model: torch.nn.Module, optimizer, workflow, identity: dict | None = None,
-                      **trainer_kw) -> Trainer:
+    def fit_on_clicks(self, model: torch.nn.Module, optimizer, workflow, dev: "DevCurve",
+                      identity: dict | None = None, **trainer_kw) -> Trainer:
         """Train ``model`` on clicks with the engine: checkpoints that continue only a run of the same ``identity``
-        (what the stage learns from, by checksum), resumed where one is found, train.epochs of the workflow's
-        batches, the final checkpoint. ``trainer_kw``: the stage's own trainer options (a gradient hook, clip
-        groups). Everything before this call is the stage's setup time."""
+        (what the stage learns from, by checksum), resumed where one is found, with ``dev``'s periodic evaluations
+        (eval.every / eval.every_seconds, eval.patience; its curve is kept in the checkpoints), train.epochs of the
+        workflow's batches, the final checkpoint. ``trainer_kw``: the stage's own trainer options (a gradient hook,
+        clip groups). Everything before this call is the stage's setup time."""
         ckpt = StageCheckpoints(self.cfg, self.dist, self.out, workflow, identity)
-        trainer = engine_trainer(self.ctx, model, optimizer, workflow, self.out, **trainer_kw, **ckpt.trainer_kwargs())
+        self.dev = dev.keep_in(ckpt)
+        trainer = engine_trainer(self.ctx, model, optimizer, workflow, self.out, **trainer_kw, **ckpt.trainer_kwargs(),
+                                 **dev.trainer_kwargs())
+        dev.attach(trainer)
         ckpt.resume(trainer)
         self.setup_seconds = self.timer()
         trainer.fit(self.cfg.train.epochs, workflow.batches, workflow.step)
@@ -70,11 +74,103 @@ class StageRecipe:
         return stats
 
     def finish(self, metrics: dict, stats: dict) -> dict:
-        """Write metrics.json and stats.json (rank 0) and return the stage's result."""
+        """Write metrics.json, stats.json and a click stage's dev_curve.json (rank 0); return the stage's result."""
         if self.dist.is_main:
             write_json(self.out / "metrics.json", metrics)
             write_json(self.out / "stats.json", stats)
+            if getattr(self, "dev", None) is not None:
+                self.dev.write(self.out / "dev_curve.json")
         return {"seconds": self.timer(), "metrics": metrics, "stats": stats}
+
+
+PROGRESS = ("step", "epoch", "train_seconds", "clicks_trained")  # what a curve point holds besides the metrics
+
+
+class DevCurve:
+    """A click stage's dev evaluations: periodic ones during training (eval.every optimizer steps and/or
+    eval.every_seconds of training) that stop it after eval.patience evaluations without a new best, and the final
+    one. Each is a point of the curve: where training stood (PROGRESS) and the metrics; the curve is kept in the
+    stage's checkpoints (``keep_in``), so a resumed run continues it and its patience.
+
+    ``evaluate() -> dict``: the stage's dev metrics now: one model's {"auc", ...}, or {model name: {"auc", ...}}
+    for a stage that trains several (``monitor`` then says which AUC patience watches, ``label`` names it)."""
+
+    def __init__(self, ctx: Context, evaluate, monitor=None, label: str = "dev AUC"):
+        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
+        self.evaluate = evaluate
+        self.monitor = monitor or (lambda m: m["auc"])
+        self.label = label
+        self.points: list[dict] = []
+        self.trainer: Trainer | None = None
+
+    def keep_in(self, ckpt: StageCheckpoints) -> "DevCurve":
+        self.points = ckpt.curve  # the same list: saved with every checkpoint, restored in place on resume
+        return self
+
+    def trainer_kwargs(self) -> dict:
+        e = self.cfg.eval
+        if not (e.every or e.every_seconds):
+            return {}
+        return {"periodic": self.periodic, "periodic_every": e.every, "periodic_seconds": e.every_seconds}
+
+    def attach(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def periodic(self, step: int) -> float:
+        """The trainer's periodic work: evaluate, and stop training when patience ran out; returns its seconds."""
+        t0 = time.perf_counter()
+        m = self.point()
+        if self.dist.is_main and m:
+            log.info("step %d  %s", step, describe_metrics(m))
+        patience = self.cfg.eval.patience
+        if patience and len(self.points) > patience:
+            watched = [self.monitor(p) for p in self.points]
+            best = max(range(len(watched)), key=watched.__getitem__)
+            if best < len(watched) - patience:  # identical on every rank: metrics are all-reduced
+                if self.dist.is_main:
+                    log.info("%s has not improved for %d evaluations (best %.4f at step %d): stopping",
+                             self.label, patience, watched[best], self.points[best]["step"])
+                self.trainer.stop()
+        return time.perf_counter() - t0
+
+    def point(self, evaluate=None) -> dict:
+        """Evaluate now (``evaluate``, default the stage's) and record where training stands: step, training
+        seconds, targets trained (all ranks). Returns the metrics ({} or empty models without dev impressions,
+        then nothing is recorded)."""
+        seconds = self.trainer.train_seconds()  # read before evaluating: evaluation is not training
+        m = (evaluate or self.evaluate)()
+        if len(self.ctx.data.dev) == 0:
+            return m
+        st = self.trainer.state
+        clicks = torch.tensor([st.counters.get("clicks_trained", 0.0)], dtype=torch.float64, device=self.dist.device)
+        self.points.append({"step": st.step, "epoch": st.epoch, "train_seconds": seconds,
+                            "clicks_trained": float(all_reduce_sum(clicks).item()), **m})
+        if "auc" in m:
+            self.trainer.log_scalars("dev", m)
+        else:
+            for name, sub in m.items():
+                self.trainer.log_scalars(f"dev_{name}", sub)
+        return m
+
+    def final(self, evaluate=None) -> dict:
+        """The final dev metrics: the last periodic evaluation's when it was at the final step, else evaluated
+        now (``evaluate``: the stage's final way, e.g. through the teacher bank; default the periodic one)."""
+        last = self.points[-1] if self.points else None
+        if last is None or last["step"] != self.trainer.state.step:
+            m = self.point(evaluate)
+            if not self.points:
+                return m
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self.points[-1].items() if k not in PROGRESS}
+
+    def write(self, path: Path) -> None:
+        write_json(path, {"points": self.points})
+
+
+def describe_metrics(m: dict) -> str:
+    """One model's dev metrics, or every model's AUC, for the log."""
+    if "auc" in m:
+        return f"dev AUC {m['auc']:.4f}  MRR {m['mrr']:.4f}  nDCG@5 {m['ndcg5']:.4f}  nDCG@10 {m['ndcg10']:.4f}"
+    return "dev AUC  " + "  ".join(f"{name} {sub['auc']:.4f}" for name, sub in m.items() if sub)
 
 
 class TitleBodyStage(StageRecipe):
@@ -250,7 +346,8 @@ def engine_trainer(ctx: Context, model: torch.nn.Module, optimizer, workflow, lo
                       progress_total=workflow.clicks_in_data * tc.epochs, progress_unit="click",
                       lr_schedule=tc.lr_schedule, heap_trim_every=tc.heap_trim_every,
                       overlap_gradient_reduce=not ctx.cfg.engine.global_dedup, **kw)
-    workflow.encoder.clock = trainer.optimizer_clock
+    if hasattr(workflow, "encoder"):  # the served cache rows' ages are read from the optimizer's clock
+        workflow.encoder.clock = trainer.optimizer_clock
     return trainer
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from speedyrec.build import Context, build_recommender
+from speedyrec.build import Context, apply_buslm, build_recommender, news_encoding, segments_of
 from speedyrec.distill.bank import BankBuild, TeacherBank
 from speedyrec.distill.losses import (TeacherProjections, distillation_loss, embedding_loss, projected_mse,
                                       teacher_weights)
@@ -30,9 +30,10 @@ from speedyrec.engine.trainer import adamw
 from speedyrec.hf_export import export_news_encoder
 from speedyrec.models.frozen_prefix import frozen_cache_place
 from speedyrec.models.news_inputs import NewsInputs
+from speedyrec.models.recommender import frequency_embeddings
 from speedyrec.models.shared_prefix import SharedPrefixStack
-from speedyrec.recipes.common import (StageRecipe, evaluate_on_dev, non_backbone_names, student_freeze_layers,
-                                      trainable_names)
+from speedyrec.recipes.common import (DevCurve, StageRecipe, evaluate_on_dev, non_backbone_names,
+                                      student_freeze_layers, trainable_names)
 from speedyrec.recipes.distill_posttrain import omega_of, omega_parameter
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
@@ -60,7 +61,9 @@ def build_student(ctx: Context, stage_dir) -> tuple[nn.Module, set[str], str]:
     if cfg.distill.student_init == "stage1":
         snap = load_snapshot(student.news_encoder, stage_dir, "the Stage I student")
         changed, start = {f"news_encoder.{k}" for k in snap["delta"]}, snap["checksum"]
-    return student, changed, start
+    # Stage I trained a plain news encoder on titles and bodies: BusLM reads clicks' news with its transformer,
+    # token pooling and projection
+    return apply_buslm(student, cfg), changed, start
 
 
 class DistillFinetuneRecipe(StageRecipe):
@@ -75,13 +78,13 @@ class DistillFinetuneRecipe(StageRecipe):
             teacher, _, checksum = load_finetuned_recommender(ctx, f)
             teachers.append(teacher.to(dist.device))
             checksums.append(checksum)
-        self.inputs = inputs = NewsInputs(ctx.store)
+        self.inputs = inputs = NewsInputs(ctx.store, segments_of(cfg))
         self.bank, build, self.online = None, BankBuild(), []
         shared = None
         self.bank_dim = teachers[0].news_encoder.proj.out_features
         self.teacher_users = [t.user_encoder for t in teachers]
         if di.bank:
-            stack = SharedPrefixStack([t.news_encoder for t in teachers])
+            stack = SharedPrefixStack([t.news_encoder for t in teachers], [t.frequency for t in teachers])
             shared = stack.shared_depth
             if dist.is_main:
                 log.info("teacher bank of %d teachers; shared frozen layers: %s", len(teachers), shared)
@@ -91,7 +94,7 @@ class DistillFinetuneRecipe(StageRecipe):
                                                          chunk_tokens=cfg.engine.chunk_tokens, amp=tc.amp)
             del stack  # from here on a step reads the bank and the teachers' user encoders only
         else:  # the naive way, for comparison: every teacher's whole PLM runs in every student step
-            self.online = [t.news_encoder for t in teachers]
+            self.online = [(t.news_encoder, t.frequency) for t in teachers]
         del teachers, teacher  # with the bank, the M teachers' PLMs are freed here: memory does not grow with M
         gc.collect()
         student, changed, start = build_student(ctx, ctx.from_dir("distill_posttrain") / "student.safetensors")
@@ -102,14 +105,15 @@ class DistillFinetuneRecipe(StageRecipe):
         workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, student, dist, objective=self.objective)
         extra = [p for n, p in model.named_parameters() if not n.startswith("student.")]
         groups = student.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay) + [{"params": extra, "lr": tc.lr}]
+        dev = DevCurve(ctx, lambda: evaluate_on_dev(ctx, [student], inputs)[0])
         # a checkpoint continues only with the same teachers (they key the bank) and the same Stage I student
-        trainer = self.fit_on_clicks(model, adamw(groups), workflow, {"teachers": checksums, "student_from": start})
-        result = evaluate_on_dev(ctx, [student], inputs)[0]
-        trainer.log_scalars("dev", result)
+        trainer = self.fit_on_clicks(model, adamw(groups), workflow, dev, {"teachers": checksums, "student_from": start})
+        result = dev.final()
         inputs.close_frozen_prefix()
         path = self.out / "student.safetensors"
         meta = {"encoder": cfg.model.encoder, "stage": self.stage, "layers": di.student_layers,
-                "teachers": [str(f) for f in files], "student_init": di.student_init, "metrics": result}
+                "teachers": [str(f) for f in files], "student_init": di.student_init, "news_encoding": news_encoding(cfg),
+                "frozen_layers": student.news_encoder.backbone.freeze_layers, "metrics": result}
         changed |= trainable_names(student) | non_backbone_names(student)
         checksum = save_snapshot(path, student, changed, meta) if dist.is_main else ""
         exported = (export_news_encoder(cfg, student, ctx.parts.tokenizer, self.out / "news_encoder",
@@ -145,13 +149,14 @@ class DistillFinetuneRecipe(StageRecipe):
     def _online_teachers(self, news: np.ndarray, dev) -> torch.Tensor:
         """The teachers' vectors of the batch's news computed now, each teacher on its own: [U, M, D]."""
         tokens = self.inputs.prepare(news).to(dev)
-        lengths = tokens.mask.sum(-1).cpu().numpy()
+        lengths = self.inputs.lengths(news)
         order = np.argsort(lengths, kind="stable")
         out = torch.zeros((len(news), len(self.online), self.bank_dim), device=dev)
         for chunk in length_chunks(lengths[order], self.cfg.engine.chunk_tokens):
             rows = order[chunk]
             sel = NewsInputs.select(tokens, rows)
             r = torch.as_tensor(rows, device=dev)
-            for i, enc in enumerate(self.online):
-                out[r, i] = enc(sel.input_ids, sel.mask).float()
+            for i, (enc, frequency) in enumerate(self.online):
+                extra = frequency_embeddings(frequency, sel.counts)
+                out[r, i] = enc(sel.input_ids, sel.mask, extra_embeddings=extra).float()
         return out

@@ -17,18 +17,18 @@ import logging
 import numpy as np
 from torch import nn
 
-from speedyrec.build import Context, plm_layers
+from speedyrec.build import Context, news_encoding, plm_layers, segments_of
 from speedyrec.config import ConfigError
 from speedyrec.distill.bank import TeacherBank
 from speedyrec.distill.snapshots import save_snapshot
 from speedyrec.distill.teachers import load_posttrained_recommender, model_files
 from speedyrec.engine.loss import autoregressive_loss
 from speedyrec.engine.trainer import adamw
-from speedyrec.models.checksum import weights_checksum
+from speedyrec.models.checksum import news_checksum
 from speedyrec.models.frozen_prefix import frozen_cache_place
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.shared_prefix import SharedPrefixStack
-from speedyrec.recipes.common import StageRecipe, evaluate_on_dev, non_backbone_names, trainable_names
+from speedyrec.recipes.common import DevCurve, StageRecipe, evaluate_on_dev, non_backbone_names, trainable_names
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
 log = logging.getLogger("speedyrec")
@@ -64,8 +64,8 @@ class FinetuneTeachersRecipe(StageRecipe):
             self.models.append(model.to(dist.device))
             snaps.append(snap)
         team = nn.ModuleList(self.models)
-        self.stack = SharedPrefixStack([m.news_encoder for m in self.models])
-        inputs = NewsInputs(ctx.store)
+        self.stack = SharedPrefixStack([m.news_encoder for m in self.models], [m.frequency for m in self.models])
+        self.inputs = inputs = NewsInputs(ctx.store, segments_of(cfg))
         if cfg.engine.frozen_cache:
             self.stack.enable_caches(inputs.lengths(np.arange(ctx.store.num_news)),
                                      frozen_cache_place(cfg, dist, self.out), "teachers")
@@ -77,44 +77,64 @@ class FinetuneTeachersRecipe(StageRecipe):
         if dist.is_main:
             log.info("finetuning %d teachers (%s) together; shared frozen layers: %s", len(plan), ", ".join(self.names),
                      self.stack.shared_depth)
+        # periodic evaluations see the teachers as they are, through the stack (whose caches hold the frozen layers);
+        # patience watches their mean AUC (they train in one pass and stop together)
+        dev = DevCurve(ctx, lambda: self.evaluate(self._encode_stacked), label="the teachers' mean dev AUC",
+                       monitor=lambda m: float(np.mean([m[name]["auc"] for name in self.names])))
         # a checkpoint continues only from the same post-trained snapshots
-        trainer = self.fit_on_clicks(team, adamw(groups), workflow,
+        trainer = self.fit_on_clicks(team, adamw(groups), workflow, dev,
                                      {"teachers": [snap["checksum"] if snap else "plm" for snap in snaps]},
                                      clip_groups=[[p for p in m.parameters() if p.requires_grad] for m in self.models])
         # the finetuned teachers' news vectors, for Stage II and for this evaluation: built now, while the caches
         # hold every news's frozen layers, only each teacher's top layers run
-        checksums = [weights_checksum(m.news_encoder) for m in self.models]
+        checksums = [news_checksum(m) for m in self.models]
         bank, build = TeacherBank.open_or_build(self.stack, checksums, inputs, np.arange(ctx.store.num_news),
                                                 ctx.bank_dir(), dist, chunk_tokens=cfg.engine.chunk_tokens, amp=tc.amp)
         self.stack.close_caches()
-        # and the post-trained teachers' mean score at test time (Ensemble-Teacher; the student distills per-sample
-        # weighted teachers, not this mean)
-        members = [i for i, name in enumerate(self.names) if name != "plain"]
-        results = evaluate_on_dev(ctx, self.models, inputs,
-                                  encode_fn=lambda tokens: bank.read(tokens.news, dist.device).flatten(1),
-                                  ensemble=members if len(members) > 1 else None)
+        final = dev.final(lambda: self.evaluate(lambda tokens: bank.read(tokens.news, dist.device).flatten(1)))
         metrics = {}
-        for (name, path, _), model, snap, result in zip(plan, self.models, snaps, results):
+        for (name, path, _), model, snap in zip(plan, self.models, snaps):
+            result = final.get(name, {})
             changed = trainable_names(model) | non_backbone_names(model)
             if snap is not None:
                 changed |= {f"news_encoder.{k}" for k in snap["delta"]}
             meta = {"encoder": cfg.model.encoder, "stage": self.stage, "name": name, "layers": layers,
                     "from": str(path) if path else "plm", "posttrain_checksum": snap["checksum"] if snap else None,
-                    "finetune_layers": cfg.teachers.finetune_layers, "metrics": result}
+                    "finetune_layers": cfg.teachers.finetune_layers, "news_encoding": news_encoding(cfg),
+                    "frozen_layers": model.news_encoder.backbone.freeze_layers, "metrics": result}
             file = self.out / "teachers" / f"{name}.safetensors"
             checksum = save_snapshot(file, model, changed, meta) if dist.is_main else ""
             metrics[name] = {**result, "path": str(file), "checksum": checksum, "from": meta["from"]}
-            trainer.log_scalars(f"dev_{name}", result)
-        if len(results) > len(plan):
-            metrics["ensemble"] = {**results[-1], "members": [self.names[i] for i in members]}
+        if "ensemble" in final:
+            metrics["ensemble"] = {**final["ensemble"], "members": [self.names[i] for i in self.members]}
         stats = self.click_stats(trainer, workflow, [f"loss_{name}" for name in self.names], teachers=len(plan),
                                  bank_seconds=build.seconds, bank_news_encoded=build.news_encoded,
                                  bank_padded_tokens=build.padded_tokens, shared_frozen_layers=self.stack.shared_depth)
         return self.finish(metrics, stats)
 
+    @property
+    def members(self) -> list[int]:
+        """The post-trained teachers, whose mean score is evaluated too (Ensemble-Teacher; the student distills
+        per-sample weighted teachers, not this mean); the plain teacher is a baseline, no member."""
+        return [i for i, name in enumerate(self.names) if name != "plain"]
+
+    def evaluate(self, encode_fn) -> dict:
+        """Every teacher's dev metrics, and their mean score's ("ensemble") when there are several, with the
+        teachers' news vectors from ``encode_fn(tokens) -> [R, M * D]``."""
+        members = self.members
+        results = evaluate_on_dev(self.ctx, self.models, self.inputs, encode_fn=encode_fn,
+                                  ensemble=members if len(members) > 1 else None)
+        named = dict(zip(self.names, results))
+        if len(results) > len(self.names):
+            named["ensemble"] = results[-1]
+        return named
+
+    def _encode_stacked(self, tokens):
+        return self.stack(tokens.input_ids, tokens.mask, tokens.news, tokens.counts).flatten(1)
+
     def _encode_rows(self, tokens, rows):
         sel = NewsInputs.select(tokens, rows, self.trim)
-        vec = self.stack(sel.input_ids, sel.mask, sel.news)  # [R, M, D]
+        vec = self.stack(sel.input_ids, sel.mask, sel.news, sel.counts)  # [R, M, D]
         valid = int(sel.mask.sum())
         return vec.flatten(1), valid, sel.mask.numel() - valid
 

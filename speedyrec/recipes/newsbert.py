@@ -17,7 +17,7 @@ import logging
 import torch
 from torch import nn
 
-from speedyrec.build import build_recommender, plm_layers
+from speedyrec.build import apply_buslm, build_recommender, news_encoding, plm_layers, segments_of
 from speedyrec.config import ConfigError
 from speedyrec.distill.losses import distillation_loss, momentum_gradients, newsbert_hidden_loss
 from speedyrec.distill.snapshots import load_snapshot, save_snapshot
@@ -25,7 +25,8 @@ from speedyrec.distill.teachers import model_files
 from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.engine.trainer import adamw
 from speedyrec.models.news_inputs import NewsInputs
-from speedyrec.recipes.common import StageRecipe, evaluate_on_dev, non_backbone_names
+from speedyrec.models.recommender import frequency_embeddings
+from speedyrec.recipes.common import DevCurve, StageRecipe, evaluate_on_dev, non_backbone_names
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
 log = logging.getLogger("speedyrec")
@@ -40,6 +41,8 @@ class NewsBertModel(nn.Module):
         super().__init__()
         student.news_encoder.pool = teacher.news_encoder.pool
         student.news_encoder.proj = teacher.news_encoder.proj
+        if hasattr(teacher.news_encoder, "segment_pool"):  # BusLM: the segments' pooling is shared too
+            student.news_encoder.segment_pool = teacher.news_encoder.segment_pool
         student.user_encoder = teacher.user_encoder
         self.teacher, self.student = teacher, student
 
@@ -71,10 +74,13 @@ class NewsBertRecipe(StageRecipe):
                                   "PLM; leave newsbert.teacher_layers at 0")
             snap = load_snapshot(teacher.news_encoder, snap_path, f"the NewsBERT teacher ({snap_path.stem})")
             changed, start = {f"news_encoder.{k}" for k in snap["delta"]}, snap["checksum"]
-        student = build_recommender(ctx, n, 0, tc.seed)
+        # both read news as the config asks: BusLM's segments (after the snapshot's plain encoder is loaded), refined
+        # text with each transformer's own frequency embedding
+        teacher = apply_buslm(teacher, cfg)
+        student = apply_buslm(build_recommender(ctx, n, 0, tc.seed), cfg)
         self.model = model = NewsBertModel(teacher, student).to(dist.device)
         self.dim = cfg.model.dim
-        inputs = NewsInputs(ctx.store)
+        self.inputs = inputs = NewsInputs(ctx.store, segments_of(cfg))
         self.trim = cfg.engine.dynamic_batching
         self.hidden_sum, self.hidden_news = [], 0
         workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, None, dist, encode_rows=self._encode_rows,
@@ -83,17 +89,18 @@ class NewsBertRecipe(StageRecipe):
         groups = [{"params": [p for p in t_bb.parameters()] + [p for p in s_bb.parameters()], "lr": tc.encoder_lr},
                   {"params": [p for name, p in model.named_parameters() if ".backbone." not in name], "lr": tc.lr}]
         hook = (lambda: momentum_gradients(list(s_bb.layers), list(t_bb.layers), nb.momentum)) if nb.momentum else None
-        trainer = self.fit_on_clicks(model, adamw(groups, weight_decay=tc.weight_decay), workflow,
+        # patience watches the student's AUC: the teacher is a means to it
+        dev = DevCurve(ctx, lambda: dict(zip(("student", "teacher"), evaluate_on_dev(ctx, [student, teacher], inputs))),
+                       monitor=lambda m: m["student"]["auc"], label="the student's dev AUC")
+        trainer = self.fit_on_clicks(model, adamw(groups, weight_decay=tc.weight_decay), workflow, dev,
                                      {"teacher_from": start}, grad_hook=hook)
-        results = evaluate_on_dev(ctx, [student, teacher], inputs)
-        metrics = {"student": results[0], "teacher": results[1]}
-        for name, m in metrics.items():
-            trainer.log_scalars(f"dev_{name}", m)
+        metrics = dev.final()
         if dist.is_main:
             for name, m in (("student", student), ("teacher", teacher)):
                 layers = n if name == "student" else t_layers
                 meta = {"encoder": cfg.model.encoder, "stage": self.stage, "name": name, "layers": layers,
-                        "teacher_from": str(snap_path) if snap_path else "plm", "metrics": metrics[name]}
+                        "teacher_from": str(snap_path) if snap_path else "plm", "news_encoding": news_encoding(cfg),
+                        "frozen_layers": m.news_encoder.backbone.freeze_layers, "metrics": metrics[name]}
                 everything = {k for k in m.state_dict()} if name == "student" else changed | {
                     k for k, p in m.named_parameters() if p.requires_grad} | non_backbone_names(m)
                 metrics[name]["checksum"] = save_snapshot(self.out / f"{name}.safetensors", m, everything, meta)
@@ -106,11 +113,12 @@ class NewsBertRecipe(StageRecipe):
         against the teacher are kept for the step's objective, for rows encoded with gradients only."""
         sel = NewsInputs.select(tokens, rows, self.trim)
         ids, mask = sel.input_ids, sel.mask
-        t_enc, s_enc = self.model.teacher.news_encoder, self.model.student.news_encoder
-        t_states = t_enc.backbone.hidden_states(ids, mask)
-        s_states = s_enc.backbone.hidden_states(ids, mask)
-        t_vec = t_enc.proj(t_enc.pool(t_states[-1], mask))
-        s_vec = s_enc.proj(s_enc.pool(s_states[-1], mask))
+        teacher, student = self.model.teacher, self.model.student
+        t_enc, s_enc = teacher.news_encoder, student.news_encoder
+        t_states = t_enc.hidden_states(ids, mask, frequency_embeddings(teacher.frequency, sel.counts))
+        s_states = s_enc.hidden_states(ids, mask, frequency_embeddings(student.frequency, sel.counts))
+        t_vec = t_enc.pool_states(t_states[-1], mask)
+        s_vec = s_enc.pool_states(s_states[-1], mask)
         if torch.is_grad_enabled():  # rows encoded without gradients (the cache audit's) are not trained
             hidden = newsbert_hidden_loss(s_states, t_states, mask)
             hidden = hidden + (s_vec.float() - t_vec.detach().float()).pow(2).mean(-1)  # the pooled news vectors

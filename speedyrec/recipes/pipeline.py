@@ -43,8 +43,15 @@ FREE_KEYS = ("data.cache_dir", "train.resume", "train.checkpoint_every", "train.
              "engine.prefetch", "engine.chunk_tokens")
 
 
-def teachers_depend_on(key: str, then, now) -> bool:
-    """Whether a setting that differs from the teachers' run matters to them (an extra plain teacher does not)."""
+# the evaluation settings that decide where eval.patience stops the teachers' training
+EARLY_STOPPING_KEYS = ("eval.patience", "eval.every", "eval.every_seconds", "eval.max_impressions")
+
+
+def teachers_depend_on(key: str, then, now, early_stopping: bool = False) -> bool:
+    """Whether a setting that differs from the teachers' run matters to them (an extra plain teacher does not; the
+    periodic evaluation's settings only where either run stops early, ``early_stopping``)."""
+    if key in EARLY_STOPPING_KEYS:
+        return early_stopping
     return key.startswith(TEACHER_KEYS) and not key.startswith(FREE_KEYS) and not (key == "teachers.plain" and then)
 
 
@@ -58,7 +65,9 @@ def link_teachers(ctx: Context) -> dict:
         if not done.exists():
             raise ConfigError(f"pipeline.teachers_from={src}: its {step} step has not finished (no {done})")
         saved = json.loads(done.read_text())
-        shown = differing_settings(saved["config"], ctx.cfg.to_dict(), teachers_depend_on, "there", "here")
+        early = bool(saved["config"].get("eval", {}).get("patience") or ctx.cfg.eval.patience)
+        shown = differing_settings(saved["config"], ctx.cfg.to_dict(),
+                                   lambda key, then, now: teachers_depend_on(key, then, now, early), "there", "here")
         if shown:
             raise ConfigError(f"pipeline.teachers_from={src}: its teachers were trained with other settings ({shown})")
         link = ctx.root / step
