@@ -297,7 +297,8 @@ def test_newsbert_student_layers_must_divide_the_teachers(tmp_path, cache_dir, s
 
 
 @pytest.mark.parametrize("bad, needle", [
-    (("eval.every=5",), "eval.every is supported by stage=finetune only"),
+    (("stage=posttrain", "eval.every=5"), "eval.every evaluates a click stage on dev impressions"),
+    (("stage=distill_posttrain", "engine.buslm=true"), "engine.buslm sets how the click stages read a news"),
     (("model.layers=2",), "distill.student_layers"),
     (("posttrain.batch_size=9",), "must exceed posttrain.negatives"),
     (("stage=posttrain", "train.checkpoint_every=2"), "stage=posttrain keeps no mid-stage checkpoints"),
@@ -477,11 +478,13 @@ def test_an_interrupted_pipeline_resumes_where_it_stopped_and_ends_as_an_uninter
         assert a[k] == pytest.approx(b[k], rel=1e-9), k
 
 
-@pytest.mark.parametrize("stage", ["finetune_teachers", "newsbert"])
+@pytest.mark.parametrize("stage", ["finetune_teachers", "newsbert", "distill_finetune"])
 def test_the_other_click_stages_resume_exactly(tmp_path, cache_dir, synthetic_small, pipeline_run, monkeypatch, stage):
+    """Killed after its checkpoint of step 2, a stage resumes and ends as the uninterrupted run, its dev curve too
+    (evaluated at every step: the checkpoint holds the evaluation of its own step)."""
     ref, out = tmp_path / "ref", tmp_path / "cut"
     common = (f"stage={stage}", f"distill.from_dir={pipeline_run}", "train.checkpoint_every=1", "train.max_steps=4",
-              "engine.token_budget=1500")
+              "engine.token_budget=1500", "eval.every=1")
     assert main(args(ref, cache_dir, synthetic_small, *common)) == 0
     crash_after_checkpoint(monkeypatch, stage, 2)
     with pytest.raises(_Crash):
@@ -495,6 +498,15 @@ def test_the_other_click_stages_resume_exactly(tmp_path, cache_dir, synthetic_sm
     sa, sb = read(ref / stage / "stats.json"), read(out / stage / "stats.json")
     assert sa["steps"] == 4
     assert {k: sa[k] for k in ("clicks_trained", "steps", "cache_hits")} == {k: sb[k] for k in ("clicks_trained", "steps", "cache_hits")}
+    ca, cb = (read(d / stage / "dev_curve.json")["points"] for d in (ref, out))
+    assert [p["step"] for p in ca] == [p["step"] for p in cb] == [1, 2, 3, 4]
+    def flat(point):  # every metric and count of a point, by model; times differ
+        items = [((k, m), x) for k, v in point.items() if isinstance(v, dict) for m, x in v.items()]
+        items += [((k, ""), v) for k, v in point.items() if not isinstance(v, dict)]
+        return {key: x for key, x in items if not {"seconds", "train_seconds"} & set(key)}
+
+    for a, b in zip(ca, cb):
+        assert flat(b) == pytest.approx(flat(a), abs=1e-6)
 
 
 def test_a_checkpoint_of_other_teachers_is_refused(tmp_path):
@@ -544,7 +556,9 @@ def test_teachers_from_reuses_the_teachers_and_changes_nothing_else(tmp_path, ca
     (("teachers_from=missing",), "its posttrain step has not finished"),
     (("distill.student_layers=3", "pipeline.baselines=true"), "does not split into blocks for a 3-layer student"),
     (("newsbert.teacher_layers=2", "pipeline.baselines=true"), "holds every layer of the PLM; leave newsbert.teacher_layers"),
-    (("engine.negatives=2",), "other settings (engine.negatives: 1 there, 2 here)")])
+    (("engine.negatives=2",), "other settings (engine.negatives: 1 there, 2 here)"),
+    # early stopping decides where the teachers' training ended
+    (("eval.every=1", "eval.patience=1"), "eval.patience: 0 there, 1 here")])
 def test_teachers_from_and_newsbert_refusals_come_before_any_training(tmp_path, cache_dir, synthetic_small,
                                                                       pipeline_run, capsys, extra, needle):
     src = tmp_path / "missing" if extra[0] == "teachers_from=missing" else pipeline_run

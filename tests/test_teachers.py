@@ -131,6 +131,48 @@ def test_teacher_bank_returns_what_the_teacher_computes_online(tmp_path):
     assert TeacherBank.open_or_build(stack, sums, inputs, wanted, tmp_path, DistInfo(), amp="off")[1].news_encoded == 0
 
 
+def test_a_bank_of_buslm_teachers_on_refined_text_equals_each_teacher_alone(tmp_path):
+    """BusLM teachers (a field cut into two segments) with refined text's frequency embedding: their shared frozen
+    prefix runs once, with the bus; each one's own frozen layers are cached; the embedding joins each teacher above
+    its frozen layers: every teacher's bank vectors equal its own encoding of the news, and the bank is keyed by
+    the segment layout."""
+    from types import SimpleNamespace
+
+    from speedyrec.models.buslm import BusLMNewsEncoder
+
+    rng = np.random.default_rng(1)
+
+    def field(max_tokens):
+        lengths = rng.integers(0, max_tokens - 1, 40)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        tokens = rng.integers(5, 90, int(offsets[-1])).astype(np.int32)
+        return FieldTokens(tokens, offsets, max_tokens, rng.integers(1, 6, len(tokens)).astype(np.int8))
+
+    inputs = NewsInputs(TokenStore({"title": field(10), "body": field(18)}, 1, 2, 0), ["title", "body", "body"])
+    teachers = []
+    for enc in _teachers(m=2, freeze=3, differ_from=2):
+        frequency = torch.nn.Embedding(16, SHAPE["hidden"], padding_idx=0)
+        teachers.append(SimpleNamespace(news_encoder=BusLMNewsEncoder.from_news_encoder(enc).eval(),
+                                        frequency=frequency))
+    stack = SharedPrefixStack([t.news_encoder for t in teachers], [t.frequency for t in teachers])
+    assert stack.shared_depth == 2
+    stack.enable_caches(inputs.lengths(np.arange(40)), FrozenCachePlace(tmp_path, torch.float32, True, False), "t")
+    news = np.arange(40)
+    bank, build = TeacherBank.open_or_build(stack, ["a" * 64, "b" * 64], inputs, news, tmp_path / "banks", DistInfo(),
+                                            chunk_tokens=64)
+    assert build.news_encoded == 2 * 40 and stack.shared_cache.computed == 40
+    got = bank.read(news, torch.device("cpu"))
+    with torch.no_grad():
+        for i, t in enumerate(teachers):
+            torch.testing.assert_close(got[:, i], inputs.encode(t, inputs.prepare(news))[0], atol=1e-5, rtol=1e-5)
+    # the same teachers and tokens read as one sequence are another bank
+    plain = SharedPrefixStack(_teachers(m=2, freeze=3, differ_from=2))
+    other, _ = TeacherBank.open_or_build(plain, ["a" * 64, "b" * 64], NewsInputs(inputs.store), news,
+                                         tmp_path / "banks", DistInfo())
+    assert all("-segments-" in d.name for d in bank.directories) and not set(bank.directories) & set(other.directories)
+    stack.close_caches()
+
+
 def _saved_teacher(tmp_path):
     torch.manual_seed(0)
     enc = NewsEncoder(BertFamilyBackbone(random_bert(SHAPE, 100, 0), freeze_layers=2), dim=8, attention_dim=6)
