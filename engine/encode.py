@@ -41,6 +41,24 @@ class EncodedTable:
     deferred: torch.Tensor | None = None
 
 
+CPU_CHUNK_TOKENS = 2048
+GPU_CHUNK_TOKENS = 65536
+
+
+def auto_chunk_tokens(device: torch.device) -> int:
+    """``engine.chunk_tokens=0``: the padded tokens per encoder call on this device.
+
+    On a CPU a chunk's cost is its arithmetic, and small chunks pad little (length-sorted, each padded to its
+    longest row): 2048, the value the CPU benchmarks were measured with. On a GPU a chunk's cost is first its
+    kernel launches: on a lent H200 (bert-base shape, 12 layers, 10 frozen, ``engine.token_budget=120000``, ~78k
+    real tokens a step) 2048-token chunks made 43 encoder calls a step, each layer call took ~2.6 ms of host time
+    against ~0.1 ms of GPU arithmetic, and a step took 2.3 s where its arithmetic is ~30 ms (profile in
+    docs/operations.md). 65536 tokens make 1-2 calls a step there; the extra padding of wider chunks costs GPU
+    arithmetic, which is ~25x cheaper than the launches it saves at these sizes.
+    """
+    return GPU_CHUNK_TOKENS if device.type == "cuda" else CPU_CHUNK_TOKENS
+
+
 def length_chunks(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     """Split positions of ascending ``lengths`` into consecutive chunks, each padded to its longest row.
 

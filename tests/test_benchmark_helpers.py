@@ -804,3 +804,21 @@ def test_multiteacher_compares_a_student_and_stage_ii_that_train_alike():
             differ.pop("lr", None)
             differ.pop("encoder_lr", None)
         assert not differ, (section, differ)
+
+
+def test_frozen_cache_epoch_rates_are_per_epoch_medians_without_each_epochs_first_window():
+    from benchmarks.frozen_cache import epoch_rates
+
+    log = [{"epoch": 0, "targets_per_second": v} for v in (10.0, 100.0, 200.0, 300.0)]
+    log += [{"epoch": 1, "targets_per_second": v} for v in (50.0, 400.0, 500.0)]
+    log += [{"epoch": 2, "targets_per_second": v} for v in (7.0, 9.0)]  # two windows: both kept
+    assert epoch_rates({"log": log}) == [200.0, 450.0, 8.0]
+
+
+def test_chunk_tokens_auto_follows_the_device():
+    import torch
+
+    from speedyrec.engine.encode import CPU_CHUNK_TOKENS, GPU_CHUNK_TOKENS, auto_chunk_tokens
+
+    assert auto_chunk_tokens(torch.device("cpu")) == CPU_CHUNK_TOKENS == 2048
+    assert auto_chunk_tokens(torch.device("cuda", 0)) == GPU_CHUNK_TOKENS > 16 * CPU_CHUNK_TOKENS
