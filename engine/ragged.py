@@ -77,8 +77,9 @@ def ragged_positions(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)
-    row_start = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
-    return row_start + np.arange(total, dtype=np.int64)
+    positions = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    positions += np.arange(total, dtype=positions.dtype)
+    return positions
 
 
 def gather_padded(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, width: int, fill: int) -> np.ndarray:

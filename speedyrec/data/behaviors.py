@@ -549,11 +549,9 @@ class _Spool:
                 pos = ragged_positions(src[rows], src[rows + 1])
                 lo, hi = int(dst[a]), int(dst[min(a + self.PIECE, len(order))])
                 for (raw, _), out in zip(pairs, outs):
-                    out[lo:hi] = raw[pos]
+                    np.take(raw, pos, out=out[lo:hi])
                 drop_pages(*[raw for raw, _ in pairs], *outs)  # the pages of this piece go back (see drop_pages)
-            for out in outs:
-                out.flush()
-            del outs, pairs
+            del outs, pairs  # unmapped unflushed: their pages are in the page cache, where mapped() reads them
         for k in self.fields:
             (d / f"{k}.raw").unlink()
         return mapped(d, users, False, self.listing)
@@ -584,8 +582,12 @@ class _KeyTable:
 
     def _alloc(self, size: int) -> None:
         self.shift, self.mask = np.uint64(64 - size.bit_length() + 1), size - 1
-        self.keys = np.zeros(size, dtype=np.uint64)
-        self.values = np.full(size, -1, dtype=np.int64)
+        # slot k's key and value side by side in one 16-byte element (complex128 is numpy's native 16-byte type,
+        # used only as a container): a lookup gathers both with one random access instead of two
+        self.slots = np.zeros(size, dtype=np.complex128)
+        words = self.slots.view(np.uint64)
+        self.keys, self.values = words[0::2], words[1::2].view(np.int64)
+        self.values[:] = -1
         self.count = 0
 
     def _hash(self, keys: np.ndarray) -> np.ndarray:
@@ -615,11 +617,14 @@ class _KeyTable:
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The value of each key; -1 where it is not in the table."""
         slot = self._hash(keys)
-        found = self.keys[slot]
-        out = np.where(found == keys, self.values[slot], -1)
+        pairs = np.take(self.slots, slot).view(np.uint64)  # np.take gathers faster than indexing does
+        found, out = pairs[0::2], pairs[1::2].view(np.int64)
+        todo = np.flatnonzero(found != keys)
+        out[todo] = -1
         # a slot taken by another key: probe on (an empty slot ends the search)
-        todo = np.flatnonzero((found != keys) & (found != 0))
         slot = slot[todo]
+        go = found[todo] != 0
+        todo, slot = todo[go], slot[go]
         while len(todo):
             slot = (slot + 1) & self.mask
             found = self.keys[slot]
@@ -788,26 +793,19 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     tok_start, tok_len, tok_line = sep[k] + 1, gap[k] - 1, region[k] - 1
     plain[lines[blank]] = False
     hist = tok_start < tabs[tok_line, 3]
-    h_start, h_len, h_line = tok_start[hist], tok_len[hist], tok_line[hist]
-    c_start, c_len, c_line = tok_start[~hist], tok_len[~hist], tok_line[~hist]
-    # a candidate is <id>-<0|1>
-    c_end = c_start + c_len
-    labelled = (c_len > 2) & (buf[np.maximum(c_end - 2, 0)] == 45) & ((buf[c_end - 1] == 48) | (buf[c_end - 1] == 49))
-    c_lab = (buf[c_end - 1].astype(np.int16) - 48).astype(np.int8)
-    c_len = c_len - 2
-    plain[h_line[h_len > 8]] = False
-    plain[c_line[~labelled | (c_len > 8)]] = False
-    short_h, short_c = h_len <= 8, labelled & (c_len <= 8)
-    # one lookup for both lists' ids
-    idx = table.lookup(words, np.concatenate((h_start[short_h], c_start[short_c])),
-                       np.concatenate((h_len[short_h], c_len[short_c])))
-    h_idx = np.full(len(h_start), -1, dtype=np.int64)
-    c_idx = np.full(len(c_start), -1, dtype=np.int64)
-    n_h = int(short_h.sum())
-    h_idx[short_h], c_idx[short_c] = idx[:n_h], idx[n_h:]
-    plain[h_line[h_idx < 0]] = False  # unknown (or glued) ids: the text path splits and counts them
-    plain[c_line[c_idx < 0]] = False
-    plain &= np.bincount(h_line, minlength=n) > 0  # an empty history is a fault to count
+    # a candidate is <id>-<0|1>: its id is its first len - 2 bytes
+    tok_end = tok_start + tok_len
+    tail = buf[tok_end - 1]
+    labelled = (tok_len > 2) & (buf[np.maximum(tok_end - 2, 0)] == 45) & ((tail == 48) | (tail == 49))
+    id_len = tok_len - 2 * ~hist
+    # one lookup for both lists' ids; an id of more than 8 bytes, unknown (or glued), or a candidate without its
+    # label takes -1, and its line goes to the text path, which splits and counts them
+    ok = (id_len <= 8) & (hist | labelled)
+    idx = np.full(len(tok_start), -1, dtype=np.int64)
+    idx[ok] = table.lookup(words, tok_start[ok], id_len[ok])
+    plain[tok_line[idx < 0]] = False
+    h_count = np.bincount(tok_line[hist], minlength=n)
+    plain &= h_count > 0  # an empty history is a fault to count
     # the time stamps, parsed once per distinct stamp; a line whose stamp does not parse is not plain
     time = np.zeros(n, dtype=np.int64)
     rows = np.flatnonzero(plain)
@@ -822,12 +820,14 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
         plain[rows[~ok]] = False
         rows, when = rows[ok], [w for w in when if w is not None]
     time[rows] = when
-    hk, ck = plain[h_line], plain[c_line]
+    keep = plain[tok_line]
+    hk, ck = keep & hist, keep & ~hist
     h_at = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(h_line[hk], minlength=n), out=h_at[1:])
+    np.cumsum(np.where(plain, h_count, 0), out=h_at[1:])
     c_at = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(c_line[ck], minlength=n), out=c_at[1:])
-    return _PlainLines(start, end, plain, tabs, time, user_key, h_idx[hk], h_at, c_idx[ck], c_lab[ck], c_at)
+    np.cumsum(np.where(plain, np.bincount(tok_line, minlength=n) - h_count, 0), out=c_at[1:])
+    c_lab = (tail[ck].astype(np.int16) - 48).astype(np.int8)
+    return _PlainLines(start, end, plain, tabs, time, user_key, idx[hk], h_at, idx[ck], c_lab, c_at)
 
 
 _TAIL, _HEAD, _LAST = operator.itemgetter(slice(-2, None)), operator.itemgetter(slice(None, -2)), operator.itemgetter(-1)
