@@ -236,3 +236,27 @@ def test_the_click_stages_accept_the_techniques_and_the_title_body_stages_refuse
             with pytest.raises(ConfigError, match=f"stage={stage}.*In stage=pipeline it applies to the click stages"):
                 load_config(None, [f"stage={stage}", *extra])
 
+
+
+@pytest.mark.parametrize("run, settings", [
+    ("buslm_run", ("engine.buslm=true", "engine.segments=[title,abstract,body]", "data.abstract_tokens=16",
+                   "data.body_tokens=32")),
+    ("refine_run", ("engine.refine=true", "engine.refine_topk=8"))])
+def test_stage2_reads_the_same_teachers_from_the_bank_and_online(request, tmp_path, cache_dir, synthetic_small, run,
+                                                                 settings):
+    """distill.bank=false runs each teacher (BusLM, or with its frequency embedding) in every student step: the same
+    losses and student as the bank's."""
+    out_dir = request.getfixturevalue(run)
+    runs = {}
+    for bank in ("true", "false"):
+        out = tmp_path / bank
+        assert main(args(out, cache_dir, synthetic_small, "stage=distill_finetune", f"distill.from_dir={out_dir}",
+                         f"distill.bank_dir={out_dir / 'banks'}", f"distill.bank={bank}", "engine.cache=false",
+                         *SEVERAL_STEPS, *settings)) == 0
+        runs[bank] = read(out / "distill_finetune/stats.json"), read(out / "distill_finetune/metrics.json")["student"]
+    (fast, fm), (naive, nm) = runs["true"], runs["false"]
+    assert fast["bank_news_encoded"] == 0 and fast["steps"] == naive["steps"] == 4
+    for k in LOSSES["distill_finetune"]:
+        assert fast[k] == pytest.approx(naive[k], rel=1e-4), k
+    for k in METRICS:
+        assert fm[k] == pytest.approx(nm[k], abs=2e-3), k
