@@ -137,6 +137,8 @@ def test_typical_workflow_writes_outputs_and_keeps_invariants(typical_run):
     expected.model.freeze_layers = 0  # -1 resolves to "nothing frozen" for a random encoder
     assert expected.train.amp == "auto"  # resolved by the machine: bf16 where the CPU has native bf16
     expected.train.amp = "bf16" if stats["precision"] == "bf16" else "off"
+    assert expected.engine.chunk_tokens == 0
+    expected.engine.chunk_tokens = 2048  # 0 (auto) resolves by the device: 2048 on a CPU
     assert saved == expected
     assert saved.train.workflow == "typical" and saved.out_dir == str(out)
 
