@@ -549,7 +549,7 @@ class _Spool:
                 pos = ragged_positions(src[rows], src[rows + 1])
                 lo, hi = int(dst[a]), int(dst[min(a + self.PIECE, len(order))])
                 for (raw, _), out in zip(pairs, outs):
-                    np.take(raw, pos, out=out[lo:hi])
+                    np.take(raw, pos, out=out[lo:hi], mode="clip")  # in range; "raise" would buffer the copy
                 drop_pages(*[raw for raw, _ in pairs], *outs)  # the pages of this piece go back (see drop_pages)
             del outs, pairs  # unmapped unflushed: their pages are in the page cache, where mapped() reads them
         for k in self.fields:
@@ -790,19 +790,26 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     sep = np.concatenate((special, [len(buf)]))
     gap = np.diff(sep)
     k = np.flatnonzero((region > 0) & (gap > 1))
-    tok_start, tok_len, tok_line = sep[k] + 1, gap[k] - 1, region[k] - 1
+    tok_start, tok_len, tok_line = np.take(sep, k), np.take(gap, k), np.take(region, k)
+    tok_start += 1
+    tok_len -= 1
+    tok_line -= 1
     plain[lines[blank]] = False
-    hist = tok_start < tabs[tok_line, 3]
-    # a candidate is <id>-<0|1>: its id is its first len - 2 bytes
+    hist = tok_start < np.take(np.ascontiguousarray(tabs[:, 3]), tok_line)
+    # a candidate is <id>-<0|1>: its id is its first len - 2 bytes; its last two bytes read as one little-endian
+    # 16-bit word (from a token's start, one of a history id of 1 byte reads the byte before: its label is unused)
     tok_end = tok_start + tok_len
-    tail = buf[tok_end - 1]
-    labelled = (tok_len > 2) & (buf[np.maximum(tok_end - 2, 0)] == 45) & ((tail == 48) | (tail == 49))
+    tail = np.take(np.ndarray(shape=(max(len(buf) - 1, 0),), dtype=np.uint16, buffer=buf, strides=(1,)), tok_end - 2)
+    labelled = (tail == 0x302D) | (tail == 0x312D)  # "-0", "-1"
     id_len = tok_len - 2 * ~hist
-    # one lookup for both lists' ids; an id of more than 8 bytes, unknown (or glued), or a candidate without its
-    # label takes -1, and its line goes to the text path, which splits and counts them
-    ok = (id_len <= 8) & (hist | labelled)
-    idx = np.full(len(tok_start), -1, dtype=np.int64)
-    idx[ok] = table.lookup(words, tok_start[ok], id_len[ok])
+    # one lookup for both lists' ids; an id of 0 or more than 8 bytes, unknown (or glued), or a candidate without
+    # its label takes -1, and its line goes to the text path, which splits and counts them
+    ok = ((id_len - 1).view(np.uint64) < 8) & (hist | labelled)
+    if ok.all():  # a clean block: no compaction
+        idx = table.lookup(words, tok_start, id_len)
+    else:
+        idx = np.full(len(tok_start), -1, dtype=np.int64)
+        idx[ok] = table.lookup(words, tok_start[ok], id_len[ok])
     plain[tok_line[idx < 0]] = False
     h_count = np.bincount(tok_line[hist], minlength=n)
     plain &= h_count > 0  # an empty history is a fault to count
@@ -826,7 +833,7 @@ def _plain_lines(data: bytes, table: _IdTable, max_line_bytes: int, times: dict[
     np.cumsum(np.where(plain, h_count, 0), out=h_at[1:])
     c_at = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.where(plain, np.bincount(tok_line, minlength=n) - h_count, 0), out=c_at[1:])
-    c_lab = (tail[ck].astype(np.int16) - 48).astype(np.int8)
+    c_lab = ((tail[ck] >> 8) - 48).astype(np.int8)
     return _PlainLines(start, end, plain, tabs, time, user_key, idx[hk], h_at, idx[ck], c_lab, c_at)
 
 
