@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from speedyrec.config import Config, ConfigError
+from speedyrec.config import Config, ConfigError, budgeted_segments
 from speedyrec.data.dataset import Dataset, cache_dir_of, ensure_synthetic, load_dataset
 from speedyrec.data.token_store import TokenStore, build_or_load_field, text_digest, tokenizer_digest
 from speedyrec.engine.distributed import DistInfo, barrier, broadcast_bytes, sees_rank0_directory
@@ -144,7 +144,7 @@ def segments_of(cfg) -> list[str] | None:
     """The BusLM segment layout when the engine uses it, else None (one concatenated sequence)."""
     if cfg.train.workflow != "speedyfeed" or not cfg.engine.buslm:
         return None
-    return list(cfg.engine.segments)
+    return budgeted_segments(cfg)
 
 
 def news_encoding(cfg) -> dict:

@@ -105,6 +105,9 @@ class TrainConfig:
     heap_trim_every: int = 50
 
 
+DEFAULT_SEGMENTS = ("title", "abstract", "body")
+
+
 @dataclass
 class EngineConfig:
     dedup: bool = True
@@ -144,8 +147,10 @@ class EngineConfig:
     # this way (finetune, the teachers, the teacher bank, Stage II's student, NewsBERT, the plain student);
     # posttrain and Stage I encode a title and a body each as one sequence, and the click stages start from them
     buslm: bool = False
-    # one BusLM segment per entry; a field named k times is cut into k consecutive segments (long bodies)
-    segments: list = field(default_factory=lambda: ["title", "abstract", "body"])
+    # one BusLM segment per entry; a field named k times is cut into k consecutive segments (long bodies). The
+    # default takes those of its fields that have a token budget (data.<field>_tokens > 0), in this order; a list
+    # given otherwise must name only fields with a budget
+    segments: list = field(default_factory=lambda: list(DEFAULT_SEGMENTS))
     # content refinement: each field cut to its top refine_topk BM25 words, with a learned word-count embedding;
     # every click stage alike (posttrain and Stage I read the raw text)
     refine: bool = False
@@ -184,6 +189,9 @@ class PosttrainConfig:
     # afford 64 (8x less than 512), and a news body states its topic in its first sentences.
     title_tokens: int = 24
     body_tokens: int = 64
+    # the field read as a news's body: body | abstract | auto (the body where the data has bodies: bodies.tsv, or
+    # DocFeatures.tsv in the SpeedyRec layout; else the abstract, as MIND's news.tsv holds no body; the log says)
+    body_field: str = "auto"
     negatives: int = 9  # N other titles per body, drawn from the batch (no extra encoding)
     batch_size: int = 32
     lr: float = 1e-4  # attention pooling and projection
@@ -529,9 +537,17 @@ def validate(cfg: Config) -> None:
         _choice("engine.segments", seg, ("title", "abstract", "body"))
     if cfg.engine.buslm:
         unused = [f for f in dict.fromkeys(cfg.engine.segments) if getattr(cfg.data, f"{f}_tokens") == 0]
-        if unused:
+        if unused and list(cfg.engine.segments) != list(DEFAULT_SEGMENTS):
             raise ConfigError(f"engine.segments lists {', '.join(unused)} but data.{unused[0]}_tokens is 0: "
                               f"give the field a maximum length or drop it from the segments")
+
+
+def budgeted_segments(cfg: Config) -> list[str]:
+    """engine.segments as BusLM reads them: the default keeps its fields that have a token budget."""
+    segments = list(cfg.engine.segments)
+    if segments == list(DEFAULT_SEGMENTS):
+        segments = [f for f in segments if getattr(cfg.data, f"{f}_tokens") > 0]
+    return segments
 
 
 def _validate_distillation(cfg: Config) -> None:
@@ -567,6 +583,7 @@ def _validate_distillation(cfg: Config) -> None:
         raise ConfigError(f"config key 'newsbert.momentum' must be in [0, 1), got {nb.momentum}")
     _choice("distill.student_init", di.student_init, ("stage1", "plm"))
     _choice("posttrain.news", pt.news, ("all", "train"))
+    _choice("posttrain.body_field", pt.body_field, ("auto", "body", "abstract"))
     _choice("newsbert.teacher_init", nb.teacher_init, ("auto", "plm", "posttrain"))
     if cfg.distill.student_layers <= 0:
         raise ConfigError(f"config key 'distill.student_layers' must be positive, got {cfg.distill.student_layers}")
@@ -626,7 +643,8 @@ NOT_READ_BY_THE_MAIN_JOB = ("posttrain.", "distill.", "teachers.", "newsbert.", 
 # keys added after runs were recorded, each with the value that does what those runs did (a recorded config without
 # the key ran as this value; the tests of the default behaviour pass unchanged with it): at this value the key is no
 # difference to a recorded run, for the benchmarks that reuse runs and for the main job's timing
-AS_BEFORE = {"engine.targets": "all", "train.checkpoint_errors": "error"}
+AS_BEFORE = {"engine.targets": "all", "train.checkpoint_errors": "error",
+             "posttrain.body_field": "auto"}  # auto reads the body wherever there are bodies, as before
 
 
 def defaults_digest(flat: dict | None = None) -> str:

@@ -181,3 +181,18 @@ def test_compile_is_refused_outside_finetuning():
     assert load_config(overrides=["train.compile=true"]).train.compile
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(overrides=["train.compile=true", "stage=posttrain"])
+
+
+def test_buslm_default_segments_keep_the_fields_with_a_budget_and_an_explicit_list_must_have_them():
+    from speedyrec.build import segments_of
+
+    cfg = load_config(None, ["engine.buslm=true"])  # data.abstract_tokens=0, data.body_tokens=0
+    assert segments_of(cfg) == ["title"]
+    cfg = load_config(None, ["engine.buslm=true", "data.body_tokens=64"])
+    assert segments_of(cfg) == ["title", "body"]
+    with pytest.raises(ConfigError, match="engine.segments lists abstract but data.abstract_tokens is 0"):
+        load_config(None, ["engine.buslm=true", "engine.segments=[title,abstract]"])
+    with pytest.raises(ConfigError, match="no text field is used"):
+        load_config(None, ["engine.buslm=true", "data.title_tokens=0"])
+    with pytest.raises(ConfigError, match="posttrain.body_field"):
+        load_config(None, ["posttrain.body_field=lead"])

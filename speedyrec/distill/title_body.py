@@ -35,12 +35,19 @@ class TitleBodyData:
     holdout: np.ndarray  # int64: news kept out of training for the retrieval accuracy
     news_without_body: int  # news skipped for an empty title or body (counted, reported)
     news_outside_train: int = 0  # posttrain.news=train: news left out because the training log never shows them
+    body_field: str = "body"  # the field read as the body (posttrain.body_field resolved)
 
 
 def build_title_body_data(ctx) -> TitleBodyData:
     pt = ctx.cfg.posttrain
     titles = NewsInputs(ctx.field_store("title", pt.title_tokens))
-    bodies = NewsInputs(ctx.field_store("body", pt.body_tokens))
+    body_field = pt.body_field
+    if body_field == "auto":
+        body_field = "body" if any(ctx.data.news.text["body"]) else "abstract"
+        if body_field == "abstract" and ctx.dist.is_main:
+            log.warning("post-training: no news has a body (no bodies.tsv): titles are matched with abstracts "
+                        "(posttrain.body_field=auto)")
+    bodies = NewsInputs(ctx.field_store(body_field, pt.body_tokens))
     every = np.arange(titles.store.num_news)
     eligible = every[(titles.store.lengths(every) > 2) & (bodies.store.lengths(every) > 2)]
     skipped = len(every) - len(eligible)
@@ -53,13 +60,15 @@ def build_title_body_data(ctx) -> TitleBodyData:
             log.info("post-training: %d news outside the training log left out (posttrain.news=train)", outside)
     if len(eligible) < pt.holdout + pt.negatives + 1:
         where = " and appear in the training log (posttrain.news=train)" if pt.news == "train" else ""
-        raise DataError(f"post-training needs news with both a title and a body: {len(eligible)} of {len(every)} "
-                        f"have both{where}, fewer than posttrain.holdout={pt.holdout} + posttrain.negatives + 1 "
-                        f"(bodies come from bodies.tsv, or DocFeatures.tsv in the SpeedyRec layout)")
+        raise DataError(f"post-training needs news with both a title and a {body_field}: {len(eligible)} of "
+                        f"{len(every)} have both{where}, fewer than posttrain.holdout={pt.holdout} + "
+                        "posttrain.negatives + 1 (bodies come from bodies.tsv, or DocFeatures.tsv in the SpeedyRec "
+                        "layout; posttrain.body_field=abstract reads abstracts instead)")
     perm = np.random.default_rng(HOLDOUT_SEED).permutation(eligible)
     if skipped and ctx.dist.is_main:
         log.warning("post-training: %d of %d news have an empty title or body and are skipped", skipped, len(every))
-    return TitleBodyData(titles, bodies, np.sort(perm[pt.holdout:]), np.sort(perm[: pt.holdout]), skipped, outside)
+    return TitleBodyData(titles, bodies, np.sort(perm[pt.holdout:]), np.sort(perm[: pt.holdout]), skipped, outside,
+                         body_field)
 
 
 @dataclass

@@ -71,7 +71,7 @@ class PosttrainRecipe(TitleBodyStage):
                                          max_steps=self.steps[-1], periodic=self._periodic, periodic_every=1)
         stats = self.title_body_stats(trainer, news_in_data=len(data.train_news), holdout_news=len(data.holdout),
                                       news_without_title_or_body=data.news_without_body,
-                                      news_outside_train=data.news_outside_train)
+                                      news_outside_train=data.news_outside_train, body_field=data.body_field)
         if dist.is_main:
             for s in self.snapshots:
                 log.info("posttrain snapshot %s: step %d, loss %.4f, held-out title retrieval %s (initial %s)",
