@@ -124,9 +124,10 @@ def test_the_readmes_main_job_time_was_measured_with_todays_defaults():
     for key in ("engine.negatives", "train.lr", "model.layers"):
         assert defaults_digest({**d["defaults"], key: -1}) != defaults_digest(d["defaults"]), key
     # a key added since counts only away from the value that does what the timed run did
-    from speedyrec.config import AS_BEFORE
+    from speedyrec.config import AS_BEFORE, NOT_READ_BY_THE_MAIN_JOB
 
     for key, before in AS_BEFORE.items():
         assert defaults_digest({**d["defaults"], key: before}) == defaults_digest({k: v for k, v in d["defaults"].items()
                                                                                    if k != key})
-        assert defaults_digest({**d["defaults"], key: f"not {before}"}) != defaults_digest(d["defaults"]), key
+        if not key.startswith(NOT_READ_BY_THE_MAIN_JOB):  # (an added key of another stage matters to its benchmarks)
+            assert defaults_digest({**d["defaults"], key: f"not {before}"}) != defaults_digest(d["defaults"]), key
