@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine, md_table, write_results
+from benchmarks.common import RESULTS, machine, md_table, write_results
 
 MIND_LARGE_LINES = 2_600_000
 MIND_LARGE_NEWS = 130_000
@@ -166,7 +166,31 @@ def world_run(root: Path, world: int, quick: bool) -> dict:
             "checkpoint_bytes": sum(parts.values()),
             "checkpoint_shared_bytes": sum(v for k, v in parts.items() if k.startswith("model")),
             "checkpoint_rank_bytes": sum(v for k, v in parts.items() if k.startswith("rank")),
+            "embedding_cache_bytes": tree_tensor_bytes(ckpt / "model.json", ckpt / "model.safetensors",
+                                                       "workflow_cache"),
+            "frozen_cache_bytes_per_node": stats.get("frozen_cache_bytes_per_node", 0),
             "overrides": overrides}
+
+
+def tree_tensor_bytes(tree_json: Path, tensors: Path, key: str) -> int:
+    """Bytes of the tensors a checkpoint part holds under its tree's top-level ``key`` (read from the safetensors
+    header, the tensors not loaded): 0 when the part has no such key (e.g. a sharded embedding cache, kept in the
+    ranks' parts)."""
+    def ids(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("__tensor__", "__ndarray__") and isinstance(v, str):
+                    yield v
+                else:
+                    yield from ids(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from ids(v)
+
+    wanted = set(ids(json.loads(tree_json.read_text()).get(key, {})))
+    with open(tensors, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k in wanted)
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -179,6 +203,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1/4000, 1/2000 and 1/1000 of MIND-large (checks the harness)")
     p.add_argument("--out", default="", help="keep the generated logs here (default: a temporary folder)")
+    p.add_argument("--worlds-only", action="store_true", help="run only the world-size runs; the parse rows are the "
+                   "committed results' (sizes and bytes need no quiet machine, parse timings do)")
     p.add_argument("--child", nargs=3, metavar=("MODE", "DATA", "CACHE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -188,9 +214,16 @@ def main(argv=None) -> dict:
     fractions = tuple(f * 100 for f in FRACTIONS) if a.quick else FRACTIONS
     news = MIND_LARGE_NEWS // (100 if a.quick else 1)
     rows = []
+    saved = json.loads((RESULTS / "scale.json").read_text()) if a.worlds_only else None
+    if saved is not None:
+        if saved["quick"] != a.quick:
+            raise SystemExit("--worlds-only reuses the committed parse rows, which were measured with"
+                             f"{'' if saved['quick'] else 'out'} --quick")
+        rows = saved["rows"]
+    parse_commit = saved["machine"].get("commit") if saved else info.get("commit")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
-        for frac in fractions:
+        for frac in fractions if saved is None else ():
             lines = MIND_LARGE_LINES // frac
             data = root / f"mind_large_1_{frac}"
             if not (data / "dev" / "behaviors.tsv").is_file():
@@ -219,7 +252,8 @@ def main(argv=None) -> dict:
     at_large = {m: extrapolated[m]["mind_large_mb"] for m in MODES}
     per_rank = {w: max(at_large[f"builder_{w}"], at_large[f"reader_{w}"]) for w in RANKS}
     at32 = {}
-    for key in ("collective_bytes_per_step", "checkpoint_bytes", "checkpoint_shared_bytes", "checkpoint_rank_bytes"):
+    for key in ("collective_bytes_per_step", "checkpoint_bytes", "checkpoint_shared_bytes", "checkpoint_rank_bytes",
+                "embedding_cache_bytes", "frozen_cache_bytes_per_node"):
         # one rank runs no collective at all: the collective line goes through the runs of 2 ranks and more
         pts = [(w["world"], w[key]) for w in worlds if w["world"] > 1 or key != "collective_bytes_per_step"]
         a0, b0 = fit([p[0] for p in pts], [p[1] for p in pts])
@@ -233,7 +267,7 @@ def main(argv=None) -> dict:
         "mind_large_setup_peak_rss_mb_per_rank_by_ranks": per_rank,
         "mind_large_setup_peak_rss_mb": at_large,
         "us_per_line": per_line, "speedups": speedups, "extrapolation": extrapolated, "rows": rows,
-        "worlds": worlds, "at_world_32": at32,
+        "worlds": worlds, "at_world_32": at32, "parse_commit": parse_commit,
         "machine": info, "quick": a.quick,
     }
     md = ["# Setup at scale: parsing MIND-large-shaped logs\n",
@@ -245,7 +279,7 @@ def main(argv=None) -> dict:
           "cache (the rank that parses), then its own users' sequences; `reader_W`: the cache read back mapped (every "
           "other rank, every restart), then its own users' sequences. Parse: the log reader's own time per line; load: "
           f"all of `load_dataset` (the news file of {news:,} news and the cache's writing too). Command: "
-          f"`python -m benchmarks.scale{' --quick' if a.quick else ''}`.\n",
+          f"`python -m benchmarks.scale{' --quick' if a.quick else ''}`; parse rows at commit {parse_commit}.\n",
           md_table(["lines", "MB", "before parse µs/line", "parse µs/line", "parse speedup", "before load s",
                     "load s", "cache read s"],
                    [[f"{r['lines']:,}", f"{r['bytes'] / 1e6:.0f}", f"{pb:.1f}", f"{pf:.1f}", f"{sp:.1f}x",
@@ -268,14 +302,20 @@ def main(argv=None) -> dict:
           "collectives through 2 and 4 ranks: one rank runs none). Collective bytes: what one rank puts into or gets out of collectives per optimizer step (an all-reduce's buffer, an "
           "all-gather's whole output, DDP's gradient buckets; stats.json `collective_bytes_per_step`). Checkpoint: "
           "the step's folder, its shared part (model, optimizer, the replicated embedding cache, once) and the ranks' "
-          "own parts (RNG states, loader positions, counters).\n",
-          md_table(["ranks", "collective MB per step", "checkpoint MB", "shared part MB", "ranks' parts MB"],
+          "own parts (RNG states, loader positions, counters). Caches: the embedding cache's rows as the checkpoint's "
+          "shared part holds them (once, whatever the ranks), and the frozen layers' cache file of a node (one per "
+          f"node, mapped by its ranks; stats.json `frozen_cache_bytes_per_node`). World-size runs at commit "
+          f"{info.get('commit')}.\n",
+          md_table(["ranks", "collective MB per step", "checkpoint MB", "shared part MB", "ranks' parts MB",
+                    "embedding cache MB (in the shared part)", "frozen cache MB per node"],
                    [[w["world"], f"{w['collective_bytes_per_step'] / 1e6:.2f}", f"{w['checkpoint_bytes'] / 1e6:.1f}",
-                     f"{w['checkpoint_shared_bytes'] / 1e6:.1f}", f"{w['checkpoint_rank_bytes'] / 1e6:.2f}"]
+                     f"{w['checkpoint_shared_bytes'] / 1e6:.1f}", f"{w['checkpoint_rank_bytes'] / 1e6:.2f}",
+                     f"{w['embedding_cache_bytes'] / 1e6:.1f}", f"{w['frozen_cache_bytes_per_node'] / 1e6:.1f}"]
                     for w in worlds]
                    + [[f"{WORLD_TARGET} (fitted)", f"{at32['collective_bytes_per_step'] / 1e6:.2f}",
                        f"{at32['checkpoint_bytes'] / 1e6:.1f}", f"{at32['checkpoint_shared_bytes'] / 1e6:.1f}",
-                       f"{at32['checkpoint_rank_bytes'] / 1e6:.2f}"]])]
+                       f"{at32['checkpoint_rank_bytes'] / 1e6:.2f}", f"{at32['embedding_cache_bytes'] / 1e6:.1f}",
+                       f"{at32['frozen_cache_bytes_per_node'] / 1e6:.1f}"]])]
     write_results("scale_quick" if a.quick else "scale", payload, "\n".join(md),
                   plot=lambda path: _plot(path, rows))
     print("\n".join(md))

@@ -822,3 +822,18 @@ def test_chunk_tokens_auto_follows_the_device():
 
     assert auto_chunk_tokens(torch.device("cpu")) == CPU_CHUNK_TOKENS == 2048
     assert auto_chunk_tokens(torch.device("cuda", 0)) == GPU_CHUNK_TOKENS > 16 * CPU_CHUNK_TOKENS
+
+
+def test_tree_tensor_bytes_counts_the_tensors_under_one_key_of_a_saved_tree(tmp_path):
+    import numpy as np
+    import torch
+
+    from benchmarks.scale import tree_tensor_bytes
+    from speedyrec.engine.safe_io import save_tree
+
+    tree = {"model": {"w": torch.zeros(10), "b": torch.zeros(2, dtype=torch.bfloat16)},
+            "workflow_cache": {"emb": torch.zeros(2, 3), "rows": np.arange(3, dtype=np.int64), "shape": (2, 3)}}
+    st, js = save_tree(tree, tmp_path / "model")
+    assert tree_tensor_bytes(js, st, "workflow_cache") == 6 * 4 + 3 * 8
+    assert tree_tensor_bytes(js, st, "model") == 10 * 4 + 2 * 2
+    assert tree_tensor_bytes(js, st, "absent") == 0

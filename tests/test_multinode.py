@@ -144,6 +144,7 @@ def test_a_node_s_ranks_share_one_frozen_prefix_cache(tmp_path, cache_dir, synth
     for k in ("auc", "mrr", "ndcg5", "ndcg10"):
         assert abs(m_on[k] - m_off[k]) <= 1e-6, (k, m_on[k], m_off[k])
     assert s_on["news_encoded"] == s_off["news_encoded"] and "frozen_news_computed" not in s_off
+    assert s_on["frozen_cache_bytes_per_node"] > 0 and "frozen_cache_bytes_per_node" not in s_off
     news = len({line.split("\t", 1)[0] for split in ("train", "dev")
                 for line in (synthetic_small / split / "news.tsv").open()})
     stored = s_on["frozen_news_computed"] - s_on["frozen_news_pending"]

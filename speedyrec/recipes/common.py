@@ -20,7 +20,7 @@ from speedyrec.engine.distributed import DistInfo, all_reduce_sum
 from speedyrec.engine.memory import peak_rss_mb, process_peak_rss_mb
 from speedyrec.engine.trainer import Trainer
 from speedyrec.eval.evaluate import evaluate_models
-from speedyrec.models.frozen_prefix import frozen_cache_place
+from speedyrec.models.frozen_prefix import cache_bytes, frozen_cache_place
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.recipes.resume import StageCheckpoints, starts_over
 
@@ -303,6 +303,9 @@ def engine_stats(cfg: Config, dist: DistInfo, trainer, workflow, data: Dataset, 
     stats["world_size"] = dist.world
     stats["device"] = str(dist.device.type)
     stats["precision"] = "bf16" if cfg.train.amp == "bf16" else "float32"
+    if frozen is not None:  # one file per node, the same size on every rank
+        stats["frozen_cache_bytes_per_node"] = cache_bytes(int(frozen.offsets[-1]), frozen.hidden,
+                                                           len(frozen.offsets) - 1, frozen.dtype)
     tokens = stats["valid_tokens"] + stats["padded_tokens"]
     stats["data_efficiency"] = stats["valid_tokens"] / tokens if tokens else 0.0
     stats["wall_seconds"] = float(peaks[0].item())
