@@ -303,7 +303,7 @@ def main(argv=None) -> dict:
           "all-gather's whole output, DDP's gradient buckets; stats.json `collective_bytes_per_step`). Checkpoint: "
           "the step's folder, its shared part (model, optimizer, the replicated embedding cache, once) and the ranks' "
           "own parts (RNG states, loader positions, counters). Caches: the embedding cache's rows as the checkpoint's "
-          "shared part holds them (once, whatever the ranks), and the frozen layers' cache file of a node (one per "
+          "shared part holds them (once, whatever the ranks; more rows with more ranks, whose global batch encodes more news per step), and the frozen layers' cache file of a node (one per "
           f"node, mapped by its ranks; stats.json `frozen_cache_bytes_per_node`). World-size runs at commit "
           f"{info.get('commit')}.\n",
           md_table(["ranks", "collective MB per step", "checkpoint MB", "shared part MB", "ranks' parts MB",
