@@ -240,6 +240,9 @@ class TeachersConfig:
     # initialisation (seed train.seed + i) and in the dropout masks it draws; all M share the data order, because
     # they train in one pass of the engine (the paper's seeds changed the order too)
     seeds: bool = False
+    # where the teachers start: posttrain (the M post-training snapshots) | plm (M = posttrain.teachers copies of
+    # the plain PLM, no post-training, teacher i initialised with seed train.seed + i: MT-BERT's teachers)
+    init: str = "posttrain"
 
 
 @dataclass
@@ -248,7 +251,12 @@ class NewsBertConfig:
 
     momentum: float = 0.15  # beta: g_s <- (1 - beta) g_s + beta * mean gradient of the teacher block
     teacher_layers: int = 0  # the teacher's layers (0 = all); a multiple of the student's model.layers
-    teacher_init: str = "auto"  # auto (the last post-training snapshot if out_dir has one, else the PLM) | plm | posttrain
+    # auto (the last post-training snapshot if out_dir has one, else the PLM) | plm | posttrain | finetuned (the
+    # teachers of finetune_teachers, every layer trained from there: MT-BERT's, with teachers.init=plm)
+    teacher_init: str = "auto"
+    # M teachers trained jointly with the student, sharing its pooling, projection and user encoder, weighted per
+    # target by softmax(-CE) (Tiny-NewsRec's Table 4): the last M snapshots (NewsBERT-MT) or M finetuned teachers
+    teachers: int = 1
     hidden_weight: float = 1.0  # weight of the hidden-state and embedding MSE losses
 
 
@@ -584,7 +592,20 @@ def _validate_distillation(cfg: Config) -> None:
     _choice("distill.student_init", di.student_init, ("stage1", "plm"))
     _choice("posttrain.news", pt.news, ("all", "train"))
     _choice("posttrain.body_field", pt.body_field, ("auto", "body", "abstract"))
-    _choice("newsbert.teacher_init", nb.teacher_init, ("auto", "plm", "posttrain"))
+    _choice("newsbert.teacher_init", nb.teacher_init, ("auto", "plm", "posttrain", "finetuned"))
+    _choice("teachers.init", cfg.teachers.init, ("posttrain", "plm"))
+    if nb.teachers < 1:
+        raise ConfigError(f"config key 'newsbert.teachers' must be at least 1, got {nb.teachers}")
+    if nb.teachers > 1 and nb.teacher_init == "plm":
+        raise ConfigError(f"newsbert.teachers={nb.teachers} with newsbert.teacher_init=plm would be {nb.teachers} "
+                          "copies of one teacher: start them from post-training snapshots (posttrain, NewsBERT-MT) or "
+                          "from finetuned teachers (finetuned, MT-BERT)")
+    if cfg.teachers.init == "plm" and (cfg.teachers.seeds or cfg.teachers.plain):
+        raise ConfigError("teachers.init=plm finetunes M copies of the plain PLM with seeds already; teachers.seeds "
+                          "and teachers.plain choose among post-training snapshots: leave them false")
+    if cfg.teachers.init == "plm" and cfg.stage == "pipeline":
+        raise ConfigError("teachers.init=plm (MT-BERT's teachers, no post-training) belongs to stage=finetune_teachers: "
+                          "the pipeline's Stage II distils post-trained teachers")
     if cfg.distill.student_layers <= 0:
         raise ConfigError(f"config key 'distill.student_layers' must be positive, got {cfg.distill.student_layers}")
     if cfg.stage != "finetune":
@@ -645,6 +666,7 @@ NOT_READ_BY_THE_MAIN_JOB = ("posttrain.", "distill.", "teachers.", "newsbert.", 
 # difference to a recorded run, for the benchmarks that reuse runs and for the main job's timing
 AS_BEFORE = {"engine.targets": "all", "train.checkpoint_errors": "error",
              "posttrain.body_field": "auto"}  # auto reads the body wherever there are bodies, as before
+AS_BEFORE.update({"newsbert.teachers": 1, "teachers.init": "posttrain"})  # Table 4's methods: one teacher, post-trained
 
 
 def defaults_digest(flat: dict | None = None) -> str:

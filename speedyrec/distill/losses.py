@@ -94,13 +94,15 @@ def newsbert_hidden_loss(student_states: list[torch.Tensor], teacher_states: lis
 
 
 @torch.no_grad()
-def momentum_gradients(student_layers: list[nn.Module], teacher_layers: list[nn.Module], beta: float) -> None:
+def momentum_gradients(student_layers: list[nn.Module], teacher_layers: list, beta: float) -> None:
     """NewsBERT momentum distillation: g_s <- (1 - beta) g_s + beta * mean of the gradients of the teacher
-    block (K consecutive teacher layers) that student layer i stands for, parameter by parameter."""
+    block (K consecutive teacher layers) that student layer i stands for, parameter by parameter. Several
+    teachers (``teacher_layers`` a list of each teacher's layers): the mean over their blocks' layers."""
+    teachers = teacher_layers if teacher_layers and isinstance(teacher_layers[0], (list, tuple)) else [teacher_layers]
     n = len(student_layers)
-    k = len(teacher_layers) // n
+    k = len(teachers[0]) // n
     for i, layer in enumerate(student_layers):
-        block = teacher_layers[i * k : (i + 1) * k]
+        block = [t for layers in teachers for t in layers[i * k : (i + 1) * k]]
         for name, p in layer.named_parameters():
             if p.grad is None:
                 continue
@@ -108,3 +110,69 @@ def momentum_gradients(student_layers: list[nn.Module], teacher_layers: list[nn.
             if any(g is None for g in grads):
                 raise RuntimeError(f"momentum distillation: teacher block {i} has no gradient for {name}")
             p.grad.mul_(1.0 - beta).add_(torch.stack(grads).mean(0), alpha=beta)
+
+
+# -- several teachers' intermediate outputs (TinyBERT-MT, NewsBERT-MT, MT-BERT) --------------------------------
+def block_layers(student_layers: int, teacher_layers: int) -> list[int]:
+    """The teacher layer each student layer imitates, uniform as in TinyBERT and NewsBERT: student layer i (1..N)
+    -> teacher layer i * K, K = teacher_layers / N (layer 0, the embeddings, -> 0). Returns N + 1 layer numbers."""
+    if teacher_layers % student_layers:
+        raise ValueError(f"the teacher's {teacher_layers} layers do not split into {student_layers} blocks")
+    k = teacher_layers // student_layers
+    return [i * k for i in range(student_layers + 1)]
+
+
+def attention_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """TinyBERT's attention loss per news: the mean squared difference of attention scores a, b [R, A, T, T] over
+    the heads and the (query, key) pairs of real tokens (mask [R, T]) -> [R]."""
+    pairs = (mask[:, None, :, None] & mask[:, None, None, :]).to(a.dtype)  # [R, 1, T, T]
+    sq = (a.float() - b.float()).pow(2) * pairs
+    return sq.sum((1, 2, 3)) / (pairs.sum((1, 2, 3)) * a.shape[1]).clamp(min=1)
+
+
+def intermediate_loss(student_states: list[torch.Tensor], student_attention: list[torch.Tensor],
+                      teacher_states: list[torch.Tensor], teacher_attention: list[torch.Tensor],
+                      mask: torch.Tensor) -> torch.Tensor:
+    """TinyBERT's intermediate losses of one teacher per news: the embeddings' MSE, and for every student layer i
+    the MSE of its output against teacher layer i * K's (``newsbert_hidden_loss``) plus the MSE of its attention
+    scores against teacher layer i * K's. The teacher is a constant.
+
+    student_states: N + 1 tensors [R, T, H]; student_attention: N tensors [R, A, T, T] (layer 1..N);
+    teacher_states: N * K + 1; teacher_attention: N (the mapped layers i * K only) -> [R]."""
+    loss = newsbert_hidden_loss(student_states, teacher_states, mask)
+    for s, t in zip(student_attention, teacher_attention, strict=True):
+        loss = loss + attention_mse(s, t.detach(), mask)
+    return loss
+
+
+def candidate_rows(clicks: torch.Tensor, negatives: torch.Tensor, targets) -> torch.Tensor:
+    """The table rows of every target's candidates, the click first: clicks [B, L], negatives [B, L, K], targets
+    a TargetIndex -> [T, 1 + K] (as engine.loss.target_scores gathers them)."""
+    b, length = clicks.shape
+    rows = torch.cat([clicks.unsqueeze(-1), negatives], dim=-1).reshape(b * length, 1 + negatives.shape[-1])
+    return rows.index_select(0, targets.click)
+
+
+def news_teacher_weights(weights: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Per-news teacher weights from the per-sample ones, for losses that live on news (hidden states, attention):
+    a news's weight is the mean weight of the targets that score it (as click or negative); a news no target scores
+    (history only) takes the mean over all targets. weights [T, M]; rows [T, C] table rows -> [num_rows, M]."""
+    w = weights.detach().float()
+    c = rows.shape[1]
+    flat = rows.reshape(-1)
+    keep = flat >= 0
+    sums = w.new_zeros((num_rows, w.shape[1])).index_add_(0, flat[keep], w.repeat_interleave(c, 0)[keep])
+    counts = w.new_zeros(num_rows).index_add_(0, flat[keep], torch.ones_like(flat[keep], dtype=w.dtype))
+    mean = w.mean(0) if len(w) else w.new_full((w.shape[1],), 1.0 / w.shape[1])
+    return torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], mean)
+
+
+def weighted_news_loss(per_news: list[tuple[torch.Tensor, torch.Tensor]], news_weights: torch.Tensor,
+                       targets: int) -> torch.Tensor:
+    """A step's news losses as their weighted mean per target: per_news holds (table rows [R], losses [R, M]) of
+    every chunk the step encoded with gradients; news_weights [U, M] -> sum_r sum_i w_ri l_ri * targets / R."""
+    if not per_news:
+        return news_weights.new_zeros(())
+    rows = torch.cat([r for r, _ in per_news])
+    losses = torch.cat([v for _, v in per_news])
+    return (news_weights[rows] * losses).sum() * (targets / max(len(rows), 1))

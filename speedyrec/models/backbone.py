@@ -262,6 +262,15 @@ class BertFamilyBackbone(nn.Module):
             states.append(self.run_layer(i, states[-1], attend))
         return states
 
+    def attention_scores(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer i's attention scores before the softmax, q k^T / sqrt(d) per head, for its input states h [N, T, H]
+        (``hidden_states()[i]``) -> [N, A, T, T] (what TinyBERT's attention loss compares; padding is not masked)."""
+        sa = self.layers[i].attention.self
+        n, t, _ = h.shape
+        q = sa.query(h).view(n, t, self.heads, -1).transpose(1, 2)
+        k = sa.key(h).view(n, t, self.heads, -1).transpose(1, 2)
+        return q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+
     def _plain_attention(self, mask: torch.Tensor, dense: bool | None = None):
         heads = self.heads
         key_mask = None if dense else mask  # unknown (None): padded_self_attention looks at the mask itself

@@ -37,8 +37,10 @@ log = logging.getLogger("speedyrec")
 def teacher_plan(ctx: Context) -> list[tuple[str, object, int]]:
     """(name, post-training snapshot or None for the plain PLM, seed) of every teacher to finetune."""
     cfg = ctx.cfg
-    files = model_files(ctx.from_dir("posttrain") / "snapshots", "post-training snapshots", "posttrain")
     seed = cfg.train.seed
+    if cfg.teachers.init == "plm":  # MT-BERT's teachers: no post-training, M initialisations of the plain PLM
+        return [(f"teacher_{i + 1}", None, seed + i) for i in range(cfg.posttrain.teachers)]
+    files = model_files(ctx.from_dir("posttrain") / "snapshots", "post-training snapshots", "posttrain")
     if cfg.teachers.seeds:  # the earlier paper: the final snapshot, finetuned with M seeds
         plan = [(f"teacher_{i + 1}", files[-1], seed + i) for i in range(len(files))]
     else:

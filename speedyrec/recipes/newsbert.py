@@ -1,4 +1,5 @@
-"""Recipe ``stage=newsbert``: NewsBERT (Wu et al.), the teacher and the student trained jointly on clicks.
+"""Recipe ``stage=newsbert``: NewsBERT (Wu et al.), the teacher and the student trained jointly on clicks; with
+``newsbert.teachers=M`` the M teachers of NewsBERT-MT or MT-BERT (Tiny-NewsRec's Table 4).
 
 The teacher (the PLM, or its post-trained snapshot) and the student (its first N layers) have their own
 transformers and share the attention pooling, the projection ("dense") and the user encoder. The teacher
@@ -8,7 +9,14 @@ teacher's click scores, and MSE losses: its embeddings' and each layer's output 
 and its user vectors against the teacher's. Momentum distillation then mixes each student layer's
 gradient with the mean gradient of its teacher block: g_s <- (1 - beta) g_s + beta * mean(g_block).
 Both run on the engine: one batch, each news encoded by both (the cache rows hold both vectors).
-Writes ``out_dir/newsbert/{metrics.json, stats.json, student.safetensors, teacher.safetensors}``.
+
+M teachers (all sharing the one pooling, projection and user encoder, as MT-BERT's co-finetuned teachers share
+theirs) each learn from their own click loss; the student's losses against them are weighted per target by
+beta_i = softmax_i(-CE_i), as Tiny-NewsRec weighs its teachers (the news losses by the mean beta of the targets
+that score the news), and the momentum takes the mean gradient of the M teachers' blocks. NewsBERT-MT's teachers
+start from the last M post-training snapshots; MT-BERT's (``newsbert.teacher_init=finetuned``) from the teachers
+``finetune_teachers`` trained without post-training (``teachers.init=plm``), the shared head from the first's.
+Writes ``out_dir/newsbert/{metrics.json, stats.json, student.safetensors, teacher[_<k>].safetensors}``.
 """
 from __future__ import annotations
 
@@ -19,9 +27,10 @@ from torch import nn
 
 from speedyrec.build import apply_buslm, build_recommender, news_encoding, plm_layers, segments_of
 from speedyrec.config import ConfigError
-from speedyrec.distill.losses import distillation_loss, momentum_gradients, newsbert_hidden_loss
+from speedyrec.distill.losses import (candidate_rows, distillation_loss, momentum_gradients, news_teacher_weights,
+                                      newsbert_hidden_loss, teacher_weights, weighted_news_loss)
 from speedyrec.distill.snapshots import load_snapshot, save_snapshot
-from speedyrec.distill.teachers import model_files
+from speedyrec.distill.teachers import load_finetuned_recommender, model_files
 from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.engine.trainer import adamw
 from speedyrec.models.news_inputs import NewsInputs
@@ -35,28 +44,83 @@ LOSSES = ("loss_teacher_ce", "loss_ce", "loss_distill", "loss_hidden", "loss_use
 
 
 class NewsBertModel(nn.Module):
-    """Teacher and student recommenders whose pooling, projection and user encoder are the same modules."""
+    """Teachers and student recommenders whose pooling, projection and user encoder are the same modules (the
+    first teacher's)."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module):
+    def __init__(self, teachers: list[nn.Module], student: nn.Module):
         super().__init__()
-        student.news_encoder.pool = teacher.news_encoder.pool
-        student.news_encoder.proj = teacher.news_encoder.proj
-        if hasattr(teacher.news_encoder, "segment_pool"):  # BusLM: the segments' pooling is shared too
-            student.news_encoder.segment_pool = teacher.news_encoder.segment_pool
-        student.user_encoder = teacher.user_encoder
-        self.teacher, self.student = teacher, student
+        head = teachers[0]
+        for model in [*teachers[1:], student]:
+            model.news_encoder.pool = head.news_encoder.pool
+            model.news_encoder.proj = head.news_encoder.proj
+            if hasattr(head.news_encoder, "segment_pool"):  # BusLM: the segments' pooling is shared too
+                model.news_encoder.segment_pool = head.news_encoder.segment_pool
+            model.user_encoder = head.user_encoder
+        # the first teacher keeps its name, so a one-teacher checkpoint reads as before
+        self.teacher, self.student = head, student
+        self.more_teachers = nn.ModuleList(teachers[1:])
+
+    @property
+    def teachers(self) -> list[nn.Module]:
+        return [self.teacher, *self.more_teachers]
+
+
+def thaw(model: nn.Module) -> nn.Module:
+    """A frozen model file's model, every layer trained again (NewsBERT's teachers keep learning)."""
+    model.news_encoder.backbone.freeze_layers = 0
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.train()
 
 
 class NewsBertRecipe(StageRecipe):
     stage = "newsbert"
 
-    def _teacher_snapshot(self):
-        """The post-training snapshot the teacher starts from, or None for the plain PLM."""
-        init = self.cfg.newsbert.teacher_init
+    def _teacher_sources(self, t_layers: int) -> list:
+        """Where each of the newsbert.teachers teachers starts: None (the plain PLM), a post-training snapshot, or
+        ("finetuned", a finetune_teachers model file)."""
+        nb, m = self.cfg.newsbert, self.cfg.newsbert.teachers
+        if nb.teacher_init == "finetuned":
+            files = [f for f in model_files(self.ctx.from_dir("finetune_teachers") / "teachers", "finetuned teachers",
+                                            "finetune_teachers") if f.stem != "plain"]
+            if len(files) < m:
+                raise ConfigError(f"newsbert.teachers={m} but {self.ctx.from_dir('finetune_teachers')} holds "
+                                  f"{len(files)} finetuned teachers")
+            return [("finetuned", f) for f in files[:m]]
         folder = self.ctx.from_dir("posttrain") / "snapshots"
-        if init == "plm" or (init == "auto" and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.pt"))):
-            return None
-        return model_files(folder, "post-training snapshots", "posttrain")[-1]
+        plain = nb.teacher_init == "plm" or (nb.teacher_init == "auto" and not any(folder.glob("*.safetensors"))
+                                             and not any(folder.glob("*.pt")))
+        if plain:
+            if m > 1:
+                raise ConfigError(f"newsbert.teachers={m} starting from the plain PLM would be {m} copies of one "
+                                  "teacher: start them from post-training snapshots (newsbert.teacher_init=posttrain, "
+                                  "NewsBERT-MT) or from finetuned teachers (newsbert.teacher_init=finetuned, MT-BERT)")
+            return [None]
+        files = model_files(folder, "post-training snapshots", "posttrain")
+        if len(files) < m:
+            raise ConfigError(f"newsbert.teachers={m} but {folder} holds {len(files)} post-training snapshots")
+        if t_layers != plm_layers(self.ctx):
+            raise ConfigError("newsbert.teacher_init=posttrain: a post-training snapshot holds every layer of the "
+                              "PLM; leave newsbert.teacher_layers at 0")
+        return files[-m:]
+
+    def _build_teacher(self, source, t_layers: int):
+        """(teacher recommender, state names that differ from the PLM, checksum of what it starts from)."""
+        ctx, cfg = self.ctx, self.cfg
+        if isinstance(source, tuple):  # a finetuned teacher: its whole model file, every layer trained from here
+            if t_layers != plm_layers(ctx):
+                raise ConfigError("newsbert.teacher_init=finetuned: a finetuned teacher holds every layer of the PLM; "
+                                  "leave newsbert.teacher_layers at 0")
+            teacher, snap, _ = load_finetuned_recommender(ctx, source[1])
+            return thaw(teacher), set(teacher.state_dict()), snap["checksum"]
+        teacher = build_recommender(ctx, t_layers, 0, cfg.train.seed)
+        changed, start = set(), "plm"
+        if source is not None:
+            snap = load_snapshot(teacher.news_encoder, source, f"the NewsBERT teacher ({source.stem})")
+            changed, start = {f"news_encoder.{k}" for k in snap["delta"]}, snap["checksum"]
+        # both read news as the config asks: BusLM's segments (after the snapshot's plain encoder is loaded), refined
+        # text with each transformer's own frequency embedding
+        return apply_buslm(teacher, cfg), changed, start
 
     def run(self) -> dict:
         ctx, cfg, dist, tc, nb = self.ctx, self.cfg, self.dist, self.cfg.train, self.cfg.newsbert
@@ -65,85 +129,92 @@ class NewsBertRecipe(StageRecipe):
         if t_layers % n:
             raise ConfigError(f"newsbert: the teacher's {t_layers} layers are not a multiple of the student's {n} "
                               "(distill.student_layers); set newsbert.teacher_layers to a multiple")
-        snap_path = self._teacher_snapshot()
-        teacher = build_recommender(ctx, t_layers, 0, tc.seed)
-        changed, start = set(), "plm"
-        if snap_path is not None:
-            if t_layers != plm_layers(ctx):
-                raise ConfigError("newsbert.teacher_init=posttrain: a post-training snapshot holds every layer of the "
-                                  "PLM; leave newsbert.teacher_layers at 0")
-            snap = load_snapshot(teacher.news_encoder, snap_path, f"the NewsBERT teacher ({snap_path.stem})")
-            changed, start = {f"news_encoder.{k}" for k in snap["delta"]}, snap["checksum"]
-        # both read news as the config asks: BusLM's segments (after the snapshot's plain encoder is loaded), refined
-        # text with each transformer's own frequency embedding
-        teacher = apply_buslm(teacher, cfg)
+        sources = self._teacher_sources(t_layers)
+        built = [self._build_teacher(src, t_layers) for src in sources]
+        teachers = [t for t, _, _ in built]
         student = apply_buslm(build_recommender(ctx, n, 0, tc.seed), cfg)
-        self.model = model = NewsBertModel(teacher, student).to(dist.device)
+        self.model = model = NewsBertModel(teachers, student).to(dist.device)
+        self.names = ["teacher"] if len(teachers) == 1 else [f"teacher_{k + 1}" for k in range(len(teachers))]
         self.dim = cfg.model.dim
         self.inputs = inputs = NewsInputs(ctx.store, segments_of(cfg))
         self.trim = cfg.engine.dynamic_batching
-        self.hidden_sum, self.hidden_news = [], 0
+        self.hidden_parts = []
         workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, None, dist, encode_rows=self._encode_rows,
-                                      dim=2 * self.dim, objective=self.objective)
-        t_bb, s_bb = teacher.news_encoder.backbone, student.news_encoder.backbone
-        groups = [{"params": [p for p in t_bb.parameters()] + [p for p in s_bb.parameters()], "lr": tc.encoder_lr},
+                                      dim=(len(teachers) + 1) * self.dim, objective=self.objective)
+        backbones = [t.news_encoder.backbone for t in teachers]
+        s_bb = student.news_encoder.backbone
+        groups = [{"params": [p for bb in [*backbones, s_bb] for p in bb.parameters()], "lr": tc.encoder_lr},
                   {"params": [p for name, p in model.named_parameters() if ".backbone." not in name], "lr": tc.lr}]
-        hook = (lambda: momentum_gradients(list(s_bb.layers), list(t_bb.layers), nb.momentum)) if nb.momentum else None
-        # patience watches the student's AUC: the teacher is a means to it
-        dev = DevCurve(ctx, lambda: dict(zip(("student", "teacher"), evaluate_on_dev(ctx, [student, teacher], inputs))),
+        hook = (lambda: momentum_gradients(list(s_bb.layers), [list(bb.layers) for bb in backbones], nb.momentum)) \
+            if nb.momentum else None
+        # patience watches the student's AUC: the teachers are a means to it
+        dev = DevCurve(ctx, lambda: dict(zip(("student", *self.names),
+                                             evaluate_on_dev(ctx, [student, *teachers], inputs))),
                        monitor=lambda m: m["student"]["auc"], label="the student's dev AUC")
+        starts = [start for _, _, start in built]
         trainer = self.fit_on_clicks(model, adamw(groups, weight_decay=tc.weight_decay), workflow, dev,
-                                     {"teacher_from": start}, grad_hook=hook)
+                                     {"teacher_from": starts[0] if len(starts) == 1 else starts}, grad_hook=hook)
         metrics = dev.final()
         if dist.is_main:
-            for name, m in (("student", student), ("teacher", teacher)):
+            for name, m, (_, changed, _), src in [("student", student, (None, None, None), None),
+                                                  *zip(self.names, teachers, built, sources)]:
                 layers = n if name == "student" else t_layers
+                origin = "plm" if src is None else str(src[1] if isinstance(src, tuple) else src)
                 meta = {"encoder": cfg.model.encoder, "stage": self.stage, "name": name, "layers": layers,
-                        "teacher_from": str(snap_path) if snap_path else "plm", "news_encoding": news_encoding(cfg),
-                        "frozen_layers": m.news_encoder.backbone.freeze_layers, "metrics": metrics[name]}
+                        "teacher_from": origin if name != "student" else [str(s) if s else "plm" for s in sources],
+                        "news_encoding": news_encoding(cfg), "frozen_layers": m.news_encoder.backbone.freeze_layers,
+                        "metrics": metrics[name]}
                 everything = {k for k in m.state_dict()} if name == "student" else changed | {
                     k for k, p in m.named_parameters() if p.requires_grad} | non_backbone_names(m)
                 metrics[name]["checksum"] = save_snapshot(self.out / f"{name}.safetensors", m, everything, meta)
         stats = self.click_stats(trainer, workflow, LOSSES, teacher_layers=t_layers, student_layers=n,
-                                 momentum=nb.momentum)
+                                 momentum=nb.momentum, teachers=len(teachers))
         return self.finish(metrics, stats)
 
     def _encode_rows(self, tokens, rows):
-        """Both encoders on the same rows: [R, 2D] (teacher | student); the student's hidden-state losses
-        against the teacher are kept for the step's objective, for rows encoded with gradients only."""
+        """Every teacher and the student on the same rows: [R, (M + 1) D] (teachers, then the student); the
+        student's hidden-state losses against each teacher [R, M] are kept with the rows for the step's objective,
+        for rows encoded with gradients only."""
         sel = NewsInputs.select(tokens, rows, self.trim)
         ids, mask = sel.input_ids, sel.mask
-        teacher, student = self.model.teacher, self.model.student
-        t_enc, s_enc = teacher.news_encoder, student.news_encoder
-        t_states = t_enc.hidden_states(ids, mask, frequency_embeddings(teacher.frequency, sel.counts))
+        student = self.model.student
+        s_enc = student.news_encoder
         s_states = s_enc.hidden_states(ids, mask, frequency_embeddings(student.frequency, sel.counts))
-        t_vec = t_enc.pool_states(t_states[-1], mask)
         s_vec = s_enc.pool_states(s_states[-1], mask)
-        if torch.is_grad_enabled():  # rows encoded without gradients (the cache audit's) are not trained
-            hidden = newsbert_hidden_loss(s_states, t_states, mask)
-            hidden = hidden + (s_vec.float() - t_vec.detach().float()).pow(2).mean(-1)  # the pooled news vectors
-            self.hidden_sum.append(hidden.sum())
-            self.hidden_news += len(hidden)
+        vectors, hidden = [], []
+        for teacher in self.model.teachers:
+            t_enc = teacher.news_encoder
+            t_states = t_enc.hidden_states(ids, mask, frequency_embeddings(teacher.frequency, sel.counts))
+            t_vec = t_enc.pool_states(t_states[-1], mask)
+            vectors.append(t_vec)
+            if torch.is_grad_enabled():  # rows encoded without gradients (the cache audit's) are not trained
+                h = newsbert_hidden_loss(s_states, t_states, mask)
+                hidden.append(h + (s_vec.float() - t_vec.detach().float()).pow(2).mean(-1))  # the pooled vectors
+        if hidden:
+            self.hidden_parts.append((torch.as_tensor(rows, device=s_vec.device), torch.stack(hidden, dim=-1)))
         valid = int(mask.sum())
-        return torch.cat([t_vec, s_vec], dim=-1), valid, mask.numel() - valid
+        return torch.cat([*vectors, s_vec], dim=-1), valid, mask.numel() - valid
 
     def objective(self, table, news, clicks, negatives, targets):
-        cfg, d = self.cfg, self.dim
+        cfg, d, m = self.cfg, self.dim, len(self.names)
         user = self.model.teacher.user_encoder  # shared
-        t = target_scores(table[:, :d], clicks, negatives, targets, user.prefix_states, user.empty)
-        s = target_scores(table[:, d:], clicks, negatives, targets, user.prefix_states, user.empty)
-        n_targets = len(t.logits)
-        teacher_ce = click_cross_entropy(t.logits)
+        ts = [target_scores(table[:, i * d:(i + 1) * d], clicks, negatives, targets, user.prefix_states, user.empty)
+              for i in range(m)]
+        s = target_scores(table[:, m * d:], clicks, negatives, targets, user.prefix_states, user.empty)
+        n_targets = len(s.logits)
+        t_logits = torch.stack([t.logits for t in ts])  # [M, T, C]
+        teacher_ce = click_cross_entropy(t_logits.flatten(0, 1))  # each teacher learns from its own clicks
         student_ce = click_cross_entropy(s.logits)
-        ones = torch.ones((n_targets, 1), device=table.device)
-        distill = distillation_loss(s.logits, t.logits.unsqueeze(0), ones, cfg.distill.temperature_ft)
-        user_mse = (s.user.float() - t.user.detach().float()).pow(2).mean(-1)
-        # per-news hidden losses of the news this step encoded, as their mean per target
-        hidden = torch.stack(self.hidden_sum).sum() * (n_targets / max(self.hidden_news, 1)) if self.hidden_sum \
-            else table.new_zeros(())
-        self.hidden_sum, self.hidden_news = [], 0
-        w = cfg.newsbert.hidden_weight
-        loss = teacher_ce.sum() + student_ce.sum() + distill.sum() + w * (user_mse.sum() + hidden)
-        return loss, {"loss_teacher_ce": teacher_ce.detach().sum(), "loss_ce": student_ce.detach().sum(),
+        w = teacher_weights(t_logits)  # [T, M]; one teacher: 1
+        distill = distillation_loss(s.logits, t_logits, w, cfg.distill.temperature_ft)
+        user_mse = (w * torch.stack([(s.user.float() - t.user.detach().float()).pow(2).mean(-1) for t in ts],
+                                    dim=-1)).sum(-1)
+        # per-news hidden losses of the news this step encoded, weighted per news, as their mean per target
+        news_w = news_teacher_weights(w, candidate_rows(clicks, negatives, targets), len(table))
+        hidden = weighted_news_loss(self.hidden_parts, news_w, n_targets)
+        self.hidden_parts = []
+        hw = cfg.newsbert.hidden_weight
+        loss = teacher_ce.sum() + student_ce.sum() + distill.sum() + hw * (user_mse.sum() + hidden)
+        return loss, {"loss_teacher_ce": teacher_ce.detach().sum() / m, "loss_ce": student_ce.detach().sum(),
                       "loss_distill": distill.detach().sum(), "loss_hidden": hidden.detach(),
                       "loss_user_mse": user_mse.detach().sum()}

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from speedyrec.build import Context, plm_layers
-from speedyrec.config import ConfigError
+from speedyrec.config import AS_BEFORE, ConfigError
 from speedyrec.engine.distributed import barrier
 from speedyrec.recipes.common import Timer, save_config, student_freeze_layers, write_json
 from speedyrec.recipes.distill_finetune import DistillFinetuneRecipe
@@ -52,6 +52,8 @@ def teachers_depend_on(key: str, then, now, early_stopping: bool = False) -> boo
     periodic evaluation's settings only where either run stops early, ``early_stopping``)."""
     if key in EARLY_STOPPING_KEYS:
         return early_stopping
+    if then is None and AS_BEFORE.get(key, object()) == now:  # added since, at the value that does what runs did
+        return False
     return key.startswith(TEACHER_KEYS) and not key.startswith(FREE_KEYS) and not (key == "teachers.plain" and then)
 
 

@@ -1,0 +1,187 @@
+"""Tiny-NewsRec's Table 4 methods: the multi-teacher losses against slow, obviously correct loops (layer mapping,
+attention scores and their MSE, per-news weights from per-sample ones), and NewsBERT-MT and MT-BERT end to end on a
+tiny random encoder, NewsBERT-MT with two identical teachers equal to stage=newsbert, loss for loss."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from test_distill_e2e import args, check_click_metrics, check_engine_stats, read
+
+from speedyrec.config import ConfigError, load_config
+from speedyrec.distill.losses import (attention_mse, block_layers, candidate_rows, intermediate_loss,
+                                      momentum_gradients, news_teacher_weights, weighted_news_loss)
+from speedyrec.distill.snapshots import read_snapshot
+from speedyrec.engine.loss import TargetIndex
+from speedyrec.train import main
+
+
+def test_block_layers_map_student_layers_to_the_ends_of_teacher_blocks():
+    assert block_layers(2, 6) == [0, 3, 6] and block_layers(1, 4) == [0, 4] and block_layers(3, 3) == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        block_layers(4, 6)
+
+
+def slow_attention_mse(a, b, mask):
+    out = []
+    for r in range(a.shape[0]):
+        total, n = 0.0, 0
+        for h in range(a.shape[1]):
+            for i in range(a.shape[2]):
+                for j in range(a.shape[3]):
+                    if mask[r, i] and mask[r, j]:
+                        total += float(a[r, h, i, j] - b[r, h, i, j]) ** 2
+                        n += 1
+        out.append(total / max(n, 1))
+    return out
+
+
+def test_attention_mse_over_real_token_pairs_by_loop():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    assert attention_mse(a, b, mask).tolist() == pytest.approx(slow_attention_mse(a, b, mask), rel=1e-5)
+
+
+def test_attention_scores_are_the_layers_own_softmax_input():
+    """softmax(scores + mask) of a layer is the attention HF's own layer computes (its attention probabilities)."""
+    from transformers import BertConfig, BertModel
+
+    from speedyrec.models.backbone import BertFamilyBackbone
+
+    torch.manual_seed(0)
+    hf = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=32, attn_implementation="eager"), add_pooling_layer=False).eval()
+    bb = BertFamilyBackbone(hf).eval()
+    ids = torch.randint(1, 50, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    states = bb.hidden_states(ids, mask)
+    want = hf(input_ids=ids, attention_mask=mask.long(), output_attentions=True).attentions
+    for i in range(2):
+        scores = bb.attention_scores(i, states[i]).masked_fill(~mask[:, None, None, :], float("-inf"))
+        got = torch.softmax(scores, -1)
+        assert torch.allclose(got[0], want[i][0], atol=1e-5)
+        assert torch.allclose(got[1, :, :3], want[i][1, :, :3], atol=1e-5)  # the real queries of the padded row
+
+
+def test_intermediate_loss_compares_each_student_layer_with_the_end_of_its_teacher_block():
+    torch.manual_seed(1)
+    r, t, h, a = 2, 3, 4, 2
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    s_states = [torch.randn(r, t, h) for _ in range(3)]  # N = 2
+    t_states = [torch.randn(r, t, h) for _ in range(5)]  # 4 teacher layers: K = 2
+    s_att = [torch.randn(r, a, t, t) for _ in range(2)]
+    t_att = [torch.randn(r, a, t, t) for _ in range(2)]  # teacher layers 2 and 4
+
+    def mse(x, y, row):
+        n = int(mask[row].sum())
+        return float((x[row, :n] - y[row, :n]).pow(2).mean())
+
+    want = [mse(s_states[0], t_states[0], row) + mse(s_states[1], t_states[2], row) + mse(s_states[2], t_states[4], row)
+            + sum(slow_attention_mse(s_att[i], t_att[i], mask)[row] for i in range(2)) for row in range(r)]
+    assert intermediate_loss(s_states, s_att, t_states, t_att, mask).tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_news_weights_are_the_mean_weight_of_the_targets_that_score_each_news():
+    clicks = torch.tensor([[0, 1, 2], [3, 4, -1]])
+    negatives = torch.tensor([[[5], [0], [1]], [[2], [5], [-1]]])
+    targets = TargetIndex.from_mask(clicks >= 0)
+    rows = candidate_rows(clicks, negatives, targets)
+    assert rows.tolist() == [[0, 5], [1, 0], [2, 1], [3, 2], [4, 5]]
+    w = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    got = news_teacher_weights(w, rows, 7)
+    for news in range(7):
+        scoring = [t for t in range(5) if news in rows[t].tolist()]
+        expect = (w[scoring].mean(0) if scoring else w.mean(0)).tolist()
+        assert got[news].tolist() == pytest.approx(expect), news
+    assert torch.allclose(got.sum(-1), torch.ones(7))
+    # the step's news losses: the weighted sum over the rows encoded, as a mean per target
+    losses = torch.rand(3, 2)
+    encoded = torch.tensor([0, 6, 2])
+    want = sum(float(got[encoded[i]] @ losses[i]) for i in range(3)) * 5 / 3
+    assert weighted_news_loss([(encoded[:2], losses[:2]), (encoded[2:], losses[2:])], got, 5).item() == \
+        pytest.approx(want)
+
+
+def test_momentum_of_several_teachers_takes_the_mean_over_their_blocks():
+    student = [torch.nn.Linear(2, 1, bias=False) for _ in range(2)]
+    teachers = [[torch.nn.Linear(2, 1, bias=False) for _ in range(4)] for _ in range(2)]
+    for i, layer in enumerate(student):
+        layer.weight.grad = torch.full((1, 2), float(i + 1))
+    for m, layers in enumerate(teachers):
+        for j, layer in enumerate(layers):
+            layer.weight.grad = torch.full((1, 2), 10.0 * (j + 1) + 100.0 * m)
+    momentum_gradients(student, teachers, beta=0.15)
+    # student layer 0 <- teachers' blocks (0, 1): (10 + 20 + 110 + 120) / 4 = 65; layer 1 <- (2, 3): 85
+    assert student[0].weight.grad.flatten().tolist() == pytest.approx([0.85 * 1 + 0.15 * 65] * 2)
+    assert student[1].weight.grad.flatten().tolist() == pytest.approx([0.85 * 2 + 0.15 * 85] * 2)
+
+
+def test_table4_settings_that_cannot_work_are_refused():
+    for bad, words in ((["stage=newsbert", "newsbert.teachers=2", "newsbert.teacher_init=plm"], "copies of one"),
+                       (["stage=newsbert", "newsbert.teachers=0"], "newsbert.teachers"),
+                       (["stage=finetune_teachers", "teachers.init=plm", "teachers.seeds=true"], "teachers.init=plm"),
+                       (["stage=pipeline", "teachers.init=plm"], "teachers.init=plm")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, bad)
+
+
+@pytest.fixture(scope="module")
+def posttrained(tmp_path_factory, cache_dir, synthetic_small):
+    out = tmp_path_factory.mktemp("kd_posttrain")
+    assert main(args(out, cache_dir, synthetic_small, "stage=posttrain")) == 0
+    return out
+
+
+def losses(out) -> dict:
+    return {k: v for k, v in read(out / "newsbert/stats.json").items() if k.startswith("loss_")}
+
+
+def test_newsbert_mt_with_two_identical_teachers_is_newsbert_loss_for_loss(tmp_path, cache_dir, synthetic_small,
+                                                                          posttrained):
+    """Two teachers from the same snapshot weigh 1/2 each on every target and news: the first step's losses (before
+    any update) equal one teacher's, that is stage=newsbert's."""
+    twin = tmp_path / "twin"
+    shutil.copytree(posttrained / "posttrain", twin / "posttrain")
+    shutil.copy(twin / "posttrain/snapshots/teacher_2.safetensors", twin / "posttrain/snapshots/teacher_1.safetensors")
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, m in ((one, 1), (two, 2)):
+        assert main(args(out, cache_dir, synthetic_small, "stage=newsbert", f"distill.from_dir={twin}",
+                         f"newsbert.teachers={m}", "train.max_steps=1")) == 0
+    a, b = losses(one), losses(two)
+    assert set(a) == set(b) and a["loss_hidden"] > 0
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-5), k
+
+
+def test_newsbert_mt_and_mt_bert_end_to_end(tmp_path, cache_dir, synthetic_small, posttrained):
+    """NewsBERT-MT: the last 2 snapshots as teachers; MT-BERT: 2 teachers finetuned from the plain PLM with 2 seeds,
+    then jointly trained with the student. Each student differs from NewsBERT's one-teacher student."""
+    single, multi, mt = tmp_path / "single", tmp_path / "multi", tmp_path / "mt"
+    common = ("stage=newsbert", f"distill.from_dir={posttrained}")
+    assert main(args(single, cache_dir, synthetic_small, *common)) == 0
+    assert main(args(multi, cache_dir, synthetic_small, *common, "newsbert.teachers=2")) == 0
+    m = read(multi / "newsbert/metrics.json")
+    assert set(m) == {"student", "teacher_1", "teacher_2"}
+    for v in m.values():
+        check_click_metrics(v)
+    stats = read(multi / "newsbert/stats.json")
+    check_engine_stats(stats)
+    assert stats["teachers"] == 2 and all(stats[k] > 0 for k in ("loss_distill", "loss_hidden", "loss_user_mse"))
+    starts = [read_snapshot(multi / f"newsbert/teacher_{k}.safetensors")["meta"]["teacher_from"] for k in (1, 2)]
+    assert [s.rsplit("/", 1)[1] for s in starts] == ["teacher_1.safetensors", "teacher_2.safetensors"]
+    students = {read(out / "newsbert/metrics.json")["student"]["checksum"] for out in (single, multi)}
+    # MT-BERT: the teachers without post-training, finetuned once, then the joint stage
+    assert main(args(mt, cache_dir, synthetic_small, "stage=finetune_teachers", "teachers.init=plm")) == 0
+    t = read(mt / "finetune_teachers/metrics.json")
+    assert {k for k in t if k != "ensemble"} == {"teacher_1", "teacher_2"}
+    assert {read_snapshot(t[k]["path"])["meta"]["from"] for k in ("teacher_1", "teacher_2")} == {"plm"}
+    assert main(args(mt, cache_dir, synthetic_small, "stage=newsbert", "newsbert.teachers=2",
+                     "newsbert.teacher_init=finetuned")) == 0
+    s = read(mt / "newsbert/stats.json")
+    check_engine_stats(s)
+    assert s["teachers"] == 2 and math.isfinite(s["loss_hidden"])
+    students.add(read(mt / "newsbert/metrics.json")["student"]["checksum"])
+    assert len(students) == 3
