@@ -224,7 +224,10 @@ class DistillConfig:
     bank_dir: str = ""  # where teacher banks are kept, by teacher checksum; empty = <data.cache_dir>/banks
     bank: bool = True  # Stage II reads the teachers' news vectors from the bank (false: teachers run online, naively)
     ce_weight_ft: float = 1.0  # weight of the student's own click CE in Stage II (the earlier paper's beta_2 = 0.1)
-    emb_weight: float = 1.0  # weight of the embedding (projected-MSE) losses
+    emb_weight: float = 1.0  # weight of the embedding (projected-MSE) losses, both stages
+    # weight of the distillation loss (soft labels: the teachers' weighted scores), both stages. A weight of 0 drops
+    # its term, uncomputed (the paper's Figure 4); with distill_weight and emb_weight both 0 a stage reads no teacher
+    distill_weight: float = 1.0
     learn_omega: bool = False  # the earlier paper: teacher weights softmax(-omega * CE) with a learned omega > 0
     student_init: str = "stage1"  # stage1 (Stage I's student) | plm (the first model.layers layers of the PLM)
 
@@ -267,6 +270,9 @@ class PipelineConfig:
     # another pipeline's out_dir whose post-training and finetuned teachers are reused (linked, not trained
     # again): students of other sizes or settings learn from the same teachers
     teachers_from: str = ""
+    # false: Stage II ablated (the paper's Figure 3): Stage I's student is finetuned on clicks without teachers, as
+    # the plain student is, in out_dir/student_stage1 (the teachers are finetuned only for pipeline.baselines)
+    stage2: bool = True
 
 
 @dataclass
@@ -574,7 +580,8 @@ def _validate_distillation(cfg: Config) -> None:
         if not v > 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {v}")
     for key, v in {"distill.ce_weight_dp": di.ce_weight_dp, "distill.ce_weight_ft": di.ce_weight_ft,
-                   "distill.emb_weight": di.emb_weight, "newsbert.hidden_weight": nb.hidden_weight,
+                   "distill.emb_weight": di.emb_weight, "distill.distill_weight": di.distill_weight,
+                   "newsbert.hidden_weight": nb.hidden_weight,
                    "distill.stage1_teachers": di.stage1_teachers, "posttrain.holdout": pt.holdout,
                    "newsbert.teacher_layers": nb.teacher_layers}.items():
         if v < 0:
@@ -608,6 +615,7 @@ def _validate_distillation(cfg: Config) -> None:
                           "the pipeline's Stage II distils post-trained teachers")
     if cfg.distill.student_layers <= 0:
         raise ConfigError(f"config key 'distill.student_layers' must be positive, got {cfg.distill.student_layers}")
+    _validate_loss_terms(cfg)
     if cfg.stage != "finetune":
         if cfg.model.layers:
             raise ConfigError(f"model.layers is the model of stage=finetune; with stage={cfg.stage} teachers keep every "
@@ -635,6 +643,31 @@ def _validate_distillation(cfg: Config) -> None:
             if value:
                 raise ConfigError(f"{key} applies to the click stages; stage={cfg.stage} keeps no mid-stage checkpoints "
                                   "and a constant learning rate (in stage=pipeline it is trained again on resume)")
+
+
+def runs_stage1(cfg: Config) -> bool:
+    """Whether the run trains Stage I (a pipeline whose Stage II starts from the PLM does not)."""
+    return cfg.stage == "distill_posttrain" or (cfg.stage == "pipeline" and cfg.distill.student_init == "stage1")
+
+
+def runs_stage2(cfg: Config) -> bool:
+    """Whether the run trains Stage II (a pipeline with Stage II ablated does not)."""
+    return cfg.stage == "distill_finetune" or (cfg.stage == "pipeline" and cfg.pipeline.stage2)
+
+
+def _validate_loss_terms(cfg: Config) -> None:
+    """A stage that runs keeps at least one loss term; an ablation that leaves nothing to ablate is refused."""
+    di = cfg.distill
+    teachers = {"distill.distill_weight": di.distill_weight, "distill.emb_weight": di.emb_weight}
+    for run, own in ((runs_stage1(cfg), "distill.ce_weight_dp"), (runs_stage2(cfg), "distill.ce_weight_ft")):
+        weights = {**teachers, own: getattr(di, own.split(".")[1])}
+        if run and not any(weights.values()):
+            name = "Stage I" if own.endswith("dp") else "Stage II"
+            raise ConfigError(f"{name} would train on no loss: {', '.join(f'{k}=0' for k in weights)}; keep at "
+                              "least one term above 0")
+    if cfg.stage == "pipeline" and not cfg.pipeline.stage2 and di.student_init == "plm":
+        raise ConfigError("pipeline.stage2=false with distill.student_init=plm: without Stage I and Stage II the "
+                          "student is the plain student, which pipeline.baselines=true trains (student_plain)")
 
 
 def check_implemented(cfg: Config, implemented: dict[str, bool]) -> None:
@@ -665,7 +698,8 @@ NOT_READ_BY_THE_MAIN_JOB = ("posttrain.", "distill.", "teachers.", "newsbert.", 
 # the key ran as this value; the tests of the default behaviour pass unchanged with it): at this value the key is no
 # difference to a recorded run, for the benchmarks that reuse runs and for the main job's timing
 AS_BEFORE = {"engine.targets": "all", "train.checkpoint_errors": "error",
-             "posttrain.body_field": "auto"}  # auto reads the body wherever there are bodies, as before
+             "posttrain.body_field": "auto",  # auto reads the body wherever there are bodies, as before
+             "distill.distill_weight": 1.0, "pipeline.stage2": True}
 AS_BEFORE.update({"newsbert.teachers": 1, "teachers.init": "posttrain"})  # Table 4's methods: one teacher, post-trained
 
 

@@ -1,4 +1,5 @@
-"""Teachers from the files of earlier stages: rebuilt on the base PLM, their weights verified by checksum."""
+"""Teachers (and students) from the files of earlier stages: rebuilt on the base PLM, their weights verified by
+checksum."""
 from __future__ import annotations
 
 import re
@@ -86,3 +87,18 @@ def load_finetuned_recommender(ctx: Context, path: Path, layers: int = 0) -> tup
     apply_delta(model, snap, path)
     verify_checksum(model, snap, path, f"model {Path(path).stem}")
     return freeze(model), snap, news_checksum(model)
+
+
+def build_student(ctx: Context, freeze_layers: int, start: Path | None) -> tuple[nn.Module, set[str], str]:
+    """The student recommender (distill.student_layers of the PLM, the first ``freeze_layers`` frozen), the state
+    names that differ from the PLM, and the checksum of what it starts from: the Stage I student at ``start``, or
+    the PLM (None: "plm"). Stage II's student, and the pipeline's student without Stage II (pipeline.stage2=false)."""
+    cfg = ctx.cfg
+    student = build_recommender(ctx, cfg.distill.student_layers, freeze_layers, cfg.train.seed)
+    changed, checksum = set(), "plm"
+    if start is not None:
+        snap = load_snapshot(student.news_encoder, start, "the Stage I student")
+        changed, checksum = {f"news_encoder.{k}" for k in snap["delta"]}, snap["checksum"]
+    # Stage I trained a plain news encoder on titles and bodies: BusLM reads clicks' news with its transformer,
+    # token pooling and projection
+    return apply_buslm(student, cfg), changed, checksum

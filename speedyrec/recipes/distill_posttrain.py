@@ -3,10 +3,12 @@ M post-trained teachers.
 
 The teachers are frozen, so their title and body vectors come from the teacher bank (computed once, in bulk;
 their shared frozen layers once for all of them) and a student step never runs a teacher's PLM. Per body:
-teacher weights alpha_i = softmax_i(-CE_i); loss = T^2 CE(sum_i alpha_i y_i / T, y_s / T)
+teacher weights alpha_i = softmax_i(-CE_i); loss = distill_weight * T^2 CE(sum_i alpha_i y_i / T, y_s / T)
 + emb_weight * sum_i alpha_i [MSE(W_i h_title_i + b_i, h_title_s) + MSE(W_i h_body_i + b_i, h_body_s)]
 + ce_weight_dp * InfoNCE of the student (``distill.stage1_projections=false``: the earlier paper's MSE(h_i, h_s),
-with no W_i, b_i). Writes ``out_dir/distill_posttrain/{metrics.json, stats.json, student.safetensors}``.
+with no W_i, b_i). A term whose weight is 0 is not computed (the paper's Figure 4 ablations); with the distillation
+and embedding terms both off no teacher is read at all. Writes ``out_dir/distill_posttrain/{metrics.json,
+stats.json, student.safetensors}``.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from speedyrec.build import build_news_encoder, plm_layers
-from speedyrec.distill.bank import TeacherBank
+from speedyrec.distill.bank import BankBuild, TeacherBank
 from speedyrec.distill.losses import (TeacherProjections, candidate_cross_entropy, distillation_loss, embedding_loss,
                                       projected_mse, teacher_weights)
 from speedyrec.distill.snapshots import save_snapshot
@@ -47,26 +49,30 @@ class DistillPosttrainRecipe(TitleBodyStage):
     def run(self) -> dict:
         ctx, cfg, dist, di = self.ctx, self.cfg, self.dist, self.cfg.distill
         data = self.prepare_title_body()
-        files = model_files(ctx.from_dir("posttrain") / "snapshots", "post-training snapshots", "posttrain")
-        if di.stage1_teachers:
-            files = files[-di.stage1_teachers:]  # the last (most post-trained) ones; 1 = the earlier paper
-        layers = plm_layers(ctx)
-        teachers = [freeze(load_posttrained_encoder(ctx, f, layers)[0]).to(dist.device) for f in files]
-        checksums = [weights_checksum(t) for t in teachers]
-        stack = SharedPrefixStack(teachers)
-        news = np.concatenate([data.train_news, data.holdout])
-        banks_root = ctx.bank_dir()
-        self.title_bank, tb = TeacherBank.open_or_build(stack, checksums, data.titles, news, banks_root, dist,
-                                                        chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
-        self.body_bank, bb = TeacherBank.open_or_build(stack, checksums, data.bodies, news, banks_root, dist,
-                                                       chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
-        del stack, teachers
+        self.teaching = di.distill_weight > 0 or di.emb_weight > 0  # else the student learns its own task alone
+        files, tb, bb, teacher_metrics = [], BankBuild(), BankBuild(), {}
+        if self.teaching:
+            files = model_files(ctx.from_dir("posttrain") / "snapshots", "post-training snapshots", "posttrain")
+            if di.stage1_teachers:
+                files = files[-di.stage1_teachers:]  # the last (most post-trained) ones; 1 = the earlier paper
+            layers = plm_layers(ctx)
+            teachers = [freeze(load_posttrained_encoder(ctx, f, layers)[0]).to(dist.device) for f in files]
+            checksums = [weights_checksum(t) for t in teachers]
+            stack = SharedPrefixStack(teachers)
+            news = np.concatenate([data.train_news, data.holdout])
+            banks_root = ctx.bank_dir()
+            self.title_bank, tb = TeacherBank.open_or_build(stack, checksums, data.titles, news, banks_root, dist,
+                                                            chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
+            self.body_bank, bb = TeacherBank.open_or_build(stack, checksums, data.bodies, news, banks_root, dist,
+                                                           chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
+            del stack, teachers
+            teacher_metrics = self._teacher_retrieval(files)
         bank_seconds = tb.seconds + bb.seconds
-        teacher_metrics = self._teacher_retrieval(files)
 
         student = build_news_encoder(ctx, di.student_layers, student_freeze_layers(cfg))
         m = len(files)
-        projections = TeacherProjections(m, self.title_bank.dim, cfg.model.dim) if di.stage1_projections else None
+        projections = (TeacherProjections(m, self.title_bank.dim, cfg.model.dim)
+                       if di.stage1_projections and di.emb_weight > 0 else None)
         self.model = model = NewsEncoderModel(student, projections=projections,
                                               log_omega=omega_parameter(di.learn_omega)).to(dist.device)
         self.cache_frozen_fields(student)
@@ -98,20 +104,25 @@ class DistillPosttrainRecipe(TitleBodyStage):
         di, dev = self.cfg.distill, self.dist.device
         model = self.model
         s = encode_pairs(model, self.data, batch, dev)
-        cand = batch.candidates.to(dev)
-        t_title_all = self.title_bank.read(batch.news, dev)  # [B, M, D]
-        t_body = self.body_bank.read(batch.news[batch.mine], dev)  # [b, M, D]
-        t_logits = torch.einsum("bmd,bcmd->mbc", t_body, t_title_all[cand])  # [M, b, 1 + N]
-        w = teacher_weights(t_logits, omega_of(model.log_omega))
-        distill = distillation_loss(s.logits, t_logits, w, di.temperature)
-        mine = torch.as_tensor(batch.mine, device=dev)
-        emb = embedding_loss(w, projected_mse(s.titles, t_title_all[mine].transpose(0, 1), model.projections),
-                             projected_mse(s.bodies, t_body.transpose(0, 1), model.projections))
-        ce = candidate_cross_entropy(s.logits)
-        loss = distill + di.emb_weight * emb + di.ce_weight_dp * ce
-        counters = {**s.counters, "loss_distill": float(distill.detach().sum()), "loss_emb": float(emb.detach().sum()),
-                    "loss_ce": float(ce.detach().sum())}
-        return StepOutput(loss.sum(), len(ce), counters)
+        terms = {}  # the loss terms whose weight is above 0, each per body [b], with its weight
+        if self.teaching:
+            cand = batch.candidates.to(dev)
+            t_title_all = self.title_bank.read(batch.news, dev)  # [B, M, D]
+            t_body = self.body_bank.read(batch.news[batch.mine], dev)  # [b, M, D]
+            t_logits = torch.einsum("bmd,bcmd->mbc", t_body, t_title_all[cand])  # [M, b, 1 + N]
+            w = teacher_weights(t_logits, omega_of(model.log_omega))
+            if di.distill_weight:
+                terms["distill"] = di.distill_weight, distillation_loss(s.logits, t_logits, w, di.temperature)
+            if di.emb_weight:
+                mine = torch.as_tensor(batch.mine, device=dev)
+                terms["emb"] = di.emb_weight, embedding_loss(
+                    w, projected_mse(s.titles, t_title_all[mine].transpose(0, 1), model.projections),
+                    projected_mse(s.bodies, t_body.transpose(0, 1), model.projections))
+        if di.ce_weight_dp:
+            terms["ce"] = di.ce_weight_dp, candidate_cross_entropy(s.logits)
+        loss = sum(weight * term for weight, term in terms.values())
+        counters = {**s.counters, **{f"loss_{k}": float(term.detach().sum()) for k, (_, term) in terms.items()}}
+        return StepOutput(loss.sum(), s.logits.shape[0], counters)
 
     def _student_retrieval(self) -> dict:
         cfg = self.cfg

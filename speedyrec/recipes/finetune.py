@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from speedyrec.build import Context, build_model, segments_of
+from speedyrec.distill.teachers import build_student
 from speedyrec.engine.trainer import adamw
 from speedyrec.models.frozen_prefix import frozen_cache_place
 from speedyrec.models.news_inputs import NewsInputs
@@ -15,8 +17,11 @@ from speedyrec.recipes.resume import StageCheckpoints
 class FinetuneRecipe:
     stage = "finetune"
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, student_from: Path | None = None):
+        """``student_from``: a Stage I student's file the model starts from, built as Stage II builds its student
+        (the pipeline's student without Stage II, ``pipeline.stage2=false``); None: the configured encoder."""
         self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
+        self.student_from = student_from
 
     def run(self) -> dict:
         timer = Timer()
@@ -33,7 +38,12 @@ class FinetuneRecipe:
         t0 = time.perf_counter()
         self.out_dir = ctx.root
         self.data, self.store = ctx.data, ctx.store
-        self.model = build_model(cfg, ctx.parts, dist)  # resolves model.freeze_layers=-1
+        identity = None
+        if self.student_from is None:
+            self.model = build_model(cfg, ctx.parts, dist)  # resolves model.freeze_layers=-1
+        else:  # a checkpoint continues only a run from the same Stage I student
+            model, _, start = build_student(ctx, cfg.model.freeze_layers, self.student_from)
+            self.model, identity = model.to(dist.device), {"student_from": start}
         if cfg.train.compile:  # in place: parameter names, checkpoints and evaluation are unchanged
             self.model.news_encoder.compile(dynamic=True)
             self.model.user_encoder.compile(dynamic=True)
@@ -45,7 +55,7 @@ class FinetuneRecipe:
         tc = cfg.train
         self.optimizer = adamw(self.model.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay))
         self.workflow = self._make_workflow()
-        self.ckpt = StageCheckpoints(cfg, dist, self.out_dir, self.workflow)
+        self.ckpt = StageCheckpoints(cfg, dist, self.out_dir, self.workflow, identity)
         # one point per dev evaluation: progress and metrics (kept in checkpoints)
         self.dev = DevCurve(ctx, self.evaluate).keep_in(self.ckpt)
         self.trainer = engine_trainer(ctx, self.model, self.optimizer, self.workflow, self.out_dir,

@@ -6,7 +6,10 @@ wall time of each step: ``out_dir/metrics.json`` (per model) and ``out_dir/pipel
 ``pipeline.baselines=true`` it also trains what the paper compares against: the plain finetuned teacher,
 the same student finetuned without teachers, and NewsBERT's student. ``pipeline.teachers_from=DIR`` links
 another pipeline's post-training and finetuned teachers instead of training them again (the M teachers are
-most of the cost), so students of other sizes learn from the same teachers.
+most of the cost), so students of other sizes learn from the same teachers. The paper's ablations of each stage
+(Figure 3): ``distill.student_init=plm`` skips Stage I (Stage II starts from the PLM's first layers);
+``pipeline.stage2=false`` finetunes Stage I's student on clicks without teachers instead of Stage II (as the plain
+student is trained, ``out_dir/student_stage1``).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from speedyrec.build import Context, plm_layers
 from speedyrec.config import AS_BEFORE, ConfigError
 from speedyrec.engine.distributed import barrier
 from speedyrec.recipes.common import Timer, save_config, student_freeze_layers, write_json
-from speedyrec.recipes.distill_finetune import DistillFinetuneRecipe
+from speedyrec.recipes.distill_finetune import DistillFinetuneRecipe, stage1_student
 from speedyrec.recipes.distill_posttrain import DistillPosttrainRecipe
 from speedyrec.recipes.finetune import FinetuneRecipe
 from speedyrec.recipes.finetune_teachers import FinetuneTeachersRecipe
@@ -84,13 +87,13 @@ def link_teachers(ctx: Context) -> dict:
     return results
 
 
-def plain_student_context(ctx: Context) -> Context:
-    """The student's shape trained by stage=finetune alone (no teachers), written to out_dir/student_plain."""
+def plain_student_context(ctx: Context, name: str = "student_plain") -> Context:
+    """The student's shape trained by stage=finetune alone (no teachers), written to out_dir/<name>."""
     cfg = copy.deepcopy(ctx.cfg)
     cfg.stage = "finetune"
     cfg.model.layers = cfg.distill.student_layers
     cfg.model.freeze_layers = student_freeze_layers(ctx.cfg)
-    root = ctx.stage_dir("student_plain")
+    root = ctx.stage_dir(name)
     cfg.out_dir = str(root)
     return Context(cfg, ctx.dist, root, ctx.data, ctx.parts, ctx.store)
 
@@ -108,8 +111,17 @@ class PipelineRecipe:
         if baselines:
             cfg.teachers.plain = True
         save_config(ctx)  # the config that runs (with the plain teacher the baselines need)
-        steps = [("posttrain", PosttrainRecipe), ("distill_posttrain", DistillPosttrainRecipe),
-                 ("finetune_teachers", FinetuneTeachersRecipe), ("distill_finetune", DistillFinetuneRecipe)]
+        # distill.student_init=plm: Stage II starts from the PLM, no Stage I to train; pipeline.stage2=false: Stage
+        # I's student finetuned without teachers instead of Stage II, and the teachers finetuned only for the table
+        stage1, stage2 = cfg.distill.student_init == "stage1", cfg.pipeline.stage2
+        steps = [("posttrain", PosttrainRecipe)] + ([("distill_posttrain", DistillPosttrainRecipe)] if stage1 else [])
+        if stage2 or baselines:  # the plain teacher is a baseline
+            steps.append(("finetune_teachers", FinetuneTeachersRecipe))
+        if stage2:
+            steps.append(("distill_finetune", DistillFinetuneRecipe))
+        else:
+            steps.append(("student_stage1", lambda c: FinetuneRecipe(plain_student_context(c, "student_stage1"),
+                                                                    student_from=stage1_student(c))))
         if baselines:
             steps.append(("student_plain", lambda c: FinetuneRecipe(plain_student_context(c))))
         if baselines and cfg.pipeline.newsbert:
@@ -151,9 +163,14 @@ class PipelineRecipe:
         teacher_layers, n = plm_layers(ctx), cfg.distill.student_layers
         rows = []
         kinds = {"plain": "plain finetuned teacher (PLM-NR FT)", "ensemble": "mean score of the post-trained teachers"}
-        for name, m in results["finetune_teachers"]["metrics"].items():
+        for name, m in results.get("finetune_teachers", {}).get("metrics", {}).items():
             rows.append((name, kinds.get(name, "post-trained teacher (PLM-NR DP)"), teacher_layers, m))
-        rows.append(("student", "Tiny-NewsRec student", n, results["distill_finetune"]["metrics"]["student"]))
+        if stage2:
+            what = "Tiny-NewsRec student" + ("" if stage1 else " without Stage I (from the PLM)")
+            rows.append(("student", what, n, results["distill_finetune"]["metrics"]["student"]))
+        else:
+            rows.append(("student_stage1", "Stage I student finetuned without teachers (no Stage II)", n,
+                         results["student_stage1"]["metrics"]))
         if baselines:
             rows.append(("student_plain", "student without teachers (PLM-NR FT)", n, results["student_plain"]["metrics"]))
             if "newsbert" in results:
@@ -164,7 +181,7 @@ class PipelineRecipe:
         summary = {"models": models, "seconds": seconds, "total_seconds": timer(),
                    "teachers_from": cfg.pipeline.teachers_from, "linked": linked,
                    "posttrain": results["posttrain"]["metrics"]["snapshots"],
-                   "stage1": results["distill_posttrain"]["metrics"]}
+                   "stage1": results["distill_posttrain"]["metrics"] if stage1 else None}
         if self.dist.is_main:
             write_json(ctx.root / "metrics.json", summary)
             (ctx.root / "pipeline.md").write_text(pipeline_table(summary))

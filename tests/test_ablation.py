@@ -1,0 +1,142 @@
+"""The ablations of Tiny-NewsRec's Figures 3 and 4 on a tiny random encoder: each loss term off in both stages
+(distill.distill_weight, distill.emb_weight, distill.ce_weight_dp/ft), each stage off (distill.student_init=plm,
+pipeline.stage2=false), the configs that leave a stage nothing to learn from, and benchmarks.ablation's harness."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_distill_e2e import args, check_click_metrics, read
+
+import speedyrec.recipes.distill_finetune as stage2_recipe
+import speedyrec.recipes.distill_posttrain as stage1_recipe
+from speedyrec.config import ConfigError, load_config
+from speedyrec.distill.bank import TeacherBank
+from speedyrec.distill.snapshots import read_snapshot
+from speedyrec.recipes.finetune import FinetuneRecipe
+from speedyrec.train import main
+
+METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
+
+LOSSES = ("loss_distill", "loss_emb", "loss_ce")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, cache_dir, synthetic_small):
+    """The full pipeline whose teachers every ablation links (as benchmarks.ablation links a seed's base run)."""
+    out = tmp_path_factory.mktemp("base")
+    assert main(args(out, cache_dir, synthetic_small, "stage=pipeline", "pipeline.newsbert=false")) == 0
+    return out
+
+
+def ablate(tmp_path, cache_dir, data, base, *switch) -> tuple:
+    out = tmp_path / "ablated"
+    assert main(args(out, cache_dir, data, "stage=pipeline", f"pipeline.teachers_from={base}", *switch)) == 0
+    return out, read(out / "metrics.json")
+
+
+def refuse(monkeypatch, module, name: str) -> None:
+    """Make ``module.name`` raise: a term whose weight is 0 must not be computed at all."""
+    def called(*a, **k):
+        raise AssertionError(f"{name} was computed")
+    monkeypatch.setattr(module, name, called)
+
+
+@pytest.mark.parametrize("switch, off, computed", [
+    (("distill.distill_weight=0",), "loss_distill", ("distillation_loss",)),
+    (("distill.emb_weight=0",), "loss_emb", ("embedding_loss", "projected_mse")),
+    (("distill.ce_weight_dp=0", "distill.ce_weight_ft=0"), "loss_ce", ("candidate_cross_entropy",
+                                                                       "click_cross_entropy"))])
+def test_a_weight_of_zero_removes_its_term_from_both_stages(tmp_path, cache_dir, synthetic_small, base, monkeypatch,
+                                                            switch, off, computed):
+    for name in computed:
+        for module in (stage1_recipe, stage2_recipe):
+            if hasattr(module, name):
+                refuse(monkeypatch, module, name)
+    out, summary = ablate(tmp_path, cache_dir, synthetic_small, base, *switch)
+    for stage in ("distill_posttrain", "distill_finetune"):
+        stats, full = read(out / stage / "stats.json"), read(base / stage / "stats.json")
+        assert off not in stats, stage  # not computed, not counted
+        assert all(stats[k] > 0 for k in LOSSES if k != off), stage
+        assert stats["teachers"] == 2  # the other teacher term still reads them
+        # without the term the student trains otherwise: other losses, other weights
+        assert any(stats[k] != pytest.approx(full[k], rel=1e-6) for k in LOSSES if k != off), stage
+        mine = read_snapshot(out / stage / "student.safetensors")["checksum"]
+        assert mine != read_snapshot(base / stage / "student.safetensors")["checksum"], stage
+    check_click_metrics(summary["models"]["student"])
+    assert summary["models"]["teacher_1"] == read(base / "metrics.json")["models"]["teacher_1"]  # the same teachers
+
+
+def test_without_the_teacher_terms_a_stage_reads_no_teacher(tmp_path, cache_dir, synthetic_small, base, monkeypatch):
+    def no_bank(*a, **k):
+        raise AssertionError("a teacher bank was opened")
+    monkeypatch.setattr(TeacherBank, "open_or_build", no_bank)
+    refuse(monkeypatch, stage2_recipe, "load_finetuned_recommender")
+    refuse(monkeypatch, stage1_recipe, "load_posttrained_encoder")
+    out, summary = ablate(tmp_path, cache_dir, synthetic_small, base, "distill.distill_weight=0",
+                          "distill.emb_weight=0")
+    for stage in ("distill_posttrain", "distill_finetune"):
+        stats = read(out / stage / "stats.json")
+        assert stats["teachers"] == 0 and stats["loss_ce"] > 0 and not {"loss_distill", "loss_emb"} & set(stats)
+    check_click_metrics(summary["models"]["student"])
+
+
+def test_without_stage1_the_pipeline_trains_no_stage1(tmp_path, cache_dir, synthetic_small, base):
+    out, summary = ablate(tmp_path, cache_dir, synthetic_small, base, "distill.student_init=plm")
+    assert set(summary["seconds"]) == {"distill_finetune"} and summary["stage1"] is None
+    assert not (out / "distill_posttrain").exists()
+    assert "without Stage I" in summary["models"]["student"]["kind"]
+    assert read_snapshot(out / "distill_finetune/student.safetensors")["meta"]["student_init"] == "plm"
+    check_click_metrics(summary["models"]["student"])
+
+
+def test_without_stage2_the_stage1_student_is_finetuned_without_teachers(tmp_path, cache_dir, synthetic_small, base,
+                                                                        monkeypatch):
+    """pipeline.stage2=false: Stage I as in the full run, then its student (its weights, checked) finetuned on
+    clicks as the plain student is: no teacher is loaded and Stage II does not run."""
+    started, setup = {}, FinetuneRecipe.setup
+
+    def setup_and_look(self):
+        setup(self)
+        started.update({k: v.detach().clone() for k, v in self.model.news_encoder.state_dict().items()})
+        started["trainable"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+    monkeypatch.setattr(FinetuneRecipe, "setup", setup_and_look)
+    refuse(monkeypatch, stage2_recipe.DistillFinetuneRecipe, "run")
+    refuse(monkeypatch, stage2_recipe, "load_finetuned_recommender")
+    out, summary = ablate(tmp_path, cache_dir, synthetic_small, base, "pipeline.stage2=false")
+    assert set(summary["seconds"]) == {"distill_posttrain", "student_stage1"}
+    assert "student" not in summary["models"] and "no Stage II" in summary["models"]["student_stage1"]["kind"]
+    check_click_metrics(summary["models"]["student_stage1"])
+    stage1 = read_snapshot(out / "distill_posttrain/student.safetensors")
+    # Stage I ran as in the full pipeline (same settings and teachers): the same student
+    assert stage1["checksum"] == read_snapshot(base / "distill_posttrain/student.safetensors")["checksum"]
+    for name, t in stage1["delta"].items():  # the finetuned student started from every tensor Stage I trained
+        assert torch.equal(started[name], t), name
+    assert started["trainable"] > 0
+    stats = read(out / "student_stage1/stats.json")
+    assert stats["clicks_trained"] > 0 and not any(k.startswith("loss_distill") for k in stats)
+    assert not (out / "distill_finetune").exists()
+
+
+def config(*over: str):
+    return load_config(None, ["model.encoder=random:hidden=32,layers=4,heads=2,intermediate=64", *over])
+
+
+@pytest.mark.parametrize("over, needle", [
+    (("stage=pipeline", "distill.distill_weight=0", "distill.emb_weight=0", "distill.ce_weight_dp=0"),
+     "Stage I would train on no loss"),
+    (("stage=distill_finetune", "distill.distill_weight=0", "distill.emb_weight=0", "distill.ce_weight_ft=0"),
+     "Stage II would train on no loss"),
+    (("stage=pipeline", "pipeline.stage2=false", "distill.student_init=plm"), "the student is the plain student"),
+    (("stage=pipeline", "distill.distill_weight=-1"), "'distill.distill_weight' must be >= 0")])
+def test_configs_that_leave_a_stage_nothing_to_learn_are_refused(over, needle):
+    with pytest.raises(ConfigError, match=needle):
+        config(*over)
+
+
+def test_a_stage_that_does_not_run_may_have_its_terms_off():
+    # Stage I skipped (student_init=plm): its own loss may be off; Stage II ablated: its own may be off
+    config("stage=pipeline", "distill.student_init=plm", "distill.distill_weight=0", "distill.emb_weight=0",
+           "distill.ce_weight_dp=0")
+    config("stage=pipeline", "pipeline.stage2=false", "distill.distill_weight=0", "distill.emb_weight=0",
+           "distill.ce_weight_ft=0")
+    assert config().distill.distill_weight == 1.0 and config().pipeline.stage2 is True  # today's behaviour
