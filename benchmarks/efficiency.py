@@ -66,13 +66,13 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="", help="quality's runs are kept (or found) here (default: a temporary folder)")
     p.add_argument("--kept-only", action="store_true", help="train nothing: measure the runs kept in --out")
     p.add_argument("--batch", type=int, default=256, help="news per encoder call (a server's batch)")
-    p.add_argument("--news", type=int, default=0, help="news per timed block (default 4096; quick 512)")
+    p.add_argument("--news", type=int, default=0, help="news per timed block (default 2048; quick 512)")
     p.add_argument("--rounds", type=int, default=0, help="timed rounds per variant (default 7; quick 2)")
     a = p.parse_args(argv)
     info = machine()
     seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
     sizes = sorted({int(n) for n in a.layers.split(",")})
-    news, rounds = a.news or (512 if a.quick else 4096), a.rounds or (2 if a.quick else 7)
+    news, rounds = a.news or (512 if a.quick else 2048), a.rounds or (2 if a.quick else 7)
     command = "python -m benchmarks.efficiency " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp).resolve()

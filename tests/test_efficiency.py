@@ -59,7 +59,12 @@ def test_int8_quantises_the_layers_linears_stays_close_to_fp32_and_leaves_the_mo
     # their projection's weight, which a quantised linear does not hold as a tensor)
     assert quantized_linears(served) == 6 * SHAPE["layers"] and amp == "off"
     assert quantized_linears(served.news_encoder.pool) == 0 and quantized_linears(served.user_encoder) == 0
-    out = _encode(model, "int8", titles)
+    with torch.profiler.profile() as prof:
+        out = _encode(model, "int8", titles)
+    ops = {e.key: e.count for e in prof.key_averages()}
+    # the evaluation's path runs the int8 kernels: 6 maps x 2 layers x 3 batches of 8 news; float matmuls
+    # (addmm) only in the poolings' and projection's maps (news head, 3 batches)
+    assert ops.get("quantized::linear_dynamic") == 6 * SHAPE["layers"] * 3
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert not torch.equal(out, ref)  # the quantised path ran
     # int8 weights (1/254 of each output channel's range) and activations (1/255 of the batch's range) put at most

@@ -28,7 +28,8 @@ PRECISIONS = ("fp32", "bf16", "int8")
 
 def inference_model(model: nn.Module, precision: str) -> tuple[nn.Module, str]:
     """(model to run in eval mode, ``amp`` to run it under: "bf16" or "off") for a NewsRecommender (or anything
-    with ``news_encoder.backbone.layers``). ``model`` itself is never changed: bf16 and int8 run copies."""
+    with ``news_encoder.backbone.layers``). ``model``'s modules and weights are never changed (fp32 returns it, put in
+    eval mode); bf16 and int8 run copies."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
