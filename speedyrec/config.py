@@ -230,6 +230,10 @@ class DistillConfig:
     distill_weight: float = 1.0
     learn_omega: bool = False  # the earlier paper: teacher weights softmax(-omega * CE) with a learned omega > 0
     student_init: str = "stage1"  # stage1 (Stage I's student) | plm (the first model.layers layers of the PLM)
+    # weight of TinyBERT's intermediate losses in both stages (TinyBERT-MT, Tiny-NewsRec's Table 4): the student's
+    # embeddings', layers' outputs and attention scores against each teacher's mapped layer (i -> i * K), weighted per
+    # sample; 0 = off. The bank holds no hidden states: every news the student encodes runs the M teachers' PLMs too
+    intermediate_weight: float = 0.0
 
 
 @dataclass
@@ -601,6 +605,14 @@ def _validate_distillation(cfg: Config) -> None:
     _choice("posttrain.body_field", pt.body_field, ("auto", "body", "abstract"))
     _choice("newsbert.teacher_init", nb.teacher_init, ("auto", "plm", "posttrain", "finetuned"))
     _choice("teachers.init", cfg.teachers.init, ("posttrain", "plm"))
+    if di.intermediate_weight < 0:
+        raise ConfigError(f"config key 'distill.intermediate_weight' must be >= 0, got {di.intermediate_weight}")
+    if di.intermediate_weight and cfg.engine.buslm:
+        raise ConfigError("distill.intermediate_weight compares the layers of one token sequence; BusLM's segments "
+                          "(engine.buslm=true) have no such teacher layers to imitate: set engine.buslm=false")
+    if di.intermediate_weight and not (di.distill_weight or di.emb_weight):
+        raise ConfigError("distill.intermediate_weight weighs each teacher per sample by its scores, which the stages "
+                          "read only with distill.distill_weight or distill.emb_weight above 0")
     if nb.teachers < 1:
         raise ConfigError(f"config key 'newsbert.teachers' must be at least 1, got {nb.teachers}")
     if nb.teachers > 1 and nb.teacher_init == "plm":

@@ -1,6 +1,7 @@
 """Tiny-NewsRec's Table 4 methods: the multi-teacher losses against slow, obviously correct loops (layer mapping,
 attention scores and their MSE, per-news weights from per-sample ones), and NewsBERT-MT and MT-BERT end to end on a
-tiny random encoder, NewsBERT-MT with two identical teachers equal to stage=newsbert, loss for loss."""
+tiny random encoder, NewsBERT-MT with two identical teachers equal to stage=newsbert, loss for loss; TinyBERT-MT's
+intermediate losses in both distillation stages."""
 from __future__ import annotations
 
 import math
@@ -123,7 +124,10 @@ def test_table4_settings_that_cannot_work_are_refused():
     for bad, words in ((["stage=newsbert", "newsbert.teachers=2", "newsbert.teacher_init=plm"], "copies of one"),
                        (["stage=newsbert", "newsbert.teachers=0"], "newsbert.teachers"),
                        (["stage=finetune_teachers", "teachers.init=plm", "teachers.seeds=true"], "teachers.init=plm"),
-                       (["stage=pipeline", "teachers.init=plm"], "teachers.init=plm")):
+                       (["stage=pipeline", "teachers.init=plm"], "teachers.init=plm"),
+                       (["stage=pipeline", "distill.intermediate_weight=1", "engine.buslm=true"], "BusLM"),
+                       (["stage=distill_finetune", "distill.intermediate_weight=1", "distill.distill_weight=0",
+                         "distill.emb_weight=0"], "per sample")):
         with pytest.raises(ConfigError, match=words):
             load_config(None, bad)
 
@@ -185,3 +189,64 @@ def test_newsbert_mt_and_mt_bert_end_to_end(tmp_path, cache_dir, synthetic_small
     assert s["teachers"] == 2 and math.isfinite(s["loss_hidden"])
     students.add(read(mt / "newsbert/metrics.json")["student"]["checksum"])
     assert len(students) == 3
+
+
+def test_intermediate_distillation_maps_each_student_layer_to_its_teacher_block_end():
+    """Each teacher's losses per news are the student's states against teacher states 0, 2, 4 and its attention
+    scores against teacher layers 2 and 4 (a 2-layer student of 4-layer teachers), computed here layer by layer."""
+    from transformers import BertConfig, BertModel
+
+    from speedyrec.distill.intermediate import IntermediateDistillation
+    from speedyrec.models.backbone import BertFamilyBackbone
+    from speedyrec.models.recommender import NewsEncoder
+
+    def encoder(layers, seed):
+        torch.manual_seed(seed)
+        hf = BertModel(BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=layers, num_attention_heads=2,
+                                  intermediate_size=16, hidden_dropout_prob=0, attention_probs_dropout_prob=0),
+                       add_pooling_layer=False)
+        return NewsEncoder(BertFamilyBackbone(hf), 6, 5).eval()
+
+    teachers = [encoder(4, 1), encoder(4, 2)]
+    student = encoder(2, 3)
+    ids = torch.randint(1, 40, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    inter = IntermediateDistillation([(t, None) for t in teachers], 2)
+    assert inter.map == [0, 2, 4]
+    vec, got = inter.losses(student, None, ids, mask, None)
+    assert got.shape == (3, 2) and torch.allclose(vec, student(ids, mask), atol=1e-5)
+    with torch.no_grad():
+        check_against_layers(student, teachers, ids, mask, got)
+    with pytest.raises(ConfigError, match="blocks"):
+        IntermediateDistillation([(t, None) for t in teachers], 3)
+
+
+def check_against_layers(student, teachers, ids, mask, got):
+    s = student.backbone.hidden_states(ids, mask)
+    for i, t in enumerate(teachers):
+        ts = t.backbone.hidden_states(ids, mask)
+        for row in range(3):
+            n = int(mask[row].sum())
+            want = sum(float((s[a][row, :n] - ts[b][row, :n]).pow(2).mean()) for a, b in ((0, 0), (1, 2), (2, 4)))
+            for a, b in ((1, 2), (2, 4)):  # student layer a's attention against teacher layer b's
+                sa = student.backbone.attention_scores(a - 1, s[a - 1])[row, :, :n, :n]
+                ta = t.backbone.attention_scores(b - 1, ts[b - 1])[row, :, :n, :n]
+                want += float((sa - ta).pow(2).mean())
+            assert got[row, i].item() == pytest.approx(want, rel=1e-4), (row, i)
+
+
+def test_tinybert_mt_trains_intermediate_losses_in_both_stages(tmp_path, cache_dir, synthetic_small, posttrained):
+    """TinyBERT-MT is the pipeline with distill.intermediate_weight (and TinyBERT's loss set): both stages train the
+    intermediate losses, weighted per sample, and its student differs from Tiny-NewsRec's on the same teachers."""
+    base, tiny = tmp_path / "base", tmp_path / "tinybert"
+    assert main(args(base, cache_dir, synthetic_small, "stage=pipeline")) == 0
+    assert main(args(tiny, cache_dir, synthetic_small, "stage=pipeline", f"pipeline.teachers_from={base}",
+                     "distill.intermediate_weight=1", "distill.emb_weight=0", "distill.ce_weight_dp=0",
+                     "distill.ce_weight_ft=0")) == 0
+    for stage in ("distill_posttrain", "distill_finetune"):
+        stats = read(tiny / stage / "stats.json")
+        assert stats["loss_intermediate"] > 0 and stats["loss_distill"] > 0 and "loss_emb" not in stats, stage
+    check_engine_stats(read(tiny / "distill_finetune/stats.json"))
+    check_click_metrics(read(tiny / "metrics.json")["models"]["student"])
+    students = [read(out / "distill_finetune/metrics.json")["student"]["checksum"] for out in (base, tiny)]
+    assert students[0] != students[1]

@@ -22,6 +22,7 @@ from torch import nn
 
 from speedyrec.build import Context, news_encoding, segments_of
 from speedyrec.distill.bank import BankBuild, TeacherBank
+from speedyrec.distill.intermediate import IntermediateDistillation
 from speedyrec.distill.losses import (TeacherProjections, distillation_loss, embedding_loss, projected_mse,
                                       teacher_weights)
 from speedyrec.distill.snapshots import save_snapshot
@@ -90,6 +91,9 @@ class DistillFinetuneRecipe(StageRecipe):
             del stack  # from here on a step reads the bank and the teachers' user encoders only
         elif teachers:  # the naive way, for comparison: every teacher's whole PLM runs in every student step
             self.online = [(t.news_encoder, t.frequency) for t in teachers]
+        # TinyBERT-MT: the teachers' PLMs stay, for their hidden states and attention (the bank holds vectors)
+        self.intermediate = IntermediateDistillation([(t.news_encoder, t.frequency) for t in teachers],
+                                                     di.student_layers) if di.intermediate_weight else None
         del teachers, teacher  # with the bank, the M teachers' PLMs are freed here: memory does not grow with M
         gc.collect()
         student, changed, start = build_student(ctx, student_freeze_layers(cfg),
@@ -99,7 +103,8 @@ class DistillFinetuneRecipe(StageRecipe):
         if student.news_encoder.backbone.freeze_layers and cfg.engine.frozen_cache:
             inputs.enable_frozen_prefix(student.news_encoder.backbone.hidden_size,
                                         frozen_cache_place(cfg, dist, self.out), "student")
-        workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, student, dist, objective=self.objective)
+        workflow = SpeedyFeedWorkflow(cfg, ctx.data, inputs, student, dist, objective=self.objective, encode_rows=(
+            self.intermediate.encode_rows(student, cfg.engine.dynamic_batching) if self.intermediate else None))
         extra = [p for n, p in model.named_parameters() if not n.startswith("student.")]
         groups = student.param_groups(tc.lr, tc.encoder_lr, tc.weight_decay) + ([{"params": extra, "lr": tc.lr}]
                                                                                if extra else [])
@@ -118,6 +123,7 @@ class DistillFinetuneRecipe(StageRecipe):
                                         {"stage": self.stage, "checksum": checksum}) if dist.is_main else {})
         losses = tuple(f"loss_{k}" for k, w in (("distill", di.distill_weight), ("emb", di.emb_weight),
                                                  ("ce", di.ce_weight_ft)) if w)  # the terms computed
+        losses += ("loss_intermediate",) if self.intermediate else ()
         stats = self.click_stats(trainer, workflow, losses, teachers=len(files),
                                  shared_frozen_layers=shared, bank_seconds=build.seconds,
                                  bank_news_encoded=build.news_encoded, bank_padded_tokens=build.padded_tokens)
@@ -145,6 +151,9 @@ class DistillFinetuneRecipe(StageRecipe):
                 terms["emb"] = di.emb_weight, embedding_loss(
                     w, projected_mse(s.candidates, torch.stack([t.candidates for t in ts]), model.news_proj),
                     projected_mse(s.user, torch.stack([t.user for t in ts]), model.user_proj))
+            if self.intermediate is not None:  # TinyBERT-MT: each news weighted by the targets that score it
+                terms["intermediate"] = di.intermediate_weight, self.intermediate.step_loss(w, clicks, negatives,
+                                                                                            targets, len(table))
         if di.ce_weight_ft:
             terms["ce"] = di.ce_weight_ft, click_cross_entropy(s.logits)
         loss = sum(weight * term for weight, term in terms.values())

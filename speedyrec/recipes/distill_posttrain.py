@@ -20,6 +20,7 @@ from torch import nn
 
 from speedyrec.build import build_news_encoder, plm_layers
 from speedyrec.distill.bank import BankBuild, TeacherBank
+from speedyrec.distill.intermediate import IntermediateDistillation
 from speedyrec.distill.losses import (TeacherProjections, candidate_cross_entropy, distillation_loss, embedding_loss,
                                       projected_mse, teacher_weights)
 from speedyrec.distill.snapshots import save_snapshot
@@ -45,6 +46,7 @@ def omega_of(log_omega: nn.Parameter | None) -> torch.Tensor | float:
 
 class DistillPosttrainRecipe(TitleBodyStage):
     stage = "distill_posttrain"
+    intermediate: IntermediateDistillation | None = None  # distill.intermediate_weight (TinyBERT-MT)
 
     def run(self) -> dict:
         ctx, cfg, dist, di = self.ctx, self.cfg, self.dist, self.cfg.distill
@@ -65,6 +67,9 @@ class DistillPosttrainRecipe(TitleBodyStage):
                                                             chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
             self.body_bank, bb = TeacherBank.open_or_build(stack, checksums, data.bodies, news, banks_root, dist,
                                                            chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
+            # TinyBERT-MT: the teachers' PLMs stay, for their hidden states and attention (the bank holds vectors)
+            self.intermediate = IntermediateDistillation([(t, None) for t in teachers], di.student_layers) \
+                if di.intermediate_weight else None
             del stack, teachers
             teacher_metrics = self._teacher_retrieval(files)
         bank_seconds = tb.seconds + bb.seconds
@@ -118,6 +123,9 @@ class DistillPosttrainRecipe(TitleBodyStage):
                 terms["emb"] = di.emb_weight, embedding_loss(
                     w, projected_mse(s.titles, t_title_all[mine].transpose(0, 1), model.projections),
                     projected_mse(s.bodies, t_body.transpose(0, 1), model.projections))
+            if self.intermediate is not None:  # TinyBERT-MT: a body's and its title's, weighted by the body's alpha
+                inter = self.intermediate.pair_losses(model.news_encoder, batch.titles.to(dev), batch.bodies.to(dev))
+                terms["intermediate"] = di.intermediate_weight, (w * inter).sum(-1)
         if di.ce_weight_dp:
             terms["ce"] = di.ce_weight_dp, candidate_cross_entropy(s.logits)
         loss = sum(weight * term for weight, term in terms.values())

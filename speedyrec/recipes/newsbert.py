@@ -47,8 +47,9 @@ class NewsBertModel(nn.Module):
     """Teachers and student recommenders whose pooling, projection and user encoder are the same modules (the
     first teacher's)."""
 
-    def __init__(self, teachers: list[nn.Module], student: nn.Module):
+    def __init__(self, teachers: nn.Module | list[nn.Module], student: nn.Module):
         super().__init__()
+        teachers = [teachers] if isinstance(teachers, nn.Module) else teachers
         head = teachers[0]
         for model in [*teachers[1:], student]:
             model.news_encoder.pool = head.news_encoder.pool
@@ -145,8 +146,8 @@ class NewsBertRecipe(StageRecipe):
         s_bb = student.news_encoder.backbone
         groups = [{"params": [p for bb in [*backbones, s_bb] for p in bb.parameters()], "lr": tc.encoder_lr},
                   {"params": [p for name, p in model.named_parameters() if ".backbone." not in name], "lr": tc.lr}]
-        hook = (lambda: momentum_gradients(list(s_bb.layers), [list(bb.layers) for bb in backbones], nb.momentum)) \
-            if nb.momentum else None
+        t_layers_of = [list(bb.layers) for bb in backbones] if len(backbones) > 1 else list(backbones[0].layers)
+        hook = (lambda: momentum_gradients(list(s_bb.layers), t_layers_of, nb.momentum)) if nb.momentum else None
         # patience watches the student's AUC: the teachers are a means to it
         dev = DevCurve(ctx, lambda: dict(zip(("student", *self.names),
                                              evaluate_on_dev(ctx, [student, *teachers], inputs))),
