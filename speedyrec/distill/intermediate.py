@@ -68,10 +68,17 @@ class IntermediateDistillation:
         self.parts = []
         return (total / max(n, 1)).expand(n)
 
-    def pair_losses(self, encoder: nn.Module, titles, bodies) -> torch.Tensor:
-        """Stage I: each body's and its title's losses, summed: titles, bodies the rank's NewsTokens -> [b, M]."""
-        total = 0.0
-        for tokens in (titles, bodies):
-            sel = NewsInputs.select(tokens, None, True)
-            total = total + self.losses(encoder, None, sel.input_ids, sel.mask, None)[1]
+    def encode_pair(self, inputs, model: nn.Module, tokens):
+        """Stage I's encoding of the rank's titles or bodies (title_body.encode_pairs' ``encode``): the student's
+        vectors, its losses kept for ``pair_losses``."""
+        sel = NewsInputs.select(tokens, None, True)
+        vec, losses = self.losses(model.news_encoder, None, sel.input_ids, sel.mask, None)
+        self.parts.append((None, losses))
+        valid = int(sel.mask.sum())
+        return vec, valid, sel.mask.numel() - valid
+
+    def pair_losses(self) -> torch.Tensor:
+        """Stage I: each body's and its title's losses (the step's two ``encode_pair`` calls), summed -> [b, M]."""
+        total = sum(losses for _, losses in self.parts)
+        self.parts = []
         return total

@@ -120,10 +120,14 @@ class EncodedPairs:
     counters: dict
 
 
-def encode_pairs(model, data: TitleBodyData, batch: TitleBodyBatch, device: torch.device) -> EncodedPairs:
-    """Encode this rank's titles and bodies with ``model`` and score every body against its candidates."""
-    h_t, vt, pt = data.titles.encode(model, batch.titles.to(device))
-    h_b, vb, pb = data.bodies.encode(model, batch.bodies.to(device))
+def encode_pairs(model, data: TitleBodyData, batch: TitleBodyBatch, device: torch.device,
+                 encode=None) -> EncodedPairs:
+    """Encode this rank's titles and bodies with ``model`` and score every body against its candidates.
+    ``encode(inputs, model, tokens) -> (vectors, valid, padded)``: another way to encode them (default
+    ``inputs.encode(model, tokens)``)."""
+    encode = encode or (lambda inputs, m, tokens: inputs.encode(m, tokens))
+    h_t, vt, pt = encode(data.titles, model, batch.titles.to(device))
+    h_b, vb, pb = encode(data.bodies, model, batch.bodies.to(device))
     all_t = all_gather_with_grad(h_t, batch.sizes)
     cand = batch.candidates.to(device)
     logits = torch.einsum("bd,bcd->bc", h_b, all_t[cand]).float()

@@ -108,7 +108,7 @@ class DistillPosttrainRecipe(TitleBodyStage):
             return StepOutput(None, 0)
         di, dev = self.cfg.distill, self.dist.device
         model = self.model
-        s = encode_pairs(model, self.data, batch, dev)
+        s = encode_pairs(model, self.data, batch, dev, self.intermediate.encode_pair if self.intermediate else None)
         terms = {}  # the loss terms whose weight is above 0, each per body [b], with its weight
         if self.teaching:
             cand = batch.candidates.to(dev)
@@ -124,8 +124,7 @@ class DistillPosttrainRecipe(TitleBodyStage):
                     w, projected_mse(s.titles, t_title_all[mine].transpose(0, 1), model.projections),
                     projected_mse(s.bodies, t_body.transpose(0, 1), model.projections))
             if self.intermediate is not None:  # TinyBERT-MT: a body's and its title's, weighted by the body's alpha
-                inter = self.intermediate.pair_losses(model.news_encoder, batch.titles.to(dev), batch.bodies.to(dev))
-                terms["intermediate"] = di.intermediate_weight, (w * inter).sum(-1)
+                terms["intermediate"] = di.intermediate_weight, (w * self.intermediate.pair_losses()).sum(-1)
         if di.ce_weight_dp:
             terms["ce"] = di.ce_weight_dp, candidate_cross_entropy(s.logits)
         loss = sum(weight * term for weight, term in terms.values())
