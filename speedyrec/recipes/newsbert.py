@@ -35,7 +35,7 @@ from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.engine.trainer import adamw
 from speedyrec.models.news_inputs import NewsInputs
 from speedyrec.models.recommender import frequency_embeddings
-from speedyrec.recipes.common import DevCurve, StageRecipe, evaluate_on_dev, non_backbone_names
+from speedyrec.recipes.common import DevCurve, StageRecipe, evaluate_on_dev, non_backbone_names, trainable_names
 from speedyrec.workflows.speedyfeed import SpeedyFeedWorkflow
 
 log = logging.getLogger("speedyrec")
@@ -156,17 +156,15 @@ class NewsBertRecipe(StageRecipe):
         trainer = self.fit_on_clicks(model, adamw(groups, weight_decay=tc.weight_decay), workflow, dev,
                                      {"teacher_from": starts[0] if len(starts) == 1 else starts}, grad_hook=hook)
         metrics = dev.final()
+        origins = ["plm" if s is None else str(s[1] if isinstance(s, tuple) else s) for s in sources]
         if dist.is_main:
-            for name, m, (_, changed, _), src in [("student", student, (None, None, None), None),
-                                                  *zip(self.names, teachers, built, sources)]:
-                layers = n if name == "student" else t_layers
-                origin = "plm" if src is None else str(src[1] if isinstance(src, tuple) else src)
+            saved = [("student", student, n, set(student.state_dict()), origins[0] if len(origins) == 1 else origins)]
+            saved += [(name, t, t_layers, changed | trainable_names(t) | non_backbone_names(t), origin)
+                      for name, t, (_, changed, _), origin in zip(self.names, teachers, built, origins)]
+            for name, m, layers, everything, origin in saved:
                 meta = {"encoder": cfg.model.encoder, "stage": self.stage, "name": name, "layers": layers,
-                        "teacher_from": origin if name != "student" else [str(s) if s else "plm" for s in sources],
-                        "news_encoding": news_encoding(cfg), "frozen_layers": m.news_encoder.backbone.freeze_layers,
-                        "metrics": metrics[name]}
-                everything = {k for k in m.state_dict()} if name == "student" else changed | {
-                    k for k, p in m.named_parameters() if p.requires_grad} | non_backbone_names(m)
+                        "teacher_from": origin, "news_encoding": news_encoding(cfg),
+                        "frozen_layers": m.news_encoder.backbone.freeze_layers, "metrics": metrics[name]}
                 metrics[name]["checksum"] = save_snapshot(self.out / f"{name}.safetensors", m, everything, meta)
         stats = self.click_stats(trainer, workflow, LOSSES, teacher_layers=t_layers, student_layers=n,
                                  momentum=nb.momentum, teachers=len(teachers))
