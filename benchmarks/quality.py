@@ -98,6 +98,40 @@ def teachers_of(root: Path, seed: int) -> Path | None:
     return None
 
 
+def seed_base_run(root: Path, seed: int, quick: bool, may_run: bool = True) -> tuple[Path, dict] | None:
+    """The full pipeline of seed ``seed`` (this benchmark's run ``seed_S``: the M teachers, the plain teacher,
+    Tiny-NewsRec's 2-layer student, the student without teachers, NewsBERT's), which the benchmarks that vary only
+    the student build on: they link its teachers (``student_run``). Kept in ``root`` by an earlier invocation (of
+    any of them), or run now, continuing an interrupted one (about 77 min on 2 cores; --quick a minute). Returns
+    (its folder, its record as quality.json keeps it: ``summary`` is its metrics.json), or None when it is not kept
+    and ``may_run`` is false. A run committed in quality.json without its folder does not count: its teachers'
+    files are needed."""
+    run = obtain(root, f"seed_{seed}", pipeline_overrides(seed, PIPELINE_LAYERS, quick), None, may_run=may_run)
+    if run is None:
+        return None
+    run_dir = root / f"seed_{seed}"
+    if not (run_dir / "finetune_teachers" / "done.json").exists():
+        raise SystemExit(f"{run_dir} holds no finished teachers (finetune_teachers/done.json): use another --out")
+    return run_dir, run
+
+
+def student_run(root: Path, name: str, seed: int, quick: bool, switch: list[str], committed: dict | None = None,
+                may_run: bool = True) -> dict | None:
+    """``stage=pipeline`` of seed ``seed`` with ``switch`` (settings of the student's stages), linking the seed's
+    base run's post-training and finetuned teachers (``seed_base_run``, run first where it is not kept), so only
+    the student's stages train; kept in ``root/name``, or ``committed`` (a results file's record of the same
+    settings). Returns its record (``summary``: its metrics.json), or None when it must run and ``may_run`` is
+    false."""
+    overrides = ["stage=pipeline", f"train.seed={seed}", *switch, *(QUICK if quick else [])]
+    done = root / name / "quality_run.json"
+    if not done.exists() and not (committed is not None and same_settings(committed, overrides)):
+        base = seed_base_run(root, seed, quick, may_run)
+        if base is None:
+            return None
+        return obtain(root, name, overrides, None, [f"pipeline.teachers_from={base[0]}"], may_run=may_run)
+    return obtain(root, name, overrides, committed, may_run=may_run)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="300 users, 2 teachers, a few steps per stage")

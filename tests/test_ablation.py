@@ -3,6 +3,8 @@
 pipeline.stage2=false), the configs that leave a stage nothing to learn from, and benchmarks.ablation's harness."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_distill_e2e import args, check_click_metrics, read
@@ -140,3 +142,35 @@ def test_a_stage_that_does_not_run_may_have_its_terms_off():
     config("stage=pipeline", "pipeline.stage2=false", "distill.distill_weight=0", "distill.emb_weight=0",
            "distill.ce_weight_ft=0")
     assert config().distill.distill_weight == 1.0 and config().pipeline.stage2 is True  # today's behaviour
+
+
+def test_benchmark_ablation_tables_and_verdict_from_fabricated_numbers(tmp_path, monkeypatch):
+    """The report of benchmarks.ablation (its --quick run takes minutes: run by hand): per-seed rows, means, the
+    differences to full paired by seed, and a verdict written from them. Here every ablation loses to full as in
+    the paper, except no_target, which gains, and the order of Figure 4 is broken by no_emb."""
+    import benchmarks.ablation as ablation
+    import benchmarks.common as common
+
+    for module in (common, ablation):
+        monkeypatch.setattr(module, "RESULTS", tmp_path)
+    drop = {"full": 0, "no_stage1": 0.004, "no_stage2": 0.010, "no_both": 0.015, "no_distill": 0.008,
+            "no_emb": 0.009, "no_target": -0.003}
+    per_seed = {str(s): {r: {k: 0.70 + 0.001 * s - d for k in METRICS} for r, d in drop.items()} for s in range(3)}
+    runs = {"seed_0": {"summary": {"seconds": {"distill_finetune": 60.0}}}}
+    info = {"device": "CPU", "torch": "x", "threads": 2, "commit": "abc1234"}
+    payload = ablation.report(per_seed, runs, info, True, "python -m benchmarks.ablation --quick", 3.0)
+    saved = json.loads((tmp_path / "ablation_quick.json").read_text())
+    assert list(saved["rows"]) == list(ablation.ROWS) and saved["rows"] == json.loads(json.dumps(payload["rows"]))
+    assert saved["rows"]["no_stage2"]["seeds"]["1"]["auc"] == pytest.approx(0.691)
+    assert saved["rows"]["no_both"]["minus_full"]["auc"]["mean"] == pytest.approx(-0.015)
+    assert saved["rows"]["no_both"]["minus_full"]["auc"]["std"] == pytest.approx(0, abs=1e-12)
+    md = (tmp_path / "ablation_quick.md").read_text()
+    assert "## Verdict" in md and "abc1234" in md and "python -m benchmarks.ablation --quick" in md
+    assert "`no_stage2`: AUC -1.00 ± 0.00 points against `full` over 3 seed(s), below the full student, as in the paper" in md
+    assert "`no_target`: AUC +0.30 ± 0.00 points against `full` over 3 seed(s), above the full student: disagrees" in md
+    assert "Stage II matters more than Stage I: against `full`, `no_stage2` -1.00 AUC points, `no_stage1` -0.40: " \
+           "agrees" in md
+    assert "the distillation loss matters more than the embedding loss: against `full`, `no_distill` -0.80 AUC " \
+           "points, `no_emb` -0.90: disagrees" in md
+    assert "provisional" not in md
+    assert (tmp_path / "ablation_quick.png").is_file()
