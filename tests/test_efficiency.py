@@ -124,6 +124,7 @@ def _fabricated(student2_int8=6000.0, int8_auc=0.695):
                         "int8": {0: {"auc": int8_auc}, 1: {"auc": int8_auc + 0.02}}}
     measured = {
         "auc": auc, "threads": 2, "precisions": ["fp32", "bf16", "int8"], "bf16_native": "CPU with avx512_bf16",
+        "int8_path": "torch.ao",
         "news_per_s": {k: {p: {"median": s, "blocks": [s]} for p, s in zip(("fp32", "bf16", "int8"), v)}
                        for k, v in speeds.items()},
         "params": {k: {"total": t, "embeddings": e, "without_embeddings": t - e, "layers": n}
