@@ -250,3 +250,24 @@ def test_tinybert_mt_trains_intermediate_losses_in_both_stages(tmp_path, cache_d
     check_click_metrics(read(tiny / "metrics.json")["models"]["student"])
     students = [read(out / "distill_finetune/metrics.json")["student"]["checksum"] for out in (base, tiny)]
     assert students[0] != students[1]
+
+
+def test_kd_methods_table_pairs_seeds_and_says_what_agrees_with_the_paper():
+    from benchmarks.kd_methods import ROWS, summarise, verdict
+
+    auc = {"ensemble": (0.60, 0.62), "tinybert_mt": (0.58, 0.59), "newsbert_mt": (0.56, 0.60),
+           "mt_bert": (0.55, 0.56), "tiny_newsrec": (0.61, 0.63)}
+    per_seed = {s: {name: {"auc": auc[name][s], "mrr": 0.3, "ndcg5": 0.3, "ndcg10": 0.4} for name, _ in ROWS}
+                for s in (0, 1)}
+    per_seed[1]["mt_bert"]["auc"] = 0.70  # MT-BERT beats Tiny-NewsRec on seed 1 only
+    table, paired = summarise(per_seed)
+    assert table["tiny_newsrec"]["auc"]["mean"] == pytest.approx(0.62)
+    assert paired["ensemble"]["auc"]["mean"] == pytest.approx(-0.01)
+    assert paired["ensemble"]["auc"]["std"] == pytest.approx(0, abs=1e-12)
+    assert paired["mt_bert"]["auc"]["mean"] == pytest.approx((-0.06 + 0.07) / 2)
+    lines = verdict(table, paired, 2, quick=False)
+    said = {name: next(line for line in lines if line.startswith(f"- {label}:")) for name, label in ROWS[:-1]}
+    assert "Agrees: below Tiny-NewsRec" in said["ensemble"] and "spread" not in said["ensemble"]
+    assert "Disagrees" in said["mt_bert"] and "within the seeds' spread" in said["mt_bert"]
+    assert any("the worst is NewsBERT-MT (58.00): disagrees" in line for line in lines)
+    assert any("here it is MT-BERT (62.50): disagrees" in line for line in lines)
