@@ -18,6 +18,7 @@ Tiny-NewsRec's student and Ensemble-Teacher (the M post-trained teachers' mean s
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -46,14 +47,18 @@ def seed_rows(root: Path, seed: int, quick: bool) -> tuple[dict, dict]:
     tiny = student_run(root, f"seed_{seed}_tinybert_mt", seed, quick, TINYBERT)
     rows["tinybert_mt"] = tiny["summary"]["models"]["student"]
     seconds["TinyBERT-MT (process)"] = tiny["process_seconds"]
-    # what the intermediate losses cost: the M teachers' PLMs run online for every news the student encodes
-    for label, summary in (("Tiny-NewsRec", base["summary"]), ("TinyBERT-MT", tiny["summary"])):
-        seconds[f"{label}: Stage I + Stage II"] = sum(summary["seconds"].get(k, 0.0)
-                                                      for k in ("distill_posttrain", "distill_finetune"))
+    # what the intermediate losses cost: the M teachers' PLMs run online for every news the student encodes (the
+    # training loops' time: the stages' wall time also holds the banks Tiny-NewsRec's base run built first)
+    for label, run_dir in (("Tiny-NewsRec", base_dir), ("TinyBERT-MT", root / f"seed_{seed}_tinybert_mt")):
+        stats = [run_dir / stage / "stats.json" for stage in ("distill_posttrain", "distill_finetune")]
+        if all(f.exists() for f in stats):
+            loops = sum(json.loads(f.read_text())["wall_seconds"] for f in stats)
+            seconds[f"{label}: Stage I + Stage II training loops"] = loops
+    mt_teachers = root / f"seed_{seed}_mt_bert_teachers"
     jobs = (("newsbert_mt", "NewsBERT-MT", ["stage=newsbert", f"newsbert.teachers={m}", f"distill.from_dir={base_dir}"]),
             ("mt_bert_teachers", "MT-BERT's teachers", ["stage=finetune_teachers", "teachers.init=plm"]),
-            ("mt_bert", "MT-BERT (joint)", ["stage=newsbert", f"newsbert.teachers={m}", "newsbert.teacher_init=finetuned",
-                                            f"distill.from_dir={root / f'seed_{seed}_mt_bert_teachers'}"]))
+            ("mt_bert", "MT-BERT (joint)", ["stage=newsbert", f"newsbert.teachers={m}",
+                                            "newsbert.teacher_init=finetuned", f"distill.from_dir={mt_teachers}"]))
     for name, label, over in jobs:
         stage = over[0].split("=")[1]
         job = run_job_kept(f"seed_{seed}_{name}", [*over, *common], root, stage=stage, timeout=6 * 3600)
@@ -108,18 +113,23 @@ def verdict(table: dict, paired: dict, seeds: int, quick: bool) -> list[str]:
 def report(per_seed: dict, seconds: dict, info: dict, quick: bool, command: str, total: float) -> dict:
     table, paired = summarise(per_seed)
     many = len(per_seed) > 1
+    jobs = sum(v for by in seconds.values() for job, v in by.items() if not job.endswith("training loops"))
 
     def cell(v):
         return f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}" if many else f"{100 * v['mean']:.2f}"
 
     rows_json = {name: {str(s): per_seed[s][name] for s in sorted(per_seed)} for name, _ in ROWS}
     payload = {"machine": info, "quick": quick, "command": command, "seeds": sorted(per_seed), "rows": rows_json,
-               "table": table, "paired": paired, "seconds": seconds, "total_seconds": total,
-               "student_layers": PIPELINE_LAYERS}
+               "table": table, "paired": paired, "seconds": seconds, "jobs_seconds": jobs,
+               "invocation_seconds": total, "student_layers": PIPELINE_LAYERS}
     m = TEACHERS_QUICK if quick else TEACHERS_FULL
     md = ["# Table 4: other multi-teacher methods against Tiny-NewsRec\n",
-          f"Measured at commit {info['commit']} on {info['device']} (torch {info['torch']}) with `{command}`; "
-          f"{len(per_seed)} seed(s), {total / 60:.1f} min in all{' (quick settings: tiny random encoders)' if quick else ''}. "
+          f"Measured at commit {info['commit']} on {info['device']} (torch {info['torch']}; load average before "
+          f"{', '.join(f'{x:.1f}' for x in info.get('load_average_before', ()))}: the cores are shared, so times are "
+          f"indicative) with `{command}`; {len(per_seed)} seed(s)"
+          f"{' (quick settings: tiny random encoders)' if quick else ''}. "
+          f"Total wall time {jobs / 60:.1f} min (every job's process, the base runs included, whenever it ran; "
+          f"this invocation {total / 60:.1f} min, reusing the jobs kept in `--out`). "
           f"M = {m} teachers, a {PIPELINE_LAYERS}-layer student; every row of a seed uses that seed's teachers "
           "and data order (`train.seed`). Mean ± standard deviation over seeds, in points (x100).\n",
           md_table(["method", *[NAMES[k] for k in METRICS], "paper AUC (Feeds, 4 layers)"],

@@ -37,16 +37,15 @@ class IntermediateDistillation:
         except ValueError:
             raise ConfigError(f"distill.intermediate_weight: the teachers' {t_layers} layers do not split into "
                               f"blocks for a {student_layers}-layer student (distill.student_layers)") from None
-        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.parts: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (table rows or None, losses [R, M])
 
     def losses(self, encoder: nn.Module, frequency, ids, mask, counts) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's news vectors [R, D] and its intermediate losses against each teacher [R, M]."""
         states, attention = layer_outputs(encoder, frequency, ids, mask, counts, list(range(1, len(self.map))))
         with torch.no_grad():
             taught = [layer_outputs(enc, freq, ids, mask, counts, self.map[1:]) for enc, freq in self.teachers]
-        losses = torch.stack([intermediate_loss(states, attention, t_states, t_att, mask) for t_states, t_att in taught],
-                             dim=-1)
-        return encoder.pool_states(states[-1], mask), losses
+        losses = [intermediate_loss(states, attention, t_states, t_att, mask) for t_states, t_att in taught]
+        return encoder.pool_states(states[-1], mask), torch.stack(losses, dim=-1)
 
     def encode_rows(self, student: nn.Module, trim: bool):
         """Stage II's ``encode_rows(tokens, rows)`` for the engine: the student's vectors, its losses kept by row."""
