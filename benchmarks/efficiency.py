@@ -6,7 +6,8 @@ dev AUC each precision keeps, and the wall time of every pipeline step per stude
 The models are benchmarks.quality's: for each seed, ``--out DIR/seed_S`` (the pipeline with its M teachers and the
 2-layer student) and ``seed_S_l1``, ``seed_S_l4`` (students of other sizes, linking that seed's teachers). Runs kept
 there are reused, so ``python -m benchmarks.quality --out DIR`` followed by this with the same ``--out`` trains
-nothing again; runs missing are trained as quality trains them (about 7 hours for 3 seeds here).
+nothing again; runs missing are trained as quality trains them (about 7 hours for 3 seeds here). With the runs
+kept, about 15 minutes here: 36 dev evaluations (4 models, 3 precisions, 3 seeds) and 12 variants x 8 timed blocks.
 
 - Models: the Tiny-NewsRec student of each size (Stage II's ``student.safetensors``) and the teacher: the run's
   best post-trained, finetuned 6-layer teacher by its dev AUC (PLM-NR DP, ``finetune_teachers/teachers/``).
@@ -103,7 +104,7 @@ def seed_runs(root: Path, seed: int, sizes: list[int], quick: bool, may_run: boo
     """{student layers: (run dir, quality's run record)} of one seed: the base pipeline (teachers and the 2-layer
     student) and one run per other size linking its teachers, kept in ``root`` as benchmarks.quality keeps them
     (run here when missing and ``may_run``); {} when the base run is neither kept nor may run."""
-    base = _base_run(root, seed, quick, may_run)
+    base = quality.seed_base_run(root, seed, quick, may_run=may_run)
     if base is None:
         return {}
     out = {quality.PIPELINE_LAYERS: base}
@@ -117,18 +118,6 @@ def seed_runs(root: Path, seed: int, sizes: list[int], quick: bool, may_run: boo
         if run is not None:
             out[n] = (root / name, run)
     return out
-
-
-def _base_run(root: Path, seed: int, quick: bool, may_run: bool):
-    if hasattr(quality, "seed_base_run"):  # quality's own, where it has one
-        got = quality.seed_base_run(root, seed, quick, may_run=may_run)
-        if got is None:
-            return None
-        return got if isinstance(got, tuple) else (root / f"seed_{seed}", got)
-    name = f"seed_{seed}"
-    run = quality.obtain(root, name, quality.pipeline_overrides(seed, quality.PIPELINE_LAYERS, quick), None,
-                         may_run=may_run)
-    return None if run is None else (root / name, run)
 
 
 def best_teacher(summary: dict) -> str:
