@@ -23,6 +23,11 @@ and ~3.5 hours for 3 seeds, plus ~77 min per seed for a base run not kept in ``-
 ``--out`` (an interrupted invocation continues), and recorded in ``benchmarks/results/ablation.json``: a seed
 measured in another session is reused. ``--quick`` checks the harness on quality's tiny random encoders in a few
 minutes. Differences to ``full`` are paired by seed (every run of a seed shares its teachers and data order).
+
+Not yet a row: ``body_512``, post-training and Stage I at the paper's 512 body tokens read as BusLM segments
+(e.g. 8 of 64) instead of today's 64. Post-training and Stage I read a body as one sequence and refuse
+engine.buslm; the row needs a key of their own for the body's segments, and its own pipeline per seed (its
+teachers differ, so they cannot be linked).
 """
 from __future__ import annotations
 

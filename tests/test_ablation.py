@@ -23,6 +23,13 @@ LOSSES = ("loss_distill", "loss_emb", "loss_ce")
 
 
 @pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A cache of this module's own: its teacher banks would otherwise be found by test_distill_e2e's pipeline of
+    the same teachers, which counts the news its teacher stage encodes into the bank."""
+    return tmp_path_factory.mktemp("ablation_cache")
+
+
+@pytest.fixture(scope="module")
 def base(tmp_path_factory, cache_dir, synthetic_small):
     """The full pipeline whose teachers every ablation links (as benchmarks.ablation links a seed's base run)."""
     out = tmp_path_factory.mktemp("base")
