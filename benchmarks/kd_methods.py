@@ -158,7 +158,9 @@ def report(per_seed: dict, seconds: dict, info: dict, quick: bool, command: str,
           "layers finetuned from there (`stage=finetune_teachers teachers.init=plm`, kept in `--out`); then "
           f"`stage=newsbert newsbert.teachers={m} newsbert.teacher_init=finetuned` trains them jointly with the "
           "student, all sharing the first teacher's pooling, projection and user encoder (MT-BERT's co-finetuned "
-          "teachers share theirs), weighted per sample.\n"
+          "teachers share theirs), weighted per sample. Its student thus starts beside a finetuned head (the first "
+          "teacher's pooling, projection and user encoder), which the other students learn in their own stages: in a "
+          "short run that head start weighs.\n"
           "- Tiny-NewsRec: the base run's student.\n",
           "\nWall time of each job (s; a kept job's is from when it ran):\n",
           md_table(["seed", "job", "s"], [[s, job, f"{v:.0f}"] for s, by in seconds.items() for job, v in by.items()])]
