@@ -417,7 +417,9 @@ def report(d: dict) -> str:
              figure_table(d),
              "\nWall time of each pipeline step (s, mean over seeds) per model size, beside the paper's (A.4):\n",
              stage_table(d),
-             "\n" + "\n".join(f"- {v}" for v in d["verdict"]) + "\n"]
+             "\n" + ("Quick settings (tiny random encoders, 2 timed blocks): these numbers check the harness, not the "
+                     "paper's claims or the goal.\n\n" if d["quick"] else "")
+             + "\n".join(f"- {v}" for v in d["verdict"]) + "\n"]
     return "\n".join(lines)
 
 
