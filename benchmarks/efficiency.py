@@ -168,7 +168,7 @@ def measure(runs: dict, sizes: list[int], batch: int, news: int, rounds: int) ->
     auc: dict = {}  # variant -> precision -> seed -> dev metrics
     speed: dict = {}
     params: dict = {}
-    recorded: dict = {}  # variant -> seed -> the AUC the run recorded (fp32 evaluated again must equal it)
+    recorded: dict = {}  # variant -> seed -> the AUC the run recorded (at its own train.amp: bf16 where it trained in bf16)
     first = min(runs)
     for seed, by_size in sorted(runs.items()):
         for n in sizes:
