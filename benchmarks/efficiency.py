@@ -168,7 +168,8 @@ def measure(runs: dict, sizes: list[int], batch: int, news: int, rounds: int) ->
     auc: dict = {}  # variant -> precision -> seed -> dev metrics
     speed: dict = {}
     params: dict = {}
-    recorded: dict = {}  # variant -> seed -> the AUC the run recorded (at its own train.amp: bf16 where it trained in bf16)
+    # variant -> seed -> the AUC the run recorded (at its own train.amp: bf16 where it trained in bf16)
+    recorded: dict = {}
     first = min(runs)
     for seed, by_size in sorted(runs.items()):
         for n in sizes:
@@ -183,7 +184,8 @@ def measure(runs: dict, sizes: list[int], batch: int, news: int, rounds: int) ->
             if with_teacher:
                 recorded.setdefault("teacher", {})[seed] = run["summary"]["models"][best_teacher(run["summary"])]["auc"]
             for variant, model in named.items():
-                params.setdefault(variant, {**parameter_counts(model), "layers": len(model.news_encoder.backbone.layers)})
+                layers = len(model.news_encoder.backbone.layers)
+                params.setdefault(variant, {**parameter_counts(model), "layers": layers})
                 for precision in precisions:
                     served, amp = inference_model(model, precision)
                     if precision == "int8":
@@ -269,7 +271,8 @@ def summarize(measured: dict, runs: dict, sizes: list[int]) -> dict:
                "precisions_measured": measured["precisions"], "bf16_native": measured["bf16_native"],
                "int8_path": measured["int8_path"],
                "seeds": sorted(runs), "layers": sizes,
-               "goal": {"student_layers": quality.PIPELINE_LAYERS, "speedup": GOAL_SPEEDUP, "auc_points": GOAL_AUC_POINTS},
+               "goal": {"student_layers": quality.PIPELINE_LAYERS, "speedup": GOAL_SPEEDUP,
+                        "auc_points": GOAL_AUC_POINTS},
                "paper": {"speedup": PAPER_SPEEDUP, "fewer_params": PAPER_FEWER_PARAMS, "params_m": PAPER_PARAMS_M,
                          "hours": PAPER_HOURS},
                "runs": {str(seed): {str(n): {"dir": str(d), "command": r["command"], "commit": r.get("commit"),
@@ -282,8 +285,9 @@ def summarize(measured: dict, runs: dict, sizes: list[int]) -> dict:
 def best_precision(row: dict) -> str:
     """The fastest precision measured whose mean dev AUC is within GOAL_AUC_POINTS of the model's fp32 AUC (fp32
     when none is, or when a precision's AUC was not measured)."""
+    drop = row["auc_minus_fp32_points"]
     ok = [p for p in PRECISIONS if row["news_per_s"].get(p) and (
-        p == "fp32" or (row["auc_minus_fp32_points"].get(p) and abs(row["auc_minus_fp32_points"][p][0]) <= GOAL_AUC_POINTS))]
+        p == "fp32" or (drop.get(p) and abs(drop[p][0]) <= GOAL_AUC_POINTS))]
     return max(ok, key=lambda p: row["news_per_s"][p]) if ok else "fp32"
 
 
@@ -337,11 +341,13 @@ def verdict(d: dict) -> list[str]:
     plo, phi = d["paper"]["fewer_params"]
     fewer = {n: r["fewer_params_than_teacher"] for n, r in sorted(rows.items())}
     fewer_x = {n: r["fewer_params_without_embeddings"] for n, r in sorted(rows.items())}
-    lines.append(f"Paper: {100 * plo:.0f}-{100 * phi:.0f}% fewer parameters (embeddings counted, 12-layer teacher). Here, "
-                 "embeddings counted: " + ", ".join(f"{_layers(n)} {100 * v:.0f}%" for n, v in fewer.items())
+    lines.append(f"Paper: {100 * plo:.0f}-{100 * phi:.0f}% fewer parameters (embeddings counted, 12-layer teacher). "
+                 "Here, embeddings counted: " + ", ".join(f"{_layers(n)} {100 * v:.0f}%" for n, v in fewer.items())
                  + ("" if all(plo <= v <= phi for v in fewer.values()) else " (not all within that range: "
-                    f"the embeddings, {100 * teacher['embeddings'] / teacher['params']:.0f}% of the teacher, stay whole)")
-                 + "; without embeddings: " + ", ".join(f"{_layers(n)} {100 * v:.0f}%" for n, v in fewer_x.items()) + ".")
+                    f"the embeddings, {100 * teacher['embeddings'] / teacher['params']:.0f}% of the teacher, "
+                    "stay whole)")
+                 + "; without embeddings: "
+                 + ", ".join(f"{_layers(n)} {100 * v:.0f}%" for n, v in fewer_x.items()) + ".")
     return lines
 
 
@@ -403,8 +409,9 @@ def report(d: dict) -> str:
     lines = ["# Efficiency: Tiny-NewsRec's Figure 5 and A.4\n",
              f"Commit {m.get('commit', '?')}, {m['device']}, torch {m['torch']}, {d['threads']} threads; "
              f"`{d['command']}`{' (quick settings: tiny random encoders)' if d['quick'] else ''}; "
-             f"{took / 60:.1f} min in all" + (f" ({d['kept_runs_reused']} kept training runs reused, their time not counted)"
-                                           if d.get("kept_runs_reused") else "") + ".\n",
+             f"{took / 60:.1f} min in all"
+             + (f" ({d['kept_runs_reused']} kept training runs reused, their time not counted)"
+                if d.get("kept_runs_reused") else "") + ".\n",
              f"News encoded per second: the news encoder at each precision through the export's path (length-sorted "
              f"batches of {d['batch']} titles from the token store, float32 vectors out), {d['news_timed']} news per "
              f"block, 1 warm-up and the median of {d['rounds']} interleaved blocks per variant, in inference mode; "

@@ -14,9 +14,9 @@ function serves the speed measurement (benchmarks.efficiency) and the dev AUC at
   scale per batch), int32 accumulation. Where the CPU has VNNI the activations use all 8 bits (torch's module
   keeps 7, ``reduce_range``, against an int16 overflow of pre-VNNI kernels): a pretrained BERT's activations
   have outlier channels (MiniLM's FFN inputs reach 25-28 against a spread of 0.3-0.7), and the 8th bit halves
-  the news vectors' error (2-layer MiniLM: 20% -> 10% of a vector's norm at worst). The embeddings, LayerNorms, the attention itself, the news
-  pooling and projection and the user encoder stay float32 (the poolings read their projection's weight
-  directly, which a quantised linear does not expose as a tensor).
+  the news vectors' error (2-layer MiniLM: 20% -> 10% of a vector's norm at worst). The embeddings, LayerNorms,
+  the attention itself, the news pooling and projection and the user encoder stay float32 (the poolings read
+  their projection's weight directly, which a quantised linear does not expose as a tensor).
 """
 from __future__ import annotations
 
