@@ -19,6 +19,14 @@ from speedyrec.engine.loss import TargetIndex
 from speedyrec.train import main
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A cache of this module's own: its teacher banks would otherwise be found by test_distill_e2e's pipeline of
+    the same teachers, which counts the news its teacher stage encodes into the bank (run after this module, it
+    failed)."""
+    return tmp_path_factory.mktemp("kd_methods_cache")
+
+
 def test_block_layers_map_student_layers_to_the_ends_of_teacher_blocks():
     assert block_layers(2, 6) == [0, 3, 6] and block_layers(1, 4) == [0, 4] and block_layers(3, 3) == [0, 1, 2, 3]
     with pytest.raises(ValueError):
