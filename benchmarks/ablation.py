@@ -41,7 +41,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, md_table, note_reused, write_results
 from benchmarks.quality import (METRICS, PIPELINE_LAYERS, pipeline_overrides, same_settings, seed_base_run,
-                                student_run)
+                                seed_list, student_run)
 
 # row -> (label, the student's switch; None: the base run's model, the model's name in the pipeline's table)
 ROWS = {
@@ -245,7 +245,7 @@ def main(argv=None) -> dict:
                    "recorded, and name the ones missing")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
+    seeds = seed_list(a.seeds, a.quick)
     command = "python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
     info = machine()
     committed = {} if a.fresh else committed_runs(a.quick)

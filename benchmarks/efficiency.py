@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=0, help="timed rounds per variant (default 7; quick 2)")
     a = p.parse_args(argv)
     info = machine()
-    seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
+    seeds = quality.seed_list(a.seeds, a.quick)
     sizes = sorted({int(n) for n in a.layers.split(",")})
     news, rounds = a.news or (512 if a.quick else 2048), a.rounds or (2 if a.quick else 7)
     command = "python -m benchmarks.efficiency " + " ".join(argv if argv is not None else __import__("sys").argv[1:])

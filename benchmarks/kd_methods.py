@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine, md_table, run_job_kept, write_results
-from benchmarks.quality import PIPELINE_LAYERS, QUICK, seed_base_run, student_run
+from benchmarks.quality import METRICS, PIPELINE_LAYERS, QUICK, seed_base_run, seed_list, student_run
 
-METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 NAMES = {"ndcg5": "nDCG@5", "ndcg10": "nDCG@10", "auc": "AUC", "mrr": "MRR"}
 ROWS = (("ensemble", "Ensemble-Teacher"), ("tinybert_mt", "TinyBERT-MT"), ("newsbert_mt", "NewsBERT-MT"),
         ("mt_bert", "MT-BERT"), ("tiny_newsrec", "Tiny-NewsRec"))
@@ -194,7 +193,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="", help="keep the runs here, beside benchmarks.quality's (default: a temporary "
                                               "folder)")
     a = p.parse_args(argv)
-    seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
+    seeds = seed_list(a.seeds, a.quick)
     info = machine()
     command = "python -m benchmarks.kd_methods" + (" --quick" if a.quick else "") + \
         (f" --seeds {a.seeds}" if a.seeds else "")

@@ -98,6 +98,11 @@ def teachers_of(root: Path, seed: int) -> Path | None:
     return None
 
 
+def seed_list(seeds: str | None, quick: bool) -> list[int]:
+    """The seeds of ``--seeds`` (comma-separated); by default 0, 1, 2, or 0 alone with --quick."""
+    return [int(s) for s in (seeds or ("0" if quick else "0,1,2")).split(",")]
+
+
 def seed_base_run(root: Path, seed: int, quick: bool, may_run: bool = True) -> tuple[Path, dict] | None:
     """The full pipeline of seed ``seed`` (this benchmark's run ``seed_S``: the M teachers, the plain teacher,
     Tiny-NewsRec's 2-layer student, the student without teachers, NewsBERT's), which the benchmarks that vary only
@@ -146,7 +151,7 @@ def main(argv=None) -> dict:
     if a.report:
         saved = json.loads(Path(a.report).read_text())
         return report(*load_runs(saved), saved["machine"], saved["quick"])
-    seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
+    seeds = seed_list(a.seeds, a.quick)
     sizes = sorted({int(n) for n in a.layers.split(",")} | {PIPELINE_LAYERS})
     info = machine()
     committed, committed_students = load_runs(committed_file(a.quick)) if not a.fresh else ({}, {})
