@@ -6,8 +6,9 @@ distillation removed, against the full student; mean and spread over seeds.
 Rows (the 2-layer student of all-MiniLM-L6-v2, M = 4 teachers, on the synthetic default):
 
 - ``full``: Tiny-NewsRec's student; ``no_both``: the student finetuned without teachers (the PLM's first layers).
-  Both are the seed's base run, benchmarks.quality's ``seed_S`` (``stage=pipeline pipeline.baselines=true``), in
-  the same ``--out``: kept there, or run first.
+  Both are the seed's base run, ``base_seed_S`` (``stage=pipeline pipeline.baselines=true
+  pipeline.newsbert=false``, benchmarks.quality's ``seed_base_run``), in the same ``--out``: kept there, or run
+  first.
 - Figure 3, each stage: ``no_stage1`` (``distill.student_init=plm``: Stage II starts from the PLM's first
   layers), ``no_stage2`` (``pipeline.stage2=false``: Stage I, then its student finetuned on clicks without
   teachers, as ``no_both`` is).
@@ -19,7 +20,7 @@ Rows (the 2-layer student of all-MiniLM-L6-v2, M = 4 teachers, on the synthetic 
 Every other row runs ``stage=pipeline`` with its switch and ``pipeline.teachers_from`` the seed's base run: only the
 student's stages train again. Cost here (2 cores, from quality.md's step times: Stage I ~5.5 min, Stage II ~6.5 min,
 the student without teachers ~6 min): ``no_stage1`` ~7 min, the other five rows ~12 min each, so ~70 min per seed
-and ~3.5 hours for 3 seeds, plus ~77 min per seed for a base run not kept in ``--out``. Runs are kept in
+and ~3.5 hours for 3 seeds, plus ~54 min per seed for a base run not kept in ``--out``. Runs are kept in
 ``--out`` (an interrupted invocation continues), and recorded in ``benchmarks/results/ablation.json``: a seed
 measured in another session is reused. ``--quick`` checks the harness on quality's tiny random encoders in a few
 minutes. Differences to ``full`` are paired by seed (every run of a seed shares its teachers and data order).
@@ -40,8 +41,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, md_table, note_reused, write_results
-from benchmarks.quality import (METRICS, PIPELINE_LAYERS, pipeline_overrides, same_settings, seed_base_run,
-                                seed_list, student_run)
+from benchmarks.quality import (METRICS, base_name, base_overrides, same_settings, seed_base_run, seed_list,
+                                student_run)
 
 # row -> (label, the student's switch; None: the base run's model, the model's name in the pipeline's table)
 ROWS = {
@@ -85,10 +86,10 @@ def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool
             if run is not None:
                 runs[name] = run
                 metrics[row] = {k: run["summary"]["models"][model][k] for k in METRICS}
-    name = f"seed_{seed}"
+    name = base_name(seed)
     recorded = committed.get(name)
     if (root / name / "quality_run.json").exists() or recorded is None or \
-            not same_settings(recorded, pipeline_overrides(seed, PIPELINE_LAYERS, quick)):
+            not same_settings(recorded, base_overrides(seed, quick)):
         base = seed_base_run(root, seed, quick, may_run=may_run)
         recorded = None if base is None else base[1]
     else:
@@ -185,7 +186,7 @@ def report(per_seed: dict, runs: dict, info: dict, quick: bool, command: str, se
     md = ["# Ablation: Tiny-NewsRec's Figures 3 and 4 on the synthetic default\n",
           f"Each row is a 2-layer student of {'a tiny random encoder (--quick)' if quick else 'all-MiniLM-L6-v2'}, "
           "taught by the M post-trained, finetuned teachers of its seed (linked from the seed's base run, "
-          "benchmarks.quality's `seed_S`, whose students are `full` and `no_both`). Mean ± standard deviation over "
+          "`base_seed_S`, whose students are `full` and `no_both`). Mean ± standard deviation over "
           "seeds, in points (x100).\n",
           md_table(["row", "what", "AUC", "MRR", "nDCG@5", "nDCG@10", "seeds"], table),
           "\nPaired by seed (a seed's runs share its teachers and data order), the difference to `full` in points:\n",
@@ -238,7 +239,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="quality's tiny settings: checks the harness in minutes")
     p.add_argument("--seeds", default=None, help="default 0,1,2 (--quick: 0)")
-    p.add_argument("--out", default="", help="keep the runs here, beside benchmarks.quality's seed_S base runs "
+    p.add_argument("--out", default="", help="keep the runs here, beside the seeds' base runs (base_seed_S) "
                    "(default: a temporary folder)")
     p.add_argument("--fresh", action="store_true", help="run every row, even those recorded in the results file")
     p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the runs kept in --out or "

@@ -3,8 +3,9 @@
 ``python -m benchmarks.kd_methods [--quick] [--seeds 0,1,2] [--out DIR]``
 
 Every row of a seed uses that seed's M teachers and data order and a 2-layer student. The seed's base run is
-``benchmarks.quality``'s run ``seed_S`` in the same ``--out`` (reused when kept there, else run first): it gives
-Tiny-NewsRec's student and Ensemble-Teacher (the M post-trained teachers' mean score at test time). The others:
+``base_seed_S`` (``benchmarks.quality.seed_base_run``) in the same ``--out`` (reused when kept there, else run
+first): it gives Tiny-NewsRec's student and Ensemble-Teacher (the M post-trained teachers' mean score at test
+time). The others:
 
 - TinyBERT-MT: Stage I and Stage II with TinyBERT's losses (``distill.intermediate_weight=1``: embeddings', mapped
   layers' outputs and attention scores; the prediction layer's soft labels, ``distill.distill_weight``), each teacher
@@ -40,7 +41,7 @@ def seed_rows(root: Path, seed: int, quick: bool) -> tuple[dict, dict]:
     base_dir, base = seed_base_run(root, seed, quick)
     models = base["summary"]["models"]
     rows = {"ensemble": models["ensemble"], "tiny_newsrec": models["student"]}
-    seconds = {"base pipeline (quality seed_S)": base["process_seconds"]}
+    seconds = {"base pipeline (base_seed_S)": base["process_seconds"]}
     common = [f"train.seed={seed}", *(QUICK if quick else [])]
     m = TEACHERS_QUICK if quick else TEACHERS_FULL
     tiny = student_run(root, f"seed_{seed}_tinybert_mt", seed, quick, TINYBERT)
@@ -141,7 +142,7 @@ def report(per_seed: dict, seconds: dict, info: dict, quick: bool, command: str,
                     for name, label in ROWS if name != "tiny_newsrec"]),
           "\nVerdict against the paper's Table 4:\n", "\n".join(verdict(table, paired, len(per_seed), quick)),
           "\n\nWhat each row trains:\n",
-          "- Ensemble-Teacher: the M post-trained, finetuned teachers of the base run (`benchmarks.quality` seed_S), "
+          "- Ensemble-Teacher: the M post-trained, finetuned teachers of the base run (`base_seed_S`), "
           "their mean score at test time.\n"
           "- TinyBERT-MT: Stage I and Stage II with `" + " ".join(TINYBERT) + "`: per news, the student's "
           "embeddings', layers' outputs and attention scores against teacher layer i * K's, and the soft labels, each "

@@ -92,7 +92,7 @@ def pipeline_overrides(seed: int, layers: int, quick: bool) -> list[str]:
 
 def teachers_of(root: Path, seed: int) -> Path | None:
     """A finished run of this seed whose teachers a student of another size can link (pipeline.teachers_from)."""
-    for d in [root / f"seed_{seed}", *sorted(root.glob(f"seed_{seed}_l*"))]:
+    for d in [root / f"seed_{seed}", root / base_name(seed), *sorted(root.glob(f"seed_{seed}_l*"))]:
         if (d / "finetune_teachers" / "done.json").exists() and not (d / "finetune_teachers").is_symlink():
             return d
     return None
@@ -103,18 +103,31 @@ def seed_list(seeds: str | None, quick: bool) -> list[int]:
     return [int(s) for s in (seeds or ("0" if quick else "0,1,2")).split(",")]
 
 
+# The base run of the benchmarks that vary the student (ablation, kd_methods, efficiency): this benchmark's seed
+# run without NewsBERT's single-teacher student, which none of them reads (it is ~23 of the ~77 minutes)
+BASE_SWITCH = ["pipeline.newsbert=false"]
+
+
+def base_name(seed: int) -> str:
+    return f"base_seed_{seed}"
+
+
+def base_overrides(seed: int, quick: bool) -> list[str]:
+    return [*pipeline_overrides(seed, PIPELINE_LAYERS, quick), *BASE_SWITCH]
+
+
 def seed_base_run(root: Path, seed: int, quick: bool, may_run: bool = True) -> tuple[Path, dict] | None:
-    """The full pipeline of seed ``seed`` (this benchmark's run ``seed_S``: the M teachers, the plain teacher,
-    Tiny-NewsRec's 2-layer student, the student without teachers, NewsBERT's), which the benchmarks that vary only
-    the student build on: they link its teachers (``student_run``). Kept in ``root`` by an earlier invocation (of
-    any of them), or run now, continuing an interrupted one (about 77 min on 2 cores; --quick a minute). Returns
-    (its folder, its record as quality.json keeps it: ``summary`` is its metrics.json), or None when it is not kept
-    and ``may_run`` is false. A run committed in quality.json without its folder does not count: its teachers'
-    files are needed."""
-    run = obtain(root, f"seed_{seed}", pipeline_overrides(seed, PIPELINE_LAYERS, quick), None, may_run=may_run)
+    """The full pipeline of seed ``seed`` but NewsBERT's (run ``base_seed_S``: the M teachers, the plain teacher,
+    Tiny-NewsRec's 2-layer student, the student without teachers), which the benchmarks that vary only the
+    student build on: they link its teachers (``student_run``). Kept in ``root`` by an earlier invocation (of any
+    of them), or run now, continuing an interrupted one (about 54 min on 2 cores; --quick a minute). Returns (its
+    folder, its record: ``summary`` is its metrics.json), or None when it is not kept and ``may_run`` is false.
+    A run committed in a results file without its folder does not count: its teachers' files are needed."""
+    name = base_name(seed)
+    run = obtain(root, name, base_overrides(seed, quick), None, may_run=may_run)
     if run is None:
         return None
-    run_dir = root / f"seed_{seed}"
+    run_dir = root / name
     if not (run_dir / "finetune_teachers" / "done.json").exists():
         raise SystemExit(f"{run_dir} holds no finished teachers (finetune_teachers/done.json): use another --out")
     return run_dir, run

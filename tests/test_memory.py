@@ -57,17 +57,19 @@ def test_an_interval_of_zero_turns_trimming_off():
 
 @pytest.mark.skipif(peak_rss_mb() is None or not reset_peak_rss(), reason="needs Linux's VmHWM and clear_refs")
 def test_peak_restarts_at_a_reset_and_the_process_peak_keeps_the_old_one():
-    big = torch.ones(40 * 2**20)  # 160 MiB, written
+    # Sizes well above the counters' error: the kernel's per-CPU batches scale with the host's CPU count, not with
+    # the two cores we get, and a CI host with many CPUs read an 80 MiB tensor as 69 MiB of growth
+    big = torch.ones(100 * 2**20)  # 400 MiB, written
     high = peak_rss_mb()
     del big
     gc.collect()
     assert reset_peak_rss()
     low = peak_rss_mb()
-    assert low < high - 100, (low, high)  # the new peak starts from today's resident size
+    assert low < high - 300, (low, high)  # the new peak starts from today's resident size
     assert process_peak_rss_mb() >= high - COUNTER_SLACK_MB
     before = rss_mb()  # another test's leftover thread may free memory after the reset: count from here
-    touched = torch.ones(20 * 2**20)  # 80 MiB
-    assert peak_rss_mb() >= before + 70, (low, before)
+    touched = torch.ones(100 * 2**20)  # 400 MiB
+    assert peak_rss_mb() >= before + 300, (low, before)
     del touched
 
 
