@@ -229,6 +229,13 @@ class DistillConfig:
     # its term, uncomputed (the paper's Figure 4); with distill_weight and emb_weight both 0 a stage reads no teacher
     distill_weight: float = 1.0
     learn_omega: bool = False  # the earlier paper: teacher weights softmax(-omega * CE) with a learned omega > 0
+    # how both stages weigh the teachers: per_sample (softmax(-CE) per sample, as the papers) | uniform (1/M each,
+    # benchmarks.student_gap's control for what the per-sample weighting earns)
+    weighting: str = "per_sample"
+    # the teachers both stages read: 0 = every one (posttrain.teachers); M = the first M snapshots and their
+    # finetuned teachers, the ones a posttrain.teachers=M run keeps (benchmarks.teacher_count post-trains and
+    # finetunes the most teachers once, and links them for every smaller M)
+    teachers: int = 0
     student_init: str = "stage1"  # stage1 (Stage I's student) | plm (the first model.layers layers of the PLM)
     # weight of TinyBERT's intermediate losses in both stages (TinyBERT-MT, Tiny-NewsRec's Table 4): the student's
     # embeddings', layers' outputs and attention scores against each teacher's mapped layer (i -> i * K), weighted per
@@ -586,7 +593,8 @@ def _validate_distillation(cfg: Config) -> None:
     for key, v in {"distill.ce_weight_dp": di.ce_weight_dp, "distill.ce_weight_ft": di.ce_weight_ft,
                    "distill.emb_weight": di.emb_weight, "distill.distill_weight": di.distill_weight,
                    "newsbert.hidden_weight": nb.hidden_weight,
-                   "distill.stage1_teachers": di.stage1_teachers, "posttrain.holdout": pt.holdout,
+                   "distill.stage1_teachers": di.stage1_teachers, "distill.teachers": di.teachers,
+                   "posttrain.holdout": pt.holdout,
                    "newsbert.teacher_layers": nb.teacher_layers}.items():
         if v < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {v}")
@@ -601,6 +609,16 @@ def _validate_distillation(cfg: Config) -> None:
     if not 0.0 <= nb.momentum < 1.0:
         raise ConfigError(f"config key 'newsbert.momentum' must be in [0, 1), got {nb.momentum}")
     _choice("distill.student_init", di.student_init, ("stage1", "plm"))
+    _choice("distill.weighting", di.weighting, ("per_sample", "uniform"))
+    if di.weighting == "uniform" and di.learn_omega:
+        raise ConfigError("distill.learn_omega learns how sharply the per-sample weights follow each teacher's loss; "
+                          "distill.weighting=uniform has no such weights: set one of them only")
+    if di.teachers > pt.teachers:
+        raise ConfigError(f"distill.teachers={di.teachers} reads the first {di.teachers} teachers, but post-training "
+                          f"keeps posttrain.teachers={pt.teachers}")
+    if di.stage1_teachers > (di.teachers or pt.teachers):
+        raise ConfigError(f"distill.stage1_teachers={di.stage1_teachers} exceeds the {di.teachers or pt.teachers} "
+                          "teachers the distillation stages read (distill.teachers, else posttrain.teachers)")
     _choice("posttrain.news", pt.news, ("all", "train"))
     _choice("posttrain.body_field", pt.body_field, ("auto", "body", "abstract"))
     _choice("newsbert.teacher_init", nb.teacher_init, ("auto", "plm", "posttrain", "finetuned"))
@@ -713,6 +731,7 @@ AS_BEFORE = {"engine.targets": "all", "train.checkpoint_errors": "error",
              "posttrain.body_field": "auto",  # auto reads the body wherever there are bodies, as before
              "distill.distill_weight": 1.0, "pipeline.stage2": True}
 AS_BEFORE.update({"newsbert.teachers": 1, "teachers.init": "posttrain"})  # Table 4's methods: one teacher, post-trained
+AS_BEFORE.update({"distill.weighting": "per_sample", "distill.teachers": 0})  # every teacher, weighted per sample
 
 
 def defaults_digest(flat: dict | None = None) -> str:

@@ -302,6 +302,9 @@ def test_newsbert_student_layers_must_divide_the_teachers(tmp_path, cache_dir, s
     (("model.layers=2",), "distill.student_layers"),
     (("posttrain.batch_size=9",), "must exceed posttrain.negatives"),
     (("stage=posttrain", "train.checkpoint_every=2"), "stage=posttrain keeps no mid-stage checkpoints"),
+    (("distill.teachers=3",), "distill.teachers=3 reads the first 3 teachers, but post-training keeps"),
+    (("distill.weighting=uniform", "distill.learn_omega=true"), "distill.weighting=uniform has no such weights"),
+    (("distill.teachers=1", "distill.stage1_teachers=2"), "distill.stage1_teachers=2 exceeds the 1 teachers"),
     (("stage=distill_posttrain", "train.lr_schedule=linear"), "train.lr_schedule applies to the click stages")])
 def test_distillation_config_errors(tmp_path, cache_dir, synthetic_small, capsys, bad, needle):
     rc = main(args(tmp_path / "o", cache_dir, synthetic_small, "stage=pipeline", *bad))
@@ -568,3 +571,60 @@ def test_teachers_from_and_newsbert_refusals_come_before_any_training(tmp_path, 
     assert rc == 2
     assert needle in capsys.readouterr().err
     assert not (out / "distill_posttrain").exists()
+
+
+def test_distill_teachers_reads_the_first_m_teachers_of_a_linked_run(tmp_path, cache_dir, synthetic_small,
+                                                                     pipeline_run):
+    """distill.teachers=1 over a 2-teacher run: both stages read teacher 1 only (their model files name it, their
+    stats count it), and the linked teachers are left as they were."""
+    out = tmp_path / "m1"
+    assert main(args(out, cache_dir, synthetic_small, "stage=pipeline", "distill.teachers=1",
+                     f"pipeline.teachers_from={pipeline_run}")) == 0
+    stage1 = read_snapshot(out / "distill_posttrain/student.safetensors")["meta"]["teachers"]
+    stage2 = read_snapshot(out / "distill_finetune/student.safetensors")["meta"]["teachers"]
+    assert [Path(f).name for f in stage1] == ["teacher_1.safetensors"]
+    assert [Path(f).name for f in stage2] == ["teacher_1.safetensors"]
+    assert read(out / "distill_posttrain/stats.json")["teachers"] == 1
+    assert read(out / "distill_finetune/stats.json")["teachers"] == 1
+    check_click_metrics(read(out / "metrics.json")["models"]["student"])
+
+
+def test_the_first_snapshots_of_a_longer_post_training_are_a_shorter_ones(tmp_path, cache_dir, synthetic_small):
+    """What distill.teachers=M stands for: a post-training that keeps 3 snapshots has, as its first 2, the very
+    snapshots a run keeping 2 has (same seed), so benchmarks.teacher_count post-trains once for every M."""
+    sums = {}
+    for m in (2, 3):
+        out = tmp_path / f"p{m}"
+        assert main(args(out, cache_dir, synthetic_small, "stage=posttrain", f"posttrain.teachers={m}")) == 0
+        sums[m] = [s["checksum"] for s in read(out / "posttrain/metrics.json")["snapshots"]]
+    assert len(sums[3]) == 3 and sums[3][:2] == sums[2]
+
+
+@pytest.mark.parametrize("weighting", ["per_sample", "uniform"])
+def test_uniform_weighting_gives_every_teacher_one_mth_in_both_stages(tmp_path, cache_dir, synthetic_small,
+                                                                     pipeline_run, monkeypatch, weighting):
+    """distill.weighting=uniform: the weights the distillation loss of Stage I and Stage II receives are 1/M for
+    every sample; per_sample (the default) varies them by each teacher's loss."""
+    import speedyrec.recipes.distill_finetune as stage2
+    import speedyrec.recipes.distill_posttrain as stage1
+
+    seen = {}
+
+    def spy(name, real):
+        def loss(student_logits, teacher_logits, weights, temperature):
+            seen.setdefault(name, []).append(weights.detach().clone())
+            return real(student_logits, teacher_logits, weights, temperature)
+        return loss
+
+    monkeypatch.setattr(stage1, "distillation_loss", spy("stage1", stage1.distillation_loss))
+    monkeypatch.setattr(stage2, "distillation_loss", spy("stage2", stage2.distillation_loss))
+    out = tmp_path / weighting
+    assert main(args(out, cache_dir, synthetic_small, "stage=pipeline", f"distill.weighting={weighting}",
+                     f"pipeline.teachers_from={pipeline_run}")) == 0
+    for name in ("stage1", "stage2"):
+        w = torch.cat(seen[name])  # [samples, M = 2]
+        assert w.shape[1] == 2 and torch.allclose(w.sum(1), torch.ones(len(w)))
+        if weighting == "uniform":
+            assert torch.equal(w, torch.full_like(w, 0.5)), name
+        else:
+            assert (w - 0.5).abs().max() > 1e-3, name

@@ -27,6 +27,15 @@ def model_files(directory: Path, what: str, stage: str) -> list[Path]:
     return files
 
 
+def first_teachers(files: list[Path], m: int) -> list[Path]:
+    """The first ``m`` of a stage's teacher files in snapshot order (``distill.teachers``; 0 = all): the ones a
+    run that kept ``m`` post-training snapshots has, as snapshot k is taken at the same step whatever M is."""
+    if m > len(files):
+        raise SnapshotError(f"distill.teachers={m}, but {files[0].parent if files else 'the folder'} holds "
+                            f"{len(files)} teachers")
+    return files[:m] if m else files
+
+
 def _number(stem: str) -> tuple:
     m = re.search(r"(\d+)$", stem)
     return (0, int(m.group(1)), stem) if m else (1, 0, stem)

@@ -26,7 +26,7 @@ from speedyrec.distill.intermediate import IntermediateDistillation
 from speedyrec.distill.losses import (TeacherProjections, distillation_loss, embedding_loss, projected_mse,
                                       teacher_weights)
 from speedyrec.distill.snapshots import save_snapshot
-from speedyrec.distill.teachers import build_student, load_finetuned_recommender, model_files
+from speedyrec.distill.teachers import build_student, first_teachers, load_finetuned_recommender, model_files
 from speedyrec.engine.encode import length_chunks
 from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.engine.trainer import adamw
@@ -67,8 +67,9 @@ class DistillFinetuneRecipe(StageRecipe):
     def run(self) -> dict:
         ctx, cfg, dist, tc, di = self.ctx, self.cfg, self.dist, self.cfg.train, self.cfg.distill
         self.teaching = di.distill_weight > 0 or di.emb_weight > 0  # else the student learns from clicks alone
-        files = [f for f in model_files(ctx.from_dir("finetune_teachers") / "teachers", "finetuned teachers",
-                                        "finetune_teachers") if f.stem != "plain"] if self.teaching else []
+        files = first_teachers([f for f in model_files(ctx.from_dir("finetune_teachers") / "teachers",
+                                                       "finetuned teachers", "finetune_teachers") if f.stem != "plain"],
+                               di.teachers) if self.teaching else []
         teachers, checksums, teacher = [], [], None  # the plain teacher is a baseline, not a teacher
         for f in files:
             teacher, _, checksum = load_finetuned_recommender(ctx, f)
@@ -144,7 +145,7 @@ class DistillFinetuneRecipe(StageRecipe):
                 ts = [target_scores(bank[:, i], clicks, negatives, targets, u.prefix_states, u.empty)
                       for i, u in enumerate(self.teacher_users)]
             t_logits = torch.stack([t.logits for t in ts])  # [M, T, C]
-            w = teacher_weights(t_logits, omega_of(model.log_omega))
+            w = teacher_weights(t_logits, 0.0 if di.weighting == "uniform" else omega_of(model.log_omega))
             if di.distill_weight:
                 terms["distill"] = di.distill_weight, distillation_loss(s.logits, t_logits, w, di.temperature_ft)
             if di.emb_weight:

@@ -24,7 +24,7 @@ from speedyrec.distill.intermediate import IntermediateDistillation
 from speedyrec.distill.losses import (TeacherProjections, candidate_cross_entropy, distillation_loss, embedding_loss,
                                       projected_mse, teacher_weights)
 from speedyrec.distill.snapshots import save_snapshot
-from speedyrec.distill.teachers import freeze, load_posttrained_encoder, model_files
+from speedyrec.distill.teachers import first_teachers, freeze, load_posttrained_encoder, model_files
 from speedyrec.distill.title_body import describe_retrieval, encode_pairs, model_retrieval, retrieval_accuracy
 from speedyrec.engine.trainer import StepOutput, adamw
 from speedyrec.models.checksum import weights_checksum
@@ -54,7 +54,8 @@ class DistillPosttrainRecipe(TitleBodyStage):
         self.teaching = di.distill_weight > 0 or di.emb_weight > 0  # else the student learns its own task alone
         files, tb, bb, teacher_metrics = [], BankBuild(), BankBuild(), {}
         if self.teaching:
-            files = model_files(ctx.from_dir("posttrain") / "snapshots", "post-training snapshots", "posttrain")
+            files = first_teachers(model_files(ctx.from_dir("posttrain") / "snapshots", "post-training snapshots",
+                                               "posttrain"), di.teachers)
             if di.stage1_teachers:
                 files = files[-di.stage1_teachers:]  # the last (most post-trained) ones; 1 = the earlier paper
             layers = plm_layers(ctx)
@@ -115,7 +116,7 @@ class DistillPosttrainRecipe(TitleBodyStage):
             t_title_all = self.title_bank.read(batch.news, dev)  # [B, M, D]
             t_body = self.body_bank.read(batch.news[batch.mine], dev)  # [b, M, D]
             t_logits = torch.einsum("bmd,bcmd->mbc", t_body, t_title_all[cand])  # [M, b, 1 + N]
-            w = teacher_weights(t_logits, omega_of(model.log_omega))
+            w = teacher_weights(t_logits, 0.0 if di.weighting == "uniform" else omega_of(model.log_omega))
             if di.distill_weight:
                 terms["distill"] = di.distill_weight, distillation_loss(s.logits, t_logits, w, di.temperature)
             if di.emb_weight:
