@@ -154,17 +154,22 @@ def news_encoding(cfg) -> dict:
     return {"segments": segments_of(cfg), "refine_topk": cfg.engine.refine_topk if cfg.engine.refine else 0}
 
 
-def apply_buslm(model: NewsRecommender, cfg) -> NewsRecommender:
-    """``model`` with its news encoder run as BusLM (sharing its transformer, token pooling and projection; a new
-    segment pooling) when the config encodes news in segments; unchanged otherwise. Applied after a plain news
-    encoder's weights are loaded (post-training snapshots hold no segment pooling). The segment pooling is drawn
-    without moving the global random state: whatever is initialised after it (a student's teacher projections)
-    starts as it would without BusLM."""
-    if segments_of(cfg) is not None:
-        from speedyrec.models.buslm import BusLMNewsEncoder
+def buslm_encoder(news_encoder: NewsEncoder) -> torch.nn.Module:
+    """A BusLM encoder sharing ``news_encoder``'s transformer, token pooling and projection, with a new segment
+    pooling drawn without moving the global random state: whatever is initialised after it starts as it would
+    without BusLM."""
+    from speedyrec.models.buslm import BusLMNewsEncoder
 
-        with torch.random.fork_rng(devices=[]):  # built on the CPU, then moved to the projection's device
-            model.news_encoder = BusLMNewsEncoder.from_news_encoder(model.news_encoder)
+    with torch.random.fork_rng(devices=[]):  # built on the CPU, then moved to the projection's device
+        return BusLMNewsEncoder.from_news_encoder(news_encoder)
+
+
+def apply_buslm(model: NewsRecommender, cfg) -> NewsRecommender:
+    """``model`` with its news encoder run as BusLM (:func:`buslm_encoder`) when the config encodes news in
+    segments; unchanged otherwise. Applied after a plain news encoder's weights are loaded (a snapshot's segment
+    pooling, if any, pooled post-training's body segments: the click stages' starts fresh)."""
+    if segments_of(cfg) is not None:
+        model.news_encoder = buslm_encoder(model.news_encoder)
     return model
 
 

@@ -189,6 +189,9 @@ class PosttrainConfig:
     # afford 64 (8x less than 512), and a news body states its topic in its first sentences.
     title_tokens: int = 24
     body_tokens: int = 64
+    # S >= 1: a body is its first S x body_tokens tokens read as S BusLM segments of body_tokens each (8 x 64 = the
+    # paper's 512), joined by the bus: attention costs S x 64^2 instead of 512^2; 0 = one sequence of body_tokens
+    body_segments: int = 0
     # the field read as a news's body: body | abstract | auto (the body where the data has bodies: bodies.tsv, or
     # DocFeatures.tsv in the SpeedyRec layout; else the abstract, as MIND's news.tsv holds no body; the log says)
     body_field: str = "auto"
@@ -594,7 +597,7 @@ def _validate_distillation(cfg: Config) -> None:
                    "distill.emb_weight": di.emb_weight, "distill.distill_weight": di.distill_weight,
                    "newsbert.hidden_weight": nb.hidden_weight,
                    "distill.stage1_teachers": di.stage1_teachers, "distill.teachers": di.teachers,
-                   "posttrain.holdout": pt.holdout,
+                   "posttrain.holdout": pt.holdout, "posttrain.body_segments": pt.body_segments,
                    "newsbert.teacher_layers": nb.teacher_layers}.items():
         if v < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {v}")
@@ -628,6 +631,10 @@ def _validate_distillation(cfg: Config) -> None:
     if di.intermediate_weight and cfg.engine.buslm:
         raise ConfigError("distill.intermediate_weight compares the layers of one token sequence; BusLM's segments "
                           "(engine.buslm=true) have no such teacher layers to imitate: set engine.buslm=false")
+    if di.intermediate_weight and pt.body_segments:
+        raise ConfigError("distill.intermediate_weight compares the layers of one token sequence; a body read as BusLM "
+                          f"segments (posttrain.body_segments={pt.body_segments}) has no such teacher layers to "
+                          "imitate: set posttrain.body_segments=0")
     if di.intermediate_weight and not (di.distill_weight or di.emb_weight):
         raise ConfigError("distill.intermediate_weight weighs each teacher per sample by its scores, which the stages "
                           "read only with distill.distill_weight or distill.emb_weight above 0")
@@ -659,8 +666,9 @@ def _validate_distillation(cfg: Config) -> None:
             if getattr(cfg.engine, key):
                 raise ConfigError(f"engine.{key} sets how the click stages read a news; stage={cfg.stage} encodes "
                                   "a title and a body each as one sequence of raw text (posttrain.title_tokens, "
-                                  "posttrain.body_tokens). In stage=pipeline it applies to the click stages, which "
-                                  "start from what this stage trains")
+                                  "posttrain.body_tokens; posttrain.body_segments reads a long body as BusLM "
+                                  "segments). In stage=pipeline it applies to the click stages, which start from what "
+                                  "this stage trains")
         for key, value in (("eval.every", cfg.eval.every), ("eval.every_seconds", cfg.eval.every_seconds),
                            ("eval.patience", cfg.eval.patience)):
             if value:
@@ -732,6 +740,7 @@ AS_BEFORE = {"engine.targets": "all", "train.checkpoint_errors": "error",
              "distill.distill_weight": 1.0, "pipeline.stage2": True}
 AS_BEFORE.update({"newsbert.teachers": 1, "teachers.init": "posttrain"})  # Table 4's methods: one teacher, post-trained
 AS_BEFORE.update({"distill.weighting": "per_sample", "distill.teachers": 0})  # every teacher, weighted per sample
+AS_BEFORE["posttrain.body_segments"] = 0  # a body read as one sequence of posttrain.body_tokens
 
 
 def defaults_digest(flat: dict | None = None) -> str:

@@ -114,6 +114,8 @@ def _encode_share(stack: SharedPrefixStack, inputs: NewsInputs, news: np.ndarray
     """This rank's share of the chunks: (news ids [R], vectors [R, M, D] on the device, valid, padded tokens)."""
     chunks = equal_length_chunks(inputs.lengths(news), chunk_tokens)[dist.rank :: dist.world]
     ids, parts, valid, padded = [], [], 0, 0
+    first = stack.encoders[0]  # BusLM processes its segments packed: absent segments are not padding it computes
+    positions = first.padded_tokens if hasattr(first, "padded_tokens") else (lambda mask: mask.numel())
     bar = progress(len(news), f"teacher bank ({len(stack)} teachers)", "news", enabled=dist.is_main)
     with torch.no_grad(), eval_mode(stack), autocast_context(dist.device, amp):
         for rows in chunks:
@@ -121,7 +123,7 @@ def _encode_share(stack: SharedPrefixStack, inputs: NewsInputs, news: np.ndarray
             # the stack's caches, if on
             parts.append(stack(tokens.input_ids, tokens.mask, news[rows], tokens.counts).float())
             v = int(tokens.mask.sum())
-            valid, padded = valid + v, padded + tokens.mask.numel() - v
+            valid, padded = valid + v, padded + positions(tokens.mask) - v
             ids.append(news[rows])
             bar.update(len(rows) * dist.world)  # rank 0's share, scaled: the ranks' shares are alike
     bar.close()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from torch import nn
 
-from speedyrec.build import Context, apply_buslm, build_news_encoder, build_recommender, news_encoding, plm_layers
+from speedyrec.build import (Context, apply_buslm, build_news_encoder, build_recommender, buslm_encoder, news_encoding,
+                             plm_layers)
 from speedyrec.config import ConfigError
-from speedyrec.distill.snapshots import (SUFFIX, SnapshotError, apply_delta, load_snapshot, read_snapshot,
-                                         verify_checksum)
+from speedyrec.distill.snapshots import SUFFIX, SnapshotError, apply_delta, read_snapshot, verify_checksum
 from speedyrec.models.checksum import news_checksum
 
 
@@ -48,11 +48,46 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def load_posttrained_encoder(ctx: Context, path: Path, freeze_layers: int) -> tuple[nn.Module, dict]:
-    """A post-training snapshot as a news encoder whose first ``freeze_layers`` layers are frozen."""
+def body_segments_of(snap: dict) -> int:
+    """posttrain.body_segments of the run that wrote a post-training or Stage I snapshot (0 before it was recorded)."""
+    return int(snap["meta"].get("body_segments", 0))
+
+
+def load_title_body_snapshot(encoder: nn.Module, path: Path, what: str) -> tuple[dict, nn.Module]:
+    """A post-training or Stage I snapshot loaded into the plain news encoder ``encoder``, its checksum verified.
+    Returns (snapshot, the encoder that read bodies in its training): ``encoder``, or for a snapshot trained on bodies
+    in BusLM segments (posttrain.body_segments) a BusLM encoder sharing ``encoder``'s parts and holding the
+    snapshot's segment pooling."""
+    snap = read_snapshot(path)
+    body = buslm_encoder(encoder) if body_segments_of(snap) else encoder
+    apply_delta(body, snap, path)
+    verify_checksum(body, snap, path, what)
+    return snap, body
+
+
+def load_for_clicks(encoder: nn.Module, path: Path, what: str) -> dict:
+    """A post-training or Stage I snapshot loaded into the plain news encoder ``encoder`` of a click stage, which reads
+    news its own way: a segment pooling of post-training's body segments stays behind (BusLM's starts fresh, as it
+    does after a plain snapshot). The snapshot returned names only tensors ``encoder`` holds."""
+    snap, _ = load_title_body_snapshot(encoder, path, what)
+    names = encoder.state_dict().keys()
+    return {**snap, "delta": {k: t for k, t in snap["delta"].items() if k in names}}
+
+
+def load_posttrained_encoder(ctx: Context, path: Path, freeze_layers: int) -> tuple[nn.Module, nn.Module, dict]:
+    """A post-training snapshot as a news encoder whose first ``freeze_layers`` layers are frozen, and the encoder
+    that reads bodies as it did (itself, or BusLM over the same parts: :func:`load_title_body_snapshot`). Stage I
+    reads bodies as post-training did: a snapshot of another posttrain.body_segments is a ConfigError. Returns
+    (encoder, body encoder, snapshot)."""
     enc = build_news_encoder(ctx, 0, freeze_layers)
-    snap = load_snapshot(enc, path, f"teacher {Path(path).stem}")
-    return enc, snap
+    snap, body = load_title_body_snapshot(enc, path, f"teacher {Path(path).stem}")
+    saved, now = body_segments_of(snap), ctx.cfg.posttrain.body_segments
+    if saved != now:
+        raise ConfigError(f"{path} was post-trained on bodies read with posttrain.body_segments={saved}; this run "
+                          f"reads them with posttrain.body_segments={now}. Stage I's teachers and student read bodies "
+                          "alike (the teachers' body bank is built from them): set it as the post-training run did, "
+                          "or post-train the teachers again")
+    return enc, body, snap
 
 
 def load_posttrained_recommender(ctx: Context, path: Path | None, freeze_layers: int, seed: int, name: str):
@@ -61,7 +96,7 @@ def load_posttrained_recommender(ctx: Context, path: Path | None, freeze_layers:
     text where the config asks: the snapshot's transformer, pooling and projection are BusLM's, its segment pooling
     and the frequency embedding start fresh). Returns (model, snapshot or None)."""
     model = build_recommender(ctx, 0, freeze_layers, seed)
-    snap = None if path is None else load_snapshot(model.news_encoder, path, f"teacher {name}")
+    snap = None if path is None else load_for_clicks(model.news_encoder, path, f"teacher {name}")
     return apply_buslm(model, ctx.cfg), snap
 
 
@@ -106,7 +141,7 @@ def build_student(ctx: Context, freeze_layers: int, start: Path | None) -> tuple
     student = build_recommender(ctx, cfg.distill.student_layers, freeze_layers, cfg.train.seed)
     changed, checksum = set(), "plm"
     if start is not None:
-        snap = load_snapshot(student.news_encoder, start, "the Stage I student")
+        snap = load_for_clicks(student.news_encoder, start, "the Stage I student")
         changed, checksum = {f"news_encoder.{k}" for k in snap["delta"]}, snap["checksum"]
     # Stage I trained a plain news encoder on titles and bodies: BusLM reads clicks' news with its transformer,
     # token pooling and projection

@@ -4,18 +4,22 @@ A news body is the anchor, its own title the positive and N titles of other news
 negatives, so negatives cost no extra encoding. The score is the dot product of the body and title
 vectors; the loss is InfoNCE (cross-entropy over the 1 + N titles). Across ranks a global batch is
 split; titles are gathered with autograd so every body sees negatives from the whole global batch and
-the gradients equal the single-process ones.
+the gradients equal the single-process ones. Titles are one sequence each; a body is one sequence too, or with
+``posttrain.body_segments`` S BusLM segments (a longer body for the cost of S short ones) encoded by the model's
+``body_encoder``, which shares the title encoder's transformer, token pooling and projection.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
-from speedyrec.build import training_news_mask
+from speedyrec.build import buslm_encoder, training_news_mask
 from speedyrec.data.faults import DataError
 from speedyrec.engine.distributed import DistInfo, all_gather_with_grad
 from speedyrec.engine.prefetch import prefetch
@@ -30,12 +34,34 @@ HOLDOUT_SEED = 20231  # the held-out news are a property of the data, the same w
 @dataclass
 class TitleBodyData:
     titles: NewsInputs  # the title field alone, cut to posttrain.title_tokens
-    bodies: NewsInputs  # the body field alone, cut to posttrain.body_tokens
+    bodies: NewsInputs  # the body field alone, in the layout of body_layout
     train_news: np.ndarray  # int64: news with a title and a body, not held out
     holdout: np.ndarray  # int64: news kept out of training for the retrieval accuracy
     news_without_body: int  # news skipped for an empty title or body (counted, reported)
     news_outside_train: int = 0  # posttrain.news=train: news left out because the training log never shows them
     body_field: str = "body"  # the field read as the body (posttrain.body_field resolved)
+
+
+def body_layout(body_field: str, pt) -> tuple[int, list[str] | None]:
+    """How a body is read: (tokens its field is cut to, specials included; BusLM segments, or None for one sequence).
+    With posttrain.body_segments = S the field holds S x (posttrain.body_tokens - 2) content tokens, which
+    TokenStore.segments cuts into S segments of posttrain.body_tokens each, [CLS] and [SEP] included."""
+    if not pt.body_segments:
+        return pt.body_tokens, None
+    return pt.body_segments * (pt.body_tokens - 2) + 2, [body_field] * pt.body_segments
+
+
+def body_encoder_of(encoder: nn.Module, segments: int) -> nn.Module:
+    """What encodes bodies: ``encoder`` itself, or with ``segments`` (posttrain.body_segments) a BusLM encoder sharing
+    its transformer, token pooling and projection, with a segment pooling of its own."""
+    return buslm_encoder(encoder) if segments else encoder
+
+
+def body_reader(model):
+    """``model`` as it encodes bodies (NewsInputs.encode reads its ``news_encoder``): itself, or a view of its
+    ``body_encoder`` where it has one."""
+    body = getattr(model, "body_encoder", None)
+    return model if body is None else SimpleNamespace(news_encoder=body)
 
 
 def build_title_body_data(ctx) -> TitleBodyData:
@@ -47,7 +73,8 @@ def build_title_body_data(ctx) -> TitleBodyData:
         if body_field == "abstract" and ctx.dist.is_main:
             log.warning("post-training: no news has a body (no bodies.tsv): titles are matched with abstracts "
                         "(posttrain.body_field=auto)")
-    bodies = NewsInputs(ctx.field_store(body_field, pt.body_tokens))
+    body_tokens, segments = body_layout(body_field, pt)
+    bodies = NewsInputs(ctx.field_store(body_field, body_tokens), segments)
     every = np.arange(titles.store.num_news)
     eligible = every[(titles.store.lengths(every) > 2) & (bodies.store.lengths(every) > 2)]
     skipped = len(every) - len(eligible)
@@ -127,7 +154,7 @@ def encode_pairs(model, data: TitleBodyData, batch: TitleBodyBatch, device: torc
     ``inputs.encode(model, tokens)``)."""
     encode = encode or (lambda inputs, m, tokens: inputs.encode(m, tokens))
     h_t, vt, pt = encode(data.titles, model, batch.titles.to(device))
-    h_b, vb, pb = encode(data.bodies, model, batch.bodies.to(device))
+    h_b, vb, pb = encode(data.bodies, body_reader(model), batch.bodies.to(device))
     all_t = all_gather_with_grad(h_t, batch.sizes)
     cand = batch.candidates.to(device)
     logits = torch.einsum("bd,bcd->bc", h_b, all_t[cand]).float()
@@ -170,6 +197,6 @@ def model_retrieval(model, data: TitleBodyData, dist: DistInfo, negatives: int, 
     was = model.training
     model.eval()
     t = encode_news(model, data.titles, data.holdout, dist, batch_size, amp)
-    b = encode_news(model, data.bodies, data.holdout, dist, batch_size, amp)
+    b = encode_news(body_reader(model), data.bodies, data.holdout, dist, batch_size, amp)
     model.train(was)
     return retrieval_accuracy(t, b, negatives)

@@ -188,7 +188,8 @@ class TitleBodyStage(StageRecipe):
         return self.data
 
     def cache_frozen_fields(self, encoder: torch.nn.Module) -> None:
-        """The output of the encoder's frozen layers, computed once per news and field (engine.frozen_cache)."""
+        """The output of the encoder's frozen layers, computed once per news and field (engine.frozen_cache); a body
+        in BusLM segments (posttrain.body_segments) keeps the states of its segments' real tokens, with the bus."""
         bb = encoder.backbone
         if bb.freeze_layers and self.cfg.engine.frozen_cache:
             place = frozen_cache_place(self.cfg, self.dist, self.out)

@@ -7,7 +7,8 @@ teacher weights alpha_i = softmax_i(-CE_i); loss = distill_weight * T^2 CE(sum_i
 + emb_weight * sum_i alpha_i [MSE(W_i h_title_i + b_i, h_title_s) + MSE(W_i h_body_i + b_i, h_body_s)]
 + ce_weight_dp * InfoNCE of the student (``distill.stage1_projections=false``: the earlier paper's MSE(h_i, h_s),
 with no W_i, b_i). A term whose weight is 0 is not computed (the paper's Figure 4 ablations); with the distillation
-and embedding terms both off no teacher is read at all. Writes ``out_dir/distill_posttrain/{metrics.json,
+and embedding terms both off no teacher is read at all. Teachers and student read bodies as post-training did
+(``posttrain.body_segments``: one sequence, or BusLM segments). Writes ``out_dir/distill_posttrain/{metrics.json,
 stats.json, student.safetensors}``.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ from speedyrec.distill.losses import (TeacherProjections, candidate_cross_entrop
                                       projected_mse, teacher_weights)
 from speedyrec.distill.snapshots import save_snapshot
 from speedyrec.distill.teachers import first_teachers, freeze, load_posttrained_encoder, model_files
-from speedyrec.distill.title_body import describe_retrieval, encode_pairs, model_retrieval, retrieval_accuracy
+from speedyrec.distill.title_body import (body_encoder_of, describe_retrieval, encode_pairs, model_retrieval,
+                                          retrieval_accuracy)
 from speedyrec.engine.trainer import StepOutput, adamw
 from speedyrec.models.checksum import weights_checksum
 from speedyrec.models.shared_prefix import SharedPrefixStack
@@ -59,28 +61,33 @@ class DistillPosttrainRecipe(TitleBodyStage):
             if di.stage1_teachers:
                 files = files[-di.stage1_teachers:]  # the last (most post-trained) ones; 1 = the earlier paper
             layers = plm_layers(ctx)
-            teachers = [freeze(load_posttrained_encoder(ctx, f, layers)[0]).to(dist.device) for f in files]
-            checksums = [weights_checksum(t) for t in teachers]
-            stack = SharedPrefixStack(teachers)
+            loaded = [load_posttrained_encoder(ctx, f, layers) for f in files]
+            teachers = [freeze(enc).to(dist.device) for enc, _, _ in loaded]
+            # each teacher's body encoder: itself, or BusLM over its parts (a stack and a bank of their own)
+            bodies = [freeze(body).to(dist.device) for _, body, _ in loaded]
             news = np.concatenate([data.train_news, data.holdout])
             banks_root = ctx.bank_dir()
-            self.title_bank, tb = TeacherBank.open_or_build(stack, checksums, data.titles, news, banks_root, dist,
-                                                            chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
-            self.body_bank, bb = TeacherBank.open_or_build(stack, checksums, data.bodies, news, banks_root, dist,
-                                                           chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
+            self.title_bank, tb = TeacherBank.open_or_build(
+                SharedPrefixStack(teachers), [weights_checksum(t) for t in teachers], data.titles, news, banks_root,
+                dist, chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
+            self.body_bank, bb = TeacherBank.open_or_build(
+                SharedPrefixStack(bodies), [weights_checksum(b) for b in bodies], data.bodies, news, banks_root, dist,
+                chunk_tokens=cfg.engine.chunk_tokens, amp=cfg.train.amp)
             # TinyBERT-MT: the teachers' PLMs stay, for their hidden states and attention (the bank holds vectors)
             self.intermediate = IntermediateDistillation([(t, None) for t in teachers], di.student_layers) \
                 if di.intermediate_weight else None
-            del stack, teachers
+            del loaded, teachers, bodies
             teacher_metrics = self._teacher_retrieval(files)
         bank_seconds = tb.seconds + bb.seconds
 
         student = build_news_encoder(ctx, di.student_layers, student_freeze_layers(cfg))
+        body = body_encoder_of(student, cfg.posttrain.body_segments)
         m = len(files)
         projections = (TeacherProjections(m, self.title_bank.dim, cfg.model.dim)
                        if di.stage1_projections and di.emb_weight > 0 else None)
+        extra = {"body_encoder": body} if body is not student else {}
         self.model = model = NewsEncoderModel(student, projections=projections,
-                                              log_omega=omega_parameter(di.learn_omega)).to(dist.device)
+                                              log_omega=omega_parameter(di.learn_omega), **extra).to(dist.device)
         self.cache_frozen_fields(student)
         optimizer = adamw(encoder_param_groups(model, student.backbone, di.stage1_lr, di.stage1_encoder_lr),
                           weight_decay=cfg.train.weight_decay)
@@ -90,8 +97,9 @@ class DistillPosttrainRecipe(TitleBodyStage):
         final = self._student_retrieval()
         path = self.out / "student.safetensors"
         meta = {"encoder": cfg.model.encoder, "stage": self.stage, "layers": di.student_layers,
-                "teachers": [str(f) for f in files], "retrieval": final}
-        checksum = save_snapshot(path, student, trainable_names(student) | non_backbone_names(student), meta) \
+                "teachers": [str(f) for f in files], "body_segments": cfg.posttrain.body_segments, "retrieval": final}
+        # the encoder that read the bodies: the student itself, or BusLM over its parts with its segment pooling
+        checksum = save_snapshot(path, body, trainable_names(body) | non_backbone_names(body), meta) \
             if dist.is_main else ""
         stats = {"teachers": m, **self.title_body_stats(trainer, bank_seconds=bank_seconds,
                                                         bank_news_encoded=tb.news_encoded + bb.news_encoded,

@@ -29,8 +29,8 @@ from speedyrec.build import apply_buslm, build_recommender, news_encoding, plm_l
 from speedyrec.config import ConfigError
 from speedyrec.distill.losses import (candidate_rows, distillation_loss, momentum_gradients, news_teacher_weights,
                                       newsbert_hidden_loss, teacher_weights, weighted_news_loss)
-from speedyrec.distill.snapshots import load_snapshot, save_snapshot
-from speedyrec.distill.teachers import load_finetuned_recommender, model_files
+from speedyrec.distill.snapshots import save_snapshot
+from speedyrec.distill.teachers import load_finetuned_recommender, load_for_clicks, model_files
 from speedyrec.engine.loss import click_cross_entropy, target_scores
 from speedyrec.engine.trainer import adamw
 from speedyrec.models.news_inputs import NewsInputs
@@ -117,7 +117,7 @@ class NewsBertRecipe(StageRecipe):
         teacher = build_recommender(ctx, t_layers, 0, cfg.train.seed)
         changed, start = set(), "plm"
         if source is not None:
-            snap = load_snapshot(teacher.news_encoder, source, f"the NewsBERT teacher ({source.stem})")
+            snap = load_for_clicks(teacher.news_encoder, source, f"the NewsBERT teacher ({source.stem})")
             changed, start = {f"news_encoder.{k}" for k in snap["delta"]}, snap["checksum"]
         # both read news as the config asks: BusLM's segments (after the snapshot's plain encoder is loaded), refined
         # text with each transformer's own frequency embedding

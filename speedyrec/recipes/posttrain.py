@@ -3,7 +3,8 @@
 Only the top ``posttrain.train_layers`` layers (with pooling and projection) train; the frozen layers'
 output is computed once per news (the frozen-prefix cache). After ``posttrain.snapshot_after`` steps a
 snapshot is kept every ``posttrain.snapshot_every`` steps until ``posttrain.teachers`` are kept; each is
-scored by its held-out title retrieval. Writes ``out_dir/posttrain/{metrics.json, stats.json,
+scored by its held-out title retrieval. With ``posttrain.body_segments`` a body is read as BusLM segments, and a
+snapshot holds their segment pooling too. Writes ``out_dir/posttrain/{metrics.json, stats.json,
 snapshots/teacher_<k>.safetensors}``.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from speedyrec.build import build_news_encoder, plm_layers
 from speedyrec.config import ConfigError
 from speedyrec.distill.losses import candidate_cross_entropy
 from speedyrec.distill.snapshots import save_snapshot
-from speedyrec.distill.title_body import describe_retrieval, encode_pairs, model_retrieval, retrieval_of
+from speedyrec.distill.title_body import (body_encoder_of, describe_retrieval, encode_pairs, model_retrieval,
+                                          retrieval_of)
 from speedyrec.engine.trainer import StepOutput, adamw
 from speedyrec.recipes.common import Timer, TitleBodyStage, non_backbone_names, trainable_names
 
@@ -57,12 +59,15 @@ class PosttrainRecipe(TitleBodyStage):
         if pt.train_layers > layers:
             raise ConfigError(f"posttrain.train_layers={pt.train_layers} but model.encoder has {layers} layers")
         encoder = build_news_encoder(ctx, 0, layers - pt.train_layers)
-        self.model = model = NewsEncoderModel(encoder).to(dist.device)
+        # a snapshot is the encoder that read the bodies: the title encoder itself, or BusLM over its parts
+        self.saved = body = body_encoder_of(encoder, pt.body_segments)
+        self.model = model = NewsEncoderModel(encoder, **({"body_encoder": body} if body is not encoder else {}))
+        model.to(dist.device)
         self.cache_frozen_fields(encoder)
         optimizer = adamw(encoder_param_groups(model, encoder.backbone, pt.lr, pt.encoder_lr),
                           weight_decay=cfg.train.weight_decay)
         self.steps = snapshot_steps(pt)
-        self.changed = trainable_names(encoder) | non_backbone_names(encoder)
+        self.changed = trainable_names(body) | non_backbone_names(body)
         self.snapshots: list[dict] = []
         self.losses: list[float] = []
         initial = self._retrieval()
@@ -106,8 +111,9 @@ class PosttrainRecipe(TitleBodyStage):
         if self.dist.is_main:
             meta = {"encoder": self.cfg.model.encoder, "stage": self.stage, "name": name, "step": step,
                     "layers": len(self.model.news_encoder.backbone.layers),
-                    "train_layers": self.cfg.posttrain.train_layers, "retrieval": entry}
-            entry["checksum"] = save_snapshot(path, self.model.news_encoder, self.changed, meta)
+                    "train_layers": self.cfg.posttrain.train_layers, "body_segments": self.cfg.posttrain.body_segments,
+                    "retrieval": entry}
+            entry["checksum"] = save_snapshot(path, self.saved, self.changed, meta)
         entry["path"] = str(path)
         self.snapshots.append(entry)
         return timer()
