@@ -115,6 +115,9 @@ class PosttrainRecipe(TitleBodyStage):
                     "retrieval": entry}
             entry["checksum"] = save_snapshot(path, self.saved, self.changed, meta)
         entry["path"] = str(path)
+        # the stage's time so far, setup included: what a run keeping k snapshots takes (benchmarks.teacher_count);
+        # measured after the file is written and kept out of it, so a snapshot's file is the same in any run
+        entry["seconds"] = self.timer()
         self.snapshots.append(entry)
         return timer()
 

@@ -1,0 +1,377 @@
+"""Tiny-NewsRec's Figure 2 on our data: the number of teachers M = 1..6 against the student's quality and the cost of
+producing it; mean and spread over seeds.
+
+``python -m benchmarks.teacher_count [--quick] [--seeds 0,1,2] [--out DIR] [--kept-only] [--fresh]``
+
+Every run is ``stage=pipeline train.seed=S posttrain.teachers=6 distill.teachers=M`` (the 2-layer student of
+all-MiniLM-L6-v2 on the synthetic default, as every quality run). Per seed S:
+
+- ``teacher_count_m6_seed_S``: the whole pipeline with 6 teachers (post-training keeping 6 snapshots, Stage I, the 6
+  teachers finetuned together, Stage II): the row M = 6.
+- ``teacher_count_mM_seed_S``, M = 1..5: ``distill.teachers=M`` and ``pipeline.teachers_from`` the seed's m6 run, so
+  only Stage I and Stage II train again, reading the first M snapshots and their finetuned teachers: the ones a
+  ``posttrain.teachers=M`` pipeline has (snapshot k is taken at the same step whatever M is, and each teacher is
+  finetuned on its own loss, clipped on its own, from the shared data order; tests/test_teacher_count.py checks
+  both on a tiny encoder).
+
+Quality of a row: the student's dev AUC, MRR, nDCG@5, nDCG@10. Cost of a row, in seconds: teacher finetuning for M
+teachers plus Stage II (the issue's cost of producing the student), and beside them post-training up to snapshot M
+(its elapsed seconds when the snapshot was kept) and Stage I. Stage I and Stage II are measured in each row's own
+run; teacher finetuning is not: the 6 teachers train together in one pass, and the M-teacher cost is estimated as
+that pass x M/6. The shared work of the pass (the frozen bottom layers run once for all teachers, the data, batching
+and caching) makes the true cost a + b*M with a > 0, so the estimate understates small M. Differences to M = 4 (the
+paper's choice) are paired by seed: a seed's rows share its post-training, its teachers and its data order.
+
+Cost here (2 cores): the m6 pipeline ~55 min (post-training ~6 min, Stage I ~6, the 6 teachers ~36, Stage II ~6.5),
+each other row ~12 min (Stage I and Stage II), so ~115 min per seed and ~6 hours for 3 seeds. Runs are kept in
+``--out`` (an interrupted invocation continues) and recorded in ``benchmarks/results/teacher_count.json``, whose
+rows a later session reuses; a seed's M < 6 rows need its m6 run's folder (its teachers' files), so finish a seed
+within one invocation (or keep ``--out``). ``--kept-only`` runs nothing and re-renders the tables from what is kept
+or recorded. ``--quick`` checks the harness on quality's tiny random encoder with M = 1..3 in a few minutes.
+
+On MIND (or any data, encoder, student size): the runs take any training setting, e.g. ``--set data.format=mind
+--set data.dir=DIR --name teacher_count_mind`` (``--name`` is then required: such runs are another table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, machine, md_table, write_results
+from benchmarks.quality import METRICS, QUICK, obtain, same_settings, seed_list
+
+MOST = 6  # the paper's Figure 2: M = 1..6
+QUICK_MOST = 3  # --quick: M = 1..3 of quality's tiny settings
+REFERENCE = 4  # the paper's choice, which every other row is paired against
+# the parts of a row's cost (seconds), in the order of the pipeline
+PARTS = {"posttrain": "post-training to snapshot M", "stage1": "Stage I", "teachers": "teacher finetuning (est.)",
+         "stage2": "Stage II", "student": "teachers + Stage II", "all": "all four"}
+
+
+def counts(most: int) -> list[int]:
+    return list(range(1, most + 1))
+
+
+def reference(most: int) -> int:
+    """The row the others are paired against: M = 4, or the largest M where fewer run (--quick)."""
+    return min(REFERENCE, most)
+
+
+def run_name(m: int, seed: int) -> str:
+    return f"teacher_count_m{m}_seed_{seed}"
+
+
+def run_overrides(seed: int, m: int, most: int, quick: bool, settings: list[str] = ()) -> list[str]:
+    """A row's settings: post-training keeps ``most`` snapshots, both distillation stages read the first ``m``."""
+    tiny = [o for o in QUICK if not o.startswith("posttrain.teachers=")] if quick else []
+    return ["stage=pipeline", f"train.seed={seed}", f"posttrain.teachers={most}", f"distill.teachers={m}", *tiny,
+            *settings]
+
+
+def seed_runs(root: Path, seed: int, most: int, quick: bool, committed: dict, may_run: bool,
+              settings: list[str] = ()) -> dict:
+    """The records of one seed's rows, by run name: kept in ``root``, recorded in ``committed`` (by run name, with
+    the same settings), or run now. A row M < ``most`` that must run links the teachers of the seed's full run
+    (M = ``most``), which is run first where ``root`` does not keep it: a recorded full run has no files."""
+    runs, linked = {}, {}
+    full = run_name(most, seed)
+
+    def teachers_dir() -> Path | None:
+        if "dir" not in linked:
+            run = obtain(root, full, run_overrides(seed, most, most, quick, settings), None, may_run=may_run)
+            linked["dir"] = None if run is None else root / full
+            if run is not None:
+                runs[full] = run
+                if not (root / full / "finetune_teachers" / "done.json").exists():
+                    raise SystemExit(f"{root / full} holds no finished teachers (finetune_teachers/done.json): "
+                                     "use another --out")
+        return linked["dir"]
+
+    for m in counts(most)[:-1]:
+        name, over = run_name(m, seed), run_overrides(seed, m, most, quick, settings)
+        recorded = committed.get(name)
+        if (root / name / "quality_run.json").exists() or (recorded is not None and same_settings(recorded, over)) \
+                or not may_run:
+            run = obtain(root, name, over, recorded, may_run=may_run)
+        else:
+            src = teachers_dir()
+            run = None if src is None else obtain(root, name, over, None, [f"pipeline.teachers_from={src}"])
+        if run is not None:
+            runs[name] = run
+    if full not in runs:
+        run = obtain(root, full, run_overrides(seed, most, most, quick, settings), committed.get(full),
+                     may_run=may_run)
+        if run is not None:
+            runs[full] = run
+    return runs
+
+
+def row_seconds(run: dict, full: dict, m: int, most: int) -> tuple[dict, bool]:
+    """The cost of row ``m`` in seconds (PARTS), from its run and the seed's full run; and whether post-training to
+    snapshot m is prorated by steps (a run made before snapshots recorded their seconds) instead of measured."""
+    snaps, steps = full["summary"]["posttrain"], full["summary"]["seconds"]
+    snap = snaps[m - 1]
+    prorated = "seconds" not in snap
+    post = steps["posttrain"] * snap["step"] / snaps[-1]["step"] if prorated else snap["seconds"]
+    own = run["summary"]["seconds"]
+    parts = {"posttrain": post, "stage1": own["distill_posttrain"],
+             "teachers": steps["finetune_teachers"] * m / most,  # one pass of all; see the module's docstring
+             "stage2": own["distill_finetune"]}
+    parts["student"] = parts["teachers"] + parts["stage2"]
+    parts["all"] = parts["posttrain"] + parts["stage1"] + parts["student"]
+    return parts, prorated
+
+
+def seed_rows(runs: dict, seed: int, most: int) -> dict:
+    """M (str) -> the seed's student metrics, its cost (``seconds``; None without the seed's full run) and the run."""
+    full = runs.get(run_name(most, seed))
+    rows = {}
+    for m in counts(most):
+        run = runs.get(run_name(m, seed))
+        if run is None:
+            continue
+        row = {k: run["summary"]["models"]["student"][k] for k in METRICS}
+        row["seconds"], row["posttrain_prorated"] = row_seconds(run, full, m, most) if full else (None, False)
+        row["run"] = run_name(m, seed)
+        rows[str(m)] = row
+    return rows
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarize(rows: dict, ref: int) -> tuple[dict, dict]:
+    """``table``: M -> {metric: mean and std over seeds, seconds: {part: mean and std}, seeds}; ``paired``: M ->
+    the difference to row ``ref`` of the same seed, over the seeds that have both (seconds too)."""
+    table, paired = {}, {}
+    for m, entry in rows.items():
+        seeds = entry["seeds"]
+        costed = [s for s in seeds.values() if s["seconds"] is not None]
+        table[m] = {**{k: _mean_std([s[k] for s in seeds.values()]) for k in METRICS},
+                    "seconds": {p: _mean_std([s["seconds"][p] for s in costed]) for p in PARTS} if costed else None,
+                    "seeds": list(seeds)}
+    base = rows.get(str(ref), {}).get("seeds", {})
+    for m, entry in rows.items():
+        both = [s for s in entry["seeds"] if s in base]
+        if m == str(ref) or not both:
+            continue
+        mine = entry["seeds"]
+        costed = [s for s in both if mine[s]["seconds"] is not None and base[s]["seconds"] is not None]
+        paired[m] = {**{k: _mean_std([mine[s][k] - base[s][k] for s in both]) for k in METRICS},
+                     "seconds": {p: _mean_std([mine[s]["seconds"][p] - base[s]["seconds"][p] for s in costed])
+                                 for p in PARTS} if costed else None,
+                     "seeds": both}
+    return table, paired
+
+
+def verdict(table: dict, paired: dict, ref: int) -> list[str]:
+    """What agrees with the paper's Figure 2 and what does not, in words, from the paired AUC differences: the
+    student "first greatly improves" with M, and beyond M = 4 "only marginal improvement"."""
+    ms = sorted(int(m) for m in table)
+    if not ms:
+        return []
+    lo, hi = ms[0], ms[-1]
+    lines = []
+
+    def spread(d):
+        return f" ± {100 * d['auc']['std']:.2f}" if len(d["seeds"]) > 1 else ""
+
+    def clear(d):  # a difference larger than its spread over seeds (one seed: any difference, provisionally)
+        return len(d["seeds"]) < 2 or abs(d["auc"]["mean"]) > d["auc"]["std"]
+
+    up = paired.get(str(lo)) if lo < ref else None
+    if up is not None:
+        gain = -up["auc"]["mean"]
+        word = ("within the spread over seeds: no clear gain (the paper: a large one)" if not clear(up) else
+                "a gain, as in the paper" if gain > 0 else "a loss: disagrees with the paper")
+        lines.append(f"- M = {lo} -> {ref}: the student's AUC {100 * gain:+.2f}{spread(up)} points over "
+                     f"{len(up['seeds'])} seed(s), {100 * gain / (ref - lo):+.2f} per added teacher: {word}.")
+    beyond = paired.get(str(hi)) if hi > ref else None
+    if beyond is not None:
+        gain = beyond["auc"]["mean"]
+        slope = gain / (hi - ref)
+        head = (f"- M = {ref} -> {hi}: the student's AUC {100 * gain:+.2f}{spread(beyond)} points over "
+                f"{len(beyond['seeds'])} seed(s), {100 * slope:+.2f} per added teacher: ")
+        if not clear(beyond):
+            word = "within the spread over seeds: marginal at most, as the paper says"
+        elif gain < 0:
+            word = "a loss: more teachers made the student worse (the paper: a marginal gain)"
+        elif up is not None and -up["auc"]["mean"] > 0 and slope <= -up["auc"]["mean"] / (ref - lo) / 2:
+            word = f"a gain per teacher at most half the one up to M = {ref}: marginal, as the paper says"
+        else:
+            word = f"a gain per teacher as large as up to M = {ref} or larger: disagrees with the paper (marginal)"
+        lines.append(head + word + ".")
+    best = max(ms, key=lambda m: table[str(m)]["auc"]["mean"])
+    near = [m for m in ms if str(m) in paired and m != ref and not clear(paired[str(m)])]
+    lines.append(f"- The highest mean AUC is at M = {best} ({100 * table[str(best)]['auc']['mean']:.2f})"
+                 + (f"; within the spread of M = {ref}: M = {', '.join(map(str, near))}." if near else "."))
+    cost = {m: table[str(m)]["seconds"] for m in ms if table[str(m)]["seconds"] is not None}
+    if lo in cost and hi in cost and hi > lo:
+        per = (cost[hi]["student"]["mean"] - cost[lo]["student"]["mean"]) / (hi - lo)
+        at = ", ".join(f"{cost[m]['student']['mean'] / 60:.1f} min at M = {m}" for m in sorted({lo, ref, hi}) if m in cost)
+        lines.append(f"- Producing the student (teacher finetuning, estimated, + Stage II) takes {at}: "
+                     f"{per / 60:+.1f} min per added teacher; with post-training to snapshot M and Stage I, "
+                     f"{cost[lo]['all']['mean'] / 60:.1f} min at M = {lo} and {cost[hi]['all']['mean'] / 60:.1f} min "
+                     f"at M = {hi}.")
+    if any(len(d["seeds"]) < 2 for d in paired.values()):
+        lines.append("- Fewer than 2 seeds for some row: no spread to judge a difference by; these words are "
+                     "provisional.")
+    return lines
+
+
+def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, command: str, name: str,
+           seconds: float, settings: list[str] = ()) -> dict:
+    """Write ``benchmarks/results/<name>.{json,md,png}`` from ``per_seed`` (seed -> seed_rows) and the runs."""
+    ref = reference(most)
+    rows = {str(m): {"seeds": {s: r[str(m)] for s, r in per_seed.items() if str(m) in r}} for m in counts(most)}
+    rows = {m: e for m, e in rows.items() if e["seeds"]}
+    table, paired = summarize(rows, ref)
+    prorated = sorted({s for e in rows.values() for s, r in e["seeds"].items() if r["posttrain_prorated"]})
+    payload = {"machine": info, "quick": quick, "command": command, "settings": list(settings),
+               "seeds": sorted(per_seed), "counts": counts(most),
+               "reference": ref, "rows": rows, "table": table, "paired": paired,
+               "seconds": {n: r["summary"].get("seconds", {}) for n, r in sorted(runs.items())},
+               "total": sum(r["process_seconds"] for r in runs.values()), "wall_seconds_this_invocation": seconds,
+               "teachers_estimated": f"the {most}-teacher finetuning pass x M/{most}", "runs": runs}
+
+    def cell(v, many, scale=100.0, sign=""):
+        return f"{scale * v['mean']:{sign}.2f}" + (f" ± {scale * v['std']:.2f}" if many else "")
+
+    def minutes(v, many, sign=""):
+        return "" if v is None else cell(v, many, 1 / 60, sign)
+
+    quality = [[m, *[cell(t[k], len(t["seeds"]) > 1) for k in METRICS],
+                *[minutes(t["seconds"] and t["seconds"][p], len(t["seeds"]) > 1) for p in ("teachers", "stage2",
+                                                                                         "student")],
+                len(t["seeds"])] for m, t in table.items()]
+    diffs = [[f"M = {m} - M = {ref}", len(d["seeds"]), *[cell(d[k], len(d["seeds"]) > 1, sign="+") for k in METRICS],
+              minutes(d["seconds"] and d["seconds"]["student"], len(d["seeds"]) > 1, "+")] for m, d in paired.items()]
+    parts = [[m, *[minutes(t["seconds"] and t["seconds"][p], len(t["seeds"]) > 1) for p in PARTS]]
+             for m, t in table.items()]
+    seeds = payload["seeds"]
+    auc = [[s, *[f"{100 * per_seed[s][m]['auc']:.2f}" if m in per_seed[s] else "" for m in rows]] for s in seeds]
+    encoder = "a tiny random encoder (--quick)" if quick else \
+        "the encoder these settings give" if settings else "all-MiniLM-L6-v2"
+    where = f"these settings: {' '.join(f'`{o}`' for o in settings)}" if settings else "the synthetic default"
+    md = [f"# Teacher count: Tiny-NewsRec's Figure 2 on {where}\n",
+          f"Each row M is the {'' if settings else '2-layer '}student of {encoder} distilled from the first M of {most} post-training "
+          f"snapshots and their finetuned teachers (`distill.teachers=M`; every M < {most} links the {most}-teacher "
+          "run of its seed). Quality: mean ± standard deviation over seeds, in points (x100). Cost: minutes, "
+          f"teacher finetuning **estimated** as the {most}-teacher pass x M/{most} (the {most} teachers train "
+          "together in one pass; the work they share, the frozen bottom layers run once for all, the data, "
+          "batching and caching, makes the true cost a + b·M with a > 0, so this understates small M); Stage II "
+          "measured in each row's run.\n",
+          md_table(["M", "AUC", "MRR", "nDCG@5", "nDCG@10", "teachers (est., min)", "Stage II (min)",
+                    "teachers + Stage II (min)", "seeds"], quality),
+          f"\nPaired by seed (a seed's rows share its post-training, teachers and data order), the difference to "
+          f"M = {ref} (the paper's choice{'' if ref == REFERENCE else '; --quick runs fewer'}) in points; cost in "
+          "minutes:\n",
+          md_table(["comparison", "seeds", "AUC", "MRR", "nDCG@5", "nDCG@10", "teachers + Stage II (min)"], diffs),
+          "\nAUC of each seed:\n", md_table(["seed", *[f"M = {m}" for m in rows]], auc),
+          "\nEvery part of the cost (min): post-training up to snapshot M (the seconds elapsed when it was kept: what "
+          "a run keeping M snapshots takes), Stage I and Stage II (measured per row), the teachers (estimated):\n",
+          md_table(["M", *PARTS.values()], parts)]
+    if prorated:
+        md.append(f"\nSeeds {', '.join(prorated)}: post-training to snapshot M prorated by its steps (their runs "
+                  "predate the snapshots' recorded seconds).\n")
+    md += ["\n## Verdict\n",
+           "Generated from the numbers above; the paper (Feeds data, a 4-layer student of UniLM): the student first "
+           "improves greatly with M, and only marginally beyond M = 4, chosen as the balance of quality and the "
+           "teachers' training cost.\n", *verdict(table, paired, ref),
+           "\n## How it was measured\n",
+           f"Commit {info.get('commit') or 'unknown'}; {info['device']}, torch {info['torch']}, "
+           f"{info.get('threads')} threads. Command: `{command}`. Wall times are of a machine that may be shared: "
+           f"they are seconds of each run's own steps. All jobs these rows read took {payload['total'] / 60:.1f} min "
+           f"(this invocation: {seconds / 60:.1f} min; kept runs are reused, not run again). Each run's steps (s):\n",
+           md_table(["run", "steps"], [[n, ", ".join(f"{k} {v:.0f}" for k, v in s.items())]
+                                       for n, s in payload["seconds"].items()])]
+    write_results(name, payload, "\n".join(md), plot=lambda path: _plot(path, payload))
+    print("\n".join(md), flush=True)
+    return payload
+
+
+def _plot(path, d: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    table = d["table"]
+    ms = [int(m) for m in table]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for seed in d["seeds"]:
+        have = [m for m in ms if seed in d["rows"][str(m)]["seeds"]]
+        left.plot(have, [100 * d["rows"][str(m)]["seeds"][seed]["auc"] for m in have], color="#dd8452", alpha=0.3,
+                  marker=".", linewidth=0.8)
+    left.errorbar(ms, [100 * table[str(m)]["auc"]["mean"] for m in ms],
+                  yerr=[100 * table[str(m)]["auc"]["std"] for m in ms], color="#dd8452", marker="o", capsize=4,
+                  label="mean ± std (faint: each seed)")
+    left.set_ylabel("student's dev AUC (x100)")
+    left.set_title("Quality")
+    costed = [m for m in ms if table[str(m)]["seconds"] is not None]
+    for part, style, label in (("student", "-", "teacher finetuning (est.) + Stage II"),
+                               ("all", "--", "+ post-training to snapshot M + Stage I")):
+        right.errorbar(costed, [table[str(m)]["seconds"][part]["mean"] / 60 for m in costed],
+                       yerr=[table[str(m)]["seconds"][part]["std"] / 60 for m in costed], color="#4c72b0",
+                       linestyle=style, marker="o", capsize=4, label=label)
+    right.set_ylabel("minutes")
+    right.set_title("Cost of producing the student")
+    for ax in (left, right):
+        ax.axvline(d["reference"], color="#8c8c8c", linestyle=":", linewidth=1,
+                   label=f"M = {d['reference']}, the paper's choice" if d["reference"] == REFERENCE else None)
+        ax.set_xticks(ms)
+        ax.set_xlabel("teachers M")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def committed_runs(name: str) -> dict:
+    """The runs already in the results file, by run name: the seeds may be measured in several sessions."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="benchmarks.teacher_count", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="quality's tiny settings, M = 1..3: checks the harness")
+    p.add_argument("--seeds", default=None, help="default 0,1,2 (--quick: 0)")
+    p.add_argument("--out", default="", help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--fresh", action="store_true", help="run every row, even those recorded in the results file")
+    p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the runs kept in --out or "
+                   "recorded, and name the ones missing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training setting of every run (e.g. data.format=mind); needs --name")
+    p.add_argument("--name", default="", help="the results file's name (default teacher_count[_quick])")
+    a = p.parse_args(argv)
+    if a.set and not a.name:
+        p.error("--set makes another table: name its results file with --name")
+    t0 = time.perf_counter()
+    most = QUICK_MOST if a.quick else MOST
+    name = a.name or ("teacher_count_quick" if a.quick else "teacher_count")
+    command = "python -m benchmarks.teacher_count " + " ".join(argv if argv is not None else sys.argv[1:])
+    info = machine()
+    committed = {} if a.fresh else committed_runs(name)
+    per_seed, runs, payload = {}, {}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(a.out or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for seed in seed_list(a.seeds, a.quick):
+            got = seed_runs(root, seed, most, a.quick, committed, not a.kept_only, a.set)
+            if got:
+                runs.update(got)
+                per_seed[str(seed)] = seed_rows(got, seed, most)
+                # rewritten after every seed: an interrupted invocation keeps what it measured
+                payload = report(per_seed, runs, most, info, a.quick, command, name, time.perf_counter() - t0,
+                                 a.set)
+    if payload is None:
+        raise SystemExit(f"benchmarks.teacher_count: no run of seeds {a.seeds or 'default'} is kept in {root} or "
+                         "recorded")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
