@@ -324,6 +324,10 @@ def report(runs: dict, students: dict, info: dict, quick: bool) -> dict:
           "\nWall time of each step (s), per run (a run of another student size links the teachers):\n",
           md_table(["run", "steps"], [[run, ", ".join(f"{k} {v:.0f}" for k, v in s.items())]
                                       for run, s in seconds.items()])]
+    if not quick:
+        from benchmarks.student_gap import quality_section  # its rows build on this module's
+
+        md += quality_section()
     write_results("quality_quick" if quick else "quality", payload, "\n".join(md),
                   plot=lambda path: _plot(path, payload))
     print("\n".join(md))
