@@ -16,19 +16,31 @@ Rows (the 2-layer student of all-MiniLM-L6-v2, M = 4 teachers, on the synthetic 
   soft labels of the teachers' weighted scores), ``no_emb`` (``distill.emb_weight=0``, the projected MSE of title
   and body, then of news and user vectors), ``no_target`` (``distill.ce_weight_dp=0 distill.ce_weight_ft=0``, the
   student's own InfoNCE and click CE). A term off is not computed.
+- Post-training's body length: ``body_512`` (``posttrain.body_segments=8``): post-training and Stage I read a body's
+  first 512 tokens as 8 BusLM segments of 64 (the paper's 512; the other rows read 64 as one sequence). Its teachers
+  differ, so it cannot link the seed's base run's: it runs its own pipeline (``stage=pipeline train.seed=S
+  posttrain.body_segments=8``, no baselines), and the md gives its teachers' AUC beside the base run's and the wall
+  time of post-training + Stage I in both (the cost).
 
-Every other row runs ``stage=pipeline`` with its switch and ``pipeline.teachers_from`` the seed's base run: only the
-student's stages train again. Cost here (2 cores, from quality.md's step times: Stage I ~5.5 min, Stage II ~6.5 min,
-the student without teachers ~6 min): ``no_stage1`` ~7 min, the other five rows ~12 min each, so ~70 min per seed
-and ~3.5 hours for 3 seeds, plus ~54 min per seed for a base run not kept in ``--out``. Runs are kept in
+The rows of Figures 3 and 4 run ``stage=pipeline`` with their switch and ``pipeline.teachers_from`` the seed's base
+run: only the student's stages train again. Cost here (2 cores, from quality.md's step times: Stage I ~5.5 min,
+Stage II ~6.5 min, the student without teachers ~6 min): ``no_stage1`` ~7 min, the other five rows ~12 min each, so
+~70 min per seed and ~3.5 hours for 3 seeds, plus ~54 min per seed for a base run not kept in ``--out``, and
+``body_512``'s own pipeline (below). Runs are kept in
 ``--out`` (an interrupted invocation continues), and recorded in ``benchmarks/results/ablation.json``: a seed
 measured in another session is reused. ``--quick`` checks the harness on quality's tiny random encoders in a few
-minutes. Differences to ``full`` are paired by seed (every run of a seed shares its teachers and data order).
+minutes. Differences to ``full`` are paired by seed (every run of a seed shares its teachers and data order;
+``body_512`` shares the data order and initialisation, its teachers are its own).
 
-Not yet a row: ``body_512``, post-training and Stage I at the paper's 512 body tokens read as BusLM segments
-(e.g. 8 of 64) instead of today's 64. Post-training and Stage I read a body as one sequence and refuse
-engine.buslm; the row needs a key of their own for the body's segments, and its own pipeline per seed (its
-teachers differ, so they cannot be linked).
+``body_512``'s cost: 8x the body tokens in every trained layer, whether one sequence or segments. Measured on the 2
+busy cores (noisy: other runs shared them), one post-training batch of 32 bodies through MiniLM-L6 (3 frozen, 3
+trained layers, forward and backward, interleaved rounds) took 4.3 s at 64 tokens, 22 s as 8 BusLM segments of 64
+and 38 s as one 512-token sequence (BusLM ~1.7x cheaper than the one sequence, which also pads to its longest body);
+a whole post-training step, titles and optimizer included, 3.6x the 64-token one. From these ratios, post-training +
+Stage I (their held-out retrievals and the teachers' body bank included) take ~45 min per seed instead of ~9, and
+the row's pipeline ~80 min per seed (its teachers' finetuning and Stage II as in the base run), ~4 hours for 3
+seeds; the md records the measured times. Its post-training keeps a frozen-prefix cache of ~3 GiB (every body's
+512 token states after the 3 frozen layers, float32) in ``engine.frozen_cache_dir``.
 """
 from __future__ import annotations
 
@@ -41,8 +53,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, md_table, note_reused, write_results
-from benchmarks.quality import (METRICS, base_name, base_overrides, same_settings, seed_base_run, seed_list,
-                                student_run)
+from benchmarks.quality import (METRICS, QUICK, base_name, base_overrides, obtain, same_settings, seed_base_run,
+                                seed_list, student_run)
 
 # row -> (label, the student's switch; None: the base run's model, the model's name in the pipeline's table)
 ROWS = {
@@ -56,13 +68,26 @@ ROWS = {
     "no_emb": ("without the embedding loss (both stages)", ["distill.emb_weight=0"], "student"),
     "no_target": ("without the target loss (both stages)", ["distill.ce_weight_dp=0", "distill.ce_weight_ft=0"],
                   "student"),
+    "body_512": ("post-training and Stage I at 512 body tokens as 8 BusLM segments of 64",
+                 ["posttrain.body_segments=8"], "student"),
 }
+# rows whose switch changes post-training: they train their own teachers instead of linking the base run's
+OWN_TEACHERS = ("body_512",)
 FIGURES = {"Figure 3: each stage": ("full", "no_stage1", "no_stage2", "no_both"),
-           "Figure 4: each loss": ("full", "no_distill", "no_emb", "no_target")}
+           "Figure 4: each loss": ("full", "no_distill", "no_emb", "no_target"),
+           "Post-training's body tokens": ("full", "body_512")}
 
 
 def run_name(row: str, seed: int) -> str:
     return f"ablation_{row}_seed_{seed}"
+
+
+def own_pipeline_run(root: Path, name: str, seed: int, quick: bool, switch: list[str], committed: dict | None,
+                     may_run: bool) -> dict | None:
+    """``stage=pipeline`` of seed ``seed`` with ``switch``, training its own teachers (no baselines: the row reads
+    its student and teachers); kept in ``root/name`` or ``committed``, else run now unless ``may_run`` is false."""
+    overrides = ["stage=pipeline", f"train.seed={seed}", *switch, *(QUICK if quick else [])]
+    return obtain(root, name, overrides, committed, may_run=may_run)
 
 
 def results_name(quick: bool) -> str:
@@ -82,7 +107,8 @@ def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool
     for row, (_, switch, model) in ROWS.items():
         if switch is not None:
             name = run_name(row, seed)
-            run = student_run(root, name, seed, quick, switch, committed.get(name), may_run=may_run)
+            fetch = own_pipeline_run if row in OWN_TEACHERS else student_run
+            run = fetch(root, name, seed, quick, switch, committed.get(name), may_run=may_run)
             if run is not None:
                 runs[name] = run
                 metrics[row] = {k: run["summary"]["models"][model][k] for k in METRICS}
@@ -116,6 +142,7 @@ def summarize(per_seed: dict) -> dict:
         if not seeds:
             continue
         entry = {"label": label, "switch": switch or ["(the seed's base run)"], "model": model, "seeds": seeds,
+                 "teachers": "own" if row in OWN_TEACHERS else "the base run's",
                  "mean": {k: _mean_std([m[k] for m in seeds.values()]) for k in METRICS}}
         paired = [s for s in seeds if "full" in per_seed[s]]
         if row != "full" and paired:
@@ -126,9 +153,51 @@ def summarize(per_seed: dict) -> dict:
     return rows
 
 
-def verdict(rows: dict) -> list[str]:
+def teacher_side(summary: dict) -> dict:
+    """What a pipeline's post-training gave its teachers and what it and Stage I cost: the M teachers' mean dev AUC,
+    the ensemble's, the snapshots' mean held-out title retrieval (post-training's own task, on the run's own body
+    length), the Stage I student's, and the two steps' wall time (s); None where the run did not record it."""
+    models, seconds = summary["models"], summary.get("seconds", {})
+    aucs = [m["auc"] for name, m in models.items() if name.startswith("teacher_")]
+    snaps = summary.get("posttrain") or []
+    stage1 = ((summary.get("stage1") or {}).get("student") or {}).get("final") or {}
+    both = [seconds.get(k) for k in ("posttrain", "distill_posttrain")]
+    return {"teacher_auc": statistics.mean(aucs) if aucs else None,
+            "ensemble_auc": models.get("ensemble", {}).get("auc"),
+            "teacher_retrieval": statistics.mean(s["retrieval_acc"] for s in snaps) if snaps else None,
+            "stage1_retrieval": stage1.get("retrieval_acc"),
+            "posttrain_seconds": both[0], "stage1_seconds": both[1],
+            "seconds": sum(both) if None not in both else None}
+
+
+def teacher_sides(runs: dict, seeds) -> dict:
+    """seed -> {"full": the base run's teacher_side, "body_512": its own run's}, for the seeds that ran body_512."""
+    out = {}
+    for seed in seeds:
+        own = runs.get(run_name("body_512", int(seed)))
+        if own is not None:
+            base = runs.get(base_name(int(seed)))
+            out[str(seed)] = {"body_512": teacher_side(own["summary"]),
+                              **({"full": teacher_side(base["summary"])} if base is not None else {})}
+    return out
+
+
+def teacher_difference(teachers: dict) -> tuple[dict, float, int] | None:
+    """body_512's teachers against the base run's, over the seeds that have both: the mean AUC difference (mean and
+    std over seeds), the mean ratio of post-training + Stage I's wall time, and the number of seeds."""
+    both = [t for t in teachers.values() if "full" in t and t["full"]["teacher_auc"] is not None
+            and t["body_512"]["teacher_auc"] is not None and t["full"]["seconds"] and t["body_512"]["seconds"]]
+    if not both:
+        return None
+    auc = _mean_std([t["body_512"]["teacher_auc"] - t["full"]["teacher_auc"] for t in both])
+    return auc, statistics.mean(t["body_512"]["seconds"] / t["full"]["seconds"] for t in both), len(both)
+
+
+def verdict(rows: dict, teachers: dict | None = None) -> list[str]:
     """What agrees with the paper's Figures 3 and 4 and what does not, in words, from the paired AUC differences:
-    a row is below ``full`` when its mean difference is negative and larger than its spread over seeds."""
+    a row is below ``full`` when its mean difference is negative and larger than its spread over seeds. ``body_512``,
+    the paper's own body length, is said in plain words, and so is what it did to its teachers (``teachers``:
+    teacher_sides) and what it cost."""
     def drop(row):
         d = rows.get(row, {}).get("minus_full")
         return None if d is None else (-d["auc"]["mean"], d["auc"]["std"], len(d["seeds"]))
@@ -140,7 +209,13 @@ def verdict(rows: dict) -> list[str]:
             continue
         mean, std, n = d
         spread = f" ± {100 * std:.2f}" if n > 1 else ""
-        if n > 1 and abs(mean) <= std:
+        if row == "body_512":  # not an ablation: the paper's own body length, which it does not vary
+            if n > 1 and abs(mean) <= std:
+                word = "within the spread over seeds: no clear effect of the longer bodies"
+            else:
+                word = "below the full student: the longer bodies do not help here" if mean > 0 else \
+                    "above the full student: the longer bodies help"
+        elif n > 1 and abs(mean) <= std:
             word = "within the spread over seeds: no clear effect (the paper: a drop)"
         elif mean > 0:
             word = "below the full student, as in the paper"
@@ -162,16 +237,45 @@ def verdict(rows: dict) -> list[str]:
     order("no_distill", "no_emb", "Figure 4: the distillation loss matters more than the embedding loss")
     order("no_distill", "no_target", "Figure 4: the distillation loss matters more than the target loss")
     order("no_emb", "no_target", "Figure 4: the embedding loss matters more than the target loss")
+    body = teacher_difference(teachers or {})
+    if body is not None:
+        auc, cost, n = body
+        spread = f" ± {100 * auc['std']:.2f}" if n > 1 else ""
+        lines.append(f"- `body_512`'s own teachers: mean AUC {100 * auc['mean']:+.2f}{spread} points against the base "
+                     f"run's over {n} seed(s); post-training + Stage I took {cost:.1f}x the time.")
     if any(len(e["minus_full"]["seeds"]) < 2 for e in rows.values() if "minus_full" in e):
         lines.append("- Fewer than 2 seeds for some row: no spread to judge a difference by; these words are "
                      "provisional.")
     return lines
 
 
+def body_512_section(teachers: dict) -> list[str]:
+    """The md's lines on body_512's teachers and cost, beside the base run's (none where no seed ran body_512)."""
+    if not teachers:
+        return []
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    sec = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
+    table = [[seed, f"`{run}`", "8 x 64 (BusLM)" if run == "body_512" else "64", pct(t["teacher_auc"]),
+              pct(t["ensemble_auc"]), pct(t["teacher_retrieval"]), pct(t["stage1_retrieval"]),
+              sec(t["posttrain_seconds"]), sec(t["stage1_seconds"]), sec(t["seconds"])]
+             for seed, sides in teachers.items() for run, t in sorted(sides.items(), key=lambda kv: kv[0] != "full")]
+    lines = ["\n## `body_512`: its teachers and its cost\n",
+             "Post-training and Stage I at 512 body tokens change the teachers too. Per seed, `body_512`'s run beside "
+             "the base run (`full`'s teachers, a body's first 64 tokens as one sequence): the M post-trained, "
+             "finetuned teachers' mean dev AUC and their ensemble's (x100); held-out title retrieval (top-1 among the "
+             "held-out news' titles, post-training's own task, each run on its own body length): the snapshots' mean "
+             "and the Stage I student's; each step's wall time (s).\n",
+             md_table(["seed", "run", "body tokens", "teachers' AUC", "ensemble AUC", "teachers' retrieval",
+                       "Stage I student's retrieval", "post-training s", "Stage I s", "both s"], table)]
+    return lines
+
+
 def report(per_seed: dict, runs: dict, info: dict, quick: bool, command: str, seconds: float) -> dict:
     rows = summarize(per_seed)
+    teachers = teacher_sides(runs, sorted(per_seed))
     payload = {"machine": info, "quick": quick, "command": command, "seeds": sorted(per_seed),
-               "rows": rows, "figures": FIGURES, "wall_seconds_this_invocation": seconds,
+               "rows": rows, "figures": FIGURES, "body_512_teachers": teachers,
+               "wall_seconds_this_invocation": seconds,
                "run_seconds": {name: r["summary"].get("seconds", {}) for name, r in runs.items()}, "runs": runs}
     cell = lambda v, many: f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}" if many else f"{100 * v['mean']:.2f}"  # noqa: E731
     table = [[f"`{r}`", e["label"], *[cell(e["mean"][k], len(e["seeds"]) > 1) for k in METRICS], len(e["seeds"])]
@@ -186,22 +290,24 @@ def report(per_seed: dict, runs: dict, info: dict, quick: bool, command: str, se
     md = ["# Ablation: Tiny-NewsRec's Figures 3 and 4 on the synthetic default\n",
           f"Each row is a 2-layer student of {'a tiny random encoder (--quick)' if quick else 'all-MiniLM-L6-v2'}, "
           "taught by the M post-trained, finetuned teachers of its seed (linked from the seed's base run, "
-          "`base_seed_S`, whose students are `full` and `no_both`). Mean ± standard deviation over "
-          "seeds, in points (x100).\n",
+          "`base_seed_S`, whose students are `full` and `no_both`), except `body_512`, whose post-training differs: "
+          "its pipeline trains its own teachers. Mean ± standard deviation over seeds, in points (x100).\n",
           md_table(["row", "what", "AUC", "MRR", "nDCG@5", "nDCG@10", "seeds"], table),
           "\nPaired by seed (a seed's runs share its teachers and data order), the difference to `full` in points:\n",
           md_table(["comparison", "seeds", "AUC", "MRR", "nDCG@5", "nDCG@10"], paired),
           "\nAUC of each seed:\n", md_table(["seed", *rows], per_seed_auc),
           "\n## Verdict\n", "Generated from the numbers above; the paper (Feeds data, a 4-layer student of UniLM): "
           "removing either stage or any loss lowers the student, Stage II more than Stage I, the distillation "
-          "loss most, the embedding loss next, the target loss least.\n", *verdict(rows),
+          "loss most, the embedding loss next, the target loss least. The paper post-trains on 512 body tokens and "
+          "does not vary it.\n", *verdict(rows, teachers), *body_512_section(teachers),
           "\n## How it was measured\n",
           f"Commit {info.get('commit') or 'unknown'}; {info['device']}, torch {info['torch']}, "
           f"{info.get('threads')} threads. Command: `{command}`. Switches per row:\n",
           md_table(["row", "settings (besides the seed's base run's)"],
-                   [[f"`{r}`", " ".join(f"`{s}`" for s in e["switch"])] for r, e in rows.items()]),
-          f"\nTraining time of the runs these rows read (each run's own steps; the base runs train the teachers, "
-          f"the others link them): "
+                   [[f"`{r}`", ("its own pipeline, no baselines: " if r in OWN_TEACHERS else "")
+                     + " ".join(f"`{s}`" for s in e["switch"])] for r, e in rows.items()]),
+          f"\nTraining time of the runs these rows read (each run's own steps; the base runs and `body_512`'s train "
+          f"teachers, the others link the base runs'): "
           f"{step_seconds / 60:.1f} min; this invocation: {seconds / 60:.1f} min (kept runs are reused, not run "
           "again). Each run's steps (s):\n",
           md_table(["run", "steps"], [[name, ", ".join(f"{k} {v:.0f}" for k, v in payload["run_seconds"][name].items())]
@@ -215,7 +321,7 @@ def _plot(path, d: dict) -> None:
     import matplotlib.pyplot as plt
 
     rows = d["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(d["figures"]), figsize=(5.5 * len(d["figures"]), 4), sharey=True)
     lows = []
     for ax, (title, names) in zip(axes, d["figures"].items()):
         names = [n for n in names if n in rows]

@@ -162,9 +162,12 @@ def test_benchmark_ablation_tables_and_verdict_from_fabricated_numbers(tmp_path,
     for module in (common, ablation):
         monkeypatch.setattr(module, "RESULTS", tmp_path)
     drop = {"full": 0, "no_stage1": 0.004, "no_stage2": 0.010, "no_both": 0.015, "no_distill": 0.008,
-            "no_emb": 0.009, "no_target": -0.003}
+            "no_emb": 0.009, "no_target": -0.003, "body_512": -0.002}
     per_seed = {str(s): {r: {k: 0.70 + 0.001 * s - d for k in METRICS} for r, d in drop.items()} for s in range(3)}
     runs = {"seed_0": {"summary": {"seconds": {"distill_finetune": 60.0}}}}
+    for s in range(3):  # body_512's teachers gain 1 point (1.5 and 0.5 for its two teachers) and cost 5x
+        runs[f"base_seed_{s}"] = {"summary": _pipeline_summary(0.68, 100.0, 0.5)}
+        runs[f"ablation_body_512_seed_{s}"] = {"summary": _pipeline_summary(0.69, 500.0, 0.75)}
     info = {"device": "CPU", "torch": "x", "threads": 2, "commit": "abc1234"}
     payload = ablation.report(per_seed, runs, info, True, "python -m benchmarks.ablation --quick", 3.0)
     saved = json.loads((tmp_path / "ablation_quick.json").read_text())
@@ -180,6 +183,65 @@ def test_benchmark_ablation_tables_and_verdict_from_fabricated_numbers(tmp_path,
            "agrees" in md
     assert "the distillation loss matters more than the embedding loss: against `full`, `no_distill` -0.80 AUC " \
            "points, `no_emb` -0.90: disagrees" in md
+    assert "`body_512`: AUC +0.20 ± 0.00 points against `full` over 3 seed(s), above the full student: the longer " \
+           "bodies help" in md
+    # its own teachers beside the base run's, and the cost of post-training + Stage I in both
+    assert "`body_512`'s own teachers: mean AUC +1.00 ± 0.00 points against the base run's over 3 seed(s); " \
+           "post-training + Stage I took 5.0x the time" in md
+    assert "## `body_512`: its teachers and its cost" in md
+    assert "| 0 | `full` | 64 | 68.00 | 68.50 | 50.00 | 40.00 | 40 | 60 | 100 |" in md
+    assert "| 0 | `body_512` | 8 x 64 (BusLM) | 69.00 | 69.50 | 75.00 | 40.00 | 200 | 300 | 500 |" in md
+    assert saved["body_512_teachers"]["2"]["body_512"]["teacher_auc"] == pytest.approx(0.69)
+    assert "its own pipeline, no baselines: `posttrain.body_segments=8`" in md
     assert "provisional" not in md
     if importlib.util.find_spec("matplotlib") is not None:  # the [bench] extra: CI installs [test] only
         assert (tmp_path / "ablation_quick.png").is_file()
+
+
+def _pipeline_summary(teacher_auc: float, seconds: float, retrieval: float) -> dict:
+    """A pipeline's metrics.json as the ablation reads it: two teachers around ``teacher_auc``, the ensemble half a
+    point above, every student at 0.6; post-training 40% and Stage I 60% of ``seconds``."""
+    models = {"teacher_1": teacher_auc + 0.005, "teacher_2": teacher_auc - 0.005, "ensemble": teacher_auc + 0.005,
+              "plain": 0.6, "student": 0.6, "student_plain": 0.6, "student_stage1": 0.6}
+    return {"models": {name: {k: auc for k in METRICS} for name, auc in models.items()},
+            "seconds": {"posttrain": 0.4 * seconds, "distill_posttrain": 0.6 * seconds, "distill_finetune": 60.0},
+            "posttrain": [{"step": 3, "retrieval_acc": retrieval - 0.1}, {"step": 5, "retrieval_acc": retrieval + 0.1}],
+            "stage1": {"student": {"final": {"retrieval_acc": 0.4}}}}
+
+
+def test_benchmark_ablation_runs_body_512_as_its_own_pipeline(tmp_path, monkeypatch):
+    """body_512 changes post-training, so it cannot link the seed's base run's teachers: its pipeline runs alone
+    (its switch, no pipeline.teachers_from, no baselines), while every other row links the base run's."""
+    import benchmarks.ablation as ablation
+    import benchmarks.quality as quality
+
+    calls = {}
+
+    def run_job(name, overrides, root, timeout):
+        calls[name] = overrides
+        if name == "base_seed_0":  # its teachers are what the linking rows need
+            (root / name / "finetune_teachers").mkdir(parents=True)
+            (root / name / "finetune_teachers" / "done.json").write_text("{}")
+        else:
+            (root / name).mkdir(parents=True)
+        teachers = 0.69 if name == "ablation_body_512_seed_0" else 0.68
+        return {"command": "python -m speedyrec.train " + " ".join(overrides), "process_seconds": 1.0,
+                "metrics": _pipeline_summary(teachers, 100.0, 0.5)}
+    monkeypatch.setattr(quality, "run_job", run_job)
+    monkeypatch.setattr(quality, "source_commit", lambda: "abc1234")
+    metrics, runs = ablation.seed_rows(tmp_path, 0, True, {}, may_run=True)
+    assert set(metrics) == set(ablation.ROWS) and set(calls) == {*(f"ablation_{r}_seed_0" for r in ablation.ROWS
+                                                                   if r not in ("full", "no_both")), "base_seed_0"}
+    own = calls["ablation_body_512_seed_0"]
+    assert "posttrain.body_segments=8" in own and "stage=pipeline" in own and "train.seed=0" in own
+    assert not any(o.startswith(("pipeline.teachers_from=", "pipeline.baselines=")) for o in own)
+    assert all("posttrain.body_segments=8" not in o for name, o in calls.items() if "body_512" not in name)
+    for name, overrides in calls.items():
+        if name not in ("base_seed_0", "ablation_body_512_seed_0"):
+            assert f"pipeline.teachers_from={tmp_path / 'base_seed_0'}" in overrides, name
+    assert metrics["body_512"]["auc"] == 0.6  # the row's model: the Tiny-NewsRec student of its own pipeline
+    sides = ablation.teacher_sides(runs, ["0"])["0"]
+    assert sides["body_512"]["teacher_auc"] == pytest.approx(0.69) and sides["full"]["teacher_auc"] == pytest.approx(0.68)
+    # kept in --out: a second invocation runs nothing
+    calls.clear()
+    assert ablation.seed_rows(tmp_path, 0, True, {}, may_run=True)[0] == metrics and not calls
