@@ -1,6 +1,6 @@
 """Tiny-NewsRec's Table 4 on our data: other multi-teacher methods against Tiny-NewsRec, over seeds.
 
-``python -m benchmarks.kd_methods [--quick] [--seeds 0,1,2] [--out DIR]``
+``python -m benchmarks.kd_methods [--quick] [--seeds 0,1,2] [--out DIR] [--kept-only] [--fresh]``
 
 Every row of a seed uses that seed's M teachers and data order and a 2-layer student. The seed's base run is
 ``base_seed_S`` (``benchmarks.quality.seed_base_run``) in the same ``--out`` (reused when kept there, else run
@@ -15,18 +15,30 @@ time). The others:
   student, weighted per sample.
 - MT-BERT: M teachers without post-training (``stage=finetune_teachers teachers.init=plm``, kept in ``--out``),
   then ``stage=newsbert newsbert.teacher_init=finetuned``: jointly trained with the student, weighted per sample.
+
+A seed takes 2-3 hours here, a work session about 3, and ``--out`` does not outlive a session: every job is recorded
+(``runs``: its command, overrides, metrics and seconds) in ``benchmarks/results/kd_methods.json``, and each finished
+job at once in its ledger (``results/ledger/kd_methods.json``, until the results file holds it). A later invocation
+reuses every job recorded with the same settings and tabulates every seed recorded so far beside those it runs
+(``--seeds 1`` adds seed 1 to seed 0's rows). A job that must run and reads another job's folder (the base run's
+teachers for TinyBERT-MT and NewsBERT-MT; MT-BERT's teachers for MT-BERT) runs that job again where its folder is
+not kept in ``--out``; the jobs that finished are not run again. ``--kept-only`` runs nothing and names the rows
+still missing; ``--fresh`` ignores the recorded jobs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, md_table, run_job_kept, write_results
-from benchmarks.quality import METRICS, PIPELINE_LAYERS, QUICK, seed_base_run, seed_list, student_run
+from benchmarks.common import committed_runs, ledger_add, machine, md_table, note_reused, run_job_kept, write_results
+from benchmarks.quality import (METRICS, PIPELINE_LAYERS, QUICK, base_name, base_overrides, same_settings,
+                                seed_base_run, seed_list, student_run)
 
 NAMES = {"ndcg5": "nDCG@5", "ndcg10": "nDCG@10", "auc": "AUC", "mrr": "MRR"}
 ROWS = (("ensemble", "Ensemble-Teacher"), ("tinybert_mt", "TinyBERT-MT"), ("newsbert_mt", "NewsBERT-MT"),
@@ -36,36 +48,140 @@ TINYBERT = ["distill.intermediate_weight=1", "distill.emb_weight=0", "distill.ce
 TEACHERS_FULL, TEACHERS_QUICK = 4, 2  # posttrain.teachers: the default, and QUICK's
 
 
-def seed_rows(root: Path, seed: int, quick: bool) -> tuple[dict, dict]:
-    """Every row's dev metrics for one seed, and each job's process seconds."""
-    base_dir, base = seed_base_run(root, seed, quick)
-    models = base["summary"]["models"]
-    rows = {"ensemble": models["ensemble"], "tiny_newsrec": models["student"]}
-    seconds = {"base pipeline (base_seed_S)": base["process_seconds"]}
-    common = [f"train.seed={seed}", *(QUICK if quick else [])]
+def results_name(quick: bool) -> str:
+    return "kd_methods_quick" if quick else "kd_methods"
+
+
+def recorded_seeds(runs: dict) -> set[int]:
+    """The seeds whose jobs ``runs`` (a results file's and its ledger's, by run name) holds."""
+    return {int(m.group(1)) for name in runs if (m := re.match(r"(?:base_)?seed_(\d+)(?:_|$)", name))}
+
+
+def relocated(recorded: dict | None, overrides: list[str]) -> dict | None:
+    """``recorded`` as ``run_job_kept`` compares it with ``overrides``: the folder it read (``distill.from_dir``, the
+    seed's base run or MT-BERT's teachers) lay in the ``--out`` of the session that ran it; the folder of the same
+    name in this ``--out`` (the same seed's job of the same settings) stands for it."""
+    key = "distill.from_dir="
+    here = next((o[len(key):] for o in overrides if o.startswith(key)), None)
+    if recorded is None or here is None:
+        return recorded
+
+    def moved(path):
+        return here if Path(str(path)).name == Path(here).name else path
+
+    out = {**recorded, "overrides": [key + moved(o[len(key):]) if o.startswith(key) else o
+                                     for o in recorded.get("overrides", [])]}
+    if "config" in recorded:
+        distill = recorded["config"].get("distill", {})
+        out["config"] = {**recorded["config"], "distill": {**distill, "from_dir": moved(distill.get("from_dir", ""))}}
+    return out
+
+
+def loop_seconds(run: dict, run_dir: Path) -> float | None:
+    """The Stage I + Stage II training loops' seconds of a pipeline run (kept in ``run``, so a recorded run still
+    says them once its folder is gone); None where the run's folder and record hold none."""
+    stats = [run_dir / stage / "stats.json" for stage in ("distill_posttrain", "distill_finetune")]
+    if all(f.exists() for f in stats):
+        run["training_loops_seconds"] = sum(json.loads(f.read_text())["wall_seconds"] for f in stats)
+    return run.get("training_loops_seconds")
+
+
+def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool,
+              ledger: str = "") -> tuple[dict, dict, dict]:
+    """One seed's rows (dev metrics), the records of the jobs they come from (by run name) and each job's process
+    seconds. A job is reused when kept in ``root`` or recorded in ``committed`` with the same settings, else run
+    (``may_run``; its row is missing otherwise); each is put in ``ledger`` as soon as it is done. A job that must
+    run reads its inputs from ``root``: the base run's teachers, MT-BERT's teachers, run again when not kept there."""
     m = TEACHERS_QUICK if quick else TEACHERS_FULL
-    tiny = student_run(root, f"seed_{seed}_tinybert_mt", seed, quick, TINYBERT)
-    rows["tinybert_mt"] = tiny["summary"]["models"]["student"]
-    seconds["TinyBERT-MT (process)"] = tiny["process_seconds"]
+    common = [f"train.seed={seed}", *(QUICK if quick else [])]
+    base, tiny = base_name(seed), f"seed_{seed}_tinybert_mt"
+    mt_teachers = f"seed_{seed}_mt_bert_teachers"
+    mt_teachers_over = ["stage=finetune_teachers", "teachers.init=plm", *common]
+    runs = {}
+
+    def done(name: str, run: dict | None) -> dict | None:
+        if run is not None:
+            runs[name] = run
+            if ledger:
+                ledger_add(ledger, name, run)
+        return run
+
+    def base_folder(reader: str) -> None:
+        """The base run's folder in ``root``, whose teachers ``reader`` (about to run) links."""
+        if (root / base / "quality_run.json").exists():
+            return
+        if base in committed:
+            print(f"{reader} must run and reads {base}'s teachers, whose folder is not in {root} (only its record "
+                  f"is): running {base} again", flush=True)
+        done(base, seed_base_run(root, seed, quick)[1])
+
+    def mt_teachers_folder() -> None:
+        if not (root / mt_teachers / "job.json").exists():
+            print(f"MT-BERT must run and reads {mt_teachers}'s teachers, not kept in {root}: running them again",
+                  flush=True)
+            done(mt_teachers, run_job_kept(mt_teachers, mt_teachers_over, root, stage="finetune_teachers",
+                                           timeout=6 * 3600))
+
+    # TinyBERT-MT: student_run's own test of a finished run (kept, or recorded with these settings)
+    tiny_over = ["stage=pipeline", f"train.seed={seed}", *TINYBERT, *(QUICK if quick else [])]
+    if may_run and not (root / tiny / "quality_run.json").exists() and not (
+            tiny in committed and same_settings(committed[tiny], tiny_over)):
+        base_folder("TinyBERT-MT")
+    done(tiny, student_run(root, tiny, seed, quick, TINYBERT, committed.get(tiny), may_run=may_run))
+    jobs = (("newsbert_mt", ["stage=newsbert", f"newsbert.teachers={m}", f"distill.from_dir={root / base}"],
+             lambda: base_folder("NewsBERT-MT")),
+            ("mt_bert_teachers", mt_teachers_over[:2], None),
+            ("mt_bert", ["stage=newsbert", f"newsbert.teachers={m}", "newsbert.teacher_init=finetuned",
+                         f"distill.from_dir={root / mt_teachers}"], mt_teachers_folder))
+    for job, over, before_run in jobs:
+        name, overrides = f"seed_{seed}_{job}", [*over, *common]
+        recorded = committed.get(name)
+        compared = relocated(recorded, overrides)
+        run = run_job_kept(name, overrides, root, may_run=may_run, committed=compared, stage=over[0].split("=")[1],
+                           before_run=before_run, timeout=6 * 3600)
+        done(name, recorded if run is compared else run)  # the record as it ran, not as compared here
+    # the base run's rows: from the run the jobs above read where it is in root, else from its record
+    recorded = committed.get(base)
+    if (root / base / "quality_run.json").exists() or recorded is None or \
+            not same_settings(recorded, base_overrides(seed, quick)):
+        got = seed_base_run(root, seed, quick, may_run=may_run)
+        recorded = None if got is None else got[1]
+    else:
+        print(f"{base}: reusing the recorded run (--fresh runs it again)", flush=True)
+        note_reused(base)
+    if recorded is not None:
+        loop_seconds(recorded, root / base)
+        done(base, recorded)
+    if tiny in runs:
+        loop_seconds(runs[tiny], root / tiny)
+        done(tiny, runs[tiny])
+    return seed_table(seed, runs)
+
+
+def seed_table(seed: int, runs: dict) -> tuple[dict, dict, dict]:
+    """(rows that ``runs`` holds: row -> metrics, the seed's runs, job label -> seconds) of one seed."""
+    base, tiny = runs.get(base_name(seed)), runs.get(f"seed_{seed}_tinybert_mt")
+    rows, seconds = {}, {}
+    if base is not None:
+        models = base["summary"]["models"]
+        rows.update(ensemble=models["ensemble"], tiny_newsrec=models["student"])
+        seconds[f"base pipeline ({base_name(seed)})"] = base["process_seconds"]
+    if tiny is not None:
+        rows["tinybert_mt"] = tiny["summary"]["models"]["student"]
+        seconds["TinyBERT-MT (process)"] = tiny["process_seconds"]
     # what the intermediate losses cost: the M teachers' PLMs run online for every news the student encodes (the
     # training loops' time: the stages' wall time also holds the banks Tiny-NewsRec's base run built first)
-    for label, run_dir in (("Tiny-NewsRec", base_dir), ("TinyBERT-MT", root / f"seed_{seed}_tinybert_mt")):
-        stats = [run_dir / stage / "stats.json" for stage in ("distill_posttrain", "distill_finetune")]
-        if all(f.exists() for f in stats):
-            loops = sum(json.loads(f.read_text())["wall_seconds"] for f in stats)
-            seconds[f"{label}: Stage I + Stage II training loops"] = loops
-    mt_teachers = root / f"seed_{seed}_mt_bert_teachers"
-    jobs = (("newsbert_mt", "NewsBERT-MT", ["stage=newsbert", f"newsbert.teachers={m}", f"distill.from_dir={base_dir}"]),
-            ("mt_bert_teachers", "MT-BERT's teachers", ["stage=finetune_teachers", "teachers.init=plm"]),
-            ("mt_bert", "MT-BERT (joint)", ["stage=newsbert", f"newsbert.teachers={m}",
-                                            "newsbert.teacher_init=finetuned", f"distill.from_dir={mt_teachers}"]))
-    for name, label, over in jobs:
-        stage = over[0].split("=")[1]
-        job = run_job_kept(f"seed_{seed}_{name}", [*over, *common], root, stage=stage, timeout=6 * 3600)
-        seconds[label] = job["process_seconds"]
-        if stage == "newsbert":
-            rows[name] = job["metrics"]["student"]
-    return {k: {m: v[m] for m in METRICS} for k, v in rows.items()}, seconds
+    for label, run in (("Tiny-NewsRec", base), ("TinyBERT-MT", tiny)):
+        if run is not None and "training_loops_seconds" in run:
+            seconds[f"{label}: Stage I + Stage II training loops"] = run["training_loops_seconds"]
+    for job, label in (("newsbert_mt", "NewsBERT-MT"), ("mt_bert_teachers", "MT-BERT's teachers"),
+                       ("mt_bert", "MT-BERT (joint)")):
+        run = runs.get(f"seed_{seed}_{job}")
+        if run is not None:
+            seconds[label] = run["process_seconds"]
+            if job != "mt_bert_teachers":
+                rows[job] = run["metrics"]["student"]
+    return {k: {m: v[m] for m in METRICS} for k, v in rows.items()}, runs, seconds
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -110,10 +226,15 @@ def verdict(table: dict, paired: dict, seeds: int, quick: bool) -> list[str]:
     return out
 
 
-def report(per_seed: dict, seconds: dict, info: dict, quick: bool, command: str, total: float) -> dict:
+def report(per_seed: dict, seconds: dict, runs: dict, missing: dict, info: dict, quick: bool, command: str,
+           total: float) -> dict:
+    """The tables of the complete seeds (``per_seed``: seed -> row -> metrics), written with every job's record
+    (``runs``, by run name), so a later invocation reuses them; ``missing``: seed -> rows not measured yet."""
     table, paired = summarise(per_seed)
     many = len(per_seed) > 1
-    jobs = sum(v for by in seconds.values() for job, v in by.items() if not job.endswith("training loops"))
+    jobs = sum(r["process_seconds"] for r in runs.values())  # every job behind the tables, whenever it ran
+    commits = sorted({r.get("commit") or "unknown" for r in runs.values()})
+    labels = dict(ROWS)
 
     def cell(v):
         return f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}" if many else f"{100 * v['mean']:.2f}"
@@ -121,17 +242,21 @@ def report(per_seed: dict, seconds: dict, info: dict, quick: bool, command: str,
     rows_json = {name: {str(s): per_seed[s][name] for s in sorted(per_seed)} for name, _ in ROWS}
     payload = {"machine": info, "quick": quick, "command": command, "seeds": sorted(per_seed), "rows": rows_json,
                "table": table, "paired": paired, "seconds": seconds, "jobs_seconds": jobs,
-               "invocation_seconds": total, "student_layers": PIPELINE_LAYERS}
+               "invocation_seconds": total, "student_layers": PIPELINE_LAYERS,
+               "missing": {str(s): rows for s, rows in missing.items()}, "runs": runs}
     m = TEACHERS_QUICK if quick else TEACHERS_FULL
     md = ["# Table 4: other multi-teacher methods against Tiny-NewsRec\n",
-          f"Measured at commit {info['commit']} on {info['device']} (torch {info['torch']}; load average before "
+          f"Tabulated at commit {info['commit']} on {info['device']} (torch {info['torch']}; load average before "
           f"{', '.join(f'{x:.1f}' for x in info.get('load_average_before', ()))}: the cores are shared, so times are "
-          f"indicative) with `{command}`; {len(per_seed)} seed(s)"
+          f"indicative) by `{command}`; the jobs ran at commit(s) {', '.join(commits)} (each job's record says its "
+          f"own), over one or more sessions; {len(per_seed)} seed(s)"
           f"{' (quick settings: tiny random encoders)' if quick else ''}. "
           f"Total wall time {jobs / 60:.1f} min (every job's process, the base runs included, whenever it ran; "
-          f"this invocation {total / 60:.1f} min, reusing the jobs kept in `--out`). "
+          f"this invocation {total / 60:.1f} min, reusing the jobs kept in `--out` or recorded in the results file). "
           f"M = {m} teachers, a {PIPELINE_LAYERS}-layer student; every row of a seed uses that seed's teachers "
           "and data order (`train.seed`). Mean ± standard deviation over seeds, in points (x100).\n",
+          "".join(f"Seed {s} is left out of the tables: {', '.join(labels[r] for r in rows)} not measured yet (run "
+                  f"`--seeds {s}`).\n" for s, rows in sorted(missing.items())),
           md_table(["method", *[NAMES[k] for k in METRICS], "paper AUC (Feeds, 4 layers)"],
                    [[label, *[cell(table[name][k]) for k in METRICS], f"{PAPER_AUC[name]:.2f}"]
                     for name, label in ROWS]),
@@ -162,9 +287,9 @@ def report(per_seed: dict, seconds: dict, info: dict, quick: bool, command: str,
           "teacher's pooling, projection and user encoder), which the other students learn in their own stages: in a "
           "short run that head start weighs.\n"
           "- Tiny-NewsRec: the base run's student.\n",
-          "\nWall time of each job (s; a kept job's is from when it ran):\n",
+          "\nWall time of each job (s; a kept or recorded job's is from when it ran):\n",
           md_table(["seed", "job", "s"], [[s, job, f"{v:.0f}"] for s, by in seconds.items() for job, v in by.items()])]
-    write_results("kd_methods_quick" if quick else "kd_methods", payload, "\n".join(md),
+    write_results(results_name(quick), payload, "\n".join(md),
                   plot=lambda path: _plot(path, table, quick))
     print("\n".join(md))
     return payload
@@ -190,22 +315,39 @@ def _plot(path, table: dict, quick: bool) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.kd_methods", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random encoders, 2 teachers, a few steps per stage")
-    p.add_argument("--seeds", default=None, help="default 0,1,2 (--quick: 0)")
+    p.add_argument("--seeds", default=None, help="seeds to run, beside those recorded (default 0,1,2; --quick: 0)")
     p.add_argument("--out", default="", help="keep the runs here, beside benchmarks.quality's (default: a temporary "
                                               "folder)")
+    p.add_argument("--fresh", action="store_true", help="run every job, even those recorded in the results file")
+    p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the jobs kept in --out or "
+                   "recorded, and name the rows missing")
     a = p.parse_args(argv)
     seeds = seed_list(a.seeds, a.quick)
     info = machine()
-    command = "python -m benchmarks.kd_methods" + (" --quick" if a.quick else "") + \
-        (f" --seeds {a.seeds}" if a.seeds else "")
+    command = "python -m benchmarks.kd_methods " + " ".join(argv if argv is not None else sys.argv[1:])
+    committed = committed_runs(results_name(a.quick), a.fresh)
+    ledger = "" if a.quick else results_name(a.quick)  # as speedup's: a --quick run takes minutes
     t0 = time.perf_counter()
     payload = None
+    per_seed, seconds, runs, missing = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
-        per_seed, seconds = {}, {}
-        for seed in seeds:
-            per_seed[seed], seconds[seed] = seed_rows(root, seed, a.quick)
-            payload = report(per_seed, seconds, info, a.quick, command, time.perf_counter() - t0)
+        root.mkdir(parents=True, exist_ok=True)
+        # the seeds recorded by earlier invocations are tabulated too, from their records (nothing of theirs runs)
+        for seed in sorted(set(seeds) | recorded_seeds(committed)):
+            rows, seed_runs, seconds[seed] = seed_rows(root, seed, a.quick, committed,
+                                                       may_run=seed in seeds and not a.kept_only, ledger=ledger)
+            runs.update(seed_runs)
+            if len(rows) == len(ROWS):
+                per_seed[seed] = rows
+            else:
+                missing[seed] = [name for name, _ in ROWS if name not in rows]
+            if per_seed:  # rewritten after every seed: an interrupted invocation keeps what it measured
+                payload = report(per_seed, seconds, runs, missing, info, a.quick, command, time.perf_counter() - t0)
+    if payload is None:
+        raise SystemExit(f"benchmarks.kd_methods: no seed has all its rows kept in {root} or recorded; missing: "
+                         + "; ".join(f"seed {s}: {', '.join(dict(ROWS)[r] for r in rows)}"
+                                     for s, rows in sorted(missing.items())))
     return payload
 
 

@@ -1,11 +1,14 @@
 """Tiny-NewsRec's Table 4 methods: the multi-teacher losses against slow, obviously correct loops (layer mapping,
 attention scores and their MSE, per-news weights from per-sample ones), and NewsBERT-MT and MT-BERT end to end on a
 tiny random encoder, NewsBERT-MT with two identical teachers equal to stage=newsbert, loss for loss; TinyBERT-MT's
-intermediate losses in both distillation stages."""
+intermediate losses in both distillation stages; benchmarks.kd_methods measured across sessions (jobs recorded in
+its results file and ledger are reused), on fake training jobs."""
 from __future__ import annotations
 
+import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +282,103 @@ def test_kd_methods_table_pairs_seeds_and_says_what_agrees_with_the_paper():
     assert "Disagrees" in said["mt_bert"] and "within the seeds' spread" in said["mt_bert"]
     assert any("the worst is NewsBERT-MT (58.00): disagrees" in line for line in lines)
     assert any("here it is MT-BERT (62.50): disagrees" in line for line in lines)
+
+
+def kd_jobs(seed: int) -> list[str]:
+    """benchmarks.kd_methods' jobs of a seed, in the order they run."""
+    return [f"base_seed_{seed}", f"seed_{seed}_tinybert_mt", f"seed_{seed}_newsbert_mt",
+            f"seed_{seed}_mt_bert_teachers", f"seed_{seed}_mt_bert"]
+
+
+@pytest.fixture
+def fake_kd(tmp_path, monkeypatch):
+    """benchmarks.kd_methods with its results in tmp_path/results and training jobs that record their names, make
+    their folders, refuse to start without the folder they read (as the stages do) and return fabricated metrics.
+    A job named in ``fail`` raises before it runs: a session ending mid-seed."""
+    import benchmarks.common as common
+    import benchmarks.kd_methods as kd
+    import benchmarks.quality as quality
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(common, "RESULTS", results)
+    monkeypatch.setattr(kd, "_plot", lambda *a: None)
+    ran, fail = [], set()
+
+    def metrics(auc):
+        return {"auc": auc, "mrr": 0.3, "ndcg5": 0.4, "ndcg10": 0.5}
+
+    def fake_run_job(name, overrides, root, **kw):
+        if name in fail:
+            raise RuntimeError(f"{name}: the session ended")
+        for o in overrides:
+            if o.startswith(("distill.from_dir=", "pipeline.teachers_from=")):
+                assert Path(o.split("=", 1)[1]).is_dir(), f"{name} reads {o}, which is not there"
+        ran.append(name)
+        seed = int(next(o for o in overrides if o.startswith("train.seed=")).split("=")[1])
+        (root / name / "finetune_teachers").mkdir(parents=True, exist_ok=True)
+        (root / name / "finetune_teachers" / "done.json").write_text("{}")
+        if name.startswith("base_seed_"):
+            out = {"models": {"ensemble": metrics(0.70 + seed / 100), "student": metrics(0.69 + seed / 100)}}
+        elif name.endswith("_tinybert_mt"):
+            out = {"models": {"student": metrics(0.68)}}
+        elif name.endswith("_mt_bert_teachers"):
+            out = {"teacher_1": metrics(0.6), "teacher_2": metrics(0.6)}
+        else:
+            out = {"student": metrics(0.66 if name.endswith("_mt_bert") else 0.67)}
+        return {"name": name, "command": "-m speedyrec.train " + " ".join(overrides), "metrics": out,
+                "process_seconds": 60.0, "commit": "abc1234"}
+
+    monkeypatch.setattr(common, "run_job", fake_run_job)
+    monkeypatch.setattr(quality, "run_job", fake_run_job)
+    return kd, ran, fail, results
+
+
+def test_kd_methods_reuses_recorded_seeds_and_adds_new_ones(tmp_path, fake_kd):
+    """A seed takes hours and --out dies with the session: a later session's --seeds 1 runs seed 1's jobs only and
+    tabulates seed 0 from the results file; --kept-only runs nothing and names the seeds missing; --fresh runs
+    again."""
+    kd, ran, _, results = fake_kd
+    kd.main(["--seeds", "0", "--out", str(tmp_path / "session1")])
+    assert ran == kd_jobs(0)
+    saved = json.loads((results / "kd_methods.json").read_text())
+    assert set(saved["runs"]) == set(kd_jobs(0)) and saved["seeds"] == [0]
+    assert saved["runs"]["seed_0_newsbert_mt"]["overrides"][:2] == ["stage=newsbert", "newsbert.teachers=4"]
+    assert not (results / "ledger" / "kd_methods.json").exists()  # the results file holds every job
+    ran.clear()
+    payload = kd.main(["--seeds", "1", "--out", str(tmp_path / "session2")])
+    assert ran == kd_jobs(1)  # nothing of seed 0 ran, not even its base run
+    assert payload["seeds"] == [0, 1] and set(payload["runs"]) == set(kd_jobs(0) + kd_jobs(1))
+    assert payload["table"]["ensemble"]["auc"]["mean"] == pytest.approx(0.705)
+    assert payload["paired"]["mt_bert"]["auc"]["mean"] == pytest.approx(0.66 - 0.695)
+    md = (results / "kd_methods.md").read_text()
+    assert "2 seed(s)" in md and "Total wall time 10.0 min" in md  # 10 jobs of 60 s, run in two sessions
+    ran.clear()
+    payload = kd.main(["--seeds", "0,1,2", "--kept-only", "--out", str(tmp_path / "session3")])
+    assert ran == [] and payload["seeds"] == [0, 1]
+    assert payload["missing"] == {"2": [name for name, _ in kd.ROWS]}
+    assert "Seed 2 is left out of the tables: Ensemble-Teacher, TinyBERT-MT" in (results / "kd_methods.md").read_text()
+    payload = kd.main(["--seeds", "0", "--fresh", "--out", str(tmp_path / "session4")])
+    assert ran == kd_jobs(0) and payload["seeds"] == [0]
+
+
+@pytest.mark.parametrize("ended_at, rerun", [
+    ("seed_0_newsbert_mt", ["base_seed_0", "seed_0_newsbert_mt", "seed_0_mt_bert_teachers", "seed_0_mt_bert"]),
+    ("seed_0_mt_bert", ["seed_0_mt_bert_teachers", "seed_0_mt_bert"])])
+def test_kd_methods_continues_a_seed_from_its_ledger(tmp_path, fake_kd, capsys, ended_at, rerun):
+    """A session that ends mid-seed leaves its finished jobs in the ledger: the next session runs the rest, and the
+    job each of those reads (the base run's teachers, MT-BERT's teachers) again, as its folder is gone."""
+    kd, ran, fail, results = fake_kd
+    fail.add(ended_at)
+    with pytest.raises(RuntimeError, match="the session ended"):
+        kd.main(["--seeds", "0", "--out", str(tmp_path / "session1")])
+    ledger = results / "ledger" / "kd_methods.json"
+    assert set(json.loads(ledger.read_text())["runs"]) == set(ran) and not (results / "kd_methods.json").exists()
+    fail.clear()
+    ran.clear()
+    with pytest.raises(SystemExit, match="seed 0: .*MT-BERT"):
+        kd.main(["--seeds", "0", "--kept-only", "--out", str(tmp_path / "session2")])
+    assert ran == []
+    payload = kd.main(["--seeds", "0", "--out", str(tmp_path / "session3")])
+    assert ran == rerun and payload["seeds"] == [0] and set(payload["runs"]) == set(kd_jobs(0))
+    assert not ledger.exists()  # the results file holds its jobs now
+    assert ("running base_seed_0 again" in capsys.readouterr().out) == ("base_seed_0" in rerun)
