@@ -100,19 +100,35 @@ def committed_runs(quick: bool) -> dict:
     return json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
 
 
-def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool) -> tuple[dict, dict]:
+def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool,
+              progress=lambda metrics, runs: None) -> tuple[dict, dict]:
     """One seed's metrics per row, and the run records they come from (by run name). The seed's base run is run
-    (or read from ``root``) only where a row must run, or where the results file does not record it."""
+    (or read from ``root``) only where a row must run, or where the results file does not record it.
+    ``progress(metrics, runs)`` is called after every row: a seed takes hours, and its finished rows are written
+    down before the next one runs (a session may end in between)."""
     metrics, runs = {}, {}
+    name = base_name(seed)
+
+    def base_rows(recorded: dict) -> None:
+        runs[name] = recorded
+        for row, (_, switch, model) in ROWS.items():
+            if switch is None:
+                metrics[row] = {k: recorded["summary"]["models"][model][k] for k in METRICS}
+
+    def ordered() -> dict:
+        return {row: metrics[row] for row in ROWS if row in metrics}
+
     for row, (_, switch, model) in ROWS.items():
         if switch is not None:
-            name = run_name(row, seed)
+            run_name_ = run_name(row, seed)
             fetch = own_pipeline_run if row in OWN_TEACHERS else student_run
-            run = fetch(root, name, seed, quick, switch, committed.get(name), may_run=may_run)
+            run = fetch(root, run_name_, seed, quick, switch, committed.get(run_name_), may_run=may_run)
             if run is not None:
-                runs[name] = run
+                runs[run_name_] = run
                 metrics[row] = {k: run["summary"]["models"][model][k] for k in METRICS}
-    name = base_name(seed)
+            if (root / name / "quality_run.json").exists():  # the base run, kept: its rows are known already
+                base_rows(json.loads((root / name / "quality_run.json").read_text()))
+            progress(ordered(), dict(runs))
     recorded = committed.get(name)
     if (root / name / "quality_run.json").exists() or recorded is None or \
             not same_settings(recorded, base_overrides(seed, quick)):
@@ -122,11 +138,14 @@ def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool
         print(f"{name}: reusing the recorded run (--fresh runs it again)", flush=True)
         note_reused(name)
     if recorded is not None:
-        runs[name] = recorded
-        for row, (_, switch, model) in ROWS.items():
-            if switch is None:
-                metrics[row] = {k: recorded["summary"]["models"][model][k] for k in METRICS}
-    return {row: metrics[row] for row in ROWS if row in metrics}, runs
+        base_rows(recorded)
+    return ordered(), runs
+
+
+def recorded_seeds(committed: dict) -> list[int]:
+    """The seeds the results file holds runs of (``..._seed_S``): a later session's ``--seeds 1`` tabulates them
+    beside seed 1 instead of writing them out of the file."""
+    return sorted({int(n.rsplit("_", 1)[1]) for n in committed if "_seed_" in n and n.rsplit("_", 1)[1].isdigit()})
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -360,13 +379,19 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
         root.mkdir(parents=True, exist_ok=True)
-        for seed in seeds:
-            metrics, seed_runs = seed_rows(root, seed, a.quick, committed, may_run=not a.kept_only)
+        for seed in sorted(set(seeds) | set(recorded_seeds(committed))):
+            def progress(metrics, seed_runs, seed=seed):  # rewritten after every row: an interruption keeps them
+                if metrics:
+                    report({**per_seed, str(seed): metrics}, {**runs, **seed_runs}, info, a.quick, command,
+                           time.perf_counter() - t0)
+
+            # a recorded seed not asked for is tabulated from its records, never run
+            metrics, seed_runs = seed_rows(root, seed, a.quick, committed, may_run=not a.kept_only and seed in seeds,
+                                           progress=progress)
             if metrics:
                 per_seed[str(seed)] = metrics
                 runs.update(seed_runs)
-            # rewritten after every seed: an interrupted invocation keeps what it measured
-            payload = report(per_seed, runs, info, a.quick, command, time.perf_counter() - t0)
+                payload = report(per_seed, runs, info, a.quick, command, time.perf_counter() - t0)
     if not per_seed:
         raise SystemExit(f"benchmarks.ablation: no run of seeds {seeds} is kept in {root} or recorded")
     return payload

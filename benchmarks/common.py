@@ -263,6 +263,9 @@ def write_results(name: str, payload: dict, markdown: str, plot=None) -> None:
 
             matplotlib.use("Agg")
             plot(RESULTS / f"{name}.png")
+            import matplotlib.pyplot as plt
+
+            plt.close("all")  # a benchmark rewritten after every run would otherwise keep every figure open
         except ImportError:
             print("matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
 

@@ -245,3 +245,43 @@ def test_benchmark_ablation_runs_body_512_as_its_own_pipeline(tmp_path, monkeypa
     # kept in --out: a second invocation runs nothing
     calls.clear()
     assert ablation.seed_rows(tmp_path, 0, True, {}, may_run=True)[0] == metrics and not calls
+
+
+def test_benchmark_ablation_writes_each_row_as_it_finishes_and_keeps_earlier_sessions_seeds(tmp_path, monkeypatch):
+    """A seed takes hours: every finished row is in the results file before the next one runs, so a session that
+    ends mid-seed keeps it; a later session's --seeds 1 tabulates the recorded seed 0 beside seed 1, running
+    nothing of seed 0 (its run folders are gone)."""
+    import benchmarks.ablation as ablation
+    import benchmarks.common as common
+    import benchmarks.quality as quality
+
+    for module in (common, ablation):
+        monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    calls, written = [], []
+
+    def run_job(name, overrides, root, timeout):
+        calls.append(name)
+        (root / name / "finetune_teachers").mkdir(parents=True)
+        (root / name / "finetune_teachers" / "done.json").write_text("{}")
+        return {"command": "python -m speedyrec.train " + " ".join(overrides), "process_seconds": 1.0,
+                "metrics": _pipeline_summary(0.68, 100.0, 0.5)}
+
+    real_report = ablation.report
+
+    def report(per_seed, runs, *a):
+        written.append({s: set(m) for s, m in per_seed.items()})
+        return real_report(per_seed, runs, *a)
+
+    monkeypatch.setattr(quality, "run_job", run_job)
+    monkeypatch.setattr(ablation, "report", report)
+    ablation.main(["--quick", "--seeds", "0", "--out", str(tmp_path / "first")])
+    switched = [r for r, (_, switch, _) in ablation.ROWS.items() if switch is not None]
+    # one report per switched row as it finishes, growing by one row each time, then the seed's
+    assert [len(w["0"]) for w in written[:len(switched)]] == [3 + k for k in range(len(switched))]
+    assert written[0]["0"] == {switched[0], "full", "no_both"}  # the base run ran first, for the linked row
+    calls.clear()
+    payload = ablation.main(["--quick", "--seeds", "1", "--out", str(tmp_path / "second")])
+    assert all(name.endswith("_seed_1") for name in calls) and calls
+    assert sorted(payload["rows"]["full"]["seeds"]) == ["0", "1"]
+    saved = json.loads((tmp_path / "results" / "ablation_quick.json").read_text())
+    assert {"base_seed_0", "base_seed_1", "ablation_no_emb_seed_0"} <= set(saved["runs"])
