@@ -22,18 +22,16 @@ benchmarks.ablation, kd_methods and efficiency in the same ``--out``) gives the 
 teachers. Cost here (2 cores): the control teacher ~6 min, all layers ~15 min, two epochs ~12 min, the uniform
 student ~12 min (Stage I and II), so ~45 min per seed beside the base run (~54 min when not kept in ``--out``).
 Runs are recorded in benchmarks/results/student_gap.json (and its ledger as they finish), so the seeds may be
-measured in several sessions; the answer is written into quality.md too (``benchmarks.quality --report``).
+measured in several sessions; the answer is written into quality.md too (``benchmarks.quality --report``, ``student_gap_section``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import (RESULTS, committed_runs, machine, md_table, note_reused, run_job_kept,
-                               write_results)
+from benchmarks.common import committed_runs, machine, md_table, note_reused, run_job_kept, write_results
 from benchmarks.quality import (METRICS, QUICK, base_name, base_overrides, same_settings, seed_base_run, seed_list,
                                 student_run)
 
@@ -231,17 +229,6 @@ def main(argv=None) -> dict:
     if payload is None:
         raise SystemExit("benchmarks.student_gap: no run is recorded or kept yet")
     return payload
-
-
-def quality_section() -> list[str]:
-    """The answer as quality.md states it (benchmarks.quality's report), from student_gap.json when it exists."""
-    path = RESULTS / "student_gap.json"
-    if not path.exists():
-        return []
-    d = json.loads(path.read_text())
-    return ["\n## Why the student beats its teachers\n",
-            f"From benchmarks/results/student_gap.md ({len(d['seeds'])} seed(s); one controlled run per "
-            "hypothesis, paired by seed):\n", "\n".join(d["verdict"]), ""]
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def gap(tmp_path, monkeypatch):
     import benchmarks.student_gap as student_gap
 
     results = tmp_path / "results"
-    for module in (common, student_gap):
+    for module in (common, quality):
         monkeypatch.setattr(module, "RESULTS", results)
     calls = []
     teacher = {"teacher_top2": 0.700, "teacher_all_layers": 0.710, "teacher_two_epochs": 0.701}
@@ -81,7 +81,9 @@ def test_each_hypothesis_runs_its_one_change_and_the_answer_follows_the_numbers(
     saved = json.loads((results / "student_gap.json").read_text())
     assert saved["rows"]["teacher_all_layers"]["2"]["auc"] == pytest.approx(0.712)
     # quality.md states the answer from the results file
-    assert any("Answer: all layers trained" in line for line in student_gap.quality_section())
+    import benchmarks.quality as quality
+
+    assert any("Answer: all layers trained" in line for line in quality.student_gap_section())
 
 
 def test_a_seed_recorded_in_an_earlier_session_is_reused_and_the_next_one_joins_it(gap, tmp_path):
