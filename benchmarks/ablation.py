@@ -295,7 +295,8 @@ def report(per_seed: dict, runs: dict, info: dict, quick: bool, command: str, se
     payload = {"machine": info, "quick": quick, "command": command, "seeds": sorted(per_seed),
                "rows": rows, "figures": FIGURES, "body_512_teachers": teachers,
                "wall_seconds_this_invocation": seconds,
-               "run_seconds": {name: r["summary"].get("seconds", {}) for name, r in runs.items()}, "runs": runs}
+               "run_seconds": {name: r["summary"].get("seconds", {}) for name, r in runs.items()},
+               "verdict": verdict(rows, teachers), "runs": runs}
     cell = lambda v, many: f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}" if many else f"{100 * v['mean']:.2f}"  # noqa: E731
     table = [[f"`{r}`", e["label"], *[cell(e["mean"][k], len(e["seeds"]) > 1) for k in METRICS], len(e["seeds"])]
              for r, e in rows.items()]
@@ -318,7 +319,7 @@ def report(per_seed: dict, runs: dict, info: dict, quick: bool, command: str, se
           "\n## Verdict\n", "Generated from the numbers above; the paper (Feeds data, a 4-layer student of UniLM): "
           "removing either stage or any loss lowers the student, Stage II more than Stage I, the distillation "
           "loss most, the embedding loss next, the target loss least. The paper post-trains on 512 body tokens and "
-          "does not vary it.\n", *verdict(rows, teachers), *body_512_section(teachers),
+          "does not vary it.\n", *payload["verdict"], *body_512_section(teachers),
           "\n## How it was measured\n",
           f"Commit {info.get('commit') or 'unknown'}; {info['device']}, torch {info['torch']}, "
           f"{info.get('threads')} threads. Command: `{command}`. Switches per row:\n",

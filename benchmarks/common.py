@@ -16,7 +16,11 @@ _REUSED: list[str] = []  # kept training jobs this process reused instead of run
 # every benchmark, in the order benchmarks.run runs them (where_it_pays reads the learning rates speedup chose, tune
 # its typical workflow's best AUC) and the README's durations table lists them
 BENCHMARK_ORDER = ("main_job", "token_store", "data_efficiency", "precision", "speedup", "where_it_pays", "tune",
-                   "cache", "buslm", "scaling", "limit", "context", "multiteacher", "pipeline", "quality", "scale")
+                   "cache", "buslm", "scaling", "limit", "context", "multiteacher", "pipeline", "quality", "scale",
+                   "ablation", "kd_methods", "teacher_count", "efficiency", "student_gap")
+# Tiny-NewsRec's experiments beyond Table 3 share each seed's base run (benchmarks.quality.seed_base_run) through
+# one --out: benchmarks.run gives them one
+SHARED_OUT = ("ablation", "kd_methods", "teacher_count", "efficiency", "student_gap")
 
 def machine() -> dict:
     import torch

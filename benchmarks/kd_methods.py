@@ -243,7 +243,8 @@ def report(per_seed: dict, seconds: dict, runs: dict, missing: dict, info: dict,
     payload = {"machine": info, "quick": quick, "command": command, "seeds": sorted(per_seed), "rows": rows_json,
                "table": table, "paired": paired, "seconds": seconds, "jobs_seconds": jobs,
                "invocation_seconds": total, "student_layers": PIPELINE_LAYERS,
-               "missing": {str(s): rows for s, rows in missing.items()}, "runs": runs}
+               "missing": {str(s): rows for s, rows in missing.items()},
+               "verdict": verdict(table, paired, len(per_seed), quick), "runs": runs}
     m = TEACHERS_QUICK if quick else TEACHERS_FULL
     md = ["# Table 4: other multi-teacher methods against Tiny-NewsRec\n",
           f"Tabulated at commit {info['commit']} on {info['device']} (torch {info['torch']}; load average before "
@@ -265,7 +266,7 @@ def report(per_seed: dict, seconds: dict, runs: dict, missing: dict, info: dict,
                    [[label, *[f"{100 * paired[name][k]['mean']:+.2f}" + (f" ± {100 * paired[name][k]['std']:.2f}"
                                                                          if many else "") for k in METRICS]]
                     for name, label in ROWS if name != "tiny_newsrec"]),
-          "\nVerdict against the paper's Table 4:\n", "\n".join(verdict(table, paired, len(per_seed), quick)),
+          "\nVerdict against the paper's Table 4:\n", "\n".join(payload["verdict"]),
           "\n\nWhat each row trains:\n",
           "- Ensemble-Teacher: the M post-trained, finetuned teachers of the base run (`base_seed_S`), "
           "their mean score at test time.\n"

@@ -27,6 +27,17 @@ HEAD_BEGIN = "<!-- headline: generated from benchmarks/results/speedup.json -->"
 HEAD_END = "<!-- headline: end -->"
 TABLE_BEGIN = "<!-- headline table: generated from benchmarks/results/ by `python -m benchmarks.readme` -->"
 TABLE_END = "<!-- headline table: end -->"
+# the verdict of each of Tiny-NewsRec's experiments, in the README's distillation section
+TINY_BEGIN = "<!-- tiny-newsrec verdicts: generated from benchmarks/results/ by `python -m benchmarks.readme` -->"
+TINY_END = "<!-- tiny-newsrec verdicts: end -->"
+# benchmark -> what of the paper it reproduces, and which of its verdict lines the README shows (all: None)
+TINY_EXPERIMENTS = {"kd_methods": ("Table 4, other multi-teacher methods", lambda lines: lines[-2:]),
+                    "teacher_count": ("Figure 2, the number of teachers", None),
+                    "ablation": ("Figures 3-4, each stage and each loss removed",
+                                 lambda lines: [v for v in lines if "Figure" in v or "body_512" in v]),
+                    "efficiency": ("Figure 5 and A.4, size and speed at each precision", lambda lines: lines[:1]),
+                    "student_gap": ("why the student beats its teachers", lambda lines: lines[:1] + lines[-1:])}
+SEEDS_WANTED = 3
 
 
 def _load(results: Path, name: str) -> dict | None:
@@ -214,6 +225,40 @@ def quality(d: dict) -> list[str]:
             quality_table(d), ""]
 
 
+def _seeds(d: dict) -> int:
+    """How many seeds a Tiny-NewsRec experiment's result holds."""
+    return len(d.get("seeds") or d.get("per_seed") or ())
+
+
+def tiny_newsrec_verdicts(results: Path = RESULTS) -> str:
+    """README's lines on Tiny-NewsRec's experiments: each benchmark's verdict as its results file words it, with
+    how many of the seeds it needs it holds so far."""
+    lines = []
+    for name, (what, pick) in TINY_EXPERIMENTS.items():
+        d = _load(results, name)
+        if d is None or d.get("quick"):
+            lines.append(f"- **{what[0].upper() + what[1:]}** (`benchmarks.{name}`): not measured yet.")
+            continue
+        verdict = [v.removeprefix("- ") for v in d.get("verdict", [])]
+        shown = verdict if pick is None else pick(verdict)
+        n = _seeds(d)
+        what = what[0].upper() + what[1:]
+        lines.append(f"- **{what}** (`benchmarks.{name}`, {n} of {SEEDS_WANTED} seeds"
+                     + ("; provisional" if n < SEEDS_WANTED else "") + f", [{name}.md](benchmarks/results/{name}.md)): "
+                     + " ".join(shown or ["no verdict yet"]))
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def tiny_section(name: str):
+    """benchmarks/README.md's section of a Tiny-NewsRec experiment: its verdict, whole."""
+    def section(d: dict) -> list[str]:
+        what = TINY_EXPERIMENTS[name][0]
+        return [f"**{what[0].upper() + what[1:]}** (`python -m benchmarks.{name}`; {_device(d)}; {_seeds(d)} of "
+                f"{SEEDS_WANTED} seeds so far):\n", *[v if v.startswith("- ") else f"- {v}" for v in d.get("verdict", [])],
+                ""]
+    return section
+
+
 def pipeline(d: dict) -> list[str]:
     sec = d["summary"]["seconds"]
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in sec.items())
@@ -387,7 +432,8 @@ def durations(results: Path) -> list[str]:
 
 SECTIONS = (("speedup", speedup), ("where_it_pays", where_it_pays), ("precision", precision), ("tune", tune), ("data_efficiency", data_efficiency), ("limit", limit), ("cache", cache),
             ("buslm", buslm), ("scaling", scaling), ("multiteacher", multiteacher), ("pipeline", pipeline),
-            ("quality", quality), ("context", context), ("token_store", token_store), ("scale", scale))
+            ("quality", quality), ("context", context), ("token_store", token_store), ("scale", scale),
+            *((name, tiny_section(name)) for name in TINY_EXPERIMENTS))
 
 
 def render(results: Path = RESULTS) -> str:
@@ -485,6 +531,8 @@ HEADLINES = {
                   or "speed per model"),
     "quality": ("Tiny-NewsRec's Table 3 over 3 seeds", lambda d: "teachers, students, NewsBERT: AUC, MRR, nDCG"),
     "tune": ("one default changed at a time", lambda d: "time to the target and final AUC per knob"),
+    **{name: (f"Tiny-NewsRec: {what}", lambda d: f"{_seeds(d)} of {SEEDS_WANTED} seeds; verdict in its md")
+       for name, (what, _) in TINY_EXPERIMENTS.items()},
     "where_it_pays": ("speedyfeed against typical over history length and text",
                       lambda d: ", ".join(f"{v['time_to_auc_speedup']:.1f}x sooner at history {h}"
                                           for h, v in d["time_to_quality"].items() if v["time_to_auc_speedup"])
@@ -521,6 +569,7 @@ def main(argv=None) -> int:
     wanted = splice(current, main_job(), MAIN_BEGIN, MAIN_END, inline=True)
     wanted = splice(wanted, headline(), HEAD_BEGIN, HEAD_END, inline=True)
     wanted = splice(wanted, headline_table(), TABLE_BEGIN, TABLE_END, inline=True)
+    wanted = splice(wanted, tiny_newsrec_verdicts(), TINY_BEGIN, TINY_END, inline=True)
     bench_wanted = splice(bench_current, render())
     if a.check:
         if (wanted, bench_wanted) != (current, bench_current):

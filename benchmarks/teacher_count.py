@@ -238,7 +238,8 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
                "reference": ref, "rows": rows, "table": table, "paired": paired,
                "seconds": {n: r["summary"].get("seconds", {}) for n, r in sorted(runs.items())},
                "total": sum(r["process_seconds"] for r in runs.values()), "wall_seconds_this_invocation": seconds,
-               "teachers_estimated": f"the {most}-teacher finetuning pass x M/{most}", "runs": runs}
+               "teachers_estimated": f"the {most}-teacher finetuning pass x M/{most}",
+               "verdict": verdict(table, paired, ref), "runs": runs}
 
     def cell(v, many, scale=100.0, sign=""):
         return f"{scale * v['mean']:{sign}.2f}" + (f" ± {scale * v['std']:.2f}" if many else "")
@@ -283,7 +284,7 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
     md += ["\n## Verdict\n",
            "Generated from the numbers above; the paper (Feeds data, a 4-layer student of UniLM): the student first "
            "improves greatly with M, and only marginally beyond M = 4, chosen as the balance of quality and the "
-           "teachers' training cost.\n", *verdict(table, paired, ref),
+           "teachers' training cost.\n", *payload["verdict"],
            "\n## How it was measured\n",
            f"Commit {info.get('commit') or 'unknown'}; {info['device']}, torch {info['torch']}, "
            f"{info.get('threads')} threads. Command: `{command}`. Wall times are of a machine that may be shared: "

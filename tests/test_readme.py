@@ -131,3 +131,22 @@ def test_the_readmes_main_job_time_was_measured_with_todays_defaults():
                                                                                    if k != key})
         if not key.startswith(NOT_READ_BY_THE_MAIN_JOB):  # (an added key of another stage matters to its benchmarks)
             assert defaults_digest({**d["defaults"], key: f"not {before}"}) != defaults_digest(d["defaults"]), key
+
+
+def test_the_tiny_newsrec_verdicts_are_each_results_files_own_words(tmp_path):
+    """The README's distillation section shows each of the paper's other experiments as its results file words
+    it (the lines the README picks), with how many of the 3 seeds it holds: fewer are said to be provisional."""
+    verdict = ["- `no_stage1`: AUC -0.40 points against `full` over 1 seed(s), below the full student.",
+               "- Figure 3: Stage II matters more than Stage I: agrees."]
+    (tmp_path / "ablation.json").write_text(json.dumps({"seeds": ["0"], "verdict": verdict}))
+    (tmp_path / "student_gap.json").write_text(json.dumps({"seeds": [0, 1, 2], "verdict": [
+        "- The gap: +0.70.", "- all layers trained: +0.10.", "- Answer: none of the three."]}))
+    (tmp_path / "kd_methods.json").write_text(json.dumps({"quick": True, "seeds": [0], "verdict": ["x"]}))
+    text = readme.tiny_newsrec_verdicts(tmp_path)
+    assert ("- **Figures 3-4, each stage and each loss removed** (`benchmarks.ablation`, 1 of 3 seeds; provisional, "
+            "[ablation.md](benchmarks/results/ablation.md)): Figure 3: Stage II matters more than Stage I: agrees.") in text
+    assert "no_stage1" not in text  # the row-by-row lines stay in the md
+    assert ("(`benchmarks.student_gap`, 3 of 3 seeds, [student_gap.md](benchmarks/results/student_gap.md)): "
+            "The gap: +0.70. Answer: none of the three.") in text
+    assert "- **Table 4, other multi-teacher methods** (`benchmarks.kd_methods`): not measured yet." in text
+    assert text.count("not measured yet") == 3  # a quick result is not the README's
