@@ -44,7 +44,6 @@ seeds; the md records the measured times. Its post-training keeps a frozen-prefi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -52,8 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, md_table, note_reused, write_results
-from benchmarks.quality import (METRICS, QUICK, base_name, base_overrides, obtain, same_settings, seed_base_run,
+from benchmarks.common import committed_runs, machine, md_table, write_results
+from benchmarks.quality import (METRICS, QUICK, base_name, base_run_record, experiment_parser, obtain, recorded_seeds,
                                 seed_list, student_run)
 
 # row -> (label, the student's switch; None: the base run's model, the model's name in the pipeline's table)
@@ -94,12 +93,6 @@ def results_name(quick: bool) -> str:
     return "ablation_quick" if quick else "ablation"
 
 
-def committed_runs(quick: bool) -> dict:
-    """The runs already in the results file, by run name: the seeds may be measured in several sessions."""
-    path = RESULTS / f"{results_name(quick)}.json"
-    return json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
-
-
 def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool,
               progress=lambda metrics, runs: None) -> tuple[dict, dict]:
     """One seed's metrics per row, and the run records they come from (by run name). The seed's base run is run
@@ -129,23 +122,10 @@ def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool
             if (root / name / "quality_run.json").exists():  # the base run, kept: its rows are known already
                 base_rows(json.loads((root / name / "quality_run.json").read_text()))
             progress(ordered(), dict(runs))
-    recorded = committed.get(name)
-    if (root / name / "quality_run.json").exists() or recorded is None or \
-            not same_settings(recorded, base_overrides(seed, quick)):
-        base = seed_base_run(root, seed, quick, may_run=may_run)
-        recorded = None if base is None else base[1]
-    else:
-        print(f"{name}: reusing the recorded run (--fresh runs it again)", flush=True)
-        note_reused(name)
+    recorded = base_run_record(root, seed, quick, committed, may_run)
     if recorded is not None:
         base_rows(recorded)
     return ordered(), runs
-
-
-def recorded_seeds(committed: dict) -> list[int]:
-    """The seeds the results file holds runs of (``..._seed_S``): a later session's ``--seeds 1`` tabulates them
-    beside seed 1 instead of writing them out of the file."""
-    return sorted({int(n.rsplit("_", 1)[1]) for n in committed if "_seed_" in n and n.rsplit("_", 1)[1].isdigit()})
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -362,20 +342,13 @@ def _plot(path, d: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="benchmarks.ablation", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="quality's tiny settings: checks the harness in minutes")
-    p.add_argument("--seeds", default=None, help="default 0,1,2 (--quick: 0)")
-    p.add_argument("--out", default="", help="keep the runs here, beside the seeds' base runs (base_seed_S) "
-                   "(default: a temporary folder)")
-    p.add_argument("--fresh", action="store_true", help="run every row, even those recorded in the results file")
-    p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the runs kept in --out or "
-                   "recorded, and name the ones missing")
+    p = experiment_parser("benchmarks.ablation", __doc__)
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     seeds = seed_list(a.seeds, a.quick)
     command = "python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
     info = machine()
-    committed = {} if a.fresh else committed_runs(a.quick)
+    committed = committed_runs(results_name(a.quick), a.fresh)
     per_seed, runs, payload = {}, {}, None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)

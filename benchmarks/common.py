@@ -109,7 +109,7 @@ def committed_runs(name: str, fresh: bool = False) -> dict:
     if fresh:
         return {}
     path = RESULTS / f"{name}.json"
-    runs = json.loads(path.read_text())["runs"] if path.exists() else {}
+    runs = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
     return {**runs, **ledger_runs(name)}
 
 

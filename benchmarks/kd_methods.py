@@ -27,18 +27,16 @@ still missing; ``--fresh`` ignores the recorded jobs.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import committed_runs, ledger_add, machine, md_table, note_reused, run_job_kept, write_results
-from benchmarks.quality import (METRICS, PIPELINE_LAYERS, QUICK, base_name, base_overrides, same_settings,
-                                seed_base_run, seed_list, student_run)
+from benchmarks.common import committed_runs, ledger_add, machine, md_table, run_job_kept, write_results
+from benchmarks.quality import (METRICS, PIPELINE_LAYERS, QUICK, base_name, base_run_record, experiment_parser,
+                                recorded_seeds, same_settings, seed_base_run, seed_list, student_run)
 
 NAMES = {"ndcg5": "nDCG@5", "ndcg10": "nDCG@10", "auc": "AUC", "mrr": "MRR"}
 ROWS = (("ensemble", "Ensemble-Teacher"), ("tinybert_mt", "TinyBERT-MT"), ("newsbert_mt", "NewsBERT-MT"),
@@ -50,11 +48,6 @@ TEACHERS_FULL, TEACHERS_QUICK = 4, 2  # posttrain.teachers: the default, and QUI
 
 def results_name(quick: bool) -> str:
     return "kd_methods_quick" if quick else "kd_methods"
-
-
-def recorded_seeds(runs: dict) -> set[int]:
-    """The seeds whose jobs ``runs`` (a results file's and its ledger's, by run name) holds."""
-    return {int(m.group(1)) for name in runs if (m := re.match(r"(?:base_)?seed_(\d+)(?:_|$)", name))}
 
 
 def relocated(recorded: dict | None, overrides: list[str]) -> dict | None:
@@ -141,14 +134,7 @@ def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool
                            before_run=before_run, timeout=6 * 3600)
         done(name, recorded if run is compared else run)  # the record as it ran, not as compared here
     # the base run's rows: from the run the jobs above read where it is in root, else from its record
-    recorded = committed.get(base)
-    if (root / base / "quality_run.json").exists() or recorded is None or \
-            not same_settings(recorded, base_overrides(seed, quick)):
-        got = seed_base_run(root, seed, quick, may_run=may_run)
-        recorded = None if got is None else got[1]
-    else:
-        print(f"{base}: reusing the recorded run (--fresh runs it again)", flush=True)
-        note_reused(base)
+    recorded = base_run_record(root, seed, quick, committed, may_run)
     if recorded is not None:
         loop_seconds(recorded, root / base)
         done(base, recorded)
@@ -314,14 +300,7 @@ def _plot(path, table: dict, quick: bool) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="benchmarks.kd_methods", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny random encoders, 2 teachers, a few steps per stage")
-    p.add_argument("--seeds", default=None, help="seeds to run, beside those recorded (default 0,1,2; --quick: 0)")
-    p.add_argument("--out", default="", help="keep the runs here, beside benchmarks.quality's (default: a temporary "
-                                              "folder)")
-    p.add_argument("--fresh", action="store_true", help="run every job, even those recorded in the results file")
-    p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the jobs kept in --out or "
-                   "recorded, and name the rows missing")
+    p = experiment_parser("benchmarks.kd_methods", __doc__, "tiny random encoders, 2 teachers, a few steps per stage")
     a = p.parse_args(argv)
     seeds = seed_list(a.seeds, a.quick)
     info = machine()
@@ -335,7 +314,7 @@ def main(argv=None) -> dict:
         root = Path(a.out or tmp)
         root.mkdir(parents=True, exist_ok=True)
         # the seeds recorded by earlier invocations are tabulated too, from their records (nothing of theirs runs)
-        for seed in sorted(set(seeds) | recorded_seeds(committed)):
+        for seed in sorted(set(seeds) | set(recorded_seeds(committed))):
             rows, seed_runs, seconds[seed] = seed_rows(root, seed, a.quick, committed,
                                                        may_run=seed in seeds and not a.kept_only, ledger=ledger)
             runs.update(seed_runs)

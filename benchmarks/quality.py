@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -98,6 +99,27 @@ def teachers_of(root: Path, seed: int) -> Path | None:
     return None
 
 
+def experiment_parser(prog: str, doc: str, quick_help: str = "quality's tiny settings: checks the harness in "
+                                                                         "minutes") -> argparse.ArgumentParser:
+    """The options of the Tiny-NewsRec experiments measured across sessions (ablation, kd_methods, teacher_count,
+    student_gap): their seeds, where runs are kept, and whether recorded runs are reused or only tabulated."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--seeds", default=None, help="seeds to run, beside those recorded (default 0,1,2; --quick: 0)")
+    p.add_argument("--out", default="", help="keep the runs here, beside the seeds' base runs (base_seed_S) "
+                   "(default: a temporary folder)")
+    p.add_argument("--fresh", action="store_true", help="run every row, even those recorded in the results file")
+    p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the runs kept in --out or "
+                   "recorded, and name the ones missing")
+    return p
+
+
+def recorded_seeds(runs: dict) -> list[int]:
+    """The seeds whose runs ``runs`` (a results file's and its ledger's, by run name: ``..._seed_S[_...]``,
+    ``seed_S_...``) holds: an invocation for seed 1 tabulates seed 0's, recorded by an earlier session, beside it."""
+    return sorted({int(m.group(1)) for name in runs if (m := re.search(r"(?:^|_)seed_(\d+)(?:_|$)", name))})
+
+
 def seed_list(seeds: str | None, quick: bool) -> list[int]:
     """The seeds of ``--seeds`` (comma-separated); by default 0, 1, 2, or 0 alone with --quick."""
     return [int(s) for s in (seeds or ("0" if quick else "0,1,2")).split(",")]
@@ -131,6 +153,21 @@ def seed_base_run(root: Path, seed: int, quick: bool, may_run: bool = True) -> t
     if not (run_dir / "finetune_teachers" / "done.json").exists():
         raise SystemExit(f"{run_dir} holds no finished teachers (finetune_teachers/done.json): use another --out")
     return run_dir, run
+
+
+def base_run_record(root: Path, seed: int, quick: bool, committed: dict, may_run: bool = True) -> dict | None:
+    """The record of seed ``seed``'s base run: the run kept in ``root`` (or run now: ``seed_base_run``), or the one a
+    results file recorded (``committed``, by run name) with today's settings when ``root`` keeps none; None when
+    neither exists and it may not run. For the rows the base run gives (its student, its teachers' ensemble)."""
+    name = base_name(seed)
+    recorded = committed.get(name)
+    if (root / name / "quality_run.json").exists() or recorded is None or \
+            not same_settings(recorded, base_overrides(seed, quick)):
+        base = seed_base_run(root, seed, quick, may_run=may_run)
+        return None if base is None else base[1]
+    print(f"{name}: reusing the recorded run (--fresh runs it again)", flush=True)
+    note_reused(name)
+    return recorded
 
 
 def student_run(root: Path, name: str, seed: int, quick: bool, switch: list[str], committed: dict | None = None,

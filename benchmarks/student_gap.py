@@ -26,14 +26,13 @@ measured in several sessions; the answer is written into quality.md too (``bench
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import committed_runs, machine, md_table, note_reused, run_job_kept, write_results
-from benchmarks.quality import (METRICS, QUICK, base_name, base_overrides, same_settings, seed_base_run, seed_list,
-                                student_run)
+from benchmarks.common import committed_runs, machine, md_table, run_job_kept, write_results
+from benchmarks.quality import (METRICS, QUICK, base_name, base_run_record, experiment_parser, recorded_seeds,
+                                seed_list, student_run)
 
 TEACHER = ["stage=finetune_teachers", "teachers.init=plm", "posttrain.teachers=1"]
 # row -> (what it is, its switch); the teacher rows run TEACHER with the switch, the student row links the seed's
@@ -87,14 +86,7 @@ def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool
             runs[name] = run
             rows[row] = {k: run["summary"]["models"]["student"][k] for k in METRICS}
     name = base_name(seed)
-    recorded = committed.get(name)
-    if (root / name / "quality_run.json").exists() or recorded is None or \
-            not same_settings(recorded, base_overrides(seed, quick)):
-        base = seed_base_run(root, seed, quick, may_run=may_run)
-        recorded = None if base is None else base[1]
-    else:
-        print(f"{name}: reusing the recorded run (--fresh runs it again)", flush=True)
-        note_reused(name)
+    recorded = base_run_record(root, seed, quick, committed, may_run)
     if recorded is not None:
         runs[name] = recorded
         rows.update(base_rows(recorded["summary"]))
@@ -204,22 +196,15 @@ def plot(path, summary: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="benchmarks.student_gap", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="quality's tiny settings: checks the harness in minutes")
-    p.add_argument("--seeds", default=None, help="default 0,1,2 (--quick: 0)")
-    p.add_argument("--out", default="", help="keep the runs here, beside the seeds' base runs (base_seed_S) "
-                   "(default: a temporary folder)")
-    p.add_argument("--fresh", action="store_true", help="run every row, even those recorded in the results file")
-    p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the recorded and kept runs")
+    p = experiment_parser("benchmarks.student_gap", __doc__)
     a = p.parse_args(argv)
-    committed = {} if a.fresh else committed_runs(results_name(a.quick))
+    committed = committed_runs(results_name(a.quick), a.fresh)
     info = machine()
     per_seed, runs = {}, dict(committed)
     payload = None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
-        recorded = sorted({int(n.rsplit("_", 1)[1]) for n in committed if n.rsplit("_", 1)[1].isdigit()})
-        for seed in sorted(set(seed_list(a.seeds, a.quick)) | set(recorded)):
+        for seed in sorted(set(seed_list(a.seeds, a.quick)) | set(recorded_seeds(committed))):
             run_now = not a.kept_only and seed in seed_list(a.seeds, a.quick)
             rows, seed_runs = seed_rows(root, seed, a.quick, committed, may_run=run_now)
             if rows:

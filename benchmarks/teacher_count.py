@@ -34,16 +34,14 @@ On MIND (or any data, encoder, student size): the runs take any training setting
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, md_table, write_results
-from benchmarks.quality import METRICS, QUICK, obtain, same_settings, seed_list
+from benchmarks.common import committed_runs, machine, md_table, write_results
+from benchmarks.quality import METRICS, QUICK, experiment_parser, obtain, same_settings, seed_list
 
 MOST = 6  # the paper's Figure 2: M = 1..6
 QUICK_MOST = 3  # --quick: M = 1..3 of quality's tiny settings
@@ -330,20 +328,8 @@ def _plot(path, d: dict) -> None:
     fig.savefig(path, dpi=120)
 
 
-def committed_runs(name: str) -> dict:
-    """The runs already in the results file, by run name: the seeds may be measured in several sessions."""
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
-
-
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="benchmarks.teacher_count", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="quality's tiny settings, M = 1..3: checks the harness")
-    p.add_argument("--seeds", default=None, help="default 0,1,2 (--quick: 0)")
-    p.add_argument("--out", default="", help="keep the runs here (default: a temporary folder)")
-    p.add_argument("--fresh", action="store_true", help="run every row, even those recorded in the results file")
-    p.add_argument("--kept-only", action="store_true", help="run nothing: tabulate the runs kept in --out or "
-                   "recorded, and name the ones missing")
+    p = experiment_parser("benchmarks.teacher_count", __doc__, "quality's tiny settings, M = 1..3: checks the harness")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a training setting of every run (e.g. data.format=mind); needs --name")
     p.add_argument("--name", default="", help="the results file's name (default teacher_count[_quick])")
@@ -355,7 +341,7 @@ def main(argv=None) -> dict:
     name = a.name or ("teacher_count_quick" if a.quick else "teacher_count")
     command = "python -m benchmarks.teacher_count " + " ".join(argv if argv is not None else sys.argv[1:])
     info = machine()
-    committed = {} if a.fresh else committed_runs(name)
+    committed = committed_runs(name, a.fresh)
     per_seed, runs, payload = {}, {}, None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)

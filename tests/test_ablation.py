@@ -159,7 +159,7 @@ def test_benchmark_ablation_tables_and_verdict_from_fabricated_numbers(tmp_path,
     import benchmarks.ablation as ablation
     import benchmarks.common as common
 
-    for module in (common, ablation):
+    for module in (common,):
         monkeypatch.setattr(module, "RESULTS", tmp_path)
     drop = {"full": 0, "no_stage1": 0.004, "no_stage2": 0.010, "no_both": 0.015, "no_distill": 0.008,
             "no_emb": 0.009, "no_target": -0.003, "body_512": -0.002}
@@ -255,7 +255,7 @@ def test_benchmark_ablation_writes_each_row_as_it_finishes_and_keeps_earlier_ses
     import benchmarks.common as common
     import benchmarks.quality as quality
 
-    for module in (common, ablation):
+    for module in (common,):
         monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
     calls, written = [], []
 

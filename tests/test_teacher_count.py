@@ -98,8 +98,7 @@ class FakeRuns:
 @pytest.fixture
 def results(tmp_path, monkeypatch):
     """benchmarks/results in a temporary folder; this test's record of reused jobs."""
-    for module in (common, tc):
-        monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(common, "_REUSED", [])
     return tmp_path / "results"
 
