@@ -68,17 +68,13 @@ def base_rows(summary: dict) -> dict:
     return rows
 
 
-def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool) -> tuple[dict, dict]:
-    """One seed's metrics per row, and the run records they come from (by run name)."""
+def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool,
+              progress=lambda rows, runs: None) -> tuple[dict, dict]:
+    """One seed's metrics per row, and the run records they come from (by run name). The rows that link the seed's
+    base run's teachers run first, while its folder is there (a later session would train it again); the teacher
+    rows need nothing of it. ``progress(rows, runs)`` after every row: a session may end before the seed does."""
     rows, runs = {}, {}
     common = [f"train.seed={seed}", *(QUICK if quick else [])]
-    for row, (_, switch) in TEACHER_ROWS.items():
-        name = run_name(row, seed)
-        job = run_job_kept(name, [*common, *TEACHER, *switch], root, may_run=may_run, committed=committed.get(name),
-                           ledger=results_name(quick), stage="finetune_teachers", timeout=6 * 3600)
-        if job is not None:
-            runs[name] = job
-            rows[row] = {k: job["metrics"]["teacher_1"][k] for k in METRICS}
     for row, (_, switch) in STUDENT_ROWS.items():
         name = run_name(row, seed)
         run = student_run(root, name, seed, quick, switch, committed.get(name), may_run=may_run)
@@ -90,6 +86,15 @@ def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool
     if recorded is not None:
         runs[name] = recorded
         rows.update(base_rows(recorded["summary"]))
+    progress(dict(rows), dict(runs))
+    for row, (_, switch) in TEACHER_ROWS.items():
+        name = run_name(row, seed)
+        job = run_job_kept(name, [*common, *TEACHER, *switch], root, may_run=may_run, committed=committed.get(name),
+                           ledger=results_name(quick), stage="finetune_teachers", timeout=6 * 3600)
+        if job is not None:
+            runs[name] = job
+            rows[row] = {k: job["metrics"]["teacher_1"][k] for k in METRICS}
+            progress(dict(rows), dict(runs))
     return rows, runs
 
 
@@ -206,7 +211,11 @@ def main(argv=None) -> dict:
         root = Path(a.out or tmp)
         for seed in sorted(set(seed_list(a.seeds, a.quick)) | set(recorded_seeds(committed))):
             run_now = not a.kept_only and seed in seed_list(a.seeds, a.quick)
-            rows, seed_runs = seed_rows(root, seed, a.quick, committed, may_run=run_now)
+            def progress(rows, seed_runs, seed=seed):  # rewritten after every row: an interruption keeps them
+                if rows:
+                    report({**per_seed, seed: rows}, {**runs, **seed_runs}, info, a.quick)
+
+            rows, seed_runs = seed_rows(root, seed, a.quick, committed, may_run=run_now, progress=progress)
             if rows:
                 per_seed[seed] = rows
                 runs.update(seed_runs)

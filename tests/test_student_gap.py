@@ -66,6 +66,10 @@ def test_each_hypothesis_runs_its_one_change_and_the_answer_follows_the_numbers(
     assert f"pipeline.teachers_from={tmp_path / 'runs' / 'base_seed_2'}" in uniform  # the seed's own teachers
     assert "pipeline.newsbert=false" in by_name["base_seed_2"][0]
     assert sum(1 for name, _, _ in calls if name.startswith("base_seed_")) == 3  # one base run per seed
+    order = [name for name, _, _ in calls]  # the row linking the base run's teachers first, while its folder is there
+    assert order.index("base_seed_0") < order.index("gap_student_uniform_seed_0") < order.index("gap_teacher_top2_seed_0")
+    written = json.loads((results / "student_gap.json").read_text())
+    assert written["seeds"] == [0, 1, 2]
 
     e = payload["effects"]
     assert e["all layers trained"]["auc"]["mean"] == pytest.approx(0.010)
