@@ -140,7 +140,11 @@ def verdict(summary: dict) -> list[str]:
                       "within its spread" if n > 1 else "one seed: no spread yet") + ".")
         if is_clear and d > 0:
             clear[h] = d
-    if not clear:
+    if not clear and summary["effects"] and max(e["auc"]["seeds"] for e in summary["effects"].values()) < 2:
+        h = max(summary["effects"], key=lambda k: summary["effects"][k]["auc"]["mean"])
+        out.append(f"- Answer: not yet (one seed, no spread to judge by); the largest effect so far is {h} "
+                   f"({100 * summary['effects'][h]['auc']['mean']:+.2f} points).")
+    elif not clear:
         out.append("- Answer: none of the three changes earns a clear gain: no single one explains the gap.")
     else:
         best = max(clear, key=clear.get)

@@ -122,3 +122,8 @@ def test_no_clear_gain_says_no_single_change_explains_the_gap():
     partial = student_gap.verdict({"gaps": {"student - ensemble": m(0.010, 0.001)},
                                    "effects": {"the extra epochs": m(0.003, 0.0005)}})
     assert partial[-1].endswith("less than half the gap: it explains part of it, not all.")
+    one_seed = student_gap.verdict({"gaps": {"student - ensemble": m(0.009, 0.0, 1)},
+                                    "effects": {"all layers trained": m(0.004, 0.0, 1),
+                                                "the per-sample weighting": m(0.0003, 0.0, 1)}})
+    assert one_seed[-1] == ("- Answer: not yet (one seed, no spread to judge by); the largest effect so far is all "
+                            "layers trained (+0.40 points).")
