@@ -93,9 +93,10 @@ def verify_checksum(module: nn.Module, snap: dict, path: Path, what: str) -> str
     return got
 
 
-def load_snapshot(module: nn.Module, path: Path, what: str) -> dict:
-    """Apply the snapshot at ``path`` to ``module`` and verify the checksum; returns the snapshot."""
-    snap = read_snapshot(path)
+def load_snapshot(module: nn.Module, path: Path, what: str, snap: dict | None = None) -> dict:
+    """Apply the snapshot at ``path`` (``snap``: it, read already) to ``module`` and verify the checksum; returns
+    the snapshot."""
+    snap = read_snapshot(path) if snap is None else snap
     apply_delta(module, snap, path)
     verify_checksum(module, snap, path, what)
     return snap

@@ -10,7 +10,8 @@ from torch import nn
 from speedyrec.build import (Context, apply_buslm, build_news_encoder, build_recommender, buslm_encoder, news_encoding,
                              plm_layers)
 from speedyrec.config import ConfigError
-from speedyrec.distill.snapshots import SUFFIX, SnapshotError, apply_delta, read_snapshot, verify_checksum
+from speedyrec.distill.snapshots import (SUFFIX, SnapshotError, apply_delta, load_snapshot, read_snapshot,
+                                         verify_checksum)
 from speedyrec.models.checksum import news_checksum
 
 
@@ -60,9 +61,7 @@ def load_title_body_snapshot(encoder: nn.Module, path: Path, what: str) -> tuple
     snapshot's segment pooling."""
     snap = read_snapshot(path)
     body = buslm_encoder(encoder) if body_segments_of(snap) else encoder
-    apply_delta(body, snap, path)
-    verify_checksum(body, snap, path, what)
-    return snap, body
+    return load_snapshot(body, path, what, snap), body
 
 
 def load_for_clicks(encoder: nn.Module, path: Path, what: str) -> dict:
