@@ -1,7 +1,7 @@
 """Tiny-NewsRec's ablations (the paper's Figures 3 and 4): each stage, and each loss term, of the two-stage
 distillation removed, against the full student; mean and spread over seeds.
 
-``python -m benchmarks.ablation [--quick] [--seeds 0,1,2] [--out DIR] [--kept-only] [--fresh]``
+``python -m benchmarks.ablation [--quick] [--seeds 0,1,2] [--rows full,no_stage1,...] [--out DIR] [--kept-only] [--fresh]``
 
 Rows (the 2-layer student of all-MiniLM-L6-v2, M = 4 teachers, on the synthetic default):
 
@@ -94,11 +94,12 @@ def results_name(quick: bool) -> str:
 
 
 def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool,
-              progress=lambda metrics, runs: None) -> tuple[dict, dict]:
+              progress=lambda metrics, runs: None, rows: tuple = tuple(ROWS)) -> tuple[dict, dict]:
     """One seed's metrics per row, and the run records they come from (by run name). The seed's base run is run
     (or read from ``root``) only where a row must run, or where the results file does not record it.
     ``progress(metrics, runs)`` is called after every row: a seed takes hours, and its finished rows are written
-    down before the next one runs (a session may end in between)."""
+    down before the next one runs (a session may end in between). Rows outside ``rows`` are not run, only read
+    from the results file where it records them."""
     metrics, runs = {}, {}
     name = base_name(seed)
 
@@ -115,7 +116,8 @@ def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool
         if switch is not None:
             run_name_ = run_name(row, seed)
             fetch = own_pipeline_run if row in OWN_TEACHERS else student_run
-            run = fetch(root, run_name_, seed, quick, switch, committed.get(run_name_), may_run=may_run)
+            run = fetch(root, run_name_, seed, quick, switch, committed.get(run_name_),
+                        may_run=may_run and row in rows)
             if run is not None:
                 runs[run_name_] = run
                 metrics[row] = {k: run["summary"]["models"][model][k] for k in METRICS}
@@ -343,7 +345,12 @@ def _plot(path, d: dict) -> None:
 
 def main(argv=None) -> dict:
     p = experiment_parser("benchmarks.ablation", __doc__)
+    p.add_argument("--rows", default=",".join(ROWS), help="the rows that may run (comma-separated; default all); "
+                   "the others are tabulated where recorded. body_512 alone takes ~80 min per seed")
     a = p.parse_args(argv)
+    rows = tuple(r.strip() for r in a.rows.split(",") if r.strip())
+    if unknown := [r for r in rows if r not in ROWS]:
+        raise SystemExit(f"benchmarks.ablation: unknown rows {unknown}; rows are {list(ROWS)}")
     t0 = time.perf_counter()
     seeds = seed_list(a.seeds, a.quick)
     command = "python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -361,7 +368,7 @@ def main(argv=None) -> dict:
 
             # a recorded seed not asked for is tabulated from its records, never run
             metrics, seed_runs = seed_rows(root, seed, a.quick, committed, may_run=not a.kept_only and seed in seeds,
-                                           progress=progress)
+                                           progress=progress, rows=rows)
             if metrics:
                 per_seed[str(seed)] = metrics
                 runs.update(seed_runs)
