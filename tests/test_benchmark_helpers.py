@@ -837,3 +837,48 @@ def test_tree_tensor_bytes_counts_the_tensors_under_one_key_of_a_saved_tree(tmp_
     assert tree_tensor_bytes(js, st, "workflow_cache") == 6 * 4 + 3 * 8
     assert tree_tensor_bytes(js, st, "model") == 10 * 4 + 2 * 2
     assert tree_tensor_bytes(js, st, "absent") == 0
+
+
+@pytest.mark.parametrize("reader", ["pyarrow", "polars"])
+def test_a_columnar_parse_equals_our_readers_arrays(tmp_path, reader):
+    """benchmarks.columnar times pyarrow and polars against our reader only after their arrays equal ours; this
+    checks the two parses on a MIND-large-shaped log (empty histories, one and two clicks, AM/PM stamps)."""
+    pytest.importorskip(reader)
+    from benchmarks import columnar
+    from benchmarks.scale import generate
+    from speedyrec.data.faults import FaultLog
+    from speedyrec.data.news import NewsTable, read_mind_news
+
+    generate(tmp_path, 400, 300, seed=3)
+    path = tmp_path / "train" / "behaviors.tsv"
+    lines = [line.split("\t") for line in path.read_text().splitlines()]
+    for cols in lines[::7]:  # MIND has users without a history
+        cols[3] = ""
+    path.write_text("".join("\t".join(cols) + "\n" for cols in lines))
+    news = NewsTable()
+    read_mind_news(tmp_path / "train" / "news.tsv", news, FaultLog(), 1 << 20)
+    ref = columnar.ours_parse(path, news)
+    assert (ref["history"].lengths() == 0).any() and len(set(ref["time"].tolist())) > 1  # the cases are there
+    got = columnar.arrow_parse(path, news.ids) if reader == "pyarrow" else columnar.polars_parse(path, news.ids)
+    assert columnar.same(got, ref) == []
+    # and a wrong parse is told apart: one history id changed
+    got["history"].values[0] = (got["history"].values[0] + 1) % len(news)
+    assert columnar.same(got, ref) == ["history"]
+
+
+def test_the_columnar_section_says_which_reader_is_faster_from_its_rows():
+    from benchmarks.scale import columnar_section
+
+    def row(ours, arrow, polars):
+        return {"lines": 1000, "us_per_line": {"speedyrec": ours, "pyarrow": arrow, "polars": polars},
+                "differs": {}, "missing": []}
+
+    assert columnar_section({}) == []
+    slower = "\n".join(columnar_section({"columnar": [row(6.0, 7.0, 20.0), row(6.0, 6.6, 18.0)],
+                                         "columnar_commit": "abc"}))
+    assert "The fastest columnar reader, pyarrow, takes 1.13x our time" in slower and "numpy alone is kept" in slower
+    faster = "\n".join(columnar_section({"columnar": [row(6.0, 3.0, 20.0), row(6.0, 2.4, 18.0)]}))
+    assert "pyarrow parses these plain lines in 0.45x our time" in faster
+    bad = {**row(6.0, 7.0, 20.0), "differs": {"polars": ["time"]}, "missing": ["polars"]}
+    text = "\n".join(columnar_section({"columnar": [bad]}))
+    assert "polars: time" in text and "Not installed, not measured: polars" in text
