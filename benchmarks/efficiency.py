@@ -63,6 +63,8 @@ nothing: it re-renders the tables from the results file.
   teacher's steps (post-training, teacher finetuning) from the base run, each student's (Stage I, Stage II) from
   its size's run; the baselines' steps (the student finetuned alone, NewsBERT) only where a run trained them (the
   base run trains the plain 2-layer student; quality's ``seed_S_lN`` runs both); beside the paper's A.4 hours.
+  The teachers' banks (their vectors, which both stages read) are built once per seed, by the base run; the other
+  sizes read them. Each step is counted without them (stats.json ``bank_seconds``) and they get a row of their own.
 """
 from __future__ import annotations
 
@@ -121,6 +123,9 @@ def main(argv=None) -> dict:
     saved = recorded_results(a.quick)
     per_seed, runs = recorded_measurements(saved, a.quick), dict(saved.get("runs", {}))
     history = list(saved.get("speed_history", []))
+    if a.out:  # runs still kept there say what their steps spent on the teachers' banks
+        for name, run in runs.items():
+            bank_seconds_of(run, Path(a.out) / name)
     if a.kept_only:
         if not per_seed and not history:
             raise SystemExit(f"benchmarks.efficiency: nothing is recorded in {results_path(a.quick)} yet")
@@ -294,6 +299,7 @@ def measure_seed(root: Path, seed: int, variants: list[str], quick: bool, timed:
         by_size.setdefault(size_of(variant), []).append(variant)
     for n, names in sorted(by_size.items()):
         name, run_dir, run = obtain_run(root, seed, n, quick)
+        bank_seconds_of(run, run_dir)
         runs[name] = run
         ctx, models = load_models(run_dir, run, names)
         for variant, model in models.items():
@@ -451,23 +457,45 @@ def best_precision(row: dict) -> str:
     return max(ok, key=lambda p: row["news_per_s"][p]) if ok else "fp32"
 
 
+def bank_seconds_of(run: dict, run_dir: Path) -> dict:
+    """{step: seconds} a run's steps spent building the teachers' banks (stats.json ``bank_seconds``), kept in
+    ``run`` so that its record says them once the folder is gone. The first student run of a seed builds the banks
+    (the base run); the others read them from the cache and spend ~0 s: A.4 counts each step without them."""
+    for step, _, _ in STEPS:
+        stats = run_dir / step / "stats.json"
+        if stats.exists():  # a step without the key built no bank
+            run.setdefault("bank_seconds", {})[step] = json.loads(stats.read_text()).get("bank_seconds", 0.0)
+    return run.get("bank_seconds", {})
+
+
 def stage_times(per_seed: dict, runs: dict, sizes: list[int]) -> dict:
-    """{step: {"teacher" or student layers: {"mean", "std", "seeds"}}} of wall seconds over the recorded seeds: the
-    teacher's steps from the run of the seed's teacher (its base run), each student's from its own run; a step no
-    run of a column trained (a linked one, a baseline not run) is absent."""
+    """{step: {"teacher" or student layers: {"mean", "std", "seeds", "bank_unknown"}}} of wall seconds over the
+    recorded seeds, the building of the teachers' banks taken out where the run recorded it (``bank_unknown``: the
+    seeds whose run did not, counted whole); ``banks``: {step: {"mean", "std", "seeds"}}, the banks' own seconds,
+    built once per seed. The teacher's steps come from the run of the seed's teacher (its base run), each student's
+    from its own run; a step no run of a column trained (a linked one, a baseline not run) is absent."""
     out: dict = {}
+    banks: dict = {}
     for step, _, who in STEPS:
         for col in (["teacher"] if who == "teacher" else sizes):
             variant = "teacher" if col == "teacher" else f"student_l{col}"
-            values = []
+            values, unknown = [], 0
             for by in per_seed.values():
-                seconds = (runs.get(by[variant]["run"]) or {}).get("summary", {}).get("seconds", {}) \
-                    if variant in by else {}
+                run = (runs.get(by[variant]["run"]) or {}) if variant in by else {}
+                seconds = run.get("summary", {}).get("seconds", {})
                 if step in seconds:
-                    values.append(seconds[step])
+                    bank = run.get("bank_seconds", {}).get(step)
+                    unknown += bank is None
+                    values.append(seconds[step] - (bank or 0.0))
+                    if bank is not None and bank > 1.0:  # the run that built them (the others read: ~0 s)
+                        banks.setdefault(step, {})[by[variant]["run"]] = bank
             if values:
                 mean, std = _mean_std(values)
-                out.setdefault(step, {})[str(col)] = {"mean": mean, "std": std, "seeds": len(values)}
+                out.setdefault(step, {})[str(col)] = {"mean": mean, "std": std, "seeds": len(values),
+                                                      "bank_unknown": unknown}
+    if banks:
+        out["banks"] = {step: dict(zip(("mean", "std"), _mean_std(list(v.values()))), seeds=len(v))
+                        for step, v in banks.items()}
     return out
 
 
@@ -579,7 +607,14 @@ def stage_table(d: dict) -> str:
         paper = d["paper"]["hours"].get(paper_of.get(step, ""), {})
         hours = ", ".join(f"{paper[k if k == 'teacher' else int(k)]} h" for k in (cols if paper else [])
                           if (k if k == "teacher" else int(k)) in paper)
-        rows.append([what, *cells, hours])
+        unknown = sum(v.get("bank_unknown", 0) for v in st[step].values())
+        rows.append([what + (f" ({unknown} of its cells' seeds with the banks' building inside: its run did not "
+                             "record it)" if unknown else ""), *cells, hours])
+    for step, v in st.get("banks", {}).items():
+        cell = f"{v['mean']:.0f}" + (f" ± {v['std']:.0f}" if v["seeds"] > 1 else "")
+        rows.append([f"the teachers' banks for {dict((s, w) for s, w, _ in STEPS)[step].split(':')[0]} (built once "
+                     "per seed by its first student run, read by the others; not in the rows above)",
+                     cell, *[""] * len(sizes), ""])
     return md_table(["step", f"teacher ({TEACHER_LAYERS} layers)", *[f"{n}-layer student" for n in sizes],
                      "paper A.4 (12-layer teacher; 4, 2, 1-layer students)"], rows)
 

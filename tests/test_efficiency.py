@@ -120,17 +120,20 @@ SPEEDS = {"teacher": (1000.0, 1800.0, 2200.0), "student_l1": (4000.0, 7000.0, 90
 
 def _fabricated(student2_int8=6000.0, int8_auc=0.695):
     """Two recorded seeds of every model (fp32 and bf16 AUC 0.70 and 0.72, int8 ``int8_auc`` and 0.02 more), their
-    runs (the base run with every step, the other sizes with their two stages; seed 1's steps 10 s longer) and one
-    complete invocation's speed."""
+    runs (the base run with every step, the other sizes with their two stages; seed 1's steps 10 s longer; the base
+    run's Stage I built the teachers' banks in 20 s of its time, the others read them) and one complete invocation's
+    speed."""
     per_seed, runs = {}, {}
     seconds = {"posttrain": 100.0, "distill_posttrain": 50.0, "finetune_teachers": 300.0, "distill_finetune": 80.0,
                "student_plain": 40.0}
     for seed in (0, 1):
         extra = 10.0 * seed
-        runs[f"base_seed_{seed}"] = {"command": "x", "summary": {"seconds": {k: v + extra for k, v in seconds.items()}}}
+        runs[f"base_seed_{seed}"] = {"command": "x", "summary": {"seconds": {k: v + extra for k, v in seconds.items()}},
+                                     "bank_seconds": {k: 20.0 if k == "distill_posttrain" else 0.0 for k in seconds}}
         for n in (1, 4):
             runs[f"eff_l{n}_seed_{seed}"] = {"command": "x", "summary": {"seconds": {
-                k: v + extra for k, v in seconds.items() if k.startswith("distill")}}}
+                k: v + extra for k, v in seconds.items() if k.startswith("distill")}},
+                "bank_seconds": {"distill_posttrain": 0.004, "distill_finetune": 0.0}}
         fp32 = 0.70 + 0.02 * seed
         per_seed[str(seed)] = {
             variant: {"run": f"base_seed_{seed}" if variant in ("teacher", "student_l2") else
@@ -158,7 +161,8 @@ def _tables(per_seed, runs, speed):
 def test_efficiency_rows_ratios_and_the_goal_met():
     from benchmarks.efficiency import figure_table, stage_table
 
-    d = _tables(*_fabricated())
+    per_seed, runs, speed = _fabricated()
+    d = _tables(per_seed, runs, speed)
     rows = {r["layers"]: r for r in d["rows"]}
     assert [r["layers"] for r in d["rows"]] == [6, 1, 2, 4] and d["rows"][0]["model"] == "teacher"
     s2 = rows[2]
@@ -176,11 +180,15 @@ def test_efficiency_rows_ratios_and_the_goal_met():
     assert "Fewer than 3 seeds" in d["verdict"][-1]
     # A.4: the teacher's steps from the base runs, each student's from its own run, the baseline where a run has it
     assert d["stage_seconds"]["distill_finetune"]["1"] == {"mean": 85.0, "std": pytest.approx(7.071, abs=1e-3),
-                                                           "seeds": 2}
+                                                           "seeds": 2, "bank_unknown": 0}
     assert d["stage_seconds"]["posttrain"] == {"teacher": {"mean": 105.0, "std": pytest.approx(7.071, abs=1e-3),
-                                                           "seeds": 2}}
+                                                           "seeds": 2, "bank_unknown": 0}}
     assert d["stage_seconds"]["student_plain"] == {"2": {"mean": 45.0, "std": pytest.approx(7.071, abs=1e-3),
-                                                         "seeds": 2}}
+                                                         "seeds": 2, "bank_unknown": 0}}
+    # Stage I without the banks' building: the 2-layer run built them (20 s of its 50/60), the others read them
+    assert d["stage_seconds"]["distill_posttrain"]["2"]["mean"] == pytest.approx(35.0)
+    assert d["stage_seconds"]["distill_posttrain"]["1"]["mean"] == pytest.approx(55.0 - 0.004)
+    assert d["stage_seconds"]["banks"] == {"distill_posttrain": {"mean": 20.0, "std": 0.0, "seeds": 2}}
     assert "newsbert" not in d["stage_seconds"]
     table = figure_table(d)
     assert "| Tiny-NewsRec student | 2 | 15.60M | 3.70M | 31% | 2,500 (2.5x) | 4,500 (4.5x) | 6,000 (6.0x) |" in table
@@ -188,6 +196,14 @@ def test_efficiency_rows_ratios_and_the_goal_met():
     stages = stage_table(d)
     assert "| Stage II: distillation on clicks |  | 85 ± 7 | 85 ± 7 | 85 ± 7 | 10 h, 8 h, 6 h |" in stages
     assert "| teacher post-training (M snapshots) | 105 ± 7 |  |  |  | 12 h |" in stages
+    assert "| the teachers' banks for Stage I (built once per seed by its first student run" in stages
+    assert "not in the rows above) | 20 ± 0 |  |  |  |  |" in stages
+    # a run that did not record its banks' time is counted whole, and the row says so
+    del runs["base_seed_1"]["bank_seconds"]
+    d = _tables(per_seed, runs, speed)
+    assert d["stage_seconds"]["distill_posttrain"]["2"]["mean"] == pytest.approx((30.0 + 60.0) / 2)
+    assert "Stage I: distillation on title-body matching (1 of its cells' seeds with the banks' building" \
+        in stage_table(d)
     assert "| baseline: the student finetuned alone (where a run trained it) |  |  | 45 ± 7 |  |  |" in stages
 
 
@@ -302,7 +318,7 @@ def test_the_other_sizes_train_only_their_stages_linking_the_base_runs_teachers(
                                                               f"pipeline.teachers_from={out / 'base_seed_0'}")
     # A.4: the 1-layer student's stages are its run's; the teacher's steps the base run's
     assert saved["stage_seconds"]["distill_posttrain"]["1"]["mean"] == 10.0
-    assert saved["stage_seconds"]["posttrain"] == {"teacher": {"mean": 20.0, "std": 0.0, "seeds": 1}}
+    assert saved["stage_seconds"]["posttrain"] == {"teacher": {"mean": 20.0, "std": 0.0, "seeds": 1, "bank_unknown": 1}}
     assert set(saved["stage_seconds"]["student_plain"]) == {"2"}
     assert len(saved["speed_history"]) == 1 and saved["speed_history"][0]["complete"] and saved["speed_index"] == 0
     assert d["verdict"][0].startswith("Goal met")  # 2-layer int8: 6.6x the teacher, 0.1 point below its fp32
@@ -328,7 +344,7 @@ def test_a_kept_quality_run_of_another_size_stands_in_for_its_student_run(eff, t
     assert [name for name, _ in calls["jobs"]] == ["base_seed_0"]
     saved = json.loads((results / "efficiency.json").read_text())
     assert saved["per_seed"]["0"]["student_l1"]["run"] == "seed_0_l1"
-    assert saved["stage_seconds"]["newsbert"] == {"1": {"mean": 30.0, "std": 0.0, "seeds": 1}}
+    assert saved["stage_seconds"]["newsbert"] == {"1": {"mean": 30.0, "std": 0.0, "seeds": 1, "bank_unknown": 1}}
     assert set(saved["stage_seconds"]["student_plain"]) == {"1", "2"}
     assert "NewsBERT" in (results / "efficiency.md").read_text()
 
