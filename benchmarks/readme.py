@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -330,9 +331,21 @@ def scale(d: dict) -> list[str]:
             f"(goal 10x), the whole load {d['load_speedup']:.1f}x; a rank that reads the cache loads "
             f"{d['restart_speedup']:.0f}x sooner. Peak resident memory extrapolated to MIND-large's 2.6M lines: "
             f"{m['before']:,.0f} MiB before, {m['builder_8']:,.0f} MiB for the rank that parses, {m['reader_8']:,.0f} "
-            f"MiB for the others ({m['builder_32']:,.0f} and {m['reader_32']:,.0f} on 32 ranks; goal 1 GiB).\n",
+            f"MiB for the others ({m['builder_32']:,.0f} and {m['reader_32']:,.0f} on 32 ranks; goal 1 GiB)."
+            + _columnar(d) + "\n",
             md_table(["lines", "before parse µs/line", "parse µs/line", "before load s", "load s", "cache read s",
                       "before peak MiB", "parse peak MiB", "cache read peak MiB"], rows)]
+
+
+def _columnar(d: dict) -> str:
+    """scale's sentence on the columnar readers (pyarrow, polars) against ours, where they were measured."""
+    rows = d.get("columnar") or []
+    names = [n for n in (rows[0]["us_per_line"] if rows else {}) if n != "speedyrec"]
+    if not names:
+        return ""
+    ratio = {n: statistics.median(r["us_per_line"][n] / r["us_per_line"]["speedyrec"] for r in rows) for n in names}
+    return (" Columnar readers parsing the same train logs into the same arrays, no fault counted, take "
+            + ", ".join(f"{ratio[n]:.2f}x (`{n}`)" for n in names) + " our time per line.")
 
 
 def limit(d: dict) -> list[str]:
