@@ -225,12 +225,22 @@ def verdict(rows: dict, teachers: dict | None = None) -> list[str]:
         lines.append(f"- `{row}`: AUC {-100 * mean:+.2f}{spread} points against `full` over {n} seed(s), {word}.")
 
     def order(first, second, claim):
+        """The claim that removing ``first`` costs more than removing ``second``, judged on their paired
+        difference (seed by seed, first's AUC - second's): told apart only when it exceeds its spread over seeds."""
         a, b = drop(first), drop(second)
         if a is None or b is None:
             return
-        agrees = a[0] > b[0]
-        lines.append(f"- {claim}: against `full`, `{first}` {-100 * a[0]:+.2f} AUC points, `{second}` "
-                     f"{-100 * b[0]:+.2f}: " + ("agrees." if agrees else "disagrees."))
+        f_seeds, s_seeds = rows[first]["seeds"], rows[second]["seeds"]
+        paired = [f_seeds[k]["auc"] - s_seeds[k]["auc"] for k in f_seeds if k in s_seeds]
+        head = (f"- {claim}: against `full`, `{first}` {-100 * a[0]:+.2f} AUC points, `{second}` "
+                f"{-100 * b[0]:+.2f}")
+        if len(paired) > 1:
+            d = _mean_std(paired)
+            head += f" (paired, `{first}` - `{second}`: {100 * d['mean']:+.2f} ± {100 * d['std']:.2f})"
+            if abs(d["mean"]) <= d["std"]:
+                lines.append(head + ": not told apart (within the spread over seeds).")
+                return
+        lines.append(head + (": agrees." if a[0] > b[0] else ": disagrees."))
 
     # the paper's words: Stage II "plays a critical role", Stage I helps too; the distillation loss is "the most
     # essential", the embedding loss "also important", the target loss "also useful"

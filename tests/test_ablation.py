@@ -179,10 +179,10 @@ def test_benchmark_ablation_tables_and_verdict_from_fabricated_numbers(tmp_path,
     assert "## Verdict" in md and "abc1234" in md and "python -m benchmarks.ablation --quick" in md
     assert "`no_stage2`: AUC -1.00 ± 0.00 points against `full` over 3 seed(s), below the full student, as in the paper" in md
     assert "`no_target`: AUC +0.30 ± 0.00 points against `full` over 3 seed(s), above the full student: disagrees" in md
-    assert "Stage II matters more than Stage I: against `full`, `no_stage2` -1.00 AUC points, `no_stage1` -0.40: " \
-           "agrees" in md
+    assert "Stage II matters more than Stage I: against `full`, `no_stage2` -1.00 AUC points, `no_stage1` -0.40 " \
+           "(paired, `no_stage2` - `no_stage1`: -0.60 ± 0.00): agrees" in md
     assert "the distillation loss matters more than the embedding loss: against `full`, `no_distill` -0.80 AUC " \
-           "points, `no_emb` -0.90: disagrees" in md
+           "points, `no_emb` -0.90 (paired, `no_distill` - `no_emb`: +0.10 ± 0.00): disagrees" in md
     assert "`body_512`: AUC +0.20 ± 0.00 points against `full` over 3 seed(s), above the full student: the longer " \
            "bodies help" in md
     # its own teachers beside the base run's, and the cost of post-training + Stage I in both
@@ -285,3 +285,23 @@ def test_benchmark_ablation_writes_each_row_as_it_finishes_and_keeps_earlier_ses
     assert sorted(payload["rows"]["full"]["seeds"]) == ["0", "1"]
     saved = json.loads((tmp_path / "results" / "ablation_quick.json").read_text())
     assert {"base_seed_0", "base_seed_1", "ablation_no_emb_seed_0"} <= set(saved["runs"])
+
+
+def test_an_order_of_two_ablations_is_told_apart_only_past_its_paired_spread():
+    """Figure 4's orderings are judged on the two rows' paired difference: -0.93 against -0.90 with seeds that
+    disagree is no ordering, whichever mean is larger."""
+    from benchmarks import ablation
+
+    def row(aucs, full):
+        diffs = [a - f for a, f in zip(aucs, full)]
+        return {"seeds": {str(k): {"auc": a} for k, a in enumerate(aucs)},
+                "minus_full": {"auc": ablation._mean_std(diffs), "seeds": [str(k) for k in range(len(aucs))]}}
+
+    full = [0.7466, 0.7408]
+    rows = {"no_distill": row([0.7383, 0.7306], full), "no_target": row([0.7359, 0.7336], full)}
+    text = "\n".join(ablation.verdict(rows))
+    assert "the distillation loss matters more than the target loss: against `full`, `no_distill` -0.93 AUC points, " \
+           "`no_target` -0.90 (paired, `no_distill` - `no_target`: -0.03 ± 0.38): not told apart" in text
+    rows["no_target"] = row([0.7409, 0.7356], full)  # now each seed loses less without the target loss
+    text = "\n".join(ablation.verdict(rows))
+    assert "(paired, `no_distill` - `no_target`: -0.38 ± 0.17): agrees." in text
