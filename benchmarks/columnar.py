@@ -89,10 +89,12 @@ def polars_parse(path: Path, news_ids: list[str]) -> dict:
     c = tokens("impressions")
     c = c.with_columns(pl.col("token").str.ends_with("-1").alias("label"),
                        pl.col("token").str.head(-2)).join(ids, on="token", how="left", maintain_order="left")
-    meta = df.select(pl.col("user").cast(pl.Categorical).to_physical().alias("user"),
-                     pl.col("time").str.strptime(pl.Datetime("ms"), STAMP).dt.epoch("s").alias("time"))
+    # users numbered in order of first appearance (a Categorical's codes are not, once polars reads in parallel)
+    users = df.select(pl.col("user").unique(maintain_order=True)).with_row_index("code")
+    meta = df.select("user", pl.col("time").str.strptime(pl.Datetime("ms"), STAMP).dt.epoch("s").alias("time")) \
+        .join(users, on="user", how="left", maintain_order="left")
     h_rows, c_rows = h["row"].to_numpy(), c["row"].to_numpy()
-    return _sorted(meta["user"].to_numpy(), meta["time"].to_numpy(), np.bincount(h_rows, minlength=n),
+    return _sorted(meta["code"].to_numpy(), meta["time"].to_numpy(), np.bincount(h_rows, minlength=n),
                    h["index"].to_numpy(), np.bincount(c_rows, minlength=n), c["index"].to_numpy(),
                    c["label"].to_numpy())
 
