@@ -23,10 +23,9 @@ Rows (the 2-layer student of all-MiniLM-L6-v2, M = 4 teachers, on the synthetic 
   time of post-training + Stage I in both (the cost).
 
 The rows of Figures 3 and 4 run ``stage=pipeline`` with their switch and ``pipeline.teachers_from`` the seed's base
-run: only the student's stages train again. Cost here (2 cores, from quality.md's step times: Stage I ~5.5 min,
-Stage II ~6.5 min, the student without teachers ~6 min): ``no_stage1`` ~7 min, the other five rows ~12 min each, so
-~70 min per seed and ~3.5 hours for 3 seeds, plus ~54 min per seed for a base run not kept in ``--out``, and
-``body_512``'s own pipeline (below). Runs are kept in
+run: only the student's stages train again. Cost here (2 cores, measured for seed 1 with the cores to itself): the
+five rows that link the base run 22 min together, and the base run 32 min when not kept in ``--out`` (both take
+2-3x that when other jobs share the cores), and ``body_512``'s own pipeline (below). Runs are kept in
 ``--out`` (an interrupted invocation continues), and recorded in ``benchmarks/results/ablation.json``: a seed
 measured in another session is reused. ``--quick`` checks the harness on quality's tiny random encoders in a few
 minutes. Differences to ``full`` are paired by seed (every run of a seed shares its teachers and data order;

@@ -7,15 +7,15 @@ The runs, per seed S, in ``--out``:
 
 - ``base_seed_S`` (benchmarks.quality's ``seed_base_run``: ``stage=pipeline pipeline.baselines=true
   pipeline.newsbert=false``): the M teachers and the 2-layer student. Shared with benchmarks.ablation,
-  kd_methods and student_gap in the same ``--out``: kept there, or run first (~54 min here).
+  kd_methods and student_gap in the same ``--out``: kept there, or run first (32 min here, on quiet cores).
 - ``eff_l1_seed_S``, ``eff_l4_seed_S``, the students of the other sizes (quality's ``student_run``:
   ``stage=pipeline train.seed=S distill.student_layers=N`` with ``pipeline.teachers_from`` the base run): only
   Stage I and Stage II train, ~6 min for 1 layer and ~19 min for 4 layers here. A run of benchmarks.quality
   kept in the same ``--out`` as ``seed_S_lN`` (the same student, trained beside its baselines, its teachers
   linked from that seed's quality or base run) is used instead when it is there.
 
-With the base run kept, a seed costs ~25 min of student training plus 12 dev evaluations (4 models at 3
-precisions, a few minutes), then the timing, a few minutes; without it, ~54 min more.
+With the base run kept, a seed costs 15 min here (seed 1 on quiet cores): the 1- and 4-layer students' Stage I
+and II, 12 dev evaluations (4 models at 3 precisions), then the timing; without it, 32 min more.
 
 Across sessions (run folders do not survive a session; the results file does): each model's dev metrics at each
 precision are recorded per seed in ``benchmarks/results/efficiency.json`` (``per_seed``: seed -> model -> the run

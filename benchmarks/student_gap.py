@@ -19,8 +19,8 @@ thing, paired by seed:
 The teacher runs change a plain teacher, not a post-trained one: they measure what each change earns a teacher of
 this recipe, which is compared with the student's gap. The seed's base run (``base_seed_S``, shared with
 benchmarks.ablation, kd_methods and efficiency in the same ``--out``) gives the student, the ensemble and the
-teachers. Cost here (2 cores): the control teacher ~6 min, all layers ~15 min, two epochs ~12 min, the uniform
-student ~12 min (Stage I and II), so ~45 min per seed beside the base run (~54 min when not kept in ``--out``).
+teachers. Cost here (2 cores, seed 1 with the cores to itself): the four rows 24 min per seed beside the base run
+(32 min more when it is not kept in ``--out``).
 Runs are recorded in benchmarks/results/student_gap.json (and its ledger as they finish), so the seeds may be
 measured in several sessions; the answer is written into quality.md too (``benchmarks.quality --report``, ``student_gap_section``).
 """
