@@ -340,7 +340,8 @@ def scale(d: dict) -> list[str]:
 def _columnar(d: dict) -> str:
     """scale's sentence on the columnar readers (pyarrow, polars) against ours, where they were measured."""
     rows = d.get("columnar") or []
-    names = [n for n in (rows[0]["us_per_line"] if rows else {}) if n != "speedyrec"]
+    names = [n for n in (rows[0]["us_per_line"] if rows else {})
+             if n != "speedyrec" and all(n in r["us_per_line"] for r in rows)]
     if not names:
         return ""
     ratio = {n: statistics.median(r["us_per_line"][n] / r["us_per_line"]["speedyrec"] for r in rows) for n in names}
