@@ -459,8 +459,8 @@ def best_precision(row: dict) -> str:
 
 def bank_seconds_of(run: dict, run_dir: Path) -> dict:
     """{step: seconds} a run's steps spent building the teachers' banks (stats.json ``bank_seconds``), kept in
-    ``run`` so that its record says them once the folder is gone. The first student run of a seed builds the banks
-    (the base run); the others read them from the cache and spend ~0 s: A.4 counts each step without them."""
+    ``run`` so that its record says them once the folder is gone. The seed's base run builds the banks; the runs
+    that link its teachers read them from the cache and spend ~0 s: A.4 counts each step without them."""
     for step, _, _ in STEPS:
         stats = run_dir / step / "stats.json"
         if stats.exists():  # a step without the key built no bank
@@ -613,7 +613,7 @@ def stage_table(d: dict) -> str:
     for step, v in st.get("banks", {}).items():
         cell = f"{v['mean']:.0f}" + (f" ± {v['std']:.0f}" if v["seeds"] > 1 else "")
         rows.append([f"the teachers' banks for {dict((s, w) for s, w, _ in STEPS)[step].split(':')[0]} (built once "
-                     "per seed by its first student run, read by the others; not in the rows above)",
+                     "per seed by the base run, read by the runs that link its teachers; not in the rows above)",
                      cell, *[""] * len(sizes), ""])
     return md_table(["step", f"teacher ({TEACHER_LAYERS} layers)", *[f"{n}-layer student" for n in sizes],
                      "paper A.4 (12-layer teacher; 4, 2, 1-layer students)"], rows)

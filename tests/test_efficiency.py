@@ -196,7 +196,7 @@ def test_efficiency_rows_ratios_and_the_goal_met():
     stages = stage_table(d)
     assert "| Stage II: distillation on clicks |  | 85 ± 7 | 85 ± 7 | 85 ± 7 | 10 h, 8 h, 6 h |" in stages
     assert "| teacher post-training (M snapshots) | 105 ± 7 |  |  |  | 12 h |" in stages
-    assert "| the teachers' banks for Stage I (built once per seed by its first student run" in stages
+    assert "| the teachers' banks for Stage I (built once per seed by the base run, read by the runs that link" in stages
     assert "not in the rows above) | 20 ± 0 |  |  |  |  |" in stages
     # a run that did not record its banks' time is counted whole, and the row says so
     del runs["base_seed_1"]["bank_seconds"]
