@@ -121,6 +121,23 @@ def same(a: dict, b: dict) -> list[str]:
     return bad
 
 
+READERS = ("speedyrec", "pyarrow", "pyarrow_1_thread", "polars")
+
+
+def timed_everywhere(rows: list[dict]) -> list[str]:
+    """The readers timed at every size of ``rows`` (``measure``'s results), ours first; one refused at some size
+    (its arrays differed) is not among them."""
+    return [n for n in READERS if rows and all(n in r["us_per_line"] for r in rows)]
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    """Each columnar reader timed at every size: its time per line over ours, median over the sizes."""
+    import statistics
+
+    return {n: statistics.median(r["us_per_line"][n] / r["us_per_line"]["speedyrec"] for r in rows)
+            for n in timed_everywhere(rows) if n != "speedyrec"}
+
+
 def available() -> dict[str, bool]:
     out = {}
     for name in ("pyarrow", "polars"):

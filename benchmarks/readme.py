@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -339,14 +338,13 @@ def scale(d: dict) -> list[str]:
 
 def _columnar(d: dict) -> str:
     """scale's sentence on the columnar readers (pyarrow, polars) against ours, where they were measured."""
-    rows = d.get("columnar") or []
-    names = [n for n in (rows[0]["us_per_line"] if rows else {})
-             if n != "speedyrec" and all(n in r["us_per_line"] for r in rows)]
-    if not names:
+    from benchmarks.columnar import ratios
+
+    ratio = ratios(d.get("columnar") or [])
+    if not ratio:
         return ""
-    ratio = {n: statistics.median(r["us_per_line"][n] / r["us_per_line"]["speedyrec"] for r in rows) for n in names}
     return (" Columnar readers parsing the same train logs into the same arrays, no fault counted, take "
-            + ", ".join(f"{ratio[n]:.2f}x (`{n}`)" for n in names) + " our time per line.")
+            + ", ".join(f"{v:.2f}x (`{n}`)" for n, v in ratio.items()) + " our time per line.")
 
 
 def limit(d: dict) -> list[str]:

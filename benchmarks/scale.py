@@ -386,9 +386,9 @@ def columnar_section(d: dict) -> list[str]:
     rows = d.get("columnar")
     if not rows:
         return []
-    # the readers timed at every size (one whose arrays differed at some size is reported below, not tabled)
-    names = [n for n in ("speedyrec", "pyarrow", "pyarrow_1_thread", "polars")
-             if all(n in r["us_per_line"] for r in rows)]
+    from benchmarks.columnar import ratios, timed_everywhere
+
+    names = timed_everywhere(rows)  # one whose arrays differed at some size is reported below, not tabled
     label = {"speedyrec": "ours (numpy) µs/line", "pyarrow": "pyarrow µs/line", "pyarrow_1_thread":
              "pyarrow, 1 thread µs/line", "polars": "polars µs/line"}
     others = [n for n in names if n != "speedyrec"]
@@ -410,8 +410,7 @@ def columnar_section(d: dict) -> list[str]:
     if missing:
         lines.append(f"\nNot installed, not measured: {', '.join(missing)}.")
     if others:
-        ratio = {n: statistics.median(r["us_per_line"][n] / r["us_per_line"]["speedyrec"] for r in rows)
-                 for n in others}
+        ratio = ratios(rows)
         best = min(ratio, key=ratio.get)
         if ratio[best] < 0.9:
             verdict = (f"{best} parses these plain lines in {ratio[best]:.2f}x our time (median over the sizes): "
