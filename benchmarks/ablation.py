@@ -193,9 +193,16 @@ def teacher_difference(teachers: dict) -> tuple[dict, float, int] | None:
     return auc, statistics.mean(t["body_512"]["seconds"] / t["full"]["seconds"] for t in both), len(both)
 
 
+def clear_mark(mean: float, std: float, n: int) -> str:
+    """' (clear)' for a difference beyond twice its spread over n > 1 seeds: the mark that tells a firm verdict from
+    one that only exceeds its spread once (with 3 seeds, one spread is about a one-sided p of 0.1, two about 0.04)."""
+    return " (clear: beyond twice its spread)" if n > 1 and abs(mean) > 2 * std else ""
+
+
 def verdict(rows: dict, teachers: dict | None = None) -> list[str]:
     """What agrees with the paper's Figures 3 and 4 and what does not, in words, from the paired AUC differences:
-    a row is below ``full`` when its mean difference is negative and larger than its spread over seeds. ``body_512``,
+    a row is below ``full`` when its mean difference is negative and larger than its spread over seeds (a weak test
+    with 3 seeds), and marked clear beyond twice its spread (student_gap's rule; see ``clear_mark``). ``body_512``,
     the paper's own body length, is said in plain words, and so is what it did to its teachers (``teachers``:
     teacher_sides) and what it cost."""
     def drop(row):
@@ -221,7 +228,8 @@ def verdict(rows: dict, teachers: dict | None = None) -> list[str]:
             word = "below the full student, as in the paper"
         else:
             word = "above the full student: disagrees with the paper"
-        lines.append(f"- `{row}`: AUC {-100 * mean:+.2f}{spread} points against `full` over {n} seed(s), {word}.")
+        lines.append(f"- `{row}`: AUC {-100 * mean:+.2f}{spread} points against `full` over {n} seed(s), {word}"
+                     f"{clear_mark(mean, std, n)}.")
 
     def order(first, second, claim):
         """The claim that removing ``first`` costs more than removing ``second``, judged on their paired
@@ -239,7 +247,8 @@ def verdict(rows: dict, teachers: dict | None = None) -> list[str]:
             if abs(d["mean"]) <= d["std"]:
                 lines.append(head + ": not told apart (within the spread over seeds).")
                 return
-        lines.append(head + (": agrees." if a[0] > b[0] else ": disagrees."))
+        lines.append(head + (": agrees" if a[0] > b[0] else ": disagrees")
+                     + (clear_mark(d["mean"], d["std"], len(paired)) if len(paired) > 1 else "") + ".")
 
     # the paper's words: Stage II "plays a critical role", Stage I helps too; the distillation loss is "the most
     # essential", the embedding loss "also important", the target loss "also useful"
@@ -310,7 +319,9 @@ def report(per_seed: dict, runs: dict, info: dict, quick: bool, command: str, se
           "\n## Verdict\n", "Generated from the numbers above; the paper (Feeds data, a 4-layer student of UniLM): "
           "removing either stage or any loss lowers the student, Stage II more than Stage I, the distillation "
           "loss most, the embedding loss next, the target loss least. The paper post-trains on 512 body tokens and "
-          "does not vary it.\n", *payload["verdict"], *body_512_section(teachers),
+          "does not vary it. A difference counts when its mean paired over seeds exceeds its spread (standard "
+          "deviation) over seeds, a weak test with 3 seeds; one beyond twice its spread is marked clear.\n",
+          *payload["verdict"], *body_512_section(teachers),
           "\n## How it was measured\n",
           f"Commit {info.get('commit') or 'unknown'}; {info['device']}, torch {info['torch']}, "
           f"{info.get('threads')} threads. Command: `{command}`. Switches per row:\n",

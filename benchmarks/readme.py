@@ -226,8 +226,25 @@ def quality(d: dict) -> list[str]:
 
 
 def _seeds(d: dict) -> int:
-    """How many seeds a Tiny-NewsRec experiment's result holds."""
-    return len(d.get("seeds") or d.get("per_seed") or ())
+    """How many seeds a Tiny-NewsRec experiment's result holds: those of its row with the fewest where its rows are
+    recorded by seed (a row run for fewer seeds than the others leaves the table provisional)."""
+    n = len(d.get("seeds") or d.get("per_seed") or ())
+    rows = d.get("rows")
+    if isinstance(rows, dict):
+        counts = [len([k for k in e.get("seeds", e) if str(k).isdigit()]) for e in rows.values() if isinstance(e, dict)]
+        n = min([n, *counts])
+    return n
+
+
+def _missing_rows(name: str, d: dict) -> list[str]:
+    """The rows of experiment ``name`` (its module's ``ROWS``) that its result does not hold yet."""
+    import importlib
+
+    expected = getattr(importlib.import_module(f"benchmarks.{name}"), "ROWS", None)
+    if not expected or not isinstance(d.get("rows"), dict):
+        return []
+    names = list(expected) if isinstance(expected, dict) else [r[0] for r in expected]
+    return [r for r in names if r not in d["rows"]]
 
 
 def tiny_newsrec_verdicts(results: Path = RESULTS) -> str:
@@ -241,11 +258,12 @@ def tiny_newsrec_verdicts(results: Path = RESULTS) -> str:
             continue
         verdict = [v.removeprefix("- ") for v in d.get("verdict", [])]
         shown = verdict if pick is None else pick(verdict)
-        n = _seeds(d)
+        n, missing = _seeds(d), _missing_rows(name, d)
         what = what[0].upper() + what[1:]
         lines.append(f"- **{what}** (`benchmarks.{name}`, {n} of {SEEDS_WANTED} seeds"
-                     + ("; provisional" if n < SEEDS_WANTED else "") + f", [{name}.md](benchmarks/results/{name}.md)): "
-                     + " ".join(shown or ["no verdict yet"]))
+                     + (f"; not run yet: {', '.join(f'`{r}`' for r in missing)}" if missing else "")
+                     + ("; provisional" if n < SEEDS_WANTED or missing else "")
+                     + f", [{name}.md](benchmarks/results/{name}.md)): " + " ".join(shown or ["no verdict yet"]))
     return "\n" + "\n".join(lines) + "\n"
 
 
@@ -253,8 +271,10 @@ def tiny_section(name: str):
     """benchmarks/README.md's section of a Tiny-NewsRec experiment: its verdict, whole."""
     def section(d: dict) -> list[str]:
         what = TINY_EXPERIMENTS[name][0]
+        missing = _missing_rows(name, d)
         return [f"**{what[0].upper() + what[1:]}** (`python -m benchmarks.{name}`; {_device(d)}; {_seeds(d)} of "
-                f"{SEEDS_WANTED} seeds so far):\n", *[v if v.startswith("- ") else f"- {v}" for v in d.get("verdict", [])],
+                f"{SEEDS_WANTED} seeds so far" + (f"; not run yet: {', '.join(f'`{r}`' for r in missing)}" if missing
+                                                  else "") + "):\n", *[v if v.startswith("- ") else f"- {v}" for v in d.get("verdict", [])],
                 ""]
     return section
 
@@ -543,7 +563,8 @@ HEADLINES = {
                   or "speed per model"),
     "quality": ("Tiny-NewsRec's Table 3 over 3 seeds", lambda d: "teachers, students, NewsBERT: AUC, MRR, nDCG"),
     "tune": ("one default changed at a time", lambda d: "time to the target and final AUC per knob"),
-    **{name: (f"Tiny-NewsRec: {what}", lambda d: f"{_seeds(d)} of {SEEDS_WANTED} seeds; verdict in its md")
+    **{name: (f"Tiny-NewsRec: {what}", lambda d, name=name: f"{_seeds(d)} of {SEEDS_WANTED} seeds"
+              + ("; rows not run yet" if _missing_rows(name, d) else "") + "; verdict in its md")
        for name, (what, _) in TINY_EXPERIMENTS.items()},
     "where_it_pays": ("speedyfeed against typical over history length and text",
                       lambda d: ", ".join(f"{v['time_to_auc_speedup']:.1f}x sooner at history {h}"

@@ -304,4 +304,12 @@ def test_an_order_of_two_ablations_is_told_apart_only_past_its_paired_spread():
            "`no_target` -0.90 (paired, `no_distill` - `no_target`: -0.03 ± 0.38): not told apart" in text
     rows["no_target"] = row([0.7409, 0.7356], full)  # now each seed loses less without the target loss
     text = "\n".join(ablation.verdict(rows))
-    assert "(paired, `no_distill` - `no_target`: -0.38 ± 0.17): agrees." in text
+    assert "(paired, `no_distill` - `no_target`: -0.38 ± 0.17): agrees (clear: beyond twice its spread)." in text
+    rows["no_target"] = row([0.7423, 0.7316], full)  # past its spread once, not twice: an ordering, not a clear one
+    text = "\n".join(ablation.verdict(rows))
+    assert "(paired, `no_distill` - `no_target`: -0.25 ± 0.21): agrees." in text
+    # the rows' own drops carry the same mark: no_distill's 0.93 ± 0.13 is clear, no_target's 0.68 ± 0.35 is not
+    assert "`no_distill`: AUC -0.93 ± 0.13 points against `full` over 2 seed(s), below the full student, as in the " \
+           "paper (clear: beyond twice its spread)." in text
+    assert "`no_target`: AUC -0.68 ± 0.35 points against `full` over 2 seed(s), below the full student, as in the " \
+           "paper." in text

@@ -150,3 +150,23 @@ def test_the_tiny_newsrec_verdicts_are_each_results_files_own_words(tmp_path):
             "The gap: +0.70. Answer: none of the three.") in text
     assert "- **Table 4, other multi-teacher methods** (`benchmarks.kd_methods`): not measured yet." in text
     assert text.count("not measured yet") == 3  # a quick result is not the README's
+
+
+def test_a_tiny_newsrec_table_with_a_row_not_run_or_short_of_seeds_is_provisional(tmp_path):
+    """Three seeds of every ablation row but body_512 is not a finished table: the README names the row not run; and
+    a row recorded for fewer seeds than the others sets the count (kd_methods' rows are recorded seed by seed)."""
+    from benchmarks import ablation
+
+    rows = {r: {"seeds": {s: {"auc": 0.7} for s in "012"}} for r in ablation.ROWS if r != "body_512"}
+    (tmp_path / "ablation.json").write_text(json.dumps({"seeds": ["0", "1", "2"], "rows": rows,
+                                                       "verdict": ["- Figure 3: agrees."]}))
+    kd = {"ensemble": {"0": {}, "1": {}, "2": {}}, "tinybert_mt": {"0": {}, "1": {}, "2": {}},
+          "newsbert_mt": {"0": {}}, "mt_bert": {"0": {}, "1": {}, "2": {}}, "tiny_newsrec": {"0": {}, "1": {}, "2": {}}}
+    (tmp_path / "kd_methods.json").write_text(json.dumps({"seeds": [0, 1, 2], "rows": kd, "verdict": ["- a.", "- b."]}))
+    text = readme.tiny_newsrec_verdicts(tmp_path)
+    assert "(`benchmarks.ablation`, 3 of 3 seeds; not run yet: `body_512`; provisional, [ablation.md]" in text
+    assert "(`benchmarks.kd_methods`, 1 of 3 seeds; provisional, [kd_methods.md]" in text
+    rows["body_512"] = {"seeds": {s: {"auc": 0.7} for s in "012"}}
+    (tmp_path / "ablation.json").write_text(json.dumps({"seeds": ["0", "1", "2"], "rows": rows,
+                                                       "verdict": ["- Figure 3: agrees."]}))
+    assert "(`benchmarks.ablation`, 3 of 3 seeds, [ablation.md]" in readme.tiny_newsrec_verdicts(tmp_path)
