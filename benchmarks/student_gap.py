@@ -137,6 +137,7 @@ def verdict(summary: dict) -> list[str]:
         share = f"{d / g:.0%} of the gap" if g > 0 else "no gap to share"
         out.append(f"- {h}: `{a}` - `{b}` = {d:+.2f} ± {sd:.2f} AUC points over {n} seed(s) ({share}); "
                    + ("clear (beyond twice its spread)" if is_clear else
+                      "beyond its spread, not twice it: a weak effect" if n > 1 and abs(d) > sd else
                       "within its spread" if n > 1 else "one seed: no spread yet") + ".")
         if is_clear and d > 0:
             clear[h] = d

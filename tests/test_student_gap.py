@@ -119,6 +119,10 @@ def test_no_clear_gain_says_no_single_change_explains_the_gap():
                                              "the extra epochs": m(0.004, 0.004)}})
     assert lines[-1] == "- Answer: none of the three changes earns a clear gain: no single one explains the gap."
     assert "(29% of the gap); within its spread" in lines[1]
+    weak = student_gap.verdict({"gaps": {"student - ensemble": m(0.009, 0.001)},
+                                "effects": {"the extra epochs": m(0.0041, 0.0021)}})  # 1.95 spreads: past one only
+    assert "(46% of the gap); beyond its spread, not twice it: a weak effect." in weak[1]
+    assert weak[-1] == "- Answer: none of the three changes earns a clear gain: no single one explains the gap."
     partial = student_gap.verdict({"gaps": {"student - ensemble": m(0.010, 0.001)},
                                    "effects": {"the extra epochs": m(0.003, 0.0005)}})
     assert partial[-1].endswith("less than half the gap: it explains part of it, not all.")
