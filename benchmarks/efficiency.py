@@ -59,7 +59,7 @@ nothing: it re-renders the tables from the results file.
   poolings kept out of its quantiser by hand (it quantises their matrix-vector products into a kernel that
   refuses them), and a second encoding path for the AUC. torch.ao's eager quantisation is deprecated in favour of
   torchao, whose int8 path on CPUs is fast under torch.compile; it still runs on the torch this project pins.
-- Stage times (A.4): each step's wall time from the recorded runs (``metrics.json`` seconds), mean over seeds: the
+- Stage times (A.4): each step's wall time from the recorded runs (``metrics.json`` seconds), median over seeds with its range: the
   teacher's steps (post-training, teacher finetuning) from the base run, each student's (Stage I, Stage II) from
   its size's run; the baselines' steps (the student finetuned alone, NewsBERT) only where a run trained them (the
   base run trains the plain 2-layer student; quality's ``seed_S_lN`` runs both); beside the paper's A.4 hours.
@@ -469,9 +469,10 @@ def bank_seconds_of(run: dict, run_dir: Path) -> dict:
 
 
 def stage_times(per_seed: dict, runs: dict, sizes: list[int]) -> dict:
-    """{step: {"teacher" or student layers: {"mean", "std", "seeds", "bank_unknown"}}} of wall seconds over the
-    recorded seeds, the building of the teachers' banks taken out where the run recorded it (``bank_unknown``: the
-    seeds whose run did not, counted whole); ``banks``: {step: {"mean", "std", "seeds"}}, the banks' own seconds,
+    """{step: {"teacher" or student layers: {"mean", "std", "median", "min", "max", "seeds", "bank_unknown"}}} of
+    wall seconds over the recorded seeds, the building of the teachers' banks taken out where the run recorded it
+    (``bank_unknown``: the seeds whose run did not, counted whole); ``banks``: {step: the same without
+    "bank_unknown"}, the banks' own seconds,
     built once per seed. The teacher's steps come from the run of the seed's teacher (its base run), each student's
     from its own run; a step no run of a column trained (a linked one, a baseline not run) is absent."""
     out: dict = {}
@@ -490,13 +491,27 @@ def stage_times(per_seed: dict, runs: dict, sizes: list[int]) -> dict:
                     if bank is not None and bank > 1.0:  # the run that built them (the others read: ~0 s)
                         banks.setdefault(step, {})[by[variant]["run"]] = bank
             if values:
-                mean, std = _mean_std(values)
-                out.setdefault(step, {})[str(col)] = {"mean": mean, "std": std, "seeds": len(values),
-                                                      "bank_unknown": unknown}
+                out.setdefault(step, {})[str(col)] = {**_spread(values), "bank_unknown": unknown}
     if banks:
-        out["banks"] = {step: dict(zip(("mean", "std"), _mean_std(list(v.values()))), seeds=len(v))
-                        for step, v in banks.items()}
+        out["banks"] = {step: _spread(list(v.values())) for step, v in banks.items()}
     return out
+
+
+def _spread(values: list[float]) -> dict:
+    """Wall seconds over seeds: mean and std, and the median with the range that A.4's table shows (a run that shared
+    the cores only adds time: one such seed moves the mean, not the median)."""
+    mean, std = _mean_std(values)
+    return {"mean": mean, "std": std, "median": statistics.median(values), "min": min(values), "max": max(values),
+            "seeds": len(values)}
+
+
+def _seconds_cell(v: dict) -> str:
+    """A.4's cell: the median over seeds and, with more than one, the range (records without a median: the mean)."""
+    if v["seeds"] < 2:
+        return f"{v.get('median', v['mean']):.0f}"
+    if "median" not in v:
+        return f"{v['mean']:.0f} ± {v['std']:.0f}"
+    return f"{v['median']:.0f} ({v['min']:.0f}-{v['max']:.0f})"
 
 
 def verdict(d: dict) -> list[str]:
@@ -603,7 +618,7 @@ def stage_table(d: dict) -> str:
         cells = []
         for col in ["teacher", *[str(n) for n in sizes]]:
             v = st[step].get(col) if col in cols else None
-            cells.append("" if v is None else f"{v['mean']:.0f}" + (f" ± {v['std']:.0f}" if v["seeds"] > 1 else ""))
+            cells.append("" if v is None else _seconds_cell(v))
         paper = d["paper"]["hours"].get(paper_of.get(step, ""), {})
         hours = ", ".join(f"{paper[k if k == 'teacher' else int(k)]} h" for k in (cols if paper else [])
                           if (k if k == "teacher" else int(k)) in paper)
@@ -611,7 +626,7 @@ def stage_table(d: dict) -> str:
         rows.append([what + (f" ({unknown} of its cells' seeds with the banks' building inside: its run did not "
                              "record it)" if unknown else ""), *cells, hours])
     for step, v in st.get("banks", {}).items():
-        cell = f"{v['mean']:.0f}" + (f" ± {v['std']:.0f}" if v["seeds"] > 1 else "")
+        cell = _seconds_cell(v)
         rows.append([f"the teachers' banks for {dict((s, w) for s, w, _ in STEPS)[step].split(':')[0]} (built once "
                      "per seed by the base run, read by the runs that link its teachers; not in the rows above)",
                      cell, *[""] * len(sizes), ""])
@@ -683,7 +698,8 @@ def report(d: dict) -> str:
               f"({', '.join(map(str, d['seeds'])) or 'none'}), paired difference to fp32 in brackets. Parameters of "
               "the whole recommender (news and user encoder).\n",
               figure_table(d),
-              "\nWall time of each pipeline step (s, mean over seeds) per model size, beside the paper's (A.4); "
+              "\nWall time of each pipeline step (s, median over seeds and their range) per model size, beside the "
+              "paper's (A.4); "
               "the students of other sizes link their seed's teachers, so only their own steps are theirs:\n",
               stage_table(d),
               "\n" + ("Quick settings (tiny random encoders, 2 timed blocks): these numbers check the harness, not "
