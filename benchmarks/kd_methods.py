@@ -185,8 +185,10 @@ def summarise(per_seed: dict) -> tuple[dict, dict]:
     return table, paired
 
 
-def verdict(table: dict, paired: dict, seeds: int, quick: bool) -> list[str]:
-    """What agrees with the paper's Table 4 and what does not, from the numbers."""
+def verdict(table: dict, paired: dict, seeds: int, quick: bool, per_seed: dict | None = None) -> list[str]:
+    """What agrees with the paper's Table 4 and what does not, from the numbers. The worst student and the best row
+    are named by their means; with ``per_seed`` (seed -> row -> metrics) over several seeds, one that its runner-up
+    is not told apart from (their paired AUC difference within its spread over seeds) is said to be so."""
     auc = {name: 100 * table[name]["auc"]["mean"] for name, _ in ROWS}
     label = dict(ROWS)
     out = []
@@ -202,13 +204,22 @@ def verdict(table: dict, paired: dict, seeds: int, quick: bool) -> list[str]:
                    + (f", ± {sd:.2f}" if seeds > 1 else ", one seed") + f"); the paper: {paper:+.2f}. "
                    + ("Agrees: below Tiny-NewsRec" if agrees else "Disagrees: not below Tiny-NewsRec")
                    + ("" if clear else " (within the seeds' spread)" if seeds > 1 else " (one seed: no spread)") + ".")
-    students = [n for n in ("tinybert_mt", "newsbert_mt", "mt_bert")]
-    worst = min(students, key=auc.get)
+    def tie(first: str, second: str) -> str:
+        """' (not told apart from second: ...)' when first - second, paired by seed, is within its spread."""
+        if not per_seed or len(per_seed) < 2:
+            return ""
+        d, sd = mean_std([100 * (per_seed[s][first]["auc"] - per_seed[s][second]["auc"]) for s in per_seed])
+        return (f" (not told apart from {label[second]}: paired {d:+.2f} ± {sd:.2f})" if abs(d) <= sd else
+                f" (paired against {label[second]}: {d:+.2f} ± {sd:.2f})")
+
+    students = sorted(("tinybert_mt", "newsbert_mt", "mt_bert"), key=auc.get)
+    worst = students[0]
     out.append(f"- The paper's MT-BERT is the worst student; here the worst is {label[worst]} "
-               f"({auc[worst]:.2f}): {'agrees' if worst == 'mt_bert' else 'disagrees'}.")
-    best = max(auc, key=auc.get)
-    out.append(f"- The paper's best row is Tiny-NewsRec; here it is {label[best]} ({auc[best]:.2f}): "
-               f"{'agrees' if best == 'tiny_newsrec' else 'disagrees'}.")
+               f"({auc[worst]:.2f}){tie(worst, students[1])}: {'agrees' if worst == 'mt_bert' else 'disagrees'}.")
+    ranked = sorted(auc, key=auc.get, reverse=True)
+    best = ranked[0]
+    out.append(f"- The paper's best row is Tiny-NewsRec; here it is {label[best]} ({auc[best]:.2f})"
+               f"{tie(best, ranked[1])}: {'agrees' if best == 'tiny_newsrec' else 'disagrees'}.")
     return out
 
 
@@ -230,7 +241,7 @@ def report(per_seed: dict, seconds: dict, runs: dict, missing: dict, info: dict,
                "table": table, "paired": paired, "seconds": seconds, "jobs_seconds": jobs,
                "invocation_seconds": total, "student_layers": PIPELINE_LAYERS,
                "missing": {str(s): rows for s, rows in missing.items()},
-               "verdict": verdict(table, paired, len(per_seed), quick), "runs": runs}
+               "verdict": verdict(table, paired, len(per_seed), quick, per_seed), "runs": runs}
     m = TEACHERS_QUICK if quick else TEACHERS_FULL
     md = ["# Table 4: other multi-teacher methods against Tiny-NewsRec\n",
           f"Tabulated at commit {info['commit']} on {info['device']} (torch {info['torch']}; load average before "

@@ -282,6 +282,18 @@ def test_kd_methods_table_pairs_seeds_and_says_what_agrees_with_the_paper():
     assert "Disagrees" in said["mt_bert"] and "within the seeds' spread" in said["mt_bert"]
     assert any("the worst is NewsBERT-MT (58.00): disagrees" in line for line in lines)
     assert any("here it is MT-BERT (62.50): disagrees" in line for line in lines)
+    # with the seeds: both are within their spread of the runner-up, and the verdict says so
+    lines = verdict(table, paired, 2, quick=False, per_seed=per_seed)
+    assert any("the worst is NewsBERT-MT (58.00) (not told apart from TinyBERT-MT: paired -0.50 ± 2.12): disagrees."
+               in line for line in lines)
+    assert any("here it is MT-BERT (62.50) (not told apart from Tiny-NewsRec: paired +0.50 ± 9.19): disagrees."
+               in line for line in lines)
+    per_seed[1]["mt_bert"]["auc"] = 0.57  # now MT-BERT is below the others on both seeds
+    lines = verdict(*summarise(per_seed), 2, quick=False, per_seed=per_seed)
+    assert any("the worst is MT-BERT (56.00) (paired against NewsBERT-MT: -2.00 ± 1.41): agrees." in line
+               for line in lines)
+    assert any("here it is Tiny-NewsRec (62.00) (paired against Ensemble-Teacher: +1.00 ± 0.00): agrees." in line
+               for line in lines)
 
 
 def kd_jobs(seed: int) -> list[str]:
