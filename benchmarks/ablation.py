@@ -50,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import committed_runs, machine, md_table, write_results
+from benchmarks.common import clear_of_spread, committed_runs, machine, md_table, write_results
 from benchmarks.quality import (METRICS, QUICK, base_name, base_run_record, experiment_parser, obtain, recorded_seeds,
                                 seed_list, student_run)
 
@@ -194,9 +194,8 @@ def teacher_difference(teachers: dict) -> tuple[dict, float, int] | None:
 
 
 def clear_mark(mean: float, std: float, n: int) -> str:
-    """' (clear)' for a difference beyond twice its spread over n > 1 seeds: the mark that tells a firm verdict from
-    one that only exceeds its spread once (with 3 seeds, one spread is about a one-sided p of 0.1, two about 0.04)."""
-    return " (clear: beyond twice its spread)" if n > 1 and abs(mean) > 2 * std else ""
+    """The mark that tells a firm verdict (``clear_of_spread``) from one that only exceeds its spread once."""
+    return " (clear: beyond twice its spread)" if clear_of_spread(mean, std, n) else ""
 
 
 def verdict(rows: dict, teachers: dict | None = None) -> list[str]:

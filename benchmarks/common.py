@@ -274,6 +274,12 @@ def write_results(name: str, payload: dict, markdown: str, plot=None) -> None:
             print("matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
 
 
+def clear_of_spread(mean: float, std: float, n: int) -> bool:
+    """The benchmarks' word "clear" for a difference over seeds: its mean is beyond twice its spread (standard
+    deviation) over n > 1 seeds; with 3 seeds that is about a one-sided p of 0.04, one spread about 0.1."""
+    return n > 1 and abs(mean) > 2 * std
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

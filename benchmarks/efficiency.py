@@ -59,8 +59,8 @@ nothing: it re-renders the tables from the results file.
   poolings kept out of its quantiser by hand (it quantises their matrix-vector products into a kernel that
   refuses them), and a second encoding path for the AUC. torch.ao's eager quantisation is deprecated in favour of
   torchao, whose int8 path on CPUs is fast under torch.compile; it still runs on the torch this project pins.
-- Stage times (A.4): each step's wall time from the recorded runs (``metrics.json`` seconds), median over seeds with its range: the
-  teacher's steps (post-training, teacher finetuning) from the base run, each student's (Stage I, Stage II) from
+- Stage times (A.4): each step's wall time from the recorded runs (``metrics.json`` seconds), median over seeds
+  with the range: the teacher's steps (post-training, teacher finetuning) from the base run, each student's (Stage I, Stage II) from
   its size's run; the baselines' steps (the student finetuned alone, NewsBERT) only where a run trained them (the
   base run trains the plain 2-layer student; quality's ``seed_S_lN`` runs both); beside the paper's A.4 hours.
   The teachers' banks (their vectors, which both stages read) are built once per seed, by the base run; the other
@@ -506,12 +506,8 @@ def _spread(values: list[float]) -> dict:
 
 
 def _seconds_cell(v: dict) -> str:
-    """A.4's cell: the median over seeds and, with more than one, the range (records without a median: the mean)."""
-    if v["seeds"] < 2:
-        return f"{v.get('median', v['mean']):.0f}"
-    if "median" not in v:
-        return f"{v['mean']:.0f} ± {v['std']:.0f}"
-    return f"{v['median']:.0f} ({v['min']:.0f}-{v['max']:.0f})"
+    """A.4's cell (``_spread``'s): the median over seeds and, with more than one, the range."""
+    return f"{v['median']:.0f}" + (f" ({v['min']:.0f}-{v['max']:.0f})" if v["seeds"] > 1 else "")
 
 
 def verdict(d: dict) -> list[str]:

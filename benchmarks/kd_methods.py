@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import committed_runs, ledger_add, machine, md_table, run_job_kept, write_results
+from benchmarks.common import clear_of_spread, committed_runs, ledger_add, machine, md_table, run_job_kept, write_results
 from benchmarks.quality import (METRICS, PIPELINE_LAYERS, QUICK, base_name, base_run_record, experiment_parser,
                                 recorded_seeds, same_settings, seed_base_run, seed_list, student_run)
 
@@ -198,7 +198,7 @@ def verdict(table: dict, paired: dict, seeds: int, quick: bool, per_seed: dict |
     for name, _ in ROWS[:-1]:
         d, sd = 100 * paired[name]["auc"]["mean"], 100 * paired[name]["auc"]["std"]
         paper = PAPER_AUC[name] - PAPER_AUC["tiny_newsrec"]
-        clear = seeds > 1 and abs(d) > 2 * sd
+        clear = clear_of_spread(d, sd, seeds)
         agrees = d < 0
         out.append(f"- {label[name]}: {d:+.2f} AUC points against Tiny-NewsRec (paired by seed"
                    + (f", ± {sd:.2f}" if seeds > 1 else ", one seed") + f"); the paper: {paper:+.2f}. "

@@ -236,6 +236,12 @@ def _seeds(d: dict) -> int:
     return n
 
 
+def _not_run_yet(name: str, d: dict) -> str:
+    """'; not run yet: `row`, ...' for the rows of experiment ``name`` its result does not hold, else ''."""
+    missing = _missing_rows(name, d)
+    return f"; not run yet: {', '.join(f'`{r}`' for r in missing)}" if missing else ""
+
+
 def _missing_rows(name: str, d: dict) -> list[str]:
     """The rows of experiment ``name`` (its module's ``ROWS``) that its result does not hold yet."""
     import importlib
@@ -258,11 +264,10 @@ def tiny_newsrec_verdicts(results: Path = RESULTS) -> str:
             continue
         verdict = [v.removeprefix("- ") for v in d.get("verdict", [])]
         shown = verdict if pick is None else pick(verdict)
-        n, missing = _seeds(d), _missing_rows(name, d)
+        n, not_run = _seeds(d), _not_run_yet(name, d)
         what = what[0].upper() + what[1:]
-        lines.append(f"- **{what}** (`benchmarks.{name}`, {n} of {SEEDS_WANTED} seeds"
-                     + (f"; not run yet: {', '.join(f'`{r}`' for r in missing)}" if missing else "")
-                     + ("; provisional" if n < SEEDS_WANTED or missing else "")
+        lines.append(f"- **{what}** (`benchmarks.{name}`, {n} of {SEEDS_WANTED} seeds{not_run}"
+                     + ("; provisional" if n < SEEDS_WANTED or not_run else "")
                      + f", [{name}.md](benchmarks/results/{name}.md)): " + " ".join(shown or ["no verdict yet"]))
     return "\n" + "\n".join(lines) + "\n"
 
@@ -271,11 +276,9 @@ def tiny_section(name: str):
     """benchmarks/README.md's section of a Tiny-NewsRec experiment: its verdict, whole."""
     def section(d: dict) -> list[str]:
         what = TINY_EXPERIMENTS[name][0]
-        missing = _missing_rows(name, d)
         return [f"**{what[0].upper() + what[1:]}** (`python -m benchmarks.{name}`; {_device(d)}; {_seeds(d)} of "
-                f"{SEEDS_WANTED} seeds so far" + (f"; not run yet: {', '.join(f'`{r}`' for r in missing)}" if missing
-                                                  else "") + "):\n", *[v if v.startswith("- ") else f"- {v}" for v in d.get("verdict", [])],
-                ""]
+                f"{SEEDS_WANTED} seeds so far{_not_run_yet(name, d)}):\n",
+                *[v if v.startswith("- ") else f"- {v}" for v in d.get("verdict", [])], ""]
     return section
 
 

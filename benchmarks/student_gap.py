@@ -30,7 +30,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import committed_runs, machine, md_table, run_job_kept, write_results
+from benchmarks.common import clear_of_spread, committed_runs, machine, md_table, run_job_kept, write_results
 from benchmarks.quality import (METRICS, QUICK, base_name, base_run_record, experiment_parser, recorded_seeds,
                                 seed_list, student_run)
 
@@ -133,7 +133,7 @@ def verdict(summary: dict) -> list[str]:
     for h, e in summary["effects"].items():
         d, sd, n = 100 * e["auc"]["mean"], 100 * e["auc"]["std"], e["auc"]["seeds"]
         a, b = HYPOTHESES[h]
-        is_clear = n > 1 and abs(d) > 2 * sd
+        is_clear = clear_of_spread(d, sd, n)
         share = f"{d / g:.0%} of the gap" if g > 0 else "no gap to share"
         out.append(f"- {h}: `{a}` - `{b}` = {d:+.2f} ± {sd:.2f} AUC points over {n} seed(s) ({share}); "
                    + ("clear (beyond twice its spread)" if is_clear else
