@@ -50,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import clear_of_spread, committed_runs, machine, md_table, write_results
+from benchmarks.common import clear_mark, committed_runs, machine, md_table, write_results
 from benchmarks.quality import (METRICS, QUICK, base_name, base_run_record, experiment_parser, obtain, recorded_seeds,
                                 seed_list, student_run)
 
@@ -191,11 +191,6 @@ def teacher_difference(teachers: dict) -> tuple[dict, float, int] | None:
         return None
     auc = _mean_std([t["body_512"]["teacher_auc"] - t["full"]["teacher_auc"] for t in both])
     return auc, statistics.mean(t["body_512"]["seconds"] / t["full"]["seconds"] for t in both), len(both)
-
-
-def clear_mark(mean: float, std: float, n: int) -> str:
-    """The mark that tells a firm verdict (``clear_of_spread``) from one that only exceeds its spread once."""
-    return " (clear: beyond twice its spread)" if clear_of_spread(mean, std, n) else ""
 
 
 def verdict(rows: dict, teachers: dict | None = None) -> list[str]:

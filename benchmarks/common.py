@@ -195,6 +195,26 @@ def run_job_kept(name: str, overrides: list[str], out_root: Path, may_run: bool 
     return job
 
 
+def relocated(recorded: dict | None, overrides: list[str]) -> dict | None:
+    """``recorded`` as ``run_job_kept`` compares it with ``overrides``: the folder it read (``distill.from_dir``, e.g.
+    a seed's base run or MT-BERT's teachers) lay in the ``--out`` of the session that ran it; the folder of the same
+    name in this ``--out`` (the same seed's job of the same settings) stands for it."""
+    key = "distill.from_dir="
+    here = next((o[len(key):] for o in overrides if o.startswith(key)), None)
+    if recorded is None or here is None:
+        return recorded
+
+    def moved(path):
+        return here if Path(str(path)).name == Path(here).name else path
+
+    out = {**recorded, "overrides": [key + moved(o[len(key):]) if o.startswith(key) else o
+                                     for o in recorded.get("overrides", [])]}
+    if "config" in recorded:
+        distill = recorded["config"].get("distill", {})
+        out["config"] = {**recorded["config"], "distill": {**distill, "from_dir": moved(distill.get("from_dir", ""))}}
+    return out
+
+
 def _runtime_keys_differ(a: list[str], b: list[str]) -> bool:
     """Whether two override lists set a key resolved at run time (RUNTIME_RESOLVED: train.amp=auto, ...)
     differently: a recorded config holds what such a key resolved to, which cannot tell "auto" from the value."""
@@ -278,6 +298,11 @@ def clear_of_spread(mean: float, std: float, n: int) -> bool:
     """The benchmarks' word "clear" for a difference over seeds: its mean is beyond twice its spread (standard
     deviation) over n > 1 seeds; with 3 seeds that is about a one-sided p of 0.04, one spread about 0.1."""
     return n > 1 and abs(mean) > 2 * std
+
+
+def clear_mark(mean: float, std: float, n: int) -> str:
+    """The mark that tells a firm verdict (``clear_of_spread``) from one that only exceeds its spread once."""
+    return " (clear: beyond twice its spread)" if clear_of_spread(mean, std, n) else ""
 
 
 def md_table(header: list[str], rows: list[list]) -> str:

@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import clear_of_spread, committed_runs, ledger_add, machine, md_table, run_job_kept, write_results
+from benchmarks.common import (clear_of_spread, committed_runs, ledger_add, machine, md_table, relocated, run_job_kept,
+                               write_results)
 from benchmarks.quality import (METRICS, PIPELINE_LAYERS, QUICK, base_name, base_run_record, experiment_parser,
                                 recorded_seeds, same_settings, seed_base_run, seed_list, student_run)
 
@@ -48,26 +49,6 @@ TEACHERS_FULL, TEACHERS_QUICK = 4, 2  # posttrain.teachers: the default, and QUI
 
 def results_name(quick: bool) -> str:
     return "kd_methods_quick" if quick else "kd_methods"
-
-
-def relocated(recorded: dict | None, overrides: list[str]) -> dict | None:
-    """``recorded`` as ``run_job_kept`` compares it with ``overrides``: the folder it read (``distill.from_dir``, the
-    seed's base run or MT-BERT's teachers) lay in the ``--out`` of the session that ran it; the folder of the same
-    name in this ``--out`` (the same seed's job of the same settings) stands for it."""
-    key = "distill.from_dir="
-    here = next((o[len(key):] for o in overrides if o.startswith(key)), None)
-    if recorded is None or here is None:
-        return recorded
-
-    def moved(path):
-        return here if Path(str(path)).name == Path(here).name else path
-
-    out = {**recorded, "overrides": [key + moved(o[len(key):]) if o.startswith(key) else o
-                                     for o in recorded.get("overrides", [])]}
-    if "config" in recorded:
-        distill = recorded["config"].get("distill", {})
-        out["config"] = {**recorded["config"], "distill": {**distill, "from_dir": moved(distill.get("from_dir", ""))}}
-    return out
 
 
 def loop_seconds(run: dict, run_dir: Path) -> float | None:
@@ -188,7 +169,8 @@ def summarise(per_seed: dict) -> tuple[dict, dict]:
 def verdict(table: dict, paired: dict, seeds: int, quick: bool, per_seed: dict | None = None) -> list[str]:
     """What agrees with the paper's Table 4 and what does not, from the numbers. The worst student and the best row
     are named by their means; with ``per_seed`` (seed -> row -> metrics) over several seeds, one that its runner-up
-    is not told apart from (their paired AUC difference within its spread over seeds) is said to be so."""
+    is not told apart from (their paired AUC difference within its spread over seeds) is said to be so, and one
+    other than the paper's that the paper's row is not told apart from is undecided, not a disagreement."""
     auc = {name: 100 * table[name]["auc"]["mean"] for name, _ in ROWS}
     label = dict(ROWS)
     out = []
@@ -204,22 +186,39 @@ def verdict(table: dict, paired: dict, seeds: int, quick: bool, per_seed: dict |
                    + (f", ± {sd:.2f}" if seeds > 1 else ", one seed") + f"); the paper: {paper:+.2f}. "
                    + ("Agrees: below Tiny-NewsRec" if agrees else "Disagrees: not below Tiny-NewsRec")
                    + ("" if clear else " (within the seeds' spread)" if seeds > 1 else " (one seed: no spread)") + ".")
+    def paired(first: str, second: str) -> tuple[float, float] | None:
+        """first - second in AUC points, paired by seed (mean, std); None under 2 seeds."""
+        if not per_seed or len(per_seed) < 2:
+            return None
+        return mean_std([100 * (per_seed[s][first]["auc"] - per_seed[s][second]["auc"]) for s in per_seed])
+
     def tie(first: str, second: str) -> str:
         """' (not told apart from second: ...)' when first - second, paired by seed, is within its spread."""
-        if not per_seed or len(per_seed) < 2:
+        if (p := paired(first, second)) is None:
             return ""
-        d, sd = mean_std([100 * (per_seed[s][first]["auc"] - per_seed[s][second]["auc"]) for s in per_seed])
+        d, sd = p
         return (f" (not told apart from {label[second]}: paired {d:+.2f} ± {sd:.2f})" if abs(d) <= sd else
                 f" (paired against {label[second]}: {d:+.2f} ± {sd:.2f})")
+
+    def word(found: str, expected: str) -> str:
+        """Whether the row found where the paper has ``expected`` agrees; undecided when the two are not told
+        apart (their paired difference within its spread), which the seeds cannot order."""
+        if found == expected:
+            return "agrees"
+        p = paired(found, expected)
+        if p is not None and abs(p[0]) <= p[1]:
+            return (f"undecided: the paper's {label[expected]} is not told apart from it (paired {-p[0]:+.2f} ± "
+                    f"{p[1]:.2f})")
+        return "disagrees"
 
     students = sorted(("tinybert_mt", "newsbert_mt", "mt_bert"), key=auc.get)
     worst = students[0]
     out.append(f"- The paper's MT-BERT is the worst student; here the worst is {label[worst]} "
-               f"({auc[worst]:.2f}){tie(worst, students[1])}: {'agrees' if worst == 'mt_bert' else 'disagrees'}.")
+               f"({auc[worst]:.2f}){tie(worst, students[1])}: {word(worst, 'mt_bert')}.")
     ranked = sorted(auc, key=auc.get, reverse=True)
     best = ranked[0]
     out.append(f"- The paper's best row is Tiny-NewsRec; here it is {label[best]} ({auc[best]:.2f})"
-               f"{tie(best, ranked[1])}: {'agrees' if best == 'tiny_newsrec' else 'disagrees'}.")
+               f"{tie(best, ranked[1])}: {word(best, 'tiny_newsrec')}.")
     return out
 
 

@@ -8,25 +8,30 @@ all-MiniLM-L6-v2 on the synthetic default, as every quality run). Per seed S:
 
 - ``teacher_count_m6_seed_S``: the whole pipeline with 6 teachers (post-training keeping 6 snapshots, Stage I, the 6
   teachers finetuned together, Stage II): the row M = 6.
+- ``teacher_count_pass_m1_seed_S``: the teacher-finetuning pass alone with the first of those teachers
+  (``stage=finetune_teachers distill.teachers=1 distill.from_dir=`` the m6 run): the cost of one teacher, measured.
 - ``teacher_count_mM_seed_S``, M = 1..5: ``distill.teachers=M`` and ``pipeline.teachers_from`` the seed's m6 run, so
   only Stage I and Stage II train again, reading the first M snapshots and their finetuned teachers: the ones a
   ``posttrain.teachers=M`` pipeline has (snapshot k is taken at the same step whatever M is, and each teacher is
   finetuned on its own loss, clipped on its own, from the shared data order; tests/test_teacher_count.py checks
-  both on a tiny encoder).
+  both on a tiny encoder, and the md sets teacher 1's AUC finetuned alone beside its AUC in the 6-teacher pass).
 
 Quality of a row: the student's dev AUC, MRR, nDCG@5, nDCG@10. Cost of a row, in seconds: teacher finetuning for M
 teachers plus Stage II (the issue's cost of producing the student), and beside them post-training up to snapshot M
 (its elapsed seconds when the snapshot was kept) and Stage I. Stage I and Stage II are measured in each row's own
-run; teacher finetuning is not: the 6 teachers train together in one pass, and the M-teacher cost is estimated as
-that pass x M/6. The shared work of the pass (the frozen bottom layers run once for all teachers, the data, batching
-and caching) makes the true cost a + b*M with a > 0, so the estimate understates small M. Differences to M = 4 (the
-paper's choice) are paired by seed: a seed's rows share its post-training, its teachers and its data order.
+run. The teachers train together in one pass whose cost is a + b*M: the work they share (the frozen bottom layers
+run once for all of them, the data, batching and caching) and each teacher's own top layers. The pass is measured
+at M = 1 (the pass_m1 run) and M = 6 (the m6 run's step), side by side in one invocation, and the rows between read
+the straight line through the two. Differences to M = 4 (the paper's choice) are paired by seed: a seed's rows
+share its post-training, its teachers and its data order.
 
-Cost here (2 cores): the m6 pipeline ~55 min (post-training ~6 min, Stage I ~6, the 6 teachers ~36, Stage II ~6.5),
-each other row ~12 min (Stage I and Stage II), so ~115 min per seed and ~6 hours for 3 seeds. Runs are kept in
-``--out`` (an interrupted invocation continues) and recorded in ``benchmarks/results/teacher_count.json``, whose
-rows a later session reuses; a seed's M < 6 rows need its m6 run's folder (its teachers' files), so finish a seed
-within one invocation (or keep ``--out``). ``--kept-only`` runs nothing and re-renders the tables from what is kept
+Cost here (2 cores, estimated from the steps of quality's 4-teacher base runs, the cores to themselves): the m6
+pipeline ~35 min (post-training ~3.5 min, Stage I ~4, the 6 teachers ~20, Stage II ~4.5), the one-teacher pass ~5,
+each other row ~7 (Stage I and Stage II), so ~75 min per seed and ~4 hours for 3 seeds; the md records the measured
+times. Runs are kept in ``--out`` (an interrupted invocation continues) and recorded in
+``benchmarks/results/teacher_count.json``, whose rows a later session reuses; a seed's M < 6 rows and its
+one-teacher pass need its m6 run's folder (its snapshots and teachers' files), so finish a seed within one
+invocation (or keep ``--out``). ``--kept-only`` runs nothing and re-renders the tables from what is kept
 or recorded. ``--quick`` checks the harness on quality's tiny random encoder with M = 1..3 in a few minutes.
 
 On MIND (or any data, encoder, student size): the runs take any training setting, e.g. ``--set data.format=mind
@@ -40,14 +45,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import committed_runs, machine, md_table, write_results
+from benchmarks.common import clear_mark, committed_runs, machine, md_table, relocated, run_job_kept, write_results
 from benchmarks.quality import METRICS, QUICK, experiment_parser, obtain, same_settings, seed_list
 
 MOST = 6  # the paper's Figure 2: M = 1..6
 QUICK_MOST = 3  # --quick: M = 1..3 of quality's tiny settings
 REFERENCE = 4  # the paper's choice, which every other row is paired against
 # the parts of a row's cost (seconds), in the order of the pipeline
-PARTS = {"posttrain": "post-training to snapshot M", "stage1": "Stage I", "teachers": "teacher finetuning (est.)",
+PARTS = {"posttrain": "post-training to snapshot M", "stage1": "Stage I", "teachers": "teacher finetuning",
          "stage2": "Stage II", "student": "teachers + Stage II", "all": "all four"}
 
 
@@ -64,10 +69,16 @@ def run_name(m: int, seed: int) -> str:
     return f"teacher_count_m{m}_seed_{seed}"
 
 
-def run_overrides(seed: int, m: int, most: int, quick: bool, settings: list[str] = ()) -> list[str]:
-    """A row's settings: post-training keeps ``most`` snapshots, both distillation stages read the first ``m``."""
+def pass_name(seed: int) -> str:
+    return f"teacher_count_pass_m1_seed_{seed}"
+
+
+def run_overrides(seed: int, m: int, most: int, quick: bool, settings: list[str] = (),
+                  stage: str = "pipeline") -> list[str]:
+    """A row's settings: post-training keeps ``most`` snapshots, both distillation stages read the first ``m``
+    (``stage=finetune_teachers``: the one-teacher pass, which finetunes the first ``m``)."""
     tiny = [o for o in QUICK if not o.startswith("posttrain.teachers=")] if quick else []
-    return ["stage=pipeline", f"train.seed={seed}", f"posttrain.teachers={most}", f"distill.teachers={m}", *tiny,
+    return [f"stage={stage}", f"train.seed={seed}", f"posttrain.teachers={most}", f"distill.teachers={m}", *tiny,
             *settings]
 
 
@@ -106,19 +117,49 @@ def seed_runs(root: Path, seed: int, most: int, quick: bool, committed: dict, ma
                      may_run=may_run)
         if run is not None:
             runs[full] = run
+    # the pass with one teacher, which reads the full run's snapshots (run first where only its record is kept).
+    # Its teacher bank (speedyrec.distill.bank: news vectors keyed by the weights' checksum) is the full run's when
+    # the teacher comes out bit for bit the same: then it is read, not built (a few seconds of the pass)
+    over = [*run_overrides(seed, 1, most, quick, settings, "finetune_teachers"), f"distill.from_dir={root / full}"]
+    recorded = committed.get(pass_name(seed))
+    compared = relocated(recorded, over)
+    job = run_job_kept(pass_name(seed), over, root, may_run=may_run, committed=compared, stage="finetune_teachers",
+                       before_run=teachers_dir, timeout=6 * 3600)
+    if job is not None:
+        runs[pass_name(seed)] = recorded if job is compared else job  # the record as it ran, not as compared here
     return runs
 
 
-def row_seconds(run: dict, full: dict, m: int, most: int) -> tuple[dict, bool]:
-    """The cost of row ``m`` in seconds (PARTS), from its run and the seed's full run; and whether post-training to
-    snapshot m is prorated by steps (a run made before snapshots recorded their seconds) instead of measured."""
+def teacher_pass(full: dict, one: dict, most: int) -> dict:
+    """The teacher-finetuning pass of a seed, in seconds: measured with one teacher (``one``, the pass_m1 job) and
+    with ``most`` (the full run's step); its shared part a and each teacher's b of a + b*M, and teacher 1's AUC
+    finetuned alone and in the ``most``-teacher pass (the same teacher if each trains as if alone)."""
+    c1, cm = one["stats"]["stage_seconds"], full["summary"]["seconds"]["finetune_teachers"]
+    b = (cm - c1) / (most - 1)
+    return {"one": c1, "most": cm, "per_teacher": b, "shared": c1 - b,
+            "teacher_1_auc": {"alone": one["metrics"]["teacher_1"]["auc"],
+                              "in_pass": full["summary"]["models"].get("teacher_1", {}).get("auc")}}
+
+
+def run_steps(run: dict) -> dict:
+    """A run's steps and their seconds: a pipeline's summary, or the one-teacher pass (a stage run alone)."""
+    if "summary" in run:
+        return run["summary"].get("seconds", {})
+    return {"finetune_teachers": run["stats"]["stage_seconds"]}
+
+
+def row_seconds(run: dict, full: dict, one: dict, m: int, most: int) -> tuple[dict, bool]:
+    """The cost of row ``m`` in seconds (PARTS), from its run, the seed's full run and its one-teacher pass; and
+    whether post-training to snapshot m is prorated by steps (a run made before snapshots recorded their seconds)
+    instead of measured."""
     snaps, steps = full["summary"]["posttrain"], full["summary"]["seconds"]
     snap = snaps[m - 1]
     prorated = "seconds" not in snap
     post = steps["posttrain"] * snap["step"] / snaps[-1]["step"] if prorated else snap["seconds"]
     own = run["summary"]["seconds"]
+    cost = teacher_pass(full, one, most)
     parts = {"posttrain": post, "stage1": own["distill_posttrain"],
-             "teachers": steps["finetune_teachers"] * m / most,  # one pass of all; see the module's docstring
+             "teachers": cost["one"] + cost["per_teacher"] * (m - 1),  # measured at 1 and most, the line between
              "stage2": own["distill_finetune"]}
     parts["student"] = parts["teachers"] + parts["stage2"]
     parts["all"] = parts["posttrain"] + parts["stage1"] + parts["student"]
@@ -126,15 +167,17 @@ def row_seconds(run: dict, full: dict, m: int, most: int) -> tuple[dict, bool]:
 
 
 def seed_rows(runs: dict, seed: int, most: int) -> dict:
-    """M (str) -> the seed's student metrics, its cost (``seconds``; None without the seed's full run) and the run."""
-    full = runs.get(run_name(most, seed))
+    """M (str) -> the seed's student metrics, its cost (``seconds``; None without the seed's full run and its
+    one-teacher pass) and the run."""
+    full, one = runs.get(run_name(most, seed)), runs.get(pass_name(seed))
     rows = {}
     for m in counts(most):
         run = runs.get(run_name(m, seed))
         if run is None:
             continue
         row = {k: run["summary"]["models"]["student"][k] for k in METRICS}
-        row["seconds"], row["posttrain_prorated"] = row_seconds(run, full, m, most) if full else (None, False)
+        row["seconds"], row["posttrain_prorated"] = row_seconds(run, full, one, m, most) if full and one else (None,
+                                                                                                             False)
         row["run"] = run_name(m, seed)
         rows[str(m)] = row
     return rows
@@ -170,7 +213,8 @@ def summarize(rows: dict, ref: int) -> tuple[dict, dict]:
 
 def verdict(table: dict, paired: dict, ref: int) -> list[str]:
     """What agrees with the paper's Figure 2 and what does not, in words, from the paired AUC differences: the
-    student "first greatly improves" with M, and beyond M = 4 "only marginal improvement"."""
+    student "first greatly improves" with M, and beyond M = 4 "only marginal improvement". A difference counts when
+    its mean exceeds its spread over seeds, and is marked clear beyond twice it (``clear_mark``)."""
     ms = sorted(int(m) for m in table)
     if not ms:
         return []
@@ -183,11 +227,14 @@ def verdict(table: dict, paired: dict, ref: int) -> list[str]:
     def clear(d):  # a difference larger than its spread over seeds (one seed: any difference, provisionally)
         return len(d["seeds"]) < 2 or abs(d["auc"]["mean"]) > d["auc"]["std"]
 
+    def mark(d):  # beyond twice its spread: a firm verdict (ablation's and student_gap's rule)
+        return clear_mark(d["auc"]["mean"], d["auc"]["std"], len(d["seeds"]))
+
     up = paired.get(str(lo)) if lo < ref else None
     if up is not None:
         gain = -up["auc"]["mean"]
         word = ("within the spread over seeds: no clear gain (the paper: a large one)" if not clear(up) else
-                "a gain, as in the paper" if gain > 0 else "a loss: disagrees with the paper")
+                ("a gain, as in the paper" if gain > 0 else "a loss: disagrees with the paper") + mark(up))
         lines.append(f"- M = {lo} -> {ref}: the student's AUC {100 * gain:+.2f}{spread(up)} points over "
                      f"{len(up['seeds'])} seed(s), {100 * gain / (ref - lo):+.2f} per added teacher: {word}.")
     beyond = paired.get(str(hi)) if hi > ref else None
@@ -196,14 +243,16 @@ def verdict(table: dict, paired: dict, ref: int) -> list[str]:
         slope = gain / (hi - ref)
         head = (f"- M = {ref} -> {hi}: the student's AUC {100 * gain:+.2f}{spread(beyond)} points over "
                 f"{len(beyond['seeds'])} seed(s), {100 * slope:+.2f} per added teacher: ")
+        firm = mark(beyond)
         if not clear(beyond):
             word = "within the spread over seeds: marginal at most, as the paper says"
         elif gain < 0:
-            word = "a loss: more teachers made the student worse (the paper: a marginal gain)"
+            word = f"a loss{firm}: more teachers made the student worse; the paper: a marginal gain"
         elif up is not None and -up["auc"]["mean"] > 0 and slope <= -up["auc"]["mean"] / (ref - lo) / 2:
-            word = f"a gain per teacher at most half the one up to M = {ref}: marginal, as the paper says"
+            word = f"a gain{firm}, per teacher at most half the one up to M = {ref}: marginal, as the paper says"
         else:
-            word = f"a gain per teacher as large as up to M = {ref} or larger: disagrees with the paper (marginal)"
+            word = (f"a gain{firm}, per teacher as large as up to M = {ref} or larger: disagrees with the paper "
+                    "(marginal)")
         lines.append(head + word + ".")
     best = max(ms, key=lambda m: table[str(m)]["auc"]["mean"])
     near = [m for m in ms if str(m) in paired and m != ref and not clear(paired[str(m)])]
@@ -213,7 +262,7 @@ def verdict(table: dict, paired: dict, ref: int) -> list[str]:
     if lo in cost and hi in cost and hi > lo:
         per = (cost[hi]["student"]["mean"] - cost[lo]["student"]["mean"]) / (hi - lo)
         at = ", ".join(f"{cost[m]['student']['mean'] / 60:.1f} min at M = {m}" for m in sorted({lo, ref, hi}) if m in cost)
-        lines.append(f"- Producing the student (teacher finetuning, estimated, + Stage II) takes {at}: "
+        lines.append(f"- Producing the student (teacher finetuning + Stage II) takes {at}: "
                      f"{per / 60:+.1f} min per added teacher; with post-training to snapshot M and Stage I, "
                      f"{cost[lo]['all']['mean'] / 60:.1f} min at M = {lo} and {cost[hi]['all']['mean'] / 60:.1f} min "
                      f"at M = {hi}.")
@@ -231,12 +280,16 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
     rows = {m: e for m, e in rows.items() if e["seeds"]}
     table, paired = summarize(rows, ref)
     prorated = sorted({s for e in rows.values() for s, r in e["seeds"].items() if r["posttrain_prorated"]})
+    passes = {s: teacher_pass(runs[run_name(most, int(s))], runs[pass_name(int(s))], most) for s in sorted(per_seed)
+              if run_name(most, int(s)) in runs and pass_name(int(s)) in runs}
     payload = {"machine": info, "quick": quick, "command": command, "settings": list(settings),
                "seeds": sorted(per_seed), "counts": counts(most),
                "reference": ref, "rows": rows, "table": table, "paired": paired,
-               "seconds": {n: r["summary"].get("seconds", {}) for n, r in sorted(runs.items())},
+               "seconds": {n: run_steps(r) for n, r in sorted(runs.items())},
                "total": sum(r["process_seconds"] for r in runs.values()), "wall_seconds_this_invocation": seconds,
-               "teachers_estimated": f"the {most}-teacher finetuning pass x M/{most}",
+               "teacher_pass": passes,
+               "teachers_cost": f"the finetuning pass measured with 1 and {most} teachers, the line between for the "
+                                "others",
                "verdict": verdict(table, paired, ref), "runs": runs}
 
     def cell(v, many, scale=100.0, sign=""):
@@ -255,18 +308,23 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
              for m, t in table.items()]
     seeds = payload["seeds"]
     auc = [[s, *[f"{100 * per_seed[s][m]['auc']:.2f}" if m in per_seed[s] else "" for m in rows]] for s in seeds]
+    pass_rows = [[s, f"{p['one'] / 60:.1f}", f"{p['most'] / 60:.1f}", f"{p['shared'] / 60:.1f}",
+                  f"{p['per_teacher'] / 60:.1f}", f"{100 * p['teacher_1_auc']['alone']:.2f}",
+                  "" if p["teacher_1_auc"]["in_pass"] is None else f"{100 * p['teacher_1_auc']['in_pass']:.2f}"]
+                 for s, p in passes.items()]
     encoder = "a tiny random encoder (--quick)" if quick else \
         "the encoder these settings give" if settings else "all-MiniLM-L6-v2"
     where = f"these settings: {' '.join(f'`{o}`' for o in settings)}" if settings else "the synthetic default"
     md = [f"# Teacher count: Tiny-NewsRec's Figure 2 on {where}\n",
           f"Each row M is the {'' if settings else '2-layer '}student of {encoder} distilled from the first M of {most} post-training "
           f"snapshots and their finetuned teachers (`distill.teachers=M`; every M < {most} links the {most}-teacher "
-          "run of its seed). Quality: mean ± standard deviation over seeds, in points (x100). Cost: minutes, "
-          f"teacher finetuning **estimated** as the {most}-teacher pass x M/{most} (the {most} teachers train "
-          "together in one pass; the work they share, the frozen bottom layers run once for all, the data, "
-          "batching and caching, makes the true cost a + b·M with a > 0, so this understates small M); Stage II "
-          "measured in each row's run.\n",
-          md_table(["M", "AUC", "MRR", "nDCG@5", "nDCG@10", "teachers (est., min)", "Stage II (min)",
+          "run of its seed). Quality: mean ± standard deviation over seeds, in points (x100). Cost: minutes. The "
+          "teachers train together in one pass, whose cost is a + b·M: the work they share (the frozen bottom "
+          "layers run once for all, the data, batching and caching) and each teacher's own top layers. The pass is "
+          f"**measured** with 1 teacher (`stage=finetune_teachers distill.teachers=1`) and with {most} (the "
+          f"{most}-teacher run's step), side by side in one invocation; M = 2..{most - 1} read the line between "
+          "them (table below). Stage II is measured in each row's run.\n",
+          md_table(["M", "AUC", "MRR", "nDCG@5", "nDCG@10", "teachers (min)", "Stage II (min)",
                     "teachers + Stage II (min)", "seeds"], quality),
           f"\nPaired by seed (a seed's rows share its post-training, teachers and data order), the difference to "
           f"M = {ref} (the paper's choice{'' if ref == REFERENCE else '; --quick runs fewer'}) in points; cost in "
@@ -274,15 +332,22 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
           md_table(["comparison", "seeds", "AUC", "MRR", "nDCG@5", "nDCG@10", "teachers + Stage II (min)"], diffs),
           "\nAUC of each seed:\n", md_table(["seed", *[f"M = {m}" for m in rows]], auc),
           "\nEvery part of the cost (min): post-training up to snapshot M (the seconds elapsed when it was kept: what "
-          "a run keeping M snapshots takes), Stage I and Stage II (measured per row), the teachers (estimated):\n",
-          md_table(["M", *PARTS.values()], parts)]
+          f"a run keeping M snapshots takes), Stage I and Stage II (measured per row), the teachers (measured at 1 "
+          f"and {most}, the line between):\n",
+          md_table(["M", *PARTS.values()], parts),
+          f"\nThe teachers' finetuning pass of each seed (min), measured with 1 and with {most} teachers; a and b of "
+          f"a + b·M through the two; and teacher 1's dev AUC finetuned alone and in the {most}-teacher pass (the "
+          "same teacher if each trains as if alone, as the rows M < 6 assume; a run's nondeterminism aside):\n",
+          md_table(["seed", "1 teacher", f"{most} teachers", "shared a", "per teacher b", "teacher 1 alone (AUC)",
+                    f"teacher 1 of {most} (AUC)"], pass_rows)]
     if prorated:
         md.append(f"\nSeeds {', '.join(prorated)}: post-training to snapshot M prorated by its steps (their runs "
                   "predate the snapshots' recorded seconds).\n")
     md += ["\n## Verdict\n",
            "Generated from the numbers above; the paper (Feeds data, a 4-layer student of UniLM): the student first "
            "improves greatly with M, and only marginally beyond M = 4, chosen as the balance of quality and the "
-           "teachers' training cost.\n", *payload["verdict"],
+           "teachers' training cost. A difference counts when its mean, paired by seed, exceeds its spread over "
+           "seeds (with 3 seeds a weak test), and is marked clear beyond twice its spread.\n", *payload["verdict"],
            "\n## How it was measured\n",
            f"Commit {info.get('commit') or 'unknown'}; {info['device']}, torch {info['torch']}, "
            f"{info.get('threads')} threads. Command: `{command}`. Wall times are of a machine that may be shared: "
@@ -311,7 +376,7 @@ def _plot(path, d: dict) -> None:
     left.set_ylabel("student's dev AUC (x100)")
     left.set_title("Quality")
     costed = [m for m in ms if table[str(m)]["seconds"] is not None]
-    for part, style, label in (("student", "-", "teacher finetuning (est.) + Stage II"),
+    for part, style, label in (("student", "-", "teacher finetuning + Stage II"),
                                ("all", "--", "+ post-training to snapshot M + Stage I")):
         right.errorbar(costed, [table[str(m)]["seconds"][part]["mean"] / 60 for m in costed],
                        yerr=[table[str(m)]["seconds"][part]["std"] / 60 for m in costed], color="#4c72b0",

@@ -235,9 +235,10 @@ class DistillConfig:
     # how both stages weigh the teachers: per_sample (softmax(-CE) per sample, as the papers) | uniform (1/M each,
     # benchmarks.student_gap's control for what the per-sample weighting earns)
     weighting: str = "per_sample"
-    # the teachers both stages read: 0 = every one (posttrain.teachers); M = the first M snapshots and their
-    # finetuned teachers, the ones a posttrain.teachers=M run keeps (benchmarks.teacher_count post-trains and
-    # finetunes the most teachers once, and links them for every smaller M)
+    # the teachers after post-training: 0 = every one (posttrain.teachers); M = the first M snapshots, the ones a
+    # posttrain.teachers=M run keeps: finetune_teachers finetunes them and both distillation stages read them and
+    # their finetuned teachers (benchmarks.teacher_count post-trains and finetunes the most teachers once, and links
+    # them for every smaller M)
     teachers: int = 0
     student_init: str = "stage1"  # stage1 (Stage I's student) | plm (the first model.layers layers of the PLM)
     # weight of TinyBERT's intermediate losses in both stages (TinyBERT-MT, Tiny-NewsRec's Table 4): the student's

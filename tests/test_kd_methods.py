@@ -282,13 +282,20 @@ def test_kd_methods_table_pairs_seeds_and_says_what_agrees_with_the_paper():
     assert "Disagrees" in said["mt_bert"] and "within the seeds' spread" in said["mt_bert"]
     assert any("the worst is NewsBERT-MT (58.00): disagrees" in line for line in lines)
     assert any("here it is MT-BERT (62.50): disagrees" in line for line in lines)
-    # with the seeds: both are within their spread of the runner-up, and the verdict says so
+    # with the seeds: both are within their spread of the runner-up, and of the paper's row: undecided
     lines = verdict(table, paired, 2, quick=False, per_seed=per_seed)
-    assert any("the worst is NewsBERT-MT (58.00) (not told apart from TinyBERT-MT: paired -0.50 ± 2.12): disagrees."
-               in line for line in lines)
-    assert any("here it is MT-BERT (62.50) (not told apart from Tiny-NewsRec: paired +0.50 ± 9.19): disagrees."
-               in line for line in lines)
-    per_seed[1]["mt_bert"]["auc"] = 0.57  # now MT-BERT is below the others on both seeds
+    assert any("the worst is NewsBERT-MT (58.00) (not told apart from TinyBERT-MT: paired -0.50 ± 2.12): undecided: "
+               "the paper's MT-BERT is not told apart from it (paired +4.50 ± 7.78)." in line for line in lines)
+    assert any("here it is MT-BERT (62.50) (not told apart from Tiny-NewsRec: paired +0.50 ± 9.19): undecided: the "
+               "paper's Tiny-NewsRec is not told apart from it (paired -0.50 ± 9.19)." in line for line in lines)
+    # another row clearly below the paper's worst on every seed: a disagreement
+    for seed, (newsbert, mt_bert) in enumerate(((0.56, 0.57), (0.565, 0.58))):
+        per_seed[seed]["newsbert_mt"]["auc"], per_seed[seed]["mt_bert"]["auc"] = newsbert, mt_bert
+    lines = verdict(*summarise(per_seed), 2, quick=False, per_seed=per_seed)
+    assert any("the worst is NewsBERT-MT (56.25)" in line and line.endswith(": disagrees.") for line in lines)
+    # now MT-BERT is below the others on both seeds
+    for seed, (newsbert, mt_bert) in enumerate(((0.56, 0.55), (0.60, 0.57))):  # NewsBERT-MT as before
+        per_seed[seed]["newsbert_mt"]["auc"], per_seed[seed]["mt_bert"]["auc"] = newsbert, mt_bert
     lines = verdict(*summarise(per_seed), 2, quick=False, per_seed=per_seed)
     assert any("the worst is MT-BERT (56.00) (paired against NewsBERT-MT: -2.00 ± 1.41): agrees." in line
                for line in lines)

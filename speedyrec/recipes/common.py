@@ -74,13 +74,17 @@ class StageRecipe:
         return stats
 
     def finish(self, metrics: dict, stats: dict) -> dict:
-        """Write metrics.json, stats.json and a click stage's dev_curve.json (rank 0); return the stage's result."""
+        """Write metrics.json, stats.json and a click stage's dev_curve.json (rank 0); return the stage's result.
+        stats.json gets ``stage_seconds``: the stage's wall time from its start to its files, the time a pipeline
+        lists for this step (a stage run alone is timed as it would be inside the pipeline)."""
+        seconds = self.timer()
+        stats = {**stats, "stage_seconds": seconds}
         if self.dist.is_main:
             write_json(self.out / "metrics.json", metrics)
             write_json(self.out / "stats.json", stats)
             if getattr(self, "dev", None) is not None:
                 self.dev.write(self.out / "dev_curve.json")
-        return {"seconds": self.timer(), "metrics": metrics, "stats": stats}
+        return {"seconds": seconds, "metrics": metrics, "stats": stats}
 
 
 PROGRESS = ("step", "epoch", "train_seconds", "clicks_trained")  # what a curve point holds besides the metrics

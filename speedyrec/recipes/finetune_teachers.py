@@ -21,7 +21,7 @@ from speedyrec.build import Context, news_encoding, plm_layers, segments_of
 from speedyrec.config import ConfigError
 from speedyrec.distill.bank import TeacherBank
 from speedyrec.distill.snapshots import save_snapshot
-from speedyrec.distill.teachers import load_posttrained_recommender, model_files
+from speedyrec.distill.teachers import first_teachers, load_posttrained_recommender, model_files
 from speedyrec.engine.loss import autoregressive_loss
 from speedyrec.engine.trainer import adamw
 from speedyrec.models.checksum import news_checksum
@@ -37,10 +37,13 @@ log = logging.getLogger("speedyrec")
 def teacher_plan(ctx: Context) -> list[tuple[str, object, int]]:
     """(name, post-training snapshot or None for the plain PLM, seed) of every teacher to finetune."""
     cfg = ctx.cfg
-    seed = cfg.train.seed
+    seed, first = cfg.train.seed, cfg.distill.teachers  # distill.teachers=M: the first M (0: every one)
     if cfg.teachers.init == "plm":  # MT-BERT's teachers: no post-training, M initialisations of the plain PLM
-        return [(f"teacher_{i + 1}", None, seed + i) for i in range(cfg.posttrain.teachers)]
-    files = model_files(ctx.from_dir("posttrain") / "snapshots", "post-training snapshots", "posttrain")
+        return [(f"teacher_{i + 1}", None, seed + i) for i in range(first or cfg.posttrain.teachers)]
+    # the first M snapshots: those a posttrain.teachers=M run keeps (snapshot k is taken at the same step whatever
+    # M is), so this stage finetunes what such a run would
+    files = first_teachers(model_files(ctx.from_dir("posttrain") / "snapshots", "post-training snapshots",
+                                       "posttrain"), first)
     if cfg.teachers.seeds:  # the earlier paper: the final snapshot, finetuned with M seeds
         plan = [(f"teacher_{i + 1}", files[-1], seed + i) for i in range(len(files))]
     else:
