@@ -200,25 +200,26 @@ def verdict(table: dict, paired: dict, seeds: int, quick: bool, per_seed: dict |
         return (f" (not told apart from {label[second]}: paired {d:+.2f} ± {sd:.2f})" if abs(d) <= sd else
                 f" (paired against {label[second]}: {d:+.2f} ± {sd:.2f})")
 
-    def word(found: str, expected: str) -> str:
+    def word(found: str, expected: str, runner_up: str) -> str:
         """Whether the row found where the paper has ``expected`` agrees; undecided when the two are not told
         apart (their paired difference within its spread), which the seeds cannot order."""
         if found == expected:
             return "agrees"
         p = paired(found, expected)
-        if p is not None and abs(p[0]) <= p[1]:
-            return (f"undecided: the paper's {label[expected]} is not told apart from it (paired {-p[0]:+.2f} ± "
-                    f"{p[1]:.2f})")
-        return "disagrees"
+        if p is None or abs(p[0]) > p[1]:
+            return "disagrees"
+        if expected == runner_up:  # tie() has just given the pair
+            return "undecided: the seeds do not order the two"
+        return f"undecided: the paper's {label[expected]} is not told apart from it (paired {-p[0]:+.2f} ± {p[1]:.2f})"
 
     students = sorted(("tinybert_mt", "newsbert_mt", "mt_bert"), key=auc.get)
     worst = students[0]
     out.append(f"- The paper's MT-BERT is the worst student; here the worst is {label[worst]} "
-               f"({auc[worst]:.2f}){tie(worst, students[1])}: {word(worst, 'mt_bert')}.")
+               f"({auc[worst]:.2f}){tie(worst, students[1])}: {word(worst, 'mt_bert', students[1])}.")
     ranked = sorted(auc, key=auc.get, reverse=True)
     best = ranked[0]
     out.append(f"- The paper's best row is Tiny-NewsRec; here it is {label[best]} ({auc[best]:.2f})"
-               f"{tie(best, ranked[1])}: {word(best, 'tiny_newsrec')}.")
+               f"{tie(best, ranked[1])}: {word(best, 'tiny_newsrec', ranked[1])}.")
     return out
 
 

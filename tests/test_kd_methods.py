@@ -287,7 +287,7 @@ def test_kd_methods_table_pairs_seeds_and_says_what_agrees_with_the_paper():
     assert any("the worst is NewsBERT-MT (58.00) (not told apart from TinyBERT-MT: paired -0.50 ± 2.12): undecided: "
                "the paper's MT-BERT is not told apart from it (paired +4.50 ± 7.78)." in line for line in lines)
     assert any("here it is MT-BERT (62.50) (not told apart from Tiny-NewsRec: paired +0.50 ± 9.19): undecided: the "
-               "paper's Tiny-NewsRec is not told apart from it (paired -0.50 ± 9.19)." in line for line in lines)
+               "seeds do not order the two." in line for line in lines)
     # another row clearly below the paper's worst on every seed: a disagreement
     for seed, (newsbert, mt_bert) in enumerate(((0.56, 0.57), (0.565, 0.58))):
         per_seed[seed]["newsbert_mt"]["auc"], per_seed[seed]["mt_bert"]["auc"] = newsbert, mt_bert
