@@ -14,7 +14,9 @@ all-MiniLM-L6-v2 on the synthetic default, as every quality run). Per seed S:
   only Stage I and Stage II train again, reading the first M snapshots and their finetuned teachers: the ones a
   ``posttrain.teachers=M`` pipeline has (snapshot k is taken at the same step whatever M is, and each teacher is
   finetuned on its own loss, clipped on its own, from the shared data order; tests/test_teacher_count.py checks
-  both on a tiny encoder, and the md sets teacher 1's AUC finetuned alone beside its AUC in the 6-teacher pass).
+  both, bit for bit, on a tiny encoder without dropout). With dropout (MiniLM's 0.1) the teachers of one pass draw
+  their masks from one random stream, so teacher k of 6 is teacher k of M up to its dropout masks, as a reseeded
+  run would be: the md sets teacher 1's AUC finetuned alone beside its AUC in the 6-teacher pass to show the size.
 
 Quality of a row: the student's dev AUC, MRR, nDCG@5, nDCG@10. Cost of a row, in seconds: teacher finetuning for M
 teachers plus Stage II (the issue's cost of producing the student), and beside them post-training up to snapshot M
@@ -337,7 +339,7 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
           md_table(["M", *PARTS.values()], parts),
           f"\nThe teachers' finetuning pass of each seed (min), measured with 1 and with {most} teachers; a and b of "
           f"a + b·M through the two; and teacher 1's dev AUC finetuned alone and in the {most}-teacher pass (the "
-          "same teacher if each trains as if alone, as the rows M < 6 assume; a run's nondeterminism aside):\n",
+          f"same teacher up to its dropout masks, which the teachers of one pass draw from one random stream):\n",
           md_table(["seed", "1 teacher", f"{most} teachers", "shared a", "per teacher b", "teacher 1 alone (AUC)",
                     f"teacher 1 of {most} (AUC)"], pass_rows)]
     if prorated:
