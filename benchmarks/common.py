@@ -215,6 +215,14 @@ def relocated(recorded: dict | None, overrides: list[str]) -> dict | None:
     return out
 
 
+def run_job_relocated(name: str, overrides: list[str], out_root: Path, recorded: dict | None, **kw) -> dict | None:
+    """``run_job_kept`` of a job that reads another job's folder (``distill.from_dir``), with ``recorded`` its record
+    from a results file (made in another ``--out``: compared ``relocated``); the record as it ran when reused."""
+    compared = relocated(recorded, overrides)
+    job = run_job_kept(name, overrides, out_root, committed=compared, **kw)
+    return recorded if job is compared else job
+
+
 def _runtime_keys_differ(a: list[str], b: list[str]) -> bool:
     """Whether two override lists set a key resolved at run time (RUNTIME_RESOLVED: train.amp=auto, ...)
     differently: a recorded config holds what such a key resolved to, which cannot tell "auto" from the value."""

@@ -34,8 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (clear_of_spread, committed_runs, ledger_add, machine, md_table, relocated, run_job_kept,
-                               write_results)
+from benchmarks.common import (clear_of_spread, committed_runs, ledger_add, machine, md_table, run_job_kept,
+                               run_job_relocated, write_results)
 from benchmarks.quality import (METRICS, PIPELINE_LAYERS, QUICK, base_name, base_run_record, experiment_parser,
                                 recorded_seeds, same_settings, seed_base_run, seed_list, student_run)
 
@@ -109,11 +109,8 @@ def seed_rows(root: Path, seed: int, quick: bool, committed: dict, may_run: bool
                          f"distill.from_dir={root / mt_teachers}"], mt_teachers_folder))
     for job, over, before_run in jobs:
         name, overrides = f"seed_{seed}_{job}", [*over, *common]
-        recorded = committed.get(name)
-        compared = relocated(recorded, overrides)
-        run = run_job_kept(name, overrides, root, may_run=may_run, committed=compared, stage=over[0].split("=")[1],
-                           before_run=before_run, timeout=6 * 3600)
-        done(name, recorded if run is compared else run)  # the record as it ran, not as compared here
+        done(name, run_job_relocated(name, overrides, root, committed.get(name), may_run=may_run,
+                                     stage=over[0].split("=")[1], before_run=before_run, timeout=6 * 3600))
     # the base run's rows: from the run the jobs above read where it is in root, else from its record
     recorded = base_run_record(root, seed, quick, committed, may_run)
     if recorded is not None:

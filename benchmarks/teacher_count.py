@@ -47,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import clear_mark, committed_runs, machine, md_table, relocated, run_job_kept, write_results
+from benchmarks.common import clear_mark, committed_runs, machine, md_table, run_job_relocated, write_results
 from benchmarks.quality import METRICS, QUICK, experiment_parser, obtain, same_settings, seed_list
 
 MOST = 6  # the paper's Figure 2: M = 1..6
@@ -123,19 +123,17 @@ def seed_runs(root: Path, seed: int, most: int, quick: bool, committed: dict, ma
     # Its teacher bank (speedyrec.distill.bank: news vectors keyed by the weights' checksum) is the full run's when
     # the teacher comes out bit for bit the same: then it is read, not built (a few seconds of the pass)
     over = [*run_overrides(seed, 1, most, quick, settings, "finetune_teachers"), f"distill.from_dir={root / full}"]
-    recorded = committed.get(pass_name(seed))
-    compared = relocated(recorded, over)
-    job = run_job_kept(pass_name(seed), over, root, may_run=may_run, committed=compared, stage="finetune_teachers",
-                       before_run=teachers_dir, timeout=6 * 3600)
+    job = run_job_relocated(pass_name(seed), over, root, committed.get(pass_name(seed)), may_run=may_run,
+                            stage="finetune_teachers", before_run=teachers_dir, timeout=6 * 3600)
     if job is not None:
-        runs[pass_name(seed)] = recorded if job is compared else job  # the record as it ran, not as compared here
+        runs[pass_name(seed)] = job
     return runs
 
 
 def teacher_pass(full: dict, one: dict, most: int) -> dict:
     """The teacher-finetuning pass of a seed, in seconds: measured with one teacher (``one``, the pass_m1 job) and
     with ``most`` (the full run's step); its shared part a and each teacher's b of a + b*M, and teacher 1's AUC
-    finetuned alone and in the ``most``-teacher pass (the same teacher if each trains as if alone)."""
+    finetuned alone and in the ``most``-teacher pass (the same teacher up to its dropout masks)."""
     c1, cm = one["stats"]["stage_seconds"], full["summary"]["seconds"]["finetune_teachers"]
     b = (cm - c1) / (most - 1)
     return {"one": c1, "most": cm, "per_teacher": b, "shared": c1 - b,
@@ -150,16 +148,15 @@ def run_steps(run: dict) -> dict:
     return {"finetune_teachers": run["stats"]["stage_seconds"]}
 
 
-def row_seconds(run: dict, full: dict, one: dict, m: int, most: int) -> tuple[dict, bool]:
-    """The cost of row ``m`` in seconds (PARTS), from its run, the seed's full run and its one-teacher pass; and
-    whether post-training to snapshot m is prorated by steps (a run made before snapshots recorded their seconds)
+def row_seconds(run: dict, full: dict, cost: dict, m: int, most: int) -> tuple[dict, bool]:
+    """The cost of row ``m`` in seconds (PARTS), from its run, the seed's full run and its teacher pass (``cost``,
+    ``teacher_pass``); and whether post-training to snapshot m is prorated by steps (a run made before snapshots recorded their seconds)
     instead of measured."""
     snaps, steps = full["summary"]["posttrain"], full["summary"]["seconds"]
     snap = snaps[m - 1]
     prorated = "seconds" not in snap
     post = steps["posttrain"] * snap["step"] / snaps[-1]["step"] if prorated else snap["seconds"]
     own = run["summary"]["seconds"]
-    cost = teacher_pass(full, one, most)
     parts = {"posttrain": post, "stage1": own["distill_posttrain"],
              "teachers": cost["one"] + cost["per_teacher"] * (m - 1),  # measured at 1 and most, the line between
              "stage2": own["distill_finetune"]}
@@ -172,14 +169,14 @@ def seed_rows(runs: dict, seed: int, most: int) -> dict:
     """M (str) -> the seed's student metrics, its cost (``seconds``; None without the seed's full run and its
     one-teacher pass) and the run."""
     full, one = runs.get(run_name(most, seed)), runs.get(pass_name(seed))
+    cost = teacher_pass(full, one, most) if full and one else None
     rows = {}
     for m in counts(most):
         run = runs.get(run_name(m, seed))
         if run is None:
             continue
         row = {k: run["summary"]["models"]["student"][k] for k in METRICS}
-        row["seconds"], row["posttrain_prorated"] = row_seconds(run, full, one, m, most) if full and one else (None,
-                                                                                                             False)
+        row["seconds"], row["posttrain_prorated"] = row_seconds(run, full, cost, m, most) if cost else (None, False)
         row["run"] = run_name(m, seed)
         rows[str(m)] = row
     return rows
