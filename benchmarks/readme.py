@@ -269,7 +269,44 @@ def tiny_newsrec_verdicts(results: Path = RESULTS) -> str:
         lines.append(f"- **{what}** (`benchmarks.{name}`, {n} of {SEEDS_WANTED} seeds{not_run}"
                      + ("; provisional" if n < SEEDS_WANTED or not_run else "")
                      + f", [{name}.md](benchmarks/results/{name}.md)): " + " ".join(shown or ["no verdict yet"]))
-    return "\n" + "\n".join(lines) + "\n"
+    return "\n" + "\n".join(lines + [tiny_set_cost_line(results)]) + "\n"
+
+
+NIGHT_HOURS = 12  # "within a night of this machine" (issue 29), taken as 12 hours
+
+
+def tiny_set_cost(results: Path = RESULTS) -> dict:
+    """What the whole set of Tiny-NewsRec experiments cost: the training runs their results files keep, each counted
+    once by name, their process seconds summed; split into each experiment's own runs and the runs several keep (a
+    seed's base run serves every experiment). A name recorded with two different durations (a run repeated) counts
+    its longest."""
+    seconds, kept_by = {}, {}
+    for name in TINY_EXPERIMENTS:
+        d = _load(results, name)
+        if d is None or d.get("quick"):
+            continue
+        for run, rec in (d.get("runs") or {}).items():
+            if isinstance(rec, dict) and "process_seconds" in rec:
+                seconds[run] = max(seconds.get(run, 0.0), float(rec["process_seconds"]))
+                kept_by.setdefault(run, set()).add(name)
+    own = {name: sum(s for run, s in seconds.items() if kept_by[run] == {name}) for name in TINY_EXPERIMENTS
+           if any(kept == {name} for kept in kept_by.values())}
+    shared = sum(s for run, s in seconds.items() if len(kept_by[run]) > 1)
+    return {"runs": len(seconds), "seconds": sum(seconds.values()), "own_seconds": own, "shared_seconds": shared}
+
+
+def tiny_set_cost_line(results: Path = RESULTS) -> str:
+    """The README's line on the whole set's cost, against the issue's "within a night"."""
+    c = tiny_set_cost(results)
+    if not c["runs"]:
+        return "- **The whole set's cost**: nothing measured yet."
+    hours = c["seconds"] / 3600
+    parts = ", ".join([f"shared by several experiments {c['shared_seconds'] / 3600:.1f}"]
+                      + [f"`{n}` {s / 3600:.1f}" for n, s in c["own_seconds"].items()])
+    return (f"- **The whole set's cost so far** (each training run the results files keep, counted once by name): "
+            f"{c['runs']} runs, {hours:.1f} hours on 2 cores ({parts}): "
+            + (f"within a night ({NIGHT_HOURS} h)." if hours <= NIGHT_HOURS else
+               f"more than a night ({NIGHT_HOURS} h) by {hours - NIGHT_HOURS:.1f} h."))
 
 
 def tiny_section(name: str):

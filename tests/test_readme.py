@@ -170,3 +170,20 @@ def test_a_tiny_newsrec_table_with_a_row_not_run_or_short_of_seeds_is_provisiona
     (tmp_path / "ablation.json").write_text(json.dumps({"seeds": ["0", "1", "2"], "rows": rows,
                                                        "verdict": ["- Figure 3: agrees."]}))
     assert "(`benchmarks.ablation`, 3 of 3 seeds, [ablation.md]" in readme.tiny_newsrec_verdicts(tmp_path)
+
+
+def test_the_whole_tiny_newsrec_sets_cost_counts_each_run_once(tmp_path):
+    """A seed's base run kept by several results files is one run; each file's own runs are its share; a quick result
+    is not the set's; past 12 hours the line says by how much."""
+    run = lambda s: {"command": "python -m speedyrec.train", "process_seconds": s}  # noqa: E731
+    (tmp_path / "ablation.json").write_text(json.dumps({"runs": {"base_seed_0": run(3600.0), "no_emb_0": run(1800.0)}}))
+    (tmp_path / "student_gap.json").write_text(json.dumps({"runs": {"base_seed_0": run(3600.0), "gap_0": run(900.0)}}))
+    (tmp_path / "kd_methods.json").write_text(json.dumps({"quick": True, "runs": {"seed_0_mt_bert": run(9e5)}}))
+    cost = readme.tiny_set_cost(tmp_path)
+    assert cost == {"runs": 3, "seconds": 6300.0, "own_seconds": {"ablation": 1800.0, "student_gap": 900.0},
+                    "shared_seconds": 3600.0}
+    line = readme.tiny_newsrec_verdicts(tmp_path).splitlines()[-1]
+    assert line.endswith("3 runs, 1.8 hours on 2 cores (shared by several experiments 1.0, `ablation` 0.5, "
+                         "`student_gap` 0.2): within a night (12 h).")
+    (tmp_path / "efficiency.json").write_text(json.dumps({"runs": {"eff_l4_seed_0": run(12 * 3600.0)}}))
+    assert readme.tiny_newsrec_verdicts(tmp_path).rstrip().endswith("more than a night (12 h) by 1.8 h.")
