@@ -166,8 +166,9 @@ def summarise(per_seed: dict) -> tuple[dict, dict]:
 def verdict(table: dict, paired: dict, seeds: int, quick: bool, per_seed: dict | None = None) -> list[str]:
     """What agrees with the paper's Table 4 and what does not, from the numbers. The worst student and the best row
     are named by their means; with ``per_seed`` (seed -> row -> metrics) over several seeds, one that its runner-up
-    is not told apart from (their paired AUC difference within its spread over seeds) is said to be so, and one
-    other than the paper's that the paper's row is not told apart from is undecided, not a disagreement."""
+    is not told apart from (their paired AUC difference within its spread over seeds) is said to be so, and the
+    verdict is undecided, not agrees or disagrees, when the paper's row is either of the two or is not told apart
+    from the one found."""
     auc = {name: 100 * table[name]["auc"]["mean"] for name, _ in ROWS}
     label = dict(ROWS)
     out = []
@@ -198,9 +199,12 @@ def verdict(table: dict, paired: dict, seeds: int, quick: bool, per_seed: dict |
                 f" (paired against {label[second]}: {d:+.2f} ± {sd:.2f})")
 
     def word(found: str, expected: str, runner_up: str) -> str:
-        """Whether the row found where the paper has ``expected`` agrees; undecided when the two are not told
-        apart (their paired difference within its spread), which the seeds cannot order."""
+        """Whether the row found where the paper has ``expected`` agrees; undecided when the seeds cannot order
+        the two (their paired difference within its spread), or when the paper's row is found by its mean but its
+        runner-up is not told apart from it."""
         if found == expected:
+            if (p := paired(found, runner_up)) is not None and abs(p[0]) <= p[1]:
+                return "undecided: the paper's row by its mean, but the seeds do not order the two"
             return "agrees"
         p = paired(found, expected)
         if p is None or abs(p[0]) > p[1]:

@@ -301,6 +301,12 @@ def test_kd_methods_table_pairs_seeds_and_says_what_agrees_with_the_paper():
                for line in lines)
     assert any("here it is Tiny-NewsRec (62.00) (paired against Ensemble-Teacher: +1.00 ± 0.00): agrees." in line
                for line in lines)
+    # MT-BERT the lowest by its mean, but NewsBERT-MT not told apart from it: the paper's row, yet undecided
+    for seed, (newsbert, mt_bert) in enumerate(((0.56, 0.55), (0.57, 0.575))):
+        per_seed[seed]["newsbert_mt"]["auc"], per_seed[seed]["mt_bert"]["auc"] = newsbert, mt_bert
+    lines = verdict(*summarise(per_seed), 2, quick=False, per_seed=per_seed)
+    assert any("the worst is MT-BERT (56.25) (not told apart from NewsBERT-MT: paired -0.25 ± 1.06): undecided: the "
+               "paper's row by its mean, but the seeds do not order the two." in line for line in lines)
 
 
 def kd_jobs(seed: int) -> list[str]:
