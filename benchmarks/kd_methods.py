@@ -184,7 +184,8 @@ def verdict(table: dict, paired: dict, seeds: int, quick: bool, per_seed: dict |
                    + (f", ± {sd:.2f}" if seeds > 1 else ", one seed") + f"); the paper: {paper:+.2f}. "
                    + ("Agrees: below Tiny-NewsRec" if agrees else "Disagrees: not below Tiny-NewsRec")
                    + ("" if clear else " (within the seeds' spread)" if seeds > 1 else " (one seed: no spread)") + ".")
-    def paired(first: str, second: str) -> tuple[float, float] | None:
+
+    def pair_diff(first: str, second: str) -> tuple[float, float] | None:
         """first - second in AUC points, paired by seed (mean, std); None under 2 seeds."""
         if not per_seed or len(per_seed) < 2:
             return None
@@ -192,7 +193,7 @@ def verdict(table: dict, paired: dict, seeds: int, quick: bool, per_seed: dict |
 
     def tie(first: str, second: str) -> str:
         """' (not told apart from second: ...)' when first - second, paired by seed, is within its spread."""
-        if (p := paired(first, second)) is None:
+        if (p := pair_diff(first, second)) is None:
             return ""
         d, sd = p
         return (f" (not told apart from {label[second]}: paired {d:+.2f} ± {sd:.2f})" if abs(d) <= sd else
@@ -203,10 +204,10 @@ def verdict(table: dict, paired: dict, seeds: int, quick: bool, per_seed: dict |
         the two (their paired difference within its spread), or when the paper's row is found by its mean but its
         runner-up is not told apart from it."""
         if found == expected:
-            if (p := paired(found, runner_up)) is not None and abs(p[0]) <= p[1]:
+            if (p := pair_diff(found, runner_up)) is not None and abs(p[0]) <= p[1]:
                 return "undecided: the paper's row by its mean, but the seeds do not order the two"
             return "agrees"
-        p = paired(found, expected)
+        p = pair_diff(found, expected)
         if p is None or abs(p[0]) > p[1]:
             return "disagrees"
         if expected == runner_up:  # tie() has just given the pair

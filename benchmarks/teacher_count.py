@@ -150,8 +150,8 @@ def run_steps(run: dict) -> dict:
 
 def row_seconds(run: dict, full: dict, cost: dict, m: int, most: int) -> tuple[dict, bool]:
     """The cost of row ``m`` in seconds (PARTS), from its run, the seed's full run and its teacher pass (``cost``,
-    ``teacher_pass``); and whether post-training to snapshot m is prorated by steps (a run made before snapshots recorded their seconds)
-    instead of measured."""
+    ``teacher_pass``); and whether post-training to snapshot m is prorated by steps (a run made before snapshots
+    recorded their seconds) instead of measured."""
     snaps, steps = full["summary"]["posttrain"], full["summary"]["seconds"]
     snap = snaps[m - 1]
     prorated = "seconds" not in snap
