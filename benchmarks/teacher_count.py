@@ -21,16 +21,17 @@ all-MiniLM-L6-v2 on the synthetic default, as every quality run). Per seed S:
 Quality of a row: the student's dev AUC, MRR, nDCG@5, nDCG@10. Cost of a row, in seconds: teacher finetuning for M
 teachers plus Stage II (the issue's cost of producing the student), and beside them post-training up to snapshot M
 (its elapsed seconds when the snapshot was kept) and Stage I. Stage I and Stage II are measured in each row's own
-run. The teachers train together in one pass whose cost is a + b*M: the work they share (the frozen bottom layers
-run once for all of them, the data, batching and caching) and each teacher's own top layers. The pass is measured
-at M = 1 (the pass_m1 run) and M = 6 (the m6 run's step), side by side in one invocation, and the rows between read
-the straight line through the two. Differences to M = 4 (the paper's choice) are paired by seed: a seed's rows
-share its post-training, its teachers and its data order.
+run; Stage I without its teacher bank (the snapshots' news vectors), which the m6 run builds and the others read:
+the md sets it apart. The teachers train together in one pass. The pass is measured at M = 1 (the pass_m1 run)
+and M = 6 (the m6 run's step), side by side in one invocation, and the rows between read the straight line
+a + b*M through the two (exact when the pass costs the teachers' shared work, the frozen bottom layers run once for
+all of them, the data, batching and caching, plus an equal part per teacher; the md says when it is not).
+Differences to M = 4 (the paper's choice) are paired by seed: a seed's rows share its post-training, its teachers
+and its data order.
 
-Cost here (2 cores, estimated from the steps of quality's 4-teacher base runs, the cores to themselves): the m6
-pipeline ~35 min (post-training ~3.5 min, Stage I ~4, the 6 teachers ~20, Stage II ~4.5), the one-teacher pass ~5,
-each other row ~7 (Stage I and Stage II), so ~75 min per seed and ~4 hours for 3 seeds; the md records the measured
-times. Runs are kept in ``--out`` (an interrupted invocation continues) and recorded in
+Cost here (2 cores, the cores to themselves; seed 0 measured): the m6 pipeline 36 min (post-training 3.4 min,
+Stage I 4.1, the 6 teachers 24, Stage II 4.5), each other row ~5.3 (Stage I and Stage II), the one-teacher pass
+3.4, so ~67 min per seed and ~3.4 hours for 3 seeds; the md records every run's times. Runs are kept in ``--out`` (an interrupted invocation continues) and recorded in
 ``benchmarks/results/teacher_count.json``, whose rows a later session reuses; a seed's M < 6 rows and its
 one-teacher pass need its m6 run's folder (its snapshots and teachers' files), so finish a seed within one
 invocation (or keep ``--out``). ``--kept-only`` runs nothing and re-renders the tables from what is kept
@@ -41,6 +42,7 @@ On MIND (or any data, encoder, student size): the runs take any training setting
 """
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import tempfile
@@ -54,8 +56,10 @@ MOST = 6  # the paper's Figure 2: M = 1..6
 QUICK_MOST = 3  # --quick: M = 1..3 of quality's tiny settings
 REFERENCE = 4  # the paper's choice, which every other row is paired against
 # the parts of a row's cost (seconds), in the order of the pipeline
-PARTS = {"posttrain": "post-training to snapshot M", "stage1": "Stage I", "teachers": "teacher finetuning",
-         "stage2": "Stage II", "student": "teachers + Stage II", "all": "all four"}
+PARTS = {"posttrain": "post-training to snapshot M", "stage1": "Stage I (its training)",
+         "teachers": "teacher finetuning", "stage2": "Stage II", "student": "teachers + Stage II",
+         "all": "all four"}
+BANK = "stage1_bank_seconds"  # a pipeline run's record: the seconds its Stage I spent building its teacher bank
 
 
 def counts(most: int) -> list[int]:
@@ -84,6 +88,19 @@ def run_overrides(seed: int, m: int, most: int, quick: bool, settings: list[str]
             *settings]
 
 
+def with_bank(run: dict | None, folder: Path) -> dict | None:
+    """A pipeline run's record with ``stage1_bank_seconds``: the seconds its Stage I spent building the teacher bank
+    (the post-trained snapshots' news vectors, kept by checksum in the data's cache). The seed's full run builds it
+    for all its teachers and every other row reads it there, so a row's Stage I is compared without it. Read from
+    the run's folder (``distill_posttrain/done.json``) when the record lacks it; a recorded run keeps it."""
+    if run is None or BANK in run:
+        return run
+    done = folder / "distill_posttrain" / "done.json"
+    if not done.exists():
+        raise SystemExit(f"{folder.name}: its record has no {BANK} and {done} is not kept: run it again (--fresh)")
+    return {**run, BANK: json.loads(done.read_text())["result"]["stats"]["bank_seconds"]}
+
+
 def seed_runs(root: Path, seed: int, most: int, quick: bool, committed: dict, may_run: bool,
               settings: list[str] = ()) -> dict:
     """The records of one seed's rows, by run name: kept in ``root``, recorded in ``committed`` (by run name, with
@@ -94,7 +111,8 @@ def seed_runs(root: Path, seed: int, most: int, quick: bool, committed: dict, ma
 
     def teachers_dir() -> Path | None:
         if "dir" not in linked:
-            run = obtain(root, full, run_overrides(seed, most, most, quick, settings), None, may_run=may_run)
+            run = with_bank(obtain(root, full, run_overrides(seed, most, most, quick, settings), None,
+                                   may_run=may_run), root / full)
             linked["dir"] = None if run is None else root / full
             if run is not None:
                 runs[full] = run
@@ -113,10 +131,10 @@ def seed_runs(root: Path, seed: int, most: int, quick: bool, committed: dict, ma
             src = teachers_dir()
             run = None if src is None else obtain(root, name, over, None, [f"pipeline.teachers_from={src}"])
         if run is not None:
-            runs[name] = run
+            runs[name] = with_bank(run, root / name)
     if full not in runs:
-        run = obtain(root, full, run_overrides(seed, most, most, quick, settings), committed.get(full),
-                     may_run=may_run)
+        run = with_bank(obtain(root, full, run_overrides(seed, most, most, quick, settings), committed.get(full),
+                               may_run=may_run), root / full)
         if run is not None:
             runs[full] = run
     # the pass with one teacher, which reads the full run's snapshots (run first where only its record is kept).
@@ -132,11 +150,13 @@ def seed_runs(root: Path, seed: int, most: int, quick: bool, committed: dict, ma
 
 def teacher_pass(full: dict, one: dict, most: int) -> dict:
     """The teacher-finetuning pass of a seed, in seconds: measured with one teacher (``one``, the pass_m1 job) and
-    with ``most`` (the full run's step); its shared part a and each teacher's b of a + b*M, and teacher 1's AUC
-    finetuned alone and in the ``most``-teacher pass (the same teacher up to its dropout masks)."""
+    with ``most`` (the full run's step); a and b of the line a + b*M through the two (``shared``, ``per_teacher``:
+    what they are when the pass costs the teachers' shared work plus an equal part per teacher); teacher 1's AUC
+    finetuned alone and in the ``most``-teacher pass (the same teacher up to its dropout masks); and the seconds
+    the full run's Stage I spent building its ``most`` teachers' bank (``stage1_bank``)."""
     c1, cm = one["stats"]["stage_seconds"], full["summary"]["seconds"]["finetune_teachers"]
     b = (cm - c1) / (most - 1)
-    return {"one": c1, "most": cm, "per_teacher": b, "shared": c1 - b,
+    return {"one": c1, "most": cm, "per_teacher": b, "shared": c1 - b, "stage1_bank": full[BANK],
             "teacher_1_auc": {"alone": one["metrics"]["teacher_1"]["auc"],
                               "in_pass": full["summary"]["models"].get("teacher_1", {}).get("auc")}}
 
@@ -157,7 +177,7 @@ def row_seconds(run: dict, full: dict, cost: dict, m: int, most: int) -> tuple[d
     prorated = "seconds" not in snap
     post = steps["posttrain"] * snap["step"] / snaps[-1]["step"] if prorated else snap["seconds"]
     own = run["summary"]["seconds"]
-    parts = {"posttrain": post, "stage1": own["distill_posttrain"],
+    parts = {"posttrain": post, "stage1": own["distill_posttrain"] - run[BANK],  # the bank: see with_bank
              "teachers": cost["one"] + cost["per_teacher"] * (m - 1),  # measured at 1 and most, the line between
              "stage2": own["distill_finetune"]}
     parts["student"] = parts["teachers"] + parts["stage2"]
@@ -262,7 +282,7 @@ def verdict(table: dict, paired: dict, ref: int) -> list[str]:
         per = (cost[hi]["student"]["mean"] - cost[lo]["student"]["mean"]) / (hi - lo)
         at = ", ".join(f"{cost[m]['student']['mean'] / 60:.1f} min at M = {m}" for m in sorted({lo, ref, hi}) if m in cost)
         lines.append(f"- Producing the student (teacher finetuning + Stage II) takes {at}: "
-                     f"{per / 60:+.1f} min per added teacher; with post-training to snapshot M and Stage I, "
+                     f"{per / 60:+.1f} min per added teacher; with post-training to snapshot M and Stage I's training, "
                      f"{cost[lo]['all']['mean'] / 60:.1f} min at M = {lo} and {cost[hi]['all']['mean'] / 60:.1f} min "
                      f"at M = {hi}.")
     if any(len(d["seeds"]) < 2 for d in paired.values()):
@@ -309,7 +329,8 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
     auc = [[s, *[f"{100 * per_seed[s][m]['auc']:.2f}" if m in per_seed[s] else "" for m in rows]] for s in seeds]
     pass_rows = [[s, f"{p['one'] / 60:.1f}", f"{p['most'] / 60:.1f}", f"{p['shared'] / 60:.1f}",
                   f"{p['per_teacher'] / 60:.1f}", f"{100 * p['teacher_1_auc']['alone']:.2f}",
-                  "" if p["teacher_1_auc"]["in_pass"] is None else f"{100 * p['teacher_1_auc']['in_pass']:.2f}"]
+                  "" if p["teacher_1_auc"]["in_pass"] is None else f"{100 * p['teacher_1_auc']['in_pass']:.2f}",
+                  f"{p['stage1_bank'] / 60:.1f}"]
                  for s, p in passes.items()]
     encoder = "a tiny random encoder (--quick)" if quick else \
         "the encoder these settings give" if settings else "all-MiniLM-L6-v2"
@@ -318,11 +339,12 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
           f"Each row M is the {'' if settings else '2-layer '}student of {encoder} distilled from the first M of {most} post-training "
           f"snapshots and their finetuned teachers (`distill.teachers=M`; every M < {most} links the {most}-teacher "
           "run of its seed). Quality: mean ± standard deviation over seeds, in points (x100). Cost: minutes. The "
-          "teachers train together in one pass, whose cost is a + b·M: the work they share (the frozen bottom "
-          "layers run once for all, the data, batching and caching) and each teacher's own top layers. The pass is "
+          "teachers train together in one pass. The pass is "
           f"**measured** with 1 teacher (`stage=finetune_teachers distill.teachers=1`) and with {most} (the "
-          f"{most}-teacher run's step), side by side in one invocation; M = 2..{most - 1} read the line between "
-          "them (table below). Stage II is measured in each row's run.\n",
+          f"{most}-teacher run's step), side by side in one invocation; M = 2..{most - 1} read the straight line "
+          "a + b·M between them (table below), which is exact when the pass costs the work the teachers share (the "
+          "frozen bottom layers run once for all, the data, batching and caching) plus an equal part per teacher. "
+          "Stage II is measured in each row's run.\n",
           md_table(["M", "AUC", "MRR", "nDCG@5", "nDCG@10", "teachers (min)", "Stage II (min)",
                     "teachers + Stage II (min)", "seeds"], quality),
           f"\nPaired by seed (a seed's rows share its post-training, teachers and data order), the difference to "
@@ -332,13 +354,30 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
           "\nAUC of each seed:\n", md_table(["seed", *[f"M = {m}" for m in rows]], auc),
           "\nEvery part of the cost (min): post-training up to snapshot M (the seconds elapsed when it was kept: what "
           f"a run keeping M snapshots takes), Stage I and Stage II (measured per row), the teachers (measured at 1 "
-          f"and {most}, the line between):\n",
+          f"and {most}, the line between). Stage I is its training alone: its teacher bank (the post-trained "
+          f"snapshots' news vectors) is built once per seed, by the M = {most} run, and read by the other rows, so "
+          f"it is set apart (table below, with {most} teachers; fewer cost less) and not in \"all four\":\n",
           md_table(["M", *PARTS.values()], parts),
           f"\nThe teachers' finetuning pass of each seed (min), measured with 1 and with {most} teachers; a and b of "
-          f"a + b·M through the two; and teacher 1's dev AUC finetuned alone and in the {most}-teacher pass (the "
-          f"same teacher up to its dropout masks, which the teachers of one pass draw from one random stream):\n",
-          md_table(["seed", "1 teacher", f"{most} teachers", "shared a", "per teacher b", "teacher 1 alone (AUC)",
-                    f"teacher 1 of {most} (AUC)"], pass_rows)]
+          f"the line a + b·M through the two; teacher 1's dev AUC finetuned alone and in the {most}-teacher pass "
+          f"(the same teacher up to its dropout masks, which the teachers of one pass draw from one random stream); "
+          f"and Stage I's teacher bank of the {most} post-trained snapshots (min):\n",
+          md_table(["seed", "1 teacher", f"{most} teachers", "a", "b", "teacher 1 alone (AUC)",
+                    f"teacher 1 of {most} (AUC)", f"Stage I's bank, {most} teachers"], pass_rows)]
+    if over := {s: f"{p['most'] / p['one']:.1f}x" for s, p in passes.items() if p["shared"] < 0}:
+        md.append(f"\nSeed(s) {', '.join(over)}: a < 0, i.e. {most} teachers took more than {most} times the pass of "
+                  f"one ({', '.join(over.values())}): the pass "
+                  "grows faster than in proportion to M, and the rows between read the chord through the two "
+                  "measured ends, not a measured cost.\n")
+    stage2 = {int(m): t["seconds"]["stage2"]["mean"] for m, t in table.items() if t["seconds"] is not None}
+    if most in stage2 and len(stage2) > 1:
+        rest = statistics.mean(v for m, v in stage2.items() if m != most)
+        if stage2[most] > 1.1 * rest:
+            md.append(f"\nStage II of M = {most} took {stage2[most] / 60:.2f} min against {rest / 60:.2f} (the mean of "
+                      f"the other rows), for the same steps over the same data (a teacher more adds a lookup in the "
+                      f"bank per news): it runs in the process that post-trained and finetuned the teachers, the "
+                      f"others in a fresh one after Stage I. Part of the M = {most} row's cost is that process's "
+                      "state, not its sixth teacher.\n")
     if prorated:
         md.append(f"\nSeeds {', '.join(prorated)}: post-training to snapshot M prorated by its steps (their runs "
                   "predate the snapshots' recorded seconds).\n")
@@ -376,7 +415,7 @@ def _plot(path, d: dict) -> None:
     left.set_title("Quality")
     costed = [m for m in ms if table[str(m)]["seconds"] is not None]
     for part, style, label in (("student", "-", "teacher finetuning + Stage II"),
-                               ("all", "--", "+ post-training to snapshot M + Stage I")):
+                               ("all", "--", "+ post-training to snapshot M + Stage I's training")):
         right.errorbar(costed, [table[str(m)]["seconds"][part]["mean"] / 60 for m in costed],
                        yerr=[table[str(m)]["seconds"][part]["std"] / 60 for m in costed], color="#4c72b0",
                        linestyle=style, marker="o", capsize=4, label=label)

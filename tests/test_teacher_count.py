@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,8 @@ SNAPSHOT_SECONDS = [40.0, 50.0, 60.0, 70.0, 80.0, 90.0]  # post-training's elaps
 
 
 ONE_TEACHER = 160.0  # the one-teacher finetuning pass (s); the 6-teacher run's takes 600: b = 88, a = 72
+STAGE1_BANK = 30.0  # the seconds the full run's Stage I spends building its 6 teachers' bank
+FULL_RUN_STAGE2_EXTRA = 0.0  # the seconds the full run's Stage II takes beyond a linked row's (its process's state)
 
 
 class FakeRuns:
@@ -108,7 +111,12 @@ class FakeRuns:
             self.jobs.append((name, overrides))
             return {"name": name, "command": "-m speedyrec.train " + " ".join(overrides), "process_seconds": 170.0,
                     "stats": {"stage_seconds": ONE_TEACHER}, "metrics": {"teacher_1": {"auc": 0.7 + 0.001 * seed}}}
-        seconds = {"distill_posttrain": 100.0 + m, "distill_finetune": 200.0 + m}
+        seconds = {"distill_posttrain": 100.0 + m + (0 if linked else STAGE1_BANK),
+                   "distill_finetune": 200.0 + m + (0 if linked else FULL_RUN_STAGE2_EXTRA)}
+        # Stage I's teacher bank: built by the seed's full run, read (in no time) by the rows linking it
+        (run / "distill_posttrain").mkdir()
+        (run / "distill_posttrain" / "done.json").write_text(json.dumps(
+            {"result": {"stats": {"bank_seconds": 0.0 if linked else STAGE1_BANK}}}))
         if not linked:
             seconds = {"posttrain": 90.0, **seconds, "finetune_teachers": 600.0}
             (run / "finetune_teachers").mkdir()
@@ -173,7 +181,11 @@ def test_every_run_reads_the_first_m_teachers_of_its_seeds_six_teacher_run(tmp_p
     assert saved["rows"]["1"]["seeds"]["0"]["seconds"]["teachers"] == pytest.approx(ONE_TEACHER)  # measured: one
     cost = dict(saved["teacher_pass"]["1"])
     assert cost.pop("teacher_1_auc") == pytest.approx({"alone": 0.701, "in_pass": 0.7012})
-    assert cost == pytest.approx({"one": 160.0, "most": 600.0, "per_teacher": 88.0, "shared": 72.0})
+    assert cost == pytest.approx({"one": 160.0, "most": 600.0, "per_teacher": 88.0, "shared": 72.0,
+                                  "stage1_bank": STAGE1_BANK})
+    # Stage I is its training alone in every row: the full run's bank (which the others read) is set apart
+    assert saved["rows"]["6"]["seeds"]["0"]["seconds"]["stage1"] == pytest.approx(106.0)
+    assert saved["runs"]["teacher_count_m6_seed_0"]["stage1_bank_seconds"] == STAGE1_BANK
     # means over seeds, and differences to M = 4 paired by seed: the seeds' spread cancels
     assert saved["table"]["2"]["auc"]["mean"] == pytest.approx(fake_auc(0.5, 2))
     assert saved["table"]["2"]["auc"]["std"] == pytest.approx(0.005 / 2 ** 0.5)
@@ -184,7 +196,9 @@ def test_every_run_reads_the_first_m_teachers_of_its_seeds_six_teacher_run(tmp_p
     assert saved["paired"]["6"]["seconds"]["student"]["mean"] == pytest.approx(2 * 88.0 + 2)
     md = (results / "teacher_count.md").read_text()
     assert "## Verdict" in md and "**measured** with 1 teacher" in md and "estimated" not in md
-    assert "| 1 | 2.7 | 10.0 | 1.2 | 1.5 | 70.10 | 70.12 |" in md  # seed 1's pass, a and b, teacher 1's AUC
+    # seed 1's pass, a and b, teacher 1's AUC, Stage I's bank
+    assert "| 1 | 2.7 | 10.0 | 1.2 | 1.5 | 70.10 | 70.12 | 0.5 |" in md and "a < 0" not in md
+    assert "Stage II of M = 6 took" not in md
     assert "M = 1 -> 4: the student's AUC +9.00 ± 0.00 points over 2 seed(s), +3.00 per added teacher: a gain, as " \
            "in the paper (clear: beyond twice its spread)." in md
     assert "M = 4 -> 6: the student's AUC +0.40 ± 0.00 points over 2 seed(s), +0.20 per added teacher: a gain " \
@@ -232,6 +246,27 @@ def test_recorded_runs_are_reused_and_a_missing_row_runs_its_seeds_six_teacher_r
     runs = FakeRuns().patch(monkeypatch)
     tc.main(["--seeds", "0", "--out", str(tmp_path / "fourth"), "--fresh"])
     assert len(runs.jobs) == 7
+
+
+def test_a_pass_growing_faster_than_its_teachers_and_a_slow_full_run_are_said_and_no_bank_time_is_refused(
+        tmp_path, results, monkeypatch):
+    """Six teachers taking more than six times one (here 600 s against 90 s) put the line's a below zero: the md says
+    the rows between read a chord. The full run's Stage II, a minute slower than the rows', is named. A kept run
+    whose record and folder lack Stage I's bank seconds cannot be costed."""
+    monkeypatch.setattr(sys.modules[__name__], "ONE_TEACHER", 90.0)
+    monkeypatch.setattr(sys.modules[__name__], "FULL_RUN_STAGE2_EXTRA", 60.0)
+    FakeRuns().patch(monkeypatch)
+    out = tmp_path / "runs"
+    payload = tc.main(["--seeds", "0", "--out", str(out)])
+    assert payload["teacher_pass"]["0"]["shared"] == pytest.approx(90.0 - 102.0)
+    md = (results / "teacher_count.md").read_text()
+    assert "Seed(s) 0: a < 0, i.e. 6 teachers took more than 6 times the pass of one (6.7x)" in md
+    # the full run's Stage II, slower for the same steps, is said to be its process's, not its sixth teacher's
+    assert "Stage II of M = 6 took 4.43 min against 3.38 (the mean of the other rows)" in md
+    (out / "teacher_count_m3_seed_0" / "distill_posttrain" / "done.json").unlink()
+    (results / "teacher_count.json").unlink()
+    with pytest.raises(SystemExit, match="teacher_count_m3_seed_0: its record has no stage1_bank_seconds"):
+        tc.main(["--seeds", "0", "--out", str(out), "--kept-only"])
 
 
 def test_kept_only_tabulates_what_exists_and_runs_nothing(tmp_path, results, monkeypatch, capsys):
