@@ -377,7 +377,7 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
                       f"the other rows), for the same steps over the same data (a teacher more adds a lookup in the "
                       f"bank per news): it runs in the process that post-trained and finetuned the teachers, the "
                       f"others in a fresh one after Stage I. Part of the M = {most} row's cost is that process's "
-                      "state, not its sixth teacher.\n")
+                      "state, not its last teacher.\n")
     if prorated:
         md.append(f"\nSeeds {', '.join(prorated)}: post-training to snapshot M prorated by its steps (their runs "
                   "predate the snapshots' recorded seconds).\n")
