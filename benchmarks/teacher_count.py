@@ -373,11 +373,12 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
     if most in stage2 and len(stage2) > 1:
         rest = statistics.mean(v for m, v in stage2.items() if m != most)
         if stage2[most] > 1.1 * rest:
+            others = [v / 60 for m, v in stage2.items() if m != most]
             md.append(f"\nStage II of M = {most} took {stage2[most] / 60:.2f} min against {rest / 60:.2f} (the mean of "
-                      f"the other rows), for the same steps over the same data (a teacher more adds a lookup in the "
-                      f"bank per news): it runs in the process that post-trained and finetuned the teachers, the "
-                      f"others in a fresh one after Stage I. Part of the M = {most} row's cost is that process's "
-                      "state, not its last teacher.\n")
+                      f"the other rows, which span {min(others):.2f} to {max(others):.2f}), for the same steps over the "
+                      f"same data (a teacher more adds a lookup in the bank per news): it runs in the process that "
+                      f"post-trained and finetuned the teachers, the others in a fresh one after Stage I. Part of the "
+                      f"M = {most} row's cost is that process's state, not its last teacher.\n")
     if prorated:
         md.append(f"\nSeeds {', '.join(prorated)}: post-training to snapshot M prorated by its steps (their runs "
                   "predate the snapshots' recorded seconds).\n")
