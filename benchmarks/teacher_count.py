@@ -31,11 +31,12 @@ and its data order.
 
 Cost here (2 cores, the cores to themselves; seed 0 measured): the m6 pipeline 36 min (post-training 3.4 min,
 Stage I 4.1, the 6 teachers 24, Stage II 4.5), each other row ~5.3 (Stage I and Stage II), the one-teacher pass
-3.4, so ~67 min per seed and ~3.4 hours for 3 seeds; the md records every run's times. Runs are kept in ``--out`` (an interrupted invocation continues) and recorded in
-``benchmarks/results/teacher_count.json``, whose rows a later session reuses; a seed's M < 6 rows and its
-one-teacher pass need its m6 run's folder (its snapshots and teachers' files), so finish a seed within one
-invocation (or keep ``--out``). ``--kept-only`` runs nothing and re-renders the tables from what is kept
-or recorded. ``--quick`` checks the harness on quality's tiny random encoder with M = 1..3 in a few minutes.
+3.4, so ~67 min per seed and ~3.4 hours for 3 seeds; the md records every run's times. Runs are kept in
+``--out`` (an interrupted invocation continues) and recorded in ``benchmarks/results/teacher_count.json``, whose
+rows a later session reuses; a seed's M < 6 rows and its one-teacher pass need its m6 run's folder (its snapshots
+and teachers' files), so finish a seed within one invocation (or keep ``--out``). ``--kept-only`` runs nothing
+and re-renders the tables from what is kept or recorded. ``--quick`` checks the harness on quality's tiny random
+encoder with M = 1..3 in a few minutes.
 
 On MIND (or any data, encoder, student size): the runs take any training setting, e.g. ``--set data.format=mind
 --set data.dir=DIR --name teacher_count_mind`` (``--name`` is then required: such runs are another table).
@@ -282,9 +283,9 @@ def verdict(table: dict, paired: dict, ref: int) -> list[str]:
         per = (cost[hi]["student"]["mean"] - cost[lo]["student"]["mean"]) / (hi - lo)
         at = ", ".join(f"{cost[m]['student']['mean'] / 60:.1f} min at M = {m}" for m in sorted({lo, ref, hi}) if m in cost)
         lines.append(f"- Producing the student (teacher finetuning + Stage II) takes {at}: "
-                     f"{per / 60:+.1f} min per added teacher; with post-training to snapshot M and Stage I's training, "
-                     f"{cost[lo]['all']['mean'] / 60:.1f} min at M = {lo} and {cost[hi]['all']['mean'] / 60:.1f} min "
-                     f"at M = {hi}.")
+                     f"{per / 60:+.1f} min per added teacher; with post-training to snapshot M and Stage I's "
+                     f"training, {cost[lo]['all']['mean'] / 60:.1f} min at M = {lo} and "
+                     f"{cost[hi]['all']['mean'] / 60:.1f} min at M = {hi}.")
     if any(len(d["seeds"]) < 2 for d in paired.values()):
         lines.append("- Fewer than 2 seeds for some row: no spread to judge a difference by; these words are "
                      "provisional.")
@@ -374,11 +375,11 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
         rest = statistics.mean(v for m, v in stage2.items() if m != most)
         if stage2[most] > 1.1 * rest:
             others = [v / 60 for m, v in stage2.items() if m != most]
-            md.append(f"\nStage II of M = {most} took {stage2[most] / 60:.2f} min against {rest / 60:.2f} (the mean of "
-                      f"the other rows, which span {min(others):.2f} to {max(others):.2f}), for the same steps over the "
-                      f"same data (a teacher more adds a lookup in the bank per news): it runs in the process that "
-                      f"post-trained and finetuned the teachers, the others in a fresh one after Stage I. Part of the "
-                      f"M = {most} row's cost is that process's state, not its last teacher.\n")
+            md.append(f"\nStage II of M = {most} took {stage2[most] / 60:.2f} min against {rest / 60:.2f} (the mean "
+                      f"of the other rows, which span {min(others):.2f} to {max(others):.2f}), for the same steps "
+                      f"over the same data (a teacher more adds a lookup in the bank per news): it runs in the "
+                      f"process that post-trained and finetuned the teachers, the others in a fresh one after Stage "
+                      f"I. Part of the M = {most} row's cost is that process's state, not its last teacher.\n")
     if prorated:
         md.append(f"\nSeeds {', '.join(prorated)}: post-training to snapshot M prorated by its steps (their runs "
                   "predate the snapshots' recorded seconds).\n")

@@ -262,7 +262,8 @@ def test_a_pass_growing_faster_than_its_teachers_and_a_slow_full_run_are_said_an
     md = (results / "teacher_count.md").read_text()
     assert "Seed(s) 0: a < 0, i.e. 6 teachers took more than 6 times the pass of one (6.7x)" in md
     # the full run's Stage II, slower for the same steps, is said to be its process's, not its sixth teacher's
-    assert "Stage II of M = 6 took 4.43 min against 3.38 (the mean of the other rows, which span 3.35 to 3.42)" in md
+    assert "Stage II of M = 6 took 4.43 min against 3.38 (the mean of the other rows, which span 3.35 to 3.42)" \
+        in md
     (out / "teacher_count_m3_seed_0" / "distill_posttrain" / "done.json").unlink()
     (results / "teacher_count.json").unlink()
     with pytest.raises(SystemExit, match="teacher_count_m3_seed_0: its record has no stage1_bank_seconds"):
