@@ -372,10 +372,10 @@ def report(per_seed: dict, runs: dict, most: int, info: dict, quick: bool, comma
                   "measured ends, not a measured cost.\n")
     stage2 = {int(m): t["seconds"]["stage2"]["mean"] for m, t in table.items() if t["seconds"] is not None}
     if most in stage2 and len(stage2) > 1:
-        rest = statistics.mean(v for m, v in stage2.items() if m != most)
-        if stage2[most] > 1.1 * rest:
-            others = [v / 60 for m, v in stage2.items() if m != most]
-            md.append(f"\nStage II of M = {most} took {stage2[most] / 60:.2f} min against {rest / 60:.2f} (the mean "
+        others = [v / 60 for m, v in stage2.items() if m != most]
+        rest = statistics.mean(others)
+        if stage2[most] / 60 > 1.1 * rest:
+            md.append(f"\nStage II of M = {most} took {stage2[most] / 60:.2f} min against {rest:.2f} (the mean "
                       f"of the other rows, which span {min(others):.2f} to {max(others):.2f}), for the same steps "
                       f"over the same data (a teacher more adds a lookup in the bank per news): it runs in the "
                       f"process that post-trained and finetuned the teachers, the others in a fresh one after Stage "
